@@ -1,0 +1,149 @@
+"""The config schema: shared defaults (`base_config`), validation, and run-compatibility checks.
+
+Config files under configs/ start from `base_config()` and override what their experiment needs, so
+every field exists (and can be overridden from the command line) in every experiment.
+"""
+
+import inspect
+import math
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from bigmodel_jax.errors import UserError
+
+# Fields that change how a run is operated, not what it computes: they may differ on resume.
+RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
+                  "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(
+      name="digits", data_dir="",  # "" = $BIGMODEL_JAX_DATA_DIR or ~/.cache/bigmodel_jax/data
+      batch_size=32,  # global batch size, over all devices and processes
+      eval_batch_size=1000, shuffle=True, drop_remainder=True,
+      normalize="unit",  # none | unit ([0, 1]) | standardize (train-set mean/std per channel)
+      augment=dict(random_crop_padding=0, horizontal_flip=False),
+      num_threads=2, prefetch=4)
+  c.model = model_config("mlp")
+  c.task = dict(name="classification", label_smoothing=0.0)
+  c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
+                     nesterov=False, weight_decay=0.0, grad_clip_norm=0.0)
+  c.schedule = dict(name="constant", warmup_steps=0, end_factor=0.0)  # end lr = learning_rate * end_factor
+  c.train = dict(
+      num_epochs=1, num_steps=-1,  # num_steps > 0 overrides num_epochs
+      log_every=100, eval_every=-1,  # eval_every -1: at the end of each epoch
+      checkpoint_every=1000, keep_checkpoints=3,
+      best_metric="accuracy", best_mode="max",  # which checkpoint to keep as 'best'
+      allow_config_change=False, progress_bar=True, compilation_cache=True)
+  c.predict = dict(num_images=25)
+  return c
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """config.model for a registered model: every constructor argument with its default, then overrides."""
+  from bigmodel_jax.models import MODELS, model_kwargs
+  model_kwargs(ml_collections.ConfigDict({"name": name}))  # registers models, checks the name
+  params = inspect.signature(MODELS.get(name).__init__).parameters
+  fields = {k: p.default for k, p in params.items()
+            if k not in ("self", "input_shape", "num_outputs", "rngs") and p.default is not inspect.Parameter.empty}
+  unknown = set(overrides) - set(fields)
+  if unknown:
+    raise UserError(f"config.model: {sorted(unknown)} are not fields of model {name!r}; valid: {sorted(fields)}")
+  fields.update(overrides)
+  return ml_collections.ConfigDict({"name": name, **fields})
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise UserError(f"config.{field}: {message}")
+
+
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.batch_size", lambda v: v > 0, "must be > 0"),
+    ("data.eval_batch_size", lambda v: v > 0, "must be > 0"),
+    ("data.num_threads", lambda v: v >= 0, "must be >= 0"),
+    ("data.prefetch", lambda v: v >= 0, "must be >= 0"),
+    ("data.augment.random_crop_padding", lambda v: v >= 0, "must be >= 0"),
+    ("data.normalize", lambda v: v in ("none", "unit", "standardize"), "must be none, unit or standardize"),
+    ("optimizer.learning_rate", lambda v: v > 0 and math.isfinite(v), "must be a positive number"),
+    ("optimizer.momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "must be > 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optimizer.grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
+    ("schedule.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("schedule.end_factor", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("task.label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("train.log_every", lambda v: v > 0, "must be > 0"),
+    ("train.checkpoint_every", lambda v: v > 0, "must be > 0"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
+    ("train.best_mode", lambda v: v in ("max", "min"), "must be max or min"),
+    ("predict.num_images", lambda v: v > 0, "must be > 0"),
+]
+
+
+def get_field(config, path: str):
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config) -> None:
+  """Raises UserError naming the first field that is wrong and what would be right."""
+  from bigmodel_jax.data import DATASETS
+  from bigmodel_jax.models import model_kwargs
+  from bigmodel_jax.optim import OPTIMIZERS, SCHEDULES
+  from bigmodel_jax.tasks import TASKS, get_task  # noqa: F401
+  import bigmodel_jax.data.images, bigmodel_jax.data.tabular  # noqa: F401,E401  (register datasets)
+  import bigmodel_jax.tasks.classification, bigmodel_jax.tasks.regression  # noqa: F401,E401
+
+  for path, ok, message in RANGES:
+    value = get_field(config, path)
+    _check(ok(value), path, f"{message}, got {value!r}")
+  t = config.train
+  _check(t.num_steps > 0 or t.num_epochs > 0, "train.num_epochs",
+         f"must be > 0 (or set train.num_steps > 0), got {t.num_epochs!r}")
+  for field in ("data.batch_size", "data.eval_batch_size"):
+    size = get_field(config, field)
+    _check(size % jax.device_count() == 0, field,
+           f"{size} is not divisible by the {jax.device_count()} devices; use a multiple of {jax.device_count()}")
+  if not config.data.name.startswith("tfds:"):
+    DATASETS.get(config.data.name)
+  model_kwargs(config.model)
+  if "dropout_rate" in config.model:
+    _check(0 <= config.model.dropout_rate < 1, "model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate}")
+  TASKS.get(config.task.name)
+  OPTIMIZERS.get(config.optimizer.name)
+  SCHEDULES.get(config.schedule.name)
+  metric_names = TASKS.get(config.task.name).metric_names
+  _check(t.best_metric in metric_names, "train.best_metric",
+         f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside)."""
+  a, b = _flatten(saved), _flatten(current)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS):
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return diffs

@@ -1,0 +1,70 @@
+"""Any TFDS dataset by name (`config.data.name = 'tfds:cifar10'`), read into memory as numpy arrays.
+
+Offline, tfds.load retries for minutes before failing; here an unprepared dataset first checks that
+the TFDS bucket is reachable (3 s) and that TensorFlow (needed to *build* most datasets) is installed,
+and fails with one line otherwise. Prepared ArrayRecord data is read with `tfds.data_source`, no TF.
+"""
+
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from bigmodel_jax.data import Dataset
+from bigmodel_jax.errors import UserError
+
+TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection(host, timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _read_split(source, input_key: str, target_key: str) -> dict[str, np.ndarray]:
+  inputs, targets = [], []
+  for start in range(0, len(source), 4096):
+    records = source.__getitems__(range(start, min(start + 4096, len(source))))
+    inputs += [r[input_key] for r in records]
+    targets += [r[target_key] for r in records]
+  return {"inputs": np.stack(inputs), "targets": np.asarray(targets, dtype=np.int32)}
+
+
+def load(name: str, root: Path) -> Dataset:
+  import tensorflow_datasets as tfds
+  directory = root / "tfds"
+  try:
+    builder = tfds.builder(name, data_dir=directory, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"config.data.name: TFDS has no dataset {name!r}; see "
+                    "https://www.tensorflow.org/datasets/catalog") from None
+  if not builder.is_prepared():
+    if not _reachable(TFDS_HOST):
+      raise UserError(f"config.data.name: tfds:{name} is not prepared in {directory} and "
+                      f"{TFDS_HOST[0]} is unreachable; prepare it on a machine with network "
+                      "(`tfds build` with --file_format=array_record) and copy it there, or use an "
+                      "offline dataset (mnist, fashion_mnist, digits)")
+    try:
+      import tensorflow  # noqa: F401  (TFDS needs it to build datasets)
+    except ImportError:
+      raise UserError(f"config.data.name: building tfds:{name} needs TensorFlow; "
+                      "pip install 'bigmodel_jax[tfds]'") from None
+    builder.download_and_prepare(file_format="array_record")
+  keys = builder.info.supervised_keys
+  if not keys or len(keys) != 2:
+    raise UserError(f"config.data.name: tfds:{name} has no (input, label) supervised keys")
+  input_key, target_key = keys
+  splits = builder.as_data_source()
+  test_name = "test" if "test" in splits else ("validation" if "validation" in splits else None)
+  if "train" not in splits or test_name is None:
+    raise UserError(f"config.data.name: tfds:{name} needs train and test/validation splits, has {list(splits)}")
+  train = _read_split(splits["train"], input_key, target_key)
+  test = _read_split(splits[test_name], input_key, target_key)
+  label = builder.info.features[target_key]
+  image = train["inputs"].ndim == 4
+  return Dataset(f"tfds:{name}", train=train, test=test, kind="image" if image else "tabular",
+                 num_classes=int(label.num_classes), class_names=tuple(label.names),
+                 input_scale=255.0 if train["inputs"].dtype == np.uint8 else 1.0)

@@ -1,0 +1,75 @@
+"""Evaluation of a train state on a split, and the eval-only / predict entry points on a checkpoint."""
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from bigmodel_jax import parallel
+from bigmodel_jax.data import pipeline
+
+
+def evaluate_split(run, state, split: str = "test") -> dict:
+  """Task metrics over every example of `split` (sums accumulate on device; one fetch at the end)."""
+  sums = None
+  for local in pipeline.eval_batches(run.dataset, split, run.config.data, process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    batch = parallel.global_batch(local, run.mesh)
+    if sums is None:
+      sums = run.stepper.zero_sums(batch)
+    sums = run.stepper.eval_step(state, batch, sums)
+  return run.task.finalize(jax.device_get(sums))
+
+
+def restore_for_eval(run, checkpoint_step: int | None):
+  step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
+  if step is None:
+    from bigmodel_jax.errors import UserError
+    raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
+  state, _, _ = run.checkpointer.restore(step, run.stepper.restore_target)
+  return step, state
+
+
+def eval_only(run, checkpoint_step: int | None) -> dict:
+  step, state = restore_for_eval(run, checkpoint_step)
+  metrics = evaluate_split(run, state)
+  run.writer.write(step, "eval_only", metrics)
+  if jax.process_index() == 0:
+    (run.workdir / f"eval_step{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+  return {"step": step, **metrics}
+
+
+def predict(run, checkpoint_step: int | None) -> dict:
+  """Writes predictions.csv for the test split, plus pictures: an image grid and a confusion matrix."""
+  from bigmodel_jax import plots
+  step, state = restore_for_eval(run, checkpoint_step)
+  outputs = []
+  for local in pipeline.eval_batches(run.dataset, "test", run.config.data):
+    out = jax.device_get(run.stepper.predict_step(state, parallel.global_batch(local, run.mesh)))
+    outputs.append({k: v[local["mask"] > 0] for k, v in out.items()})
+  preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  test = run.dataset.test
+  out_dir = run.workdir / f"predict_step{step}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with open(out_dir / "predictions.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    probs = preds.get("probability")
+    w.writerow(["index", "target", "prediction"] + ([f"p_{n}" for n in run.dataset.class_names] if probs is not None else []))
+    for i, (t, p) in enumerate(zip(test["targets"], preds["prediction"])):
+      w.writerow([i, t.item(), p.item()] + ([f"{x:.6f}" for x in probs[i]] if probs is not None else []))
+  files = [out_dir / "predictions.csv"]
+  if run.dataset.num_classes:
+    metrics = evaluate_split(run, state)
+    files.append(plots.confusion_matrix(np.asarray(metrics["confusion_matrix"]), run.dataset.class_names,
+                                        out_dir / "confusion_matrix.png", title=f"{run.dataset.name}, step {step}"))
+    if run.dataset.kind == "image":
+      files.append(plots.image_grid(test["inputs"], test["targets"], preds["prediction"], run.dataset.class_names,
+                                    out_dir / "test_images.png", num=run.config.predict.num_images))
+  else:
+    files.append(plots.scatter_fit(test["inputs"], test["targets"], preds["prediction"], out_dir / "fit.png"))
+  for f in files:
+    logging.info("wrote %s", f)
+  return {"step": step, "files": [str(f) for f in files]}

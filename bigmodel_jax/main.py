@@ -1,0 +1,108 @@
+"""Entry point: python -m bigmodel_jax.main --config=configs/x.py[:variant] --workdir=DIR [--mode=...]
+
+Bad input of any kind ends with one line on stderr naming the field or file and what to do, and a
+non-zero exit: 2 for bad input, 3 for a non-finite loss, 143 after a SIGTERM checkpoint.
+"""
+
+import json
+import logging as std_logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/mnist_cnn.py or configs/mnist_cnn.py:smoke.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run records.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                          "train (resumes if the workdir has checkpoints), eval or predict on a checkpoint.")
+_CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/predict: checkpoint step (default latest).")
+
+CACHE_DIR_ENV = "BIGMODEL_JAX_CACHE_DIR"
+
+
+def fail(message: str, code: int = 2):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with every failure (bad override, bad type, missing file) turned into one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}; see --helpfull")
+  except Exception as e:  # config_flags raises KeyError/AttributeError/OSError/... from inside the config file
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    fail(f"--config: {type(e).__name__}: {message.strip().splitlines()[-1] if message.strip() else e!r}")
+
+
+class _QuietLibraries(std_logging.Filter):
+  """orbax and grain log every save and thread at INFO; keep their warnings, drop the chatter."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
+def setup_jax(config) -> None:
+  import jax
+  if config.train.compilation_cache:
+    cache = os.environ.get(CACHE_DIR_ENV) or str(Path.home() / ".cache" / "bigmodel_jax" / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load_config(workdir: Path):
+  """--config if given; in eval/predict mode, else the config saved in the workdir."""
+  if _CONFIG.value is not None:
+    return _CONFIG.value
+  if _MODE.value != "train" and (workdir / "config.json").exists():
+    import ml_collections
+    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  fail("--config is required (e.g. --config=configs/mnist_cnn.py)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; flags look like --config.optimizer.learning_rate=1e-3")
+  if _WORKDIR.value is None:
+    fail("--workdir is required (where checkpoints and metrics go)")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from bigmodel_jax import config as config_lib, evaluate, train
+  from bigmodel_jax.errors import NonFiniteLossError, UserError
+  workdir = Path(_WORKDIR.value)
+  try:
+    config = load_config(workdir)
+    setup_jax(config)
+    config_lib.validate(config)
+    if _MODE.value == "train":
+      result = train.train_and_evaluate(config, workdir)
+    else:
+      run = train.build_run(config, workdir)
+      try:
+        result = (evaluate.eval_only if _MODE.value == "eval" else evaluate.predict)(run, _CHECKPOINT_STEP.value)
+      finally:
+        run.checkpointer.close()
+        run.writer.close()
+  except NonFiniteLossError as e:
+    fail(str(e), code=3)
+  except UserError as e:
+    fail(str(e))
+  except train.Preempted as e:
+    fail(str(e), code=143)
+  summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
+  print(json.dumps(summary, indent=2), flush=True)
+
+
+def run():
+  """Console script `bigmodel-jax`."""
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,42 @@
+"""Models by name: `config.model.name` -> a Flax NNX module.
+
+Every model is called as `model(inputs, train=bool, rngs=nnx.Rngs|None)` and is built from the
+fields of config.model (besides `name`) plus what the dataset implies (input shape, output size).
+Adding a model is one file plus one `@MODELS.register` line.
+"""
+
+import inspect
+
+from flax import nnx
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.registry import Registry
+
+MODELS: Registry = Registry("model", "config.model.name")
+
+ACTIVATIONS = {"relu": nnx.relu, "gelu": nnx.gelu, "tanh": nnx.tanh, "sigmoid": nnx.sigmoid,
+               "silu": nnx.silu, "elu": nnx.elu}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise UserError(f"config.model.activation: unknown {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
+  return ACTIVATIONS[name]
+
+
+def model_kwargs(model_config) -> dict:
+  """config.model minus its name, checked against the constructor so a stray field is named."""
+  from bigmodel_jax.models import cnn, linear, mlp  # noqa: F401  (registers models)
+  cls = MODELS.get(model_config.name)
+  kwargs = {k: v for k, v in model_config.items() if k != "name"}
+  params = inspect.signature(cls.__init__).parameters
+  for key in kwargs:
+    if key not in params or key in ("input_shape", "num_outputs", "rngs"):
+      valid = [p for p in params if p not in ("self", "input_shape", "num_outputs", "rngs")]
+      raise UserError(f"config.model.{key}: not a field of model {model_config.name!r}; valid: {', '.join(valid)}")
+  return kwargs
+
+
+def build_model(model_config, *, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+  kwargs = model_kwargs(model_config)
+  return MODELS.get(model_config.name)(input_shape=input_shape, num_outputs=num_outputs, rngs=rngs, **kwargs)

@@ -1,0 +1,28 @@
+"""Multi-layer perceptron on flattened inputs."""
+
+import math
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from bigmodel_jax.models import MODELS, activation as get_activation
+
+
+@MODELS.register("mlp")
+class MLP(nnx.Module):
+  """Flatten -> [Dense -> activation -> Dropout] x len(hidden_sizes) -> Dense(num_outputs)."""
+
+  def __init__(self, *, input_shape: Sequence[int], num_outputs: int, rngs: nnx.Rngs,
+               hidden_sizes: Sequence[int] = (512, 512), activation: str = "relu", dropout_rate: float = 0.0):
+    self.act = get_activation(activation)
+    sizes = [math.prod(input_shape), *hidden_sizes]
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.head = nnx.Linear(sizes[-1], num_outputs, rngs=rngs)
+
+  def __call__(self, x_BxI: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = x_BxI.reshape(x_BxI.shape[0], -1)
+    for layer in self.hidden:
+      x = self.dropout(self.act(layer(x)), deterministic=not train, rngs=rngs)
+    return self.head(x)

@@ -1,0 +1,62 @@
+"""Pictures for --mode=predict (matplotlib, headless)."""
+
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def image_grid(images, targets, predictions, class_names, path: Path, num: int = 25) -> Path:
+  """The first `num` test images titled 'true / predicted' (red where wrong)."""
+  num = min(num, len(images))
+  cols = int(np.ceil(np.sqrt(num)))
+  rows = int(np.ceil(num / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, ax in enumerate(axes.flat[:num]):
+    img = images[i]
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+    t, p = int(targets[i]), int(predictions[i])
+    ax.set_title(f"{class_names[t]} / {class_names[p]}", fontsize=8, color="black" if t == p else "red")
+  fig.suptitle("true / predicted", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def confusion_matrix(cm: np.ndarray, class_names, path: Path, title: str = "") -> Path:
+  n = len(cm)
+  fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n))
+  ax.imshow(cm, cmap="Blues")
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+              color="white" if cm[i, j] > cm.max() / 2 else "black")
+  ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+  ax.set_yticks(range(n), class_names, fontsize=7)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def scatter_fit(inputs, targets, predictions, path: Path) -> Path:
+  """Regression: targets and predictions against the first input feature."""
+  x = inputs.reshape(len(inputs), -1)[:, 0]
+  order = np.argsort(x)
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ax.scatter(x, targets, s=10, label="target")
+  ax.plot(x[order], predictions[order], color="red", label="prediction")
+  ax.set_xlabel("input[0]")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

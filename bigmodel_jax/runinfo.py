@@ -1,0 +1,84 @@
+"""What a run was: resolved config and provenance, written into the workdir."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+import bigmodel_jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml_collections",
+            "tensorflow-datasets", "numpy")
+
+
+def git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(bigmodel_jax.__file__).parent,
+                         capture_output=True, text=True, timeout=5)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=Path(bigmodel_jax.__file__).parent, capture_output=True, text=True, timeout=5)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if out.returncode != 0:
+    return None
+  return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict:
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "bigmodel_jax": bigmodel_jax.__version__,
+      "git_commit": git_commit(),
+      "python": sys.version.split()[0],
+      "versions": versions,
+      "command": sys.argv,
+      "process_count": jax.process_count(),
+      "devices": [str(d) for d in jax.devices()],
+      "platform": jax.default_backend(),
+  }
+
+
+def write_run_records(workdir: Path, config) -> None:
+  """config.json (the resolved config) and one provenance line per launch in run_info.jsonl."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  with open(workdir / "run_info.jsonl", "a") as f:
+    f.write(json.dumps(provenance()) + "\n")
+
+
+def fingerprint(params) -> str:
+  """sha256 over every parameter's path, dtype, shape and bytes: equal iff the parameters are bit-identical."""
+  import hashlib
+  import numpy as np
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+    digest.update(arr.tobytes())
+  return digest.hexdigest()
+
+
+def process_start_time() -> float:
+  """Wall-clock time this process started (Linux /proc), else the time this module was imported."""
+  try:
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    import os
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError, StopIteration):
+    return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()

@@ -1,0 +1,223 @@
+"""train_and_evaluate(config, workdir): the training loop, top to bottom.
+
+step -> maybe log -> maybe eval -> maybe checkpoint; restarts resume from the latest checkpoint
+(train state + data position + RNG) and end bit-identical to an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
+from bigmodel_jax.checkpoint import Checkpointer
+from bigmodel_jax.data import Dataset, load_dataset, pipeline
+from bigmodel_jax.errors import NonFiniteLossError, UserError
+from bigmodel_jax.models import build_model
+from bigmodel_jax.state import Stepper
+from bigmodel_jax.tasks import get_task
+from bigmodel_jax.writers import MetricsWriter, Progress
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one run is built from its config: data, task, mesh, compiled steps, checkpoints, writers."""
+  config: object
+  workdir: Path
+  dataset: Dataset
+  task: object
+  mesh: object
+  stepper: Stepper
+  checkpointer: Checkpointer
+  writer: MetricsWriter
+  total_steps: int
+  steps_per_epoch: int
+
+
+def check_workdir(workdir: Path, config) -> None:
+  """A workdir with checkpoints belongs to one config: refuse to continue it with a different one."""
+  saved = workdir / "config.json"
+  if not saved.exists() or not (workdir / "checkpoints").exists() or config.train.allow_config_change:
+    return
+  diffs = config_lib.config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+  if diffs:
+    raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
+                    "or pass --config.train.allow_config_change=true to continue it anyway")
+
+
+def build_run(config, workdir: str | Path) -> Run:
+  workdir = Path(workdir).absolute()
+  check_workdir(workdir, config)
+  dataset = load_dataset(config.data)
+  task = get_task(config.task, dataset)
+  steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
+  if steps_per_epoch == 0:
+    raise UserError(f"config.data.batch_size: {config.data.batch_size} is larger than the "
+                    f"{len(dataset.train['targets'])} training examples of {dataset.name!r} with drop_remainder")
+  t = config.train
+  total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
+  mesh = parallel.make_mesh()
+  schedule = optim.make_schedule(config, total_steps)
+  stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
+                                             num_outputs=task.num_outputs, rngs=rngs),
+                    optim.make_optimizer(config, total_steps), schedule, task, mesh, config.seed)
+  chief = jax.process_index() == 0
+  if chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
+                              best_mode=t.best_mode)
+  return Run(config, workdir, dataset, task, mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
+             total_steps, steps_per_epoch)
+
+
+class TrainMetrics:
+  """Per-step metrics stay on device until a log step; they are fetched one step late so the device
+  always has the next step queued while the host reads the previous ones."""
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict]] = []
+    self.window_start = time.perf_counter()
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def fetch(self, keep_last: bool) -> list[tuple[int, dict]]:
+    ready = self.pending[:-1] if keep_last else self.pending
+    self.pending = self.pending[-1:] if keep_last else []
+    return jax.device_get(ready)
+
+
+def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
+  for step, m in fetched:
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    if bad:
+      checkpointer.wait()
+      last = checkpointer.latest_step()
+      kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was written"
+      raise NonFiniteLossError(f"non-finite {bad[0]} ({m[bad[0]]}) at step {step}; training stopped, nothing "
+                               f"saved after it ({kept}); lower config.optimizer.learning_rate or set "
+                               "config.optimizer.grad_clip_norm")
+
+
+def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int) -> dict:
+  keys = fetched[-1][1].keys()
+  out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+  out["learning_rate"] = float(fetched[-1][1]["learning_rate"])
+  out["steps_per_s"] = len(fetched) / seconds if seconds > 0 else 0.0
+  out["examples_per_s"] = out["steps_per_s"] * global_batch
+  return out
+
+
+def restore_or_init(run: Run):
+  """The latest checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state)."""
+  step = run.checkpointer.latest_step()
+  if step is None:
+    logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
+    return run.stepper.init(), None
+  state, data_state, _ = run.checkpointer.restore(step, run.stepper.restore_target)
+  logging.info("resumed from checkpoint at step %d", step)
+  return state, data_state
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+  """Trains config's model on its dataset in workdir (resuming if possible); returns the final metrics."""
+  run = build_run(config, workdir)
+  try:
+    return _train(run)
+  finally:
+    run.checkpointer.close()
+    run.writer.close()
+
+
+def _train(run: Run) -> dict:
+  config, t, chief = run.config, run.config.train, jax.process_index() == 0
+  if chief:
+    runinfo.write_run_records(run.workdir, config)
+  state, data_state = restore_or_init(run)
+  start_step = int(jax.device_get(state.step))
+  batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
+                                        process_index=jax.process_index(), process_count=jax.process_count()))
+  if data_state is not None:
+    batches.set_state(data_state)
+  logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
+               config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,
+               config.data.batch_size, jax.device_count())
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
+  train_metrics = TrainMetrics()
+  eval_metrics = None
+
+  def log(step, keep_last):
+    fetched = train_metrics.fetch(keep_last)
+    if not fetched:
+      return
+    check_finite(fetched, run.checkpointer)
+    now = time.perf_counter()
+    summary = summarize(fetched, now - train_metrics.window_start, config.data.batch_size)
+    train_metrics.window_start = now
+    run.writer.write(fetched[-1][0], "train", summary)
+    progress.report(fetched[-1][0], summary, summary["steps_per_s"])
+
+  def save(step, metrics=None):
+    run.checkpointer.save(step, state, batches.get_state(), {"step": step, "epoch": step / run.steps_per_epoch},
+                          metrics)
+
+  try:
+    for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
+      state, metrics = run.stepper.train_step(state, parallel.global_batch(next(batches), run.mesh))
+      train_metrics.add(step, metrics)
+      progress.advance(step)
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        startup = time.time() - runinfo.process_start_time()
+        logging.info("start-up: %.1f s from process start to first step done", startup)
+        run.writer.write(step, "startup", {"seconds_to_first_step": startup})
+        train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
+      if (step - 1) % t.log_every == 0 and step - 1 > start_step:
+        log(step - 1, keep_last=True)  # the step just dispatched keeps the device busy meanwhile
+      eval_due = (step % t.eval_every == 0) if t.eval_every > 0 else (step % run.steps_per_epoch == 0)
+      last = step == run.total_steps
+      if eval_due or last or step % t.checkpoint_every == 0 or preempted:
+        log(step, keep_last=False)  # also checks the loss is finite before anything is saved
+        eval_metrics = None
+        if eval_due or last:
+          eval_metrics = evaluate.evaluate_split(run, state)
+          run.writer.write(step, "test", {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"})
+          logging.info("step %d test: %s", step, _brief(eval_metrics))
+        save(step, eval_metrics)
+        train_metrics.window_start = time.perf_counter()  # throughput excludes eval and checkpoint time
+      if preempted:
+        run.checkpointer.wait()
+        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run.checkpointer.directory}; "
+                        "launch the same command again to resume")
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+
+  final_step = int(jax.device_get(state.step))
+  if eval_metrics is None:  # resumed a finished run: evaluate its final state again
+    eval_metrics = evaluate.evaluate_split(run, state)
+  final = {"step": final_step, "split": "test", **eval_metrics,
+           "params_sha256": runinfo.fingerprint(state.params),
+           "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params)))}
+  model = run.stepper.model(state)
+  if hasattr(model, "coefficients"):
+    final["coefficients"] = model.coefficients()
+  if chief:
+    (run.workdir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+  return final
+
+
+def _brief(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
