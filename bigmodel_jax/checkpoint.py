@@ -5,6 +5,11 @@ atomically (orbax writes to a temporary directory and renames it when complete).
 the latest `keep` checkpoints plus the best one by an eval metric.
 """
 
+import contextlib
+import os
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -54,12 +59,17 @@ class Checkpointer:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} not found in {self.directory}; available: {self.all_steps()}")
+    log = self.directory.parent / "restore_error.log"
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      with _stderr_into(log):  # a failed tensorstore read also prints asyncio tracebacks; keep them in the log
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:
-      raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}); move that "
-                      "step directory away to resume from an earlier one, or use a new --workdir") from None
+      with open(log, "a") as f:
+        traceback.print_exception(e, file=f)
+      raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
+                      "move that step directory away to resume from an earlier one, or use a new --workdir") from None
+    _replay(log)
     return restored.state, restored.data, restored.meta
 
   def wait(self) -> None:
@@ -73,3 +83,29 @@ class Checkpointer:
 def _short(e: Exception) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+@contextlib.contextmanager
+def _stderr_into(path: Path):
+  """Sends file descriptor 2 (Python and C++ writers alike) into `path` for the duration."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(path, "wb") as f:
+    os.dup2(f.fileno(), 2)
+  try:
+    yield
+  except Exception:
+    time.sleep(1.0)  # reads still in flight when orbax gave up report (noisily) a moment later
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _replay(path: Path) -> None:
+  """A successful restore: pass on whatever it printed, and leave no log behind."""
+  text = path.read_text(errors="replace")
+  path.unlink(missing_ok=True)
+  if text:
+    sys.stderr.write(text)

@@ -7,6 +7,7 @@ non-zero exit: 2 for bad input, 3 for a non-finite loss, 143 after a SIGTERM che
 import json
 import logging as std_logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,15 +30,36 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def config_error(e: Exception, argv: list[str]) -> str:
+  """One line for anything config_flags raises while loading the file or applying an override."""
+  text = " ".join(str(a) for a in e.args) if e.args else repr(e)
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?").split(":")[0]
+  suggestion = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text, re.S)
+  if suggestion:
+    field, close = suggestion.groups()
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+                 re.search(rf"\.{field}(=|$)", a.split("=")[0])), f"--config...{field}")
+    return f"{flag}: no such config field (did you mean {close!r}?)"
+  if isinstance(e, OSError) and "Failed loading config file" in text:
+    return f"--config: cannot read config file {path!r} (no such file?); pass a path like configs/mnist_cnn.py"
+  if isinstance(e, AttributeError) and "get_config" in text:
+    return f"--config: {path} has no get_config() function; a config file defines get_config(arg)"
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return f"--config: {path}: {type(e).__name__}: {lines[-1] if lines else text}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with every failure (bad override, bad type, missing file) turned into one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}; see --helpfull")
-  except Exception as e:  # config_flags raises KeyError/AttributeError/OSError/... from inside the config file
-    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    fail(f"--config: {type(e).__name__}: {message.strip().splitlines()[-1] if message.strip() else e!r}")
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if "Traceback" in str(e):  # an exception inside the config file: its last line says what
+      fail(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}")
+    fail(f"{lines[0]}; see --helpfull")
+  except Exception as e:  # config_flags raises KeyError/AttributeError/OSError/... from the config file
+    fail(config_error(e, argv))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -59,8 +81,14 @@ def setup_jax(config) -> None:
 
 def load_config(workdir: Path):
   """--config if given; in eval/predict mode, else the config saved in the workdir."""
-  if _CONFIG.value is not None:
-    return _CONFIG.value
+  try:
+    config = _CONFIG.value  # config_flags loads the file lazily; a failed load raises on first use
+    if config is not None:
+      config.keys()
+  except Exception as e:
+    fail(config_error(e.__cause__ or e, sys.argv))
+  if config is not None:
+    return config
   if _MODE.value != "train" and (workdir / "config.json").exists():
     import ml_collections
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
