@@ -1,0 +1,47 @@
+"""Shared test helpers: CPU only, offline, a shared compilation cache, and a CLI runner."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+  """One JAX compilation cache for the whole session, so repeated subprocess runs start fast."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="session")
+def cli(cache_dir, tmp_path_factory):
+  """cli(*args, timeout=...) runs `python -m bigmodel_jax.main *args` from the repo root in a subprocess
+  (session-scoped, so module-scoped fixtures can use it too)."""
+  data_dir = tmp_path_factory.mktemp("data")
+  def run(*args, timeout: float = 120, env: dict | None = None, popen: bool = False):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
+                "BIGMODEL_JAX_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "bigmodel_jax.main", *args]
+    if popen:
+      return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+  return run
+
+
+def load_config(name: str, variant: str = ""):
+  """configs/<name>.py's get_config(variant), as the CLI would build it."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def error_lines(stderr: str) -> list[str]:
+  """Lines of stderr that are not absl INFO/WARNING log lines (those look like 'I1123 12:00:00.1 ...')."""
+  return [l for l in stderr.splitlines() if l.strip() and not re.match(r"^[IW]\d{4} ", l)]

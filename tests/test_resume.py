@@ -1,0 +1,57 @@
+"""A run killed at any moment resumes bit-identically; SIGTERM saves a checkpoint first."""
+
+import json
+import signal
+import time
+
+import pytest
+
+ARGS = ["--config=configs/digits_mlp.py", "--config.train.num_steps=2500", "--config.train.eval_every=1000",
+        "--config.train.checkpoint_every=500", "--config.train.log_every=100"]
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = cli(*ARGS, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads((workdir / "final_metrics.json").read_text())
+
+
+def start_and_wait_for_checkpoint(cli, workdir):
+  proc = cli(*ARGS, f"--workdir={workdir}", popen=True)
+  deadline = time.time() + 120
+  while not (workdir / "checkpoints" / "500").exists():  # orbax renames a checkpoint into place when complete
+    assert proc.poll() is None, proc.stdout.read()[-2000:]
+    assert time.time() < deadline, "no checkpoint within 120 s"
+    time.sleep(0.01)
+  return proc
+
+
+def test_sigkill_then_relaunch_is_bit_identical(cli, tmp_path, reference):
+  proc = start_and_wait_for_checkpoint(cli, tmp_path)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "final_metrics.json").exists()
+  resumed = cli(*ARGS, f"--workdir={tmp_path}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from checkpoint at step" in resumed.stderr
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert final["params_sha256"] == reference["params_sha256"]
+  assert final == reference
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(cli, tmp_path, reference):
+  proc = start_and_wait_for_checkpoint(cli, tmp_path)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 143, out[-2000:]
+  error = [l for l in out.splitlines() if l.startswith("error:")]
+  assert len(error) == 1 and "SIGTERM: saved a checkpoint at step" in error[0]
+  saved_step = int(error[0].split("at step ")[1].split()[0])
+  assert (tmp_path / "checkpoints" / str(saved_step)).exists()
+  resumed = cli(*ARGS, f"--workdir={tmp_path}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from checkpoint at step {saved_step}" in resumed.stderr
+  assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference

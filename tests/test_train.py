@@ -1,0 +1,101 @@
+"""Training behaviour: loss falls, accuracy beats chance, coefficients are recovered, run records are complete."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from bigmodel_jax import train
+from bigmodel_jax.data import load_dataset
+from conftest import load_config
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  config = load_config("digits_mlp")
+  config.train.num_epochs = 4
+  config.train.log_every = 10
+  workdir = tmp_path_factory.mktemp("digits")
+  final = train.train_and_evaluate(config, workdir)
+  return config, workdir, final
+
+
+def read_jsonl(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_digits_loss_falls_and_accuracy_beats_chance(digits_run):
+  _, workdir, final = digits_run
+  train_lines = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
+  assert train_lines[-1]["loss"] < 0.5 * train_lines[0]["loss"]
+  assert final["accuracy"] > 0.85  # chance is 0.10
+  assert final["step"] == 4 * (1437 // 32)
+
+
+def test_metrics_jsonl_and_final_metrics_fields(digits_run):
+  _, workdir, final = digits_run
+  records = read_jsonl(workdir / "metrics.jsonl")
+  assert all({"step", "split", "time"} <= r.keys() for r in records)
+  train_lines = [r for r in records if r["split"] == "train"]
+  test_lines = [r for r in records if r["split"] == "test"]
+  for r in train_lines:
+    assert {"loss", "accuracy", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"} <= r.keys()
+    assert r["examples_per_s"] == pytest.approx(32 * r["steps_per_s"])
+  assert [r["step"] for r in test_lines] == [44, 88, 132, 176]  # once per epoch
+  for r in test_lines:
+    assert {"loss", "accuracy", "precision", "recall", "f1"} <= r.keys()
+  saved = json.loads((workdir / "final_metrics.json").read_text())
+  assert saved["params_sha256"] == final["params_sha256"] and len(saved["params_sha256"]) == 64
+  assert saved["accuracy"] == test_lines[-1]["accuracy"]
+  assert np.asarray(saved["confusion_matrix"]).sum() == 359  # every test image, counted once
+  assert "seconds_to_first_step" in next(r for r in records if r["split"] == "startup")
+
+
+def test_run_records(digits_run):
+  config, workdir, _ = digits_run
+  assert json.loads((workdir / "config.json").read_text())["model"]["hidden_sizes"] == [128, 128]
+  info = json.loads((workdir / "run_info.jsonl").read_text().splitlines()[0])
+  assert {"bigmodel_jax", "git_commit", "versions", "devices", "command", "platform"} <= info.keys()
+  assert "jax" in info["versions"] and "orbax-checkpoint" in info["versions"]
+
+
+def tensorboard_tags(directory):
+  """Scalar tags in TensorBoard event files, read from the TFRecord framing with tensorboardX's proto."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in directory.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      pos += 12 + length + 4
+  return tags
+
+
+def test_tensorboard_events(digits_run):
+  _, workdir, _ = digits_run
+  assert {"train/loss", "train/examples_per_s", "test/accuracy", "test/f1"} <= tensorboard_tags(workdir / "tensorboard")
+
+
+def test_checkpoints_keep_latest_and_best(digits_run):
+  config, workdir, _ = digits_run
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 176 and len(steps) <= config.train.keep_checkpoints + 1
+
+
+def test_linear_regression_recovers_coefficients(tmp_path):
+  config = load_config("linear_regression")
+  final = train.train_and_evaluate(config, tmp_path)
+  w = final["coefficients"]["weights"][0][0]
+  b = final["coefficients"]["bias"][0]
+  assert abs(w - 3.0) < 0.1 and abs(b - 4.5) < 0.1
+  # gradient descent converged to the least-squares solution of the same 100 points
+  data = load_dataset(config.data).train
+  design = np.hstack([data["inputs"], np.ones((100, 1), np.float32)])
+  w_ls, b_ls = np.linalg.lstsq(design, data["targets"], rcond=None)[0]
+  assert w == pytest.approx(w_ls, abs=2e-3) and b == pytest.approx(b_ls, abs=2e-3)
+  assert final["mse"] == pytest.approx(1 / 12, rel=0.3)  # the U(0, 1) noise variance
+  assert final["r2"] > 0.95
