@@ -56,6 +56,10 @@ class Progress:
     self.enabled = enabled
     self.total = total
     self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if self.tty else None
+    self._handler = logging.get_absl_handler().python_handler
+    self._stream = self._handler.stream
+    if self._bar is not None:  # log lines go above the bar instead of through it
+      self._handler.stream = _AboveBar()
 
   def advance(self, step: int) -> None:
     if self._bar is not None:
@@ -74,3 +78,15 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+      self._handler.stream = self._stream
+
+
+class _AboveBar:
+  """A stream for the log handler that prints through tqdm.write, keeping the bar intact."""
+
+  def write(self, text: str) -> None:
+    if text.strip():
+      tqdm.tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+  def flush(self) -> None:
+    sys.stderr.flush()
