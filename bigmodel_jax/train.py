@@ -145,7 +145,8 @@ def _train(run: Run) -> dict:
   state, data_state = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
-                                        process_index=jax.process_index(), process_count=jax.process_count()))
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        to_device=lambda b: parallel.global_batch(b, run.mesh)))
   if data_state is not None:
     batches.set_state(data_state)
   logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
@@ -158,7 +159,7 @@ def _train(run: Run) -> dict:
   train_metrics = TrainMetrics()
   eval_metrics = None
 
-  def log(step, keep_last):
+  def log(keep_last):
     fetched = train_metrics.fetch(keep_last)
     if not fetched:
       return
@@ -175,7 +176,7 @@ def _train(run: Run) -> dict:
 
   try:
     for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
-      state, metrics = run.stepper.train_step(state, parallel.global_batch(next(batches), run.mesh))
+      state, metrics = run.stepper.train_step(state, next(batches))
       train_metrics.add(step, metrics)
       progress.advance(step)
       if step == start_step + 1:
@@ -185,11 +186,11 @@ def _train(run: Run) -> dict:
         run.writer.write(step, "startup", {"seconds_to_first_step": startup})
         train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
       if (step - 1) % t.log_every == 0 and step - 1 > start_step:
-        log(step - 1, keep_last=True)  # the step just dispatched keeps the device busy meanwhile
+        log(keep_last=True)  # the step just dispatched keeps the device busy meanwhile
       eval_due = (step % t.eval_every == 0) if t.eval_every > 0 else (step % run.steps_per_epoch == 0)
       last = step == run.total_steps
       if eval_due or last or step % t.checkpoint_every == 0 or preempted:
-        log(step, keep_last=False)  # also checks the loss is finite before anything is saved
+        log(keep_last=False)  # also checks the loss is finite before anything is saved
         eval_metrics = None
         if eval_due or last:
           eval_metrics = evaluate.evaluate_split(run, state)

@@ -12,7 +12,7 @@ from bigmodel_jax.registry import Registry
 DATASETS: Registry = Registry("dataset", "config.data.name")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashable by identity, so per-dataset results can be cached
 class Dataset:
   """A real dataset held in memory. Splits are {'inputs': N x ..., 'targets': N} numpy arrays."""
   name: str

@@ -10,7 +10,7 @@ one numpy gather per batch.
 
 import functools
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
@@ -27,11 +27,16 @@ def make_preprocess(dataset: Dataset, data_config) -> Callable[[np.ndarray], np.
     return lambda x: x.astype(np.float32)
   if data_config.normalize == "unit":
     return lambda x: x.astype(np.float32) / scale
-  # standardize: per-channel (images) or per-feature (tabular) statistics of the training split
-  train = dataset.train["inputs"].astype(np.float32) / scale
-  axes = tuple(range(train.ndim - 1))
-  mean, std = train.mean(axis=axes), train.std(axis=axes) + 1e-6
+  mean, std = train_statistics(dataset)
   return lambda x: (x.astype(np.float32) / scale - mean) / std
+
+
+@functools.cache
+def train_statistics(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (images) or per-feature (tabular) mean and std of the training split, in [0, 1] units."""
+  train = dataset.train["inputs"].astype(np.float32) / np.float32(dataset.input_scale)
+  axes = tuple(range(train.ndim - 1))
+  return train.mean(axis=axes), train.std(axis=axes) + 1e-6
 
 
 def augment(batch: Batch, rng: np.random.Generator, crop_padding: int, horizontal_flip: bool) -> Batch:
@@ -79,8 +84,12 @@ class EpochIndexer:
 
 
 def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """The training stream as a grain dataset of `num_steps` local batches {'inputs','targets','mask'}."""
+                  process_count: int = 1, to_device: Callable[[Batch], Any] | None = None) -> grain.IterDataset:
+  """The training stream as a grain dataset of `num_steps` local batches {'inputs','targets','mask'}.
+
+  With `to_device`, batches are also transferred in a background thread (two kept ready on device),
+  which takes the ~0.2-0.5 ms per-step transfer cost off the thread that dispatches train steps.
+  """
   split = dataset.train
   indexer = EpochIndexer(len(split["targets"]), data_config.batch_size, seed=seed,
                          shuffle=data_config.shuffle, drop_remainder=data_config.drop_remainder,
@@ -97,8 +106,11 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
     ds = ds.random_map(lambda b, rng: augment(b, rng, aug.random_crop_padding, aug.horizontal_flip),
                        seed=seed)
   ds = ds.map(lambda b: {**b, "inputs": preprocess(b["inputs"])})
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
-                                              prefetch_buffer_size=data_config.prefetch))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
+                                            prefetch_buffer_size=data_config.prefetch))
+  if to_device is not None:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(to_device), prefetch_buffer_size=2)
+  return ds
 
 
 def steps_per_epoch(dataset: Dataset, data_config) -> int:
