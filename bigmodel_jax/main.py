@@ -110,6 +110,8 @@ def main(argv):
     config_lib.validate(config)
     if _MODE.value == "train":
       result = train.train_and_evaluate(config, workdir)
+    elif not (workdir / "checkpoints").is_dir():
+      raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     else:
       run = train.build_run(config, workdir)
       try:

@@ -98,7 +98,7 @@ class TrainMetrics:
 
 def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
   for step, m in fetched:
-    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(m[k])]
     if bad:
       checkpointer.wait()
       last = checkpointer.latest_step()

@@ -39,19 +39,26 @@ def train_statistics(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
   return train.mean(axis=axes), train.std(axis=axes) + 1e-6
 
 
-def augment(batch: Batch, rng: np.random.Generator, crop_padding: int, horizontal_flip: bool) -> Batch:
-  """Random crop after zero padding and random horizontal flip, per example (images N,H,W,C)."""
+def augment(batch: Batch, rng: np.random.Generator, crop_padding: int, horizontal_flip: bool,
+            offset: int = 0, global_size: int | None = None) -> Batch:
+  """Random crop after zero padding and random horizontal flip, per example (images N,H,W,C).
+
+  The draws are made for the whole global batch (`global_size` rows) and this process keeps rows
+  [offset, offset + N), so N processes augment exactly as one process would.
+  """
   x = batch["inputs"]
+  n = len(x)
+  size = global_size or n
   if crop_padding:
-    n, h, w, _ = x.shape
+    _, h, w, _ = x.shape
     p = crop_padding
     padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
+    dy, dx = rng.integers(0, 2 * p + 1, size=(2, size))[:, offset:offset + n]
     rows = dy[:, None] + np.arange(h)[None, :]
     cols = dx[:, None] + np.arange(w)[None, :]
     x = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
   if horizontal_flip:
-    flip = rng.random(len(x)) < 0.5
+    flip = (rng.random(size) < 0.5)[offset:offset + n]
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
   return {**batch, "inputs": x}
 
@@ -103,8 +110,8 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
   ds = grain.MapDataset.range(num_steps).map(gather)
   aug = data_config.augment
   if dataset.kind == "image" and (aug.random_crop_padding or aug.horizontal_flip):
-    ds = ds.random_map(lambda b, rng: augment(b, rng, aug.random_crop_padding, aug.horizontal_flip),
-                       seed=seed)
+    ds = ds.random_map(lambda b, rng: augment(b, rng, aug.random_crop_padding, aug.horizontal_flip,
+                                              indexer.offset, indexer.batch_size), seed=seed)
   ds = ds.map(lambda b: {**b, "inputs": preprocess(b["inputs"])})
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                             prefetch_buffer_size=data_config.prefetch))

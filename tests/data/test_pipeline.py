@@ -108,8 +108,6 @@ def test_two_processes_feed_the_single_process_batch(digits):
       np.testing.assert_array_equal(joined, whole[step][key], err_msg=f"step {step} {key}")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline.py augments each process's slice with the same "
-                   "per-step rng, so augmented multi-process batches differ from the single-process one")
 def test_two_processes_feed_the_single_process_batch_with_augmentation(digits):
   config = data_config(crop=2, flip=True)
   whole = take(stream(digits, config), 3)
