@@ -30,6 +30,8 @@ class Checkpointer:
                                           n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
+        # best_fn also makes orbax write each step's metrics to disk, so 'best' survives a restart
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=True)
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -42,9 +44,6 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
-
-  def best_step(self) -> int | None:
-    return self._manager.best_step() if self.best_metric else None
 
   def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
     """Starts an async save; arrays are copied off the device before this returns (donation-safe)."""

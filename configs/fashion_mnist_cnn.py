@@ -2,7 +2,7 @@
 
     python -m bigmodel_jax.main --config=configs/fashion_mnist_cnn.py --workdir=runs/fashion_cnn
 
-Same network and optimiser as configs/mnist_cnn.py, 10 epochs. Expected: ~91% test accuracy
+Same network, optimiser and cosine schedule as configs/mnist_cnn.py, 10 epochs. Expected: ~91% test accuracy
 (Fashion-MNIST's benchmark table lists 2-3 layer CNNs at 90-92%; github.com/zalandoresearch/fashion-mnist).
 See README's results table for the number measured with this codebase.
 """
@@ -15,6 +15,7 @@ def get_config(variant: str = ""):
   c.data.name = "fashion_mnist"
   c.data.batch_size = 32
   c.model = model_config("cnn", conv_features=(32, 64, 64), kernel_size=3, pool_after=2, dense_features=(64,))
+  c.schedule.name = "cosine"  # constant lr ended at 89.8% here (90.4% mid-run): the last epochs were noisy
   c.train.num_epochs = 10
   c.train.log_every = 200
   if variant == "smoke":
