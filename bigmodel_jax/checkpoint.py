@@ -5,13 +5,13 @@ atomically (orbax writes to a temporary directory and renames it when complete).
 the latest `keep` checkpoints plus the best one by an eval metric.
 """
 
-import contextlib
 import os
+import logging as std_logging
 import sys
-import time
 import traceback
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -33,8 +33,10 @@ class Checkpointer:
         # best_fn also makes orbax write each step's metrics to disk, so 'best' survives a restart
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
         enable_async_checkpointing=async_save, create=True)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
     try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options)
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     except Exception as e:  # orbax reads every step's metadata on open
       raise UserError(f"checkpoint directory {self.directory} cannot be read ({_short(e)}); "
                       "move it away or use a new --workdir") from None
@@ -58,18 +60,42 @@ class Checkpointer:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} not found in {self.directory}; available: {self.all_steps()}")
-    log = self.directory.parent / "restore_error.log"
+    log = self.directory.parent / f"restore_error.{jax.process_index()}.log"
+    saved_stderr = _redirect_stderr(log)
     try:
-      with _stderr_into(log):  # a failed tensorstore read also prints asyncio tracebacks; keep them in the log
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      self._check_param_shapes(step, target)
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except UserError:  # a config problem, found from readable metadata: nothing left in flight
+      _restore_stderr(saved_stderr)
+      log.unlink(missing_ok=True)
+      raise
     except Exception as e:
-      with open(log, "a") as f:
-        traceback.print_exception(e, file=f)
+      # tensorstore reads still in flight keep printing "Event loop is closed" tracebacks from their own
+      # threads until exit, straight to file descriptor 2. The run ends with this error, so fd 2 stays on
+      # the log (main prints its one line through a descriptor saved at start-up).
+      os.close(saved_stderr)
+      std_logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved", same cause
+      traceback.print_exception(e, file=sys.stderr)
       raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
                       "move that step directory away to resume from an earlier one, or use a new --workdir") from None
+    _restore_stderr(saved_stderr)
     _replay(log)
     return restored.state, restored.data, restored.meta
+
+  def _check_param_shapes(self, step: int, target) -> None:
+    """A checkpoint of another model (after allow_config_change) is a config problem, not a corrupt file."""
+    try:
+      saved = _param_shapes(self._manager.item_metadata(step)["state"]["params"])
+    except Exception:  # unreadable metadata: the restore itself will say what is wrong
+      return
+    wanted = _param_shapes(target.params)
+    diffs = [f"{k}: {saved.get(k)} saved, {wanted.get(k)} now" for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k)]
+    if diffs:
+      raise UserError(f"checkpoint {self.directory / str(step)} holds a different model than the config builds "
+                      f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); revert the model change "
+                      "or use a new --workdir")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -79,27 +105,34 @@ class Checkpointer:
     self._manager.close()
 
 
+def _param_shapes(tree) -> dict[str, tuple]:
+  """{'hidden.0.kernel': shape} for a params tree or its orbax metadata (nnx's '.value' level dropped)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
+  return out
+
+
 def _short(e: Exception) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-@contextlib.contextmanager
-def _stderr_into(path: Path):
-  """Sends file descriptor 2 (Python and C++ writers alike) into `path` for the duration."""
+def _redirect_stderr(path: Path) -> int:
+  """Points file descriptor 2 (Python and C++ writers alike) at `path`; returns a copy of the old one."""
   sys.stderr.flush()
   saved = os.dup(2)
-  with open(path, "wb") as f:
-    os.dup2(f.fileno(), 2)
-  try:
-    yield
-  except Exception:
-    time.sleep(1.0)  # reads still in flight when orbax gave up report (noisily) a moment later
-    raise
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  os.dup2(fd, 2)
+  os.close(fd)
+  return saved
+
+
+def _restore_stderr(saved: int) -> None:
+  sys.stderr.flush()
+  os.dup2(saved, 2)
+  os.close(saved)
 
 
 def _replay(path: Path) -> None:

@@ -46,8 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """config.model for a registered model: every constructor argument with its default, then overrides."""
-  from bigmodel_jax.models import MODELS, model_kwargs
-  model_kwargs(ml_collections.ConfigDict({"name": name}))  # registers models, checks the name
+  from bigmodel_jax.models import MODELS
   params = inspect.signature(MODELS.get(name).__init__).parameters
   fields = {k: p.default for k, p in params.items()
             if k not in ("self", "input_shape", "num_outputs", "rngs") and p.default is not inspect.Parameter.empty}
@@ -64,6 +63,8 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: v >= 0, "must be >= 0"),
+    ("train.eval_every", lambda v: v == -1 or v > 0, "must be > 0, or -1 for the end of each epoch"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),
     ("data.eval_batch_size", lambda v: v > 0, "must be > 0"),
     ("data.num_threads", lambda v: v >= 0, "must be >= 0"),
@@ -95,14 +96,26 @@ def get_field(config, path: str):
   return value
 
 
+def check_structure(config, reference=None, prefix: str = "") -> None:
+  """Every section and field of base_config() must exist (config.model's fields depend on the model)."""
+  reference = base_config() if reference is None else reference
+  for key, value in reference.items():
+    if key not in config:
+      raise UserError(f"config.{prefix}{key}: missing; a config file should start from "
+                      "bigmodel_jax.config.base_config()")
+    if isinstance(value, ml_collections.ConfigDict) and key != "model":
+      check_structure(config[key], value, f"{prefix}{key}.")
+  if not prefix and "name" not in config.model:
+    raise UserError("config.model.name: missing; build config.model with bigmodel_jax.config.model_config(name)")
+
+
 def validate(config) -> None:
   """Raises UserError naming the first field that is wrong and what would be right."""
+  check_structure(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
   from bigmodel_jax.optim import OPTIMIZERS, SCHEDULES
-  from bigmodel_jax.tasks import TASKS, get_task  # noqa: F401
-  import bigmodel_jax.data.images, bigmodel_jax.data.tabular  # noqa: F401,E401  (register datasets)
-  import bigmodel_jax.tasks.classification, bigmodel_jax.tasks.regression  # noqa: F401,E401
+  from bigmodel_jax.tasks import TASKS
 
   for path, ok, message in RANGES:
     value = get_field(config, path)

@@ -36,7 +36,7 @@ def restore_for_eval(run, checkpoint_step: int | None):
 def eval_only(run, checkpoint_step: int | None) -> dict:
   step, state = restore_for_eval(run, checkpoint_step)
   metrics = evaluate_split(run, state)
-  run.writer.write(step, "eval_only", metrics)
+  run.writer.write(step, "eval", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
   if jax.process_index() == 0:
     (run.workdir / f"eval_step{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
   return {"step": step, **metrics}
@@ -44,13 +44,16 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
 
 def predict(run, checkpoint_step: int | None) -> dict:
   """Writes predictions.csv for the test split, plus pictures: an image grid and a confusion matrix."""
-  from bigmodel_jax import plots
+  from bigmodel_jax import metrics, plots
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []
-  for local in pipeline.eval_batches(run.dataset, "test", run.config.data):
+  for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
     out = jax.device_get(run.stepper.predict_step(state, parallel.global_batch(local, run.mesh)))
-    outputs.append({k: v[local["mask"] > 0] for k, v in out.items()})
+    outputs.append({k: v[out["mask"] > 0] for k, v in out.items() if k != "mask"})
   preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  if jax.process_index() != 0:
+    return {"step": step}
   test = run.dataset.test
   out_dir = run.workdir / f"predict_step{step}"
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,10 +64,13 @@ def predict(run, checkpoint_step: int | None) -> dict:
     for i, (t, p) in enumerate(zip(test["targets"], preds["prediction"])):
       w.writerow([i, t.item(), p.item()] + ([f"{x:.6f}" for x in probs[i]] if probs is not None else []))
   files = [out_dir / "predictions.csv"]
+  summary = {}
   if run.dataset.num_classes:
-    metrics = evaluate_split(run, state)
-    files.append(plots.confusion_matrix(np.asarray(metrics["confusion_matrix"]), run.dataset.class_names,
-                                        out_dir / "confusion_matrix.png", title=f"{run.dataset.name}, step {step}"))
+    confusion = np.zeros((run.dataset.num_classes,) * 2, np.int64)
+    np.add.at(confusion, (test["targets"], preds["prediction"]), 1)
+    summary = metrics.classification_metrics(confusion)
+    files.append(plots.confusion_matrix(confusion, run.dataset.class_names, out_dir / "confusion_matrix.png",
+                                        title=f"{run.dataset.name}, step {step}"))
     if run.dataset.kind == "image":
       files.append(plots.image_grid(test["inputs"], test["targets"], preds["prediction"], run.dataset.class_names,
                                     out_dir / "test_images.png", num=run.config.predict.num_images))
@@ -72,4 +78,4 @@ def predict(run, checkpoint_step: int | None) -> dict:
     files.append(plots.scatter_fit(test["inputs"], test["targets"], preds["prediction"], out_dir / "fit.png"))
   for f in files:
     logging.info("wrote %s", f)
-  return {"step": step, "files": [str(f) for f in files]}
+  return {"step": step, **summary, "files": [str(f) for f in files]}

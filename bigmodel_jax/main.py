@@ -25,8 +25,13 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/predict: 
 CACHE_DIR_ENV = "BIGMODEL_JAX_CACHE_DIR"
 
 
+# The terminal's stderr, kept aside: after an unreadable checkpoint, fd 2 is pointed at a log (checkpoint.py).
+_ERROR_FD = os.dup(2)
+
+
 def fail(message: str, code: int = 2):
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stderr.flush()
+  os.write(_ERROR_FD, f"error: {message}\n".encode())
   sys.exit(code)
 
 
@@ -39,8 +44,10 @@ def config_error(e: Exception, argv: list[str]) -> str:
   if suggestion:
     field, close = suggestion.groups()
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
-                 re.search(rf"\.{field}(=|$)", a.split("=")[0])), f"--config...{field}")
+                 re.search(rf"\.{field}(\.|=|$)", a.split("=")[0])), f"--config...{field}")
     return f"{flag}: no such config field (did you mean {close!r}?)"
+  if isinstance(e, SyntaxError):
+    return f"--config: {path}, line {e.lineno}: syntax error ({e.msg})"
   if isinstance(e, OSError) and "Failed loading config file" in text:
     return f"--config: cannot read config file {path!r} (no such file?); pass a path like configs/mnist_cnn.py"
   if isinstance(e, AttributeError) and "get_config" in text:
@@ -104,10 +111,12 @@ def main(argv):
   from bigmodel_jax import config as config_lib, evaluate, train
   from bigmodel_jax.errors import NonFiniteLossError, UserError
   workdir = Path(_WORKDIR.value)
+  if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
+    fail("--checkpoint_step is for --mode=eval/predict; training always resumes from the latest checkpoint")
   try:
     config = load_config(workdir)
-    setup_jax(config)
     config_lib.validate(config)
+    setup_jax(config)
     if _MODE.value == "train":
       result = train.train_and_evaluate(config, workdir)
     elif not (workdir / "checkpoints").is_dir():
@@ -124,7 +133,10 @@ def main(argv):
   except UserError as e:
     fail(str(e))
   except train.Preempted as e:
-    fail(str(e), code=143)
+    signum, message = e.args
+    fail(message, code=128 + signum)
+  except KeyboardInterrupt:
+    fail("interrupted before training started; nothing was saved", code=130)
   summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
   print(json.dumps(summary, indent=2), flush=True)
 

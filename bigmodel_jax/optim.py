@@ -3,6 +3,7 @@
 import jax
 import optax
 
+from bigmodel_jax.errors import UserError
 from bigmodel_jax.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer", "config.optimizer.name")
@@ -33,7 +34,11 @@ def _linear(lr, s, total_steps):
 
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
-  return SCHEDULES.get(config.schedule.name)(config.optimizer.learning_rate, config.schedule, total_steps)
+  s = config.schedule
+  if s.name in ("warmup_cosine", "linear") and s.warmup_steps >= total_steps:
+    raise UserError(f"config.schedule.warmup_steps: {s.warmup_steps} is not below the run's {total_steps} "
+                    "training steps; shorten the warmup or train longer")
+  return SCHEDULES.get(s.name)(config.optimizer.learning_rate, s, total_steps)
 
 
 def decay_mask(params):
@@ -56,13 +61,16 @@ def _adamw(lr, o):
   return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
 
 
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """clip (optional) -> coupled weight decay (sgd/adam, optional) -> optimizer with its schedule."""
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """clip (optional) -> coupled weight decay (sgd/adam, optional) -> optimizer following `schedule`.
+
+  The caller keeps `schedule` to log the learning rate, so the logged value is the one applied.
+  """
   o = config.optimizer
   chain = []
   if o.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.weight_decay > 0 and o.name != "adamw":  # adamw decouples decay itself
     chain.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
-  chain.append(OPTIMIZERS.get(o.name)(make_schedule(config, total_steps), o))
+  chain.append(OPTIMIZERS.get(o.name)(schedule, o))
   return optax.chain(*chain)

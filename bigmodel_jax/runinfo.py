@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,7 +52,9 @@ def provenance() -> dict:
 def write_run_records(workdir: Path, config) -> None:
   """config.json (the resolved config) and one provenance line per launch in run_info.jsonl."""
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  tmp = workdir / "config.json.tmp"  # written whole, then renamed: a kill never leaves half a config
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, workdir / "config.json")
   with open(workdir / "run_info.jsonl", "a") as f:
     f.write(json.dumps(provenance()) + "\n")
 

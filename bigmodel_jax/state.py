@@ -26,7 +26,7 @@ class Stepper:
   """Owns the graphdef and the jitted init/train/eval/predict functions for one run."""
 
   def __init__(self, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-               schedule: optax.Schedule, task, mesh, seed: int):
+               schedule: optax.Schedule, task, mesh, seed: int, input_shape: tuple[int, ...]):
     self.task, self.tx, self.schedule, self.mesh = task, tx, schedule, mesh
 
     def init() -> TrainState:
@@ -38,6 +38,8 @@ class Stepper:
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0)))
     self.graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
     self.abstract_state = jax.eval_shape(init)
+    example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)}
+    self.output_shape = jax.eval_shape(self._outputs, self.abstract_state, example).shape  # fails early on misfit
     self.state_sharding = parallel.state_shardings(self.abstract_state, mesh)
     # A restore target: shapes, dtypes and the shardings of *this* mesh.
     self.restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -86,4 +88,5 @@ class Stepper:
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
   def _predict_step(self, state: TrainState, batch):
-    return self.task.predict(self._outputs(state, batch))
+    # the mask comes back replicated with the predictions, so every process can drop padding rows
+    return {**self.task.predict(self._outputs(state, batch)), "mask": batch["mask"]}

@@ -25,7 +25,7 @@ from bigmodel_jax.writers import MetricsWriter, Progress
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved."""
+  """SIGTERM or SIGINT arrived; a checkpoint was saved. args = (signal number, message)."""
 
 
 @dataclasses.dataclass
@@ -43,12 +43,31 @@ class Run:
   steps_per_epoch: int
 
 
+def has_checkpoints(workdir: Path) -> bool:
+  """True once a checkpoint has been committed (orbax renames a step directory into place when complete)."""
+  directory = workdir / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def saved_config(workdir: Path) -> dict | None:
+  path = workdir / "config.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
+                    "or move the workdir away") from None
+
+
 def check_workdir(workdir: Path, config) -> None:
   """A workdir with checkpoints belongs to one config: refuse to continue it with a different one."""
-  saved = workdir / "config.json"
-  if not saved.exists() or not (workdir / "checkpoints").exists() or config.train.allow_config_change:
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir: {workdir} exists and is not a directory")
+  saved = saved_config(workdir)
+  if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
     return
-  diffs = config_lib.config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+  diffs = config_lib.config_differences(saved, json.loads(config.to_json_best_effort()))
   if diffs:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
                     "or pass --config.train.allow_config_change=true to continue it anyway")
@@ -67,12 +86,22 @@ def build_run(config, workdir: str | Path) -> Run:
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   mesh = parallel.make_mesh()
   schedule = optim.make_schedule(config, total_steps)
-  stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
-                                             num_outputs=task.num_outputs, rngs=rngs),
-                    optim.make_optimizer(config, total_steps), schedule, task, mesh, config.seed)
+  try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
+    stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
+                                               num_outputs=task.num_outputs, rngs=rngs),
+                      optim.make_optimizer(config, schedule), schedule, task, mesh, config.seed, dataset.input_shape)
+  except UserError:
+    raise
+  except Exception as e:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
+    raise UserError(f"config.model: {config.model.name!r} does not fit {dataset.name} inputs of shape "
+                    f"{dataset.input_shape} ({type(e).__name__}: {lines[-1][:200]}); check the model fields") from None
   chief = jax.process_index() == 0
   if chief:
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path") from None
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
   return Run(config, workdir, dataset, task, mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
@@ -140,10 +169,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
 def _train(run: Run) -> dict:
   config, t, chief = run.config, run.config.train, jax.process_index() == 0
-  if chief:
-    runinfo.write_run_records(run.workdir, config)
   state, data_state = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
+  if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
+    runinfo.write_run_records(run.workdir, config)
+    run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count(),
                                         to_device=lambda b: parallel.global_batch(b, run.mesh)))
@@ -153,8 +183,9 @@ def _train(run: Run) -> dict:
                config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,
                config.data.batch_size, jax.device_count())
 
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preempted = []  # SIGTERM (preemption notice) or SIGINT (Ctrl-C): checkpoint, then exit
+  previous_handlers = {sig: signal.signal(sig, lambda signum, _: preempted.append(signum))
+                       for sig in (signal.SIGTERM, signal.SIGINT)}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
   eval_metrics = None
@@ -200,10 +231,12 @@ def _train(run: Run) -> dict:
         train_metrics.window_start = time.perf_counter()  # throughput excludes eval and checkpoint time
       if preempted:
         run.checkpointer.wait()
-        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run.checkpointer.directory}; "
+        name = signal.Signals(preempted[0]).name
+        raise Preempted(preempted[0], f"{name}: saved a checkpoint at step {step} in {run.checkpointer.directory}; "
                         "launch the same command again to resume")
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
     progress.close()
 
   final_step = int(jax.device_get(state.step))

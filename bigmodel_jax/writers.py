@@ -1,6 +1,7 @@
 """Run records: metrics.jsonl, TensorBoard event files, a progress bar (or log lines off a TTY)."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,18 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter
     self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
     self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Removes records past `step` (a resumed run redoes those steps), so the file reads as one run."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    path = Path(self._jsonl.name)
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    self._jsonl = open(path, "a")
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:

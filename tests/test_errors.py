@@ -80,6 +80,16 @@ BAD_INPUTS = [
     pytest.param(["--config=bigmodel_jax/errors.py"], ["bigmodel_jax/errors.py", "get_config"], id="no-get-config"),
     pytest.param(["--config=configs/digits_mlp.py:bogus"], ["digits_mlp", "'bogus'", "valid: smoke"],
                  id="unknown-variant"),
+    pytest.param([SMOKE, "--config.optimiser.learning_rate=1e-3"],
+                 ["--config.optimiser.learning_rate", "did you mean 'optimizer'"], id="misspelled-section"),
+    pytest.param([SMOKE, "--config.seed=-1"], ["config.seed", ">= 0"], id="negative-seed"),
+    pytest.param([SMOKE, "--config.schedule.name=warmup_cosine", "--config.schedule.warmup_steps=1000"],
+                 ["config.schedule.warmup_steps", "88 training steps"], id="warmup-longer-than-run"),
+    pytest.param(["--config=configs/mnist_cnn.py:smoke", "--config.data.name=digits"],
+                 ["config.model", "'cnn'", "(8, 8, 1)"], id="model-does-not-fit-input"),
+    pytest.param([SMOKE, "--config.model.name=cnn"],
+                 ["config.model.hidden_sizes", "model_config('cnn')"], id="switch-model-on-command-line"),
+    pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "eval/predict"], id="checkpoint-step-in-train"),
     # A stray config.model field cannot be given on the command line (the config is locked: it is reported as
     # a misspelled field); models/test_models_shapes.py checks build_model's own error for it.
 ]
@@ -175,3 +185,39 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
   assert step_dirs(workdir) == {44, latest}  # nothing deleted, not even the corrupt step
   for path, blob in corrupted.items():
     assert path.read_bytes() == blob
+
+
+@pytest.mark.parametrize("source,needles", [
+    ("def get_config(arg=None):\n  x = = 3\n", ["line 2", "syntax error"]),
+    ("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'seed': 0})\n",
+     ["config.data: missing", "base_config()"]),
+], ids=["syntax-error", "missing-sections"])
+def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
+  path = tmp_path / "my_config.py"
+  path.write_text(source)
+  assert_one_error(cli(f"--config={path}", f"--workdir={tmp_path / 'work'}"), *needles)
+
+
+def test_workdir_that_is_a_file(cli, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  assert_one_error(cli(SMOKE, f"--workdir={tmp_path / 'file'}"), "--workdir", "not a directory")
+
+
+def test_failure_before_the_first_checkpoint_does_not_lock_the_workdir(cli, tmp_path):
+  workdir = tmp_path / "work"
+  proc = cli("--config=configs/linear_regression.py", "--config.optimizer.learning_rate=3", f"--workdir={workdir}")
+  assert_one_error(proc, "non-finite", "no checkpoint was written", code=3)
+  fixed = cli("--config=configs/linear_regression.py:smoke", f"--workdir={workdir}")  # the corrected command
+  assert fixed.returncode == 0, error_lines(fixed.stderr)
+
+
+def test_model_change_with_allow_config_change_leaves_the_run_intact(cli, trained, tmp_path):
+  workdir = Path(shutil.copytree(trained, tmp_path / "work"))
+  saved_config, files = (workdir / "config.json").read_bytes(), checkpoint_files(workdir)
+  proc = cli(SMOKE, "--config.model.hidden_sizes=(64,)", "--config.train.allow_config_change=true",
+             f"--workdir={workdir}")
+  assert_one_error(proc, "holds a different model", "hidden.0.kernel", "new --workdir")
+  assert (workdir / "config.json").read_bytes() == saved_config
+  assert checkpoint_files(workdir) == files
+  again = cli(SMOKE, f"--workdir={workdir}")  # the original command still continues the run
+  assert again.returncode == 0 and json.loads(again.stdout)["step"] == 88

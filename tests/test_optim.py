@@ -14,6 +14,10 @@ from bigmodel_jax.models import build_model
 LR, TOTAL, WARMUP, END = 0.5, 110, 10, 0.1
 
 
+def make_optimizer(c):
+  return optim.make_optimizer(c, optim.make_schedule(c, TOTAL))
+
+
 def make_config(**optimizer):
   c = base_config()
   c.optimizer.learning_rate = LR
@@ -89,7 +93,7 @@ def test_decay_mask_excludes_1d_params():
 def test_weight_decay_spares_biases(name, extra):
   """With a zero gradient only weight decay moves params: kernels shrink, biases stay put."""
   params = mlp_params()
-  tx = optim.make_optimizer(make_config(name=name, weight_decay=0.1, **extra), TOTAL)
+  tx = make_optimizer(make_config(name=name, weight_decay=0.1, **extra))
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
@@ -101,7 +105,7 @@ def test_weight_decay_spares_biases(name, extra):
 
 def sgd_steps(grads, **optimizer):
   """Updates from two SGD steps with the given gradients on a single parameter vector."""
-  tx = optim.make_optimizer(make_config(name="sgd", **optimizer), TOTAL)
+  tx = make_optimizer(make_config(name="sgd", **optimizer))
   params = {"w": jnp.ones((3, 2))}
   state = tx.init(params)
   out = []
@@ -130,7 +134,7 @@ def test_sgd_plain_momentum_and_nesterov_steps():
 
 def test_adamw_first_step():
   params = mlp_params()
-  tx = optim.make_optimizer(make_config(name="adamw", weight_decay=0.01), TOTAL)
+  tx = make_optimizer(make_config(name="adamw", weight_decay=0.01))
   grads = jax.tree.map(lambda p: jnp.full_like(p, -3.0), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
@@ -144,7 +148,7 @@ def test_adamw_first_step():
 def test_warmup_schedule_reaches_the_optimizer():
   c = make_config(name="sgd")
   c.schedule.name, c.schedule.warmup_steps = "linear", WARMUP
-  tx = optim.make_optimizer(c, TOTAL)
+  tx = make_optimizer(c)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   steps = []
@@ -159,7 +163,7 @@ def test_warmup_schedule_reaches_the_optimizer():
 def test_grad_clip_norm_bounds_the_update():
   c = make_config(name="sgd", grad_clip_norm=1.0)
   c.optimizer.learning_rate = 1.0
-  tx = optim.make_optimizer(c, TOTAL)
+  tx = make_optimizer(c)
   params = {"a": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
   grads = {"a": jnp.full((4, 3), 1e6), "b": jnp.full(3, -2e6)}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -170,6 +174,6 @@ def test_grad_clip_norm_bounds_the_update():
   direction = np.asarray(updates["a"]).ravel()[0] / np.asarray(updates["b"])[0]
   assert direction == pytest.approx(-0.5, rel=1e-5)  # the clipped step keeps the gradient's direction
   # without clipping the same step moves by the full gradient norm
-  plain = optim.make_optimizer(make_config(name="sgd"), TOTAL)
+  plain = make_optimizer(make_config(name="sgd"))
   unclipped, _ = plain.update(grads, plain.init(params), params)
   assert float(optax.global_norm(unclipped)) > 1e5

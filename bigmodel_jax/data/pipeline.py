@@ -121,8 +121,8 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
 
 
 def steps_per_epoch(dataset: Dataset, data_config) -> int:
-  n = len(dataset.train["targets"])
-  return n // data_config.batch_size if data_config.drop_remainder else math.ceil(n / data_config.batch_size)
+  return EpochIndexer(len(dataset.train["targets"]), data_config.batch_size, seed=0, shuffle=False,
+                      drop_remainder=data_config.drop_remainder).steps_per_epoch
 
 
 def eval_batches(dataset: Dataset, split: str, data_config, *, process_index: int = 0,

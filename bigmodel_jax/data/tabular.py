@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_jax.data import DATASETS, Dataset
-from bigmodel_jax.data.images import seeded_split
+from bigmodel_jax.data import DATASETS, Dataset, seeded_split
 
 
 @DATASETS.register("diabetes")

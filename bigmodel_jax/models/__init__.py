@@ -26,17 +26,20 @@ def activation(name: str):
 
 def model_kwargs(model_config) -> dict:
   """config.model minus its name, checked against the constructor so a stray field is named."""
-  from bigmodel_jax.models import cnn, linear, mlp  # noqa: F401  (registers models)
   cls = MODELS.get(model_config.name)
   kwargs = {k: v for k, v in model_config.items() if k != "name"}
   params = inspect.signature(cls.__init__).parameters
   for key in kwargs:
     if key not in params or key in ("input_shape", "num_outputs", "rngs"):
       valid = [p for p in params if p not in ("self", "input_shape", "num_outputs", "rngs")]
-      raise UserError(f"config.model.{key}: not a field of model {model_config.name!r}; valid: {', '.join(valid)}")
+      raise UserError(f"config.model.{key}: not a field of model {model_config.name!r} (valid: {', '.join(valid)}); "
+                      f"to change config.model.name, use a config built with model_config({model_config.name!r})")
   return kwargs
 
 
 def build_model(model_config, *, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
   kwargs = model_kwargs(model_config)
   return MODELS.get(model_config.name)(input_shape=input_shape, num_outputs=num_outputs, rngs=rngs, **kwargs)
+
+
+from bigmodel_jax.models import cnn, linear, mlp  # noqa: E402,F401  (each registers itself in MODELS)

@@ -14,5 +14,7 @@ TASKS: Registry = Registry("task", "config.task.name")
 
 
 def get_task(task_config, dataset):
-  from bigmodel_jax.tasks import classification, regression  # noqa: F401  (registers tasks)
   return TASKS.get(task_config.name)(task_config, dataset)
+
+
+from bigmodel_jax.tasks import classification, regression  # noqa: E402,F401  (each registers itself in TASKS)
