@@ -74,6 +74,8 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
+    if noisy and "did not provide metrics" in record.getMessage():
+      return False  # orbax warns on every save between evals; those checkpoints are kept as 'latest'
     return record.levelno >= std_logging.WARNING or not noisy
 
 
