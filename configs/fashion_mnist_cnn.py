@@ -4,7 +4,7 @@
 
 Same network, optimiser and cosine schedule as configs/mnist_cnn.py, 10 epochs. Expected: ~91% test accuracy
 (Fashion-MNIST's benchmark table lists 2-3 layer CNNs at 90-92%; github.com/zalandoresearch/fashion-mnist).
-See README's results table for the number measured with this codebase.
+Measured with this codebase: 91.69% (README results table).
 """
 
 from bigmodel_jax.config import base_config, model_config

@@ -4,10 +4,10 @@
     python -m bigmodel_jax.main --config=configs/mnist_cnn.py:smoke --workdir=runs/mnist_smoke   # seconds
 
 Model: Conv32(3x3)-MaxPool-Conv64(3x3)-MaxPool-Conv64(3x3)-Flatten-Dense64-Dense10, 'VALID' padding,
-Adam lr 1e-3 with cosine decay, batch 32, 5 epochs, inputs scaled to [0, 1] (the seed's Keras setup,
-batch 32 being Keras' default; the cosine decay is ours, see below). Expected: >= 99.0% test accuracy; the TensorFlow CNN tutorial
-(tensorflow.org/tutorials/images/cnn) reports ~99% for this network on MNIST. See README's results
-table for the number measured with this codebase.
+Adam lr 1e-3 with cosine decay, batch 32, 5 epochs, inputs scaled to [0, 1]: the seed's Keras setup
+(batch 32 is Keras' default), plus a cosine decay of ours (see get_config).
+Expected: >= 99.0% test accuracy; the TensorFlow CNN tutorial (tensorflow.org/tutorials/images/cnn)
+reports ~99% for this network. Measured with this codebase: 99.35% (2-core CPU, ~6 min; README table).
 """
 
 from bigmodel_jax.config import base_config, model_config

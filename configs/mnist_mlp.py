@@ -4,7 +4,7 @@
 
 784-512-512-10 ReLU MLP with dropout 0.2, Adam lr 1e-3, batch 128, 10 epochs. Expected: ~98.2%
 test accuracy (the classic Keras `mnist_mlp.py` example reports 98.40% for this network with
-RMSprop, 20 epochs). See README's results table for the number measured with this codebase.
+RMSprop, 20 epochs). Measured with this codebase: 98.34% (README results table).
 """
 
 from bigmodel_jax.config import base_config, model_config
