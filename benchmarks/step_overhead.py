@@ -55,18 +55,9 @@ def main(_):
         state[0], m = stepper.train_step(state[0], parallel.global_batch(next(batches), mesh))
       jax.block_until_ready(m)
 
-    on_device = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps,
-                                            to_device=lambda b: parallel.global_batch(b, mesh)))
-
-    def step_and_prefetched(n):
-      for _ in range(n):
-        state[0], m = stepper.train_step(state[0], next(on_device))
-      jax.block_until_ready(m)
-
     results = {"jitted step, fixed device batch": timed(step_only, steps),
                "data pipeline alone": timed(data_only, steps),
-               "step + pipeline + transfer": timed(step_and_data, steps),
-               "step + pipeline, transfer in prefetch thread": timed(step_and_prefetched, steps)}
+               "step + pipeline + transfer": timed(step_and_data, steps)}
     run.checkpointer.close()
     run.writer.close()
 

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size=1000, shuffle=True, drop_remainder=True,
       normalize="unit",  # none | unit ([0, 1]) | standardize (train-set mean/std per channel)
       augment=dict(random_crop_padding=0, horizontal_flip=False),
-      num_threads=0, prefetch=4)  # grain read threads; 0 = batches are built in the one prefetch thread
+      # grain read threads: 0 builds each batch (one numpy gather) on the training thread, which measured
+      # fastest on 2 CPU cores (benchmarks/step_overhead.py); raise it for heavy augmentation
+      num_threads=0, prefetch=4)
   c.model = model_config("mlp")
   c.task = dict(name="classification", label_smoothing=0.0)
   c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,

@@ -175,8 +175,7 @@ def _train(run: Run) -> dict:
     runinfo.write_run_records(run.workdir, config)
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        to_device=lambda b: parallel.global_batch(b, run.mesh)))
+                                        process_index=jax.process_index(), process_count=jax.process_count()))
   if data_state is not None:
     batches.set_state(data_state)
   logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
@@ -207,7 +206,7 @@ def _train(run: Run) -> dict:
 
   try:
     for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
-      state, metrics = run.stepper.train_step(state, next(batches))
+      state, metrics = run.stepper.train_step(state, parallel.global_batch(next(batches), run.mesh))
       train_metrics.add(step, metrics)
       progress.advance(step)
       if step == start_step + 1:
