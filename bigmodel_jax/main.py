@@ -124,7 +124,7 @@ def main(argv):
     elif not (workdir / "checkpoints").is_dir():
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     else:
-      run = train.build_run(config, workdir)
+      run = train.build_run(config, workdir, for_training=False)
       try:
         result = (evaluate.eval_only if _MODE.value == "eval" else evaluate.predict)(run, _CHECKPOINT_STEP.value)
       finally:

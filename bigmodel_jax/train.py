@@ -5,7 +5,9 @@ step -> maybe log -> maybe eval -> maybe checkpoint; restarts resume from the la
 """
 
 import dataclasses
+import fcntl
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -41,6 +43,7 @@ class Run:
   writer: MetricsWriter
   total_steps: int
   steps_per_epoch: int
+  lock: object = None  # the open workdir lock file while training
 
 
 def has_checkpoints(workdir: Path) -> bool:
@@ -73,7 +76,27 @@ def check_workdir(workdir: Path, config) -> None:
                     "or pass --config.train.allow_config_change=true to continue it anyway")
 
 
-def build_run(config, workdir: str | Path) -> Run:
+def lock_workdir(workdir: Path):
+  """One training run per workdir: an flock the OS drops when the process dies, even by SIGKILL.
+
+  Taken before orbax opens the checkpoint directory, which would clean up a live run's in-flight save.
+  """
+  lock = open(workdir / ".train.lock", "a+")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    lock.seek(0)
+    owner = lock.read().strip() or "?"
+    raise UserError(f"--workdir: {workdir} is in use by another training run (pid {owner}); wait for it to "
+                    "finish or stop it, or use another --workdir") from None
+  lock.truncate(0)
+  lock.write(str(os.getpid()))
+  lock.flush()
+  return lock
+
+
+def build_run(config, workdir: str | Path, for_training: bool = True) -> Run:
+  """Everything a run needs from its config. `for_training` also takes the workdir's training lock."""
   workdir = Path(workdir).absolute()
   check_workdir(workdir, config)
   dataset = load_dataset(config.data)
@@ -102,10 +125,11 @@ def build_run(config, workdir: str | Path) -> Run:
       workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
       raise UserError(f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path") from None
+  lock = lock_workdir(workdir) if for_training and chief else None
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
   return Run(config, workdir, dataset, task, mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
-             total_steps, steps_per_epoch)
+             total_steps, steps_per_epoch, lock)
 
 
 class TrainMetrics:
@@ -176,7 +200,9 @@ def _train(run: Run) -> dict:
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count()))
-  if data_state is not None:
+  if start_step >= run.total_steps:  # e.g. resumed with a smaller train.num_steps: nothing left to train
+    logging.info("checkpoint step %d is at or past the run's %d steps: evaluating only", start_step, run.total_steps)
+  elif data_state is not None:
     batches.set_state(data_state)
   logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
                config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,

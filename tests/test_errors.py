@@ -155,7 +155,7 @@ def test_non_finite_loss_keeps_restorable_checkpoints(cli, tmp_path):
   config.optimizer.learning_rate = overrides["optimizer.learning_rate"]
   config.train.checkpoint_every = overrides["train.checkpoint_every"]
   config.train.log_every = overrides["train.log_every"]
-  run = train.build_run(config, workdir)
+  run = train.build_run(config, workdir, for_training=False)
   try:
     steps = run.checkpointer.all_steps()
     assert steps and max(steps) == last_good < bad_step

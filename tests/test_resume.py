@@ -18,8 +18,8 @@ def reference(cli, tmp_path_factory):
   return json.loads((workdir / "final_metrics.json").read_text())
 
 
-def start_and_wait_for_checkpoint(cli, workdir):
-  proc = cli(*ARGS, f"--workdir={workdir}", popen=True)
+def start_and_wait_for_checkpoint(cli, workdir, args=ARGS):
+  proc = cli(*args, f"--workdir={workdir}", popen=True)
   deadline = time.time() + 120
   while not (workdir / "checkpoints" / "500").exists():  # orbax renames a checkpoint into place when complete
     assert proc.poll() is None, proc.stdout.read()[-2000:]
@@ -60,3 +60,18 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(cli, tmp_path, referenc
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resumed from checkpoint at step {saved_step}" in resumed.stderr
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
+
+
+def test_a_second_run_in_the_same_workdir_is_refused(cli, tmp_path):
+  long_run = [*ARGS, "--config.train.num_steps=100000"]  # still running when the second one starts
+  proc = start_and_wait_for_checkpoint(cli, tmp_path, long_run)
+  try:
+    second = cli(*long_run, f"--workdir={tmp_path}")
+    assert second.returncode == 2
+    assert f"error: --workdir: {tmp_path} is in use by another training run (pid {proc.pid})" in second.stderr
+  finally:
+    proc.kill()
+    proc.wait()
+  # the lock died with its process: the workdir can be continued (here, finished early)
+  shorter = [*long_run, "--config.train.num_steps=600", "--config.train.allow_config_change=true"]
+  assert cli(*shorter, f"--workdir={tmp_path}").returncode == 0
