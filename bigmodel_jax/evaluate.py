@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import parallel
+from bigmodel_jax import parallel, runinfo
 from bigmodel_jax.data import pipeline
 
 
@@ -38,7 +38,7 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
   metrics = evaluate_split(run, state)
   run.writer.write(step, "eval", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
   if jax.process_index() == 0:
-    (run.workdir / f"eval_step{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", json.dumps({"step": step, **metrics}, indent=2) + "\n")
   return {"step": step, **metrics}
 
 

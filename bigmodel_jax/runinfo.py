@@ -49,12 +49,17 @@ def provenance() -> dict:
   }
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+  """Written whole, then renamed into place: a kill never leaves half a file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 def write_run_records(workdir: Path, config) -> None:
   """config.json (the resolved config) and one provenance line per launch in run_info.jsonl."""
   workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / "config.json.tmp"  # written whole, then renamed: a kill never leaves half a config
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, workdir / "config.json")
+  write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   with open(workdir / "run_info.jsonl", "a") as f:
     f.write(json.dumps(provenance()) + "\n")
 

@@ -200,13 +200,13 @@ def _train(run: Run) -> dict:
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count()))
+  logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
+               config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,
+               config.data.batch_size, jax.device_count())
   if start_step >= run.total_steps:  # e.g. resumed with a smaller train.num_steps: nothing left to train
     logging.info("checkpoint step %d is at or past the run's %d steps: evaluating only", start_step, run.total_steps)
   elif data_state is not None:
     batches.set_state(data_state)
-  logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
-               config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,
-               config.data.batch_size, jax.device_count())
 
   preempted = []  # SIGTERM (preemption notice) or SIGINT (Ctrl-C): checkpoint, then exit
   previous_handlers = {sig: signal.signal(sig, lambda signum, _: preempted.append(signum))
@@ -274,7 +274,7 @@ def _train(run: Run) -> dict:
   if hasattr(model, "coefficients"):
     final["coefficients"] = model.coefficients()
   if chief:
-    (run.workdir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
   return final
 
 

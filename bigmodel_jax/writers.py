@@ -1,7 +1,6 @@
 """Run records: metrics.jsonl, TensorBoard event files, a progress bar (or log lines off a TTY)."""
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,11 +9,20 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from bigmodel_jax import runinfo
+
 
 def _scalar(v):
   if isinstance(v, (np.ndarray, np.generic)) and np.ndim(v) == 0:
     return v.item()
   return v
+
+
+def _step_of(line: str) -> float:
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float("inf")  # a line cut short by a kill: dropped
 
 
 class MetricsWriter:
@@ -37,10 +45,8 @@ class MetricsWriter:
       return
     self._jsonl.close()
     path = Path(self._jsonl.name)
-    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    runinfo.write_text_atomic(path, "".join(line for line in path.read_text().splitlines(keepends=True)
+                                            if _step_of(line) <= step))
     self._jsonl = open(path, "a")
 
   def write(self, step: int, split: str, metrics: dict) -> None:
