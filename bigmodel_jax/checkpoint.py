@@ -6,8 +6,9 @@ the latest `keep` checkpoints plus the best one by an eval metric.
 """
 
 import os
-import logging as std_logging
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -60,27 +61,29 @@ class Checkpointer:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} not found in {self.directory}; available: {self.all_steps()}")
-    log = self.directory.parent / f"restore_error.{jax.process_index()}.log"
-    saved_stderr = _redirect_stderr(log)
-    try:
-      self._check_param_shapes(step, target)
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    except UserError:  # a config problem, found from readable metadata: nothing left in flight
-      _restore_stderr(saved_stderr)
-      log.unlink(missing_ok=True)
-      raise
-    except Exception as e:
-      # tensorstore reads still in flight keep printing "Event loop is closed" tracebacks from their own
-      # threads until exit, straight to file descriptor 2. The run ends with this error, so fd 2 stays on
-      # the log (main prints its one line through a descriptor saved at start-up).
-      os.close(saved_stderr)
-      std_logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved", same cause
-      traceback.print_exception(e, file=sys.stderr)
-      raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
-                      "move that step directory away to resume from an earlier one, or use a new --workdir") from None
-    _restore_stderr(saved_stderr)
-    _replay(log)
+    with tempfile.TemporaryFile() as captured:  # per process: eval may run beside training
+      saved_stderr = _redirect_stderr(captured.fileno())
+      try:
+        self._check_param_shapes(step, target)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      except UserError:  # a config problem, found from readable metadata: nothing left in flight
+        _restore_stderr(saved_stderr, captured)
+        raise
+      except Exception as e:
+        # tensorstore reads still in flight print "Event loop is closed" tracebacks from their own threads
+        # as they finish: let them land in the capture, then keep all of it in the workdir's log
+        _wait_until_quiet(captured)
+        _restore_stderr(saved_stderr)
+        log = self.directory.parent / "restore_error.log"
+        with open(log, "a") as f:
+          f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: restoring step {step}\n")
+          captured.seek(0)
+          f.write(captured.read().decode(errors="replace"))
+          traceback.print_exception(e, file=f)
+        raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
+                        "move that step directory away to resume from an earlier one, or use a new --workdir") from None
+      _restore_stderr(saved_stderr, captured)
     return restored.state, restored.data, restored.meta
 
   def _check_param_shapes(self, step: int, target) -> None:
@@ -119,25 +122,33 @@ def _short(e: Exception) -> str:
   return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def _redirect_stderr(path: Path) -> int:
-  """Points file descriptor 2 (Python and C++ writers alike) at `path`; returns a copy of the old one."""
+def _redirect_stderr(fd: int) -> int:
+  """Points file descriptor 2 (Python and C++ writers alike) at `fd`; returns a copy of the old one."""
   sys.stderr.flush()
   saved = os.dup(2)
-  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
   os.dup2(fd, 2)
-  os.close(fd)
   return saved
 
 
-def _restore_stderr(saved: int) -> None:
+def _restore_stderr(saved: int, replay=None) -> None:
+  """Puts fd 2 back; with `replay`, passes on what was captured meanwhile (a normal restore's output)."""
   sys.stderr.flush()
   os.dup2(saved, 2)
   os.close(saved)
+  if replay is not None:
+    replay.seek(0)
+    text = replay.read().decode(errors="replace")
+    if text:
+      sys.stderr.write(text)
 
 
-def _replay(path: Path) -> None:
-  """A successful restore: pass on whatever it printed, and leave no log behind."""
-  text = path.read_text(errors="replace")
-  path.unlink(missing_ok=True)
-  if text:
-    sys.stderr.write(text)
+def _wait_until_quiet(captured, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+  """Waits until nothing more has been written to `captured` for `quiet_s` (at most `limit_s`)."""
+  deadline, size, since = time.time() + limit_s, -1, time.time()
+  while time.time() < deadline:
+    now = os.fstat(captured.fileno()).st_size
+    if now != size:
+      size, since = now, time.time()
+    elif time.time() - since >= quiet_s:
+      return
+    time.sleep(0.05)

@@ -25,13 +25,12 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/predict: 
 CACHE_DIR_ENV = "BIGMODEL_JAX_CACHE_DIR"
 
 
-# The terminal's stderr, kept aside: after an unreadable checkpoint, fd 2 is pointed at a log (checkpoint.py).
-_ERROR_FD = os.dup(2)
-
-
 def fail(message: str, code: int = 2):
-  sys.stderr.flush()
-  os.write(_ERROR_FD, f"error: {message}\n".encode())
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  # The error is said. What libraries print while the process winds down after it (e.g. tensorstore reads
+  # of an unreadable checkpoint still finishing) would only bury that line.
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
   sys.exit(code)
 
 
@@ -94,6 +93,9 @@ def load_config(workdir: Path):
     config = _CONFIG.value  # config_flags loads the file lazily; a failed load raises on first use
     if config is not None:
       config.keys()
+    elif _CONFIG.present:  # the file loaded, but its get_config returned None
+      path = config_flags.get_config_filename(flags.FLAGS["config"])
+      fail(f"--config: get_config() in {path} returned None; it must return a ConfigDict")
   except Exception as e:
     fail(config_error(e.__cause__ or e, sys.argv))
   if config is not None:
@@ -101,6 +103,8 @@ def load_config(workdir: Path):
   if _MODE.value != "train" and (workdir / "config.json").exists():
     import ml_collections
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if _MODE.value != "train":
+    fail(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
   fail("--config is required (e.g. --config=configs/mnist_cnn.py)")
 
 
@@ -138,7 +142,8 @@ def main(argv):
     signum, message = e.args
     fail(message, code=128 + signum)
   except KeyboardInterrupt:
-    fail("interrupted before training started; nothing was saved", code=130)
+    fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
+         else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
   summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
   print(json.dumps(summary, indent=2), flush=True)
 

@@ -189,6 +189,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   finally:
     run.checkpointer.close()
     run.writer.close()
+    if run.lock is not None:
+      run.lock.close()  # releases the workdir even while the exception lives on (notebooks, tests)
 
 
 def _train(run: Run) -> dict:

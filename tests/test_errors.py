@@ -117,7 +117,7 @@ def test_eval_on_an_empty_workdir(cli, tmp_path, with_config):
   if with_config:
     assert_one_error(cli(SMOKE, "--mode=eval", f"--workdir={workdir}"), "no checkpoint", str(workdir))
   else:
-    assert_one_error(cli("--mode=eval", f"--workdir={workdir}"), "--config is required")
+    assert_one_error(cli("--mode=eval", f"--workdir={workdir}"), "no config.json", str(workdir), "pass --config")
 
 
 def test_incompatible_workdir_is_refused_and_untouched(cli, trained, tmp_path):

@@ -41,6 +41,10 @@ def load(name: str, root: Path) -> Dataset:
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"config.data.name: TFDS has no dataset {name!r}; see "
                     "https://www.tensorflow.org/datasets/catalog") from None
+  except (ValueError, AssertionError) as e:  # a malformed name, config or version string
+    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    raise UserError(f"config.data.name: 'tfds:{name}' is not a valid TFDS name ({lines[0][:150]}); "
+                    "use tfds:<name>, tfds:<name>/<config> or tfds:<name>:<version>") from None
   if not builder.is_prepared():
     if not _reachable(TFDS_HOST):
       raise UserError(f"config.data.name: tfds:{name} is not prepared in {directory} and "

@@ -48,3 +48,9 @@ def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path):
   with pytest.raises(UserError, match="tfds:mnist"):
     load_dataset(ml_collections.ConfigDict({"name": "tfds:mnist", "data_dir": str(tmp_path)}))
   assert time.time() - start < 30
+
+
+@pytest.mark.parametrize("name", ["tfds:", "tfds:Bad Name", "tfds:mnist:99.0.0"])
+def test_malformed_tfds_name_is_a_user_error(tmp_path, name):
+  with pytest.raises(UserError, match="not a valid TFDS name"):
+    load_dataset(ml_collections.ConfigDict({"name": name, "data_dir": str(tmp_path)}))
