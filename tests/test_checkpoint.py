@@ -34,3 +34,27 @@ def test_best_by_min_metric(tmp_path):
     save(ckpt, step, value)
   assert ckpt.all_steps() == [2, 4]
   ckpt.close()
+
+
+def test_unreadable_checkpoint_is_a_user_error_and_stderr_is_left_alone(tmp_path, capfd):
+  import os
+  import sys
+
+  import numpy as np
+  import pytest
+
+  from bigmodel_jax.errors import UserError
+  ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+  save(ckpt, 10)
+  for path in (tmp_path / "checkpoints" / "10" / "state" / "d").iterdir():
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+  with pytest.raises(UserError, match="cannot be read"):
+    ckpt.restore(10, {"w": jnp.zeros((2,), jnp.float32)})
+  ckpt.close()
+  assert (tmp_path / "checkpoints" / "10").is_dir()  # nothing deleted
+  assert "restoring step 10" in (tmp_path / "restore_error.log").read_text()
+  capfd.readouterr()
+  print("still here", file=sys.stderr, flush=True)
+  os.write(2, b"fd 2 too\n")
+  err = capfd.readouterr().err
+  assert "still here" in err and "fd 2 too" in err
