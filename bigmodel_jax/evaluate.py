@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ from absl import logging
 
 from bigmodel_jax import parallel, runinfo
 from bigmodel_jax.data import pipeline
+from bigmodel_jax.errors import UserError
 
 
 def evaluate_split(run, state, split: str = "test") -> dict:
@@ -27,7 +27,6 @@ def evaluate_split(run, state, split: str = "test") -> dict:
 def restore_for_eval(run, checkpoint_step: int | None):
   step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
   if step is None:
-    from bigmodel_jax.errors import UserError
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
   state, _, _ = run.checkpointer.restore(step, run.stepper.restore_target)
   return step, state
@@ -38,7 +37,8 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
   metrics = evaluate_split(run, state)
   run.writer.write(step, "eval", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
   if jax.process_index() == 0:
-    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", json.dumps({"step": step, **metrics}, indent=2) + "\n")
+    record = json.dumps({"step": step, **metrics}, indent=2) + "\n"
+    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", record)
   return {"step": step, **metrics}
 
 

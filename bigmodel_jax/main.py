@@ -100,11 +100,13 @@ def load_config(workdir: Path):
     fail(config_error(e.__cause__ or e, sys.argv))
   if config is not None:
     return config
-  if _MODE.value != "train" and (workdir / "config.json").exists():
-    import ml_collections
-    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   if _MODE.value != "train":
-    fail(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
+    import ml_collections
+    from bigmodel_jax.train import saved_config
+    saved = saved_config(workdir)  # a UserError if it is not valid JSON
+    if saved is None:
+      fail(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
+    return ml_collections.ConfigDict(saved)
   fail("--config is required (e.g. --config=configs/mnist_cnn.py)")
 
 
