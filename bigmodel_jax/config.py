@@ -59,6 +59,26 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **fields})
 
 
+def apply_variant(config: ml_collections.ConfigDict, variant: str, config_name: str,
+                  **variants: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Applies `variants[variant]` ({'train.num_steps': 100, ...}) to config; "" keeps it as it is.
+
+  Config files call it last: `return apply_variant(c, variant, "mnist_cnn", smoke={...})`, so
+  `--config=configs/mnist_cnn.py:smoke` works and an unknown variant names the valid ones.
+  """
+  if not variant:
+    return config
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r} of {config_name}; valid: {', '.join(sorted(variants))}")
+  for path, value in variants[variant].items():
+    *parents, leaf = path.split(".")
+    section = config
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+  return config
+
+
 def _check(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise UserError(f"config.{field}: {message}")

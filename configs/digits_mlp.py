@@ -6,7 +6,7 @@ Expected: test accuracy ~0.97 on the fixed 360-image test split after 20 epochs 
 2-core CPU; this codebase's own result, no external reference).
 """
 
-from bigmodel_jax.config import base_config, model_config
+from bigmodel_jax.config import apply_variant, base_config, model_config
 
 
 def get_config(variant: str = ""):
@@ -19,8 +19,5 @@ def get_config(variant: str = ""):
   c.train.num_epochs = 20
   c.train.log_every = 20
   c.train.checkpoint_every = 200
-  if variant == "smoke":
-    c.train.num_epochs = 2
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of digits_mlp; valid: smoke")
-  return c
+  # smoke: a seconds-long check that the whole path works
+  return apply_variant(c, variant, "digits_mlp", smoke={"train.num_epochs": 2})

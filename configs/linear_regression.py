@@ -7,7 +7,7 @@ expected fit is w ~ 3 and b ~ 4.5 (within 0.1); final_metrics.json reports them 
 "coefficients", with test MSE ~ 1/12 (the noise variance) and R^2.
 """
 
-from bigmodel_jax.config import base_config, model_config
+from bigmodel_jax.config import apply_variant, base_config, model_config
 
 
 def get_config(variant: str = ""):
@@ -26,8 +26,5 @@ def get_config(variant: str = ""):
   c.train.checkpoint_every = 500
   c.train.best_metric = "mse"
   c.train.best_mode = "min"
-  if variant == "smoke":
-    c.train.num_epochs = 200
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of linear_regression; valid: smoke")
-  return c
+  # smoke: a seconds-long check that the whole path works
+  return apply_variant(c, variant, "linear_regression", smoke={"train.num_epochs": 200})
