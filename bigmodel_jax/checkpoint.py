@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigmodel_jax.errors import UserError
+from bigmodel_jax.errors import ModelMismatchError, UserError
 
 
 class Checkpointer:
@@ -93,12 +93,12 @@ class Checkpointer:
     except Exception:  # unreadable metadata: the restore itself will say what is wrong
       return
     wanted = _param_shapes(target.params)
-    diffs = [f"{k}: {saved.get(k)} saved, {wanted.get(k)} now" for k in sorted(set(saved) | set(wanted))
-             if saved.get(k) != wanted.get(k)]
+    diffs = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
     if diffs:
-      raise UserError(f"checkpoint {self.directory / str(step)} holds a different model than the config builds "
-                      f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); revert the model change "
-                      "or use a new --workdir")
+      listed = [f"{k}: {a} saved, {b} now" for k, (a, b) in diffs.items()]
+      raise ModelMismatchError(f"checkpoint {self.directory / str(step)} holds a different model than the config "
+                               f"builds ({'; '.join(listed[:3])}{'; ...' if len(listed) > 3 else ''}); revert the "
+                               "model change or use a new --workdir", diffs)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

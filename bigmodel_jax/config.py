@@ -16,7 +16,7 @@ from bigmodel_jax.errors import UserError
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.")
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +30,12 @@ def base_config() -> ml_collections.ConfigDict:
       augment=dict(random_crop_padding=0, horizontal_flip=False),
       # grain read threads: 0 builds each batch (one numpy gather) on the training thread, which measured
       # fastest on 2 CPU cores (benchmarks/step_overhead.py); raise it for heavy augmentation
-      num_threads=0, prefetch=4)
+      num_threads=0, prefetch=4,
+      # text datasets
+      path="",  # a local text file instead of fetching (tiny_shakespeare)
+      seq_len=128,  # tokens per example: LM window (block size) or classifier input length (truncated/padded)
+      tokenizer=dict(name="char", vocab_size=8000, model_type="unigram"),  # char | byte | sentencepiece
+      strip_headers=True)  # emails (spam_assassin): drop the header block
   c.model = model_config("mlp")
   c.task = dict(name="classification", label_smoothing=0.0)
   c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
@@ -43,15 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
       best_metric="accuracy", best_mode="max",  # which checkpoint to keep as 'best'
       allow_config_change=False, progress_bar=True, compilation_cache=True)
   c.predict = dict(num_images=25)
+  # --mode=sample (language models): text generated from the checkpoint, with a KV cache
+  c.sample = dict(prompt="\n", num_tokens=500, temperature=0.8, top_k=200, top_p=1.0, seed=0, num_samples=1)
   return c
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """config.model for a registered model: every constructor argument with its default, then overrides."""
-  from bigmodel_jax.models import MODELS
+  from bigmodel_jax.models import DATA_ARGS, MODELS
   params = inspect.signature(MODELS.get(name).__init__).parameters
   fields = {k: p.default for k, p in params.items()
-            if k not in ("self", "input_shape", "num_outputs", "rngs") and p.default is not inspect.Parameter.empty}
+            if k not in ("self", *DATA_ARGS) and p.default is not inspect.Parameter.empty}
   unknown = set(overrides) - set(fields)
   if unknown:
     raise UserError(f"config.model: {sorted(unknown)} are not fields of model {name!r}; valid: {sorted(fields)}")
@@ -108,6 +115,16 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1"),
     ("train.best_mode", lambda v: v in ("max", "min"), "must be max or min"),
     ("predict.num_images", lambda v: v > 0, "must be > 0"),
+    ("data.seq_len", lambda v: v > 0, "must be > 0"),
+    ("data.tokenizer.name", lambda v: v in ("char", "byte", "sentencepiece"), "must be char, byte or sentencepiece"),
+    ("data.tokenizer.vocab_size", lambda v: v >= 8, "must be >= 8"),
+    ("data.tokenizer.model_type", lambda v: v in ("unigram", "bpe"), "must be unigram or bpe"),
+    ("sample.num_tokens", lambda v: v > 0, "must be > 0 (how many tokens to generate)"),
+    ("sample.temperature", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = always the most likely token)"),
+    ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
+    ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
+    ("sample.seed", lambda v: v >= 0, "must be >= 0"),
+    ("sample.num_samples", lambda v: v > 0, "must be > 0"),
 ]
 
 

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
   """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+class ModelMismatchError(UserError):
+  """A checkpoint's parameter shapes differ from the model the config builds. `diffs`: {name: (saved, now)}."""
+
+  def __init__(self, message: str, diffs: dict[str, tuple]):
+    super().__init__(message)
+    self.diffs = diffs

@@ -28,7 +28,7 @@ def restore_for_eval(run, checkpoint_step: int | None):
   step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
-  state, _, _ = run.checkpointer.restore(step, run.stepper.restore_target)
+  state, _, _ = run.restore(step)
   return step, state
 
 
@@ -45,6 +45,9 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
 def predict(run, checkpoint_step: int | None) -> dict:
   """Writes predictions.csv for the test split, plus pictures: an image grid and a confusion matrix."""
   from bigmodel_jax import metrics, plots
+  if run.dataset.kind == "lm":
+    raise UserError("--mode=predict is for classifiers and regressors; a language model generates text with "
+                    "--mode=sample")
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
@@ -60,9 +63,12 @@ def predict(run, checkpoint_step: int | None) -> dict:
   with open(out_dir / "predictions.csv", "w", newline="") as f:
     w = csv.writer(f)
     probs = preds.get("probability")
-    w.writerow(["index", "target", "prediction"] + ([f"p_{n}" for n in run.dataset.class_names] if probs is not None else []))
+    texts = run.dataset.test_texts  # text classification: the start of each example, to read errors by
+    w.writerow(["index", "target", "prediction"] + ([f"p_{n}" for n in run.dataset.class_names] if probs is not None else [])
+               + (["text"] if texts else []))
     for i, (t, p) in enumerate(zip(test["targets"], preds["prediction"])):
-      w.writerow([i, t.item(), p.item()] + ([f"{x:.6f}" for x in probs[i]] if probs is not None else []))
+      w.writerow([i, t.item(), p.item()] + ([f"{x:.6f}" for x in probs[i]] if probs is not None else [])
+                 + ([" ".join(texts[i].split())[:200]] if texts else []))
   files = [out_dir / "predictions.csv"]
   summary = {}
   if run.dataset.num_classes:

@@ -18,9 +18,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mnist_cnn.py or configs/mnist_cnn.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run records.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                          "train (resumes if the workdir has checkpoints), eval or predict on a checkpoint.")
-_CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/predict: checkpoint step (default latest).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample"],
+                          "train (resumes if the workdir has checkpoints); eval, predict or sample (language "
+                          "models: generate text, see config.sample) on a checkpoint.")
+_CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
+                                        "eval/predict/sample: checkpoint step (default latest).")
 
 CACHE_DIR_ENV = "BIGMODEL_JAX_CACHE_DIR"
 
@@ -61,6 +63,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    override = next((a.split("=")[0] for a in argv if a.startswith("--config.")), None)
+    if override and not any(a.startswith("--config=") or a == "--config" for a in argv):
+      fail(f"{override}: overrides need the config file too; add --config=configs/<experiment>.py (the run's "
+           "config is in <workdir>/config.json)")
     if "Traceback" in str(e):  # an exception inside the config file: its last line says what
       fail(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}")
     fail(f"{lines[0]}; see --helpfull")
@@ -116,11 +122,11 @@ def main(argv):
   if _WORKDIR.value is None:
     fail("--workdir is required (where checkpoints and metrics go)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from bigmodel_jax import config as config_lib, evaluate, train
+  from bigmodel_jax import config as config_lib, evaluate, sample, train
   from bigmodel_jax.errors import NonFiniteLossError, UserError
   workdir = Path(_WORKDIR.value)
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
-    fail("--checkpoint_step is for --mode=eval/predict; training always resumes from the latest checkpoint")
+    fail("--checkpoint_step is for --mode=eval/predict/sample; training always resumes from the latest checkpoint")
   try:
     config = load_config(workdir)
     config_lib.validate(config)
@@ -132,7 +138,8 @@ def main(argv):
     else:
       run = train.build_run(config, workdir, for_training=False)
       try:
-        result = (evaluate.eval_only if _MODE.value == "eval" else evaluate.predict)(run, _CHECKPOINT_STEP.value)
+        entry = {"eval": evaluate.eval_only, "predict": evaluate.predict, "sample": sample.sample}[_MODE.value]
+        result = entry(run, _CHECKPOINT_STEP.value)
       finally:
         run.checkpointer.close()
         run.writer.close()
@@ -146,6 +153,9 @@ def main(argv):
   except KeyboardInterrupt:
     fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
+  if _MODE.value == "sample":
+    print("\n\n=====\n\n".join(result["texts"]), flush=True)
+    return
   summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
   print(json.dumps(summary, indent=2), flush=True)
 

@@ -26,7 +26,7 @@ class Stepper:
   """Owns the graphdef and the jitted init/train/eval/predict functions for one run."""
 
   def __init__(self, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-               schedule: optax.Schedule, task, mesh, seed: int, input_shape: tuple[int, ...]):
+               schedule: optax.Schedule, task, mesh, seed: int, input_shape: tuple[int, ...], input_dtype=jnp.float32):
     self.task, self.tx, self.schedule, self.mesh = task, tx, schedule, mesh
 
     def init() -> TrainState:
@@ -38,7 +38,7 @@ class Stepper:
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0)))
     self.graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
     self.abstract_state = jax.eval_shape(init)
-    example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)}
+    example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), input_dtype)}
     self.output_shape = jax.eval_shape(self._outputs, self.abstract_state, example).shape  # fails early on misfit
     self.state_sharding = parallel.state_shardings(self.abstract_state, mesh)
     # A restore target: shapes, dtypes and the shardings of *this* mesh.

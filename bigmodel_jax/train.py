@@ -19,7 +19,7 @@ from absl import logging
 from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, load_dataset, pipeline
-from bigmodel_jax.errors import NonFiniteLossError, UserError
+from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Stepper
 from bigmodel_jax.tasks import get_task
@@ -44,6 +44,20 @@ class Run:
   total_steps: int
   steps_per_epoch: int
   lock: object = None  # the open workdir lock file while training
+
+  def restore(self, step: int):
+    """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
+    try:
+      return self.checkpointer.restore(step, self.stepper.restore_target)
+    except ModelMismatchError as e:
+      vocab = self.dataset.vocab_size
+      changed = [(k, a) for k, (a, b) in e.diffs.items() if a and b and vocab in b and a != b]
+      if self.dataset.tokenizer is None or not changed:
+        raise
+      name, saved = changed[0]
+      raise UserError(f"{self.workdir / 'tokenizer' / 'tokenizer.json'}: its vocabulary has {vocab} ids but checkpoint "
+                      f"step {step} was trained with another ({name}: {saved}); put back the run's own tokenizer "
+                      "files or use a new --workdir") from None
 
 
 def has_checkpoints(workdir: Path) -> bool:
@@ -99,20 +113,22 @@ def build_run(config, workdir: str | Path, for_training: bool = True) -> Run:
   """Everything a run needs from its config. `for_training` also takes the workdir's training lock."""
   workdir = Path(workdir).absolute()
   check_workdir(workdir, config)
-  dataset = load_dataset(config.data)
+  # Text is tokenized by the workdir's tokenizer: made on the first training run, reused after it.
+  dataset = load_dataset(config.data, workdir / "tokenizer", create_tokenizer=for_training)
   task = get_task(config.task, dataset)
   steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
   if steps_per_epoch == 0:
     raise UserError(f"config.data.batch_size: {config.data.batch_size} is larger than the "
-                    f"{len(dataset.train['targets'])} training examples of {dataset.name!r} with drop_remainder")
+                    f"{dataset.num_examples('train')} training examples of {dataset.name!r} with drop_remainder")
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   mesh = parallel.make_mesh()
   schedule = optim.make_schedule(config, total_steps)
   try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
     stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
-                                               num_outputs=task.num_outputs, rngs=rngs),
-                      optim.make_optimizer(config, schedule), schedule, task, mesh, config.seed, dataset.input_shape)
+                                               num_outputs=task.num_outputs, rngs=rngs, vocab_size=dataset.vocab_size),
+                      optim.make_optimizer(config, schedule), schedule, task, mesh, config.seed, dataset.input_shape,
+                      dataset.input_dtype)
   except UserError:
     raise
   except Exception as e:
@@ -176,7 +192,7 @@ def restore_or_init(run: Run):
   if step is None:
     logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
     return run.stepper.init(), None
-  state, data_state, _ = run.checkpointer.restore(step, run.stepper.restore_target)
+  state, data_state, _ = run.restore(step)
   logging.info("resumed from checkpoint at step %d", step)
   return state, data_state
 

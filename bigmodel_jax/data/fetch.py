@@ -89,6 +89,16 @@ def extract_from_tar(tar_blob: bytes, members: dict[str, str]) -> dict[str, byte
 
 # A source returns {file name: raw bytes} for all files, or raises OSError/subprocess errors.
 Source = Callable[[], dict[str, bytes]]
+# As the path inside an archive: keep the (verified) archive file itself, e.g. to read many members from it later.
+WHOLE_ARCHIVE = ""
+
+
+def url_source(url: str, filename: str, timeout: float = MIRROR_TIMEOUT_S) -> Source:
+  """One plain (not gzipped) file at a public URL, saved as `filename`."""
+  def get():
+    return {filename: download_bytes(url, timeout)}
+  get.__name__ = url
+  return get
 
 
 def gz_mirror_source(base_url: str, files: Sequence[str]) -> Source:
@@ -126,10 +136,14 @@ def command_source(argv: Sequence[str], archive_glob: str, sha256: str, members:
 
 
 def _unpack(blob: bytes, members: dict[str, str], deb: bool) -> dict[str, bytes]:
+  whole = {k: blob for k, inner in members.items() if inner == WHOLE_ARCHIVE}
+  inner = {k: v for k, v in members.items() if v != WHOLE_ARCHIVE}
+  if not inner:
+    return whole
   if deb:
     blob = read_ar_member(blob, "data.tar")
-  files = extract_from_tar(blob, members)
-  return {k: gzip.decompress(v) if members[k].endswith(".gz") else v for k, v in files.items()}
+  files = extract_from_tar(blob, inner)
+  return {**whole, **{k: gzip.decompress(v) if inner[k].endswith(".gz") else v for k, v in files.items()}}
 
 
 def ensure_files(dataset: str, directory: Path, checksums: dict[str, str], sources: Sequence[Source],

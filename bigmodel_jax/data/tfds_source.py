@@ -3,6 +3,7 @@
 Offline, tfds.load retries for minutes before failing; here an unprepared dataset first checks that
 the TFDS bucket is reachable (3 s) and that TensorFlow (needed to *build* most datasets) is installed,
 and fails with one line otherwise. Prepared ArrayRecord data is read with `tfds.data_source`, no TF.
+A dataset whose input is text (imdb_reviews: ('text', 'label')) comes back as a `TextCorpus`.
 """
 
 import socket
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_jax.data import Dataset
+from bigmodel_jax.data import Dataset, TextCorpus
 from bigmodel_jax.errors import UserError
 
 TFDS_HOST = ("storage.googleapis.com", 443)
@@ -24,16 +25,25 @@ def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
     return False
 
 
-def _read_split(source, input_key: str, target_key: str) -> dict[str, np.ndarray]:
+def _read_split(source, input_key: str, target_key: str) -> tuple[list, np.ndarray]:
   inputs, targets = [], []
   for start in range(0, len(source), 4096):
     records = source.__getitems__(range(start, min(start + 4096, len(source))))
     inputs += [r[input_key] for r in records]
     targets += [r[target_key] for r in records]
-  return {"inputs": np.stack(inputs), "targets": np.asarray(targets, dtype=np.int32)}
+  return inputs, np.asarray(targets, dtype=np.int32)
 
 
-def load(name: str, root: Path) -> Dataset:
+def _is_text(feature) -> bool:
+  """tfds.features.Text or a scalar string Tensor (both build and read without TensorFlow; records hold bytes)."""
+  return tuple(feature.shape) == () and np.dtype(feature.np_dtype).kind in "OSU"
+
+
+def _decode(values: list) -> list[str]:
+  return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def load(name: str, root: Path) -> Dataset | TextCorpus:
   import tensorflow_datasets as tfds
   directory = root / "tfds"
   try:
@@ -49,8 +59,8 @@ def load(name: str, root: Path) -> Dataset:
     if not _reachable(TFDS_HOST):
       raise UserError(f"config.data.name: tfds:{name} is not prepared in {directory} and "
                       f"{TFDS_HOST[0]} is unreachable; prepare it on a machine with network "
-                      "(`tfds build` with --file_format=array_record) and copy it there, or use an "
-                      "offline dataset (mnist, fashion_mnist, digits)")
+                      "(`tfds build` with --file_format=array_record) and copy it there, or use a dataset "
+                      "that needs no TFDS (mnist, fashion_mnist, digits; text: shakespeare_plays, spam_assassin)")
     try:
       import tensorflow  # noqa: F401  (TFDS needs it to build datasets)
     except ImportError:
@@ -65,9 +75,12 @@ def load(name: str, root: Path) -> Dataset:
   test_name = "test" if "test" in splits else ("validation" if "validation" in splits else None)
   if "train" not in splits or test_name is None:
     raise UserError(f"config.data.name: tfds:{name} needs train and test/validation splits, has {list(splits)}")
-  train = _read_split(splits["train"], input_key, target_key)
-  test = _read_split(splits[test_name], input_key, target_key)
+  (train_x, train_y), (test_x, test_y) = (_read_split(splits[s], input_key, target_key) for s in ("train", test_name))
   label = builder.info.features[target_key]
+  if _is_text(builder.info.features[input_key]):
+    return TextCorpus(f"tfds:{name}", train=_decode(train_x), test=_decode(test_x), train_labels=train_y,
+                      test_labels=test_y, class_names=tuple(label.names))
+  train, test = {"inputs": np.stack(train_x), "targets": train_y}, {"inputs": np.stack(test_x), "targets": test_y}
   image = train["inputs"].ndim == 4
   return Dataset(f"tfds:{name}", train=train, test=test, kind="image" if image else "tabular",
                  num_classes=int(label.num_classes), class_names=tuple(label.names),

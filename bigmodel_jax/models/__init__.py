@@ -24,22 +24,31 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
+# Constructor arguments that come from the dataset and task, not from config.model.
+DATA_ARGS = ("input_shape", "num_outputs", "rngs", "vocab_size")
+
+
 def model_kwargs(model_config) -> dict:
   """config.model minus its name, checked against the constructor so a stray field is named."""
   cls = MODELS.get(model_config.name)
   kwargs = {k: v for k, v in model_config.items() if k != "name"}
   params = inspect.signature(cls.__init__).parameters
   for key in kwargs:
-    if key not in params or key in ("input_shape", "num_outputs", "rngs"):
-      valid = [p for p in params if p not in ("self", "input_shape", "num_outputs", "rngs")]
+    if key not in params or key in DATA_ARGS:
+      valid = [p for p in params if p not in ("self", *DATA_ARGS)]
       raise UserError(f"config.model.{key}: not a field of model {model_config.name!r} (valid: {', '.join(valid)}); "
                       f"to change config.model.name, use a config built with model_config({model_config.name!r})")
   return kwargs
 
 
-def build_model(model_config, *, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(model_config, *, input_shape: tuple[int, ...], num_outputs: int, rngs: nnx.Rngs,
+                vocab_size: int = 0) -> nnx.Module:
+  """The model named by config.model; `vocab_size` reaches models that read token ids."""
+  cls = MODELS.get(model_config.name)
   kwargs = model_kwargs(model_config)
-  return MODELS.get(model_config.name)(input_shape=input_shape, num_outputs=num_outputs, rngs=rngs, **kwargs)
+  if "vocab_size" in inspect.signature(cls.__init__).parameters:
+    kwargs["vocab_size"] = vocab_size
+  return cls(input_shape=input_shape, num_outputs=num_outputs, rngs=rngs, **kwargs)
 
 
-from bigmodel_jax.models import cnn, linear, mlp  # noqa: E402,F401  (each registers itself in MODELS)
+from bigmodel_jax.models import cnn, linear, mlp, rnn, transformer  # noqa: E402,F401  (each registers itself)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bigmodel_jax.data import load_dataset
+from bigmodel_jax.data import TextCorpus, load_dataset, tfds_source
 from bigmodel_jax.errors import UserError
 
 
@@ -41,6 +41,47 @@ def test_prepared_tfds_dataset_loads_by_name(tmp_path):
   expected = {e["image"].tobytes(): e["label"] for _, e in examples(30, 0)}
   got = {x.tobytes(): int(y) for x, y in zip(ds.train["inputs"], ds.train["targets"])}
   assert got == expected
+
+
+def reviews(n, seed):
+  return [(i, {"text": f"review {seed}.{i}: très {'bien' if i % 2 else 'mal'} ✓", "label": i % 2}) for i in range(n)]
+
+
+class TinyReviews(tfds.core.GeneratorBasedBuilder):
+  """Text + ClassLabel, like imdb_reviews (TFDS's Text feature builds and reads without TensorFlow)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _text_feature(self):
+    return tfds.features.Text()
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, supervised_keys=("text", "label"), features=tfds.features.FeaturesDict({
+        "text": self._text_feature(), "label": tfds.features.ClassLabel(names=["neg", "pos"])}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(20, 0), "test": self._generate_examples(8, 1)}
+
+  def _generate_examples(self, n, seed):
+    yield from reviews(n, seed)
+
+
+class TinyStringReviews(TinyReviews):
+  """The same with a scalar string Tensor as the text feature."""
+
+  def _text_feature(self):
+    return tfds.features.Tensor(shape=(), dtype=np.str_)
+
+
+@pytest.mark.parametrize("builder", [TinyReviews, TinyStringReviews])
+def test_prepared_tfds_text_dataset_is_a_text_corpus(tmp_path, builder):
+  builder(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
+  corpus = tfds_source.load(builder.name, tmp_path)
+  assert isinstance(corpus, TextCorpus) and corpus.name == f"tfds:{builder.name}"
+  assert corpus.class_names == ("neg", "pos") and corpus.train_labels.dtype == np.int32
+  for texts, labels, n, seed in [(corpus.train, corpus.train_labels, 20, 0), (corpus.test, corpus.test_labels, 8, 1)]:
+    assert len(texts) == len(labels) == n and all(isinstance(t, str) for t in texts)
+    # the same (text, label) pairs as generated, decoded from UTF-8 (TFDS stores them in key-hash order)
+    assert dict(zip(texts, labels.tolist())) == {e["text"]: e["label"] for _, e in reviews(n, seed)}
 
 
 def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path):

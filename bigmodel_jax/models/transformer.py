@@ -1,0 +1,230 @@
+"""Transformer blocks shared by a decoder-only LM (`gpt`) and an encoder text classifier (`encoder_classifier`).
+
+Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
+attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention where it applies on GPU),
+learned or rotary positions. Every parameter carries logical axis names (`out_sharding` metadata,
+read with `nnx.get_partition_spec`); parallel.py maps them onto mesh axes, so model code never
+mentions devices. Logical axes: vocab, embed, heads, head_dim, mlp, positions.
+
+The LM decodes with a KV cache: `init_cache` allocates per-layer keys/values for `max_len`
+positions and `extend(tokens, cache, index)` runs only the new positions against the cached ones.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.models import MODELS
+
+POSITIONS = ("learned", "rotary")
+
+
+def axes(*names):
+  """Logical-axis metadata for a parameter; not applied eagerly (parallel.py places parameters)."""
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+def rotary(x_BxTxHxD: jax.Array, positions_T: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (RoFormer), rotating the two halves of each head's features."""
+  half = x_BxTxHxD.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions_T.astype(jnp.float32)[:, None] * freqs[None, :]  # T x D/2
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = x_BxTxHxD[..., :half].astype(jnp.float32), x_BxTxHxD[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxTxHxD.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused QKV projection."""
+
+  def __init__(self, dim: int, num_heads: int, *, rotary_positions: bool, use_bias: bool, out_std: float,
+               rngs: nnx.Rngs):
+    self.num_heads, self.head_dim = num_heads, dim // num_heads
+    self.rotary = rotary_positions
+    init = nnx.initializers.normal(0.02)
+    self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=use_bias, kernel_init=init,
+                                 kernel_metadata=axes("embed", None, "heads", "head_dim"),
+                                 bias_metadata=axes(None, "heads", "head_dim"), rngs=rngs)
+    self.out = nnx.LinearGeneral((num_heads, self.head_dim), dim, axis=(-2, -1), use_bias=use_bias,
+                                 kernel_init=nnx.initializers.normal(out_std),
+                                 kernel_metadata=axes("heads", "head_dim", "embed"), bias_metadata=axes("embed"),
+                                 rngs=rngs)
+
+  def __call__(self, x_BxTxD, *, positions_T, mask=None, is_causal=False, cache=None, index=None):
+    """-> (output, cache). With a cache, keys/values of these T positions are written at `index` and the
+    queries attend to every cached position up to their own."""
+    q, k, v = jnp.moveaxis(self.qkv(x_BxTxD), 2, 0)  # each B x T x H x Dh
+    if self.rotary:
+      q, k = rotary(q, positions_T), rotary(k, positions_T)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+      cache = {"k": k, "v": v}
+      mask = (jnp.arange(k.shape[1])[None, :] <= positions_T[:, None])[None, None]  # 1 x 1 x T x S
+      is_causal = False
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return self.out(out), cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, use_bias: bool, out_std: float, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, use_bias=use_bias, kernel_init=nnx.initializers.normal(0.02),
+                          kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"), rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, use_bias=use_bias, kernel_init=nnx.initializers.normal(out_std),
+                          kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"), rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.fc1(x)))
+
+
+def layer_norm(dim: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=1e-5, use_bias=use_bias, scale_metadata=axes("embed"),
+                       bias_metadata=axes("embed"), rngs=rngs)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm residual block: attention then MLP, each followed by dropout."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rotary_positions: bool, use_bias: bool,
+               dropout_rate: float, num_layers: int, rngs: nnx.Rngs):
+    out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
+    self.ln1 = layer_norm(dim, use_bias, rngs)
+    self.attn = Attention(dim, num_heads, rotary_positions=rotary_positions, use_bias=use_bias, out_std=out_std,
+                          rngs=rngs)
+    self.ln2 = layer_norm(dim, use_bias, rngs)
+    self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
+    h, cache = self.attn(self.ln1(x), positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache,
+                         index=index)
+    x = x + self.dropout(h, deterministic=not train, rngs=rngs)
+    x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
+    return x, cache
+
+
+class Trunk(nnx.Module):
+  """Token (+ learned position) embedding -> dropout -> blocks -> final LayerNorm: shared by both models."""
+
+  def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
+               mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, rngs: nnx.Rngs):
+    if positions not in POSITIONS:
+      raise UserError(f"config.model.positions: unknown {positions!r}; valid: {', '.join(POSITIONS)}")
+    if embed_dim % num_heads:
+      raise UserError(f"config.model.embed_dim: {embed_dim} is not divisible by config.model.num_heads={num_heads}")
+    if positions == "rotary" and (embed_dim // num_heads) % 2:
+      raise UserError(f"config.model.embed_dim: rotary positions need an even head size, got "
+                      f"{embed_dim}/{num_heads} = {embed_dim // num_heads}")
+    self.max_len = max_len
+    self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
+                           embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+    self.pos_embed = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, embed_dim)),
+                                **axes("positions", "embed")) if positions == "learned" else None)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.blocks = nnx.List([Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary",
+                                  use_bias=use_bias, dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs)
+                            for _ in range(num_layers)])
+    self.ln_f = layer_norm(embed_dim, use_bias, rngs)
+
+  def embed_tokens(self, tokens_BxT, positions_T, prefix_1x1xD=None):
+    """Token embeddings (after an optional learned prefix vector, e.g. [CLS]) plus learned positions."""
+    x = self.embed(tokens_BxT)
+    if prefix_1x1xD is not None:
+      x = jnp.concatenate([jnp.broadcast_to(prefix_1x1xD.astype(x.dtype), (x.shape[0], 1, x.shape[2])), x], 1)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed[...][positions_T][None]
+    return x
+
+  def __call__(self, x_BxTxD, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
+    x = self.dropout(x_BxTxD, deterministic=not train, rngs=rngs)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions_T=positions_T, train=train, rngs=rngs, mask=mask, is_causal=is_causal,
+                             cache=None if cache is None else cache[i], index=index)
+      new_cache.append(layer_cache)
+    return self.ln_f(x), (new_cache if cache is not None else None)
+
+
+def _check_text(model: str, vocab_size: int, input_shape, max_len: int, extra: int = 0) -> None:
+  if not vocab_size:
+    raise UserError(f"config.model.name: {model!r} reads token ids; use a text dataset (config.data.name such as "
+                    "tiny_shakespeare, shakespeare_plays, spam_assassin)")
+  if input_shape[0] + extra > max_len:
+    raise UserError(f"config.data.seq_len: {input_shape[0]}{' + 1 [CLS]' if extra else ''} positions exceed "
+                    f"config.model.max_len={max_len}; shorten data.seq_len or raise model.max_len")
+
+
+@MODELS.register("gpt")
+class GPT(nnx.Module):
+  """Decoder-only Transformer LM (GPT-2 style): causal self-attention, next-token logits at every position."""
+
+  def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 6,
+               num_heads: int = 6, embed_dim: int = 384, mlp_ratio: int = 4, max_len: int = 256,
+               positions: str = "learned", tie_embeddings: bool = True, dropout_rate: float = 0.0,
+               use_bias: bool = False):
+    _check_text("gpt", vocab_size, input_shape, max_len)
+    self.max_len = max_len
+    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
+                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
+                       use_bias=use_bias, rngs=rngs)
+    self.head = None if tie_embeddings else nnx.Linear(
+        embed_dim, num_outputs, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=axes("embed", "vocab"), rngs=rngs)
+
+  def _logits(self, x_BxTxD):
+    return self.trunk.embed.attend(x_BxTxD) if self.head is None else self.head(x_BxTxD)
+
+  def __call__(self, tokens_BxT, *, train: bool, rngs: nnx.Rngs | None = None):
+    positions = jnp.arange(tokens_BxT.shape[1])
+    x, _ = self.trunk(self.trunk.embed_tokens(tokens_BxT, positions), positions_T=positions, train=train, rngs=rngs,
+                      is_causal=True)
+    return self._logits(x)  # B x T x V
+
+  def init_cache(self, batch_size: int, dtype=jnp.float32) -> list[dict]:
+    attn = self.trunk.blocks[0].attn
+    shape = (batch_size, self.max_len, attn.num_heads, attn.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.trunk.blocks]
+
+  def extend(self, tokens_BxT, cache, index):
+    """Logits for T new tokens at positions index..index+T-1, attending to the cache -> (logits, cache)."""
+    positions = index + jnp.arange(tokens_BxT.shape[1])
+    x, cache = self.trunk(self.trunk.embed_tokens(tokens_BxT, positions), positions_T=positions, train=False,
+                          rngs=None, cache=cache, index=index)
+    return self._logits(x), cache
+
+
+@MODELS.register("encoder_classifier")
+class EncoderClassifier(nnx.Module):
+  """BERT-style Transformer encoder over padded token ids (0 = padding), pooled, then a linear classifier."""
+
+  def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
+               num_heads: int = 4, embed_dim: int = 256, mlp_ratio: int = 4, max_len: int = 513,
+               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True):
+    if pooling not in ("cls", "mean"):
+      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean")
+    _check_text("encoder_classifier", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
+    self.pooling = pooling
+    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
+                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
+                       use_bias=use_bias, rngs=rngs)
+    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
+                if pooling == "cls" else None)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), rngs=rngs)
+
+  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
+    keep_BxL = tokens_BxL != 0
+    if self.cls is not None:  # a learned [CLS] vector in front of every sequence, pooled at the end
+      keep_BxL = jnp.pad(keep_BxL, ((0, 0), (1, 0)), constant_values=True)
+    positions = jnp.arange(keep_BxL.shape[1])
+    x = self.trunk.embed_tokens(tokens_BxL, positions, None if self.cls is None else self.cls[...])
+    x, _ = self.trunk(x, positions_T=positions, train=train, rngs=rngs, mask=keep_BxL[:, None, None, :])
+    if self.cls is not None:
+      pooled = x[:, 0]
+    else:
+      weights = keep_BxL[..., None].astype(x.dtype)
+      pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    return self.head(self.dropout(pooled, deterministic=not train, rngs=rngs))

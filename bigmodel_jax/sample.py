@@ -1,0 +1,128 @@
+"""--mode=sample: text from a language-model checkpoint, decoded with a KV cache.
+
+The prompt fills the cache in one pass; each new token then runs the model on one position against
+the cached keys/values (an LSTM's carry plays the cache's part). When a Transformer's cache is full
+(model.max_len positions), it is refilled from the last max_len/2 tokens — one prefix pass per
+max_len/2 new tokens, instead of one per token as re-running the window would cost.
+"""
+
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from bigmodel_jax import runinfo
+from bigmodel_jax.errors import UserError
+
+
+def filter_logits(logits_BxV, *, temperature: float, top_k: int, top_p: float):
+  """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
+  logits = logits_BxV.astype(jnp.float32) / temperature
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def next_token(logits_BxV, key, *, temperature: float, top_k: int, top_p: float, banned_ids: tuple = ()):
+  if banned_ids:  # padding / unknown: ids that decode to no text
+    logits_BxV = logits_BxV.at[..., jnp.asarray(banned_ids)].set(-jnp.inf)
+  if temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, tokens_BxT):
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.extend(tokens_BxT, model.init_cache(tokens_BxT.shape[0]), 0)
+  return logits[:, -1], cache
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
+def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, out_pos, count):
+  """Samples `count` tokens into out_BxN[:, out_pos:], feeding each back through the cache (one position each)."""
+  model = nnx.merge(graphdef, state)
+
+  def body(i, carry):
+    cache, logits, out, key = carry
+    key, sub = jax.random.split(key)
+    token = next_token(logits, sub, **dict(settings))
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, out_pos + i))
+    logits, cache = model.extend(token[:, None], cache, index + i)
+    return cache, logits[:, -1], out, key
+
+  cache, logits, out, key = jax.lax.fori_loop(0, count, body, (cache, logits_BxV, out_BxN, key))
+  return cache, logits, out, key
+
+
+def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_samples: int = 1,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             banned_ids: tuple[int, ...] = ()) -> np.ndarray:
+  """`num_samples` continuations of the prompt, `num_tokens` each -> int32 array (num_samples, num_tokens).
+
+  temperature 0 takes the most likely token every time; `banned_ids` (padding, unknown) are never drawn.
+  """
+  graphdef, state = nnx.split(model)
+  max_len = model.max_len or len(prompt_ids) + num_tokens  # no limit (LSTM): one pass
+  refill = max(1, max_len // 2)
+  settings = tuple(sorted(dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                               banned_ids=tuple(int(i) for i in banned_ids)).items()))
+  history = np.asarray(prompt_ids, np.int32)[-max_len:]
+  logits, cache = _prefill(graphdef, state, jnp.tile(jnp.asarray(history)[None], (num_samples, 1)))
+  index = len(history)
+  out = jnp.zeros((num_samples, num_tokens), jnp.int32)
+  key = jax.random.PRNGKey(seed)
+  done = 0
+  while done < num_tokens:
+    if index == max_len:  # cache full: restart it from the most recent tokens
+      context = np.concatenate([np.tile(history, (num_samples, 1)), np.asarray(out[:, :done])], 1)[:, -refill:]
+      logits, cache = _prefill(graphdef, state, jnp.asarray(context))
+      index = refill
+    count = min(num_tokens - done, max_len - index)
+    cache, logits, out, key = _decode(graphdef, settings, state, cache, logits, index, key, out, done, count)
+    done, index = done + count, index + count
+  return np.asarray(out)
+
+
+def sample(run, checkpoint_step: int | None) -> dict:
+  """Restores the checkpoint, generates config.sample.num_samples texts, prints and saves them."""
+  from bigmodel_jax.evaluate import restore_for_eval
+  s, dataset = run.config.sample, run.dataset
+  if dataset.kind != "lm":
+    raise UserError(f"--mode=sample generates text from a language model; {run.config.model.name!r} on "
+                    f"{dataset.name!r} is a {dataset.kind} model (use --mode=predict)")
+  if not s.prompt:
+    raise UserError("config.sample.prompt: empty; give at least one character to start from (e.g. '\\n')")
+  try:
+    prompt_ids = dataset.tokenizer.encode(s.prompt, strict=True)
+  except UserError as e:
+    raise UserError(f"config.sample.prompt: {e}") from None
+  if len(prompt_ids) == 0:
+    raise UserError(f"config.sample.prompt: {s.prompt!r} encodes to no tokens; give a longer prompt")
+  step, state = restore_for_eval(run, checkpoint_step)
+  model = run.stepper.model(state)
+  start = time.perf_counter()
+  tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids)
+  seconds = time.perf_counter() - start
+  texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
+  result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds}
+  if jax.process_index() == 0:
+    path = run.workdir / "samples" / f"step{step}_seed{s.seed}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runinfo.write_text_atomic(path, "\n\n=====\n\n".join(texts) + "\n")
+    logging.info("wrote %s (%d tokens in %.1f s, compilation included)", path, tokens.size, seconds)
+    result["file"] = str(path)
+  return result
