@@ -168,6 +168,9 @@ def validate(config) -> None:
            f"{size} is not divisible by the {jax.device_count()} devices; use a multiple of {jax.device_count()}")
   if not config.data.name.startswith("tfds:"):
     DATASETS.get(config.data.name)
+  from bigmodel_jax.data.text import READS_PATH
+  _check(not config.data.path or config.data.name in READS_PATH, "data.path",
+         f"dataset {config.data.name!r} does not read a file path (only {', '.join(READS_PATH)} does); leave it empty")
   model_kwargs(config.model)
   if "dropout_rate" in config.model:
     _check(0 <= config.model.dropout_rate < 1, "model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate}")

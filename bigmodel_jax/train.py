@@ -177,12 +177,14 @@ def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) ->
                                "config.optimizer.grad_clip_norm")
 
 
-def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int) -> dict:
+def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int, tokens_per_example: int = 0) -> dict:
   keys = fetched[-1][1].keys()
   out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
   out["learning_rate"] = float(fetched[-1][1]["learning_rate"])
   out["steps_per_s"] = len(fetched) / seconds if seconds > 0 else 0.0
   out["examples_per_s"] = out["steps_per_s"] * global_batch
+  if tokens_per_example:  # text: token positions per second (padding included for classifiers)
+    out["tokens_per_s"] = out["examples_per_s"] * tokens_per_example
   return out
 
 
@@ -239,7 +241,8 @@ def _train(run: Run) -> dict:
       return
     check_finite(fetched, run.checkpointer)
     now = time.perf_counter()
-    summary = summarize(fetched, now - train_metrics.window_start, config.data.batch_size)
+    summary = summarize(fetched, now - train_metrics.window_start, config.data.batch_size,
+                        run.dataset.input_shape[0] if run.dataset.kind in ("text", "lm") else 0)
     train_metrics.window_start = now
     run.writer.write(fetched[-1][0], "train", summary)
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])

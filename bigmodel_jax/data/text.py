@@ -15,6 +15,7 @@ import numpy as np
 from bigmodel_jax.data import DATASETS, TextCorpus, fetch, seeded_split
 from bigmodel_jax.errors import UserError
 
+READS_PATH = ("tiny_shakespeare",)  # datasets that read config.data.path (config validation checks it)
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 

@@ -25,12 +25,12 @@ def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
     return False
 
 
-def _read_split(source, input_key: str, target_key: str) -> tuple[list, np.ndarray]:
+def _read_split(source, input_key: str, target_key: str | None) -> tuple[list, np.ndarray]:
   inputs, targets = [], []
   for start in range(0, len(source), 4096):
     records = source.__getitems__(range(start, min(start + 4096, len(source))))
     inputs += [r[input_key] for r in records]
-    targets += [r[target_key] for r in records]
+    targets += [r[target_key] for r in records] if target_key else []
   return inputs, np.asarray(targets, dtype=np.int32)
 
 
@@ -67,14 +67,20 @@ def load(name: str, root: Path) -> Dataset | TextCorpus:
       raise UserError(f"config.data.name: building tfds:{name} needs TensorFlow; "
                       "pip install 'bigmodel_jax[tfds]'") from None
     builder.download_and_prepare(file_format="array_record")
-  keys = builder.info.supervised_keys
-  if not keys or len(keys) != 2:
+  keys, features = builder.info.supervised_keys, builder.info.features
+  texts = [k for k in features if _is_text(features[k])]
+  # language-modelling text (lm1b: supervised keys ('text', 'text'), or a lone text feature): documents, no labels
+  lm_key = keys[0] if keys and len(set(keys)) == 1 else (texts[0] if not keys and len(texts) == 1 else None)
+  if lm_key is None and (not keys or len(keys) != 2):
     raise UserError(f"config.data.name: tfds:{name} has no (input, label) supervised keys")
-  input_key, target_key = keys
   splits = builder.as_data_source()
   test_name = "test" if "test" in splits else ("validation" if "validation" in splits else None)
   if "train" not in splits or test_name is None:
     raise UserError(f"config.data.name: tfds:{name} needs train and test/validation splits, has {list(splits)}")
+  if lm_key is not None:
+    train_x, test_x = (_read_split(splits[s], lm_key, None)[0] for s in ("train", test_name))
+    return TextCorpus(f"tfds:{name}", train=_decode(train_x), test=_decode(test_x))
+  input_key, target_key = keys
   (train_x, train_y), (test_x, test_y) = (_read_split(splits[s], input_key, target_key) for s in ("train", test_name))
   label = builder.info.features[target_key]
   if _is_text(builder.info.features[input_key]):

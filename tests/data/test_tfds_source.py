@@ -84,6 +84,30 @@ def test_prepared_tfds_text_dataset_is_a_text_corpus(tmp_path, builder):
     assert dict(zip(texts, labels.tolist())) == {e["text"]: e["label"] for _, e in reviews(n, seed)}
 
 
+class TinySentences(tfds.core.GeneratorBasedBuilder):
+  """Text only, supervised keys ('text', 'text'), like lm1b: a language-modelling corpus."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, supervised_keys=("text", "text"),
+                                 features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(10, "train"), "test": self._generate_examples(4, "test")}
+
+  def _generate_examples(self, n, split):
+    for i in range(n):
+      yield i, {"text": f"{split} sentence number {i}."}
+
+
+def test_prepared_tfds_lm_text_is_an_unlabelled_corpus(tmp_path):
+  TinySentences(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
+  corpus = tfds_source.load("tiny_sentences", tmp_path)
+  assert isinstance(corpus, TextCorpus) and corpus.train_labels is None
+  assert sorted(corpus.train) == sorted(f"train sentence number {i}." for i in range(10))
+  assert sorted(corpus.test) == sorted(f"test sentence number {i}." for i in range(4))
+
+
 def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path):
   start = time.time()
   with pytest.raises(UserError, match="tfds:mnist"):
