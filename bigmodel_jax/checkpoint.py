@@ -93,7 +93,8 @@ class Checkpointer:
     except Exception:  # unreadable metadata: the restore itself will say what is wrong
       return
     wanted = _param_shapes(target.params)
-    diffs = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
+    diffs = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k)}
     if diffs:
       listed = [f"{k}: {a} saved, {b} now" for k, (a, b) in diffs.items()]
       raise ModelMismatchError(f"checkpoint {self.directory / str(step)} holds a different model than the config "

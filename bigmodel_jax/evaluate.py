@@ -64,8 +64,8 @@ def predict(run, checkpoint_step: int | None) -> dict:
     w = csv.writer(f)
     probs = preds.get("probability")
     texts = run.dataset.test_texts  # text classification: the start of each example, to read errors by
-    w.writerow(["index", "target", "prediction"] + ([f"p_{n}" for n in run.dataset.class_names] if probs is not None else [])
-               + (["text"] if texts else []))
+    w.writerow(["index", "target", "prediction"]
+               + ([f"p_{n}" for n in run.dataset.class_names] if probs is not None else []) + (["text"] if texts else []))
     for i, (t, p) in enumerate(zip(test["targets"], preds["prediction"])):
       w.writerow([i, t.item(), p.item()] + ([f"{x:.6f}" for x in probs[i]] if probs is not None else [])
                  + ([" ".join(texts[i].split())[:200]] if texts else []))

@@ -53,17 +53,18 @@ def _prefill(graphdef, state, tokens_BxT):
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
 def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, out_pos, count):
   """Samples `count` tokens into out_BxN[:, out_pos:], feeding each back through the cache (one position each)."""
-  model = nnx.merge(graphdef, state)
 
   def body(i, carry):
-    cache, logits, out, key = carry
+    # the state travels in the loop carry and the model is rebuilt inside the body: models that loop
+    # themselves (nnx.RNN's scan) refuse parameters traced outside this loop
+    state, cache, logits, out, key = carry
     key, sub = jax.random.split(key)
     token = next_token(logits, sub, **dict(settings))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, out_pos + i))
-    logits, cache = model.extend(token[:, None], cache, index + i)
-    return cache, logits[:, -1], out, key
+    logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, index + i)
+    return state, cache, logits[:, -1], out, key
 
-  cache, logits, out, key = jax.lax.fori_loop(0, count, body, (cache, logits_BxV, out_BxN, key))
+  _, cache, logits, out, key = jax.lax.fori_loop(0, count, body, (state, cache, logits_BxV, out_BxN, key))
   return cache, logits, out, key
 
 

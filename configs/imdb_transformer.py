@@ -4,7 +4,7 @@
 
 Needs TFDS to build imdb_reviews once (network + TensorFlow: pip install 'bigmodel_jax[tfds]'); offline
 it stops at once with a one-line error. 25,000 train / 25,000 test reviews, positive vs negative.
-Tokens: SentencePiece unigram (16,000 pieces) trained on the training reviews, first 256 tokens.
+Tokens: SentencePiece BPE (16,000 pieces) trained on the training reviews, first 256 tokens.
 Model: 2 layers, 4 heads, 128 dims, mean pooling, dropout 0.1; AdamW lr 5e-4, warmup + cosine, batch 64,
 3 epochs.
 Expected: >= 85% test accuracy. Source: the Keras example "Text classification with Transformer"
@@ -21,6 +21,7 @@ def get_config(variant: str = ""):
   c.data.name = "tfds:imdb_reviews"
   c.data.tokenizer.name = "sentencepiece"
   c.data.tokenizer.vocab_size = 16000
+  c.data.tokenizer.model_type = "bpe"
   c.data.seq_len = 256
   c.data.batch_size = 64
   c.data.eval_batch_size = 500

@@ -18,7 +18,8 @@ from bigmodel_jax.config import apply_variant, model_config
 
 
 def _gpt_config(variant):
-  spec = importlib.util.spec_from_file_location("shakespeare_char_gpt", Path(__file__).with_name("shakespeare_char_gpt.py"))
+  path = Path(__file__).with_name("shakespeare_char_gpt.py")
+  spec = importlib.util.spec_from_file_location("shakespeare_char_gpt", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)

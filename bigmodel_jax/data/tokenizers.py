@@ -10,11 +10,13 @@ import itertools
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.runinfo import write_text_atomic
@@ -312,7 +314,10 @@ def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Seque
     return tokenizer
   if not create:
     raise UserError(f"no tokenizer in {directory}; train first (--mode=train)")
+  start = time.perf_counter()
   tokenizer = build_tokenizer(tokenizer_config, train_texts, all_texts)
+  logging.info("built a %s tokenizer (%d ids) in %.1f s", tokenizer.name, tokenizer.vocab_size,
+               time.perf_counter() - start)
   # Char and byte are saved too, so a workdir always records its vocabulary. Every process builds the same
   # tokenizer (training is deterministic); one writes it, as processes may share the workdir.
   if directory is not None and jax.process_index() == 0:

@@ -27,7 +27,8 @@ class LSTMLM(nnx.Module):
                                       rngs=rngs), return_carry=True)
         for a, b in zip(sizes[:-1], sizes[1:])])
     self.dropout = nnx.Dropout(dropout_rate)
-    self.head = nnx.Linear(hidden_size, num_outputs, kernel_metadata=axes("mlp", "vocab"), rngs=rngs)
+    self.head = nnx.Linear(hidden_size, num_outputs, kernel_metadata=axes("mlp", "vocab"), bias_metadata=axes("vocab"),
+                           rngs=rngs)
 
   def _run(self, tokens_BxT, carries, train, rngs):
     x = self.dropout(self.embed(tokens_BxT), deterministic=not train, rngs=rngs)

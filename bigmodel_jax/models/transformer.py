@@ -213,7 +213,8 @@ class EncoderClassifier(nnx.Module):
     self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
                 if pooling == "cls" else None)
     self.dropout = nnx.Dropout(dropout_rate)
-    self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), rngs=rngs)
+    self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), bias_metadata=axes(None),
+                           rngs=rngs)
 
   def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
     keep_BxL = tokens_BxL != 0

@@ -17,4 +17,4 @@ def get_task(task_config, dataset):
   return TASKS.get(task_config.name)(task_config, dataset)
 
 
-from bigmodel_jax.tasks import classification, language_modeling, regression  # noqa: E402,F401  (each registers itself in TASKS)
+from bigmodel_jax.tasks import classification, language_modeling, regression  # noqa: E402,F401  (each registers itself)

@@ -16,8 +16,9 @@ class Classification:
 
   def __init__(self, task_config, dataset):
     if dataset.num_classes < 2:
+      kind, task = (("a text corpus", "language_modeling") if dataset.kind == "lm" else ("a regression set", "regression"))
       raise UserError(f"config.task.name: 'classification' needs a labelled dataset; "
-                      f"{dataset.name!r} is a regression set (use task 'regression')")
+                      f"{dataset.name!r} is {kind} (use task {task!r})")
     self.num_classes = dataset.num_classes
     self.label_smoothing = task_config.get("label_smoothing", 0.0)
 

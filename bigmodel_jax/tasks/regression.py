@@ -13,6 +13,9 @@ class Regression:
 
   def __init__(self, task_config, dataset):
     del task_config
+    if dataset.kind in ("lm", "text"):
+      raise UserError(f"config.task.name: 'regression' needs real-valued targets; {dataset.name!r} is text "
+                      f"(use task {'language_modeling' if dataset.kind == 'lm' else 'classification'!r})")
     if dataset.num_classes:
       raise UserError(f"config.task.name: 'regression' needs real-valued targets; {dataset.name!r} "
                       "has class labels (use task 'classification')")

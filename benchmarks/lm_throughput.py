@@ -1,0 +1,95 @@
+"""Language-model training throughput: tokens/s and model FLOP utilisation (MFU) of the compiled train step.
+
+    python benchmarks/lm_throughput.py --config=configs/shakespeare_char_gpt.py:cpu --steps=50
+    python benchmarks/lm_throughput.py --config=configs/shakespeare_char_gpt.py --steps=100   # on a GPU
+
+Model FLOPs per token follow nanoGPT's estimate (PaLM appendix B): 6 * params + 12 * layers * dim * seq_len
+(forward + backward, attention included). MFU is printed against two references: a large dense matmul
+measured in this process on the same device (what the hardware reaches here, in the model's dtype), and,
+on known accelerators, the vendor's peak (H100 SXM: 989 TFLOP/s dense bf16, 67 fp32 without TF32).
+"""
+
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from bigmodel_jax import parallel, train
+from bigmodel_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_gpt.py:cpu", "LM config to measure.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps (after 5 warm-up steps).")
+_MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square reference matmul.")
+
+VENDOR_PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 67.0}, "H200": {"bfloat16": 989.0, "float32": 67.0},
+                      "A100": {"bfloat16": 312.0, "float32": 19.5}}
+
+
+def matmul_flops_per_s(size: int, dtype) -> float:
+  a = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  reps = 3
+  while True:
+    start = time.perf_counter()
+    for _ in range(reps):
+      out = f(a)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    if seconds > 0.5:
+      return reps * 2 * size ** 3 / seconds
+    reps *= 2
+
+
+def main(_):
+  config, steps = _CONFIG.value, _STEPS.value
+  config.train.num_steps = steps + 10
+  config.train.compilation_cache = False
+  with tempfile.TemporaryDirectory() as tmp:
+    run = train.build_run(config, tmp)
+    state = run.stepper.init()
+    batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
+    device_batches = [parallel.global_batch(next(batches), run.mesh) for _ in range(steps + 5)]
+    for b in device_batches[:5]:
+      state, metrics = run.stepper.train_step(state, b)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for b in device_batches[5:]:
+      state, metrics = run.stepper.train_step(state, b)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    run.checkpointer.close()
+    run.writer.close()
+
+  m, seq_len = config.model, run.dataset.input_shape[0]
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+  layers, dim = m.get("num_layers", 0), m.get("embed_dim", 0)
+  flops_per_token = 6 * num_params + (12 * layers * dim * seq_len if m.name == "gpt" else 0)
+  tokens_per_s = steps * config.data.batch_size * seq_len / seconds
+  model_flops = flops_per_token * tokens_per_s
+  dtype = jnp.float32  # the train step computes in float32 (bf16 compute comes with the scaling issue)
+  reference = matmul_flops_per_s(_MATMUL.value, dtype) * jax.device_count()
+
+  device = jax.devices()[0]
+  print(f"\n{m.name} on {run.dataset.name}: {num_params / 1e6:.2f} M params, batch {config.data.batch_size} x "
+        f"{seq_len} tokens, {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), {dtype.__name__}")
+  print(f"{'measurement':44s} {'value':>14s}")
+  print(f"{'train steps/s':44s} {steps / seconds:14.2f}")
+  print(f"{'tokens/s':44s} {tokens_per_s:14,.0f}")
+  print(f"{'model TFLOP/s (6N + 12LDT per token)':44s} {model_flops / 1e12:14.4f}")
+  label = f"{_MATMUL.value}^2 matmul TFLOP/s, same process"
+  print(f"{label:44s} {reference / 1e12:14.4f}")
+  print(f"{'MFU vs that matmul':44s} {model_flops / reference:14.1%}")
+  for name, peaks in VENDOR_PEAK_TFLOPS.items():
+    if name in device.device_kind:
+      peak = peaks["float32"] * 1e12 * jax.device_count()
+      label = f"MFU vs {name} peak ({peaks['float32']:.0f} TFLOP/s fp32)"
+      print(f"{label:44s} {model_flops / peak:14.1%}")
+
+
+if __name__ == "__main__":
+  app.run(main)
