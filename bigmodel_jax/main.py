@@ -136,7 +136,7 @@ def main(argv):
     elif not (workdir / "checkpoints").is_dir():
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     else:
-      run = train.build_run(config, workdir, for_training=False)
+      run = train.build_run(config, workdir, for_training=False, need_data=_MODE.value != "sample")
       try:
         entry = {"eval": evaluate.eval_only, "predict": evaluate.predict, "sample": sample.sample}[_MODE.value]
         result = entry(run, _CHECKPOINT_STEP.value)

@@ -1,9 +1,11 @@
 """--mode=sample: text from a language-model checkpoint, decoded with a KV cache.
 
 The prompt fills the cache in one pass; each new token then runs the model on one position against
-the cached keys/values (an LSTM's carry plays the cache's part). When a Transformer's cache is full
-(model.max_len positions), it is refilled from the last max_len/2 tokens — one prefix pass per
-max_len/2 new tokens, instead of one per token as re-running the window would cost.
+the cached keys/values (an LSTM's carry plays the cache's part). A Transformer's context is at most
+the sequence length it was trained on (min of data.seq_len and model.max_len: later positions were
+never trained). When the context is full, the next token is drawn from the full context, then the
+cache is refilled from the last context/2 tokens: one prefix pass per context/2 new tokens, instead
+of one per token as re-running a sliding window would cost.
 """
 
 import time
@@ -50,6 +52,12 @@ def _prefill(graphdef, state, tokens_BxT):
   return logits[:, -1], cache
 
 
+@partial(jax.jit, static_argnums=0)
+def _sample_one(settings, logits_BxV, key):
+  key, sub = jax.random.split(key)
+  return next_token(logits_BxV, sub, **dict(settings)), key
+
+
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
 def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, out_pos, count):
   """Samples `count` tokens into out_BxN[:, out_pos:], feeding each back through the cache (one position each)."""
@@ -70,13 +78,17 @@ def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, o
 
 def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_samples: int = 1,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             banned_ids: tuple[int, ...] = ()) -> np.ndarray:
+             banned_ids: tuple[int, ...] = (), context: int | None = None) -> np.ndarray:
   """`num_samples` continuations of the prompt, `num_tokens` each -> int32 array (num_samples, num_tokens).
 
   temperature 0 takes the most likely token every time; `banned_ids` (padding, unknown) are never drawn.
+  `context` caps how many tokens a Transformer attends to (default: its max_len).
   """
   graphdef, state = nnx.split(model)
-  max_len = model.max_len or len(prompt_ids) + num_tokens  # no limit (LSTM): one pass
+  if model.max_len:
+    max_len = min(model.max_len, context or model.max_len)
+  else:  # no position limit (LSTM): one pass
+    max_len = len(prompt_ids) + num_tokens
   refill = max(1, max_len // 2)
   settings = tuple(sorted(dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                banned_ids=tuple(int(i) for i in banned_ids)).items()))
@@ -87,9 +99,14 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   key = jax.random.PRNGKey(seed)
   done = 0
   while done < num_tokens:
-    if index == max_len:  # cache full: restart it from the most recent tokens
-      context = np.concatenate([np.tile(history, (num_samples, 1)), np.asarray(out[:, :done])], 1)[:, -refill:]
-      logits, cache = _prefill(graphdef, state, jnp.asarray(context))
+    if index == max_len:  # context full: draw the next token from it, then restart from the most recent tokens
+      token, key = _sample_one(settings, logits, key)
+      out = out.at[:, done].set(token)
+      done += 1
+      if done == num_tokens:
+        break
+      recent = np.concatenate([np.tile(history, (num_samples, 1)), np.asarray(out[:, :done])], 1)[:, -refill:]
+      logits, cache = _prefill(graphdef, state, jnp.asarray(recent))
       index = refill
     count = min(num_tokens - done, max_len - index)
     cache, logits, out, key = _decode(graphdef, settings, state, cache, logits, index, key, out, done, count)
@@ -103,7 +120,7 @@ def sample(run, checkpoint_step: int | None) -> dict:
   s, dataset = run.config.sample, run.dataset
   if dataset.kind != "lm":
     raise UserError(f"--mode=sample generates text from a language model; {run.config.model.name!r} on "
-                    f"{dataset.name!r} is a {dataset.kind} model (use --mode=predict)")
+                    f"{dataset.name!r} is a classifier or regressor (use --mode=predict)")
   if not s.prompt:
     raise UserError("config.sample.prompt: empty; give at least one character to start from (e.g. '\\n')")
   try:
@@ -116,7 +133,8 @@ def sample(run, checkpoint_step: int | None) -> dict:
   model = run.stepper.model(state)
   start = time.perf_counter()
   tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids)
+                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
+                    context=dataset.input_shape[0])  # positions beyond the training length were never trained
   seconds = time.perf_counter() - start
   texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
   result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds}

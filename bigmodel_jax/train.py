@@ -18,7 +18,7 @@ from absl import logging
 
 from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
-from bigmodel_jax.data import Dataset, load_dataset, pipeline
+from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Stepper
@@ -44,6 +44,7 @@ class Run:
   total_steps: int
   steps_per_epoch: int
   lock: object = None  # the open workdir lock file while training
+  save_tokenizer: bool = False  # a new tokenizer, to be written into the workdir when training starts
 
   def restore(self, step: int):
     """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
@@ -51,8 +52,10 @@ class Run:
       return self.checkpointer.restore(step, self.stepper.restore_target)
     except ModelMismatchError as e:
       vocab = self.dataset.vocab_size
-      changed = [(k, a) for k, (a, b) in e.diffs.items() if a and b and vocab in b and a != b]
-      if self.dataset.tokenizer is None or not changed:
+      # the tokenizer is to blame only if every differing dimension is the vocabulary size (the embedding, the head)
+      changed = [(k, a) for k, (a, b) in e.diffs.items()
+                 if a and b and len(a) == len(b) and all(x == y or y == vocab for x, y in zip(a, b))]
+      if self.dataset.tokenizer is None or len(changed) != len(e.diffs):
         raise
       name, saved = changed[0]
       raise UserError(f"{self.workdir / 'tokenizer' / 'tokenizer.json'}: its vocabulary has {vocab} ids but checkpoint "
@@ -109,12 +112,19 @@ def lock_workdir(workdir: Path):
   return lock
 
 
-def build_run(config, workdir: str | Path, for_training: bool = True) -> Run:
-  """Everything a run needs from its config. `for_training` also takes the workdir's training lock."""
+def build_run(config, workdir: str | Path, for_training: bool = True, need_data: bool = True) -> Run:
+  """Everything a run needs from its config. `for_training` also takes the workdir's training lock; without
+  `need_data` (sampling) a language model's text is not loaded, only its tokenizer."""
   workdir = Path(workdir).absolute()
   check_workdir(workdir, config)
-  # Text is tokenized by the workdir's tokenizer: made on the first training run, reused after it.
-  dataset = load_dataset(config.data, workdir / "tokenizer", create_tokenizer=for_training)
+  # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
+  # (saved when training starts, so a run that fails on bad input leaves nothing behind).
+  new_tokenizer = for_training and not has_checkpoints(workdir)
+  if not need_data and config.task.name == "language_modeling":
+    dataset = corpus.tokenizer_only(config.data, workdir / "tokenizer")
+  else:
+    dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
+                           create_tokenizer=new_tokenizer)
   task = get_task(config.task, dataset)
   steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
   if steps_per_epoch == 0:
@@ -135,6 +145,11 @@ def build_run(config, workdir: str | Path, for_training: bool = True) -> Run:
     lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
     raise UserError(f"config.model: {config.model.name!r} does not fit {dataset.name} inputs of shape "
                     f"{dataset.input_shape} ({type(e).__name__}: {lines[-1][:200]}); check the model fields") from None
+  wanted = tuple(task.output_shape(dataset.input_shape))
+  if tuple(stepper.output_shape[1:]) != wanted:
+    raise UserError(f"config.model.name: {config.model.name!r} outputs shape {tuple(stepper.output_shape[1:])} per "
+                    f"example but task {config.task.name!r} needs {wanted}; use a model made for that task (language "
+                    "models: gpt, lstm_lm; text classifiers: encoder_classifier)")
   chief = jax.process_index() == 0
   if chief:
     try:
@@ -145,7 +160,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True) -> Run:
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
   return Run(config, workdir, dataset, task, mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
-             total_steps, steps_per_epoch, lock)
+             total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
 
 
 class TrainMetrics:
@@ -217,6 +232,8 @@ def _train(run: Run) -> dict:
   start_step = int(jax.device_get(state.step))
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
     runinfo.write_run_records(run.workdir, config)
+    if run.save_tokenizer:
+      run.dataset.tokenizer.save(run.workdir / "tokenizer")
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count()))

@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# A local copy of tiny Shakespeare for tests (its GitHub URL is unreachable offline): the project's shared
+# folder beside the checkout, or this workplace's; tests that need it skip where neither exists.
+TINY_SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
+                                     Path("/work/shared/data/tinyshakespeare/input.txt")) if p.is_file()),
+                        Path("/work/shared/data/tinyshakespeare/input.txt"))
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

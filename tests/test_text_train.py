@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
+from conftest import TINY_SHAKESPEARE
 
-TINY = Path("/work/shared/data/tinyshakespeare/input.txt")  # a local copy: the github URL is unreachable offline
+TINY = TINY_SHAKESPEARE
 needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of tiny Shakespeare at {TINY}")
 
 # The smoke GPT (2 layers, 32 dims, block 32), trained a little longer than :smoke's 40 steps so that it

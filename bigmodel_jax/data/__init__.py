@@ -66,8 +66,8 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
   """Builds the dataset named by config.data.name (fetching files into the data dir if needed).
 
   Text is tokenized by config.data.tokenizer; the tokenizer is kept in `tokenizer_dir` (a run's
-  workdir/tokenizer) so eval, sampling and resume use the same one. It is trained (subword) or built
-  (char) there on first use when `create_tokenizer`, else it must exist.
+  workdir/tokenizer) so eval, sampling and resume use the same one. `create_tokenizer` (a run's first
+  training launch) trains (subword) or builds (char) it and saves it there; otherwise it must exist.
   """
   from bigmodel_jax.data import fetch, tfds_source  # tfds_source imports tensorflow_datasets: only when used
   name = data_config.name

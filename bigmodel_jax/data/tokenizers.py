@@ -306,14 +306,15 @@ def load_tokenizer(directory: Path) -> Tokenizer:
 
 def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str], directory: Path | None,
                   create: bool) -> Tokenizer:
-  """The tokenizer saved in `directory` if there is one (it must match the config), else a new one built from
-  the texts and saved there when `create`. `directory=None` builds one in memory only."""
-  if directory is not None and (Path(directory) / JSON_FILE).exists():
+  """`create`: a new tokenizer built from the texts, saved into `directory` (replacing what a run that never
+  reached a checkpoint left there; `None` keeps it in memory). Else the one saved in `directory`, which must
+  match the config: eval, sampling and resume use the ids the checkpoints were trained with."""
+  if not create:
+    if directory is None or not (Path(directory) / JSON_FILE).exists():
+      raise UserError(f"no tokenizer in {directory}; train first (--mode=train)")
     tokenizer = load_tokenizer(directory)
     _check_matches(tokenizer, tokenizer_config, Path(directory) / JSON_FILE)
     return tokenizer
-  if not create:
-    raise UserError(f"no tokenizer in {directory}; train first (--mode=train)")
   start = time.perf_counter()
   tokenizer = build_tokenizer(tokenizer_config, train_texts, all_texts)
   logging.info("built a %s tokenizer (%d ids) in %.1f s", tokenizer.name, tokenizer.vocab_size,

@@ -18,6 +18,13 @@ ACTIVATIONS = {"relu": nnx.relu, "gelu": nnx.gelu, "tanh": nnx.tanh, "sigmoid": 
                "silu": nnx.silu, "elu": nnx.elu}
 
 
+def require_positive(**fields: int) -> None:
+  """Size fields of config.model (layers, widths, heads, ...) must be >= 1."""
+  for name, value in fields.items():
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"config.model.{name}: must be an integer >= 1, got {value!r}")
+
+
 def activation(name: str):
   if name not in ACTIVATIONS:
     raise UserError(f"config.model.activation: unknown {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")

@@ -7,7 +7,7 @@ Decodes like the Transformer LM (`init_cache` / `extend`), with the LSTM carries
 import jax.numpy as jnp
 from flax import nnx
 
-from bigmodel_jax.models import MODELS
+from bigmodel_jax.models import MODELS, require_positive
 from bigmodel_jax.models.transformer import _check_text, axes
 
 
@@ -16,6 +16,7 @@ class LSTMLM(nnx.Module):
 
   def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, embed_dim: int = 256,
                hidden_size: int = 512, num_layers: int = 2, dropout_rate: float = 0.0):
+    require_positive(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers)
     _check_text("lstm_lm", vocab_size, input_shape, max_len=input_shape[0])
     self.max_len = None  # no position limit: the carry summarises any prefix
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),

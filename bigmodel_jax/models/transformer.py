@@ -3,8 +3,10 @@
 Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
 attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention where it applies on GPU),
 learned or rotary positions. Every parameter carries logical axis names (`out_sharding` metadata,
-read with `nnx.get_partition_spec`); parallel.py maps them onto mesh axes, so model code never
-mentions devices. Logical axes: vocab, embed, heads, head_dim, mlp, positions.
+read with `nnx.get_partition_spec`), so a rules table can map them onto mesh axes without model code
+mentioning devices (today parallel.py replicates every parameter). Logical axes: vocab, embed, heads,
+head_dim, mlp, positions. Attention weights get no dropout (jax.nn.dot_product_attention has none, and
+keeping it lets cuDNN's fused kernel run); residual and embedding dropout do apply.
 
 The LM decodes with a KV cache: `init_cache` allocates per-layer keys/values for `max_len`
 positions and `extend(tokens, cache, index)` runs only the new positions against the cached ones.
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.models import MODELS
+from bigmodel_jax.models import MODELS, require_positive
 
 POSITIONS = ("learned", "rotary")
 
@@ -111,6 +113,8 @@ class Trunk(nnx.Module):
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
                mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, rngs: nnx.Rngs):
+    require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
+                     max_len=max_len)
     if positions not in POSITIONS:
       raise UserError(f"config.model.positions: unknown {positions!r}; valid: {', '.join(POSITIONS)}")
     if embed_dim % num_heads:

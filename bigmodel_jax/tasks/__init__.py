@@ -5,6 +5,7 @@ A task turns model outputs and a batch {'inputs','targets','mask'} into:
   eval_sums(outputs, batch)  -> {name: array of sums}                inside the jitted eval step
   finalize(sums)             -> {metric: value}                      on host, after all batches
   predict(outputs)           -> {name: per-example array}            for --mode=predict
+  output_shape(input_shape)  -> the model output shape per example it expects (checked before training)
 Padding rows have mask 0 and never count.
 """
 

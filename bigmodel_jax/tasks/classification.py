@@ -26,6 +26,9 @@ class Classification:
   def num_outputs(self) -> int:
     return self.num_classes
 
+  def output_shape(self, input_shape) -> tuple[int, ...]:
+    return (self.num_classes,)  # one row of logits per example
+
   def train_loss(self, logits_BxC, batch):
     labels = jax.nn.one_hot(batch["targets"], self.num_classes)
     if self.label_smoothing:

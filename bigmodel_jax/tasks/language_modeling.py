@@ -16,10 +16,14 @@ class LanguageModeling:
   def __init__(self, task_config, dataset):
     del task_config
     if dataset.kind != "lm":
+      hint = " (use task 'classification')" if dataset.num_classes else ""
       raise UserError(f"config.task.name: 'language_modeling' needs a text corpus (e.g. tiny_shakespeare, "
-                      f"shakespeare_plays); {dataset.name!r} is a {dataset.kind} dataset")
+                      f"shakespeare_plays); {dataset.name!r} is not one ({dataset.kind} data){hint}")
     self.num_outputs = dataset.vocab_size
     self.chars_per_token = dataset.chars_per_token  # 1 for a character tokenizer
+
+  def output_shape(self, input_shape) -> tuple[int, ...]:
+    return (input_shape[0], self.num_outputs)  # next-token logits at every position
 
   @staticmethod
   def _weights(batch):
@@ -34,10 +38,12 @@ class LanguageModeling:
     return {"loss": (losses * weights).sum(), "correct": (correct * weights).sum(), "count": weights.sum()}
 
   def train_loss(self, logits_BxTxV, batch):
+    """Mean next-token loss of the batch; its metrics are measured in training mode (with dropout)."""
     sums = self._sums(logits_BxTxV, batch)
     count = jnp.maximum(sums["count"], 1.0)
     loss = sums["loss"] / count
-    return loss, {"loss": loss, "accuracy": sums["correct"] / count}
+    return loss, {"loss": loss, "accuracy": sums["correct"] / count, "perplexity": jnp.exp(loss),
+                  "bits_per_char": loss / math.log(2) / self.chars_per_token}
 
   def eval_sums(self, logits_BxTxV, batch):
     return self._sums(logits_BxTxV, batch)

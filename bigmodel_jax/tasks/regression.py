@@ -22,6 +22,9 @@ class Regression:
 
   num_outputs = 1
 
+  def output_shape(self, input_shape) -> tuple[int, ...]:
+    return (1,)
+
   def train_loss(self, outputs_Bx1, batch):
     mask = batch["mask"]
     err = outputs_Bx1[:, 0] - batch["targets"]

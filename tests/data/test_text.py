@@ -14,8 +14,9 @@ import pytest
 
 from bigmodel_jax.data import DATASETS, TextCorpus, text
 from bigmodel_jax.errors import UserError
+from conftest import TINY_SHAKESPEARE
 
-TINY = Path("/work/shared/data/tinyshakespeare/input.txt")  # a local copy: the github URL is unreachable offline
+TINY = TINY_SHAKESPEARE
 needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of tiny Shakespeare at {TINY}")
 
 

@@ -12,8 +12,9 @@ from ml_collections import ConfigDict
 from bigmodel_jax.data import tokenizers
 from bigmodel_jax.data.tokenizers import ByteTokenizer, CharTokenizer, get_tokenizer, load_tokenizer
 from bigmodel_jax.errors import UserError
+from conftest import TINY_SHAKESPEARE
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = TINY_SHAKESPEARE
 UNICODE = "café — naïve ☃\n\tdone"
 MODULES = ("argparse", "ast", "asyncio", "collections", "csv", "dataclasses", "datetime", "decimal", "difflib",
            "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect", "io", "itertools",
@@ -201,6 +202,9 @@ def test_get_tokenizer_builds_saves_then_reuses(tmp_path):
   again = get_tokenizer(config, ["abc"], ["abc"], tmp_path, create=False)
   assert again.chars == "abcxyz"
   assert get_tokenizer(config, ["abc"], ["abc"], None, create=True).chars == "abc"
+  # A new build (a first training run: no checkpoint yet) replaces what an earlier failed attempt left.
+  assert get_tokenizer(config, ["ab"], ["ab"], tmp_path, create=True).chars == "ab"
+  assert get_tokenizer(config, ["abc"], ["abc"], tmp_path, create=False).chars == "ab"
 
 
 def test_get_tokenizer_errors(spm_tokenizers, tmp_path):
@@ -209,12 +213,12 @@ def test_get_tokenizer_errors(spm_tokenizers, tmp_path):
   get_tokenizer(tokenizer_config("byte"), ["abc"], ["abc"], tmp_path / "byte", create=True)
   with pytest.raises(UserError, match=r"byte/tokenizer\.json is a byte tokenizer but config\.data\.tokenizer\.name "
                                       r"is char; use a new --workdir"):
-    get_tokenizer(tokenizer_config("char"), ["abc"], ["abc"], tmp_path / "byte", create=True)
+    get_tokenizer(tokenizer_config("char"), ["abc"], ["abc"], tmp_path / "byte", create=False)
   spm_tokenizers["unigram"].save(tmp_path / "spm")
   with pytest.raises(UserError, match=r"with vocab_size 500 but config\.data\.tokenizer\.vocab_size is 8000"):
-    get_tokenizer(tokenizer_config(vocab_size=8000), ["abc"], ["abc"], tmp_path / "spm", create=True)
+    get_tokenizer(tokenizer_config(vocab_size=8000), ["abc"], ["abc"], tmp_path / "spm", create=False)
   with pytest.raises(UserError, match=r"with model_type unigram but config\.data\.tokenizer\.model_type is bpe"):
-    get_tokenizer(tokenizer_config(model_type="bpe"), ["abc"], ["abc"], tmp_path / "spm", create=True)
+    get_tokenizer(tokenizer_config(model_type="bpe"), ["abc"], ["abc"], tmp_path / "spm", create=False)
 
 
 def corrupt(directory: Path, how: str) -> None:

@@ -118,8 +118,9 @@ def test_extend_one_token_at_a_time_equals_the_full_forward_pass(models, name, p
 def naive_greedy(model, prompt, num_tokens, max_len=None, banned=(0, 1), sliding=False):
   """The whole model re-run on the context every step; argmax of the last position, `banned` ids excluded.
 
-  With a `max_len`, sample.py's refill rule: once the context holds max_len tokens, it restarts from its last
-  max_len // 2 (`sliding`: another rule, for contrast: the last max_len - 1 tokens). The context is right-padded
+  With a `max_len`, sample.py's refill rule: a token is drawn from a context of up to max_len tokens; once it
+  grows past max_len, the context restarts from its last max_len // 2 (`sliding`: another rule, for contrast:
+  a window of the last max_len tokens, re-run every step). The context is right-padded
   to one fixed width so that one compilation serves every step; a causal model's logits at the context's last
   position do not see the padding after it (test_gpt_is_causal).
   """
@@ -127,8 +128,8 @@ def naive_greedy(model, prompt, num_tokens, max_len=None, banned=(0, 1), sliding
   width = max_len or len(prompt) + num_tokens
   out = []
   for _ in range(num_tokens):
-    if max_len and len(context) == max_len:
-      context = context[-(max_len - 1 if sliding else max_len // 2):]
+    if max_len and len(context) > max_len:
+      context = context[-(max_len if sliding else max_len // 2):]
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(context)] = context
     logits = np.array(forward(model, jnp.asarray(padded))[0, len(context) - 1])
