@@ -213,6 +213,49 @@ def test_tokenizer_with_another_vocabulary_is_one_line_and_changes_nothing(cli, 
   assert (workdir / "final_metrics.json").read_bytes() == final
 
 
+@needs_tiny
+def test_a_changed_model_is_not_blamed_on_the_tokenizer(cli, gpt_run, tmp_path):
+  workdir = Path(shutil.copytree(gpt_run, tmp_path / "work"))
+  proc = cli(*GPT, f"--workdir={workdir}", "--mode=eval", "--config.model.embed_dim=64",
+             "--config.train.allow_config_change=true")
+  assert_one_error(proc, "holds a different model", "(32,) saved, (64,) now", "revert the model change")
+
+
+@needs_tiny
+def test_sampling_needs_only_the_workdir_not_the_training_text(cli, gpt_run, tmp_path):
+  workdir = Path(shutil.copytree(gpt_run, tmp_path / "work"))
+  moved = tmp_path / "gone.txt"  # the config names a training file that no longer exists
+  config = json.loads((workdir / "config.json").read_text())
+  config["data"]["path"] = str(moved)
+  (workdir / "config.json").write_text(json.dumps(config))
+  proc = ok(cli(f"--workdir={workdir}", "--mode=sample", timeout=120))
+  assert proc.stdout.startswith("ROMEO:") and len(proc.stdout) > 100
+
+
+@needs_tiny
+def test_a_failed_first_run_leaves_no_tokenizer_and_a_new_run_builds_its_own(cli, tmp_path):
+  small = tmp_path / "small.txt"
+  small.write_text(TINY.read_text()[:200])  # 36 distinct characters; too short for the block size
+  workdir = tmp_path / "work"
+  assert_one_error(cli(*GPT, f"--config.data.path={small}", f"--workdir={workdir}"), "config.data.seq_len")
+  assert not (workdir / "tokenizer").exists()
+  ok(cli(*GPT, "--config.train.num_steps=20", "--config.train.eval_every=20", f"--workdir={workdir}"))
+  assert json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["vocab_size"] == 67
+
+
+@needs_tiny
+@pytest.mark.parametrize("overrides,needles", [
+    (["--config.task.name=classification", "--config.data.name=spam_assassin", "--config.data.path=",
+      "--config.train.best_metric=accuracy"], ["config.model.name", "'gpt'", "(32, 248)", "needs (2,)"]),
+    (["--config.model.num_layers=0"], ["config.model.num_layers", ">= 1"]),
+    (["--config.model.num_heads=0"], ["config.model.num_heads", ">= 1"]),
+], ids=["gpt-for-classification", "zero-layers", "zero-heads"])
+def test_model_misfits_are_one_line_before_anything_is_written(cli, tmp_path, overrides, needles):
+  proc = cli(*GPT, *overrides, f"--workdir={tmp_path / 'work'}")
+  assert_one_error(proc, *needles)
+  assert not (tmp_path / "work").exists()
+
+
 # --- LSTM -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,14 @@ def test_greedy_generate_past_max_len_follows_the_refill_rule(short_gpt, prompt_
   assert not np.array_equal(expected, naive_greedy(short_gpt, prompt, 21, max_len=8, sliding=True))
 
 
+def test_generate_context_caps_a_longer_max_len(models):
+  # sampling attends to at most the trained sequence length (`context`), even where max_len allows more
+  model = models["learned"]
+  prompt = tokens((3,), seed=5)
+  out = sample.generate(model, prompt, 21, temperature=0, banned_ids=(0, 1), context=8)
+  np.testing.assert_array_equal(out[0], naive_greedy(model, prompt, 21, max_len=8))
+
+
 def test_lstm_greedy_generate_equals_naive_greedy(models):
   model = models["lstm"]
   prompt = tokens((4,), seed=4)
