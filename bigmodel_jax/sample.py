@@ -141,6 +141,10 @@ def sample(run, checkpoint_step: int | None) -> dict:
   if jax.process_index() == 0:
     path = run.workdir / "samples" / f"step{step}_seed{s.seed}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while path.exists():  # another prompt or setting sampled before: keep both
+      n += 1
+      path = path.with_name(f"step{step}_seed{s.seed}_{n}.txt")
     runinfo.write_text_atomic(path, "\n\n=====\n\n".join(texts) + "\n")
     logging.info("wrote %s (%d tokens in %.1f s, compilation included)", path, tokens.size, seconds)
     result["file"] = str(path)

@@ -136,6 +136,7 @@ def test_sample_is_deterministic_for_a_seed(cli, gpt_run, sampled):
   assert all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 60 for t in texts)
   assert (gpt_run / "samples" / "step300_seed1.txt").read_text() == other + "\n"
   assert (gpt_run / "samples" / "step300_seed0.txt").read_text() == sampled + "\n"  # kept under its own name
+  assert (gpt_run / "samples" / "step300_seed0_2.txt").read_text() == sampled + "\n"  # the repeat, not overwritten
 
 
 @needs_tiny
