@@ -92,6 +92,8 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   refill = max(1, max_len // 2)
   settings = tuple(sorted(dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                                banned_ids=tuple(int(i) for i in banned_ids)).items()))
+  if len(prompt_ids) > max_len:
+    logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), max_len)
   history = np.asarray(prompt_ids, np.int32)[-max_len:]
   logits, cache = _prefill(graphdef, state, jnp.tile(jnp.asarray(history)[None], (num_samples, 1)))
   index = len(history)
