@@ -4,6 +4,7 @@ Every tokenizer maps text to int32 ids with 0 = padding (models derive padding m
 into a run's workdir as tokenizer.json (+ spm.model), so eval, sampling and resume use the very same ids.
 """
 
+import abc
 import hashlib
 import io
 import itertools
@@ -28,20 +29,20 @@ UNK_ID = 1
 NAMES = ("char", "byte", "sentencepiece")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Shared interface: `encode` / `decode` one text, `encode_batch` to a padded (N, max_len) matrix, `save`."""
   name: str
   vocab_size: int  # including pad (and unk)
   pad_id: int = PAD_ID
   special_ids: tuple[int, ...] = (PAD_ID, UNK_ID)  # ids that stand for no text: never sampled
 
+  @abc.abstractmethod
   def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
     """int32 ids of `text`; with `strict`, text the vocabulary cannot represent raises UserError."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def decode(self, ids) -> str:
     """Text of `ids`, pad ids skipped; ids outside the vocabulary decode like unknown ones."""
-    raise NotImplementedError
 
   def _config(self) -> dict:
     """What tokenizer.json records besides name and vocab_size."""
