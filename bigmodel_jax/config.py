@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from bigmodel_jax.data.tokenizers import NAMES as TOKENIZERS
 from bigmodel_jax.errors import UserError
 
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
@@ -116,7 +117,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.best_mode", lambda v: v in ("max", "min"), "must be max or min"),
     ("predict.num_images", lambda v: v > 0, "must be > 0"),
     ("data.seq_len", lambda v: v > 0, "must be > 0"),
-    ("data.tokenizer.name", lambda v: v in ("char", "byte", "sentencepiece"), "must be char, byte or sentencepiece"),
+    ("data.tokenizer.name", lambda v: v in TOKENIZERS, f"must be one of {', '.join(TOKENIZERS)}"),
     ("data.tokenizer.vocab_size", lambda v: v >= 8, "must be >= 8"),
     ("data.tokenizer.model_type", lambda v: v in ("unigram", "bpe"), "must be unigram or bpe"),
     ("sample.num_tokens", lambda v: v > 0, "must be > 0 (how many tokens to generate)"),

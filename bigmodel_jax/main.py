@@ -154,7 +154,7 @@ def main(argv):
     fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
   if _MODE.value == "sample":
-    print("\n\n=====\n\n".join(result["texts"]), flush=True)
+    print(sample.SEPARATOR.join(result["texts"]), flush=True)
     return
   summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
   print(json.dumps(summary, indent=2), flush=True)

@@ -49,11 +49,15 @@ def provenance() -> dict:
   }
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
   """Written whole, then renamed into place: a kill never leaves half a file."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+  write_bytes_atomic(path, text.encode())
 
 
 def write_run_records(workdir: Path, config) -> None:

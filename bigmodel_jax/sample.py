@@ -20,6 +20,8 @@ from flax import nnx
 from bigmodel_jax import runinfo
 from bigmodel_jax.errors import UserError
 
+SEPARATOR = "\n\n=====\n\n"  # between samples, printed and saved
+
 
 def filter_logits(logits_BxV, *, temperature: float, top_k: int, top_p: float):
   """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
@@ -147,7 +149,7 @@ def sample(run, checkpoint_step: int | None) -> dict:
     while path.exists():  # another prompt or setting sampled before: keep both
       n += 1
       path = path.with_name(f"step{step}_seed{s.seed}_{n}.txt")
-    runinfo.write_text_atomic(path, "\n\n=====\n\n".join(texts) + "\n")
+    runinfo.write_text_atomic(path, SEPARATOR.join(texts) + "\n")
     logging.info("wrote %s (%d tokens in %.1f s, compilation included)", path, tokens.size, seconds)
     result["file"] = str(path)
   return result

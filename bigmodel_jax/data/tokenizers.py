@@ -9,7 +9,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.runinfo import write_text_atomic
+from bigmodel_jax.runinfo import write_bytes_atomic, write_text_atomic
 
 JSON_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
@@ -231,9 +230,7 @@ class SentencePieceTokenizer(Tokenizer):
   def save(self, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"{SPM_FILE}.tmp"
-    tmp.write_bytes(self.model)
-    os.replace(tmp, directory / SPM_FILE)
+    write_bytes_atomic(directory / SPM_FILE, self.model)
     super().save(directory)
 
 
