@@ -56,7 +56,7 @@ def main(_):
     run = train.build_run(config, tmp)
     state = run.stepper.init()
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
-    device_batches = [parallel.global_batch(next(batches), run.mesh) for _ in range(steps + 5)]
+    device_batches = [run.stepper.train_batch(next(batches)) for _ in range(steps + 5)]
     for b in device_batches[:5]:
       state, metrics = run.stepper.train_step(state, b)
     jax.block_until_ready(metrics)

@@ -39,7 +39,7 @@ def main(_):
     stepper, mesh = run.stepper, run.mesh
     state = [stepper.init()]
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
-    fixed = parallel.global_batch(next(batches), mesh)
+    fixed = stepper.train_batch(next(batches))
 
     def step_only(n):
       for _ in range(n):
@@ -52,7 +52,7 @@ def main(_):
 
     def step_and_data(n):
       for _ in range(n):
-        state[0], m = stepper.train_step(state[0], parallel.global_batch(next(batches), mesh))
+        state[0], m = stepper.train_step(state[0], stepper.train_batch(next(batches)))
       jax.block_until_ready(m)
 
     results = {"jitted step, fixed device batch": timed(step_only, steps),

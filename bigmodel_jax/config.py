@@ -8,16 +8,18 @@ import inspect
 import math
 from typing import Any, Callable
 
-import jax
 import ml_collections
 
 from bigmodel_jax.data.tokenizers import NAMES as TOKENIZERS
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.parallel import RULES
 
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.")
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.",
+                  # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
+                  "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,14 +42,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config("mlp")
   c.task = dict(name="classification", label_smoothing=0.0)
   c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
-                     nesterov=False, weight_decay=0.0, grad_clip_norm=0.0)
+                     nesterov=False, weight_decay=0.0, grad_clip_norm=0.0,
+                     mu_dtype="float32")  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
   c.schedule = dict(name="constant", warmup_steps=0, end_factor=0.0)  # end lr = learning_rate * end_factor
   c.train = dict(
       num_epochs=1, num_steps=-1,  # num_steps > 0 overrides num_epochs
       log_every=100, eval_every=-1,  # eval_every -1: at the end of each epoch
       checkpoint_every=1000, keep_checkpoints=3,
       best_metric="accuracy", best_mode="max",  # which checkpoint to keep as 'best'
-      allow_config_change=False, progress_bar=True, compilation_cache=True)
+      allow_config_change=False, progress_bar=True, compilation_cache=True,
+      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
+      grad_accum_steps=1)  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
+  # Devices: a mesh of named axes (sizes multiply to the device count; -1 = the rest). data: batch split,
+  # params replicated; fsdp: batch split, params + optimizer state sharded; tensor: heads/MLP units split.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # strategy jit (any mesh) or pmap (pure data parallel); rules: logical axis -> mesh axes (parallel.RULES)
+  c.parallel = dict(strategy="jit", rules=dict(RULES))
   c.predict = dict(num_images=25)
   # --mode=sample (language models): text generated from the checkpoint, with a KV cache
   c.sample = dict(prompt="\n", num_tokens=500, temperature=0.8, top_k=200, top_p=1.0, seed=0, num_samples=1)
@@ -126,6 +136,10 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
     ("sample.seed", lambda v: v >= 0, "must be >= 0"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),
+    ("train.dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
+    ("optimizer.mu_dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
+    ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
+    ("parallel.strategy", lambda v: v in ("jit", "pmap"), "must be jit or pmap"),
 ]
 
 
@@ -163,10 +177,10 @@ def validate(config) -> None:
   t = config.train
   _check(t.num_steps > 0 or t.num_epochs > 0, "train.num_epochs",
          f"must be > 0 (or set train.num_steps > 0), got {t.num_epochs!r}")
-  for field in ("data.batch_size", "data.eval_batch_size"):
-    size = get_field(config, field)
-    _check(size % jax.device_count() == 0, field,
-           f"{size} is not divisible by the {jax.device_count()} devices; use a multiple of {jax.device_count()}")
+  from bigmodel_jax import parallel
+  mesh, rules = parallel.make_mesh(config.mesh), parallel.make_rules(config.parallel.rules)
+  parallel.check_batch(mesh, rules, config.data.batch_size, "data.batch_size", t.grad_accum_steps)
+  parallel.check_batch(mesh, rules, config.data.eval_batch_size, "data.eval_batch_size")
   if not config.data.name.startswith("tfds:"):
     DATASETS.get(config.data.name)
   from bigmodel_jax.data.text import READS_PATH

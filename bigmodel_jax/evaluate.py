@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import parallel, runinfo
+from bigmodel_jax import runinfo
 from bigmodel_jax.data import pipeline
 from bigmodel_jax.errors import UserError
 
@@ -17,7 +17,7 @@ def evaluate_split(run, state, split: str = "test") -> dict:
   sums = None
   for local in pipeline.eval_batches(run.dataset, split, run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    batch = parallel.global_batch(local, run.mesh)
+    batch = run.stepper.eval_batch(local)
     if sums is None:
       sums = run.stepper.zero_sums(batch)
     sums = run.stepper.eval_step(state, batch, sums)
@@ -52,7 +52,7 @@ def predict(run, checkpoint_step: int | None) -> dict:
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    out = jax.device_get(run.stepper.predict_step(state, parallel.global_batch(local, run.mesh)))
+    out = jax.device_get(run.stepper.predict_step(state, run.stepper.eval_batch(local)))
     outputs.append({k: v[out["mask"] > 0] for k, v in out.items() if k != "mask"})
   preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   if jax.process_index() != 0:

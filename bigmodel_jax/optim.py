@@ -53,12 +53,13 @@ def _sgd(lr, o):
 
 @OPTIMIZERS.register("adam")
 def _adam(lr, o):
-  return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype)
 
 
 @OPTIMIZERS.register("adamw")
 def _adamw(lr, o):
-  return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+  return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype, weight_decay=o.weight_decay,
+                     mask=decay_mask)
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:

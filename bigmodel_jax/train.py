@@ -132,13 +132,30 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
                     f"{dataset.num_examples('train')} training examples of {dataset.name!r} with drop_remainder")
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
-  mesh = parallel.make_mesh()
+  stepper = make_stepper(config, dataset, task, parallel.make_mesh(config.mesh), total_steps)
+  chief = jax.process_index() == 0
+  if chief:
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path") from None
+  lock = lock_workdir(workdir) if for_training and chief else None
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
+                              best_mode=t.best_mode)
+  return Run(config, workdir, dataset, task, stepper.mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
+             total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
+
+
+def make_stepper(config, dataset: Dataset, task, mesh, total_steps: int) -> Stepper:
+  """The compiled steps for config's model, optimizer and layout on `mesh` (benchmarks and tests pick meshes)."""
   schedule = optim.make_schedule(config, total_steps)
   try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
     stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
                                                num_outputs=task.num_outputs, rngs=rngs, vocab_size=dataset.vocab_size),
                       optim.make_optimizer(config, schedule), schedule, task, mesh, config.seed, dataset.input_shape,
-                      dataset.input_dtype)
+                      dataset.input_dtype, rules=parallel.make_rules(config.parallel.rules),
+                      strategy=config.parallel.strategy, compute_dtype=config.train.dtype,
+                      grad_accum_steps=config.train.grad_accum_steps)
   except UserError:
     raise
   except Exception as e:
@@ -150,17 +167,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
     raise UserError(f"config.model.name: {config.model.name!r} outputs shape {tuple(stepper.output_shape[1:])} per "
                     f"example but task {config.task.name!r} needs {wanted}; use a model made for that task (language "
                     "models: gpt, lstm_lm; text classifiers: encoder_classifier)")
-  chief = jax.process_index() == 0
-  if chief:
-    try:
-      workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise UserError(f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path") from None
-  lock = lock_workdir(workdir) if for_training and chief else None
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
-                              best_mode=t.best_mode)
-  return Run(config, workdir, dataset, task, mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
-             total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
+  return stepper
 
 
 class TrainMetrics:
@@ -230,6 +237,9 @@ def _train(run: Run) -> dict:
   config, t, chief = run.config, run.config.train, jax.process_index() == 0
   state, data_state = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
+  for line in run.stepper.describe():
+    logging.info("%s", line)
+  state = run.stepper.place(state)  # the train step's layout; eval and checkpoints take stepper.plain(state)
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
     runinfo.write_run_records(run.workdir, config)
     if run.save_tokenizer:
@@ -265,12 +275,12 @@ def _train(run: Run) -> dict:
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])
 
   def save(step, metrics=None):
-    run.checkpointer.save(step, state, batches.get_state(), {"step": step, "epoch": step / run.steps_per_epoch},
+    run.checkpointer.save(step, run.stepper.plain(state), batches.get_state(), {"step": step, "epoch": step / run.steps_per_epoch},
                           metrics)
 
   try:
     for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
-      state, metrics = run.stepper.train_step(state, parallel.global_batch(next(batches), run.mesh))
+      state, metrics = run.stepper.train_step(state, run.stepper.train_batch(next(batches)))
       train_metrics.add(step, metrics)
       progress.advance(step)
       if step == start_step + 1:
@@ -287,7 +297,7 @@ def _train(run: Run) -> dict:
         log(keep_last=False)  # also checks the loss is finite before anything is saved
         eval_metrics = None
         if eval_due or last:
-          eval_metrics = evaluate.evaluate_split(run, state)
+          eval_metrics = evaluate.evaluate_split(run, run.stepper.plain(state))
           run.writer.write(step, "test", {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"})
           logging.info("step %d test: %s", step, _brief(eval_metrics))
         save(step, eval_metrics)
@@ -302,6 +312,7 @@ def _train(run: Run) -> dict:
       signal.signal(sig, handler)
     progress.close()
 
+  state = run.stepper.plain(state)
   final_step = int(jax.device_get(state.step))
   if eval_metrics is None:  # resumed a finished run: evaluate its final state again
     eval_metrics = evaluate.evaluate_split(run, state)

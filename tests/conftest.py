@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+
+# In-process tests see 8 CPU devices (sharding tests pick meshes over subsets of them); the `cli` fixture's
+# subprocesses see one unless a test passes XLA_FLAGS=--xla_force_host_platform_device_count=N.
+jax.config.update("jax_num_cpu_devices", 8)
+
 # A local copy of tiny Shakespeare for tests (its GitHub URL is unreachable offline): the project's shared
 # folder beside the checkout, or this workplace's; tests that need it skip where neither exists.
 TINY_SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
