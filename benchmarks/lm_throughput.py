@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bigmodel_jax import parallel, train
+from bigmodel_jax import train
 from bigmodel_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_gpt.py:cpu", "LM config to measure.")
@@ -54,7 +54,7 @@ def main(_):
   config.train.compilation_cache = False
   with tempfile.TemporaryDirectory() as tmp:
     run = train.build_run(config, tmp)
-    state = run.stepper.init()
+    state = run.stepper.place(run.stepper.init())
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
     device_batches = [run.stepper.train_batch(next(batches)) for _ in range(steps + 5)]
     for b in device_batches[:5]:
@@ -69,12 +69,12 @@ def main(_):
     run.writer.close()
 
   m, seq_len = config.model, run.dataset.input_shape[0]
-  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(run.stepper.abstract_state.params))
   layers, dim = m.get("num_layers", 0), m.get("embed_dim", 0)
   flops_per_token = 6 * num_params + (12 * layers * dim * seq_len if m.name == "gpt" else 0)
   tokens_per_s = steps * config.data.batch_size * seq_len / seconds
   model_flops = flops_per_token * tokens_per_s
-  dtype = jnp.float32  # the train step computes in float32 (bf16 compute comes with the scaling issue)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]  # the step's compute dtype
   reference = matmul_flops_per_s(_MATMUL.value, dtype) * jax.device_count()
 
   device = jax.devices()[0]
@@ -87,10 +87,14 @@ def main(_):
   label = f"{_MATMUL.value}^2 matmul TFLOP/s, same process"
   print(f"{label:44s} {reference / 1e12:14.4f}")
   print(f"{'MFU vs that matmul':44s} {model_flops / reference:14.1%}")
+  stats = device.memory_stats() or {}  # GPUs/TPUs report their allocator's peak; CPUs report nothing
+  if "peak_bytes_in_use" in stats:
+    print(f"{'peak device memory (GiB)':44s} {stats['peak_bytes_in_use'] / 2**30:14.2f}")
   for name, peaks in VENDOR_PEAK_TFLOPS.items():
     if name in device.device_kind:
-      peak = peaks["float32"] * 1e12 * jax.device_count()
-      label = f"MFU vs {name} peak ({peaks['float32']:.0f} TFLOP/s TF32)"
+      kind = "float32" if dtype == jnp.float32 else "bfloat16"
+      peak = peaks[kind] * 1e12 * jax.device_count()
+      label = f"MFU vs {name} peak ({peaks[kind]:.0f} TFLOP/s {'TF32' if kind == 'float32' else 'bf16'})"
       print(f"{label:44s} {model_flops / peak:14.1%}")
 
 

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from bigmodel_jax import parallel, train
+from bigmodel_jax import train
 from bigmodel_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_mlp.py", "Config to measure.")
@@ -37,7 +37,7 @@ def main(_):
   with tempfile.TemporaryDirectory() as tmp:
     run = train.build_run(config, tmp)
     stepper, mesh = run.stepper, run.mesh
-    state = [stepper.init()]
+    state = [stepper.place(stepper.init())]
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
     fixed = stepper.train_batch(next(batches))
 
