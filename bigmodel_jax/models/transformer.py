@@ -4,15 +4,25 @@ Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(M
 attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention where it applies on GPU),
 learned or rotary positions. Every parameter carries logical axis names (`out_sharding` metadata,
 read with `nnx.get_partition_spec`), so a rules table can map them onto mesh axes without model code
-mentioning devices (today parallel.py replicates every parameter). Logical axes: vocab, embed, heads,
-head_dim, mlp, positions. Attention weights get no dropout (jax.nn.dot_product_attention has none, and
-keeping it lets cuDNN's fused kernel run); residual and embedding dropout do apply.
+mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads,
+head_dim, mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention weights get
+no dropout (jax.nn.dot_product_attention has none, and keeping it lets cuDNN's fused kernel run); residual
+and embedding dropout do apply.
+
+Depth: `remat` recomputes each block in the backward pass instead of keeping its activations (a
+REMAT_POLICIES name), and `scan_layers` stores the blocks stacked (parameters `trunk.blocks.attn.qkv.kernel`
+of shape num_layers x ..., instead of `trunk.blocks.0.attn.qkv.kernel`, ...) and runs them with one
+`jax.lax.scan`, so a deep model compiles one block instead of num_layers. Neither changes the numbers:
+initial values, outputs and gradients are the same for every combination (layer i's dropout key is
+fold_in(key, i) on every path).
 
 The LM decodes with a KV cache: `init_cache` allocates per-layer keys/values for `max_len`
-positions and `extend(tokens, cache, index)` runs only the new positions against the cached ones.
+positions (one stacked array per k/v with scanned layers) and `extend(tokens, cache, index)` runs only the
+new positions against the cached ones.
 """
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +32,11 @@ from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
 
 POSITIONS = ("learned", "rotary")
+# config.model.remat -> jax.checkpoint policy: which intermediates of a block the backward pass may keep
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_saveable,
+                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+LAYERS = {nnx.PARTITION_NAME: "layers"}  # the logical name of the stacked axis of scanned blocks
 
 
 def axes(*names):
@@ -108,29 +123,47 @@ class Block(nnx.Module):
     return x, cache
 
 
+def stack_modules(modules) -> nnx.Module:
+  """Identical modules -> one whose every variable holds theirs stacked on a leading "layers" axis."""
+  graphdef = nnx.split(modules[0])[0]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.split(m)[1] for m in modules))
+  return nnx.merge(graphdef, nnx.spmd.add_axis(stacked, 0, LAYERS))
+
+
+def _apply_block(graphdef, state, x, key, cache, positions_T, mask, *, train, is_causal, index):
+  """A pure function of the block's state, so jax.checkpoint and jax.lax.scan can take it."""
+  rngs = None if key is None else nnx.Rngs(dropout=key)
+  return nnx.merge(graphdef, state)(x, positions_T=positions_T, train=train, rngs=rngs, mask=mask,
+                                    is_causal=is_causal, cache=cache, index=index)
+
+
 class Trunk(nnx.Module):
   """Token (+ learned position) embedding -> dropout -> blocks -> final LayerNorm: shared by both models."""
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
-               mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, rngs: nnx.Rngs):
+               mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, remat: str, scan_layers: bool,
+               rngs: nnx.Rngs):
     require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
                      max_len=max_len)
     if positions not in POSITIONS:
       raise UserError(f"config.model.positions: unknown {positions!r}; valid: {', '.join(POSITIONS)}")
+    if remat not in REMAT_POLICIES:
+      raise UserError(f"config.model.remat: unknown {remat!r}; valid: {', '.join(REMAT_POLICIES)}")
     if embed_dim % num_heads:
       raise UserError(f"config.model.embed_dim: {embed_dim} is not divisible by config.model.num_heads={num_heads}")
     if positions == "rotary" and (embed_dim // num_heads) % 2:
       raise UserError(f"config.model.embed_dim: rotary positions need an even head size, got "
                       f"{embed_dim}/{num_heads} = {embed_dim // num_heads}")
-    self.max_len = max_len
+    self.max_len, self.num_layers, self.remat, self.scan_layers = max_len, num_layers, remat, bool(scan_layers)
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata=axes("vocab", "embed"), rngs=rngs)
     self.pos_embed = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, embed_dim)),
                                 **axes("positions", "embed")) if positions == "learned" else None)
     self.dropout = nnx.Dropout(dropout_rate)
-    self.blocks = nnx.List([Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary",
-                                  use_bias=use_bias, dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs)
-                            for _ in range(num_layers)])
+    # scanned blocks are built one by one as the loop does, then stacked: the same initial values
+    blocks = [Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary", use_bias=use_bias,
+                    dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs) for _ in range(num_layers)]
+    self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.ln_f = layer_norm(embed_dim, use_bias, rngs)
 
   def embed_tokens(self, tokens_BxT, positions_T, prefix_1x1xD=None):
@@ -143,12 +176,33 @@ class Trunk(nnx.Module):
     return x
 
   def __call__(self, x_BxTxD, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
+    """-> (output, cache). The cache is a list of per-layer {"k", "v"}, or one {"k", "v"} stacked on the
+    layer axis with scanned layers (GPT.init_cache makes either)."""
     x = self.dropout(x_BxTxD, deterministic=not train, rngs=rngs)
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions_T=positions_T, train=train, rngs=rngs, mask=mask, is_causal=is_causal,
-                             cache=None if cache is None else cache[i], index=index)
-      new_cache.append(layer_cache)
+    # one key for every block, layer i folding in i: the same masks looped, scanned or rematerialised
+    key = rngs.dropout() if train and self.dropout.rate > 0 and rngs is not None else None
+    layer_key = lambda i: None if key is None else jax.random.fold_in(key, i)
+    apply = partial(_apply_block, train=train, is_causal=is_causal, index=index)
+    policy = REMAT_POLICIES[self.remat] if train and cache is None else None  # decoding needs no backward pass
+    if policy is not None:
+      # prevent_cse stops XLA merging the recomputation back into the forward pass; a scan body cannot be
+      # merged so, and there the guard would only cost fusions (as jax.checkpoint's docs advise)
+      apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.scan_layers, static_argnums=0)
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def body(x, layer):
+        i, state_i, cache_i = layer
+        state_i = nnx.spmd.remove_axis(state_i, 0, LAYERS)  # one layer's slice: its axis names lose "layers"
+        return apply(graphdef, state_i, x, layer_key(i), cache_i, positions_T, mask)
+
+      x, new_cache = jax.lax.scan(body, x, (jnp.arange(self.num_layers), state, cache))
+    else:
+      new_cache = []
+      for i, block in enumerate(self.blocks):
+        x, layer_cache = apply(*nnx.split(block), x, layer_key(i), None if cache is None else cache[i],
+                               positions_T, mask)
+        new_cache.append(layer_cache)
     return self.ln_f(x), (new_cache if cache is not None else None)
 
 
@@ -168,12 +222,12 @@ class GPT(nnx.Module):
   def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 6,
                num_heads: int = 6, embed_dim: int = 384, mlp_ratio: int = 4, max_len: int = 256,
                positions: str = "learned", tie_embeddings: bool = True, dropout_rate: float = 0.0,
-               use_bias: bool = False):
+               use_bias: bool = False, remat: str = "none", scan_layers: bool = False):
     _check_text("gpt", vocab_size, input_shape, max_len)
     self.max_len = max_len
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, rngs=rngs)
+                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
     self.head = None if tie_embeddings else nnx.Linear(
         embed_dim, num_outputs, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
         kernel_metadata=axes("embed", "vocab"), rngs=rngs)
@@ -187,10 +241,15 @@ class GPT(nnx.Module):
                       is_causal=True)
     return self._logits(x)  # B x T x V
 
-  def init_cache(self, batch_size: int, dtype=jnp.float32) -> list[dict]:
-    attn = self.trunk.blocks[0].attn
+  def init_cache(self, batch_size: int, dtype=jnp.float32) -> list[dict] | dict:
+    """Zeroed keys/values: per layer B x max_len x H x Dh each; stacked (L x B x ...) with scanned layers."""
+    trunk = self.trunk
+    attn = trunk.blocks.attn if trunk.scan_layers else trunk.blocks[0].attn
     shape = (batch_size, self.max_len, attn.num_heads, attn.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.trunk.blocks]
+    if trunk.scan_layers:
+      shape = (trunk.num_layers, *shape)
+      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(trunk.num_layers)]
 
   def extend(self, tokens_BxT, cache, index):
     """Logits for T new tokens at positions index..index+T-1, attending to the cache -> (logits, cache)."""
@@ -206,14 +265,15 @@ class EncoderClassifier(nnx.Module):
 
   def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
                num_heads: int = 4, embed_dim: int = 256, mlp_ratio: int = 4, max_len: int = 513,
-               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True):
+               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True,
+               remat: str = "none", scan_layers: bool = False):
     if pooling not in ("cls", "mean"):
       raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean")
     _check_text("encoder_classifier", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
     self.pooling = pooling
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, rngs=rngs)
+                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
     self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
                 if pooling == "cls" else None)
     self.dropout = nnx.Dropout(dropout_rate)

@@ -1,10 +1,14 @@
 """The text models' math: causal masking, KV-cache decoding equal to the full forward pass, sampling rules,
 padding invariance of the encoder, logical axis names, a tiny GPT memorising real text, and bad fields.
+Rematerialised and scanned layers give the same initial values, outputs, gradients and samples as plain ones.
 
 Models are built abstractly (nnx.eval_shape) and filled with numpy random parameters: a real initialisation
 compiles one random kernel per parameter shape, seconds on a 2-core CPU for nothing these tests need. Token
 inputs are synthetic where the property is about the math (any ids will do); learning uses real text.
 """
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,8 @@ from bigmodel_jax.models.transformer import GPT, EncoderClassifier
 
 VOCAB = 11
 MAX_LEN = 16
-LOGICAL_AXES = {"vocab", "embed", "heads", "head_dim", "mlp", "positions", None}
+LOGICAL_AXES = {"vocab", "embed", "heads", "head_dim", "mlp", "positions", "layers", None}
+REMATS = ["none", "full", "dots", "dots_no_batch"]
 
 
 def build(cls, *, std=0.3, seed=0, **fields):
@@ -40,11 +45,28 @@ def build(cls, *, std=0.3, seed=0, **fields):
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def gpt(positions="learned", max_len=MAX_LEN):
+def stack_layers(tree):
+  """A looped model's pure-dict state (or gradients) in the scanned layout: trunk.blocks.{0..L-1}.x stacked
+  into trunk.blocks.x."""
+  blocks = tree["trunk"]["blocks"]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+  return {**tree, "trunk": {**tree["trunk"], "blocks": stacked}}
+
+
+def scanned(model, cls, **fields):
+  """The scan_layers=True twin of a looped model: the same parameter values, stacked."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), **fields, scan_layers=True)))
+  nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(model))))
+  return nnx.merge(graphdef, state)
+
+
+def gpt(positions="learned", max_len=MAX_LEN, scan_layers=False):
   # Untied output head and N(0, 1) weights: a random model whose greedy continuations vary (a tied random
   # one tends to repeat one token forever, which would make the decoding comparisons weak).
-  return build(GPT, std=1.0, input_shape=(max_len,), num_outputs=VOCAB, vocab_size=VOCAB, num_layers=2, num_heads=2,
-               embed_dim=16, max_len=max_len, positions=positions, tie_embeddings=False)
+  fields = dict(input_shape=(max_len,), num_outputs=VOCAB, vocab_size=VOCAB, num_layers=2, num_heads=2,
+                embed_dim=16, max_len=max_len, positions=positions, tie_embeddings=False)
+  model = build(GPT, std=1.0, **fields)
+  return scanned(model, GPT, **fields) if scan_layers else model
 
 
 def lstm():
@@ -59,7 +81,9 @@ def encoder(pooling, positions="learned", seq_len=MAX_LEN):
 
 @pytest.fixture(scope="module")
 def models():
-  return {"learned": gpt("learned"), "rotary": gpt("rotary"), "lstm": lstm()}
+  # "scanned": the "learned" model's parameters with scan_layers=True
+  return {"learned": gpt("learned"), "rotary": gpt("rotary"), "scanned": gpt("learned", scan_layers=True),
+          "lstm": lstm()}
 
 
 @nnx.jit
@@ -79,7 +103,7 @@ def tokens(shape, seed=0, low=2):
 
 # --- causal masking -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("positions", ["learned", "rotary", "scanned"])
 def test_gpt_is_causal(models, positions):
   model = models[positions]
   base = tokens((MAX_LEN,))
@@ -97,7 +121,7 @@ def test_gpt_is_causal(models, positions):
 
 # --- KV cache --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["learned", "rotary", "lstm"])
+@pytest.mark.parametrize("name", ["learned", "rotary", "scanned", "lstm"])
 @pytest.mark.parametrize("prefix", [1, 5])
 def test_extend_one_token_at_a_time_equals_the_full_forward_pass(models, name, prefix):
   model = models[name]
@@ -139,7 +163,7 @@ def naive_greedy(model, prompt, num_tokens, max_len=None, banned=(0, 1), sliding
   return np.asarray(out)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("positions", ["learned", "rotary", "scanned"])
 def test_greedy_generate_equals_naive_greedy_within_max_len(models, positions):
   model = models[positions]
   prompt = tokens((5,), seed=2)
@@ -172,6 +196,17 @@ def test_generate_context_caps_a_longer_max_len(models):
   prompt = tokens((3,), seed=5)
   out = sample.generate(model, prompt, 21, temperature=0, banned_ids=(0, 1), context=8)
   np.testing.assert_array_equal(out[0], naive_greedy(model, prompt, 21, max_len=8))
+
+
+def test_scanned_gpt_samples_the_same_tokens_as_the_looped_one(short_gpt):
+  short_scanned = gpt("learned", max_len=8, scan_layers=True)  # short_gpt's parameters, stacked
+  assert jax.tree.map(jnp.shape, short_scanned.init_cache(3)) == {"k": (2, 3, 8, 2, 8), "v": (2, 3, 8, 2, 8)}
+  # sampled (not only greedy: test_greedy_generate_equals_naive_greedy_within_max_len has that), and past
+  # max_len, so the stacked cache is also refilled as the per-layer one is
+  prompt = tokens((4,), seed=9)
+  settings = dict(num_samples=3, temperature=1.0, seed=2, banned_ids=(0, 1))
+  np.testing.assert_array_equal(sample.generate(short_scanned, prompt, 21, **settings),
+                                sample.generate(short_gpt, prompt, 21, **settings))
 
 
 def test_lstm_greedy_generate_equals_naive_greedy(models):
@@ -258,7 +293,9 @@ def test_encoder_padding_does_not_change_logits(pooling, positions):
     (GPT, dict(positions="rotary", use_bias=True)),
     (EncoderClassifier, dict(pooling="cls")),
     (EncoderClassifier, dict(pooling="mean")),
-], ids=["gpt-learned-untied", "gpt-rotary-bias", "encoder-cls", "encoder-mean"])
+    (GPT, dict(positions="rotary", use_bias=True, scan_layers=True)),
+    (EncoderClassifier, dict(pooling="cls", scan_layers=True)),
+], ids=["gpt-learned-untied", "gpt-rotary-bias", "encoder-cls", "encoder-mean", "gpt-scanned", "encoder-scanned"])
 def test_parameters_carry_logical_axis_names(cls, fields):
   model = nnx.eval_shape(lambda: cls(input_shape=(8,), num_outputs=VOCAB, vocab_size=VOCAB, num_layers=2, num_heads=2,
                                      embed_dim=16, max_len=9, rngs=nnx.Rngs(0), **fields))
@@ -271,10 +308,16 @@ def test_parameters_carry_logical_axis_names(cls, fields):
   for path, spec in flat_specs.items():
     assert is_spec(spec), (path, spec)
     assert set(spec) <= LOGICAL_AXES, (path, spec)
-    assert len(spec) <= flat_params[path].ndim, (path, spec)
+    assert len(spec) == flat_params[path].ndim, (path, spec)  # one name (or None) per axis
   named = {path: tuple(spec) for path, spec in flat_specs.items()}
   qkv = [path for path in named if "qkv" in path and "kernel" in path]
-  assert len(qkv) == 2 and all(named[p] == ("embed", None, "heads", "head_dim") for p in qkv)
+  if fields.get("scan_layers"):  # one stacked kernel for both layers; every block parameter leads with "layers"
+    assert qkv == ["['trunk']['blocks']['attn']['qkv']['kernel'].value"], qkv
+    assert named[qkv[0]] == ("layers", "embed", None, "heads", "head_dim") and flat_params[qkv[0]].shape[0] == 2
+    assert all((named[p][0] == "layers") == ("['blocks']" in p) for p in named), named
+  else:
+    assert len(qkv) == 2 and all(named[p] == ("embed", None, "heads", "head_dim") for p in qkv)
+    assert "layers" not in {n for spec in named.values() for n in spec}
   assert named["['trunk']['embed']['embedding'].value"] == ("vocab", "embed")
   if fields.get("positions") != "rotary":
     assert named["['trunk']['pos_embed'].value"] == ("positions", "embed")
@@ -282,6 +325,84 @@ def test_parameters_carry_logical_axis_names(cls, fields):
   for path, a in flat_params.items():
     if a.ndim >= 2:
       assert any(n is not None for n in named[path]), path
+
+
+# --- rematerialisation and scanned layers -----------------------------------------------------------------------
+
+TRAIN_FIELDS = dict(input_shape=(MAX_LEN,), num_outputs=3, vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16,
+                    max_len=MAX_LEN + 1, dropout_rate=0.3, use_bias=True)
+
+
+def compile_fast(fn, *args):
+  """fn jitted for these args, with XLA's backend optimisations off: they cost seconds of compilation per model
+  on a 2-core CPU and change nothing these equalities test (both sides are compiled alike) -> (compiled, jaxpr)."""
+  traced = jax.jit(fn).trace(*args)
+  return traced.lower().compile({"xla_backend_optimization_level": 0}), traced.jaxpr
+
+
+def train_loss_and_grads(cls, key, remat="none", scan_layers=False):
+  """As state.py's train step: the model merged inside a jitted value_and_grad, in train mode with dropout
+  -> (loss, gradients as a pure dict, the primitives of the loss's jaxpr)."""
+  model = build(cls, remat=remat, **TRAIN_FIELDS)  # the same values for every remat: the same paths, filled alike
+  if scan_layers:
+    model = scanned(model, cls, remat=remat, **TRAIN_FIELDS)
+  if cls is GPT:
+    ids = jnp.asarray(tokens((2, MAX_LEN), seed=10))
+    loss_of = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+  else:
+    ids = jnp.asarray(tokens((2, MAX_LEN), seed=10, low=0))  # with padding
+    loss_of = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray([0, 2])).mean()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(p):
+    return loss_of(nnx.merge(graphdef, p, rest)(ids, train=True, rngs=nnx.Rngs(dropout=key)))
+
+  step, jaxpr = compile_fast(jax.value_and_grad(loss_fn), params)
+  loss, grads = step(params)
+  primitives = set(re.findall(r"= (\w+)\[", str(jaxpr)))  # nested jaxprs (scan bodies) print inline
+  return float(loss), nnx.to_pure_dict(grads), primitives
+
+
+@functools.cache
+def plain_training_run(cls):
+  return train_loss_and_grads(cls, jax.random.key(7))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("remat", REMATS)
+@pytest.mark.parametrize("cls", [GPT, EncoderClassifier], ids=["gpt", "encoder"])
+def test_remat_and_scan_do_not_change_loss_or_gradients(cls, remat, scan_layers):
+  loss0, grads0, _ = plain_training_run(cls)
+  if remat == "none" and not scan_layers:  # the reference itself: its dropout is on, and another key changes it
+    assert abs(train_loss_and_grads(cls, jax.random.key(8))[0] - loss0) > 1e-3
+    return
+  loss, grads, primitives = train_loss_and_grads(cls, jax.random.key(7), remat, scan_layers)
+  # it really is rematerialised (remat2 in jax 0.10, checkpoint later) and scanned
+  assert bool(primitives & {"remat2", "checkpoint"}) == (remat != "none"), primitives
+  assert ("scan" in primitives) == scan_layers, primitives
+  np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+  expected = stack_layers(grads0) if scan_layers else grads0
+  assert jax.tree.structure(grads) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, expected)
+
+
+@pytest.mark.parametrize("cls,fields", [
+    (GPT, dict(tie_embeddings=False, use_bias=True, positions="learned")),
+    (EncoderClassifier, dict(pooling="cls", positions="rotary")),
+], ids=["gpt", "encoder"])
+def test_scanned_init_equals_the_looped_init_stacked(cls, fields):
+  fields = dict(input_shape=(8,), num_outputs=3, vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16,
+                max_len=9, **fields)
+  init = lambda scan_layers: compile_fast(lambda: nnx.to_pure_dict(nnx.state(
+      cls(rngs=nnx.Rngs(params=jax.random.key(0)), scan_layers=scan_layers, **fields))))[0]()
+  looped, stacked = init(False), init(True)
+  expected = stack_layers(looped)
+  assert jax.tree.structure(stacked) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, stacked, expected)
+  size = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
+  assert size(stacked) == size(looped)
+  kernel = stacked["trunk"]["blocks"]["attn"]["qkv"]["kernel"]
+  assert kernel.shape == (2, 16, 3, 2, 8) and not np.array_equal(kernel[0], kernel[1])  # layers drawn apart
 
 
 # --- learning ---------------------------------------------------------------------------------------------------
@@ -335,10 +456,14 @@ GPT_FIELDS = dict(num_outputs=VOCAB, vocab_size=VOCAB, num_layers=1, num_heads=2
     (EncoderClassifier, dict(GPT_FIELDS, input_shape=(8,), pooling="max"),
      ["config.model.pooling", "'max'", "cls, mean"]),
     (GPT, dict(GPT_FIELDS, input_shape=(8,), vocab_size=0), ["config.model.name", "'gpt'", "text dataset"]),
+    (GPT, dict(GPT_FIELDS, input_shape=(8,), remat="everything"),
+     ["config.model.remat", "'everything'", "none, full, dots, dots_no_batch"]),
+    (EncoderClassifier, dict(GPT_FIELDS, input_shape=(8,), remat="dot", scan_layers=True),
+     ["config.model.remat", "'dot'", "none, full, dots, dots_no_batch"]),
     (LSTMLM, dict(input_shape=(8,), num_outputs=2, vocab_size=0, embed_dim=8, hidden_size=8, num_layers=1),
      ["config.model.name", "'lstm_lm'", "text dataset"]),
 ], ids=["seq_len>max_len", "seq_len+cls>max_len", "embed_dim%heads", "rotary-odd-head", "positions", "pooling",
-        "gpt-no-vocab", "lstm-no-vocab"])
+        "gpt-no-vocab", "gpt-remat", "encoder-remat", "lstm-no-vocab"])
 def test_bad_model_fields_are_user_errors(cls, fields, needles):
   with pytest.raises(UserError) as e:
     nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), **fields))
