@@ -262,3 +262,15 @@ def test_pmap_needs_a_pure_data_mesh():
   with pytest.raises(UserError, match=r"config.parallel.strategy: 'pmap' is pure data parallel, but the mesh has "
                                       r"fsdp=8"):
     stepper_for(config, 8, fsdp=8)
+
+
+@needs_tiny
+def test_scanned_rematerialised_gpt_on_a_mixed_mesh_matches_one_device(gpt_reference):
+  config = gpt_config()
+  config.model.scan_layers, config.model.remat = True, "full"  # same initial values, stacked; same numbers
+  stepper = stepper_for(config, 8, data=2, fsdp=2, tensor=2)
+  name = "trunk.blocks.attn.qkv.kernel"
+  assert stepper.param_partition[name] == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+  losses, state = train_steps(config, stepper)
+  close(losses, gpt_reference[0])
+  assert {s.data.shape for s in param(state, name).addressable_shards} == {(2, 16, 3, 4, 4)}
