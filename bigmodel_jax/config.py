@@ -163,6 +163,19 @@ def check_structure(config, reference=None, prefix: str = "") -> None:
     raise UserError("config.model.name: missing; build config.model with bigmodel_jax.config.model_config(name)")
 
 
+def fit_mesh(config) -> str | None:
+  """For eval/predict/sample: a mesh that does not fit this machine (e.g. a pod run's saved config evaluated
+  on a laptop) becomes data parallel over the devices here. The layout never changes the numbers, and the
+  checkpoint is resharded on restore. -> a message saying so, or None if the mesh fits."""
+  from bigmodel_jax import parallel
+  try:
+    parallel.make_mesh(config.mesh)
+    return None
+  except UserError as e:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    return f"{e}; evaluating data parallel over this machine's devices instead"
+
+
 def validate(config) -> None:
   """Raises UserError naming the first field that is wrong and what would be right."""
   check_structure(config)

@@ -43,8 +43,10 @@ def provenance() -> dict:
       "python": sys.version.split()[0],
       "versions": versions,
       "command": sys.argv,
+      "process_index": jax.process_index(),
       "process_count": jax.process_count(),
       "devices": [str(d) for d in jax.devices()],
+      "local_devices": [str(d) for d in jax.local_devices()],
       "platform": jax.default_backend(),
   }
 
@@ -68,12 +70,32 @@ def write_run_records(workdir: Path, config) -> None:
     f.write(json.dumps(provenance()) + "\n")
 
 
+def to_host(tree):
+  """numpy copies of a pytree's arrays, whole even where an array's shards live on other processes.
+
+  With several processes, call it on all of them with the same tree: a sharded array is gathered collectively.
+  """
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:  # this process already holds all of it
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # e.g. FSDP parameters across hosts
+  return jax.tree.map(fetch, tree)
+
+
 def fingerprint(params) -> str:
-  """sha256 over every parameter's path, dtype, shape and bytes: equal iff the parameters are bit-identical."""
+  """sha256 over every parameter's path, dtype, shape and bytes: equal iff the parameters are bit-identical.
+
+  Collective with several processes (see to_host): every process gets the same hash.
+  """
   import hashlib
   import numpy as np
   digest = hashlib.sha256()
-  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+  leaves = jax.tree_util.tree_leaves_with_path(to_host(params))
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     arr = np.ascontiguousarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
@@ -134,12 +135,18 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   stepper = make_stepper(config, dataset, task, parallel.make_mesh(config.mesh), total_steps)
   chief = jax.process_index() == 0
+  refused, lock = "", None
   if chief:
     try:
       workdir.mkdir(parents=True, exist_ok=True)
+      lock = lock_workdir(workdir) if for_training else None
     except OSError as e:
-      raise UserError(f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path") from None
-  lock = lock_workdir(workdir) if for_training and chief else None
+      refused = f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path"
+    except UserError as e:
+      refused = str(e)
+  refused = parallel.chief_decides(refused)  # the others stop too, rather than wait for process 0 in a collective
+  if refused:
+    raise UserError(refused)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
   return Run(config, workdir, dataset, task, stepper.mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
@@ -256,8 +263,18 @@ def _train(run: Run) -> dict:
     batches.set_state(data_state)
 
   preempted = []  # SIGTERM (preemption notice) or SIGINT (Ctrl-C): checkpoint, then exit
-  previous_handlers = {sig: signal.signal(sig, lambda signum, _: preempted.append(signum))
-                       for sig in (signal.SIGTERM, signal.SIGINT)}
+  # Several processes must stop at one step (the checkpoint is collective): jax's preemption service catches a
+  # SIGTERM sent to any of them and names a step that all reach. So no Python SIGTERM handler there (it would
+  # replace jax's), and Ctrl-C is passed on to it as a SIGTERM.
+  multi, interrupted = jax.process_count() > 1, []
+  def on_signal(signum, _):
+    if multi:
+      interrupted.append(signum)
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      preempted.append(signum)
+  previous_handlers = {sig: signal.signal(sig, on_signal)
+                       for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
   eval_metrics = None
@@ -293,6 +310,8 @@ def _train(run: Run) -> dict:
         log(keep_last=True)  # the step just dispatched keeps the device busy meanwhile
       eval_due = (step % t.eval_every == 0) if t.eval_every > 0 else (step % run.steps_per_epoch == 0)
       last = step == run.total_steps
+      if multi and not preempted and multihost_utils.reached_preemption_sync_point(step):
+        preempted.append(interrupted[0] if interrupted else signal.SIGTERM)
       if eval_due or last or step % t.checkpoint_every == 0 or preempted:
         log(keep_last=False)  # also checks the loss is finite before anything is saved
         eval_metrics = None

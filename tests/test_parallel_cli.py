@@ -37,7 +37,8 @@ def test_eight_devices_match_one(cli, tmp_path):
 def test_data_parallel_run_resumes_as_fsdp_and_evaluates_on_one_device(cli, tmp_path):
   args = [*ARGS, "--config.train.checkpoint_every=20", f"--workdir={tmp_path}"]
   ok(cli(*args, "--config.train.num_steps=40", env=EIGHT))
-  resumed = ok(cli(*args, "--config.train.num_steps=60", "--config.train.allow_config_change=true", "--config.mesh.data=1", "--config.mesh.fsdp=8", env=EIGHT))
+  resumed = ok(cli(*args, "--config.train.num_steps=60", "--config.train.allow_config_change=true",
+                   "--config.mesh.data=1", "--config.mesh.fsdp=8", env=EIGHT))
   assert "resumed from checkpoint at step 40" in resumed.stderr
   assert "mesh data=1 x fsdp=8 x tensor=1" in resumed.stderr
   assert "hidden.*.kernel: [64, 128] P(None, 'fsdp') -> [64, 16] per device" in resumed.stderr
@@ -46,7 +47,7 @@ def test_data_parallel_run_resumes_as_fsdp_and_evaluates_on_one_device(cli, tmp_
   evaluated = ok(cli("--mode=eval", f"--workdir={tmp_path}"))  # one device, the 8-way FSDP checkpoint
   record = json.loads((tmp_path / "eval_step60.json").read_text())
   assert abs(record["loss"] - final["loss"]) < 1e-5 and record["accuracy"] == final["accuracy"]
-  assert "over 1 device " in evaluated.stderr
+  assert "evaluating data parallel over this machine's devices instead" in evaluated.stderr
 
 
 def test_batch_not_divisible_by_the_data_axes(cli, tmp_path):
