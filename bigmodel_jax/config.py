@@ -176,8 +176,9 @@ def fit_mesh(config) -> str | None:
     return f"{e}; evaluating data parallel over this machine's devices instead"
 
 
-def validate(config) -> None:
-  """Raises UserError naming the first field that is wrong and what would be right."""
+def validate(config, training: bool = True) -> None:
+  """Raises UserError naming the first field that is wrong and what would be right (`training`: also what
+  only training needs, e.g. a batch that splits over this machine's devices)."""
   check_structure(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
@@ -192,8 +193,8 @@ def validate(config) -> None:
          f"must be > 0 (or set train.num_steps > 0), got {t.num_epochs!r}")
   from bigmodel_jax import parallel
   mesh, rules = parallel.make_mesh(config.mesh), parallel.make_rules(config.parallel.rules)
-  parallel.check_batch(mesh, rules, config.data.batch_size, "data.batch_size", t.grad_accum_steps)
-  parallel.check_batch(mesh, rules, config.data.eval_batch_size, "data.eval_batch_size")
+  if training:  # eval batches are padded up to a multiple of the batch shards (padding rows are masked out)
+    parallel.check_batch(mesh, rules, config.data.batch_size, "data.batch_size", t.grad_accum_steps)
   if not config.data.name.startswith("tfds:"):
     DATASETS.get(config.data.name)
   from bigmodel_jax.data.text import READS_PATH
@@ -208,6 +209,27 @@ def validate(config) -> None:
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
+
+
+def with_defaults(saved: dict) -> dict:
+  """A workdir's config.json completed with fields added to base_config() since it was written (at their
+  defaults, which reproduce what the older version did), so older runs still evaluate and resume."""
+  import json
+  base = json.loads(base_config().to_json_best_effort())
+  try:
+    base["model"] = json.loads(model_config(saved["model"]["name"]).to_json_best_effort())
+  except (KeyError, TypeError, UserError):
+    base.pop("model")
+
+  def merge(defaults: dict, values: dict) -> dict:
+    out = dict(values)
+    for key, value in defaults.items():
+      if key not in out:
+        out[key] = value
+      elif isinstance(value, dict) and isinstance(out[key], dict):
+        out[key] = merge(value, out[key])
+    return out
+  return merge(base, saved)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -16,7 +16,8 @@ def evaluate_split(run, state, split: str = "test") -> dict:
   """Task metrics over every example of `split` (sums accumulate on device; one fetch at the end)."""
   sums = None
   for local in pipeline.eval_batches(run.dataset, split, run.config.data, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+                                     process_count=jax.process_count(),
+                                     multiple_of=run.stepper.batch_shards):
     batch = run.stepper.eval_batch(local)
     if sums is None:
       sums = run.stepper.zero_sums(batch)
@@ -51,7 +52,8 @@ def predict(run, checkpoint_step: int | None) -> dict:
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+                                     process_count=jax.process_count(),
+                                     multiple_of=run.stepper.batch_shards):
     out = jax.device_get(run.stepper.predict_step(state, run.stepper.eval_batch(local)))
     outputs.append({k: v[out["mask"] > 0] for k, v in out.items() if k != "mask"})
   preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

@@ -49,6 +49,9 @@ class Stepper:
       raise UserError(f"config.parallel.strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
     if compute_dtype not in DTYPES:
       raise UserError(f"config.train.dtype: unknown {compute_dtype!r}; valid: {', '.join(DTYPES)}")
+    if strategy == "pmap" and jax.process_count() > 1:
+      raise UserError("config.parallel.strategy: 'pmap' runs on one process here; multi-host runs use 'jit' (the "
+                      "same data parallelism with config.mesh.data=-1)")
     if strategy == "pmap" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
       raise UserError(f"config.parallel.strategy: 'pmap' is pure data parallel, but the mesh has fsdp="
                       f"{mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; set config.mesh.fsdp=1 and "
@@ -79,6 +82,7 @@ class Stepper:
                                        self.abstract_state, self.state_sharding)
     replicated = parallel.replicated(mesh)
     self.batch_sharding = parallel.batch_sharding(mesh, self.rules)
+    self.batch_shards = parallel.batch_shards(mesh, self.rules)
     self.init = jax.jit(init, out_shardings=self.state_sharding)
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding, replicated),
                              out_shardings=replicated, donate_argnums=2)
@@ -142,12 +146,15 @@ class Stepper:
   def _accumulated_grads(self, params, model_state, batch, rng):
     """Gradients of the whole batch, computed over grad_accum_steps microbatches in turn (lax.scan).
 
-    Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows (no data moves), and the mean
-    of the microbatches' mean gradients is the whole batch's mean gradient.
+    Done inside the step rather than with optax.MultiSteps, so that one call is still one update (the step
+    count, schedule, data position and checkpoints do not change with k) and it composes with pmap.
+    Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows (no data moves). Each
+    microbatch's mean is weighted by its real rows (mask), so the result is the whole batch's masked mean
+    even when padding rows fall unevenly. -> (grads, model_state, metrics, real rows)
     """
     k = self.grad_accum_steps
     if k == 1:
-      return self._loss_and_grads(params, model_state, batch, rng)
+      return (*self._loss_and_grads(params, model_state, batch, rng), batch["mask"].sum())
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
     if self._axis_name is None:  # jit: keep each microbatch split over the data axes like the batch
       spec = P(None, *self.batch_sharding.spec)
@@ -160,18 +167,27 @@ class Stepper:
       (grads_sum, metrics_sum), model_state = carry
       i, microbatch = xs
       grads, model_state, metrics = self._loss_and_grads(params, model_state, microbatch, jax.random.fold_in(rng, i))
-      return (jax.tree.map(jnp.add, (grads_sum, metrics_sum), (grads, metrics)), model_state), None
+      rows = microbatch["mask"].sum()
+      summed = jax.tree.map(lambda acc, x: acc + rows * x, (grads_sum, metrics_sum), (grads, metrics))
+      return (summed, model_state), None
 
     ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, model_state), (jnp.arange(k), micro))
-    return jax.tree.map(lambda g: g / k, grads), model_state, jax.tree.map(lambda m: m / k, metrics)
+    rows = batch["mask"].sum()
+    mean = lambda tree: jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0), tree)
+    return mean(grads), model_state, mean(metrics), rows
 
   def _train_step(self, state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
     if self._axis_name:  # pmap: each device draws its own dropout for its own rows
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(self._axis_name))
-    grads, model_state, metrics = self._accumulated_grads(state.params, state.model_state, batch, step_rng)
-    if self._axis_name:  # pmap: average over devices; jit's sharded mean already spans the whole batch
-      grads, model_state, metrics = jax.lax.pmean((grads, model_state, metrics), self._axis_name)
+    grads, model_state, metrics, rows = self._accumulated_grads(state.params, state.model_state, batch, step_rng)
+    if self._axis_name:  # pmap: average over devices, weighted by real rows; jit's sharded mean spans the batch
+      total = jax.lax.psum(rows, self._axis_name)
+      grads, metrics = jax.tree.map(lambda x: jax.lax.psum(x * rows, self._axis_name) / jnp.maximum(total, 1.0),
+                                    (grads, metrics))
+      # float model state (batch statistics) is averaged; keys and counters are the same on every device
+      model_state = jax.tree.map(
+          lambda x: jax.lax.pmean(x, self._axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),

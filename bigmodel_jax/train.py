@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
@@ -75,7 +76,7 @@ def saved_config(workdir: Path) -> dict | None:
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    return config_lib.with_defaults(json.loads(path.read_text()))
   except json.JSONDecodeError:
     raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
                     "or move the workdir away") from None
@@ -338,9 +339,9 @@ def _train(run: Run) -> dict:
   final = {"step": final_step, "split": "test", **eval_metrics,
            "params_sha256": runinfo.fingerprint(state.params),
            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params)))}
-  model = run.stepper.model(state)
-  if hasattr(model, "coefficients"):
-    final["coefficients"] = model.coefficients()
+  if hasattr(run.stepper.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
+    final["coefficients"] = nnx.merge(run.stepper.graphdef, *runinfo.to_host((state.params, state.model_state)))\
+        .coefficients()
   if chief:
     runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
   return final

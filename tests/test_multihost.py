@@ -202,4 +202,5 @@ def test_sigterm_to_one_process_checkpoints_all_at_one_step(cli, tmp_path):
   assert [p.returncode for p in procs] == [143, 143], outputs[0][-2000:] + outputs[1][-2000:]
   saved = [re.search(r"error: SIGTERM: saved a checkpoint at step (\d+)", out).group(1) for out in outputs]
   assert saved[0] == saved[1]
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [saved[0]]
+  # the newest checkpoint is the stop step (an epoch-end one may precede it when the notice comes later)
+  assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == int(saved[0])

@@ -274,3 +274,39 @@ def test_scanned_rematerialised_gpt_on_a_mixed_mesh_matches_one_device(gpt_refer
   losses, state = train_steps(config, stepper)
   close(losses, gpt_reference[0])
   assert {s.data.shape for s in param(state, name).addressable_shards} == {(2, 16, 3, 4, 4)}
+
+
+def first_batch(config):
+  return next(iter(pipeline.train_dataset(dataset_for(config), config.data, seed=config.seed, num_steps=1)))
+
+
+@pytest.mark.parametrize("strategy, devices, k", [("jit", 1, 4), ("pmap", 8, 1), ("pmap", 8, 2)])
+def test_padding_rows_weigh_nothing_however_the_batch_is_split(strategy, devices, k):
+  """A last, padded batch (drop_remainder=False): microbatches and devices hold unequal numbers of real rows,
+  and the update is still the whole batch's masked mean."""
+  config = digits_config()
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
+  batch = first_batch(config)
+  batch["mask"] = batch["mask"].copy()
+  batch["mask"][-3:] = 0.0  # rows 29-31: uneven over 4 strided microbatches, and all on the last devices
+
+  def one_step(stepper):
+    state, metrics = stepper.train_step(stepper.place(stepper.init()), stepper.train_batch(batch))
+    return float(metrics["loss"]), stepper.plain(state)
+
+  loss, reference = one_step(stepper_for(config, 1))
+  config.parallel.strategy, config.train.grad_accum_steps = strategy, k
+  split_loss, split = one_step(stepper_for(config, devices))
+  close(split_loss, loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(reference.params)):
+    close(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
+@needs_tiny
+def test_pmap_keeps_non_float_model_state():
+  """The LSTM carries PRNG keys and counters as model state: pmap averages only float state."""
+  config = load_config("shakespeare_lstm", "smoke")
+  config.data.path = str(TINY_SHAKESPEARE)
+  config.parallel.strategy = "pmap"
+  losses, state = train_steps(config, stepper_for(config, 2))
+  assert all(np.isfinite(losses))

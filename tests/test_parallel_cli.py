@@ -63,3 +63,27 @@ def test_mesh_sizes_must_multiply_to_the_device_count(cli, tmp_path):
 def test_unknown_mesh_axis_in_the_rules(cli, tmp_path):
   assert_one_error(cli(*ARGS, "--config.parallel.rules.embed=model", f"--workdir={tmp_path}"),
                    "config.parallel.rules.embed: 'model' is not a mesh axis; valid: data, fsdp, tensor")
+
+
+def test_eval_on_more_devices_than_training_had(cli, tmp_path):
+  """Trained on 1 device with a batch of 12; evaluated on 8: the eval batch (100) is padded to 104."""
+  ok(cli(*ARGS, "--config.data.batch_size=12", "--config.data.eval_batch_size=100", "--config.train.num_steps=10",
+         f"--workdir={tmp_path}"))
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  ok(cli("--mode=eval", f"--workdir={tmp_path}", env=EIGHT))
+  record = json.loads((tmp_path / "eval_step10.json").read_text())
+  assert abs(record["loss"] - final["loss"]) < 1e-5 and record["accuracy"] == final["accuracy"]
+
+
+def test_a_workdir_from_before_the_layout_fields_still_evaluates_and_resumes(cli, tmp_path):
+  args = [*ARGS, "--config.train.checkpoint_every=10", f"--workdir={tmp_path}"]
+  ok(cli(*args, "--config.train.num_steps=10"))
+  path = tmp_path / "config.json"
+  saved = json.loads(path.read_text())
+  for section, field in (("train", "dtype"), ("train", "grad_accum_steps"), ("optimizer", "mu_dtype")):
+    del saved[section][field]
+  del saved["mesh"], saved["parallel"]
+  path.write_text(json.dumps(saved))  # what an older version wrote
+  ok(cli("--mode=eval", f"--workdir={tmp_path}"))
+  resumed = ok(cli(*args, "--config.train.num_steps=10"))  # same command: not refused as a config change
+  assert "evaluating only" in resumed.stderr

@@ -88,6 +88,7 @@ def test_checkpoints_keep_latest_and_best(digits_run):
 
 def test_linear_regression_recovers_coefficients(tmp_path):
   config = load_config("linear_regression")
+  config.mesh.data, config.mesh.tensor = 4, 2  # this process has 8 devices (conftest); 100 points split 4 ways
   final = train.train_and_evaluate(config, tmp_path)
   w = final["coefficients"]["weights"][0][0]
   b = final["coefficients"]["bias"][0]

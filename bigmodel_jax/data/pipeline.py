@@ -144,11 +144,13 @@ def steps_per_epoch(dataset: Dataset, data_config) -> int:
 
 
 def eval_batches(dataset: Dataset, split: str, data_config, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
-  """Every example of a split once, in order, in padded global batches (mask marks real rows)."""
+                 process_count: int = 1, multiple_of: int = 1) -> Iterator[Batch]:
+  """Every example of a split once, in order, in padded global batches (mask marks real rows) of
+  data.eval_batch_size rounded up to `multiple_of` (the batch shards of the mesh)."""
   arrays = dataset.split(split)
   preprocess = make_preprocess(dataset, data_config)
-  indexer = EpochIndexer(len(arrays["targets"]), data_config.eval_batch_size, seed=0, shuffle=False,
+  batch_size = -(-data_config.eval_batch_size // multiple_of) * multiple_of
+  indexer = EpochIndexer(len(arrays["targets"]), batch_size, seed=0, shuffle=False,
                          drop_remainder=False, process_index=process_index, process_count=process_count)
   for step in range(indexer.steps_per_epoch):
     idx, mask = indexer(step)
