@@ -141,6 +141,12 @@ def initialize(setup: tuple[str, dict] | None, config, timeout: int, run_flags: 
     raise UserError(mismatch)
   logging.info("process %d of %d, %d local devices (%s), %d devices in all", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices()[0].platform, jax.device_count())
+  # Native collectives (gloo on CPU) print to file descriptor 1 whenever they connect a new device group; stdout
+  # is for the run's summary alone, so fd 1 now leads to stderr and Python's stdout keeps the original stream.
+  sys.stdout.flush()
+  summary_fd = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(summary_fd, "w", buffering=1)
 
 
 def _joined_too_late(message: str, address: str | None) -> None:
