@@ -203,3 +203,18 @@ def check_same_flags(config, num_processes: int, run_flags: str) -> str | None:
       return (f"{what}: process {differ[0]} was started with a different value than process 0; start every "
               "process with the same flags (only --process_id differs)")
   return None
+
+
+def chief_decides(message: str, max_bytes: int = 2048) -> str:
+  """Process 0's `message` on every process ('' = go on). A check only process 0 makes (its lock, its files)
+  must stop the others too, or they wait for it in their next collective until jax's heartbeat timeout."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return message
+  raw = message.encode()[:max_bytes]
+  buffer = np.zeros(max_bytes, np.uint8)
+  buffer[:len(raw)] = np.frombuffer(raw, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(out).rstrip(b"\0").decode(errors="replace")

@@ -245,15 +245,3 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     return jax.device_put(local_batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
-
-def chief_decides(message: str, max_bytes: int = 2048) -> str:
-  """Process 0's `message` on every process ('' = go on). A check only process 0 makes (its lock, its files)
-  must stop the others too, or they wait for it in their next collective until jax's heartbeat timeout."""
-  if jax.process_count() == 1:
-    return message
-  from jax.experimental import multihost_utils
-  raw = message.encode()[:max_bytes]
-  buffer = np.zeros(max_bytes, np.uint8)
-  buffer[:len(raw)] = np.frombuffer(raw, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  return bytes(out).rstrip(b"\0").decode(errors="replace")

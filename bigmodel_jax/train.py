@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from bigmodel_jax import config as config_lib, evaluate, optim, parallel, runinfo
+from bigmodel_jax import config as config_lib, distributed, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
@@ -145,7 +145,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
       refused = f"--workdir: cannot create {workdir} ({e.strerror}); pick a writable path"
     except UserError as e:
       refused = str(e)
-  refused = parallel.chief_decides(refused)  # the others stop too, rather than wait for process 0 in a collective
+  refused = distributed.chief_decides(refused)  # the others stop too, rather than wait for process 0 in a collective
   if refused:
     raise UserError(refused)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
@@ -293,8 +293,8 @@ def _train(run: Run) -> dict:
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])
 
   def save(step, metrics=None):
-    run.checkpointer.save(step, run.stepper.plain(state), batches.get_state(), {"step": step, "epoch": step / run.steps_per_epoch},
-                          metrics)
+    run.checkpointer.save(step, run.stepper.plain(state), batches.get_state(),
+                          {"step": step, "epoch": step / run.steps_per_epoch}, metrics)
 
   try:
     for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
