@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,16 @@ def cli(cache_dir, tmp_path_factory):
       return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
   return run
+
+
+def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 120):
+  """Waits until `proc` (a cli(..., popen=True) run) has committed checkpoint `step` in `workdir`."""
+  deadline = time.time() + timeout
+  while not (workdir / "checkpoints" / str(step)).exists():  # orbax renames a checkpoint into place when complete
+    assert proc.poll() is None, proc.stdout.read()[-2000:]
+    assert time.time() < deadline, f"no checkpoint within {timeout:.0f} s"
+    time.sleep(0.01)
+  return proc
 
 
 def load_config(name: str, variant: str = ""):

@@ -2,9 +2,10 @@
 
 import json
 import signal
-import time
 
 import pytest
+
+from conftest import wait_for_checkpoint
 
 ARGS = ["--config=configs/digits_mlp.py", "--config.train.num_steps=2500", "--config.train.eval_every=1000",
         "--config.train.checkpoint_every=500", "--config.train.log_every=100"]
@@ -19,13 +20,7 @@ def reference(cli, tmp_path_factory):
 
 
 def start_and_wait_for_checkpoint(cli, workdir, args=ARGS):
-  proc = cli(*args, f"--workdir={workdir}", popen=True)
-  deadline = time.time() + 120
-  while not (workdir / "checkpoints" / "500").exists():  # orbax renames a checkpoint into place when complete
-    assert proc.poll() is None, proc.stdout.read()[-2000:]
-    assert time.time() < deadline, "no checkpoint within 120 s"
-    time.sleep(0.01)
-  return proc
+  return wait_for_checkpoint(cli(*args, f"--workdir={workdir}", popen=True), workdir, 500)
 
 
 def test_sigkill_then_relaunch_is_bit_identical(cli, tmp_path, reference):

@@ -8,14 +8,13 @@ import json
 import math
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
-from conftest import TINY_SHAKESPEARE
+from conftest import TINY_SHAKESPEARE, wait_for_checkpoint
 
 TINY = TINY_SHAKESPEARE
 needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of tiny Shakespeare at {TINY}")
@@ -47,14 +46,18 @@ def unigram_cross_entropy() -> float:
   return -sum(n * math.log(counts[c] / k) for c, n in collections.Counter(text[k:]).items()) / (len(text) - k)
 
 
-@pytest.fixture(scope="module")
-def gpt_run(cli, tmp_path_factory) -> Path:
-  """One trained smoke GPT workdir shared by the tests below (they copy it before changing anything)."""
+def trained_on_tiny(cli, tmp_path_factory, name: str, args: list[str]) -> Path:
+  """A workdir trained with `args` on tiny Shakespeare, shared by a module's tests (they copy it to change it)."""
   if not TINY.is_file():
     pytest.skip(f"no local copy of tiny Shakespeare at {TINY}")
-  workdir = tmp_path_factory.mktemp("gpt")
-  ok(cli(*GPT, f"--workdir={workdir}", timeout=300))
+  workdir = tmp_path_factory.mktemp(name)
+  ok(cli(*args, f"--workdir={workdir}", timeout=300))
   return workdir
+
+
+@pytest.fixture(scope="module")
+def gpt_run(cli, tmp_path_factory) -> Path:
+  return trained_on_tiny(cli, tmp_path_factory, "gpt", GPT)
 
 
 # --- GPT: learning, run records, resume -----------------------------------------------------------------------
@@ -83,12 +86,7 @@ def test_gpt_smoke_learns_tiny_shakespeare(gpt_run):
 @needs_tiny
 def test_lm_sigkill_then_relaunch_is_bit_identical(cli, gpt_run, tmp_path):
   reference = json.loads((gpt_run / "final_metrics.json").read_text())
-  proc = cli(*GPT, f"--workdir={tmp_path}", popen=True)
-  deadline = time.time() + 120
-  while not (tmp_path / "checkpoints" / "50").exists():  # orbax renames a checkpoint into place when complete
-    assert proc.poll() is None, proc.stdout.read()[-2000:]
-    assert time.time() < deadline, "no checkpoint within 120 s"
-    time.sleep(0.01)
+  proc = wait_for_checkpoint(cli(*GPT, f"--workdir={tmp_path}", popen=True), tmp_path, 50)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL
@@ -261,11 +259,7 @@ def test_model_misfits_are_one_line_before_anything_is_written(cli, tmp_path, ov
 
 @pytest.fixture(scope="module")
 def lstm_run(cli, tmp_path_factory) -> Path:
-  if not TINY.is_file():
-    pytest.skip(f"no local copy of tiny Shakespeare at {TINY}")
-  workdir = tmp_path_factory.mktemp("lstm")
-  ok(cli(*LSTM, f"--workdir={workdir}", timeout=300))
-  return workdir
+  return trained_on_tiny(cli, tmp_path_factory, "lstm", LSTM)
 
 
 @needs_tiny
