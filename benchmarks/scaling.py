@@ -48,7 +48,7 @@ def main(_):
   config = _CONFIG.value
   total_steps = max(_STEPS.value + 10, config.schedule.warmup_steps + 1)  # the schedule needs its warmup
   dataset = load_dataset(config.data, None, create_tokenizer=True)
-  task = get_task(config.task, dataset)
+  task = get_task(config, dataset)
   rows = []
   for layout in _LAYOUTS.value.split(","):
     name, sizes, strategy = parse_layout(layout)

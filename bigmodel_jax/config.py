@@ -17,7 +17,7 @@ from bigmodel_jax.parallel import RULES
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.",
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.", "eval.",
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
@@ -43,8 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = dict(name="classification", label_smoothing=0.0)
   c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
                      nesterov=False, weight_decay=0.0, grad_clip_norm=0.0,
+                     decay_embeddings=False,  # weight decay on kernels only, or also on embeddings
                      mu_dtype="float32")  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
   c.schedule = dict(name="constant", warmup_steps=0, end_factor=0.0)  # end lr = learning_rate * end_factor
+  # Several named optimizers instead of the one above (a GAN's generator and discriminator, per-group learning
+  # rates): config.optimizers.<name> = optim.section_config(params="generator", ...), each with its own schedule.
+  c.optimizers = ml_collections.ConfigDict()
   c.train = dict(
       num_epochs=1, num_steps=-1,  # num_steps > 0 overrides num_epochs
       log_every=100, eval_every=-1,  # eval_every -1: at the end of each epoch
@@ -58,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   # strategy jit (any mesh) or pmap (pure data parallel); rules: logical axis -> mesh axes (parallel.RULES)
   c.parallel = dict(strategy="jit", rules=dict(RULES))
+  # GAN quality (task 'adversarial'): a trained classifier run's workdir, or the config trained once and cached
+  # (~/.cache/bigmodel_jax/classifiers or $BIGMODEL_JAX_CLASSIFIER_DIR); seed: the fixed eval noise
+  c.eval = dict(classifier_workdir="", classifier_config="configs/mnist_cnn.py", seed=0)
   c.predict = dict(num_images=25)
   # --mode=sample (language models): text generated from the checkpoint, with a KV cache
   c.sample = dict(prompt="\n", num_tokens=500, temperature=0.8, top_k=200, top_p=1.0, seed=0, num_samples=1)
@@ -111,15 +118,6 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.prefetch", lambda v: v >= 0, "must be >= 0"),
     ("data.augment.random_crop_padding", lambda v: v >= 0, "must be >= 0"),
     ("data.normalize", lambda v: v in ("none", "unit", "standardize"), "must be none, unit or standardize"),
-    ("optimizer.learning_rate", lambda v: v > 0 and math.isfinite(v), "must be a positive number"),
-    ("optimizer.momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.eps", lambda v: v > 0, "must be > 0"),
-    ("optimizer.weight_decay", lambda v: v >= 0, "must be >= 0"),
-    ("optimizer.grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
-    ("schedule.warmup_steps", lambda v: v >= 0, "must be >= 0"),
-    ("schedule.end_factor", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("task.label_smoothing", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("train.log_every", lambda v: v > 0, "must be > 0"),
     ("train.checkpoint_every", lambda v: v > 0, "must be > 0"),
@@ -137,7 +135,6 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.seed", lambda v: v >= 0, "must be >= 0"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),
     ("train.dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
-    ("optimizer.mu_dtype", lambda v: v in ("float32", "bfloat16"), "must be float32 or bfloat16"),
     ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("parallel.strategy", lambda v: v in ("jit", "pmap"), "must be jit or pmap"),
 ]
@@ -182,7 +179,7 @@ def validate(config, training: bool = True) -> None:
   check_structure(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
-  from bigmodel_jax.optim import OPTIMIZERS, SCHEDULES
+  from bigmodel_jax import optim
   from bigmodel_jax.tasks import TASKS
 
   for path, ok, message in RANGES:
@@ -204,8 +201,7 @@ def validate(config, training: bool = True) -> None:
   if "dropout_rate" in config.model:
     _check(0 <= config.model.dropout_rate < 1, "model.dropout_rate", f"must be in [0, 1), got {config.model.dropout_rate}")
   TASKS.get(config.task.name)
-  OPTIMIZERS.get(config.optimizer.name)
-  SCHEDULES.get(config.schedule.name)
+  optim.validate(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")

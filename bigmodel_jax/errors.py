@@ -15,3 +15,25 @@ class ModelMismatchError(UserError):
   def __init__(self, message: str, diffs: dict[str, tuple]):
     super().__init__(message)
     self.diffs = diffs
+
+
+TRACEBACK_ENV = "BIGMODEL_JAX_TRACEBACK"  # =1: print the full traceback behind a one-line error
+TRACEBACK_HINT = f"full traceback: --verbosity=1 or {TRACEBACK_ENV}=1"
+
+
+def where(e: BaseException) -> str:
+  """'at models/cnn.py:45 in __call__ (TypeError: ...)': the innermost frame outside jax/flax/optax, and the error."""
+  import traceback
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if not any(part in f.filename for part in ("/jax/", "/jaxlib/", "/flax/", "/optax/", "/contextlib.py"))]
+  lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
+  text = f"({type(e).__name__}: {lines[-1][:200]})"
+  if not frames:
+    return text
+  frame = frames[-1]
+  path = frame.filename
+  for root in ("bigmodel_jax/", "site-packages/"):
+    if root in path:
+      path = path[path.rindex(root):]
+      break
+  return f"at {path}:{frame.lineno} in {frame.name} {text}"

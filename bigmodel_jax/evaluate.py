@@ -17,11 +17,11 @@ def evaluate_split(run, state, split: str = "test") -> dict:
   sums = None
   for local in pipeline.eval_batches(run.dataset, split, run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count(),
-                                     multiple_of=run.stepper.batch_shards):
-    batch = run.stepper.eval_batch(local)
+                                     multiple_of=run.steps.layout.batch_shards):
+    batch = run.steps.layout.eval_batch(local)
     if sums is None:
-      sums = run.stepper.zero_sums(batch)
-    sums = run.stepper.eval_step(state, batch, sums)
+      sums = run.steps.zero_sums(batch)
+    sums = run.steps.eval_step(state, batch, sums)
   return run.task.finalize(jax.device_get(sums))
 
 
@@ -44,24 +44,33 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
 
 
 def predict(run, checkpoint_step: int | None) -> dict:
-  """Writes predictions.csv for the test split, plus pictures: an image grid and a confusion matrix."""
-  from bigmodel_jax import metrics, plots
-  if run.dataset.kind == "lm":
+  """The task's predictions for the test split, written by the task (a CSV and pictures; a GAN: a sample grid)."""
+  if run.dataset.is_token_stream:
     raise UserError("--mode=predict is for classifiers and regressors; a language model generates text with "
                     "--mode=sample")
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count(),
-                                     multiple_of=run.stepper.batch_shards):
-    out = jax.device_get(run.stepper.predict_step(state, run.stepper.eval_batch(local)))
+                                     multiple_of=run.steps.layout.batch_shards):
+    out = jax.device_get(run.steps.predict_step(state, run.steps.layout.eval_batch(local)))
     outputs.append({k: v[out["mask"] > 0] for k, v in out.items() if k != "mask"})
   preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   if jax.process_index() != 0:
     return {"step": step}
-  test = run.dataset.test
   out_dir = run.workdir / f"predict_step{step}"
   out_dir.mkdir(parents=True, exist_ok=True)
+  files, summary = run.task.write_predictions(run, preds, step, out_dir)
+  for f in files:
+    logging.info("wrote %s", f)
+  return {"step": step, **summary, "files": [str(f) for f in files]}
+
+
+def write_supervised_predictions(run, preds: dict, step: int, out_dir) -> tuple[list, dict]:
+  """predictions.csv for the test split, plus pictures: an image grid and a confusion matrix (classifiers) or a
+  fit (regressors). -> (files, summary metrics)"""
+  from bigmodel_jax import metrics, plots
+  test = run.dataset.test
   with open(out_dir / "predictions.csv", "w", newline="") as f:
     w = csv.writer(f)
     probs = preds.get("probability")
@@ -79,11 +88,9 @@ def predict(run, checkpoint_step: int | None) -> dict:
     summary = metrics.classification_metrics(confusion)
     files.append(plots.confusion_matrix(confusion, run.dataset.class_names, out_dir / "confusion_matrix.png",
                                         title=f"{run.dataset.name}, step {step}"))
-    if run.dataset.kind == "image":
+    if run.dataset.is_image:
       files.append(plots.image_grid(test["inputs"], test["targets"], preds["prediction"], run.dataset.class_names,
                                     out_dir / "test_images.png", num=run.config.predict.num_images))
   else:
     files.append(plots.scatter_fit(test["inputs"], test["targets"], preds["prediction"], out_dir / "fit.png"))
-  for f in files:
-    logging.info("wrote %s", f)
-  return {"step": step, **summary, "files": [str(f) for f in files]}
+  return files, summary

@@ -5,7 +5,9 @@ Multi-host: start the same command once per host, adding --coordinator_address=H
 jax finds those itself); every process trains on its rows of each global batch, process 0 writes the records.
 
 Bad input of any kind ends with one line on stderr naming the field or file and what to do, and a
-non-zero exit: 2 for bad input, 3 for a non-finite loss, 143 after a SIGTERM checkpoint.
+non-zero exit: 2 for bad input, 3 for a non-finite loss, 143 after a SIGTERM checkpoint. An exception raised
+inside a model's or task's own code is named with its file, line and message; --verbosity=1 or
+BIGMODEL_JAX_TRACEBACK=1 prints its full traceback too.
 """
 
 import json
@@ -20,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bigmodel_jax import distributed
-from bigmodel_jax.errors import NonFiniteLossError, UserError
+from bigmodel_jax.errors import TRACEBACK_ENV, NonFiniteLossError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mnist_cnn.py or configs/mnist_cnn.py:smoke.",
@@ -48,7 +50,10 @@ CACHE_DIR_ENV = "BIGMODEL_JAX_CACHE_DIR"
 EXIT_BARRIER_S = 10
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2, cause: BaseException | None = None):
+  if cause is not None and (os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or flags.FLAGS["verbosity"].value >= 1):
+    import traceback
+    traceback.print_exception(cause, file=sys.stderr)  # the error behind the one line, for a bug report
   print(f"error: {message}", file=sys.stderr, flush=True)
   # The error is said. What libraries print while the process winds down after it (e.g. tensorstore reads
   # of an unreadable checkpoint still finishing) would only bury that line.
@@ -189,14 +194,14 @@ def main(argv):
   except NonFiniteLossError as e:
     fail(str(e), code=3)
   except UserError as e:
-    fail(str(e))
+    fail(str(e), cause=e.__cause__)
   except train.Preempted as e:
     signum, message = e.args
     fail(message, code=128 + signum)
   except KeyboardInterrupt:
     fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
-  if _MODE.value == "sample":
+  if "texts" in result:  # a language model's samples: the text itself
     print(sample.SEPARATOR.join(result["texts"]), flush=True)
     return
   summary = {k: v for k, v in result.items() if k != "confusion_matrix"}

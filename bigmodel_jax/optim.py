@@ -1,6 +1,19 @@
-"""config.optimizer / config.schedule -> an optax GradientTransformation."""
+"""Optimizers from the config: optax transformations, schedules, clipping, weight decay by parameter role.
+
+A run has one optimizer (`config.optimizer` + `config.schedule`, named "default") or several named ones
+(`config.optimizers.<name>`, each a whole optimizer section with its own `schedule` and a `params`
+pattern saying which parameters it owns). Every parameter is owned by exactly one optimizer; each
+optimizer's state covers only its own parameters (optax.masked), and its states are sharded and
+checkpointed like the parameters.
+"""
+
+import dataclasses
+import fnmatch
+import math
+from typing import Any
 
 import jax
+import ml_collections
 import optax
 
 from bigmodel_jax.errors import UserError
@@ -8,6 +21,8 @@ from bigmodel_jax.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer", "config.optimizer.name")
 SCHEDULES: Registry = Registry("schedule", "config.schedule.name")
+DEFAULT = "default"  # the name of the one optimizer built from config.optimizer
+MU_DTYPES = ("float32", "bfloat16")
 
 
 @SCHEDULES.register("constant")
@@ -33,45 +48,197 @@ def _linear(lr, s, total_steps):
   return optax.join_schedules([warmup, decay], [s.warmup_steps]) if s.warmup_steps else decay
 
 
-def make_schedule(config, total_steps: int) -> optax.Schedule:
-  s = config.schedule
-  if s.name in ("warmup_cosine", "linear") and s.warmup_steps >= total_steps:
-    raise UserError(f"config.schedule.warmup_steps: {s.warmup_steps} is not below the run's {total_steps} "
-                    "training steps; shorten the warmup or train longer")
-  return SCHEDULES.get(s.name)(config.optimizer.learning_rate, s, total_steps)
+# --- weight decay by parameter role (the last name of a parameter's path), the same in every layout
+DECAYED = ("kernel",)  # dense, conv, attention and LSTM weight matrices, however they are stacked
+EMBEDDINGS = ("embedding", "pos_embed", "cls")  # token / position embeddings, learned prefix vectors
+# everything else (biases, LayerNorm/BatchNorm scales, ...) is never decayed
 
 
-def decay_mask(params):
-  """Weight decay applies to matrices and kernels, not to biases or norm scales (ndim <= 1)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def _name(path) -> str:
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return ".".join(n for n in names if n != "value")
+
+
+def decays(name: str, decay_embeddings: bool = False) -> bool:
+  role = name.rsplit(".", 1)[-1]
+  return role in DECAYED or (decay_embeddings and role in EMBEDDINGS)
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+  """True for the parameters weight decay applies to: kernels, and embeddings if asked; never biases or norms."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: decays(_name(p), decay_embeddings), params)
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(lr, o):
+def _sgd(lr, o, mask):
   return optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov)
 
 
 @OPTIMIZERS.register("adam")
-def _adam(lr, o):
+def _adam(lr, o, mask):
   return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(lr, o):
-  return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype, weight_decay=o.weight_decay,
-                     mask=decay_mask)
+def _adamw(lr, o, mask):
+  return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=o.mu_dtype, weight_decay=o.weight_decay, mask=mask)
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """clip (optional) -> coupled weight decay (sgd/adam, optional) -> optimizer following `schedule`.
+# --- config sections
 
-  The caller keeps `schedule` to log the learning rate, so the logged value is the one applied.
-  """
-  o = config.optimizer
+def section_config(**overrides) -> ml_collections.ConfigDict:
+  """One named optimizer for config.optimizers.<name>: every optimizer field, a schedule, and `params`
+  (fnmatch patterns of parameter paths, comma-separated; 'generator' owns generator.*)."""
+  from bigmodel_jax.config import base_config
+  base = base_config()
+  section = ml_collections.ConfigDict({**base.optimizer.to_dict(), "schedule": base.schedule.to_dict(), "params": "*"})
+  for key, value in overrides.items():
+    if key not in section:
+      raise UserError(f"config.optimizers: {key!r} is not an optimizer field; valid: {', '.join(sorted(section))}")
+    if isinstance(value, dict):
+      section[key].update(value)
+    else:
+      section[key] = value
+  return section
+
+
+_RANGES = [
+    ("learning_rate", lambda v: v > 0 and math.isfinite(v), "must be a positive number"),
+    ("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("eps", lambda v: v > 0, "must be > 0"),
+    ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
+    ("mu_dtype", lambda v: v in MU_DTYPES, f"must be one of {', '.join(MU_DTYPES)}"),
+]
+_SCHEDULE_RANGES = [
+    ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("end_factor", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+]
+
+
+def sections(config) -> dict[str, tuple[Any, Any, str]]:
+  """{name: (optimizer section, schedule section, config field prefix)} for every optimizer of the run."""
+  named = config.get("optimizers") or {}
+  if not named:
+    return {DEFAULT: (config.optimizer, config.schedule, "optimizer")}
+  return {name: (s, s.schedule, f"optimizers.{name}") for name, s in named.items()}
+
+
+def validate(config) -> None:
+  """Every optimizer section of the config: known names and values in range (one line naming the field)."""
+  for name, (o, s, field) in sections(config).items():
+    if field != "optimizer":
+      for key in ("name", "learning_rate", "schedule", "params"):
+        if key not in o:
+          raise UserError(f"config.{field}.{key}: missing; build each named optimizer with "
+                          "bigmodel_jax.optim.section_config(...)")
+    sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
+    for key, ok, message in _RANGES:
+      if not ok(o[key]):
+        raise UserError(f"config.{field}.{key}: {message}, got {o[key]!r}")
+    for key, ok, message in _SCHEDULE_RANGES:
+      if not ok(s[key]):
+        raise UserError(f"config.{sched_field}.{key}: {message}, got {s[key]!r}")
+    _get(OPTIMIZERS, o.name, f"config.{field}.name")
+    _get(SCHEDULES, s.name, f"config.{sched_field}.name")
+
+
+def _get(registry: Registry, name: str, field: str):
+  try:
+    return registry.get(name)
+  except UserError as e:
+    raise UserError(str(e).replace(registry.field, field, 1)) from None
+
+
+def _schedule(o, s, total_steps: int, sched_field: str) -> optax.Schedule:
+  if s.name in ("warmup_cosine", "linear") and s.warmup_steps >= total_steps:
+    raise UserError(f"config.{sched_field}.warmup_steps: {s.warmup_steps} is not below the run's {total_steps} "
+                    "training steps; shorten the warmup or train longer")
+  return _get(SCHEDULES, s.name, f"config.{sched_field}.name")(o.learning_rate, s, total_steps)
+
+
+def _transformation(o, schedule, field: str) -> optax.GradientTransformation:
+  """clip (optional) -> coupled weight decay (sgd/adam, optional) -> optimizer following `schedule`."""
+  mask = lambda params: decay_mask(params, o.get("decay_embeddings", False))
   chain = []
   if o.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.weight_decay > 0 and o.name != "adamw":  # adamw decouples decay itself
-    chain.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
-  chain.append(OPTIMIZERS.get(o.name)(schedule, o))
+    chain.append(optax.add_decayed_weights(o.weight_decay, mask=mask))
+  chain.append(_get(OPTIMIZERS, o.name, f"config.{field}.name")(schedule, o, mask))
   return optax.chain(*chain)
+
+
+def make_schedule(config, total_steps: int) -> optax.Schedule:
+  """config.optimizer's schedule (the single-optimizer form)."""
+  return _schedule(config.optimizer, config.schedule, total_steps, "schedule")
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """config.optimizer's transformation over all parameters (the single-optimizer form)."""
+  return _transformation(config.optimizer, schedule, "optimizer")
+
+
+@dataclasses.dataclass
+class Optimizer:
+  """One named optimizer: its transformation (over its own parameters only), schedule and ownership mask."""
+  name: str
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mask: Any  # a params-shaped tree of Python bools: True where this optimizer owns the parameter
+  num_params: int
+
+
+def _owns(patterns: str, name: str) -> bool:
+  return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in
+             (p.strip() for p in patterns.split(",")) if p)
+
+
+def make_optimizers(config, total_steps: int, abstract_params, required: tuple[str, ...] = ()) -> dict[str, Optimizer]:
+  """Every optimizer of the run over the parameters it owns; `required`: the names the task's update steps."""
+  named = sections(config)
+  task = config.task.name
+  if required:
+    if list(named) == [DEFAULT]:
+      raise UserError(f"config.optimizers: task {task!r} steps {len(required)} optimizers ({', '.join(required)}); "
+                      "give each one with config.optimizers.<name> = optim.section_config(params=...)")
+    missing = [n for n in required if n not in named]
+    if missing:
+      raise UserError(f"config.optimizers.{missing[0]}: missing; task {task!r} steps optimizers "
+                      f"{', '.join(required)}, the config has {', '.join(named)}")
+    extra = [n for n in named if n not in required]
+    if extra:
+      raise UserError(f"config.optimizers.{extra[0]}: task {task!r} steps only {', '.join(required)}; remove it")
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
+  names = [_name(p) for p, _ in leaves]
+  groups = sorted({n.split(".")[0] for n in names})
+  owners = {n: [] for n in names}
+  masks = {}
+  for opt_name, (o, _, field) in named.items():
+    patterns = "*" if field == "optimizer" else o.params
+    owned = {n for n in names if _owns(patterns, n)}
+    if not owned:
+      raise UserError(f"config.{field}.params: {patterns!r} matches no parameter; parameter groups: "
+                      f"{', '.join(groups)} (e.g. '{groups[0]}' owns {groups[0]}.*)")
+    for n in owned:
+      owners[n].append(opt_name)
+    masks[opt_name] = jax.tree_util.tree_map_with_path(lambda p, _: _name(p) in owned, abstract_params)
+  for n, who in owners.items():
+    if len(who) != 1:
+      problem = "is owned by no optimizer" if not who else f"is owned by {len(who)} optimizers ({', '.join(who)})"
+      raise UserError(f"config.optimizers: parameter {n} {problem}; make the params patterns cover each parameter "
+                      "exactly once")
+  out = {}
+  for opt_name, (o, s, field) in named.items():
+    sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
+    schedule = _schedule(o, s, total_steps, sched_field)
+    tx = _transformation(o, schedule, field)
+    mask = masks[opt_name]
+    if not all(jax.tree.leaves(mask)):  # the state covers only this optimizer's parameters
+      tx = optax.masked(tx, mask)
+    count = sum(math.prod(leaf.shape) for (p, leaf) in leaves if _name(p) in
+                {n for n, who in owners.items() if who == [opt_name]})
+    out[opt_name] = Optimizer(opt_name, tx, schedule, mask, count)
+  return out

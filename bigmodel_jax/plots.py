@@ -60,3 +60,33 @@ def scatter_fit(inputs, targets, predictions, path: Path) -> Path:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def sample_grid(images, path: Path, labels=None, title: str = "") -> Path:
+  """Generated images in a square grid, optionally titled (e.g. with a classifier's label for each)."""
+  num = len(images)
+  cols = int(np.ceil(np.sqrt(num)))
+  rows = int(np.ceil(num / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.35 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, ax in enumerate(axes.flat[:num]):
+    img = np.clip(images[i], 0.0, 1.0)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+              vmin=0.0, vmax=1.0)
+    if labels is not None:
+      ax.set_title(str(labels[i]), fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def save_image(image, path: Path) -> Path:
+  """One [0, 1] image (H x W x C) as a PNG."""
+  img = np.clip(image, 0.0, 1.0)
+  plt.imsave(path, img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+             vmin=0.0, vmax=1.0)
+  return path

@@ -33,3 +33,14 @@ class Registry(Generic[T]):
     close = difflib.get_close_matches(name, self.names(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"{self.field}: unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}")
+
+
+def import_submodules(package: str) -> None:
+  """Imports every module of `package` (e.g. 'bigmodel_jax.models'), so each registers itself: adding a file
+  with one `@REGISTRY.register(name)` line is all it takes, no import list to edit."""
+  import importlib
+  import pkgutil
+  module = importlib.import_module(package)
+  for info in sorted(pkgutil.iter_modules(module.__path__), key=lambda m: m.name):
+    if not info.name.startswith("_"):
+      importlib.import_module(f"{package}.{info.name}")

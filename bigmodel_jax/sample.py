@@ -119,12 +119,15 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
 
 
 def sample(run, checkpoint_step: int | None) -> dict:
-  """Restores the checkpoint, generates config.sample.num_samples texts, prints and saves them."""
+  """--mode=sample: restores the checkpoint and lets the task make its samples (text, images)."""
   from bigmodel_jax.evaluate import restore_for_eval
+  step, state = restore_for_eval(run, checkpoint_step)
+  return run.task.sample(run, run.steps.model(state), step)
+
+
+def check_prompt(run) -> list[int]:
+  """config.sample.prompt as token ids, or a one-line error."""
   s, dataset = run.config.sample, run.dataset
-  if dataset.kind != "lm":
-    raise UserError(f"--mode=sample generates text from a language model; {run.config.model.name!r} on "
-                    f"{dataset.name!r} is a classifier or regressor (use --mode=predict)")
   if not s.prompt:
     raise UserError("config.sample.prompt: empty; give at least one character to start from (e.g. '\\n')")
   try:
@@ -133,8 +136,13 @@ def sample(run, checkpoint_step: int | None) -> dict:
     raise UserError(f"config.sample.prompt: {e}") from None
   if len(prompt_ids) == 0:
     raise UserError(f"config.sample.prompt: {s.prompt!r} encodes to no tokens; give a longer prompt")
-  step, state = restore_for_eval(run, checkpoint_step)
-  model = run.stepper.model(state)
+  return prompt_ids
+
+
+def sample_text(run, model, step: int) -> dict:
+  """config.sample.num_samples texts from a language model: printed and saved."""
+  s, dataset = run.config.sample, run.dataset
+  prompt_ids = check_prompt(run)
   start = time.perf_counter()
   tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
                     top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,

@@ -1,13 +1,24 @@
 """The train state and the compiled steps: pure functions of (state, batch), compiled once.
 
-NNX modules are split into (graphdef, params, model_state) once, outside the steps; each step
-merges them inside the trace, so no Python graph traversal happens per call.
+NNX modules are split into (graphdef, params, model_state) once, outside the steps; each step merges
+them inside the trace, so no Python graph traversal happens per call.
 
-One step function serves every layout. `strategy='jit'` compiles it with jax.jit over the run's mesh:
-explicit in/out shardings from parallel.py (data / FSDP / tensor parallel), the state donated.
-`strategy='pmap'` compiles the same function with jax.pmap over the data axis: the state is replicated
-with a leading device axis and gradients are averaged with lax.pmean. Mixed precision and gradient
-accumulation live here too, so they work the same under both.
+The step interface. The shared step here does what every model needs: it derives the step's key,
+hands (state, batch, key) to the task's `update`, and counts the step. A task's update is written with
+the `Steps` methods below, which keep the machinery in one place:
+
+  grads, model_state, metrics = steps.grads(loss_fn, state, batch, key, wrt="discriminator")
+  state, more_metrics = steps.apply_gradients(state, grads, model_state, wrt="discriminator")
+
+`grads` runs `loss_fn(model, batch, rngs) -> (loss, metrics)` in the compute dtype (mixed precision:
+float32 master weights, gradients back in float32), over `grad_accum_steps` microbatches, averaged over
+the replicas of the layout (pmap) and weighted by real rows; `rngs` holds one key per example, derived
+from (seed, step, row of the global batch), so dropout and noise are the same on every layout and for
+every microbatch split. `apply_gradients` steps one named optimizer (or all) over the parameters it owns.
+A supervised task's update is those two calls (tasks.Task.update); a GAN makes them twice.
+
+Where the arrays live (shardings, pmap replication, bytes per device) is the layout's business
+(parallel.Layout); the steps here are compiled by it.
 """
 
 from typing import Any, Callable
@@ -17,20 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bigmodel_jax import parallel
-from bigmodel_jax.errors import UserError
+from bigmodel_jax import optim, parallel
+from bigmodel_jax.models.layers import ExampleRngs
+from bigmodel_jax.registry import Registry
 
-STRATEGIES = ("jit", "pmap")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES: Registry = Registry("compute dtype", "config.train.dtype")
+DTYPES.register("float32")(jnp.float32)
+DTYPES.register("bfloat16")(jnp.bfloat16)
 
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: number of updates applied
   params: nnx.State  # trainable nnx.Param variables, always float32 ("master" weights)
   model_state: nnx.State  # everything else the model carries (e.g. batch statistics)
-  opt_state: Any
+  opt_state: dict[str, Any]  # one optimizer state per named optimizer (optim.make_optimizers)
   rng: jax.Array  # raw uint32 PRNG key; step keys are fold_in(rng, step) so resume is exact
 
 
@@ -38,185 +50,150 @@ def cast_floats(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-class Stepper:
-  """Owns the graphdef and the compiled init/train/eval/predict functions for one run."""
+def example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+  """One key per example: fold_in(key, global row), so a row's randomness does not depend on the layout."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, rows.astype(jnp.uint32))
 
-  def __init__(self, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-               schedule: optax.Schedule, task, mesh: Mesh, seed: int, input_shape: tuple[int, ...],
-               input_dtype=jnp.float32, *, rules=None, strategy: str = "jit", compute_dtype: str = "float32",
-               grad_accum_steps: int = 1):
-    if strategy not in STRATEGIES:
-      raise UserError(f"config.parallel.strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if compute_dtype not in DTYPES:
-      raise UserError(f"config.train.dtype: unknown {compute_dtype!r}; valid: {', '.join(DTYPES)}")
-    if strategy == "pmap" and jax.process_count() > 1:
-      raise UserError("config.parallel.strategy: 'pmap' runs on one process here; multi-host runs use 'jit' (the "
-                      "same data parallelism with config.mesh.data=-1)")
-    if strategy == "pmap" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
-      raise UserError(f"config.parallel.strategy: 'pmap' is pure data parallel, but the mesh has fsdp="
-                      f"{mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; set config.mesh.fsdp=1 and "
-                      "config.mesh.tensor=1, or use strategy 'jit'")
-    self.task, self.tx, self.schedule, self.mesh = task, tx, schedule, mesh
-    self.rules = parallel.make_rules() if rules is None else rules
-    self.strategy, self.grad_accum_steps = strategy, grad_accum_steps
-    self.compute_dtype = DTYPES[compute_dtype]
-    self._axis_name = parallel.DATA_AXIS if strategy == "pmap" else None
+
+class Steps:
+  """The compiled init/train/eval/predict functions of one run, over the layout's shardings."""
+
+  def __init__(self, make_model: Callable[[nnx.Rngs], nnx.Module], make_optimizers, task, layout_config, mesh,
+               seed: int, input_shape: tuple[int, ...], input_dtype=jnp.float32, *, rules=None,
+               compute_dtype: str = "float32", grad_accum_steps: int = 1):
+    """`make_optimizers(abstract_params) -> {name: optim.Optimizer}` (each owns a part of the parameters)."""
+    self.task = task
+    self.compute_dtype = DTYPES.get(compute_dtype)
+    self.grad_accum_steps = grad_accum_steps
+    abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0)))
+    self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    self.optimizers = optimizers = make_optimizers(abstract_params)
 
     def init() -> TrainState:
       model = make_model(nnx.Rngs(params=jax.random.fold_in(jax.random.PRNGKey(seed), 0)))
       _, params, model_state = nnx.split(model, nnx.Param, ...)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                        opt_state=tx.init(params), rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+                        opt_state={name: o.tx.init(params) for name, o in optimizers.items()},
+                        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
 
-    abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0)))
-    self.graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     self.abstract_state = jax.eval_shape(init)
-    example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), input_dtype)}
-    self.output_shape = jax.eval_shape(self._outputs, self.abstract_state, example).shape  # fails early on misfit
-    # where every parameter lives: the models' logical axis names through the rules table
-    self.param_partition = parallel.param_specs(self.abstract_state.params, nnx.get_partition_spec(abstract_params),
-                                                mesh, self.rules)
-    self.state_sharding = parallel.state_shardings(self.abstract_state, self.param_partition, mesh)
-    # A restore target: shapes, dtypes and the shardings of *this* mesh (never the saved ones).
-    self.restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                       self.abstract_state, self.state_sharding)
-    replicated = parallel.replicated(mesh)
-    self.batch_sharding = parallel.batch_sharding(mesh, self.rules)
-    self.batch_shards = parallel.batch_shards(mesh, self.rules)
-    self.init = jax.jit(init, out_shardings=self.state_sharding)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding, replicated),
-                             out_shardings=replicated, donate_argnums=2)
-    self.predict_step = jax.jit(self._predict_step, in_shardings=(self.state_sharding, self.batch_sharding),
-                                out_shardings=replicated)
-    if strategy == "jit":
-      self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
-                                out_shardings=(self.state_sharding, replicated), donate_argnums=0)
-      self._train_batch_sharding = self.batch_sharding
-    else:
-      # pmap: the state carries a leading axis of one replica per device; metrics come back once (out_axes None)
-      devices = list(mesh.devices.flat)
-      self._pmap_mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
-      stacked = NamedSharding(self._pmap_mesh, P(parallel.DATA_AXIS))
-      self.train_step = jax.pmap(self._train_step, axis_name=parallel.DATA_AXIS, devices=devices,
-                                 donate_argnums=0, out_axes=(0, None))
-      self._train_batch_sharding = stacked
-      n = len(devices)
-      self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), s),
-                                out_shardings=stacked)
-      self._unreplicate = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.state_sharding)
+    example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), input_dtype),
+               "mask": jax.ShapeDtypeStruct((1,), jnp.float32), "index": jax.ShapeDtypeStruct((1,), jnp.int32)}
+    # runs the model abstractly on one example: a misfit fails here, before anything is compiled
+    self.output_shape = jax.eval_shape(lambda s, b: task.outputs(self.model(s, cast=True), b),
+                                       self.abstract_state, example).shape
+    self.layout = parallel.make_layout(layout_config, mesh, self.abstract_state,
+                                       nnx.get_partition_spec(abstract_params), rules)
+    self.init = self.layout.compile_init(init)
+    self.train_step = self.layout.compile_train(self._train_step)
+    self.eval_step = self.layout.compile_eval(self._eval_step)
+    self.predict_step = self.layout.compile_predict(self._predict_step)
 
-  def model(self, state: TrainState) -> nnx.Module:
-    """The NNX module holding `state`'s values (for eval, summaries, inspection; not per step)."""
-    return nnx.merge(self.graphdef, state.params, state.model_state)
+  def model(self, state: TrainState, cast: bool = False) -> nnx.Module:
+    """The NNX module holding `state`'s values (`cast`: parameters in the compute dtype)."""
+    params = cast_floats(state.params, self.compute_dtype) if cast else state.params
+    return nnx.merge(self.graphdef, params, state.model_state)
 
-  # --- layouts: the train loop holds the state in the train step's layout; eval and checkpoints use the plain one
+  # --- the pieces a task's update is made of
 
-  def place(self, state: TrainState) -> TrainState:
-    """A plain state -> the train step's layout (pmap: one replica per device)."""
-    return state if self.strategy == "jit" else self._replicate(state)
+  def grads(self, loss_fn, state: TrainState, batch, key, *, wrt: str | None = None, model_state=None):
+    """Gradients of `loss_fn(model, batch, rngs) -> (loss, {metric: scalar})` over the whole global batch,
+    w.r.t. the parameters optimizer `wrt` owns (None: all). -> (grads, model_state, metrics)
 
-  def plain(self, state: TrainState) -> TrainState:
-    """The train step's layout -> a plain state on the mesh (what eval, predict and checkpoints take)."""
-    return state if self.strategy == "jit" else self._unreplicate(state)
-
-  def train_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> the train step's global batch (pmap: split into a leading device axis)."""
-    if self.strategy == "pmap":
-      n = len(self.mesh.local_devices)
-      local_batch = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local_batch.items()}
-    return parallel.global_batch(local_batch, self._train_batch_sharding)
-
-  def eval_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return parallel.global_batch(local_batch, self.batch_sharding)
-
-  # --- the step functions
-
-  def _loss_and_grads(self, params, model_state, batch, rng):
-    def loss_fn(params):
-      # mixed precision: compute in compute_dtype from float32 master weights; the cast is inside the
-      # differentiated function, so gradients arrive in float32
-      model = nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype), model_state)
-      outputs = model(cast_floats(batch["inputs"], self.compute_dtype), train=True, rngs=nnx.Rngs(dropout=rng))
-      loss, metrics = self.task.train_loss(outputs.astype(jnp.float32), batch)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-    (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, cast_floats(model_state, jnp.float32), metrics
-
-  def _accumulated_grads(self, params, model_state, batch, rng):
-    """Gradients of the whole batch, computed over grad_accum_steps microbatches in turn (lax.scan).
-
-    Done inside the step rather than with optax.MultiSteps, so that one call is still one update (the step
-    count, schedule, data position and checkpoints do not change with k) and it composes with pmap.
-    Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows (no data moves). Each
-    microbatch's mean is weighted by its real rows (mask), so the result is the whole batch's masked mean
-    even when padding rows fall unevenly. -> (grads, model_state, metrics, real rows)
+    Microbatch i of grad_accum_steps takes rows i, i+k, ... (each device keeps its own rows), run in turn by
+    lax.scan inside the one step, so steps, schedules and checkpoints do not change with k; each microbatch's
+    mean is weighted by its real rows (mask), so padding never counts however the batch is split.
     """
+    params = state.params
+    model_state = state.model_state if model_state is None else model_state
+    owned = None if wrt is None else self.optimizers[wrt].mask
     k = self.grad_accum_steps
+
+    def one(model_state, microbatch):
+      def f(p):
+        if owned is not None:  # parameters of other optimizers are constants here
+          p = jax.tree.map(lambda own, x: x if own else jax.lax.stop_gradient(x), owned, p)
+        # fresh Variables in this trace (tree.map rebuilds them), so BatchNorm may update its statistics
+        model = nnx.merge(self.graphdef, cast_floats(p, self.compute_dtype), jax.tree.map(lambda x: x, model_state))
+        inputs = {**microbatch, "inputs": cast_floats(microbatch["inputs"], self.compute_dtype)}
+        loss, metrics = loss_fn(model, inputs, ExampleRngs(example_keys(key, microbatch["row"])))
+        return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+      (_, (metrics, new_model_state)), g = jax.value_and_grad(f, has_aux=True)(params)
+      metrics = jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+      return g, cast_floats(new_model_state, jnp.float32), metrics
+
     if k == 1:
-      return (*self._loss_and_grads(params, model_state, batch, rng), batch["mask"].sum())
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
-    if self._axis_name is None:  # jit: keep each microbatch split over the data axes like the batch
-      spec = P(None, *self.batch_sharding.spec)
-      micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, spec))
-    first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(self._loss_and_grads, params, model_state, first, rng)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shapes[0], shapes[2]))
+      grads, model_state, metrics = one(model_state, batch)
+    else:
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+      micro = self.layout.constrain_microbatches(micro)
+      shapes = jax.eval_shape(one, model_state, jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shapes[0], shapes[2]))
 
-    def body(carry, xs):
-      (grads_sum, metrics_sum), model_state = carry
-      i, microbatch = xs
-      grads, model_state, metrics = self._loss_and_grads(params, model_state, microbatch, jax.random.fold_in(rng, i))
-      rows = microbatch["mask"].sum()
-      summed = jax.tree.map(lambda acc, x: acc + rows * x, (grads_sum, metrics_sum), (grads, metrics))
-      return (summed, model_state), None
+      def body(carry, microbatch):
+        sums, model_state = carry
+        g, model_state, metrics = one(model_state, microbatch)
+        rows = microbatch["mask"].sum()
+        return (jax.tree.map(lambda acc, x: acc + rows * x, sums, (g, metrics)), model_state), None
 
-    ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, model_state), (jnp.arange(k), micro))
-    rows = batch["mask"].sum()
-    mean = lambda tree: jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0), tree)
-    return mean(grads), model_state, mean(metrics), rows
+      ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, model_state), micro)
+      rows = jnp.maximum(batch["mask"].sum(), 1.0)
+      grads, metrics = jax.tree.map(lambda x: x / rows, (grads, metrics))
+    # pmap: a weighted mean over the replicas (jit's arrays already span the global batch)
+    grads, metrics = self.layout.mean_over_replicas((grads, metrics), batch["mask"].sum())
+    return grads, self.layout.sync_model_state(model_state), metrics
+
+  def apply_gradients(self, state: TrainState, grads, model_state=None, *, wrt: str | None = None):
+    """Steps optimizer `wrt` (None: every optimizer) over the parameters it owns. -> (state, metrics)
+    metrics: grad_norm, param_norm, learning_rate (per optimizer, `name/grad_norm`, with several)."""
+    names = list(self.optimizers) if wrt is None else [wrt]
+    params, opt_state, metrics = state.params, dict(state.opt_state), {}
+    for name in names:
+      o = self.optimizers[name]
+      owned = lambda tree: [x for own, x in zip(jax.tree.leaves(o.mask), jax.tree.leaves(tree)) if own]
+      updates, opt_state[name] = o.tx.update(grads, opt_state[name], params)
+      params = jax.tree.map(lambda own, p, u: p + u.astype(p.dtype) if own else p, o.mask, params, updates)
+      prefix = "" if len(self.optimizers) == 1 else f"{name}/"
+      metrics.update({f"{prefix}grad_norm": optax.global_norm(owned(grads)),
+                      f"{prefix}learning_rate": o.schedule(state.step)})
+    metrics["param_norm"] = optax.global_norm(params)
+    new_model_state = state.model_state if model_state is None else model_state
+    return state.replace(params=params, opt_state=opt_state, model_state=new_model_state), metrics
+
+  # --- the compiled functions
 
   def _train_step(self, state: TrainState, batch):
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    if self._axis_name:  # pmap: each device draws its own dropout for its own rows
-      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(self._axis_name))
-    grads, model_state, metrics, rows = self._accumulated_grads(state.params, state.model_state, batch, step_rng)
-    if self._axis_name:  # pmap: average over devices, weighted by real rows; jit's sharded mean spans the batch
-      total = jax.lax.psum(rows, self._axis_name)
-      grads, metrics = jax.tree.map(lambda x: jax.lax.psum(x * rows, self._axis_name) / jnp.maximum(total, 1.0),
-                                    (grads, metrics))
-      # float model state (batch statistics) is averaged; keys and counters are the same on every device
-      model_state = jax.tree.map(
-          lambda x: jax.lax.pmean(x, self._axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-               "learning_rate": self.schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-    return new_state, metrics
-
-  def _outputs(self, state: TrainState, batch):
-    model = nnx.merge(self.graphdef, cast_floats(state.params, self.compute_dtype), state.model_state)
-    return model(cast_floats(batch["inputs"], self.compute_dtype), train=False).astype(jnp.float32)
+    new_state, metrics = self.task.update(self, state, batch, jax.random.fold_in(state.rng, state.step))
+    return new_state.replace(step=state.step + 1), metrics
 
   def _eval_step(self, state: TrainState, batch, sums):
-    step_sums = self.task.eval_sums(self._outputs(state, batch), batch)
+    step_sums = self.task.evaluate_batch(self.model(state, cast=True), self._cast_inputs(batch))
     return jax.tree.map(jnp.add, sums, step_sums)
+
+  def _cast_inputs(self, batch):
+    return {**batch, "inputs": cast_floats(batch["inputs"], self.compute_dtype)}
 
   def zero_sums(self, example_batch):
     """Zeroed accumulators shaped like the task's eval sums."""
-    shapes = jax.eval_shape(lambda s, b: self.task.eval_sums(self._outputs(s, b), b),
+    shapes = jax.eval_shape(lambda s, b: self.task.evaluate_batch(self.model(s, cast=True), self._cast_inputs(b)),
                             self.abstract_state, example_batch)
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
   def _predict_step(self, state: TrainState, batch):
     # the mask comes back replicated with the predictions, so every process can drop padding rows
-    return {**self.task.predict(self._outputs(state, batch)), "mask": batch["mask"]}
+    return {**self.task.predict_batch(self.model(state, cast=True), self._cast_inputs(batch)), "mask": batch["mask"]}
 
   def describe(self) -> list[str]:
     """The run log's account of the layout: mesh, bytes per device, each parameter group's sharding."""
-    lines = parallel.describe(self.mesh, self.abstract_state, self.state_sharding, self.param_partition)
-    extra = [f"strategy {self.strategy}", f"compute dtype {jnp.dtype(self.compute_dtype).name}"]
+    lines = self.layout.describe()
+    extra = [f"compute dtype {jnp.dtype(self.compute_dtype).name}"]
     if self.grad_accum_steps > 1:
       extra.append(f"{self.grad_accum_steps} microbatches per step")
-    return [f"{lines[0]}; {', '.join(extra)}", *lines[1:]]
+    if len(self.optimizers) > 1:
+      extra.append("optimizers " + ", ".join(f"{n} ({o.num_params:,} values)" for n, o in self.optimizers.items()))
+    return [f"{lines[0]}, {', '.join(extra)}", *lines[1:]]
+
+
+def num_values(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))

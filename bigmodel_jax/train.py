@@ -18,12 +18,12 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from bigmodel_jax import config as config_lib, distributed, evaluate, optim, parallel, runinfo
+from bigmodel_jax import config as config_lib, distributed, errors, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
-from bigmodel_jax.state import Stepper
+from bigmodel_jax.state import Steps
 from bigmodel_jax.tasks import get_task
 from bigmodel_jax.writers import MetricsWriter, Progress
 
@@ -40,7 +40,7 @@ class Run:
   dataset: Dataset
   task: object
   mesh: object
-  stepper: Stepper
+  steps: Steps
   checkpointer: Checkpointer
   writer: MetricsWriter
   total_steps: int
@@ -51,7 +51,7 @@ class Run:
   def restore(self, step: int):
     """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
     try:
-      return self.checkpointer.restore(step, self.stepper.restore_target)
+      return self.checkpointer.restore(step, self.steps.layout.restore_target)
     except ModelMismatchError as e:
       vocab = self.dataset.vocab_size
       # the tokenizer is to blame only if every differing dimension is the vocabulary size (the embedding, the head)
@@ -127,14 +127,14 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   else:
     dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
                            create_tokenizer=new_tokenizer)
-  task = get_task(config.task, dataset)
+  task = get_task(config, dataset)
   steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
   if steps_per_epoch == 0:
     raise UserError(f"config.data.batch_size: {config.data.batch_size} is larger than the "
                     f"{dataset.num_examples('train')} training examples of {dataset.name!r} with drop_remainder")
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
-  stepper = make_stepper(config, dataset, task, parallel.make_mesh(config.mesh), total_steps)
+  steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps)
   chief = jax.process_index() == 0
   refused, lock = "", None
   if chief:
@@ -150,32 +150,30 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
     raise UserError(refused)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
-  return Run(config, workdir, dataset, task, stepper.mesh, stepper, checkpointer, MetricsWriter(workdir, chief),
+  return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief),
              total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
 
 
-def make_stepper(config, dataset: Dataset, task, mesh, total_steps: int) -> Stepper:
-  """The compiled steps for config's model, optimizer and layout on `mesh` (benchmarks and tests pick meshes)."""
-  schedule = optim.make_schedule(config, total_steps)
+def make_steps(config, dataset: Dataset, task, mesh, total_steps: int) -> Steps:
+  """The compiled steps for config's model, task, optimizers and layout on `mesh` (benchmarks and tests pick meshes)."""
+  make_model = lambda rngs: build_model(config.model, input_shape=dataset.input_shape, num_outputs=task.num_outputs,
+                                        rngs=rngs, vocab_size=dataset.vocab_size)
+  make_optimizers = lambda params: optim.make_optimizers(config, total_steps, params, task.optimizers)
   try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
-    stepper = Stepper(lambda rngs: build_model(config.model, input_shape=dataset.input_shape,
-                                               num_outputs=task.num_outputs, rngs=rngs, vocab_size=dataset.vocab_size),
-                      optim.make_optimizer(config, schedule), schedule, task, mesh, config.seed, dataset.input_shape,
-                      dataset.input_dtype, rules=parallel.make_rules(config.parallel.rules),
-                      strategy=config.parallel.strategy, compute_dtype=config.train.dtype,
-                      grad_accum_steps=config.train.grad_accum_steps)
+    steps = Steps(make_model, make_optimizers, task, config.parallel.strategy, mesh, config.seed, dataset.input_shape,
+                  dataset.input_dtype, rules=parallel.make_rules(config.parallel.rules), compute_dtype=config.train.dtype,
+                  grad_accum_steps=config.train.grad_accum_steps)
   except UserError:
     raise
-  except Exception as e:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
-    raise UserError(f"config.model: {config.model.name!r} does not fit {dataset.name} inputs of shape "
-                    f"{dataset.input_shape} ({type(e).__name__}: {lines[-1][:200]}); check the model fields") from None
+  except Exception as e:  # a shape that does not fit, or a bug in the model's or task's own code: say where
+    raise UserError(f"config.model: {config.model.name!r} on {dataset.name} inputs of shape {dataset.input_shape} "
+                    f"failed {errors.where(e)}; check the model fields ({errors.TRACEBACK_HINT})") from e
   wanted = tuple(task.output_shape(dataset.input_shape))
-  if tuple(stepper.output_shape[1:]) != wanted:
-    raise UserError(f"config.model.name: {config.model.name!r} outputs shape {tuple(stepper.output_shape[1:])} per "
+  if tuple(steps.output_shape[1:]) != wanted:
+    raise UserError(f"config.model.name: {config.model.name!r} outputs shape {tuple(steps.output_shape[1:])} per "
                     f"example but task {config.task.name!r} needs {wanted}; use a model made for that task (language "
                     "models: gpt, lstm_lm; text classifiers: encoder_classifier)")
-  return stepper
+  return steps
 
 
 class TrainMetrics:
@@ -197,7 +195,7 @@ class TrainMetrics:
 
 def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
   for step, m in fetched:
-    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(m[k])]
+    bad = [k for k in m if k.split("/")[-1].endswith(("loss", "grad_norm", "param_norm")) and not np.isfinite(m[k])]
     if bad:
       checkpointer.wait()
       last = checkpointer.latest_step()
@@ -210,7 +208,9 @@ def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) ->
 def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int, tokens_per_example: int = 0) -> dict:
   keys = fetched[-1][1].keys()
   out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
-  out["learning_rate"] = float(fetched[-1][1]["learning_rate"])
+  for k in keys:  # the rate in force at the window's end, not its average
+    if k.split("/")[-1] == "learning_rate":
+      out[k] = float(fetched[-1][1][k])
   out["steps_per_s"] = len(fetched) / seconds if seconds > 0 else 0.0
   out["examples_per_s"] = out["steps_per_s"] * global_batch
   if tokens_per_example:  # text: token positions per second (padding included for classifiers)
@@ -223,7 +223,7 @@ def restore_or_init(run: Run):
   step = run.checkpointer.latest_step()
   if step is None:
     logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
-    return run.stepper.init(), None
+    return run.steps.init(), None
   state, data_state, _ = run.restore(step)
   logging.info("resumed from checkpoint at step %d", step)
   return state, data_state
@@ -245,9 +245,10 @@ def _train(run: Run) -> dict:
   config, t, chief = run.config, run.config.train, jax.process_index() == 0
   state, data_state = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
-  for line in run.stepper.describe():
+  for line in run.steps.describe():
     logging.info("%s", line)
-  state = run.stepper.place(state)  # the train step's layout; eval and checkpoints take stepper.plain(state)
+  layout = run.steps.layout
+  state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
     runinfo.write_run_records(run.workdir, config)
     if run.save_tokenizer:
@@ -287,18 +288,18 @@ def _train(run: Run) -> dict:
     check_finite(fetched, run.checkpointer)
     now = time.perf_counter()
     summary = summarize(fetched, now - train_metrics.window_start, config.data.batch_size,
-                        run.dataset.input_shape[0] if run.dataset.kind in ("text", "lm") else 0)
+                        run.dataset.input_shape[0] if run.dataset.is_text else 0)
     train_metrics.window_start = now
     run.writer.write(fetched[-1][0], "train", summary)
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])
 
   def save(step, metrics=None):
-    run.checkpointer.save(step, run.stepper.plain(state), batches.get_state(),
+    run.checkpointer.save(step, layout.plain(state), batches.get_state(),
                           {"step": step, "epoch": step / run.steps_per_epoch}, metrics)
 
   try:
     for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
-      state, metrics = run.stepper.train_step(state, run.stepper.train_batch(next(batches)))
+      state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
       train_metrics.add(step, metrics)
       progress.advance(step)
       if step == start_step + 1:
@@ -317,7 +318,7 @@ def _train(run: Run) -> dict:
         log(keep_last=False)  # also checks the loss is finite before anything is saved
         eval_metrics = None
         if eval_due or last:
-          eval_metrics = evaluate.evaluate_split(run, run.stepper.plain(state))
+          eval_metrics = evaluate.evaluate_split(run, layout.plain(state))
           run.writer.write(step, "test", {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"})
           logging.info("step %d test: %s", step, _brief(eval_metrics))
         save(step, eval_metrics)
@@ -332,15 +333,15 @@ def _train(run: Run) -> dict:
       signal.signal(sig, handler)
     progress.close()
 
-  state = run.stepper.plain(state)
+  state = layout.plain(state)
   final_step = int(jax.device_get(state.step))
   if eval_metrics is None:  # resumed a finished run: evaluate its final state again
     eval_metrics = evaluate.evaluate_split(run, state)
   final = {"step": final_step, "split": "test", **eval_metrics,
            "params_sha256": runinfo.fingerprint(state.params),
            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params)))}
-  if hasattr(run.stepper.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
-    final["coefficients"] = nnx.merge(run.stepper.graphdef, *runinfo.to_host((state.params, state.model_state)))\
+  if hasattr(run.steps.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
+    final["coefficients"] = nnx.merge(run.steps.graphdef, *runinfo.to_host((state.params, state.model_state)))\
         .coefficients()
   if chief:
     runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")

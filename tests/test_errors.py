@@ -162,7 +162,7 @@ def test_non_finite_loss_keeps_restorable_checkpoints(cli, tmp_path):
     steps = run.checkpointer.all_steps()
     assert steps and max(steps) == last_good < bad_step
     for step in steps:
-      state, _, meta = run.checkpointer.restore(step, run.stepper.restore_target)
+      state, _, meta = run.checkpointer.restore(step, run.steps.layout.restore_target)
       assert int(state.step) == meta["step"] == step
       for leaf in jax.tree.leaves(state.params):
         assert np.all(np.isfinite(np.asarray(leaf))), (step, leaf)

@@ -62,7 +62,7 @@ def test_regression_metrics_match_numpy_and_sklearn():
 @pytest.fixture(scope="module")
 def classification(tmp_path_factory):
   dataset = load_dataset(ml_collections.ConfigDict(dict(name="digits", data_dir=str(tmp_path_factory.mktemp("d")))))
-  return get_task(ml_collections.ConfigDict(dict(name="classification", label_smoothing=0.0)), dataset)
+  return get_task(ml_collections.ConfigDict(dict(task=dict(name="classification", label_smoothing=0.0))), dataset)
 
 
 def test_classification_eval_ignores_padding_rows(classification):

@@ -49,19 +49,19 @@ def dataset_for(config):
 def stepper_for(config, devices: int, **mesh):
   dataset = dataset_for(config)
   mesh_config = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, **mesh})
-  return train.make_stepper(config, dataset, get_task(config.task, dataset),
+  return train.make_steps(config, dataset, get_task(config, dataset),
                             parallel.make_mesh(mesh_config, devices=jax.devices()[:devices]), total_steps=100)
 
 
 def train_steps(config, stepper, steps=STEPS, state=None):
   """Runs `steps` train steps on the run's first batches -> (losses, plain final state)."""
   batches = iter(pipeline.train_dataset(dataset_for(config), config.data, seed=config.seed, num_steps=steps))
-  state = stepper.place(stepper.init() if state is None else state)
+  state = stepper.layout.place(stepper.init() if state is None else state)
   losses = []
   for _ in range(steps):
-    state, metrics = stepper.train_step(state, stepper.train_batch(next(batches)))
+    state, metrics = stepper.train_step(state, stepper.layout.train_batch(next(batches)))
     losses.append(float(metrics["loss"]))
-  return losses, stepper.plain(state)
+  return losses, stepper.layout.plain(state)
 
 
 def close(a, b, rtol=2e-5):
@@ -104,7 +104,7 @@ def test_meshes_match_one_device_and_shard_parameters(gpt_reference, mesh, qkv_s
   assert {s.data.shape for s in fc1.addressable_shards} == {fc1_shard}
   assert len(qkv.addressable_shards) == 8
   # Adam's moments live where their parameter does
-  mu = state.opt_state[-1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  mu = state.opt_state["default"][-1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
   assert param(type("S", (), {"params": mu}), QKV).sharding == qkv.sharding
   close(np.asarray(qkv), np.asarray(param(gpt_reference[1], QKV)), rtol=1e-3)
 
@@ -113,13 +113,13 @@ def test_meshes_match_one_device_and_shard_parameters(gpt_reference, mesh, qkv_s
 def test_sharding_follows_the_rules_table():
   config = gpt_config()
   stepper = stepper_for(config, 8, data=2, fsdp=2, tensor=2)
-  specs = stepper.param_partition
+  specs = stepper.layout.param_partition
   assert specs[QKV] == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)  # (embed, -, heads, head_dim)
   assert specs["trunk.blocks.0.attn.out.kernel"] == jax.sharding.PartitionSpec("tensor", None, "fsdp")
   assert specs[FC1] == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert specs["trunk.blocks.0.mlp.fc2.kernel"] == jax.sharding.PartitionSpec("tensor", "fsdp")
   assert specs[EMBED] == jax.sharding.PartitionSpec(None, "fsdp")  # vocab replicated by default (67 ids)
-  assert stepper.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert stepper.layout.batch_sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   lines = stepper.describe()
   assert lines[0].startswith("mesh data=2 x fsdp=2 x tensor=2 over 8 devices")
   assert any("trunk.blocks.*.attn.qkv.kernel: 2 x [32, 3, 8, 4] P('fsdp', None, 'tensor', None) -> [16, 3, 4, 4]"
@@ -134,10 +134,10 @@ def test_sharding_follows_the_rules_table():
 def test_fsdp_shards_unannotated_models_and_per_device_bytes():
   config = digits_config()
   one, fsdp = stepper_for(config, 1), stepper_for(config, 8, fsdp=8)
-  assert fsdp.param_partition["hidden.0.kernel"] == jax.sharding.PartitionSpec(None, "fsdp")  # [64, 128]
+  assert fsdp.layout.param_partition["hidden.0.kernel"] == jax.sharding.PartitionSpec(None, "fsdp")  # [64, 128]
   total = parallel.total_bytes(one.abstract_state.params)
-  assert parallel.per_device_bytes(one.abstract_state.params, one.state_sharding.params) == total
-  sharded = parallel.per_device_bytes(fsdp.abstract_state.params, fsdp.state_sharding.params)
+  assert parallel.per_device_bytes(one.abstract_state.params, one.layout.state_sharding.params) == total
+  sharded = parallel.per_device_bytes(fsdp.abstract_state.params, fsdp.layout.state_sharding.params)
   assert sharded < total / 4  # the 10-unit head bias cannot split 8 ways and stays whole
   losses_one, _ = train_steps(config, one)
   losses_fsdp, _ = train_steps(config, fsdp)
@@ -149,7 +149,7 @@ def test_pmap_matches_jit():
   jit_losses, jit_state = train_steps(config, stepper_for(config, 8))
   config.parallel.strategy = "pmap"
   stepper = stepper_for(config, 8)
-  placed = stepper.place(stepper.init())
+  placed = stepper.layout.place(stepper.init())
   assert placed.params["head"]["kernel"][...].shape == (8, 128, 10)  # one replica per device
   pmap_losses, pmap_state = train_steps(config, stepper)
   close(pmap_losses, jit_losses, rtol=1e-5)
@@ -178,7 +178,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(gpt_reference):
   config.optimizer.mu_dtype = "bfloat16"
   losses, state = train_steps(config, stepper_for(config, 1))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
-  adam = state.opt_state[-1][0]
+  adam = state.opt_state["default"][-1][0]
   assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
   close(losses, gpt_reference[0], rtol=2e-2)  # bf16 rounding, same model and data
@@ -198,8 +198,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, save_on, restore_on):
   checkpointer.save(2, state, {}, {"step": 2})
   checkpointer.close()
   loader = stepper_for(config, restore_on[0], **restore_on[1])
-  restored, _, _ = Checkpointer(tmp_path / "checkpoints").restore(2, loader.restore_target)
-  for a, b, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(loader.state_sharding)):
+  restored, _, _ = Checkpointer(tmp_path / "checkpoints").restore(2, loader.layout.restore_target)
+  for a, b, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(loader.layout.state_sharding)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == want  # the new mesh's layout, not the saved one
     assert len(a.sharding.device_set) == restore_on[0]
@@ -269,7 +269,7 @@ def test_scanned_rematerialised_gpt_on_a_mixed_mesh_matches_one_device(gpt_refer
   config.model.scan_layers, config.model.remat = True, "full"  # same initial values, stacked; same numbers
   stepper = stepper_for(config, 8, data=2, fsdp=2, tensor=2)
   name = "trunk.blocks.attn.qkv.kernel"
-  assert stepper.param_partition[name] == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+  assert stepper.layout.param_partition[name] == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
   losses, state = train_steps(config, stepper)
   close(losses, gpt_reference[0])
   assert {s.data.shape for s in param(state, name).addressable_shards} == {(2, 16, 3, 4, 4)}
@@ -290,8 +290,8 @@ def test_padding_rows_weigh_nothing_however_the_batch_is_split(strategy, devices
   batch["mask"][-3:] = 0.0  # rows 29-31: uneven over 4 strided microbatches, and all on the last devices
 
   def one_step(stepper):
-    state, metrics = stepper.train_step(stepper.place(stepper.init()), stepper.train_batch(batch))
-    return float(metrics["loss"]), stepper.plain(state)
+    state, metrics = stepper.train_step(stepper.layout.place(stepper.init()), stepper.layout.train_batch(batch))
+    return float(metrics["loss"]), stepper.layout.plain(state)
 
   loss, reference = one_step(stepper_for(config, 1))
   config.parallel.strategy, config.train.grad_accum_steps = strategy, k

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bigmodel_jax.registry import Registry
+from bigmodel_jax.registry import Registry, import_submodules
 
 DATASETS: Registry = Registry("dataset", "config.data.name")
 
@@ -40,8 +40,22 @@ class Dataset:
     return tuple(split["inputs"].shape[1:])
 
   @property
+  def is_text(self) -> bool:
+    """Inputs are token ids (text classification or language modelling), not values to normalise."""
+    return self.kind in ("text", "lm")
+
+  @property
+  def is_token_stream(self) -> bool:
+    """A language-modelling corpus: train is one token stream cut into random windows."""
+    return self.kind == "lm"
+
+  @property
+  def is_image(self) -> bool:
+    return self.kind == "image"
+
+  @property
   def input_dtype(self):
-    return self.test["inputs"].dtype if self.kind in ("text", "lm") else np.float32
+    return self.test["inputs"].dtype if self.is_text else np.float32
 
   def num_examples(self, split: str = "train") -> int:
     arrays = self.split(split)
@@ -89,4 +103,4 @@ def seeded_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarra
   return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-from bigmodel_jax.data import images, tabular, text  # noqa: E402,F401  (each registers its datasets)
+import_submodules(__name__)  # every module of this package registers its datasets

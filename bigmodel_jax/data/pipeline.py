@@ -23,7 +23,7 @@ Batch = dict[str, np.ndarray]
 def make_preprocess(dataset: Dataset, data_config) -> Callable[[np.ndarray], np.ndarray]:
   """Raw inputs -> float32 model inputs, by config.data.normalize: none | unit | standardize (token ids stay ids)."""
   scale = np.float32(dataset.input_scale)
-  if dataset.kind in ("text", "lm"):
+  if dataset.is_text:
     return lambda x: x
   if data_config.normalize == "none":
     return lambda x: x.astype(np.float32)
@@ -113,7 +113,7 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
   """The training stream as a grain dataset of `num_steps` local batches {'inputs','targets','mask'}."""
   split = dataset.train
   preprocess = make_preprocess(dataset, data_config)
-  if dataset.kind == "lm":
+  if dataset.is_token_stream:
     gather = random_windows(split["tokens"], dataset.input_shape[0], data_config.batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
   else:
@@ -127,7 +127,7 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
 
   ds = grain.MapDataset.range(num_steps).map(gather)
   aug = data_config.augment
-  if dataset.kind == "image" and (aug.random_crop_padding or aug.horizontal_flip):
+  if dataset.is_image and (aug.random_crop_padding or aug.horizontal_flip):
     ds = ds.random_map(lambda b, rng: augment(b, rng, aug.random_crop_padding, aug.horizontal_flip,
                                               indexer.offset, indexer.batch_size), seed=seed)
   ds = ds.map(lambda b: {**b, "inputs": preprocess(b["inputs"])})
@@ -137,7 +137,7 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
 
 def steps_per_epoch(dataset: Dataset, data_config) -> int:
   """Batches per pass over the training split (for a token stream: batches holding as many tokens as it)."""
-  if dataset.kind == "lm":
+  if dataset.is_token_stream:
     return max(1, dataset.num_examples("train") // (data_config.batch_size * dataset.input_shape[0]))
   return EpochIndexer(dataset.num_examples("train"), data_config.batch_size, seed=0, shuffle=False,
                       drop_remainder=data_config.drop_remainder).steps_per_epoch
@@ -155,4 +155,5 @@ def eval_batches(dataset: Dataset, split: str, data_config, *, process_index: in
   for step in range(indexer.steps_per_epoch):
     idx, mask = indexer(step)
     batch = {k: v[idx] for k, v in arrays.items()}  # inputs, targets (+ token_mask of LM windows)
-    yield {**batch, "inputs": preprocess(batch["inputs"]), "mask": mask}
+    # index: each row's example number in the split (fixed per-example randomness in eval, e.g. a GAN's noise)
+    yield {**batch, "inputs": preprocess(batch["inputs"]), "mask": mask, "index": idx.astype(np.int32)}

@@ -10,7 +10,7 @@ import inspect
 from flax import nnx
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.registry import Registry
+from bigmodel_jax.registry import Registry, import_submodules
 
 MODELS: Registry = Registry("model", "config.model.name")
 
@@ -58,4 +58,4 @@ def build_model(model_config, *, input_shape: tuple[int, ...], num_outputs: int,
   return cls(input_shape=input_shape, num_outputs=num_outputs, rngs=rngs, **kwargs)
 
 
-from bigmodel_jax.models import cnn, linear, mlp, rnn, transformer  # noqa: E402,F401  (each registers itself)
+import_submodules(__name__)  # every module of this package registers its models

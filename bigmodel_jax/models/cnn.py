@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from bigmodel_jax.models import MODELS, activation as get_activation
+from bigmodel_jax.models.layers import Dropout
 
 
 @MODELS.register("cnn")
@@ -33,10 +34,14 @@ class CNN(nnx.Module):
       c = features
     sizes = [h * w * c, *dense_features]
     self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.head = nnx.Linear(sizes[-1], num_outputs, rngs=rngs)
 
-  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool, rngs=None) -> jax.Array:
+    return self.head(self.features(x_BxHxWxC, train=train, rngs=rngs))
+
+  def features(self, x_BxHxWxC: jax.Array, *, train: bool = False, rngs=None) -> jax.Array:
+    """The penultimate activations (the head's inputs): e.g. the feature space of a Frechet distance."""
     x = x_BxHxWxC
     for i, conv in enumerate(self.convs):
       x = self.act(conv(x))
@@ -45,4 +50,4 @@ class CNN(nnx.Module):
     x = x.reshape(x.shape[0], -1)
     for layer in self.dense:
       x = self.dropout(self.act(layer(x)), deterministic=not train, rngs=rngs)
-    return self.head(x)
+    return x

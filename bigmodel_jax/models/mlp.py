@@ -7,6 +7,7 @@ import jax
 from flax import nnx
 
 from bigmodel_jax.models import MODELS, activation as get_activation
+from bigmodel_jax.models.layers import Dropout
 
 
 @MODELS.register("mlp")
@@ -18,11 +19,15 @@ class MLP(nnx.Module):
     self.act = get_activation(activation)
     sizes = [math.prod(input_shape), *hidden_sizes]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.head = nnx.Linear(sizes[-1], num_outputs, rngs=rngs)
 
-  def __call__(self, x_BxI: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x_BxI: jax.Array, *, train: bool, rngs=None) -> jax.Array:
+    return self.head(self.features(x_BxI, train=train, rngs=rngs))
+
+  def features(self, x_BxI: jax.Array, *, train: bool = False, rngs=None) -> jax.Array:
+    """The penultimate activations (the head's inputs)."""
     x = x_BxI.reshape(x_BxI.shape[0], -1)
     for layer in self.hidden:
       x = self.dropout(self.act(layer(x)), deterministic=not train, rngs=rngs)
-    return self.head(x)
+    return x

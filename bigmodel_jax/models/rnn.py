@@ -9,6 +9,7 @@ from flax import nnx
 
 from bigmodel_jax.models import MODELS, require_positive
 from bigmodel_jax.models.transformer import _check_text, axes
+from bigmodel_jax.models.layers import Dropout
 
 
 @MODELS.register("lstm_lm")
@@ -27,7 +28,7 @@ class LSTMLM(nnx.Module):
                                       recurrent_kernel_metadata=axes("mlp", "mlp"), bias_metadata=axes("mlp"),
                                       rngs=rngs), return_carry=True)
         for a, b in zip(sizes[:-1], sizes[1:])])
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.head = nnx.Linear(hidden_size, num_outputs, kernel_metadata=axes("mlp", "vocab"), bias_metadata=axes("vocab"),
                            rngs=rngs)
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
+from bigmodel_jax.models.layers import Dropout, ExampleRngs, fold_in
 
 POSITIONS = ("learned", "rotary")
 # config.model.remat -> jax.checkpoint policy: which intermediates of a block the backward pass may keep
@@ -113,7 +114,7 @@ class Block(nnx.Module):
                           rngs=rngs)
     self.ln2 = layer_norm(dim, use_bias, rngs)
     self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
     h, cache = self.attn(self.ln1(x), positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache,
@@ -132,13 +133,14 @@ def stack_modules(modules) -> nnx.Module:
 
 def _apply_block(graphdef, state, x, key, cache, positions_T, mask, *, train, is_causal, index):
   """A pure function of the block's state, so jax.checkpoint and jax.lax.scan can take it."""
-  rngs = None if key is None else nnx.Rngs(dropout=key)
+  rngs = None if key is None else ExampleRngs(key)
   return nnx.merge(graphdef, state)(x, positions_T=positions_T, train=train, rngs=rngs, mask=mask,
                                     is_causal=is_causal, cache=cache, index=index)
 
 
 class Trunk(nnx.Module):
-  """Token (+ learned position) embedding -> dropout -> blocks -> final LayerNorm: shared by both models."""
+  """Token (+ learned position) embedding -> dropout -> blocks -> final LayerNorm: shared by the Transformers
+  (gpt, encoder_classifier, and vit in models/vit.py, which embeds image patches itself: vocab_size 0)."""
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
                mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, remat: str, scan_layers: bool,
@@ -155,11 +157,12 @@ class Trunk(nnx.Module):
       raise UserError(f"config.model.embed_dim: rotary positions need an even head size, got "
                       f"{embed_dim}/{num_heads} = {embed_dim // num_heads}")
     self.max_len, self.num_layers, self.remat, self.scan_layers = max_len, num_layers, remat, bool(scan_layers)
+    # vocab_size 0: no token embedding; the caller embeds its inputs (ViT's patches) before embed_tokens
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
-                           embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+                           embedding_metadata=axes("vocab", "embed"), rngs=rngs) if vocab_size else None
     self.pos_embed = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, embed_dim)),
                                 **axes("positions", "embed")) if positions == "learned" else None)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     # scanned blocks are built one by one as the loop does, then stacked: the same initial values
     blocks = [Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary", use_bias=use_bias,
                     dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs) for _ in range(num_layers)]
@@ -167,8 +170,9 @@ class Trunk(nnx.Module):
     self.ln_f = layer_norm(embed_dim, use_bias, rngs)
 
   def embed_tokens(self, tokens_BxT, positions_T, prefix_1x1xD=None):
-    """Token embeddings (after an optional learned prefix vector, e.g. [CLS]) plus learned positions."""
-    x = self.embed(tokens_BxT)
+    """Token embeddings (after an optional learned prefix vector, e.g. [CLS]) plus learned positions. Without
+    a vocabulary (vocab_size 0) `tokens_BxT` are already vectors, B x T x embed_dim."""
+    x = self.embed(tokens_BxT) if self.embed is not None else tokens_BxT
     if prefix_1x1xD is not None:
       x = jnp.concatenate([jnp.broadcast_to(prefix_1x1xD.astype(x.dtype), (x.shape[0], 1, x.shape[2])), x], 1)
     if self.pos_embed is not None:
@@ -180,8 +184,8 @@ class Trunk(nnx.Module):
     layer axis with scanned layers (GPT.init_cache makes either)."""
     x = self.dropout(x_BxTxD, deterministic=not train, rngs=rngs)
     # one key for every block, layer i folding in i: the same masks looped, scanned or rematerialised
-    key = rngs.dropout() if train and self.dropout.rate > 0 and rngs is not None else None
-    layer_key = lambda i: None if key is None else jax.random.fold_in(key, i)
+    key = rngs.dropout() if train and self.dropout.rate > 0 and rngs is not None else None  # B keys
+    layer_key = lambda i: None if key is None else fold_in(key, i)
     apply = partial(_apply_block, train=train, is_causal=is_causal, index=index)
     policy = REMAT_POLICIES[self.remat] if train and cache is None else None  # decoding needs no backward pass
     if policy is not None:
@@ -276,7 +280,7 @@ class EncoderClassifier(nnx.Module):
                        use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
     self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
                 if pooling == "cls" else None)
-    self.dropout = nnx.Dropout(dropout_rate)
+    self.dropout = Dropout(dropout_rate)
     self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), bias_metadata=axes(None),
                            rngs=rngs)
 

@@ -1,21 +1,80 @@
-"""Tasks by name: `config.task.name` -> loss and metrics for that kind of problem.
+"""Tasks by name: `config.task.name` -> how a model is trained and evaluated for that kind of problem.
 
-A task turns model outputs and a batch {'inputs','targets','mask'} into:
-  train_loss(outputs, batch) -> (scalar loss, {metric: scalar})      inside the jitted train step
-  eval_sums(outputs, batch)  -> {name: array of sums}                inside the jitted eval step
-  finalize(sums)             -> {metric: value}                      on host, after all batches
-  predict(outputs)           -> {name: per-example array}            for --mode=predict
-  output_shape(input_shape)  -> the model output shape per example it expects (checked before training)
-Padding rows have mask 0 and never count.
+A task is a `Task` subclass registered in TASKS. The shared machinery (state.Steps) calls:
+  update(steps, state, batch, key) -> (state, metrics)   one training update, inside the compiled train step
+  evaluate_batch(model, batch)     -> {name: array of sums}   inside the compiled eval step
+  finalize(sums)                   -> {metric: value}    on host, after all eval batches
+  predict_batch(model, batch)      -> {name: per-example array}   for --mode=predict
+  outputs(model, batch)            -> what the model gives for a batch (its shape is checked before training)
+A supervised task writes only the per-output pieces (train_loss, eval_sums, predict on the model's
+outputs) and inherits the rest; a task with its own kind of update (a GAN: two optimizers, several
+steps) overrides `update` and names its optimizers in `optimizers`. Batches are {'inputs', 'targets',
+'mask', 'row', ...}; padding rows have mask 0 and never count.
 """
 
-from bigmodel_jax.registry import Registry
+import jax.numpy as jnp
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.registry import Registry, import_submodules
 
 TASKS: Registry = Registry("task", "config.task.name")
 
 
-def get_task(task_config, dataset):
-  return TASKS.get(task_config.name)(task_config, dataset)
+class Task:
+  metric_names: tuple[str, ...] = ()
+  optimizers: tuple[str, ...] = ()  # the config.optimizers names `update` steps; () = the run's optimizer(s)
+  num_outputs: int = 0
+
+  def output_shape(self, input_shape) -> tuple[int, ...]:
+    """The model output shape per example this task needs (checked before training)."""
+    raise NotImplementedError(f"{type(self).__name__}.output_shape")
+
+  def outputs(self, model, batch, *, train: bool = False, rngs=None):
+    return model(batch["inputs"], train=train, rngs=rngs).astype(jnp.float32)
+
+  def loss(self, model, batch, rngs):
+    """(scalar loss, {metric: scalar}) of one (micro)batch in training mode."""
+    return self.train_loss(self.outputs(model, batch, train=True, rngs=rngs), batch)
+
+  def update(self, steps, state, batch, key):
+    """One supervised update: gradients of the loss over the whole batch, then every optimizer steps."""
+    grads, model_state, metrics = steps.grads(self.loss, state, batch, key)
+    state, opt_metrics = steps.apply_gradients(state, grads, model_state)
+    return state, {**metrics, **opt_metrics}
+
+  def evaluate_batch(self, model, batch):
+    return self.eval_sums(self.outputs(model, batch), batch)
+
+  def predict_batch(self, model, batch):
+    return self.predict(self.outputs(model, batch))
+
+  def write_predictions(self, run, predictions: dict, step: int, out_dir) -> tuple[list, dict]:
+    """--mode=predict's files from the test split's predictions -> (files, summary metrics)."""
+    from bigmodel_jax import evaluate
+    return evaluate.write_supervised_predictions(run, predictions, step, out_dir)
+
+  def sample(self, run, model, step: int) -> dict:
+    """--mode=sample: what a generative model makes from its checkpoint."""
+    raise UserError(f"--mode=sample is for generative models (language models, GANs); task {run.config.task.name!r} "
+                    "predicts (use --mode=predict)")
+
+  # the supervised pieces, on the model's outputs
+  def train_loss(self, outputs, batch):
+    raise NotImplementedError(f"{type(self).__name__}.train_loss")
+
+  def eval_sums(self, outputs, batch):
+    raise NotImplementedError(f"{type(self).__name__}.eval_sums")
+
+  def finalize(self, sums) -> dict:
+    raise NotImplementedError(f"{type(self).__name__}.finalize")
+
+  def predict(self, outputs):
+    raise NotImplementedError(f"{type(self).__name__}.predict")
 
 
-from bigmodel_jax.tasks import classification, language_modeling, regression  # noqa: E402,F401  (each registers itself)
+def get_task(config, dataset) -> Task:
+  """The task of config.task.name for `dataset`; tasks read config.task (and any other section they need)."""
+  return TASKS.get(config.task.name)(config, dataset)
+
+
+import_submodules(__name__)  # every module of this package registers its tasks

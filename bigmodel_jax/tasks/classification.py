@@ -7,20 +7,20 @@ import optax
 
 from bigmodel_jax import metrics
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS
+from bigmodel_jax.tasks import TASKS, Task
 
 
 @TASKS.register("classification")
-class Classification:
+class Classification(Task):
   metric_names = ("accuracy", "precision", "recall", "f1", "loss")
 
-  def __init__(self, task_config, dataset):
+  def __init__(self, config, dataset):
     if dataset.num_classes < 2:
-      kind, task = (("a text corpus", "language_modeling") if dataset.kind == "lm" else ("a regression set", "regression"))
+      kind, task = (("a text corpus", "language_modeling") if dataset.is_token_stream else ("a regression set", "regression"))
       raise UserError(f"config.task.name: 'classification' needs a labelled dataset; "
                       f"{dataset.name!r} is {kind} (use task {task!r})")
     self.num_classes = dataset.num_classes
-    self.label_smoothing = task_config.get("label_smoothing", 0.0)
+    self.label_smoothing = config.task.get("label_smoothing", 0.0)
 
   @property
   def num_outputs(self) -> int:

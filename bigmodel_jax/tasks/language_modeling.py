@@ -6,16 +6,15 @@ import jax.numpy as jnp
 import optax
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS
+from bigmodel_jax.tasks import TASKS, Task
 
 
 @TASKS.register("language_modeling")
-class LanguageModeling:
+class LanguageModeling(Task):
   metric_names = ("loss", "perplexity", "bits_per_char", "accuracy")
 
-  def __init__(self, task_config, dataset):
-    del task_config
-    if dataset.kind != "lm":
+  def __init__(self, config, dataset):
+    if not dataset.is_token_stream:
       hint = " (use task 'classification')" if dataset.num_classes else ""
       raise UserError(f"config.task.name: 'language_modeling' needs a text corpus (e.g. tiny_shakespeare, "
                       f"shakespeare_plays); {dataset.name!r} is not one ({dataset.kind} data){hint}")
@@ -57,3 +56,7 @@ class LanguageModeling:
   def predict(self, logits_BxTxV):
     raise UserError("--mode=predict is for classifiers and regressors; a language model generates text with "
                     "--mode=sample")
+
+  def sample(self, run, model, step: int) -> dict:
+    from bigmodel_jax import sample
+    return sample.sample_text(run, model, step)

@@ -4,18 +4,17 @@ import jax.numpy as jnp
 
 from bigmodel_jax import metrics
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS
+from bigmodel_jax.tasks import TASKS, Task
 
 
 @TASKS.register("regression")
-class Regression:
+class Regression(Task):
   metric_names = ("mse", "mae", "r2", "loss")
 
-  def __init__(self, task_config, dataset):
-    del task_config
-    if dataset.kind in ("lm", "text"):
+  def __init__(self, config, dataset):
+    if dataset.is_text:
       raise UserError(f"config.task.name: 'regression' needs real-valued targets; {dataset.name!r} is text "
-                      f"(use task {'language_modeling' if dataset.kind == 'lm' else 'classification'!r})")
+                      f"(use task {'language_modeling' if dataset.is_token_stream else 'classification'!r})")
     if dataset.num_classes:
       raise UserError(f"config.task.name: 'regression' needs real-valued targets; {dataset.name!r} "
                       "has class labels (use task 'classification')")

@@ -1,0 +1,264 @@
+"""Adversarial training (a GAN) with two optimizers, and its quality measured by a trained classifier.
+
+One update: `task.d_steps` discriminator steps (non-saturating loss: softplus(-D(x)) + softplus(D(G(z))), fresh
+noise each, the same real batch), then one generator step (softplus(-D(G(z)))), each through the shared
+machinery (state.Steps.grads / apply_gradients with wrt=<optimizer>), so mixed precision, gradient
+accumulation, every layout and exact resume hold as for any model. Noise is drawn per example from
+(seed, step, row), so it does not depend on the layout either.
+
+Quality, on the same footing at every eval: for each test image i, the generator's image for a fixed
+noise vector z_i (keyed by i and config.eval.seed) is scored by a classifier that is a normal run of this
+codebase (config.eval.classifier_workdir; trained once from config.eval.classifier_config and cached when
+empty):
+  classifier_score      exp E_x[KL(p(y|x) || p(y))] over generated images (the Inception Score formula;
+                        10 is the maximum for 10 classes), and real_classifier_score for the real test images;
+  frechet_distance      between generated images of the even-numbered test examples and the real odd-numbered
+                        ones, in the classifier's penultimate features; real_frechet_distance: real even vs
+                        real odd (the floor, same sample sizes);
+  class_fractions       share of generated images per predicted class (class_fraction_min/max as scalars).
+"""
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from bigmodel_jax import metrics
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.tasks import TASKS, Task
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ lives beside the package
+CLASSIFIER_CACHE_ENV = "BIGMODEL_JAX_CLASSIFIER_DIR"
+
+
+def to_unit(images):
+  """Generator output in [-1, 1] -> [0, 1], the scale of data.normalize='unit' images."""
+  return (images + 1.0) / 2.0
+
+
+@TASKS.register("adversarial")
+class Adversarial(Task):
+  metric_names = ("classifier_score", "frechet_distance", "real_classifier_score", "real_frechet_distance",
+                  "class_fraction_min", "class_fraction_max")
+  optimizers = ("generator", "discriminator")
+  num_outputs = 1
+
+  def __init__(self, config, dataset):
+    if not dataset.is_image:
+      raise UserError(f"config.task.name: 'adversarial' generates images; {dataset.name!r} has no images "
+                      "(use mnist, fashion_mnist or digits)")
+    if config.data.normalize != "unit":
+      raise UserError(f"config.data.normalize: the GAN maps [0, 1] images to the generator's [-1, 1]; set it to "
+                      f"'unit', got {config.data.normalize!r}")
+    self.d_steps = config.task.get("d_steps", 1)
+    if not isinstance(self.d_steps, int) or self.d_steps < 1:
+      raise UserError(f"config.task.d_steps: must be an integer >= 1, got {self.d_steps!r}")
+    self.eval_seed = config.eval.seed
+    self.num_classes = dataset.num_classes
+    self.classifier = Classifier.load(config, dataset)
+
+  def output_shape(self, input_shape):
+    return (1,)
+
+  def outputs(self, model, batch, *, train: bool = False, rngs=None):
+    return model(batch["inputs"] * 2.0 - 1.0, train=train).astype(jnp.float32)
+
+  # --- training
+
+  def update(self, steps, state, batch, key):
+    def d_loss(model, b, rngs):
+      fake = jax.lax.stop_gradient(model.generate(model.noise(rngs.noise()), train=True))
+      d_real = model(b["inputs"] * 2.0 - 1.0, train=True)[:, 0].astype(jnp.float32)
+      d_fake = model(fake, train=True)[:, 0].astype(jnp.float32)
+      m = b["mask"]
+      n = jnp.maximum(m.sum(), 1.0)
+      loss = ((jax.nn.softplus(-d_real) + jax.nn.softplus(d_fake)) * m).sum() / n
+      return loss, {"d_loss": loss, "d_real": (jax.nn.sigmoid(d_real) * m).sum() / n,
+                    "d_fake": (jax.nn.sigmoid(d_fake) * m).sum() / n}
+
+    def g_loss(model, b, rngs):
+      d_fake = model(model.generate(model.noise(rngs.noise()), train=True), train=True)[:, 0].astype(jnp.float32)
+      m = b["mask"]
+      loss = (jax.nn.softplus(-d_fake) * m).sum() / jnp.maximum(m.sum(), 1.0)
+      return loss, {"g_loss": loss}
+
+    out = {}
+    for i in range(self.d_steps):
+      grads, model_state, m = steps.grads(d_loss, state, batch, jax.random.fold_in(key, i), wrt="discriminator")
+      state, opt_metrics = steps.apply_gradients(state, grads, model_state, wrt="discriminator")
+      out.update(m, **opt_metrics)
+    grads, model_state, m = steps.grads(g_loss, state, batch, jax.random.fold_in(key, self.d_steps), wrt="generator")
+    state, opt_metrics = steps.apply_gradients(state, grads, model_state, wrt="generator")
+    out.update(m, **opt_metrics)
+    out["loss"] = out["d_loss"] + out["g_loss"]  # what the progress bar shows; the parts are logged too
+    return state, out
+
+  # --- evaluation: generated images for fixed noise, one per test example
+
+  def fixed_noise(self, model, index_B):
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(self.eval_seed), index_B.astype(jnp.uint32))
+    return model.noise(keys)
+
+  def generated(self, model, index_B):
+    """[0, 1] images for the fixed noise of test examples `index_B` (running batch statistics)."""
+    return to_unit(model.generate(self.fixed_noise(model, index_B), train=False).astype(jnp.float32))
+
+  def evaluate_batch(self, model, batch):
+    mask, index = batch["mask"], batch["index"]
+    fake = self.generated(model, index)
+    real = batch["inputs"].astype(jnp.float32)
+    (p_fake, f_fake), (p_real, f_real) = self.classifier(fake), self.classifier(real)
+    even = mask * (index % 2 == 0)
+    odd = mask * (index % 2 == 1)
+
+    def moments(features, weights):
+      return {"n": weights.sum(), "sum": (features * weights[:, None]).sum(0),
+              "outer": jnp.einsum("bi,bj->ij", features * weights[:, None], features)}
+
+    def plogp(p):
+      return (p * jnp.log(jnp.maximum(p, 1e-30))).sum(-1)
+
+    return {
+        "count": mask.sum(),
+        "fake_p": (p_fake * mask[:, None]).sum(0), "fake_plogp": (plogp(p_fake) * mask).sum(),
+        "real_p": (p_real * mask[:, None]).sum(0), "real_plogp": (plogp(p_real) * mask).sum(),
+        "fake_classes": (jax.nn.one_hot(jnp.argmax(p_fake, -1), p_fake.shape[-1]) * mask[:, None]).sum(0),
+        "fake_even": moments(f_fake, even), "real_even": moments(f_real, even), "real_odd": moments(f_real, odd),
+    }
+
+  def finalize(self, sums) -> dict:
+    s = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
+    n = s["count"]
+    fractions = s["fake_classes"] / n
+    gaussian = lambda m: metrics.gaussian_from_moments(m["n"], m["sum"], m["outer"])
+    real_odd = gaussian(s["real_odd"])
+    return {
+        "classifier_score": metrics.classifier_score(s["fake_p"] / n, s["fake_plogp"] / n),
+        "real_classifier_score": metrics.classifier_score(s["real_p"] / n, s["real_plogp"] / n),
+        "frechet_distance": metrics.frechet_distance(*gaussian(s["fake_even"]), *real_odd),
+        "real_frechet_distance": metrics.frechet_distance(*gaussian(s["real_even"]), *real_odd),
+        "class_fraction_min": float(fractions.min()), "class_fraction_max": float(fractions.max()),
+        "class_fractions": [round(float(f), 4) for f in fractions],
+    }
+
+  # --- predict / sample: pictures
+
+  def predict_batch(self, model, batch):
+    return {"image": self.generated(model, batch["index"])}
+
+  def write_predictions(self, run, predictions, step, out_dir: Path) -> tuple[list, dict]:
+    """A PNG grid of the images for the first test examples' fixed noise: comparable across checkpoints."""
+    from bigmodel_jax import plots
+    images = predictions["image"][:run.config.predict.num_images]
+    probs, _ = jax.device_get(self.classifier(jnp.asarray(images)))
+    labels = [run.dataset.class_names[int(c)] for c in np.argmax(probs, -1)]
+    return [plots.sample_grid(images, out_dir / "samples.png", labels=labels,
+                              title=f"{run.dataset.name} GAN, step {step} (fixed noise; classifier's labels)")], {}
+
+  def sample(self, run, model, step: int) -> dict:
+    """config.sample.num_samples images from noise seeded by config.sample.seed -> PNG files and one .npy."""
+    from bigmodel_jax import plots
+    s = run.config.sample
+    keys = jax.random.split(jax.random.PRNGKey(s.seed), s.num_samples)
+    images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)))
+    out = {"step": step, "num_images": len(images)}
+    if jax.process_index() == 0:
+      directory = run.workdir / "samples" / f"step{step}_seed{s.seed}"
+      directory.mkdir(parents=True, exist_ok=True)
+      for i, image in enumerate(images):
+        plots.save_image(image, directory / f"{i:04d}.png")
+      np.save(directory / "images.npy", images)
+      logging.info("wrote %d images to %s", len(images), directory)
+      out["directory"] = str(directory)
+    return out
+
+
+class Classifier:
+  """A trained classifier run of this codebase as a pure function: [0, 1] images -> (probabilities, features)."""
+
+  def __init__(self, graphdef, params, model_state, mean, std, scale):
+    self.graphdef, self.params, self.model_state = graphdef, params, model_state  # host arrays: constants in a jit
+    self.mean, self.std, self.scale = (np.asarray(a, np.float32) for a in (mean, std, scale))
+
+  def __call__(self, images01_BxHxWxC):
+    model = nnx.merge(self.graphdef, self.params, self.model_state)
+    x = (images01_BxHxWxC * self.scale - self.mean) / self.std
+    features = model.features(x, train=False).astype(jnp.float32)
+    return jax.nn.softmax(model.head(features).astype(jnp.float32), -1), features
+
+  @classmethod
+  def load(cls, config, dataset) -> "Classifier":
+    from bigmodel_jax import train
+    from bigmodel_jax.data import pipeline
+    import ml_collections
+    workdir = config.eval.classifier_workdir
+    field = "config.eval.classifier_workdir"
+    if not workdir:
+      workdir, field = _cached_classifier(config, dataset), "config.eval.classifier_config"
+    workdir = Path(workdir)
+    saved = train.saved_config(workdir)
+    if saved is None or not train.has_checkpoints(workdir):
+      raise UserError(f"{field}: {workdir} holds no trained run (no config.json or checkpoints); train one, e.g. "
+                      f"python -m bigmodel_jax.main --config=configs/mnist_cnn.py --workdir={workdir}")
+    c = ml_collections.ConfigDict(saved)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.parallel.strategy = "jit"
+    if c.task.name != "classification":
+      raise UserError(f"{field}: {workdir} is a {c.task.name!r} run; the GAN's quality needs an image classifier "
+                      f"of {dataset.name} (e.g. a run of configs/mnist_cnn.py)")
+    run = train.build_run(c, workdir, for_training=False)
+    try:
+      shape, classes = run.dataset.input_shape, run.dataset.num_classes
+      if shape != dataset.input_shape or classes != dataset.num_classes:
+        raise UserError(f"{field}: {workdir} classifies {run.dataset.name} inputs of shape {shape} into {classes} "
+                        f"classes; the GAN makes {dataset.name} images of shape {dataset.input_shape} "
+                        f"({dataset.num_classes} classes): use a classifier trained on those")
+      model_probe = run.steps.model(run.steps.abstract_state)
+      if not hasattr(model_probe, "features") or not hasattr(model_probe, "head"):
+        raise UserError(f"{field}: {workdir} is a {c.model.name!r} model, which has no penultimate features; use a "
+                        "cnn, mlp or resnet classifier")
+      state, _, _ = run.restore(run.checkpointer.latest_step())
+      from bigmodel_jax import runinfo
+      params, model_state = runinfo.to_host((state.params, state.model_state))
+      mean, std = np.zeros(1), np.ones(1)
+      if c.data.normalize == "standardize":
+        mean, std = pipeline.train_statistics(run.dataset)
+      scale = 1.0 if c.data.normalize != "none" else run.dataset.input_scale
+      logging.info("GAN quality classifier: %s (%s on %s)", workdir, c.model.name, run.dataset.name)
+      return cls(run.steps.graphdef, params, model_state, mean, std, scale)
+    finally:
+      run.checkpointer.close()
+      run.writer.close()
+
+
+def _cached_classifier(config, dataset) -> Path:
+  """The workdir of config.eval.classifier_config trained on this dataset: trained once, then reused."""
+  source = config.eval.classifier_config
+  path = Path(source) if Path(source).is_absolute() else ROOT / source
+  if not path.is_file():
+    raise UserError(f"config.eval.classifier_config: no config file {path}; name one (configs/mnist_cnn.py) or "
+                    "give config.eval.classifier_workdir")
+  cache = Path(os.environ.get(CLASSIFIER_CACHE_ENV) or Path.home() / ".cache" / "bigmodel_jax" / "classifiers")
+  workdir = cache / f"{path.stem}_{dataset.name}"
+  if (workdir / "final_metrics.json").exists():
+    return workdir
+  cache.mkdir(parents=True, exist_ok=True)
+  with open(cache / f"{workdir.name}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (or runs) train it once
+    if not (workdir / "final_metrics.json").exists():
+      logging.info("training the GAN's quality classifier once: %s on %s -> %s", path, dataset.name, workdir)
+      cmd = [sys.executable, "-m", "bigmodel_jax.main", f"--config={path}", f"--workdir={workdir}",
+             f"--config.data.name={dataset.name}", "--config.train.progress_bar=false"]
+      done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+      if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise UserError(f"config.eval.classifier_config: training {path} on {dataset.name} failed ({last}); give a "
+                        "trained classifier with config.eval.classifier_workdir")
+  return workdir
