@@ -54,22 +54,22 @@ def main(_):
   config.train.compilation_cache = False
   with tempfile.TemporaryDirectory() as tmp:
     run = train.build_run(config, tmp)
-    state = run.stepper.place(run.stepper.init())
+    state = run.steps.layout.place(run.steps.init())
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
-    device_batches = [run.stepper.train_batch(next(batches)) for _ in range(steps + 5)]
+    device_batches = [run.steps.layout.train_batch(next(batches)) for _ in range(steps + 5)]
     for b in device_batches[:5]:
-      state, metrics = run.stepper.train_step(state, b)
+      state, metrics = run.steps.train_step(state, b)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for b in device_batches[5:]:
-      state, metrics = run.stepper.train_step(state, b)
+      state, metrics = run.steps.train_step(state, b)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
     run.checkpointer.close()
     run.writer.close()
 
   m, seq_len = config.model, run.dataset.input_shape[0]
-  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(run.stepper.abstract_state.params))
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(run.steps.abstract_state.params))
   layers, dim = m.get("num_layers", 0), m.get("embed_dim", 0)
   flops_per_token = 6 * num_params + (12 * layers * dim * seq_len if m.name == "gpt" else 0)
   tokens_per_s = steps * config.data.batch_size * seq_len / seconds

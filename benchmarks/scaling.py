@@ -57,15 +57,15 @@ def main(_):
       config.train.dtype, config.parallel.strategy = dtype, strategy
       try:
         mesh = parallel.make_mesh(ml_collections.ConfigDict(sizes), devices=devices)
-        stepper = train.make_stepper(config, dataset, task, mesh, total_steps=total_steps)
-        parallel.check_batch(mesh, stepper.rules, config.data.batch_size, "data.batch_size",
+        stepper = train.make_steps(config, dataset, task, mesh, total_steps=total_steps)
+        parallel.check_batch(mesh, stepper.layout.rules, config.data.batch_size, "data.batch_size",
                              config.train.grad_accum_steps)
       except UserError as e:
         print(f"skipping {name} ({dtype}): {e}", file=sys.stderr)
         continue
       batches = iter(pipeline.train_dataset(dataset, config.data, seed=0, num_steps=total_steps))
-      device_batches = [stepper.train_batch(next(batches)) for _ in range(_STEPS.value + 3)]
-      state = stepper.place(stepper.init())
+      device_batches = [stepper.layout.train_batch(next(batches)) for _ in range(_STEPS.value + 3)]
+      state = stepper.layout.place(stepper.init())
       for b in device_batches[:3]:  # compile and warm up
         state, metrics = stepper.train_step(state, b)
       jax.block_until_ready(metrics)
@@ -74,8 +74,8 @@ def main(_):
         state, metrics = stepper.train_step(state, b)
       jax.block_until_ready(metrics)
       ms = (time.perf_counter() - start) / _STEPS.value * 1e3
-      held = (parallel.per_device_bytes(stepper.abstract_state.params, stepper.state_sharding.params)
-              + parallel.per_device_bytes(stepper.abstract_state.opt_state, stepper.state_sharding.opt_state))
+      held = (parallel.per_device_bytes(stepper.abstract_state.params, stepper.layout.state_sharding.params)
+              + parallel.per_device_bytes(stepper.abstract_state.opt_state, stepper.layout.state_sharding.opt_state))
       stats = jax.devices()[0].memory_stats() or {}
       peak = stats.get("peak_bytes_in_use")
       rows.append((name, dict(mesh.shape), dtype, ms, held, peak, float(metrics["loss"])))

@@ -36,10 +36,10 @@ def main(_):
   config.train.compilation_cache = False
   with tempfile.TemporaryDirectory() as tmp:
     run = train.build_run(config, tmp)
-    stepper, mesh = run.stepper, run.mesh
-    state = [stepper.place(stepper.init())]
+    stepper, mesh = run.steps, run.mesh
+    state = [stepper.layout.place(stepper.init())]
     batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=0, num_steps=config.train.num_steps))
-    fixed = stepper.train_batch(next(batches))
+    fixed = stepper.layout.train_batch(next(batches))
 
     def step_only(n):
       for _ in range(n):
@@ -52,7 +52,7 @@ def main(_):
 
     def step_and_data(n):
       for _ in range(n):
-        state[0], m = stepper.train_step(state[0], stepper.train_batch(next(batches)))
+        state[0], m = stepper.train_step(state[0], stepper.layout.train_batch(next(batches)))
       jax.block_until_ready(m)
 
     results = {"jitted step, fixed device batch": timed(step_only, steps),

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -65,8 +66,10 @@ class Checkpointer:
       saved_stderr = _redirect_stderr(captured.fileno())
       try:
         self._check_param_shapes(step, target)
+        legacy = self._unnamed_optimizer(step, target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target if legacy is None else target.replace(opt_state=target.opt_state[legacy])),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
       except UserError:  # a config problem, found from readable metadata: nothing left in flight
         _restore_stderr(saved_stderr, captured)
         raise
@@ -84,7 +87,19 @@ class Checkpointer:
         raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
                         "move that step directory away to resume from an earlier one, or use a new --workdir") from None
       _restore_stderr(saved_stderr, captured)
-    return restored.state, restored.data, restored.meta
+    state = restored.state if legacy is None else restored.state.replace(opt_state={legacy: restored.state.opt_state})
+    return state, restored.data, restored.meta
+
+  def _unnamed_optimizer(self, step: int, target) -> str | None:
+    """A checkpoint written before optimizers had names holds one optimizer state, not {name: state}: the name of
+    the target's single optimizer to restore it under, or None for a checkpoint of today's layout."""
+    try:
+      saved = self._manager.item_metadata(step)["state"]["opt_state"]
+    except Exception:  # unreadable metadata: the restore itself will say what is wrong
+      return None
+    if isinstance(saved, Mapping) or not isinstance(target.opt_state, Mapping) or len(target.opt_state) != 1:
+      return None
+    return next(iter(target.opt_state))
 
   def _check_param_shapes(self, step: int, target) -> None:
     """A checkpoint of another model (after allow_config_change) is a config problem, not a corrupt file."""

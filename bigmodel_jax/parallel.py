@@ -18,6 +18,7 @@ or `pmap` (pure data parallel: one replica per device, a weighted mean of gradie
 axis). The steps themselves (state.py) never ask which layout they run on.
 """
 
+import abc
 import contextlib
 import contextvars
 import math
@@ -278,7 +279,7 @@ def _replica_axis(name: str):
 LAYOUTS: Registry = Registry("strategy", "config.parallel.strategy")
 
 
-class Layout:
+class Layout(abc.ABC):
   """Shardings of the train state and batches on the run's mesh, placement, and the compiled steps' wrappers.
 
   The train loop holds the state in the train step's layout (`place`); eval, predict and checkpoints take the
@@ -310,8 +311,11 @@ class Layout:
     return jax.jit(predict_step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=self.replicated)
 
+  name: str  # its config.parallel.strategy
+
+  @abc.abstractmethod
   def compile_train(self, train_step):
-    raise NotImplementedError  # each layout compiles the train step its own way
+    """The train step (state, batch) -> (state, metrics), compiled for this layout."""
 
   def place(self, state):
     return state

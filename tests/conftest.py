@@ -32,13 +32,22 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cli(cache_dir, tmp_path_factory):
+def classifier_dir(tmp_path_factory) -> Path:
+  """Where GAN quality classifiers are trained once for the session (in-process runs and CLI runs alike)."""
+  path = tmp_path_factory.mktemp("classifiers")
+  os.environ["BIGMODEL_JAX_CLASSIFIER_DIR"] = str(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def cli(cache_dir, classifier_dir, tmp_path_factory):
   """cli(*args, timeout=...) runs `python -m bigmodel_jax.main *args` from the repo root in a subprocess
   (session-scoped, so module-scoped fixtures can use it too)."""
   data_dir = tmp_path_factory.mktemp("data")
   def run(*args, timeout: float = 120, env: dict | None = None, popen: bool = False):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
-                "BIGMODEL_JAX_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+                "BIGMODEL_JAX_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
+                "BIGMODEL_JAX_CLASSIFIER_DIR": str(classifier_dir), **(env or {})}
     cmd = [sys.executable, "-m", "bigmodel_jax.main", *args]
     if popen:
       return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

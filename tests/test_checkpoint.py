@@ -1,6 +1,8 @@
 """Checkpoint retention: the latest K plus the best by an eval metric, also across restarts."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigmodel_jax.checkpoint import Checkpointer
 
@@ -58,3 +60,20 @@ def test_unreadable_checkpoint_is_a_user_error_and_stderr_is_left_alone(tmp_path
   os.write(2, b"fd 2 too\n")
   err = capfd.readouterr().err
   assert "still here" in err and "fd 2 too" in err
+
+
+def test_a_checkpoint_from_before_named_optimizers_restores(tmp_path):
+  """Workdirs written when the train state held one unnamed optimizer state still resume and evaluate."""
+  from conftest import load_config
+  from test_parallel import stepper_for, train_steps
+  config = load_config("digits_mlp", "smoke")
+  steps = stepper_for(config, 1)
+  _, state = train_steps(config, steps, steps=2)
+  old_layout = state.replace(opt_state=state.opt_state["default"])
+  saver = Checkpointer(tmp_path / "checkpoints", async_save=False)
+  saver.save(2, old_layout, {}, {"step": 2})
+  saver.close()
+  restored, _, _ = Checkpointer(tmp_path / "checkpoints").restore(2, steps.layout.restore_target)
+  assert list(restored.opt_state) == ["default"]
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

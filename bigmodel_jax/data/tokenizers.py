@@ -19,13 +19,16 @@ import numpy as np
 from absl import logging
 
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.registry import Registry
 from bigmodel_jax.runinfo import write_bytes_atomic, write_text_atomic
 
 JSON_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 PAD_ID = 0
 UNK_ID = 1
-NAMES = ("char", "byte", "sentencepiece")
+# config.data.tokenizer.name -> build(tokenizer_config, train_texts, all_texts): a new tokenizer. char takes its
+# vocabulary from all texts (as nanoGPT's shakespeare_char does), sentencepiece learns from the train texts only.
+TOKENIZERS: Registry = Registry("tokenizer", "config.data.tokenizer.name")
 
 
 class Tokenizer(abc.ABC):
@@ -249,17 +252,15 @@ def _training_error(message: str, vocab_size: int) -> UserError:
   return UserError(f"config.data.tokenizer: sentencepiece training failed: {message.splitlines()[0]}")
 
 
+TOKENIZERS.register("char")(lambda c, train_texts, all_texts: CharTokenizer.build(all_texts))
+TOKENIZERS.register("byte")(lambda c, train_texts, all_texts: ByteTokenizer())
+TOKENIZERS.register("sentencepiece")(
+    lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type))
+
+
 def build_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str]) -> Tokenizer:
-  """A new tokenizer: char takes its vocabulary from all texts (as nanoGPT's shakespeare_char does),
-  sentencepiece learns from the train texts only."""
-  name = tokenizer_config.name
-  if name == "char":
-    return CharTokenizer.build(all_texts)
-  if name == "byte":
-    return ByteTokenizer()
-  if name == "sentencepiece":
-    return SentencePieceTokenizer.train(train_texts, tokenizer_config.vocab_size, tokenizer_config.model_type)
-  raise UserError(f"config.data.tokenizer.name: unknown tokenizer {name!r}; valid: {', '.join(NAMES)}")
+  """A new tokenizer of config.data.tokenizer.name (TOKENIZERS)."""
+  return TOKENIZERS.get(tokenizer_config.name)(tokenizer_config, train_texts, all_texts)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -272,8 +273,10 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     record = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path} cannot be read ({e}); {fix}") from None
-  if not isinstance(record, dict) or record.get("name") not in NAMES or not isinstance(record.get("vocab_size"), int):
-    raise UserError(f"{path} is corrupt (needs a name, one of {', '.join(NAMES)}, and an integer vocab_size); {fix}")
+  if (not isinstance(record, dict) or record.get("name") not in TOKENIZERS.names()
+      or not isinstance(record.get("vocab_size"), int)):
+    raise UserError(f"{path} is corrupt (needs a name, one of {', '.join(TOKENIZERS.names())}, and an integer "
+                    f"vocab_size); {fix}")
   name = record["name"]
   try:
     if name == "char":

@@ -30,13 +30,18 @@ from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
+from bigmodel_jax.registry import Registry
 from bigmodel_jax.models.layers import Dropout, ExampleRngs, fold_in
 
-POSITIONS = ("learned", "rotary")
+POSITIONS: Registry = Registry("position encoding", "config.model.positions")
+POSITIONS.register("learned")("learned")
+POSITIONS.register("rotary")("rotary")
 # config.model.remat -> jax.checkpoint policy: which intermediates of a block the backward pass may keep
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_saveable,
-                  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES: Registry = Registry("remat policy", "config.model.remat")
+for _name, _policy in {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                       "dots": jax.checkpoint_policies.dots_saveable,
+                       "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.items():
+  REMAT_POLICIES.register(_name)(_policy)
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # the logical name of the stacked axis of scanned blocks
 
 
@@ -147,10 +152,8 @@ class Trunk(nnx.Module):
                rngs: nnx.Rngs):
     require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
                      max_len=max_len)
-    if positions not in POSITIONS:
-      raise UserError(f"config.model.positions: unknown {positions!r}; valid: {', '.join(POSITIONS)}")
-    if remat not in REMAT_POLICIES:
-      raise UserError(f"config.model.remat: unknown {remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+    POSITIONS.get(positions)
+    REMAT_POLICIES.get(remat)
     if embed_dim % num_heads:
       raise UserError(f"config.model.embed_dim: {embed_dim} is not divisible by config.model.num_heads={num_heads}")
     if positions == "rotary" and (embed_dim // num_heads) % 2:
@@ -187,7 +190,7 @@ class Trunk(nnx.Module):
     key = rngs.dropout() if train and self.dropout.rate > 0 and rngs is not None else None  # B keys
     layer_key = lambda i: None if key is None else fold_in(key, i)
     apply = partial(_apply_block, train=train, is_causal=is_causal, index=index)
-    policy = REMAT_POLICIES[self.remat] if train and cache is None else None  # decoding needs no backward pass
+    policy = REMAT_POLICIES.get(self.remat) if train and cache is None else None  # decoding needs no backward pass
     if policy is not None:
       # prevent_cse stops XLA merging the recomputation back into the forward pass; a scan body cannot be
       # merged so, and there the guard would only cost fusions (as jax.checkpoint's docs advise)

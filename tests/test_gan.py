@@ -1,0 +1,163 @@
+"""The DCGAN through the shared step machinery: two optimizers, quality that improves, exact resume after
+SIGKILL, the same first losses on 8 devices (data, FSDP, pmap) as on one, bf16 and grad accumulation, and
+one-line errors for a broken GAN config."""
+
+import json
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from bigmodel_jax import train
+from bigmodel_jax.checkpoint import Checkpointer
+from conftest import error_lines, load_config, wait_for_checkpoint
+from test_parallel import close, stepper_for, train_steps
+
+SMOKE = "--config=configs/mnist_dcgan.py:smoke"
+ARGS = [SMOKE, "--config.train.num_epochs=4", "--config.train.checkpoint_every=60", "--config.train.log_every=20"]
+
+
+def gan_config():
+  return load_config("mnist_dcgan", "smoke")  # digits, 16-unit generator and discriminator
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gan")
+  proc = cli(*ARGS, f"--workdir={workdir}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, json.loads((workdir / "final_metrics.json").read_text())
+
+
+def test_quality_improves_over_training(reference):
+  workdir, final = reference
+  evals = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"test"' in l]
+  assert len(evals) == 4  # one per epoch
+  first, last = evals[0], evals[-1]
+  assert last["classifier_score"] > first["classifier_score"] + 0.5
+  assert last["frechet_distance"] < first["frechet_distance"]
+  assert 1.0 <= last["classifier_score"] <= 10.0
+  assert last["real_classifier_score"] > 8.0  # the digits classifier is sure of real digits
+  assert last["real_frechet_distance"] < last["frechet_distance"]  # the floor, on the same footing
+  assert sum(final["class_fractions"]) == pytest.approx(1.0, abs=1e-3) and len(final["class_fractions"]) == 10
+  trains = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+  assert {"d_loss", "g_loss", "generator/grad_norm", "discriminator/learning_rate"} <= set(trains[-1])
+
+
+def test_both_optimizer_states_are_checkpointed(reference):
+  workdir, _ = reference
+  config = gan_config()
+  config.train.num_epochs = 4
+  run = train.build_run(config, workdir, for_training=False)
+  try:
+    step = run.checkpointer.latest_step()
+    state, _, _ = run.restore(step)
+  finally:
+    run.checkpointer.close()
+    run.writer.close()
+  assert set(state.opt_state) == {"generator", "discriminator"}
+  # each Adam counted every step of its own, and holds moments only for its own parameters
+  for name in ("generator", "discriminator"):
+    counts = [int(x) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state[name]) if "count" in str(p)]
+    assert counts and set(counts) == {step}
+    moments = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state[name])}
+    other = "discriminator" if name == "generator" else "generator"
+    assert any(f"'{name}'" in m for m in moments) and not any(f"'{other}'" in m for m in moments)
+
+
+def test_sigkill_then_relaunch_is_bit_identical(cli, tmp_path, reference):
+  _, final = reference
+  proc = wait_for_checkpoint(cli(*ARGS, f"--workdir={tmp_path}", popen=True), tmp_path, 60, timeout=240)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  resumed = cli(*ARGS, f"--workdir={tmp_path}", timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from checkpoint at step" in resumed.stderr
+  again = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert again["params_sha256"] == final["params_sha256"]
+  assert again["classifier_score"] == final["classifier_score"]
+
+
+@pytest.mark.parametrize("layout", [dict(data=8), dict(fsdp=8), dict(strategy="pmap")])
+def test_eight_devices_give_the_first_losses_of_one(classifier_dir, layout):
+  config = gan_config()
+  config.parallel.strategy = layout.pop("strategy", "jit")
+  for o in config.optimizers.values():  # SGD: Adam would amplify reduction-order noise near zero gradients
+    o.name, o.learning_rate = "sgd", 0.05
+  one_losses, one = train_steps(config, stepper_for(config, 1), steps=2)
+  losses, state = train_steps(config, stepper_for(config, 8, **layout), steps=2)
+  close(losses, one_losses, rtol=1e-4)  # float32 convs and batch statistics, summed in another order
+  # the batch statistics (running averages) agree too: BatchNorm saw the whole global batch on every layout
+  for a, b in zip(jax.tree.leaves(state.model_state), jax.tree.leaves(one.model_state)):
+    if np.issubdtype(np.asarray(a).dtype, np.floating):
+      close(np.asarray(a), np.asarray(b), rtol=1e-4)
+
+
+def test_bfloat16_and_grad_accumulation(classifier_dir):
+  config = gan_config()
+  config.train.dtype = "bfloat16"
+  config.train.grad_accum_steps = 2
+  losses, state = train_steps(config, stepper_for(config, 2), steps=3)
+  assert np.isfinite(losses).all()
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config.optimizers.discriminator.params=generator"], ["owned by no optimizer", "discriminator."]),
+    (["--config.optimizers.generator.params=genrator"], ["config.optimizers.generator.params", "genrator",
+                                                        "matches no parameter"]),
+    (["--config.task.d_steps=0"], ["config.task.d_steps"]),
+    (["--config.model.generator_features=0"], ["config.model.generator_features"]),
+])
+def test_bad_gan_configs_are_one_line(cli, tmp_path, args, needles):
+  workdir = tmp_path / "work"
+  proc = cli(SMOKE, *args, f"--workdir={workdir}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  for needle in needles:
+    assert needle in lines[0]
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+
+
+def test_missing_optimizer_is_one_line(cli, tmp_path):
+  config_file = tmp_path / "gan_one_optimizer.py"
+  config_file.write_text(
+      "import importlib.util, sys\n"
+      f"spec = importlib.util.spec_from_file_location('g', {str(train.Path(__file__).parents[1] / 'configs' / 'mnist_dcgan.py')!r})\n"
+      "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+      "def get_config(arg=''):\n"
+      "  c = m.get_config('smoke')\n"
+      "  del c.optimizers['discriminator']\n"
+      "  return c\n")
+  proc = cli(f"--config={config_file}", f"--workdir={tmp_path / 'work'}")
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "config.optimizers.discriminator: missing" in lines[0], proc.stderr[-2000:]
+
+
+def test_classifier_that_is_not_an_image_classifier(cli, tmp_path):
+  regression = tmp_path / "regression"
+  proc = cli("--config=configs/linear_regression.py", f"--workdir={regression}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  workdir = tmp_path / "gan"
+  proc = cli(SMOKE, f"--config.eval.classifier_workdir={regression}", f"--workdir={workdir}")
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "config.eval.classifier_workdir" in lines[0] and "regression" in lines[0], lines
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):
+  workdir, final = reference
+  proc = cli("--mode=predict", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  grid = workdir / f"predict_step{final['step']}" / "samples.png"
+  assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
+  proc = cli("--mode=sample", f"--workdir={workdir}", SMOKE, "--config.sample.num_samples=5")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  directory = workdir / "samples" / f"step{final['step']}_seed0"
+  assert len(list(directory.glob("*.png"))) == 5
+  images = np.load(directory / "images.npy")
+  assert images.shape == (5, 8, 8, 1) and 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
