@@ -16,7 +16,7 @@ from bigmodel_jax.parallel import RULES
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.", "eval.",
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.",
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 

@@ -50,11 +50,13 @@ def gaussian_from_moments(n: float, sum_F: np.ndarray, outer_FxF: np.ndarray) ->
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
   """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^1/2) between two Gaussians (the FID formula)."""
   from scipy import linalg
-  with warnings.catch_warnings():  # singular products are handled below
+  with warnings.catch_warnings():  # a singular product is handled below
     warnings.simplefilter("ignore")
-    root, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    root = linalg.sqrtm(cov1 @ cov2)
   if not np.isfinite(root).all():  # a singular product: nudge both, as the FID reference code does
     offset = np.eye(len(cov1)) * 1e-6
-    root = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      root = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
   root = np.real(root)
   return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(root))

@@ -128,11 +128,26 @@ def sections(config) -> dict[str, tuple[Any, Any, str]]:
 
 def validate(config) -> None:
   """Every optimizer section of the config: known names and values in range (one line naming the field)."""
+  named = config.get("optimizers") or {}
+  if named:  # the single optimizer's sections would be silently unused: refuse edits to them
+    from bigmodel_jax.config import base_config
+    base = base_config()
+    for part in ("optimizer", "schedule"):
+      changed = [k for k in base[part] if config[part][k] != base[part][k]]
+      if changed:
+        raise UserError(f"config.{part}.{changed[0]}: unused, because this run has named optimizers "
+                        f"({', '.join(named)}); set config.optimizers.<name>.{'schedule.' if part == 'schedule' else ''}"
+                        f"{changed[0]} instead")
+  reference = section_config()
   for name, (o, s, field) in sections(config).items():
     if field != "optimizer":
-      for key in ("name", "learning_rate", "schedule", "params"):
+      for key in reference:
         if key not in o:
           raise UserError(f"config.{field}.{key}: missing; build each named optimizer with "
+                          "bigmodel_jax.optim.section_config(...)")
+      for key in reference.schedule:
+        if key not in o.schedule:
+          raise UserError(f"config.{field}.schedule.{key}: missing; build each named optimizer with "
                           "bigmodel_jax.optim.section_config(...)")
     sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
     for key, ok, message in _RANGES:
@@ -189,6 +204,7 @@ class Optimizer:
   schedule: optax.Schedule
   mask: Any  # a params-shaped tree of Python bools: True where this optimizer owns the parameter
   num_params: int
+  updates_per_step: int = 1  # its schedule is indexed by its own update count: step * updates_per_step
 
 
 def _owns(patterns: str, name: str) -> bool:
@@ -196,8 +212,10 @@ def _owns(patterns: str, name: str) -> bool:
              (p.strip() for p in patterns.split(",")) if p)
 
 
-def make_optimizers(config, total_steps: int, abstract_params, required: tuple[str, ...] = ()) -> dict[str, Optimizer]:
-  """Every optimizer of the run over the parameters it owns; `required`: the names the task's update steps."""
+def make_optimizers(config, total_steps: int, abstract_params, required: tuple[str, ...] = (),
+                    updates_per_step: dict[str, int] | None = None) -> dict[str, Optimizer]:
+  """Every optimizer of the run over the parameters it owns; `required`: the names the task's update steps;
+  `updates_per_step`: how often each steps per train step (a GAN's d_steps), so its schedule spans the run."""
   named = sections(config)
   task = config.task.name
   if required:
@@ -233,12 +251,13 @@ def make_optimizers(config, total_steps: int, abstract_params, required: tuple[s
   out = {}
   for opt_name, (o, s, field) in named.items():
     sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
-    schedule = _schedule(o, s, total_steps, sched_field)
+    per_step = (updates_per_step or {}).get(opt_name, 1)
+    schedule = _schedule(o, s, total_steps * per_step, sched_field)
     tx = _transformation(o, schedule, field)
     mask = masks[opt_name]
     if not all(jax.tree.leaves(mask)):  # the state covers only this optimizer's parameters
       tx = optax.masked(tx, mask)
     count = sum(math.prod(leaf.shape) for (p, leaf) in leaves if _name(p) in
                 {n for n, who in owners.items() if who == [opt_name]})
-    out[opt_name] = Optimizer(opt_name, tx, schedule, mask, count)
+    out[opt_name] = Optimizer(opt_name, tx, schedule, mask, count, per_step)
   return out

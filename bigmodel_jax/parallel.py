@@ -404,10 +404,14 @@ class PmapLayout(Layout):
     return global_batch(split, self._stacked)
 
   def mean_over_replicas(self, tree, rows):
+    if replica_axis() is None:  # traced outside pmap (an abstract check): one replica
+      return tree
     total = jax.lax.psum(rows, DATA_AXIS)
     return jax.tree.map(lambda x: jax.lax.psum(x * rows, DATA_AXIS) / jnp.maximum(total, 1.0), tree)
 
   def sync_model_state(self, model_state):
+    if replica_axis() is None:
+      return model_state
     # float model state (batch statistics) is averaged; keys and counters are the same on every device
     return jax.tree.map(
         lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)

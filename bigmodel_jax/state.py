@@ -92,7 +92,8 @@ class Steps:
   def model(self, state: TrainState, cast: bool = False) -> nnx.Module:
     """The NNX module holding `state`'s values (`cast`: parameters in the compute dtype)."""
     params = cast_floats(state.params, self.compute_dtype) if cast else state.params
-    return nnx.merge(self.graphdef, params, state.model_state)
+    # tree.map copies the Variables: calling the module (even in training mode) never writes into `state`
+    return nnx.merge(self.graphdef, params, jax.tree.map(lambda x: x, state.model_state))
 
   # --- the pieces a task's update is made of
 
@@ -156,12 +157,16 @@ class Steps:
       params = jax.tree.map(lambda own, p, u: p + u.astype(p.dtype) if own else p, o.mask, params, updates)
       prefix = "" if len(self.optimizers) == 1 else f"{name}/"
       metrics.update({f"{prefix}grad_norm": optax.global_norm(owned(grads)),
-                      f"{prefix}learning_rate": o.schedule(state.step)})
+                      f"{prefix}learning_rate": o.schedule(state.step * o.updates_per_step)})
     metrics["param_norm"] = optax.global_norm(params)
     new_model_state = state.model_state if model_state is None else model_state
     return state.replace(params=params, opt_state=opt_state, model_state=new_model_state), metrics
 
   # --- the compiled functions
+
+  def train_step_function(self, state: TrainState, batch):
+    """The uncompiled train step (for an abstract check with jax.eval_shape)."""
+    return self._train_step(state, batch)
 
   def _train_step(self, state: TrainState, batch):
     new_state, metrics = self.task.update(self, state, batch, jax.random.fold_in(state.rng, state.step))

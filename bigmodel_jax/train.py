@@ -24,7 +24,7 @@ from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
-from bigmodel_jax.tasks import get_task
+from bigmodel_jax.tasks import TASKS, get_task
 from bigmodel_jax.writers import MetricsWriter, Progress
 
 
@@ -122,7 +122,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
   # (saved when training starts, so a run that fails on bad input leaves nothing behind).
   new_tokenizer = for_training and not has_checkpoints(workdir)
-  if not need_data and config.task.name == "language_modeling":
+  if not need_data and not TASKS.get(config.task.name).sample_needs_data:
     dataset = corpus.tokenizer_only(config.data, workdir / "tokenizer")
   else:
     dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
@@ -134,7 +134,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
                     f"{dataset.num_examples('train')} training examples of {dataset.name!r} with drop_remainder")
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
-  steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps)
+  steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps, check_train_step=for_training)
   chief = jax.process_index() == 0
   refused, lock = "", None
   if chief:
@@ -148,21 +148,30 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   refused = distributed.chief_decides(refused)  # the others stop too, rather than wait for process 0 in a collective
   if refused:
     raise UserError(refused)
+  task.setup()  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief),
              total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
 
 
-def make_steps(config, dataset: Dataset, task, mesh, total_steps: int) -> Steps:
+def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_train_step: bool = True) -> Steps:
   """The compiled steps for config's model, task, optimizers and layout on `mesh` (benchmarks and tests pick meshes)."""
   make_model = lambda rngs: build_model(config.model, input_shape=dataset.input_shape, num_outputs=task.num_outputs,
                                         rngs=rngs, vocab_size=dataset.vocab_size)
-  make_optimizers = lambda params: optim.make_optimizers(config, total_steps, params, task.optimizers)
+  make_optimizers = lambda params: optim.make_optimizers(config, total_steps, params, task.optimizers,
+                                                         task.updates_per_step)
   try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
     steps = Steps(make_model, make_optimizers, task, config.parallel.strategy, mesh, config.seed, dataset.input_shape,
                   dataset.input_dtype, rules=parallel.make_rules(config.parallel.rules), compute_dtype=config.train.dtype,
                   grad_accum_steps=config.train.grad_accum_steps)
+    if check_train_step:  # the train step too, abstractly (no compiling): a bug in a task's update or in a
+      # model's training path shows here, before anything is written
+      example = next(pipeline.eval_batches(dataset, "test", config.data))
+      k = config.train.grad_accum_steps
+      example = {key: jax.ShapeDtypeStruct((k, *v.shape[1:]), v.dtype) for key, v in example.items()}
+      jax.eval_shape(steps.train_step_function, steps.abstract_state,
+                     {**example, "row": jax.ShapeDtypeStruct((k,), np.int32)})
   except UserError:
     raise
   except Exception as e:  # a shape that does not fit, or a bug in the model's or task's own code: say where

@@ -10,12 +10,15 @@ horizontal flips (ViTs trained from scratch on small data need augmentation).
 Expected: >= 90% test accuracy. Source: small ViTs trained from scratch on Fashion-MNIST are usually
 reported at 90-92% (no canonical reference; Fashion-MNIST's benchmark table predates ViTs), below the
 CNNs' 92-95%: without convolutions' locality a ViT needs more data or epochs.
-Measured with this codebase: see MEASURED below.
+Cost: 468 steps per epoch; ~0.9 steps/s (~9 min per epoch) on a 2-core CPU, so the 15 epochs take ~2.2 h there
+(a GPU: minutes). Measured with this codebase (2-core CPU shared with another training, 2026-12-01), a shortened
+run only, so the >= 90% above is not yet confirmed here:
+    python -m bigmodel_jax.main --config=configs/fashion_mnist_vit.py --config.train.num_epochs=1 \
+        --config.schedule.warmup_steps=200 --workdir=...
+gave 74.61% test accuracy (train loss 2.4 -> 0.67; cosine over the one epoch), 0.9 steps/s, 9 min wall.
 """
 
 from bigmodel_jax.config import apply_variant, base_config, model_config
-
-# MEASURED (2-core CPU): filled in from the run in the docstring's first command.
 
 
 def get_config(variant: str = ""):

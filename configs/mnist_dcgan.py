@@ -2,8 +2,7 @@
 
     python -m bigmodel_jax.main --config=configs/mnist_dcgan.py --workdir=runs/mnist_dcgan
     python -m bigmodel_jax.main --workdir=runs/mnist_dcgan --mode=predict    # PNG grid, fixed noise
-    python -m bigmodel_jax.main --workdir=runs/mnist_dcgan --mode=sample --config=configs/mnist_dcgan.py \\
-        --config.sample.num_samples=64                                       # 64 PNGs + images.npy
+    python -m bigmodel_jax.main --workdir=runs/mnist_dcgan --mode=sample     # 16 PNGs + images.npy
     python -m bigmodel_jax.main --config=configs/mnist_dcgan.py:smoke --workdir=runs/gan_smoke   # < 1 min, digits
     python -m bigmodel_jax.main --config=configs/mnist_dcgan.py:fashion --workdir=runs/fashion_dcgan
 

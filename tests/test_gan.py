@@ -108,6 +108,7 @@ def test_bfloat16_and_grad_accumulation(classifier_dir):
     (["--config.optimizers.generator.params=genrator"], ["config.optimizers.generator.params", "genrator",
                                                         "matches no parameter"]),
     (["--config.task.d_steps=0"], ["config.task.d_steps"]),
+    (["--config.optimizer.learning_rate=0.5"], ["config.optimizer.learning_rate", "unused", "config.optimizers"]),
     (["--config.model.generator_features=0"], ["config.model.generator_features"]),
 ])
 def test_bad_gan_configs_are_one_line(cli, tmp_path, args, needles):
@@ -155,9 +156,25 @@ def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):
   assert proc.returncode == 0, proc.stderr[-2000:]
   grid = workdir / f"predict_step{final['step']}" / "samples.png"
   assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
-  proc = cli("--mode=sample", f"--workdir={workdir}", SMOKE, "--config.sample.num_samples=5")
+  proc = cli("--mode=sample", f"--workdir={workdir}", *ARGS, "--config.sample.num_samples=5")
   assert proc.returncode == 0, proc.stderr[-2000:]
   directory = workdir / "samples" / f"step{final['step']}_seed0"
   assert len(list(directory.glob("*.png"))) == 5
   images = np.load(directory / "images.npy")
   assert images.shape == (5, 8, 8, 1) and 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+
+
+def test_d_steps_stretch_the_discriminators_schedule(classifier_dir):
+  """With d_steps=2 the discriminator's optimizer steps twice per train step: its schedule spans 2x the steps."""
+  config = gan_config()
+  config.task.d_steps = 2
+  config.optimizers.discriminator.schedule.name = "cosine"
+  total = 100
+  steps = stepper_for(config, 1)  # total_steps=100
+  d, g = steps.optimizers["discriminator"], steps.optimizers["generator"]
+  assert (d.updates_per_step, g.updates_per_step) == (2, 1)
+  lr = config.optimizers.discriminator.learning_rate
+  assert float(d.schedule(total * 2)) == pytest.approx(0.0, abs=1e-9) and float(d.schedule(total)) == pytest.approx(lr / 2)
+  _, state = train_steps(config, steps, steps=2)
+  counts = {int(x) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state["discriminator"]) if "count" in str(p)}
+  assert counts == {4}

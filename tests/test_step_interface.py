@@ -84,13 +84,14 @@ from bigmodel_jax.models import MODELS
 
 @MODELS.register("{name}")
 class Probe(nnx.Module):
-  def __init__(self, *, input_shape, num_outputs, rngs, width: int = 8, fail: bool = False):
-    self.fail = fail
+  def __init__(self, *, input_shape, num_outputs, rngs, width: int = 8, fail: bool = False,
+               fail_in_training: bool = False):
+    self.fail, self.fail_in_training = fail, fail_in_training
     self.dense = nnx.Linear(64, width, rngs=rngs)
     self.head = nnx.Linear(width, num_outputs, rngs=rngs)
 
   def __call__(self, x, *, train, rngs=None):
-    if self.fail:
+    if self.fail or (train and self.fail_in_training):
       raise RuntimeError("probe model exploded on purpose")
     return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
 '''
@@ -144,3 +145,13 @@ def test_an_exception_in_a_models_own_code_shows_its_message(cli, tmp_path, prob
   assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
   assert 'raise RuntimeError("probe model exploded on purpose")' in verbose.stderr
   assert cli(*args, "--verbosity=1").stderr.count("Traceback (most recent call last)") >= 1
+
+
+def test_an_exception_only_in_training_mode_is_one_line_and_writes_nothing(cli, tmp_path, probe_model):
+  _, config = probe_model
+  workdir = tmp_path / "work"
+  proc = cli(f"--config={config}", "--config.model.fail_in_training=true", f"--workdir={workdir}")
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "probe model exploded on purpose" in lines[0], proc.stderr[-2000:]
+  assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()

@@ -25,15 +25,15 @@ class Generator(nnx.Module):
     self.latent_dim, self.start = latent_dim, (height // 4, width // 4, 2 * features)
     h, w, c = self.start
     self.dense = nnx.Linear(latent_dim, h * w * c, kernel_init=_INIT, rngs=rngs)
-    self.bn0 = BatchNorm(h * w * c, rngs=rngs)
+    self.bn0 = BatchNorm(c, rngs=rngs)  # per channel, after the reshape (as the paper's projection layer)
     self.up1 = nnx.ConvTranspose(c, features, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_INIT, rngs=rngs)
     self.bn1 = BatchNorm(features, rngs=rngs)
     self.up2 = nnx.ConvTranspose(features, channels, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_INIT,
                                  rngs=rngs)
 
   def __call__(self, z_BxZ, *, train: bool):
-    x = nnx.relu(self.bn0(self.dense(z_BxZ.astype(self.dense.kernel.dtype)), train=train))
-    x = x.reshape(x.shape[0], *self.start)
+    x = self.dense(z_BxZ.astype(self.dense.kernel.dtype)).reshape(z_BxZ.shape[0], *self.start)
+    x = nnx.relu(self.bn0(x, train=train))
     x = nnx.relu(self.bn1(self.up1(x), train=train))
     return jnp.tanh(self.up2(x))  # B x H x W x C in [-1, 1]
 

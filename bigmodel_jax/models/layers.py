@@ -86,5 +86,7 @@ class BatchNorm(nnx.BatchNorm):
                      rngs=rngs, **kwargs)
 
   def __call__(self, x, *, train: bool):
-    self.axis_name = parallel.replica_axis()  # None under jit; the pmap axis while the layout traces a step
+    axis = parallel.replica_axis()  # None under jit; the pmap axis while the layout traces a step
+    if self.axis_name != axis:  # (set only when it changes: a module built outside a trace may be called in one)
+      self.axis_name = axis
     return super().__call__(x, use_running_average=not train)

@@ -24,6 +24,12 @@ class Task:
   metric_names: tuple[str, ...] = ()
   optimizers: tuple[str, ...] = ()  # the config.optimizers names `update` steps; () = the run's optimizer(s)
   num_outputs: int = 0
+  # how many times each optimizer steps per train step (a GAN's d_steps); its schedule spans them
+  updates_per_step: dict[str, int] = {}
+  sample_needs_data: bool = True  # False: --mode=sample needs only the workdir (a language model's tokenizer)
+
+  def setup(self) -> None:
+    """What the task needs beyond its config, once the run's inputs are checked (the GAN's quality classifier)."""
 
   def output_shape(self, input_shape) -> tuple[int, ...]:
     """The model output shape per example this task needs (checked before training)."""

@@ -60,9 +60,20 @@ class Adversarial(Task):
     self.d_steps = config.task.get("d_steps", 1)
     if not isinstance(self.d_steps, int) or self.d_steps < 1:
       raise UserError(f"config.task.d_steps: must be an integer >= 1, got {self.d_steps!r}")
+    self.updates_per_step = {"discriminator": self.d_steps, "generator": 1}
     self.eval_seed = config.eval.seed
     self.num_classes = dataset.num_classes
-    self.classifier = Classifier.load(config, dataset)
+    self.config, self.dataset = config, dataset
+    self._classifier = None
+
+  def setup(self) -> None:
+    self._classifier = Classifier.load(self.config, self.dataset)
+
+  @property
+  def classifier(self) -> "Classifier":
+    if self._classifier is None:  # outside a run (tests, notebooks): load it on first use
+      self._classifier = Classifier.load(self.config, self.dataset)
+    return self._classifier
 
   def output_shape(self, input_shape):
     return (1,)
@@ -240,8 +251,11 @@ class Classifier:
 
 def _cached_classifier(config, dataset) -> Path:
   """The workdir of config.eval.classifier_config trained on this dataset: trained once, then reused."""
+  if jax.process_count() > 1:
+    raise UserError("config.eval.classifier_workdir: a multi-process GAN run needs a trained classifier; train one "
+                    "first (e.g. configs/mnist_cnn.py) and name its workdir")
   source = config.eval.classifier_config
-  path = Path(source) if Path(source).is_absolute() else ROOT / source
+  path = next((p for p in (Path(source), ROOT / source) if p.is_file()), Path(source))
   if not path.is_file():
     raise UserError(f"config.eval.classifier_config: no config file {path}; name one (configs/mnist_cnn.py) or "
                     "give config.eval.classifier_workdir")
@@ -255,8 +269,12 @@ def _cached_classifier(config, dataset) -> Path:
     if not (workdir / "final_metrics.json").exists():
       logging.info("training the GAN's quality classifier once: %s on %s -> %s", path, dataset.name, workdir)
       cmd = [sys.executable, "-m", "bigmodel_jax.main", f"--config={path}", f"--workdir={workdir}",
-             f"--config.data.name={dataset.name}", "--config.train.progress_bar=false"]
-      done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+             f"--config.data.name={dataset.name}", f"--config.data.data_dir={config.data.data_dir}",
+             "--config.train.progress_bar=false"]
+      # one plain process beside this one: not part of a launcher's job, not holding the accelerator's memory
+      env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
       if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         raise UserError(f"config.eval.classifier_config: training {path} on {dataset.name} failed ({last}); give a "

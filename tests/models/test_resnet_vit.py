@@ -127,14 +127,16 @@ def test_eval_uses_running_averages_and_training_updates_them(resnet_reference):
   for name in before:  # mean 0 / var 1 at init; 3 steps of momentum 0.9 moved every channel
     assert not np.allclose(before[name], after[name]), name
   x = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype(np.float32)
-  model = stepper.model(trained)
+  # a copy of the state's variables for each model: training mode writes its batch statistics into them
+  model_of = lambda state: stepper.model(jax.tree.map(lambda x: x, state))
+  model = model_of(trained)
   eval_all, eval_head = np.asarray(model(x, train=False)), np.asarray(model(x[:4], train=False))
   np.testing.assert_allclose(eval_all[:4], eval_head, rtol=1e-5, atol=1e-6)  # an example's output: its own
   shuffled = np.asarray(model(np.concatenate([x[:4], x[::-1][:12]]), train=False))
   np.testing.assert_allclose(shuffled[:4], eval_head, rtol=1e-5, atol=1e-6)
   # in training the batch's statistics are used: other examples change an example's output
-  train_all = np.asarray(stepper.model(trained)(x, train=True))
-  train_head = np.asarray(stepper.model(trained)(x[:4], train=True))
+  train_all = np.asarray(model_of(trained)(x, train=True))
+  train_head = np.asarray(model_of(trained)(x[:4], train=True))
   assert not np.allclose(train_all[:4], train_head, rtol=1e-3, atol=1e-4)
   assert not np.allclose(train_all, eval_all, rtol=1e-3, atol=1e-4)
 
