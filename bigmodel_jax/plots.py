@@ -8,17 +8,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _grid(num: int, width: float, height: float):
+  """A square-ish grid of `num` image panels, axes off -> (figure, the first `num` axes)."""
+  cols = int(np.ceil(np.sqrt(num)))
+  rows = int(np.ceil(num / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  return fig, axes.flat[:num]
+
+
+def _show(ax, img, **kwargs) -> None:
+  ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, **kwargs)
+
+
 def image_grid(images, targets, predictions, class_names, path: Path, num: int = 25) -> Path:
   """The first `num` test images titled 'true / predicted' (red where wrong)."""
   num = min(num, len(images))
-  cols = int(np.ceil(np.sqrt(num)))
-  rows = int(np.ceil(num / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for i, ax in enumerate(axes.flat[:num]):
-    img = images[i]
-    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+  fig, axes = _grid(num, 1.6, 1.8)
+  for i, ax in enumerate(axes):
+    _show(ax, images[i])
     t, p = int(targets[i]), int(predictions[i])
     ax.set_title(f"{class_names[t]} / {class_names[p]}", fontsize=8, color="black" if t == p else "red")
   fig.suptitle("true / predicted", fontsize=9)
@@ -64,16 +73,9 @@ def scatter_fit(inputs, targets, predictions, path: Path) -> Path:
 
 def sample_grid(images, path: Path, labels=None, title: str = "") -> Path:
   """Generated images in a square grid, optionally titled (e.g. with a classifier's label for each)."""
-  num = len(images)
-  cols = int(np.ceil(np.sqrt(num)))
-  rows = int(np.ceil(num / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.35 * rows), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for i, ax in enumerate(axes.flat[:num]):
-    img = np.clip(images[i], 0.0, 1.0)
-    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-              vmin=0.0, vmax=1.0)
+  fig, axes = _grid(len(images), 1.2, 1.35)
+  for i, ax in enumerate(axes):
+    _show(ax, np.clip(images[i], 0.0, 1.0), vmin=0.0, vmax=1.0)
     if labels is not None:
       ax.set_title(str(labels[i]), fontsize=7)
   if title:

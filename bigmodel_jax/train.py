@@ -161,27 +161,36 @@ def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_tra
                                         rngs=rngs, vocab_size=dataset.vocab_size)
   make_optimizers = lambda params: optim.make_optimizers(config, total_steps, params, task.optimizers,
                                                          task.updates_per_step)
+
+  def failed(e: Exception) -> UserError:  # a shape that does not fit, or a bug in the model's or task's own code
+    return UserError(f"config.model: {config.model.name!r} on {dataset.name} inputs of shape {dataset.input_shape} "
+                     f"failed {errors.where(e)}; check the model fields ({errors.TRACEBACK_HINT})")
+
   try:  # builds the model abstractly and runs it on the dataset's input shape, without compiling
     steps = Steps(make_model, make_optimizers, task, config.parallel.strategy, mesh, config.seed, dataset.input_shape,
                   dataset.input_dtype, rules=parallel.make_rules(config.parallel.rules), compute_dtype=config.train.dtype,
                   grad_accum_steps=config.train.grad_accum_steps)
-    if check_train_step:  # the train step too, abstractly (no compiling): a bug in a task's update or in a
-      # model's training path shows here, before anything is written
-      example = next(pipeline.eval_batches(dataset, "test", config.data))
-      k = config.train.grad_accum_steps
-      example = {key: jax.ShapeDtypeStruct((k, *v.shape[1:]), v.dtype) for key, v in example.items()}
-      jax.eval_shape(steps.train_step_function, steps.abstract_state,
-                     {**example, "row": jax.ShapeDtypeStruct((k,), np.int32)})
   except UserError:
     raise
-  except Exception as e:  # a shape that does not fit, or a bug in the model's or task's own code: say where
-    raise UserError(f"config.model: {config.model.name!r} on {dataset.name} inputs of shape {dataset.input_shape} "
-                    f"failed {errors.where(e)}; check the model fields ({errors.TRACEBACK_HINT})") from e
+  except Exception as e:
+    raise failed(e) from e
   wanted = tuple(task.output_shape(dataset.input_shape))
   if tuple(steps.output_shape[1:]) != wanted:
     raise UserError(f"config.model.name: {config.model.name!r} outputs shape {tuple(steps.output_shape[1:])} per "
                     f"example but task {config.task.name!r} needs {wanted}; use a model made for that task (language "
                     "models: gpt, lstm_lm; text classifiers: encoder_classifier)")
+  if check_train_step:  # the train step too, abstractly (no compiling): a bug in a task's update or in a model's
+    # training path shows here, before anything is written
+    example = next(pipeline.eval_batches(dataset, "test", config.data))
+    k = config.train.grad_accum_steps
+    example = {key: jax.ShapeDtypeStruct((k, *v.shape[1:]), v.dtype) for key, v in example.items()}
+    try:
+      jax.eval_shape(steps.train_step_function, steps.abstract_state,
+                     {**example, "row": jax.ShapeDtypeStruct((k,), np.int32)})
+    except UserError:
+      raise
+    except Exception as e:
+      raise failed(e) from e
   return steps
 
 
