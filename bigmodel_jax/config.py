@@ -203,7 +203,8 @@ def validate(config, training: bool = True) -> None:
   from bigmodel_jax.state import DTYPES
   TOKENIZERS.get(config.data.tokenizer.name)
   DTYPES.get(t.dtype)
-  parallel.LAYOUTS.get(config.parallel.strategy)
+  from bigmodel_jax.layout import LAYOUTS
+  LAYOUTS.get(config.parallel.strategy)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")

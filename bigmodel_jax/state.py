@@ -18,7 +18,7 @@ every microbatch split. `apply_gradients` steps one named optimizer (or all) ove
 A supervised task's update is those two calls (tasks.Task.update); a GAN makes them twice.
 
 Where the arrays live (shardings, pmap replication, bytes per device) is the layout's business
-(parallel.Layout); the steps here are compiled by it.
+(layout.Layout); the steps here are compiled by it.
 """
 
 from typing import Any, Callable
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from bigmodel_jax import optim, parallel
+from bigmodel_jax import layout, optim
 from bigmodel_jax.models.layers import ExampleRngs
 from bigmodel_jax.registry import Registry
 
@@ -82,7 +82,7 @@ class Steps:
     # runs the model abstractly on one example: a misfit fails here, before anything is compiled
     self.output_shape = jax.eval_shape(lambda s, b: task.outputs(self.model(s, cast=True), b),
                                        self.abstract_state, example).shape
-    self.layout = parallel.make_layout(layout_config, mesh, self.abstract_state,
+    self.layout = layout.make_layout(layout_config, mesh, self.abstract_state,
                                        nnx.get_partition_spec(abstract_params), rules)
     self.init = self.layout.compile_init(init)
     self.train_step = self.layout.compile_train(self._train_step)

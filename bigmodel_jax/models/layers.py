@@ -4,7 +4,7 @@
 batch)); `Dropout` draws each example's mask from its own key, so an example's mask is the same whether
 the batch runs on one device, is split by pmap, or in grad-accumulation microbatches. `BatchNorm`
 normalises with the statistics of the whole global batch on every layout: under jit the sharded batch
-is one array, and under pmap the layout names its replica axis (parallel.replica_axis) so the batch
+is one array, and under pmap the layout names its replica axis (layout.replica_axis) so the batch
 moments are averaged across devices.
 """
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigmodel_jax import parallel
+from bigmodel_jax import layout
 
 
 def is_single_key(key) -> bool:
@@ -86,7 +86,7 @@ class BatchNorm(nnx.BatchNorm):
                      rngs=rngs, **kwargs)
 
   def __call__(self, x, *, train: bool):
-    axis = parallel.replica_axis()  # None under jit; the pmap axis while the layout traces a step
+    axis = layout.replica_axis()  # None under jit; the pmap axis while the layout traces a step
     if self.axis_name != axis:  # (set only when it changes: a module built outside a trace may be called in one)
       self.axis_name = axis
     return super().__call__(x, use_running_average=not train)

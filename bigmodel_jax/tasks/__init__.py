@@ -6,11 +6,13 @@ A task is a `Task` subclass registered in TASKS. The shared machinery (state.Ste
   finalize(sums)                   -> {metric: value}    on host, after all eval batches
   predict_batch(model, batch)      -> {name: per-example array}   for --mode=predict
   outputs(model, batch)            -> what the model gives for a batch (its shape is checked before training)
-A supervised task writes only the per-output pieces (train_loss, eval_sums, predict on the model's
-outputs) and inherits the rest; a task with its own kind of update (a GAN: two optimizers, several
+A supervised task (SupervisedTask) writes only the per-output pieces (train_loss, eval_sums, predict on
+the model's outputs) and inherits the rest; a task with its own kind of update (a GAN: two optimizers, several
 steps) overrides `update` and names its optimizers in `optimizers`. Batches are {'inputs', 'targets',
 'mask', 'row', ...}; padding rows have mask 0 and never count.
 """
+
+import abc
 
 import jax.numpy as jnp
 
@@ -20,23 +22,54 @@ from bigmodel_jax.registry import Registry, import_submodules
 TASKS: Registry = Registry("task", "config.task.name")
 
 
-class Task:
+class Task(abc.ABC):
+  """What the machinery needs of any task; SupervisedTask fills in the update for one loss on one output."""
   metric_names: tuple[str, ...] = ()
   optimizers: tuple[str, ...] = ()  # the config.optimizers names `update` steps; () = the run's optimizer(s)
-  num_outputs: int = 0
   # how many times each optimizer steps per train step (a GAN's d_steps); its schedule spans them
   updates_per_step: dict[str, int] = {}
   sample_needs_data: bool = True  # False: --mode=sample needs only the workdir (a language model's tokenizer)
+  num_outputs: int = 0
 
   def setup(self) -> None:
     """What the task needs beyond its config, once the run's inputs are checked (the GAN's quality classifier)."""
 
+  @abc.abstractmethod
   def output_shape(self, input_shape) -> tuple[int, ...]:
     """The model output shape per example this task needs (checked before training)."""
-    raise NotImplementedError(f"{type(self).__name__}.output_shape")
 
   def outputs(self, model, batch, *, train: bool = False, rngs=None):
     return model(batch["inputs"], train=train, rngs=rngs).astype(jnp.float32)
+
+  @abc.abstractmethod
+  def update(self, steps, state, batch, key):
+    """One training update -> (state, metrics), built from steps.grads / steps.apply_gradients."""
+
+  @abc.abstractmethod
+  def evaluate_batch(self, model, batch):
+    """{name: array of sums} for one eval batch (padding rows weigh nothing)."""
+
+  @abc.abstractmethod
+  def finalize(self, sums) -> dict:
+    """The eval sums of a whole split -> {metric: value}."""
+
+  @abc.abstractmethod
+  def predict_batch(self, model, batch):
+    """{name: per-example array} for --mode=predict."""
+
+  def write_predictions(self, run, predictions: dict, step: int, out_dir) -> tuple[list, dict]:
+    """--mode=predict's files from the test split's predictions -> (files, summary metrics)."""
+    from bigmodel_jax import evaluate
+    return evaluate.write_supervised_predictions(run, predictions, step, out_dir)
+
+  def sample(self, run, model, step: int) -> dict:
+    """--mode=sample: what a generative model makes from its checkpoint."""
+    raise UserError(f"--mode=sample is for generative models (language models, GANs); task {run.config.task.name!r} "
+                    "predicts (use --mode=predict)")
+
+
+class SupervisedTask(Task):
+  """One loss on the model's outputs: a task writes train_loss / eval_sums / predict on them, and inherits the rest."""
 
   def loss(self, model, batch, rngs):
     """(scalar loss, {metric: scalar}) of one (micro)batch in training mode."""
@@ -54,28 +87,17 @@ class Task:
   def predict_batch(self, model, batch):
     return self.predict(self.outputs(model, batch))
 
-  def write_predictions(self, run, predictions: dict, step: int, out_dir) -> tuple[list, dict]:
-    """--mode=predict's files from the test split's predictions -> (files, summary metrics)."""
-    from bigmodel_jax import evaluate
-    return evaluate.write_supervised_predictions(run, predictions, step, out_dir)
-
-  def sample(self, run, model, step: int) -> dict:
-    """--mode=sample: what a generative model makes from its checkpoint."""
-    raise UserError(f"--mode=sample is for generative models (language models, GANs); task {run.config.task.name!r} "
-                    "predicts (use --mode=predict)")
-
-  # the supervised pieces, on the model's outputs
+  @abc.abstractmethod
   def train_loss(self, outputs, batch):
-    raise NotImplementedError(f"{type(self).__name__}.train_loss")
+    """(scalar loss, {metric: scalar}) from the model's outputs."""
 
+  @abc.abstractmethod
   def eval_sums(self, outputs, batch):
-    raise NotImplementedError(f"{type(self).__name__}.eval_sums")
+    """{name: array of sums} from the model's outputs."""
 
-  def finalize(self, sums) -> dict:
-    raise NotImplementedError(f"{type(self).__name__}.finalize")
-
+  @abc.abstractmethod
   def predict(self, outputs):
-    raise NotImplementedError(f"{type(self).__name__}.predict")
+    """{name: per-example array} from the model's outputs."""
 
 
 def get_task(config, dataset) -> Task:

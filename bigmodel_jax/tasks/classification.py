@@ -7,11 +7,11 @@ import optax
 
 from bigmodel_jax import metrics
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS, Task
+from bigmodel_jax.tasks import TASKS, SupervisedTask
 
 
 @TASKS.register("classification")
-class Classification(Task):
+class Classification(SupervisedTask):
   metric_names = ("accuracy", "precision", "recall", "f1", "loss")
 
   def __init__(self, config, dataset):

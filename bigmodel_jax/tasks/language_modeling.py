@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import optax
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS, Task
+from bigmodel_jax.tasks import TASKS, SupervisedTask
 
 
 @TASKS.register("language_modeling")
-class LanguageModeling(Task):
+class LanguageModeling(SupervisedTask):
   metric_names = ("loss", "perplexity", "bits_per_char", "accuracy")
   sample_needs_data = False  # the workdir's tokenizer is all sampling needs
 

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 
 from bigmodel_jax import metrics
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS, Task
+from bigmodel_jax.tasks import TASKS, SupervisedTask
 
 
 @TASKS.register("regression")
-class Regression(Task):
+class Regression(SupervisedTask):
   metric_names = ("mse", "mae", "r2", "loss")
 
   def __init__(self, config, dataset):
