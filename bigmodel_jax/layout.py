@@ -58,6 +58,7 @@ class Layout(abc.ABC):
     self.batch_sharding = batch_sharding(mesh, self.rules)
     self.batch_shards = batch_shards(mesh, self.rules)
     self.replicated = replicated(mesh)
+    self._rows: dict[int, np.ndarray] = {}  # each row's index in the global batch, by local batch size
 
   def compile_init(self, init):
     return jax.jit(init, out_shardings=self.state_sharding)
@@ -84,7 +85,9 @@ class Layout(abc.ABC):
 
   def _with_rows(self, local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(local_batch["mask"])
-    return {**local_batch, "row": np.arange(n, dtype=np.int32) + np.int32(jax.process_index() * n)}
+    if n not in self._rows:  # made once per batch size, not per step
+      self._rows[n] = np.arange(n, dtype=np.int32) + np.int32(jax.process_index() * n)
+    return {**local_batch, "row": self._rows[n]}
 
   def train_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return global_batch(self._with_rows(local_batch), self.batch_sharding)
