@@ -16,7 +16,8 @@ from bigmodel_jax.parallel import RULES
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache", "predict.", "sample.",
+                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
+                  "train.trackers", "train.tracking.", "predict.", "sample.",
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
@@ -37,7 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
       path="",  # a local text file instead of fetching (tiny_shakespeare)
       seq_len=128,  # tokens per example: LM window (block size) or classifier input length (truncated/padded)
       tokenizer=dict(name="char", vocab_size=8000, model_type="unigram"),  # char | byte | sentencepiece
-      strip_headers=True)  # emails (spam_assassin): drop the header block
+      strip_headers=True,  # emails (spam_assassin): drop the header block
+      # datasets without a published validation split hold out this fraction of the training split as
+      # 'validation': a fixed slice (its own seed, not config.seed), so it never moves between runs or trials
+      validation_fraction=0.1)
   c.model = model_config("mlp")
   c.task = dict(name="classification", label_smoothing=0.0)
   c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
@@ -50,12 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizers = ml_collections.ConfigDict()
   c.train = dict(
       num_epochs=1, num_steps=-1,  # num_steps > 0 overrides num_epochs
-      log_every=100, eval_every=-1,  # eval_every -1: at the end of each epoch
-      checkpoint_every=1000, keep_checkpoints=3,
-      best_metric="accuracy", best_mode="max",  # which checkpoint to keep as 'best'
+      log_every=100, checkpoint_every=1000, keep_checkpoints=3,
+      # model selection reads the evaluator `best_eval` (a validation split, never test): the checkpoint kept as
+      # 'best', best_step in final_metrics.json, and early stopping after `patience` evaluations without an
+      # improvement of more than min_delta (patience 0: off)
+      best_eval="validation", best_metric="accuracy", best_mode="max",
+      early_stopping=dict(patience=0, min_delta=0.0),
       allow_config_change=False, progress_bar=True, compilation_cache=True,
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
-      grad_accum_steps=1)  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
+      grad_accum_steps=1,  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
+      # where metrics go besides metrics.jsonl: comma-separated tensorboard | mlflow | wandb (optional extras)
+      trackers="tensorboard",
+      tracking=dict(experiment="", mlflow_tracking_uri="", wandb_project="bigmodel_jax", wandb_dir=""))
   # Devices: a mesh of named axes (sizes multiply to the device count; -1 = the rest). data: batch split,
   # params replicated; fsdp: batch split, params + optimizer state sharded; tensor: heads/MLP units split.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -63,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = dict(strategy="jit", rules=dict(RULES))
   # GAN quality (task 'adversarial'): a trained classifier run's workdir, or the config trained once and cached
   # (~/.cache/bigmodel_jax/classifiers or $BIGMODEL_JAX_CLASSIFIER_DIR); seed: the fixed eval noise
+  # Evaluators: config.evals.<name> = dict(split=..., every=...), each logged under its split in metrics.jsonl and
+  # TensorBoard. every: N steps, -1 = the end of each epoch, 0 = the end of training only (and always at the end).
+  c.evals = dict(validation=dict(split="validation", every=-1), test=dict(split="test", every=0))
   c.eval = dict(classifier_workdir="", classifier_config="configs/mnist_cnn.py", seed=0)
   c.predict = dict(num_images=25)
   # --mode=sample (language models): text generated from the checkpoint, with a KV cache

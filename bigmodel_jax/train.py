@@ -151,7 +151,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   task.setup()  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
                               best_mode=t.best_mode)
-  return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief),
+  return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief, config),
              total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
 
 
@@ -363,6 +363,7 @@ def _train(run: Run) -> dict:
         .coefficients()
   if chief:
     runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+  run.writer.finish(final)
   return final
 
 

@@ -31,7 +31,7 @@ class MetricsWriter:
   Only the chief process (process 0) writes; other processes get a writer that does nothing.
   """
 
-  def __init__(self, workdir: Path, enabled: bool = True):
+  def __init__(self, workdir: Path, enabled: bool = True, config=None):
     self.enabled = enabled
     if not enabled:
       return
@@ -60,6 +60,9 @@ class MetricsWriter:
       if k not in ("step", "split", "time") and isinstance(v, (int, float)):
         self._tb.add_scalar(f"{split}/{k}", v, step)
     self._tb.flush()
+
+  def finish(self, final_metrics: dict) -> None:
+    """The run's final metrics (final_metrics.json), once training and the final evaluations are done."""
 
   def close(self) -> None:
     if self.enabled:
