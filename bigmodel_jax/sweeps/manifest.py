@@ -1,0 +1,114 @@
+"""The sweep manifest (manifest.json in the sweep workdir): which sweep this is and every trial's status.
+
+A workdir belongs to one sweep: one base config with one set of fixed overrides. The sweep file may change
+(trials added run next time; removed ones stay, marked as not in the current sweep); another base is refused.
+"""
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.sweeps import trials as trials_lib
+from bigmodel_jax.sweeps.spec import Sweep, Trial
+
+MANIFEST, LOCK = "manifest.json", ".sweep.lock"
+# trial statuses: pending (never ended a launch), running, done, failed, interrupted (resumable), pruned (stopped by
+# a scheduler such as ASHA: kept as it is, not resumed)
+RUN_AGAIN = ("pending", "running", "failed", "interrupted")
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value))
+
+
+def identity(sweep: Sweep) -> dict:
+  """What may not change within one workdir."""
+  return {"kind": sweep.kind, "base": sweep.base, "overrides": _jsonable(sweep.overrides)}
+
+
+class Manifest:
+  def __init__(self, workdir: Path, data: dict):
+    self.workdir, self.data = Path(workdir), data
+
+  @property
+  def trials(self) -> dict:
+    return self.data["trials"]
+
+  @classmethod
+  def load(cls, workdir: Path) -> "Manifest":
+    data = trials_lib.read_json(Path(workdir) / MANIFEST)
+    if data is None:
+      raise UserError(f"--workdir: no sweep in {workdir} (no readable {MANIFEST}); run a sweep file there first")
+    return cls(workdir, data)
+
+  @classmethod
+  def open(cls, workdir: Path, sweep: Sweep) -> "Manifest":
+    """The workdir's manifest for `sweep` (a new one for a new workdir). Refuses a workdir holding another
+    sweep or a single training run. Writes nothing."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+      raise UserError(f"--workdir: {workdir} exists and is not a directory")
+    path = workdir / MANIFEST
+    if not path.exists():
+      if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise UserError(f"--workdir: {workdir} holds a training run, not a sweep; use another --workdir")
+      return cls(workdir, {"identity": identity(sweep), "trials": {}})
+    data = trials_lib.read_json(path)
+    if data is None:
+      raise UserError(f"--workdir: {path} is not valid JSON; move it away (the trials' directories are intact)")
+    held, wanted = data.get("identity", {}), identity(sweep)
+    if held != wanted:
+      diffs = "; ".join(f"{k}: {held.get(k)!r} here, {wanted[k]!r} in {sweep.path}" for k in wanted
+                        if held.get(k) != wanted[k])
+      raise UserError(f"--workdir: {workdir} holds a different sweep ({diffs}); use another --workdir")
+    return cls(workdir, data)
+
+  def lock(self):
+    """One sweep process per workdir (an flock the OS drops when the process dies)."""
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(self.workdir / LOCK, "a+")
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      lock.seek(0)
+      raise UserError(f"--workdir: {self.workdir} is in use by another sweep (pid {lock.read().strip() or '?'}); "
+                      "wait for it or stop it") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+  def sync(self, sweep: Sweep) -> list[Trial]:
+    """Records the sweep file and which trials are in it, with their status on disk -> the trials to run
+    (a grid's: those not finished; a search asks its own)."""
+    self.data.update(sweep_file=str(sweep.path.resolve()), sweep_sha256=sweep.sha256, name=sweep.name,
+                     variant=sweep.variant, metric=sweep.metric, mode=sweep.mode, eval=sweep.config.train.best_eval,
+                     labels=sweep.labels, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    current = {t.name for t in sweep.trials or []}
+    for name, entry in self.trials.items():
+      entry["in_sweep"] = name in current if sweep.kind == "grid" else True
+    for trial in sweep.trials or []:
+      self.add(trial)
+    for name, entry in self.trials.items():
+      if trials_lib.is_done(self.workdir / name):
+        entry["status"] = "done"
+    self.save()
+    return [t for t in sweep.trials or [] if self.trials[t.name]["status"] in RUN_AGAIN]
+
+  def add(self, trial: Trial) -> None:
+    entry = self.trials.setdefault(trial.name, {"status": "pending", "error": "", "wall_s": 0.0, "launches": 0})
+    entry.update(overrides=_jsonable(trial.overrides), in_sweep=True)
+    if trial.number is not None:
+      entry["number"] = trial.number
+
+  def update(self, name: str, **fields) -> None:
+    self.trials[name].update(fields)
+    self.save()
+
+  def save(self) -> None:
+    from bigmodel_jax.runinfo import write_text_atomic
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(self.workdir / MANIFEST, json.dumps(self.data, indent=2) + "\n")

@@ -1,0 +1,178 @@
+"""The Ray executor (--executor=ray, the optional extra bigmodel_jax[ray]): Ray Tune runs one trial per task with
+the resources the sweep file asks for (`resources = {"cpu": 1, "gpu": 1}`).
+
+Each Tune trial is a TrialTrainable in a Ray worker: it starts bigmodel_jax.main in a child process and reports
+every validation record of the trial's metrics.jsonl to Tune as it appears (`step` = the training step), so an
+ASHA scheduler (`asha = {"grace_period": 100, "max_t": 1000}`, in training steps) can stop weak trials early:
+a stopped trial gets SIGTERM, saves a checkpoint and is marked 'pruned'. The sweep workdir must be on a
+filesystem every Ray node sees (the trials write their records there). Stopping the sweep (SIGTERM, Ctrl-C) drops
+a stop file there that every running trial watches: each stops its process (checkpoint first) and ends.
+"""
+
+import collections
+import itertools
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import ray
+from ray import tune
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.sweeps import trials as trials_lib
+from bigmodel_jax.sweeps.spec import Sweep, Trial
+
+STOP_FILE = ".stop"
+POLL_S = 0.5
+CONNECT_TIMEOUT_S = 3
+GPU_MEMORY = 0.9  # of a GPU, scaled by a fractional "gpu" resource
+FORWARDED_ENV = ("PYTHONPATH",)  # to the workers, so they import this checkout's bigmodel_jax
+
+
+def resolve_address(address: str) -> str:
+  """'auto' ($RAY_ADDRESS, else the cluster `ray start` left on this machine) or host:port -> host:port, checked to
+  accept a TCP connection within seconds (ray.init itself would wait much longer for a dead address)."""
+  given = address
+  if address == "auto":
+    current = Path("/tmp/ray/ray_current_cluster")
+    address = os.environ.get("RAY_ADDRESS") or (current.read_text().strip() if current.is_file() else "")
+    if not address:
+      raise UserError("--ray_address=auto: no running Ray cluster found on this machine; start one (ray start "
+                      "--head) or pass --ray_address=host:port")
+  host, _, port = address.removeprefix("ray://").rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"--ray_address={given}: expected host:port (e.g. 127.0.0.1:6379) or auto")
+  try:
+    socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+  except OSError as e:
+    raise UserError(f"--ray_address={given}: no Ray cluster answers at {host}:{port} ({e.strerror or e}); start "
+                    "one (ray start --head) or fix the address") from None
+  return address
+
+
+def metric_key(metric: str) -> str:
+  return f"validation_{metric}"
+
+
+class TrialTrainable(tune.Trainable):
+  """One trial in a Ray worker; step() returns its next validation record (or its end, with done=True)."""
+
+  def setup(self, config):
+    self.spec = config["trial"]
+    self.key, self.stop_file = metric_key(self.spec["metric"]), Path(self.spec["stop_file"])
+    self.tail = trials_lib.MetricsTail(Path(self.spec["dir"]) / trials_lib.METRICS, self.spec["eval"])
+    self.pending, self.last = collections.deque(), {self.key: math.nan, "step": 0}
+    gpu = self.spec.get("gpu", 0)
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{GPU_MEMORY * gpu:.3f}"} if 0 < gpu < 1 else {}
+    self.launch = None if self.stop_file.exists() else trials_lib.Launch(self.spec, env)
+
+  def step(self):
+    while self.launch is not None:
+      exit_code = self.launch.proc.poll()
+      self.pending.extend(self.tail.new())
+      if self.pending:
+        record = self.pending.popleft()
+        self.last = {self.key: record.get(self.spec["metric"], math.nan), "step": record["step"]}
+        return dict(self.last)
+      if exit_code is None and self.stop_file.exists():
+        self.launch.stop()
+        exit_code = self.launch.proc.wait()
+      if exit_code is not None:
+        self.launch.finish(exit_code)
+        self.launch = None
+        break
+      time.sleep(POLL_S)
+    return {**self.last, "done": True}
+
+  def cleanup(self):
+    if self.launch is not None and self.launch.proc.poll() is None:  # stopped by the scheduler (ASHA)
+      self.launch.stop()
+      self.launch.finish(self.launch.proc.wait(), status="pruned")
+
+
+class _Events(tune.Callback):
+  """Tune's trial events -> the sweep's (runs in the driver)."""
+
+  def __init__(self, by_name: dict, events, session_start: float):
+    self.by_name, self.events, self.session_start = by_name, events, session_start
+
+  def on_trial_start(self, iteration, trials, trial, **info):
+    self.events.started(self.by_name[trial.config["trial"]["name"]])
+
+  def _ended(self, trial, error: str = ""):
+    spec = trial.config["trial"]
+    launches = trials_lib.read_record(spec["dir"]).get("launches", [])
+    end = launches[-1] if launches and launches[-1]["start"] >= self.session_start else None
+    if end is None:  # never launched (stopped first), or its worker died before recording how it ended
+      end = {"status": "failed" if error else "pending", "exit_code": None, "error": error, "wall_s": 0.0}
+    self.events.finished(self.by_name[spec["name"]], end)
+
+  def on_trial_complete(self, iteration, trials, trial, **info):
+    self._ended(trial)
+
+  def on_trial_error(self, iteration, trials, trial, **info):
+    self._ended(trial, f"the Ray task failed ({getattr(trial, 'error_file', None) or 'see the Ray logs'})")
+
+
+class RayExecutor:
+  def __init__(self, address: str, parallel: int = 0):
+    self.address, self.parallel = resolve_address(address), parallel
+
+  def run(self, sweep: Sweep, workdir: Path, trials: Iterator[Trial], events) -> int | None:
+    """Runs a grid as one Tune experiment, a search in rounds of --parallel trials -> the stopping signal or None."""
+    workdir = Path(workdir).absolute()
+    stop_file = workdir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    stop = []
+
+    def on_signal(signum, _):
+      if not stop:
+        events.message(f"{signal.Signals(signum).name}: stopping the running trials; each saves a checkpoint first, "
+                       "then the same command resumes the sweep")
+      stop.append(signum)
+      stop_file.touch()
+
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours: the trials stop through the stop file
+    ray.init(address=self.address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
+             logging_level=logging.ERROR)
+    previous = {s: signal.signal(s, on_signal) for s in trials_lib.STOP_SIGNALS}
+    try:
+      size = None if sweep.kind == "grid" else max(self.parallel, 1)
+      while not stop:
+        batch = list(itertools.islice(trials, size))
+        if not batch:
+          break
+        self._fit(sweep, workdir, batch, events, stop_file)
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+      ray.shutdown()
+      stop_file.unlink(missing_ok=True)
+    return stop[0] if stop else None
+
+  def _fit(self, sweep: Sweep, workdir: Path, batch: list[Trial], events, stop_file: Path) -> None:
+    specs = [{**trials_lib.launch_spec(sweep, t, workdir), "stop_file": str(stop_file),
+              "gpu": sweep.resources.get("gpu", 0)} for t in batch]
+    scheduler = None
+    if sweep.asha:
+      from ray.tune.schedulers import ASHAScheduler
+      scheduler = ASHAScheduler(time_attr="step", **sweep.asha)
+    tuner = tune.Tuner(
+        tune.with_resources(TrialTrainable, dict(sweep.resources)),
+        param_space={"trial": tune.grid_search(specs)},
+        tune_config=tune.TuneConfig(metric=metric_key(sweep.metric), mode=sweep.mode, scheduler=scheduler,
+                                    max_concurrent_trials=self.parallel or None,
+                                    trial_name_creator=lambda t: t.config["trial"]["name"],
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=f"{sweep.name}_{int(time.time())}", storage_path=str(workdir / "ray"),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_Events({t.name: t for t in batch}, events, time.time())]))
+    tuner.fit()

@@ -1,0 +1,82 @@
+"""An Optuna search instead of a grid (the optional extra bigmodel_jax[search]).
+
+The sweep file's search(trial) returns one trial's overrides from trial.suggest_* calls (define-by-run) and
+num_trials says how many to run; the study optimizes the validation metric in the sweep's mode. Its state is an
+Optuna journal in the workdir (optuna.journal), so running the command again continues the search: trials a
+stopped or killed sweep left running are resumed from their own checkpoints first, then new ones are asked.
+"""
+
+import logging
+import math
+from pathlib import Path
+from typing import Iterator
+
+from bigmodel_jax.errors import UserError, where
+from bigmodel_jax.sweeps import trials as trials_lib
+from bigmodel_jax.sweeps.spec import Sweep, Trial, leaf_keys, plain, problems, require, trial_name
+
+JOURNAL = "optuna.journal"
+NAME_DIGITS = 4  # significant digits of suggested floats in trial names (the trial number keeps names unique)
+
+
+class Search:
+  def __init__(self, sweep: Sweep, workdir: Path, manifest):
+    optuna = require("optuna", "search", f"{sweep.path}: search()")
+    optuna.logging.set_verbosity(logging.WARNING)
+    self.optuna, self.sweep, self.workdir, self.manifest = optuna, sweep, Path(workdir), manifest
+    workdir.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
+    sampler = sweep.sampler() if sweep.sampler else optuna.samplers.TPESampler(seed=0)
+    self.study = optuna.create_study(storage=storage, study_name=sweep.name, sampler=sampler, load_if_exists=True,
+                                     direction="maximize" if sweep.mode == "max" else "minimize")
+
+  def trials(self) -> Iterator[Trial]:
+    """Trials left running by an earlier sweep (resumed), then new ones until the study has num_trials."""
+    running = self.optuna.trial.TrialState.RUNNING
+    for frozen in self.study.get_trials(deepcopy=False, states=(running,)):
+      if "name" not in frozen.user_attrs:  # asked, but the sweep died before naming it
+        self.study.tell(frozen.number, state=self.optuna.trial.TrialState.FAIL)
+        continue
+      trial = Trial(frozen.user_attrs["name"], {k: plain(v) for k, v in frozen.user_attrs["overrides"].items()},
+                    frozen.number)
+      self.manifest.add(trial)
+      if trials_lib.is_done(self.workdir / trial.name):  # it finished just before the sweep stopped
+        self.manifest.update(trial.name, status="done")
+        self.tell(trial, "done")
+        continue
+      yield trial
+    while len(self.study.trials) < self.sweep.num_trials:
+      yield self._ask()
+
+  def _ask(self) -> Trial:
+    asked = self.study.ask()
+    try:
+      overrides = {k: plain(v) for k, v in self.sweep.search(asked).items()}
+    except Exception as e:
+      self.study.tell(asked, state=self.optuna.trial.TrialState.FAIL)
+      raise UserError(f"{self.sweep.path}: search(trial) failed on trial {asked.number} {where(e)}") from e
+    bad = problems(self.sweep.config, overrides, leaf_keys(self.sweep.config), self.sweep.base)
+    if bad:
+      self.study.tell(asked, state=self.optuna.trial.TrialState.FAIL)
+      raise UserError(f"{self.sweep.path}: search(trial), trial {asked.number}: {bad[0]}")
+    labels = {k: self.sweep.label(k) for k in overrides}
+    self.manifest.data.setdefault("labels", {}).update(labels)
+    trial = Trial(trial_name(overrides, labels, NAME_DIGITS, prefix=f"{asked.number:03d},"), overrides, asked.number)
+    asked.set_user_attr("name", trial.name)
+    asked.set_user_attr("overrides", {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
+    self.manifest.add(trial)
+    return trial
+
+  def tell(self, trial: Trial, status: str) -> None:
+    """A trial's end -> the study: its validation value, or failed / pruned. Interrupted trials stay running
+    in the study (the next sweep resumes them)."""
+    states = self.optuna.trial.TrialState
+    if status == "done":
+      final = trials_lib.read_json(self.workdir / trial.name / trials_lib.FINAL) or {}
+      value = trials_lib.selection(final, self.sweep.metric, self.sweep.mode)[0]
+      if value is not None and math.isfinite(value):
+        self.study.tell(trial.number, value)
+      else:
+        self.study.tell(trial.number, state=states.FAIL)
+    elif status in ("failed", "pruned"):
+      self.study.tell(trial.number, state=states.FAIL if status == "failed" else states.PRUNED)
