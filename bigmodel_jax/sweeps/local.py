@@ -101,4 +101,7 @@ class LocalExecutor:
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
+      for launch, trial in running.values():  # left only by an error (e.g. in a search): stop them, as a signal would
+        launch.stop()
+        events.finished(trial, launch.finish(launch.proc.wait()))
     return stop[0] if stop else None

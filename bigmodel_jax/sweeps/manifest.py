@@ -85,7 +85,7 @@ class Manifest:
     """Records the sweep file and which trials are in it, with their status on disk -> the trials to run
     (a grid's: those not finished; a search asks its own)."""
     self.data.update(sweep_file=str(sweep.path.resolve()), sweep_sha256=sweep.sha256, name=sweep.name,
-                     variant=sweep.variant, metric=sweep.metric, mode=sweep.mode, eval=sweep.config.train.best_eval,
+                     variant=sweep.variant, metric=sweep.metric, mode=sweep.mode, eval=sweep.config.train.best_eval or "validation",
                      labels=sweep.labels, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     current = {t.name for t in sweep.trials or []}
     for name, entry in self.trials.items():
@@ -95,6 +95,8 @@ class Manifest:
     for name, entry in self.trials.items():
       if trials_lib.is_done(self.workdir / name):
         entry["status"] = "done"
+      elif entry["status"] == "done":  # its directory was removed or replaced: run it again
+        entry["status"] = "pending"
     self.save()
     return [t for t in sweep.trials or [] if self.trials[t.name]["status"] in RUN_AGAIN]
 

@@ -30,8 +30,10 @@ from bigmodel_jax.sweeps.spec import Sweep, Trial
 STOP_FILE = ".stop"
 POLL_S = 0.5
 CONNECT_TIMEOUT_S = 3
+ASHA_MAX_T = 10 ** 9
 GPU_MEMORY = 0.9  # of a GPU, scaled by a fractional "gpu" resource
 FORWARDED_ENV = ("PYTHONPATH",)  # to the workers, so they import this checkout's bigmodel_jax
+FORWARDED_PREFIX = "BIGMODEL_JAX_"  # the package's settings (data and cache dirs...), to every trial
 
 
 def resolve_address(address: str) -> str:
@@ -122,7 +124,18 @@ class _Events(tune.Callback):
 
 class RayExecutor:
   def __init__(self, address: str, parallel: int = 0):
-    self.address, self.parallel = resolve_address(address), parallel
+    """Joins the cluster at `address` now, so a wrong one fails before the sweep touches its workdir."""
+    self.parallel = parallel
+    address = resolve_address(address)
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    try:
+      ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
+               logging_level=logging.ERROR)
+    except Exception as e:  # e.g. a cluster that wants an auth token (RAY_AUTH_MODE=token)
+      cause = e.__cause__ or e
+      lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
+      raise UserError(f"--ray_address={address}: cannot join the Ray cluster ({lines[-1][:400]})") from e
 
   def run(self, sweep: Sweep, workdir: Path, trials: Iterator[Trial], events) -> int | None:
     """Runs a grid as one Tune experiment, a search in rounds of --parallel trials -> the stopping signal or None."""
@@ -138,11 +151,8 @@ class RayExecutor:
       stop.append(signum)
       stop_file.touch()
 
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    logging.getLogger("ray").setLevel(logging.ERROR)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours: the trials stop through the stop file
-    ray.init(address=self.address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
-             logging_level=logging.ERROR)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment tables between our lines
     previous = {s: signal.signal(s, on_signal) for s in trials_lib.STOP_SIGNALS}
     try:
       size = None if sweep.kind == "grid" else max(self.parallel, 1)
@@ -159,12 +169,17 @@ class RayExecutor:
     return stop[0] if stop else None
 
   def _fit(self, sweep: Sweep, workdir: Path, batch: list[Trial], events, stop_file: Path) -> None:
-    specs = [{**trials_lib.launch_spec(sweep, t, workdir), "stop_file": str(stop_file),
-              "gpu": sweep.resources.get("gpu", 0)} for t in batch]
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIX)}
+    specs = []
+    for trial in batch:
+      launch = trials_lib.launch_spec(sweep, trial, workdir)
+      specs.append({**launch, "env": {**forwarded, **launch["env"]}, "stop_file": str(stop_file),
+                    "gpu": sweep.resources.get("gpu", 0)})
     scheduler = None
     if sweep.asha:
       from ray.tune.schedulers import ASHAScheduler
-      scheduler = ASHAScheduler(time_attr="step", **sweep.asha)
+      # time is the training step; a trial ends by itself at its last step, so no max_t unless the file sets one
+      scheduler = ASHAScheduler(time_attr="step", **{"max_t": ASHA_MAX_T, **sweep.asha})
     tuner = tune.Tuner(
         tune.with_resources(TrialTrainable, dict(sweep.resources)),
         param_space={"trial": tune.grid_search(specs)},
@@ -174,5 +189,7 @@ class RayExecutor:
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=f"{sweep.name}_{int(time.time())}", storage_path=str(workdir / "ray"),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                  # the trials checkpoint themselves (main), into their own directories
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
                                   callbacks=[_Events({t.name: t for t in batch}, events, time.time())]))
     tuner.fit()

@@ -21,6 +21,7 @@ from bigmodel_jax.sweeps.spec import format_value
 
 SEED = "seed"
 PLOTS = "plots"
+MAX_TICKS = 10
 
 
 @dataclasses.dataclass
@@ -172,6 +173,15 @@ def _numeric(values) -> bool:
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def _ordered(values) -> list[str]:
+  """Distinct values as axis labels, in their own order where they have one ((8, 16) before (32, 64))."""
+  unique = {format_value(v): v for v in values}
+  try:
+    return [format_value(v) for v in sorted(unique.values())]
+  except TypeError:
+    return sorted(unique)
+
+
 def write_plots(directory: Path, rows: list[Row], data: dict) -> list[Path]:
   import matplotlib
   matplotlib.use("Agg")
@@ -194,9 +204,9 @@ def write_plots(directory: Path, rows: list[Row], data: dict) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     values = [g.overrides.get(key) for g in ranked]
     numeric = _numeric(values)
-    categories = sorted({format_value(v) for v in values})
+    categories = _ordered(values)
     for rest, line in lines.items():
-      line.sort(key=lambda g: g.overrides.get(key) if numeric else format_value(g.overrides.get(key)))
+      line.sort(key=lambda g: g.overrides.get(key) if numeric else categories.index(format_value(g.overrides.get(key))))
       x = [g.overrides.get(key) if numeric else categories.index(format_value(g.overrides.get(key))) for g in line]
       stats = [g.stats("value") for g in line]
       label = _described({k: v for k, v in json.loads(rest).items() if v is not None}, labels) if others else None
@@ -204,6 +214,9 @@ def write_plots(directory: Path, rows: list[Row], data: dict) -> list[Path]:
                   fmt="o-" if grid else "o", capsize=3, label=label)
     if numeric and min(values) > 0 and max(values) / min(values) >= 10:
       ax.set_xscale("log")
+    if numeric and len(set(values)) <= MAX_TICKS:  # a grid's few values: ticks at exactly those
+      ax.set_xticks(sorted(set(values)), [format_value(v) for v in sorted(set(values))])
+      ax.minorticks_off()
     if not numeric:
       ax.set_xticks(range(len(categories)), categories, rotation=20)
     ax.set_xlabel(labels.get(key, key))

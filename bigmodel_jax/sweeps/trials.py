@@ -40,7 +40,7 @@ def launch_spec(sweep: Sweep, trial: Trial, workdir: Path) -> dict:
   return {"name": trial.name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                             for k, v in trial.overrides.items()},
           "dir": str(directory), "argv": command(sweep, trial, directory), "env": {EXPERIMENT_ENV: sweep.name},
-          "metric": sweep.metric, "eval": sweep.config.train.best_eval}
+          "metric": sweep.metric, "eval": sweep.config.train.best_eval or "validation"}
 
 
 def read_json(path: Path) -> dict | None:

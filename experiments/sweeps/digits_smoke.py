@@ -14,3 +14,12 @@ overrides = {"train.num_steps": 150, "train.log_every": 25, "evals.validation.ev
 
 def sweep():
   yield from product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(2))
+
+
+# An Optuna search instead (--sweep=lr): 6 trials of learning rate and dropout, TPE, the study kept in the workdir
+num_trials = 6
+
+
+def search_lr(trial):
+  return {"optimizer.learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+          "model.dropout_rate": trial.suggest_float("dropout_rate", 0.0, 0.5)}

@@ -1,0 +1,342 @@
+"""Sweeps: real trial processes (digits_mlp, a few hundred steps), results, kill and resume, searches, bad input."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.sweeps import product, seeds, spec, zipped
+from bigmodel_jax.sweeps.manifest import Manifest
+from bigmodel_jax.sweeps import report
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED = ('base = "configs/digits_mlp.py"\n'
+         'overrides = {"train.num_steps": 300, "train.log_every": 50, "train.checkpoint_every": 50, '
+         '"evals.validation.every": 100}\n')
+GOOD = 'from bigmodel_jax.sweeps import product, seeds\n' + FIXED + \
+    'def sweep():\n  yield from product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(2))\n'
+WITH_FAILING = GOOD + '  yield {"data.batch_size": 0}  # main refuses it: exit 2, its error line\n'
+WITH_ADDED = GOOD + '  yield {"optimizer.learning_rate": 1e-2, "seed": 0}\n'
+SEARCH = 'import optuna\n' + FIXED + '''metric, mode = "accuracy", "max"
+num_trials = 4
+def sampler():
+  return optuna.samplers.RandomSampler(seed=0)
+def search(trial):
+  return {"optimizer.learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
+'''
+
+
+@pytest.fixture(scope="session")
+def sweep_env(cache_dir, tmp_path_factory) -> dict:
+  path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir), "PYTHONPATH": path,
+          "BIGMODEL_JAX_DATA_DIR": str(tmp_path_factory.mktemp("data")), "PYTHONUNBUFFERED": "1"}
+
+
+def run_sweep(env: dict, *args, popen: bool = False, timeout: float = 300):
+  """python -m bigmodel_jax.sweep *args from the repo root; popen: in its own process group, output piped."""
+  cmd = [sys.executable, "-m", "bigmodel_jax.sweep", *map(str, args)]
+  if popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, text: str) -> Path:
+  path.write_text(text)
+  return path
+
+
+def wait_until(condition, proc, timeout: float = 240) -> None:
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.01)
+
+
+def trial_dirs(workdir: Path) -> list[Path]:
+  return sorted(p for p in workdir.iterdir() if p.is_dir() and "=" in p.name)
+
+
+def final(directory: Path) -> dict:
+  return json.loads((directory / "final_metrics.json").read_text())
+
+
+def launches(directory: Path) -> int:
+  return len((directory / "run_info.jsonl").read_text().splitlines())
+
+
+def results(workdir: Path) -> dict:
+  with open(workdir / "results.csv") as f:
+    return {row["trial"]: row for row in csv.DictReader(f)}
+
+
+def killed_mid_training(workdir: Path) -> bool:
+  """Some trial has a checkpoint but has not finished."""
+  return any((d / "checkpoints" / "50").exists() and not (d / "final_metrics.json").exists()
+             for d in trial_dirs(workdir)) if workdir.exists() else False
+
+
+@pytest.fixture(scope="module")
+def grid(sweep_env, tmp_path_factory):
+  """The 5-trial sweep (4 good, 1 failing) run once, uninterrupted, 2 at a time."""
+  folder = tmp_path_factory.mktemp("grid")
+  workdir = folder / "out"
+  proc = run_sweep(sweep_env, write(folder / "grid.py", WITH_FAILING), f"--workdir={workdir}", "--parallel=2")
+  return folder, workdir, proc
+
+
+# --- helpers and sweep files, in process
+
+
+def test_product_zip_and_seeds():
+  assert product({"a": [1, 2]}, seeds(2)) == [{"a": 1, "seed": 0}, {"a": 1, "seed": 1}, {"a": 2, "seed": 0},
+                                              {"a": 2, "seed": 1}]
+  assert product(zipped({"a": [1, 2], "b": ["x", "y"]}), {"c": [True]}) == [{"a": 1, "b": "x", "c": True},
+                                                                           {"a": 2, "b": "y", "c": True}]
+  with pytest.raises(ValueError, match="different lengths"):
+    zipped({"a": [1, 2], "b": [1]})
+
+
+def test_trials_are_named_from_their_overrides(tmp_path):
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + '''
+def sweep():
+  yield {"optimizer.name": "sgd", "model.hidden_sizes": (64, 32), "seed": 1}
+  yield {"optimizer.learning_rate": 1e-4, "model.hidden_sizes": (8,), "train.trackers": "tensorboard,mlflow"}
+'''))
+  assert [t.name for t in sweep.trials] == ["optimizer.name=sgd,hidden_sizes=64-32,seed=1",
+                                            "learning_rate=0.0001,hidden_sizes=8,trackers=tensorboard,mlflow"]
+  assert sweep.metric == "accuracy" and sweep.mode == "max"  # the base config's selection
+  assert sweep.config.train.num_steps == 300  # the fixed overrides are applied
+  assert spec.format_value((8,)) == "(8,)" and spec.format_value(False) == "false"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("x = 1\n", "no sweep() generator of override dicts (or search(trial) with num_trials)"),
+    ("def sweep():\n  yield from []\n", "sweep() yielded no trials"),
+    ("def sweep():\n  yield {'seed': 0}\n  yield {'seed': 0}\n", "trials 0 and 1 are the same (seed=0)"),
+    ("metric = 'bleu'\ndef sweep():\n  yield {'seed': 0}\n",
+     "metric 'bleu' is not produced by the evaluators of task 'classification'; valid: accuracy"),
+    ("mode = 'up'\ndef sweep():\n  yield {'seed': 0}\n", "mode must be 'max' or 'min'"),
+    ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
+    ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
+    ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
+], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "type", "section", "num-trials"])
+def test_bad_sweep_files(tmp_path, body, message):
+  with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
+    spec.load(write(tmp_path / "s.py", FIXED + body))
+  assert message in str(e.value)
+
+
+def test_bad_override_keys_are_listed_for_every_trial_with_suggestions(tmp_path):
+  with pytest.raises(UserError) as e:
+    spec.load(write(tmp_path / "s.py", FIXED.replace("train.log_every", "train.log_evry") + '''
+def sweep():
+  for lr in (1e-3, 3e-3):
+    yield {"optimizer.learning_rat": lr, "seed": 0}
+'''))
+  assert str(e.value).splitlines() == [
+      f"{tmp_path / 's.py'}: overrides: 'train.log_evry' is not a field of configs/digits_mlp.py "
+      "(did you mean 'train.log_every'?)"]
+  with pytest.raises(UserError) as e:
+    spec.load(write(tmp_path / "s.py", FIXED + '''
+def sweep():
+  for lr in (1e-3, 3e-3):
+    yield {"optimizer.learning_rat": lr, "seed": 0}
+  yield {"seed": 1}
+'''))
+  lines = str(e.value).splitlines()
+  assert len(lines) == 2 and all("is not a field of configs/digits_mlp.py (did you mean 'optimizer.learning_rate'?)"
+                                 in line for line in lines)
+  assert "trial 0 (optimizer.learning_rat=0.001, seed=0)" in lines[0] and "trial 1" in lines[1]
+
+
+def test_sweep_variants_and_their_names(tmp_path):
+  path = write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'seed': 0}\n"
+               "def sweep_small():\n  yield {'seed': 1}\ndef sweep_tiny():\n  yield {'seed': 2}\n")
+  assert [t.name for t in spec.load(path, "small").trials] == ["seed=1"]
+  with pytest.raises(UserError, match=r"^--sweep=big: .* has no sweep_big\(\) or search_big\(\); valid: small, tiny$"):
+    spec.load(path, "big")
+
+
+def test_a_missing_base_config_or_sweep_file(tmp_path):
+  with pytest.raises(UserError, match="base config 'configs/nope.py' not found"):
+    spec.load(write(tmp_path / "s.py", "base = 'configs/nope.py'\ndef sweep():\n  yield {}\n"))
+  with pytest.raises(UserError, match="cannot read sweep file"):
+    spec.load(tmp_path / "absent.py")
+  with pytest.raises(UserError, match=r"line 1: syntax error"):
+    spec.load(write(tmp_path / "s.py", "base = (\n"))
+
+
+def test_a_workdir_holding_another_sweep_is_refused(tmp_path):
+  first = spec.load(write(tmp_path / "a.py", FIXED + "def sweep():\n  yield {'seed': 0}\n"))
+  Manifest.open(tmp_path / "out", first).sync(first)
+  other = spec.load(write(tmp_path / "b.py", FIXED.replace("digits_mlp.py", "linear_regression.py") +
+                          "metric = 'mse'\nmode = 'min'\ndef sweep():\n  yield {'seed': 0}\n"))
+  with pytest.raises(UserError, match=r"holds a different sweep \(base: 'configs/digits_mlp.py' here, "
+                                      r"'configs/linear_regression.py' in .*b.py\); use another --workdir"):
+    Manifest.open(tmp_path / "out", other)
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  with pytest.raises(UserError, match="holds a training run, not a sweep"):
+    Manifest.open(tmp_path / "run", first)
+
+
+def test_an_unreachable_ray_address_fails_within_seconds():
+  from bigmodel_jax.sweeps.ray_tune import resolve_address
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # free, and nothing listens there
+  start = time.time()
+  with pytest.raises(UserError, match=rf"^--ray_address=127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port}"):
+    resolve_address(f"127.0.0.1:{port}")
+  with pytest.raises(UserError, match="expected host:port"):
+    resolve_address("somewhere")
+  assert time.time() - start < 10
+
+
+def test_missing_extras_are_named(tmp_path, monkeypatch):
+  from bigmodel_jax import sweep as sweep_cli
+  monkeypatch.setitem(sys.modules, "optuna", None)
+  with pytest.raises(UserError, match=r"search\(\) needs optuna, which is not installed: pip install "
+                                      r"'bigmodel_jax\[search\]'"):
+    spec.load(write(tmp_path / "s.py", FIXED + "num_trials = 2\ndef search(trial):\n  return {}\n"))
+  monkeypatch.setitem(sys.modules, "ray", None)
+  monkeypatch.delitem(sys.modules, "bigmodel_jax.sweeps.ray_tune", raising=False)
+  with pytest.raises(UserError, match=r"--executor=ray needs ray, which is not installed: pip install "
+                                      r"'bigmodel_jax\[ray\]'"):
+    sweep_cli.EXECUTORS.get("ray")(None, "auto")
+
+
+def test_report_groups_over_seeds_and_selects_on_validation_only(tmp_path):
+  """Synthetic run records: the best group by validation, whatever test says."""
+  data = {"identity": {"kind": "grid", "base": "configs/x.py", "overrides": {}}, "name": "synthetic",
+          "metric": "accuracy", "mode": "max", "eval": "validation", "labels": {"optimizer.learning_rate": "lr"},
+          "trials": {}}
+  for lr, val, test in [(0.1, [0.90, 0.92], [0.99, 0.99]), (0.01, [0.95, 0.97], [0.80, 0.82])]:
+    for seed, (v, t) in enumerate(zip(val, test)):
+      name = f"lr={lr},seed={seed}"
+      (tmp_path / name).mkdir()
+      (tmp_path / name / "final_metrics.json").write_text(json.dumps({
+          "step": 10, "validation": {"accuracy": v}, "test": {"accuracy": t}, "best_step": 10,
+          "best": {"eval": "validation", "metric": "accuracy", "mode": "max", "value": v, "step": 10,
+                   "test": {"accuracy": t}}}))
+      (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(
+          {"step": s, "split": "validation", "eval": "validation", "accuracy": v * s / 10}) + "\n" for s in (5, 10)))
+      data["trials"][name] = {"status": "done", "overrides": {"optimizer.learning_rate": lr, "seed": seed},
+                              "in_sweep": True, "wall_s": 1.0, "error": ""}
+  paths = report.write(tmp_path, data)
+  md = (tmp_path / "results.md").read_text()
+  table = [line for line in md.splitlines() if line.startswith("| 0.")]
+  assert table == ["| 0.01 | 0.96 ± 0.014 | 0.81 ± 0.014 | 2 |", "| 0.1 | 0.91 ± 0.014 | 0.99 ± 0 | 2 |"]
+  assert "**Best**: lr=0.01: validation accuracy 0.96 ± 0.014 (n=2); test accuracy 0.81 ± 0.014." in md
+  assert {p.name for p in paths} >= {"results.csv", "results.md", "accuracy_vs_lr.png", "validation_curves.png"}
+
+
+# --- real sweeps
+
+
+def test_a_sweep_writes_results_and_goes_on_past_a_failing_trial(grid):
+  folder, workdir, proc = grid
+  assert proc.returncode == 1, proc.stderr[-3000:]  # one trial failed; the others ran
+  rows = results(workdir)
+  assert {name: row["status"] for name, row in rows.items()} == {
+      "learning_rate=0.001,seed=0": "done", "learning_rate=0.001,seed=1": "done",
+      "learning_rate=0.003,seed=0": "done", "learning_rate=0.003,seed=1": "done", "batch_size=0": "failed"}
+  error = "error: config.data.batch_size: must be > 0, got 0"
+  assert rows["batch_size=0"]["error"] == error and f"trial batch_size=0 failed: {error}" in proc.stderr
+  for name, row in rows.items():
+    if row["status"] == "done":
+      f = final(workdir / name)
+      assert float(row["validation_accuracy"]) == f["best"]["value"] and int(row["best_step"]) == f["best_step"]
+      assert float(row["test_accuracy"]) == f["best"]["test"]["accuracy"]
+  md = (workdir / "results.md").read_text()
+  assert md.count("| 2 |") == 2 and "**Best**: learning_rate=" in md and f"`batch_size=0`: {error}" in md
+  assert (workdir / "plots" / "accuracy_vs_learning_rate.png").stat().st_size > 1000
+  assert (workdir / "plots" / "validation_curves.png").stat().st_size > 1000
+  trial = workdir / "learning_rate=0.001,seed=0"
+  assert {"stdout.log", "stderr.log", "sweep_trial.json", "config.json", "metrics.jsonl"} <= {
+      p.name for p in trial.iterdir()}
+  record = json.loads((trial / "sweep_trial.json").read_text())
+  assert record["env"] == {"BIGMODEL_JAX_EXPERIMENT": "grid"} and "--config.train.progress_bar=false" in record["argv"]
+  assert json.loads((trial / "config.json").read_text())["optimizer"]["learning_rate"] == 0.001
+
+
+def test_running_again_skips_finished_trials_runs_added_ones_keeps_removed_ones(grid, sweep_env):
+  folder, workdir, _ = grid
+  proc = run_sweep(sweep_env, write(folder / "grid.py", WITH_ADDED), f"--workdir={workdir}", "--parallel=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "5 trials on configs/digits_mlp.py, 4 already done; 1 to run" in proc.stderr
+  assert all(launches(d) == 1 for d in trial_dirs(workdir) if (d / "final_metrics.json").exists())
+  rows = results(workdir)
+  assert rows["batch_size=0"]["in_sweep"] == "False" and rows["batch_size=0"]["status"] == "failed"
+  assert rows["learning_rate=0.01,seed=0"]["status"] == "done" and len(rows) == 6
+  assert run_sweep(sweep_env, "--report", f"--workdir={workdir}").returncode == 0
+
+
+def test_a_killed_sweep_resumes_bit_identical(grid, sweep_env, tmp_path):
+  _, reference, _ = grid
+  workdir = tmp_path / "out"
+  three = GOOD.replace("seeds(2))", "seeds(2))[:3]")  # the grid's first three trials
+  proc = run_sweep(sweep_env, write(tmp_path / "grid.py", three), f"--workdir={workdir}", "--parallel=2", popen=True)
+  wait_until(lambda: killed_mid_training(workdir) and any((d / "final_metrics.json").exists()
+                                                          for d in trial_dirs(workdir)), proc)
+  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its trials, at once
+  proc.wait(timeout=30)
+  interrupted = [d.name for d in trial_dirs(workdir) if not (d / "final_metrics.json").exists()]
+  assert interrupted
+  resumed = run_sweep(sweep_env, tmp_path / "grid.py", f"--workdir={workdir}", "--parallel=2")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  for d in trial_dirs(workdir):
+    assert final(d)["params_sha256"] == final(reference / d.name)["params_sha256"], d.name
+    assert d.name in interrupted or launches(d) == 1  # finished before the kill: not run again
+  assert any(launches(workdir / name) == 2 for name in interrupted)  # some trial did resume from its checkpoint
+  assert [row["status"] for row in results(workdir).values()] == ["done"] * 3
+
+
+def test_a_search_stopped_by_sigterm_resumes(sweep_env, tmp_path):
+  import optuna
+  workdir = tmp_path / "out"
+  path = write(tmp_path / "search.py", SEARCH)
+  proc = run_sweep(sweep_env, path, f"--workdir={workdir}", "--parallel=2", popen=True)
+  wait_until(lambda: killed_mid_training(workdir), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  assert "SIGTERM: stopping" in out
+  stopped = [d for d in trial_dirs(workdir) if not (d / "final_metrics.json").exists()]
+  assert stopped and all(json.loads((d / "sweep_trial.json").read_text())["launches"][-1]["status"] == "interrupted"
+                         for d in stopped)
+  resumed = run_sweep(sweep_env, path, f"--workdir={workdir}", "--parallel=2")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  study = optuna.load_study(study_name="search", storage=optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(workdir / "optuna.journal"))))
+  assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+  dirs = trial_dirs(workdir)
+  assert len(dirs) == 4 and all((d / "final_metrics.json").exists() for d in dirs)
+  assert any(launches(d) == 2 for d in stopped)  # resumed from its own checkpoint
+  for t in study.trials:  # each trial's value is its run's validation selection
+    assert t.value == final(workdir / t.user_attrs["name"])["best"]["value"]
+  assert len(results(workdir)) == 4
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_runs_nothing(sweep_env, tmp_path):
+  path = write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'optimizer.learning_rat': 1e-3}\n")
+  proc = run_sweep(sweep_env, path, f"--workdir={tmp_path / 'out'}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {path}: trial 0 (optimizer.learning_rat=0.001): 'optimizer.learning_rat' is not a field of "
+      "configs/digits_mlp.py (did you mean 'optimizer.learning_rate'?)"]
+  assert not (tmp_path / "out").exists()
+  proc = run_sweep(sweep_env, write(tmp_path / "ok.py", GOOD), f"--workdir={tmp_path / 'out'}", "--executor=slurm")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --executor: unknown executor 'slurm'; valid: local, ray"]

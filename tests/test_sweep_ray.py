@@ -1,0 +1,62 @@
+"""The Ray executor against a real local Ray instance (started here on 127.0.0.1, 2 CPUs, no dashboard)."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from test_sweep import FIXED, run_sweep, sweep_env, trial_dirs, write  # noqa: F401 (sweep_env is a fixture)
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.tune")
+
+# a light local instance: no token auth, usage stats or memory monitor
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0"}
+SWEEP = FIXED + '''resources = {"cpu": 1}
+asha = {"grace_period": 100, "reduction_factor": 2}
+def sweep():
+  yield {"optimizer.learning_rate": 3e-3}
+  yield {"optimizer.learning_rate": 1e-5}
+'''
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+  saved = {k: os.environ.get(k) for k in RAY_ENV}
+  os.environ.update(RAY_ENV)
+  context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=100 * 1024 * 1024)
+  yield "127.0.0.1:" + context.address_info["gcs_address"].rsplit(":", 1)[1]
+  ray.shutdown()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k)
+    else:
+      os.environ[k] = v
+
+
+def test_ray_tune_runs_the_trials_and_streams_their_validation_metrics(ray_address, sweep_env, tmp_path):
+  workdir = tmp_path / "out"
+  proc = run_sweep({**sweep_env, **RAY_ENV}, write(tmp_path / "ray_sweep.py", SWEEP), f"--workdir={workdir}",
+                   "--executor=ray", f"--ray_address={ray_address}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.csv") as f:
+    rows = {row["trial"]: row for row in csv.DictReader(f)}
+  assert set(rows) == {"learning_rate=0.003", "learning_rate=1e-05"}
+  assert rows["learning_rate=0.003"]["status"] == "done"  # the better one is never stopped by ASHA
+  for d in trial_dirs(workdir):
+    launch = json.loads((d / "sweep_trial.json").read_text())["launches"][-1]
+    validation = [r["accuracy"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                  if r.get("eval") == "validation"]
+    if launch["status"] == "pruned":  # ASHA stopped it: SIGTERM, so it saved a checkpoint and can resume
+      assert launch["exit_code"] == 143 and any((d / "checkpoints").iterdir())
+    else:
+      assert launch["status"] == "done" and len(validation) == 3
+    # every validation record reached Tune as a result, as it appeared (the last result repeats the last one)
+    reported = {}
+    for path in (workdir / "ray").glob("*/*/result.json"):
+      for result in map(json.loads, path.read_text().splitlines()):
+        if result["config"]["trial"]["name"] == d.name:
+          reported.setdefault(result["step"], result["validation_accuracy"])
+    assert list(reported.values()) == validation
