@@ -85,8 +85,9 @@ class Manifest:
     """Records the sweep file and which trials are in it, with their status on disk -> the trials to run
     (a grid's: those not finished; a search asks its own)."""
     self.data.update(sweep_file=str(sweep.path.resolve()), sweep_sha256=sweep.sha256, name=sweep.name,
-                     variant=sweep.variant, metric=sweep.metric, mode=sweep.mode, eval=sweep.config.train.best_eval or "validation",
-                     labels=sweep.labels, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                     variant=sweep.variant, metric=sweep.metric, mode=sweep.mode,
+                     eval=sweep.config.train.best_eval or "validation", labels=sweep.labels,
+                     updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     current = {t.name for t in sweep.trials or []}
     for name, entry in self.trials.items():
       entry["in_sweep"] = name in current if sweep.kind == "grid" else True

@@ -5,8 +5,9 @@
 
 9 trials (small: one seed, 3 trials), each ~30-60 s on a 2-core CPU at --parallel=2. Each optimizer at a usual
 learning rate for it (not tuned here: sweep optimizer.learning_rate per optimizer for that). Selection on
-validation accuracy (a 10% slice of the training split); test accuracy reported beside it. Expected: all three
-~0.80-0.85 validation accuracy after 400 steps (a CPU-sized budget; 10 epochs give ~0.91, configs/fashion_mnist_cnn.py).
+validation accuracy (a 10% slice of the training split); test accuracy reported beside it. Measured here (small,
+one seed, 2-core CPU, 2 min): validation accuracy SGD+momentum 0.811, AdamW 0.780, Adam 0.776 after 400 steps (a
+CPU-sized budget: 10 epochs of configs/fashion_mnist_cnn.py reach ~0.91 test accuracy).
 """
 
 from bigmodel_jax.sweeps import product, seeds
