@@ -18,7 +18,8 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
-                  "evals.",  # when and where the run is evaluated, not what it trains "predict.", "sample.",
+                  "predict.", "sample.",
+                  "evals.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
