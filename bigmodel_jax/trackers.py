@@ -16,8 +16,9 @@ import fcntl
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from absl import logging
 
@@ -41,10 +42,7 @@ def names(config) -> list[str]:
 def check(config) -> None:
   """Raises UserError for an unknown tracker name or one whose package is not installed; starts nothing."""
   for name in names(config):
-    tracker = TRACKERS.get(name)
-    if tracker.package and importlib.util.find_spec(tracker.package) is None:
-      raise UserError(f"config.train.trackers: {name!r} needs the {tracker.package} package, which is not installed; "
-                      f"pip install 'bigmodel_jax[{tracker.extra}]' (or leave {name} out)")
+    TRACKERS.get(name).check_installed(name)
 
 
 def experiment_name(config) -> str:
@@ -53,12 +51,14 @@ def experiment_name(config) -> str:
 
 
 def metric_key(record: dict) -> str:
-  """What a metrics.jsonl line's metrics are named under: its evaluator (default: the split's own name)."""
-  return record.get("eval") if isinstance(record.get("eval"), str) else record["split"]
+  """What a metrics.jsonl line's metrics are named under: its split ('train', 'validation'), and the evaluator's
+  name after it where that differs ('validation/ema'; --mode=eval lines: 'eval/test')."""
+  split, name = record["split"], record.get("eval")
+  return split if name in (None, split) else f"{split}/{name}"
 
 
 def metric_values(record: dict) -> dict[str, float]:
-  """{'<evaluator or split>/<metric>': value} for a metrics.jsonl line's numbers."""
+  """{'<metric_key>/<metric>': value} for a metrics.jsonl line's numbers."""
   prefix = metric_key(record)
   return {f"{prefix}/{k}": v for k, v in record.items()
           if k not in RECORD_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -113,6 +113,12 @@ class Tracker(abc.ABC):
   def __init__(self, config, workdir: Path):
     self.config, self.workdir = config, Path(workdir)
 
+  @classmethod
+  def check_installed(cls, name: str) -> None:
+    if cls.package and importlib.util.find_spec(cls.package) is None:
+      raise UserError(f"config.train.trackers: {name!r} needs the {cls.package} package, which is not installed; "
+                      f"pip install 'bigmodel_jax[{cls.extra}]' (or leave {name} out)")
+
   @abc.abstractmethod
   def start(self, state: dict) -> tuple[dict, bool]:
     """Starts, or continues the run described by `state` (from tracking.json). -> (its state now, whether it
@@ -157,18 +163,36 @@ def default_mlflow_uri() -> str:
   return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+  return Path(unquote(uri[len("sqlite:///"):]).split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str):
   """Processes that start together (a sweep's trials) take turns to create a SQLite store's tables and the
   experiment, which MLflow does not do safely in parallel."""
-  if not uri.startswith("sqlite:///"):
+  path = _sqlite_path(uri)
+  if path is None:
     yield
     return
-  path = Path(unquote(uri[len("sqlite:///"):]).split("?")[0])
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path.with_name(path.name + ".lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     yield
+
+
+def _answers(uri: str, timeout_s: float = 10) -> None:
+  """An MLflow server that does not answer fails here at once: MLflow's client would retry for minutes."""
+  if not uri.startswith(("http://", "https://")):
+    return
+  import urllib.error
+  import urllib.request
+  try:
+    urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+  except urllib.error.HTTPError:
+    pass  # it answered (e.g. a proxy that asks for a login): the client says the rest
+  except (urllib.error.URLError, TimeoutError) as e:
+    raise OSError(f"no answer from {uri} within {timeout_s:.0f} s ({getattr(e, 'reason', e)})") from e
 
 
 @TRACKERS.register("mlflow")
@@ -178,18 +202,18 @@ class MLflow(Tracker):
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
-    uri = config.train.tracking.mlflow_tracking_uri
-    self.source = "config.train.tracking.mlflow_tracking_uri" if uri else "MLFLOW_TRACKING_URI"
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-      self.source, uri = "the default MLflow store (config.train.tracking.mlflow_tracking_uri)", default_mlflow_uri()
-    self.uri = uri
+    # the field that chose the store, for error messages
+    self.field, self.uri = "config.train.tracking.mlflow_tracking_uri", config.train.tracking.mlflow_tracking_uri
+    if not self.uri and os.environ.get("MLFLOW_TRACKING_URI"):
+      self.field, self.uri = "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    self.uri = self.uri or default_mlflow_uri()
 
   def start(self, state):
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     try:
+      _answers(self.uri)
       with _store_lock(self.uri):
         self.client = MlflowClient(tracking_uri=self.uri)
         run = self._previous_run(state)
@@ -205,7 +229,7 @@ class MLflow(Tracker):
       for i in range(0, len(params), 100):  # MLflow's limit per batch
         self.client.log_batch(self.run_id, params=params[i:i + 100])
     except (MlflowException, OSError) as e:
-      raise UserError(f"{self.source}: MLflow store {self.uri} failed ({brief(e)}); give a writable store "
+      raise UserError(f"{self.field}: MLflow store {self.uri} failed ({brief(e)}); give a writable store "
                       "(sqlite:///path/to/mlflow.db) or an MLflow server's http(s) URL") from e
     return {"run_id": self.run_id, "tracking_uri": self.uri}, run.info.run_id == state.get("run_id")
 
@@ -222,7 +246,12 @@ class MLflow(Tracker):
   def _experiment_id(self) -> str:
     name = experiment_name(self.config)
     experiment = self.client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
+    if experiment is not None:
+      return experiment.experiment_id
+    # a SQLite store's artifacts go beside it (MLflow would put them under the current directory's mlruns/)
+    db = _sqlite_path(self.uri)
+    artifacts = None if db is None else (db.parent / "mlruns" / quote(name, safe="")).as_uri()
+    return self.client.create_experiment(name, artifact_location=artifacts)
 
   def write(self, records):
     from mlflow.entities import Metric
@@ -232,11 +261,10 @@ class MLflow(Tracker):
       self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
   def finish(self, final):
-    import time
     from mlflow.entities import Metric, RunTag
     numbers, labels = final_values(final)
-    now = int(time.time() * 1000)
-    self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(final["step"])) for k, v in numbers.items()],
+    now, step = int(time.time() * 1000), int(final["step"])
+    self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in numbers.items()],
                           tags=[RunTag(k, v[:5000]) for k, v in labels.items()])
     for name in ARTIFACTS:
       path = self.workdir / name

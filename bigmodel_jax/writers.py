@@ -52,6 +52,7 @@ class MetricsWriter:
         self._start(name, tracker, {})
 
   def _start(self, name: str, tracker, previous: dict) -> None:
+    tracker.check_installed(name)
     try:
       state, continued = tracker.start(previous)
     except UserError:
