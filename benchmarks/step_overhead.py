@@ -63,7 +63,8 @@ def main(_):
 
   with tempfile.TemporaryDirectory() as tmp:
     config.train.num_steps = steps
-    config.train.eval_every = 10 ** 9
+    for e in config.evals.values():
+      e.every = 0  # evaluated at the end only
     config.train.checkpoint_every = 10 ** 9
     start = time.perf_counter()
     train.train_and_evaluate(config, tmp)

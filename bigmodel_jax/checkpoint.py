@@ -2,7 +2,8 @@
 
 One checkpoint = {train state, data iterator position, run metadata}, written asynchronously and
 atomically (orbax writes to a temporary directory and renames it when complete). Retention keeps
-the latest `keep` checkpoints plus the best one by an eval metric.
+the latest `keep` checkpoints plus the best one: the latest saved with best=True (the run's model selection,
+evaluate.Selection, decides which step that is; ties and all).
 """
 
 import os
@@ -19,21 +20,20 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigmodel_jax.errors import ModelMismatchError, UserError
 
+BEST = "best_step"  # the metric orbax keeps the best checkpoint by
+
 
 class Checkpointer:
 
-  def __init__(self, directory: str | Path, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
-               async_save: bool = True):
+  def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = False, async_save: bool = True):
     self.directory = Path(directory).absolute()
-    self.best_metric = best_metric
     keep_policies = [policies.LatestN(n=keep)]
-    if best_metric:
-      keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
-                                          n=1, keep_checkpoints_without_metrics=False))
+    if keep_best:  # a best checkpoint carries the metric {BEST: its step}: the highest is the latest best
+      keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[BEST], n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         # best_fn also makes orbax write each step's metrics to disk, so 'best' survives a restart
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        best_fn=(lambda m: m[BEST]) if keep_best else None, best_mode="max",
         enable_async_checkpointing=async_save, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
@@ -49,14 +49,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
-    """Starts an async save; arrays are copied off the device before this returns (donation-safe)."""
-    metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))} or None
-    if metrics is not None and self.best_metric not in metrics:
-      metrics = None
+  def save(self, step: int, state, data_state: dict, meta: dict, best: bool = False) -> None:
+    """Starts an async save; arrays are copied off the device before this returns (donation-safe). `best`: this
+    step is the run's new best (kept, with the latest `keep`, until a later best)."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        meta=ocp.args.JsonSave(meta)), metrics={BEST: step} if best else None, force=True)
 
   def restore(self, step: int, target) -> tuple:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""

@@ -15,9 +15,10 @@ from bigmodel_jax.parallel import RULES
 
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
-                  "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                  "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
-                  "train.trackers", "train.tracking.", "predict.", "sample.",
+                  "train.trackers", "train.tracking.",
+                  "evals.",  # when and where the run is evaluated, not what it trains "predict.", "sample.",
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
@@ -123,7 +124,9 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
-    ("train.eval_every", lambda v: v == -1 or v > 0, "must be > 0, or -1 for the end of each epoch"),
+    ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1) (0: no validation split)"),
+    ("train.early_stopping.patience", lambda v: v >= 0, "must be >= 0 (evaluations without improvement; 0: off)"),
+    ("train.early_stopping.min_delta", lambda v: v >= 0, "must be >= 0"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),
     ("data.eval_batch_size", lambda v: v > 0, "must be > 0"),
     ("data.num_threads", lambda v: v >= 0, "must be >= 0"),
@@ -163,7 +166,7 @@ def check_structure(config, reference=None, prefix: str = "") -> None:
     if key not in config:
       raise UserError(f"config.{prefix}{key}: missing; a config file should start from "
                       "bigmodel_jax.config.base_config()")
-    if isinstance(value, ml_collections.ConfigDict) and key != "model":
+    if isinstance(value, ml_collections.ConfigDict) and key not in ("model", "evals"):  # their entries vary
       check_structure(config[key], value, f"{prefix}{key}.")
   if not prefix and "name" not in config.model:
     raise UserError("config.model.name: missing; build config.model with bigmodel_jax.config.model_config(name)")
@@ -218,15 +221,60 @@ def validate(config, training: bool = True) -> None:
   DTYPES.get(t.dtype)
   from bigmodel_jax.layout import LAYOUTS
   LAYOUTS.get(config.parallel.strategy)
+  check_evals(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
+
+
+def check_evals(config) -> None:
+  """config.evals entries and the selection fields that read them (selection reads validation, never test)."""
+  from bigmodel_jax.data import EVAL_SPLITS
+  fields = set(EVALUATOR)
+  for name in config.evals:
+    e = config.evals[name]
+    _check(isinstance(e, ml_collections.ConfigDict) and set(e) == fields, f"evals.{name}",
+           f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got {e!r}")
+    _check(e.split in EVAL_SPLITS, f"evals.{name}.split", f"must be one of {', '.join(EVAL_SPLITS)}, got {e.split!r}")
+    _check(isinstance(e.every, int) and e.every >= -1, f"evals.{name}.every",
+           f"must be N > 0 steps, -1 (each epoch) or 0 (the end only), got {e.every!r}")
+  t = config.train
+  if t.best_eval:
+    _check(t.best_eval in config.evals, "train.best_eval",
+           f"{t.best_eval!r} is not an evaluator (config.evals has: {', '.join(sorted(config.evals)) or 'none'}); "
+           "name one, or '' to select nothing")
+    split = config.evals[t.best_eval].split
+    _check(split == "validation", "train.best_eval",
+           f"evaluator {t.best_eval!r} reads the {split!r} split; model selection reads a validation split, never test")
+    _check(config.data.validation_fraction > 0 or config.data.name.startswith("tfds:") or
+           config.data.name in PUBLISHED_VALIDATION, "data.validation_fraction",
+           f"must be in (0, 1): {config.data.name} has no published validation split to select on "
+           "(or set train.best_eval='' to select nothing)")
+  else:
+    _check(t.early_stopping.patience == 0, "train.early_stopping.patience",
+           "early stopping reads the selection evaluator; set train.best_eval (e.g. 'validation') or patience 0")
+
+
+EVALUATOR = ("split", "every")  # the fields of one config.evals entry
+PUBLISHED_VALIDATION = ("tiny_shakespeare",)  # datasets that bring their own validation split
+
+
+def legacy_fields(saved: dict) -> dict:
+  """What a config.json from before validation splits (no `evals`) means in today's fields: no validation split
+  held out, test evaluated as often as train.eval_every said, nothing selected."""
+  every = saved.get("train", {}).get("eval_every", -1)
+  return {"data": {"validation_fraction": 0.0}, "evals": {"test": {"split": "test", "every": every}},
+          "train": {"best_eval": "", "early_stopping": {"patience": 0, "min_delta": 0.0}}}
 
 
 def with_defaults(saved: dict) -> dict:
   """A workdir's config.json completed with fields added to base_config() since it was written (at their
   defaults, which reproduce what the older version did), so older runs still evaluate and resume."""
   import json
+  if "evals" not in saved:  # older than validation splits: keep its meaning, not today's defaults
+    legacy = legacy_fields(saved)
+    saved = {**saved, "evals": legacy["evals"], "data": {**saved.get("data", {}), **legacy["data"]},
+             "train": {**{k: v for k, v in saved.get("train", {}).items() if k != "eval_every"}, **legacy["train"]}}
   base = json.loads(base_config().to_json_best_effort())
   try:
     base["model"] = json.loads(model_config(saved["model"]["name"]).to_json_best_effort())
@@ -238,7 +286,7 @@ def with_defaults(saved: dict) -> dict:
     for key, value in defaults.items():
       if key not in out:
         out[key] = value
-      elif isinstance(value, dict) and isinstance(out[key], dict):
+      elif isinstance(value, dict) and isinstance(out[key], dict) and key != "evals":  # a run's evaluators are its own
         out[key] = merge(value, out[key])
     return out
   return merge(base, saved)

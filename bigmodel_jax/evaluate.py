@@ -1,6 +1,7 @@
-"""Evaluation of a train state on a split, and the eval-only / predict entry points on a checkpoint."""
+"""Evaluators (config.evals) of a train state on a split, and the eval-only / predict entry points on a checkpoint."""
 
 import csv
+import dataclasses
 import json
 
 import jax
@@ -12,7 +13,79 @@ from bigmodel_jax.data import pipeline
 from bigmodel_jax.errors import UserError
 
 
-def evaluate_split(run, state, split: str = "test") -> dict:
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """config.evals.<name>: the task's metrics on `split`, every `every` steps (-1: each epoch; 0: at the end only).
+  Every evaluator also runs at the end of training."""
+  name: str
+  split: str
+  every: int
+
+  def due(self, step: int, steps_per_epoch: int) -> bool:
+    if self.every > 0:
+      return step % self.every == 0
+    return self.every == -1 and step % steps_per_epoch == 0
+
+
+def evaluators(config, dataset) -> list[Evaluator]:
+  """The run's evaluators on the splits its dataset has (one on a missing split is skipped, with a warning;
+  the selection evaluator cannot be: a run that selects needs its validation split)."""
+  out = []
+  for name in sorted(config.evals):
+    e = config.evals[name]
+    if e.split not in dataset.eval_splits:
+      if name == config.train.best_eval:
+        raise UserError(f"config.train.best_eval: evaluator {name!r} reads the {e.split!r} split, which "
+                        f"{dataset.name} does not have (it has: {', '.join(dataset.eval_splits)}); set "
+                        "config.data.validation_fraction in (0, 1), or train.best_eval='' to select nothing")
+      logging.warning("dataset %s has no %s split: evaluator %r skipped", dataset.name, e.split, name)
+      continue
+    out.append(Evaluator(name, e.split, e.every))
+  return out
+
+
+@dataclasses.dataclass
+class Selection:
+  """Model selection on the validation evaluator `eval`: the best `metric` so far and its step, and how many of its
+  evaluations since then did not improve on it by more than min_delta (early stopping after `patience`; 0: never).
+  Kept in each checkpoint's metadata, so a resumed run selects and stops exactly as an uninterrupted one."""
+  eval: str
+  metric: str
+  mode: str
+  patience: int = 0
+  min_delta: float = 0.0
+  best_value: float | None = None
+  best_step: int | None = None
+  stale: int = 0
+
+  @classmethod
+  def from_config(cls, config, saved: dict | None = None) -> "Selection | None":
+    t = config.train
+    if not t.best_eval:
+      return None
+    selection = cls(t.best_eval, t.best_metric, t.best_mode, t.early_stopping.patience, t.early_stopping.min_delta)
+    if saved and saved.get("eval") == selection.eval and saved.get("metric") == selection.metric:
+      selection.best_value, selection.best_step, selection.stale = saved["best_value"], saved["best_step"], saved["stale"]
+    return selection
+
+  def update(self, step: int, metrics: dict) -> None:
+    value = float(metrics[self.metric])
+    better = (self.best_value is None or
+              (value > self.best_value + self.min_delta if self.mode == "max" else value < self.best_value - self.min_delta))
+    if better:
+      self.best_value, self.best_step, self.stale = value, step, 0
+    else:
+      self.stale += 1
+
+  @property
+  def stop(self) -> bool:
+    return self.patience > 0 and self.stale >= self.patience
+
+  def record(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def evaluate_split(run, state, split: str) -> dict:
   """Task metrics over every example of `split` (sums accumulate on device; one fetch at the end)."""
   sums = None
   for local in pipeline.eval_batches(run.dataset, split, run.config.data, process_index=jax.process_index(),
@@ -22,7 +95,12 @@ def evaluate_split(run, state, split: str = "test") -> dict:
     if sums is None:
       sums = run.steps.zero_sums(batch)
     sums = run.steps.eval_step(state, batch, sums)
-  return run.task.finalize(jax.device_get(sums))
+  return run.task.finalize(jax.device_get(sums), split)
+
+
+def loggable(metrics: dict) -> dict:
+  """Scalars only (a classifier's confusion matrix stays in final_metrics.json)."""
+  return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
 def restore_for_eval(run, checkpoint_step: int | None):
@@ -34,13 +112,16 @@ def restore_for_eval(run, checkpoint_step: int | None):
 
 
 def eval_only(run, checkpoint_step: int | None) -> dict:
+  """Every evaluator of the run on one checkpoint -> {'step', <evaluator name>: metrics} (also eval_step<N>.json)."""
   step, state = restore_for_eval(run, checkpoint_step)
-  metrics = evaluate_split(run, state)
-  run.writer.write(step, "eval", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+  result = {"step": step}
+  for e in evaluators(run.config, run.dataset):
+    result[e.name] = evaluate_split(run, state, e.split)
+    # split "eval": records of --mode=eval stay apart from the training run's own evaluations
+    run.writer.write(step, "eval", {"eval": e.name, "eval_split": e.split, **loggable(result[e.name])})
   if jax.process_index() == 0:
-    record = json.dumps({"step": step, **metrics}, indent=2) + "\n"
-    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", record)
-  return {"step": step, **metrics}
+    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
+  return result
 
 
 def predict(run, checkpoint_step: int | None) -> dict:
@@ -48,6 +129,7 @@ def predict(run, checkpoint_step: int | None) -> dict:
   if run.dataset.is_token_stream:
     raise UserError("--mode=predict is for classifiers and regressors; a language model generates text with "
                     "--mode=sample")
+  run.dataset.split("test")  # predictions are for the test split
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),

@@ -204,8 +204,14 @@ def main(argv):
   if "texts" in result:  # a language model's samples: the text itself
     print(sample.SEPARATOR.join(result["texts"]), flush=True)
     return
-  summary = {k: v for k, v in result.items() if k != "confusion_matrix"}
-  print(json.dumps(summary, indent=2), flush=True)
+  print(json.dumps(_without_matrices(result), indent=2), flush=True)
+
+
+def _without_matrices(record):
+  """The result to print: confusion matrices stay in the JSON files."""
+  if isinstance(record, dict):
+    return {k: _without_matrices(v) for k, v in record.items() if k != "confusion_matrix"}
+  return record
 
 
 def run():

@@ -1,7 +1,9 @@
 """train_and_evaluate(config, workdir): the training loop, top to bottom.
 
-step -> maybe log -> maybe eval -> maybe checkpoint; restarts resume from the latest checkpoint
-(train state + data position + RNG) and end bit-identical to an uninterrupted run.
+step -> maybe log -> maybe evaluate (config.evals) -> maybe checkpoint; restarts resume from the latest checkpoint
+(train state + data position + RNG + model selection so far) and end bit-identical to an uninterrupted run.
+Model selection (the 'best' checkpoint, best_step, early stopping) reads the validation evaluator only; test
+metrics are reported beside it, never selected on.
 """
 
 import dataclasses
@@ -45,6 +47,7 @@ class Run:
   writer: MetricsWriter
   total_steps: int
   steps_per_epoch: int
+  evaluators: list = dataclasses.field(default_factory=list)  # evaluate.Evaluator for each config.evals entry
   lock: object = None  # the open workdir lock file while training
   save_tokenizer: bool = False  # a new tokenizer, to be written into the workdir when training starts
 
@@ -80,6 +83,27 @@ def saved_config(workdir: Path) -> dict | None:
   except json.JSONDecodeError:
     raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
                     "or move the workdir away") from None
+
+
+def adopt_legacy_config(workdir: Path, config) -> None:
+  """A run from before validation splits (its config.json has no `evals`) goes on as it was: trained on the whole
+  training split, evaluated on test, selecting nothing (there is no validation split to select on)."""
+  path = workdir / "config.json"
+  if not path.exists() or not has_checkpoints(workdir):
+    return
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError:
+    return  # saved_config says what is wrong with it
+  if "evals" in raw:
+    return
+  legacy = config_lib.legacy_fields(raw)
+  config.data.validation_fraction = legacy["data"]["validation_fraction"]
+  config.train.best_eval = legacy["train"]["best_eval"]
+  config.train.early_stopping.patience = legacy["train"]["early_stopping"]["patience"]
+  config.evals = legacy["evals"]
+  logging.warning("%s predates validation splits: it continues on the whole training split, evaluating test only "
+                  "and selecting no best checkpoint", workdir)
 
 
 def check_workdir(workdir: Path, config) -> None:
@@ -118,6 +142,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   """Everything a run needs from its config. `for_training` also takes the workdir's training lock; without
   `need_data` (sampling) a language model's text is not loaded, only its tokenizer."""
   workdir = Path(workdir).absolute()
+  adopt_legacy_config(workdir, config)
   check_workdir(workdir, config)
   # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
   # (saved when training starts, so a run that fails on bad input leaves nothing behind).
@@ -128,6 +153,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
     dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
                            create_tokenizer=new_tokenizer)
   task = get_task(config, dataset)
+  evaluators = evaluate.evaluators(config, dataset)
   steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
   if steps_per_epoch == 0:
     raise UserError(f"config.data.batch_size: {config.data.batch_size} is larger than the "
@@ -149,10 +175,9 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   if refused:
     raise UserError(refused)
   task.setup()  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, best_metric=t.best_metric,
-                              best_mode=t.best_mode)
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief, config),
-             total_steps, steps_per_epoch, lock, new_tokenizer and dataset.tokenizer is not None)
+             total_steps, steps_per_epoch, evaluators, lock, new_tokenizer and dataset.tokenizer is not None)
 
 
 def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_train_step: bool = True) -> Steps:
@@ -181,7 +206,7 @@ def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_tra
                     "models: gpt, lstm_lm; text classifiers: encoder_classifier)")
   if check_train_step:  # the train step too, abstractly (no compiling): a bug in a task's update or in a model's
     # training path shows here, before anything is written
-    example = next(pipeline.eval_batches(dataset, "test", config.data))
+    example = next(pipeline.eval_batches(dataset, dataset.eval_splits[0], config.data))
     k = config.train.grad_accum_steps
     example = {key: jax.ShapeDtypeStruct((k, *v.shape[1:]), v.dtype) for key, v in example.items()}
     try:
@@ -237,14 +262,14 @@ def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int
 
 
 def restore_or_init(run: Run):
-  """The latest checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state)."""
+  """The latest checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state, meta)."""
   step = run.checkpointer.latest_step()
   if step is None:
     logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
-    return run.steps.init(), None
-  state, data_state, _ = run.restore(step)
+    return run.steps.init(), None, {}
+  state, data_state, meta = run.restore(step)
   logging.info("resumed from checkpoint at step %d", step)
-  return state, data_state
+  return state, data_state, meta or {}
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict:
@@ -261,8 +286,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
 def _train(run: Run) -> dict:
   config, t, chief = run.config, run.config.train, jax.process_index() == 0
-  state, data_state = restore_or_init(run)
+  state, data_state, meta = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
+  selection = evaluate.Selection.from_config(config, meta.get("selection"))
   for line in run.steps.describe():
     logging.info("%s", line)
   layout = run.steps.layout
@@ -279,6 +305,9 @@ def _train(run: Run) -> dict:
                config.data.batch_size, jax.device_count())
   if start_step >= run.total_steps:  # e.g. resumed with a smaller train.num_steps: nothing left to train
     logging.info("checkpoint step %d is at or past the run's %d steps: evaluating only", start_step, run.total_steps)
+  elif selection is not None and selection.stop:
+    logging.info("the run stopped early at step %d (no better validation %s for %d evaluations): evaluating only",
+                 start_step, selection.metric, selection.stale)
   elif data_state is not None:
     batches.set_state(data_state)
 
@@ -297,7 +326,14 @@ def _train(run: Run) -> dict:
                        for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
-  eval_metrics = None
+  evaluated: dict[str, tuple[int, dict]] = {}  # evaluator name -> (step, metrics) of its latest evaluation
+
+  def run_evaluator(e, step, plain_state):
+    metrics = evaluate.evaluate_split(run, plain_state, e.split)
+    evaluated[e.name] = (step, metrics)
+    run.writer.write(step, e.split, {"eval": e.name, **evaluate.loggable(metrics)})
+    logging.info("step %d %s: %s", step, e.name, _brief(metrics))
+    return metrics
 
   def log(keep_last):
     fetched = train_metrics.fetch(keep_last)
@@ -311,12 +347,16 @@ def _train(run: Run) -> dict:
     run.writer.write(fetched[-1][0], "train", summary)
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])
 
-  def save(step, metrics=None):
-    run.checkpointer.save(step, layout.plain(state), batches.get_state(),
-                          {"step": step, "epoch": step / run.steps_per_epoch}, metrics)
+  def save(step):
+    meta = {"step": step, "epoch": step / run.steps_per_epoch}
+    if selection is not None:
+      meta["selection"] = selection.record()
+    best = selection is not None and selection.best_step == step
+    run.checkpointer.save(step, layout.plain(state), batches.get_state(), meta, best)
 
+  stopped = selection is not None and selection.stop  # a relaunch of a run that stopped early trains no more
   try:
-    for step in range(start_step + 1, run.total_steps + 1):  # `step` = number of updates after this one
+    for step in range(start_step + 1, (start_step if stopped else run.total_steps) + 1):  # updates after this one
       state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
       train_metrics.add(step, metrics)
       progress.advance(step)
@@ -328,19 +368,28 @@ def _train(run: Run) -> dict:
         train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
       if (step - 1) % t.log_every == 0 and step - 1 > start_step:
         log(keep_last=True)  # the step just dispatched keeps the device busy meanwhile
-      eval_due = (step % t.eval_every == 0) if t.eval_every > 0 else (step % run.steps_per_epoch == 0)
       last = step == run.total_steps
+      due = [e for e in run.evaluators if last or e.due(step, run.steps_per_epoch)]
       if multi and not preempted and multihost_utils.reached_preemption_sync_point(step):
         preempted.append(interrupted[0] if interrupted else signal.SIGTERM)
-      if eval_due or last or step % t.checkpoint_every == 0 or preempted:
+      if due or step % t.checkpoint_every == 0 or preempted:
         log(keep_last=False)  # also checks the loss is finite before anything is saved
-        eval_metrics = None
-        if eval_due or last:
-          eval_metrics = evaluate.evaluate_split(run, layout.plain(state))
-          run.writer.write(step, "test", {k: v for k, v in eval_metrics.items() if k != "confusion_matrix"})
-          logging.info("step %d test: %s", step, _brief(eval_metrics))
-        save(step, eval_metrics)
+        plain = layout.plain(state)
+        chosen = next((e for e in due if selection is not None and e.name == selection.eval), None)
+        if chosen is not None:  # first: an early stop makes every evaluator run at this step
+          selection.update(step, run_evaluator(chosen, step, plain))
+          stopped = selection.stop
+          if stopped:
+            logging.info("early stopping at step %d: validation %s has not improved for %d evaluations (best %.6g "
+                         "at step %d)", step, selection.metric, selection.stale, selection.best_value,
+                         selection.best_step)
+        for e in (run.evaluators if stopped else due):
+          if e is not chosen:
+            run_evaluator(e, step, plain)
+        save(step)  # kept as 'best' if the validation evaluator just improved
         train_metrics.window_start = time.perf_counter()  # throughput excludes eval and checkpoint time
+      if stopped:
+        break
       if preempted:
         run.checkpointer.wait()
         name = signal.Signals(preempted[0]).name
@@ -352,18 +401,42 @@ def _train(run: Run) -> dict:
     progress.close()
 
   state = layout.plain(state)
-  final_step = int(jax.device_get(state.step))
-  if eval_metrics is None:  # resumed a finished run: evaluate its final state again
-    eval_metrics = evaluate.evaluate_split(run, state)
-  final = {"step": final_step, "split": "test", **eval_metrics,
-           "params_sha256": runinfo.fingerprint(state.params),
-           "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params)))}
-  if hasattr(run.steps.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
-    final["coefficients"] = nnx.merge(run.steps.graphdef, *runinfo.to_host((state.params, state.model_state)))\
-        .coefficients()
+  final = final_metrics(run, state, evaluated, selection)
   if chief:
     runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
   run.writer.finish(final)
+  return final
+
+
+def final_metrics(run: Run, state, evaluated: dict, selection) -> dict:
+  """final_metrics.json: every evaluator on the final state (also under its split's name), the best validation
+  value with its step and the test metrics of that checkpoint, the parameters' fingerprint."""
+  final_step = int(jax.device_get(state.step))
+  evals = {}
+  for e in run.evaluators:  # an evaluator that did not run at the final step (a resumed, finished run) runs now
+    step, metrics = evaluated.get(e.name, (None, None))
+    evals[e.name] = metrics if step == final_step else evaluate.evaluate_split(run, state, e.split)
+  final = {"step": final_step}
+  for e in reversed(run.evaluators):  # the first evaluator of a split names it
+    final[e.split] = evals[e.name]
+  final["evals"] = evals
+  if selection is not None and selection.best_step is not None:
+    best = {"eval": selection.eval, "metric": selection.metric, "mode": selection.mode,
+            "value": selection.best_value, "step": selection.best_step}
+    reported = [e for e in run.evaluators if e.name != selection.eval]
+    if selection.best_step == final_step:
+      best.update({e.name: evals[e.name] for e in reported})
+    elif selection.best_step in run.checkpointer.all_steps():  # the 'best' checkpoint, kept by the checkpointer
+      run.checkpointer.wait()
+      best_state, _, _ = run.restore(selection.best_step)
+      best.update({e.name: evaluate.evaluate_split(run, best_state, e.split) for e in reported})
+    final["best"], final["best_step"] = best, selection.best_step
+  final["stopped_early"] = bool(selection is not None and selection.stop)
+  final["params_sha256"] = runinfo.fingerprint(state.params)
+  final["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+  if hasattr(run.steps.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
+    final["coefficients"] = nnx.merge(run.steps.graphdef, *runinfo.to_host((state.params, state.model_state)))\
+        .coefficients()
   return final
 
 

@@ -37,10 +37,10 @@ def get_config(variant: str = ""):
   c.optimizer.weight_decay = 1e-4
   c.schedule.name = "cosine"
   c.train.num_steps = 64_000
-  c.train.eval_every = 4_000
+  c.evals.validation.every = 4_000
   c.train.log_every = 200
   c.train.checkpoint_every = 4_000
   # smoke: a ResNet-8 for 30 steps (still needs the TFDS dataset)
   return apply_variant(c, variant, "cifar10_resnet",
                        smoke={"model.depth": 8, "train.num_steps": 30, "train.log_every": 10,
-                              "train.eval_every": 30})
+                              "evals.validation.every": 30})

@@ -41,7 +41,7 @@ def get_config(variant: str = ""):
   c.schedule.warmup_steps = 100
   c.schedule.end_factor = 0.1  # min_lr 1e-4
   c.train.num_steps = 5000
-  c.train.eval_every = 250
+  c.evals.validation.every = 250
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.best_metric, c.train.best_mode = "loss", "min"
@@ -51,8 +51,8 @@ def get_config(variant: str = ""):
           "schedule.warmup_steps": 5}
   return apply_variant(
       c, variant, "shakespeare_char_gpt",
-      smoke={**tiny, "train.num_steps": 40, "train.eval_every": 20, "train.log_every": 10},
+      smoke={**tiny, "train.num_steps": 40, "evals.validation.every": 20, "train.log_every": 10},
       cpu={"data.seq_len": 64, "data.batch_size": 12, "data.eval_batch_size": 512, "model.max_len": 64,
            "model.num_layers": 4, "model.num_heads": 4, "model.embed_dim": 128, "model.dropout_rate": 0.0,
-           "train.num_steps": 2000, "train.eval_every": 250, "train.log_every": 100},
+           "train.num_steps": 2000, "evals.validation.every": 250, "train.log_every": 100},
       plays={"data.name": "shakespeare_plays"})

@@ -41,5 +41,5 @@ def get_config(variant: str = ""):
   return apply_variant(
       c, variant, "spam_transformer",
       smoke={"data.tokenizer.name": "byte", "data.seq_len": 64, "model.num_layers": 1, "model.embed_dim": 32,
-             "model.num_heads": 2, "model.max_len": 65, "train.num_steps": 60, "train.eval_every": 30,
+             "model.num_heads": 2, "model.max_len": 65, "train.num_steps": 60, "evals.validation.every": 30,
              "train.log_every": 10, "schedule.warmup_steps": 5})

@@ -1,4 +1,4 @@
-"""Checkpoint retention: the latest K plus the best by an eval metric, also across restarts."""
+"""Checkpoint retention: the latest K plus the latest one saved as best, also across restarts."""
 
 import jax
 import jax.numpy as jnp
@@ -7,22 +7,21 @@ import numpy as np
 from bigmodel_jax.checkpoint import Checkpointer
 
 
-def save(ckpt, step, accuracy=None):
-  metrics = {"accuracy": accuracy} if accuracy is not None else None
-  ckpt.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"next_index": step}, {"step": step}, metrics)
+def save(ckpt, step, best=False):
+  ckpt.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"next_index": step}, {"step": step}, best)
   ckpt.wait()
 
 
 def test_latest_k_plus_best_survive_a_restart(tmp_path):
-  ckpt = Checkpointer(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
-  save(ckpt, 10, 0.5)
-  save(ckpt, 20, 0.9)  # the best
-  save(ckpt, 30, 0.6)
+  ckpt = Checkpointer(tmp_path, keep=2, keep_best=True)
+  save(ckpt, 10, best=True)
+  save(ckpt, 20, best=True)  # the best
+  save(ckpt, 30)
   save(ckpt, 40)
   assert ckpt.all_steps() == [20, 30, 40]
   ckpt.close()
-  ckpt = Checkpointer(tmp_path, keep=2, best_metric="accuracy", best_mode="max")  # a resumed run
-  save(ckpt, 50, 0.7)
+  ckpt = Checkpointer(tmp_path, keep=2, keep_best=True)  # a resumed run
+  save(ckpt, 50)
   save(ckpt, 60)
   assert ckpt.all_steps() == [20, 50, 60]
   state, data, meta = ckpt.restore(20, {"w": jnp.zeros((2,), jnp.float32)})
@@ -30,11 +29,13 @@ def test_latest_k_plus_best_survive_a_restart(tmp_path):
   ckpt.close()
 
 
-def test_best_by_min_metric(tmp_path):
-  ckpt = Checkpointer(tmp_path, keep=1, best_metric="accuracy", best_mode="min")
-  for step, value in [(1, 0.3), (2, 0.1), (3, 0.2), (4, 0.4)]:
-    save(ckpt, step, value)
+def test_a_later_best_replaces_the_earlier_one(tmp_path):
+  ckpt = Checkpointer(tmp_path, keep=1, keep_best=True)
+  for step, best in [(1, True), (2, True), (3, False), (4, False)]:
+    save(ckpt, step, best)
   assert ckpt.all_steps() == [2, 4]
+  save(ckpt, 5, best=True)
+  assert ckpt.all_steps() == [5]
   ckpt.close()
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import wait_for_checkpoint
 
-ARGS = ["--config=configs/digits_mlp.py", "--config.train.num_steps=2500", "--config.train.eval_every=1000",
+ARGS = ["--config=configs/digits_mlp.py", "--config.train.num_steps=2500", "--config.evals.validation.every=1000",
         "--config.train.checkpoint_every=500", "--config.train.log_every=100"]
 
 

@@ -22,10 +22,10 @@ needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of ti
 # The smoke GPT (2 layers, 32 dims, block 32), trained a little longer than :smoke's 40 steps so that it
 # learns more than character frequencies (300 steps: ~2 s of training here).
 GPT = ["--config=configs/shakespeare_char_gpt.py:smoke", f"--config.data.path={TINY}",
-       "--config.train.num_steps=300", "--config.train.eval_every=150", "--config.train.checkpoint_every=50"]
+       "--config.train.num_steps=300", "--config.evals.validation.every=150", "--config.train.checkpoint_every=50"]
 LSTM = ["--config=configs/shakespeare_lstm.py:smoke", f"--config.data.path={TINY}"]
 SPAM = ["--config=configs/spam_transformer.py:smoke", "--config.train.num_steps=150",  # one epoch
-        "--config.train.eval_every=150"]
+        "--config.evals.validation.every=150"]
 LM_METRICS = {"loss", "perplexity", "bits_per_char", "accuracy"}
 
 
@@ -238,7 +238,7 @@ def test_a_failed_first_run_leaves_no_tokenizer_and_a_new_run_builds_its_own(cli
   workdir = tmp_path / "work"
   assert_one_error(cli(*GPT, f"--config.data.path={small}", f"--workdir={workdir}"), "config.data.seq_len")
   assert not (workdir / "tokenizer").exists()
-  ok(cli(*GPT, "--config.train.num_steps=20", "--config.train.eval_every=20", f"--workdir={workdir}"))
+  ok(cli(*GPT, "--config.train.num_steps=20", "--config.evals.validation.every=20", f"--workdir={workdir}"))
   assert json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["vocab_size"] == 67
 
 

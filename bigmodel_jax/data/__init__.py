@@ -3,6 +3,11 @@
 Add a dataset with one function `fn(root, data_config)` registered in `DATASETS`, returning a `Dataset`
 (arrays) or a `TextCorpus` (raw text, tokenized here by config.data.tokenizer); `tfds:<name>` reaches
 any TFDS dataset.
+
+Splits: train, validation and test. A dataset gives its published validation split where it has one; otherwise
+`load_dataset` holds out config.data.validation_fraction of the training split as a fixed seeded slice
+(VALIDATION_SEED, never config.seed: it does not move between runs or sweep trials). Model selection reads
+validation; test is only reported. A dataset may have no test split (tiny_shakespeare: nanoGPT's 90/10).
 """
 
 import dataclasses
@@ -11,32 +16,41 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bigmodel_jax.errors import UserError
 from bigmodel_jax.registry import Registry, import_submodules
 
 DATASETS: Registry = Registry("dataset", "config.data.name")
+VALIDATION_SEED = 1  # the held-out validation slice of a training split (test splits carved by seeded_split use 0)
+EVAL_SPLITS = ("validation", "test")
 
 
 @dataclasses.dataclass(eq=False)  # hashable by identity, so per-dataset results can be cached
 class Dataset:
-  """A real dataset held in memory. Splits are {'inputs': N x ..., 'targets': N} numpy arrays."""
+  """A real dataset held in memory. Splits are {'inputs': N x ..., 'targets': N} numpy arrays (None: no such split)."""
   name: str
   train: dict[str, np.ndarray]
-  test: dict[str, np.ndarray]
+  test: dict[str, np.ndarray] | None
   kind: str  # 'image' (N,H,W,C), 'tabular' (N,D), 'text' (N,L token ids, 0 = padding) or 'lm' (see below)
   num_classes: int = 0  # 0 = regression (or language modelling)
   class_names: tuple[str, ...] = ()
   input_scale: float = 1.0  # divide raw inputs by this for [0, 1] (255 for uint8 images)
-  # Text: the tokenizer that made the ids, its vocabulary size, and characters per token of the test
-  # split (for bits per character). 'lm' datasets hold train = {'tokens': 1-D stream} (batches are random
-  # windows of it) and test = {'inputs','targets','token_mask'}: the stream cut into consecutive windows.
+  # Text: the tokenizer that made the ids, its vocabulary size, and characters per token of each split (for
+  # bits per character). 'lm' datasets hold train = {'tokens': 1-D stream} (batches are random windows of it)
+  # and validation/test = {'inputs','targets','token_mask'}: the stream cut into consecutive windows.
   tokenizer: Any = None
   vocab_size: int = 0
-  chars_per_token: float = 1.0
+  chars_per_token: dict[str, float] = dataclasses.field(default_factory=dict)  # split -> chars/token (default 1)
   test_texts: Sequence[str] = ()  # raw text of each test example (text classification), for predictions.csv
+  validation: dict[str, np.ndarray] | None = None
+
+  @property
+  def eval_splits(self) -> tuple[str, ...]:
+    """The held-out splits this dataset has: validation and/or test."""
+    return tuple(s for s in EVAL_SPLITS if getattr(self, s) is not None)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
-    split = self.train if "inputs" in self.train else self.test
+    split = self.train if "inputs" in self.train else self.split(self.eval_splits[0])
     return tuple(split["inputs"].shape[1:])
 
   @property
@@ -55,14 +69,29 @@ class Dataset:
 
   @property
   def input_dtype(self):
-    return self.test["inputs"].dtype if self.is_text else np.float32
+    return self.split(self.eval_splits[0])["inputs"].dtype if self.is_text else np.float32
 
   def num_examples(self, split: str = "train") -> int:
     arrays = self.split(split)
     return len(arrays["tokens"] if "tokens" in arrays else arrays["targets"])
 
   def split(self, name: str) -> dict[str, np.ndarray]:
-    return {"train": self.train, "test": self.test}[name]
+    arrays = {"train": self.train, "validation": self.validation, "test": self.test}.get(name)
+    if arrays is None:
+      raise UserError(f"dataset {self.name} has no {name!r} split (it has: train, {', '.join(self.eval_splits)})")
+    return arrays
+
+  def hold_out_validation(self, fraction: float) -> "Dataset":
+    """The training split less a fixed seeded `fraction` of it, which becomes the validation split."""
+    if self.validation is not None or fraction <= 0:
+      return self
+    train, val = seeded_split(self.num_examples("train"), fraction, VALIDATION_SEED)
+    if len(train) == 0 or len(val) == 0:
+      raise UserError(f"config.data.validation_fraction: {fraction} of the {self.num_examples('train')} training "
+                      f"examples of {self.name} leaves {len(train)} to train on and {len(val)} to validate on; "
+                      "pick a fraction that leaves both non-empty")
+    return dataclasses.replace(self, train={k: v[train] for k, v in self.train.items()},
+                               validation={k: v[val] for k, v in self.train.items()})
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,10 +99,31 @@ class TextCorpus:
   """A text dataset before tokenization: documents (language modelling) or labelled examples."""
   name: str
   train: list[str]  # LM: documents, concatenated in order; classification: one string per example
-  test: list[str]
+  test: list[str] | None  # None: no test split
   train_labels: np.ndarray | None = None  # int32 class ids (classification); None for language modelling
   test_labels: np.ndarray | None = None
   class_names: tuple[str, ...] = ()
+  validation: list[str] | None = None  # the published validation split, else held out by hold_out_validation
+  validation_labels: np.ndarray | None = None
+
+  def hold_out_validation(self, fraction: float) -> "TextCorpus":
+    """A fixed seeded `fraction` of the training examples (documents) as the validation split; a language-model
+    corpus of one document (a text file) gives the last `fraction` of its text instead."""
+    if self.validation is not None or fraction <= 0:
+      return self
+    if self.train_labels is None and len(self.train) == 1:
+      text = self.train[0]
+      k = int(len(text) * (1 - fraction))
+      return dataclasses.replace(self, train=[text[:k]], validation=[text[k:]])
+    train, val = seeded_split(len(self.train), fraction, VALIDATION_SEED)
+    if len(train) == 0 or len(val) == 0:
+      raise UserError(f"config.data.validation_fraction: {fraction} of the {len(self.train)} training examples of "
+                      f"{self.name} leaves {len(train)} to train on and {len(val)} to validate on; pick a fraction "
+                      "that leaves both non-empty")
+    labels = self.train_labels
+    return dataclasses.replace(self, train=[self.train[i] for i in train], validation=[self.train[i] for i in val],
+                               train_labels=None if labels is None else labels[train],
+                               validation_labels=None if labels is None else labels[val])
 
 
 def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenizer: bool = True) -> Dataset:
@@ -90,6 +140,7 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
     loaded = tfds_source.load(name.removeprefix("tfds:"), root)
   else:
     loaded = DATASETS.get(name)(root, data_config)
+  loaded = loaded.hold_out_validation(data_config.get("validation_fraction", 0.0))
   if isinstance(loaded, TextCorpus):
     from bigmodel_jax.data import corpus
     return corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)

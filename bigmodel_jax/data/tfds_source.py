@@ -74,20 +74,25 @@ def load(name: str, root: Path) -> Dataset | TextCorpus:
   if lm_key is None and (not keys or len(keys) != 2):
     raise UserError(f"config.data.name: tfds:{name} has no (input, label) supervised keys")
   splits = builder.as_data_source()
-  test_name = "test" if "test" in splits else ("validation" if "validation" in splits else None)
-  if "train" not in splits or test_name is None:
-    raise UserError(f"config.data.name: tfds:{name} needs train and test/validation splits, has {list(splits)}")
+  held_out = [s for s in ("validation", "test") if s in splits]  # a published validation split is used as such
+  if "train" not in splits or not held_out:
+    raise UserError(f"config.data.name: tfds:{name} needs a train split and a validation or test split, has "
+                    f"{list(splits)}")
   if lm_key is not None:
-    train_x, test_x = (_read_split(splits[s], lm_key, None)[0] for s in ("train", test_name))
-    return TextCorpus(f"tfds:{name}", train=_decode(train_x), test=_decode(test_x))
+    docs = {s: _decode(_read_split(splits[s], lm_key, None)[0]) for s in ("train", *held_out)}
+    return TextCorpus(f"tfds:{name}", train=docs["train"], test=docs.get("test"), validation=docs.get("validation"))
   input_key, target_key = keys
-  (train_x, train_y), (test_x, test_y) = (_read_split(splits[s], input_key, target_key) for s in ("train", test_name))
+  read = {s: _read_split(splits[s], input_key, target_key) for s in ("train", *held_out)}
   label = builder.info.features[target_key]
   if _is_text(builder.info.features[input_key]):
-    return TextCorpus(f"tfds:{name}", train=_decode(train_x), test=_decode(test_x), train_labels=train_y,
-                      test_labels=test_y, class_names=tuple(label.names))
-  train, test = {"inputs": np.stack(train_x), "targets": train_y}, {"inputs": np.stack(test_x), "targets": test_y}
-  image = train["inputs"].ndim == 4
-  return Dataset(f"tfds:{name}", train=train, test=test, kind="image" if image else "tabular",
-                 num_classes=int(label.num_classes), class_names=tuple(label.names),
-                 input_scale=255.0 if train["inputs"].dtype == np.uint8 else 1.0)
+    texts = {s: _decode(x) for s, (x, _) in read.items()}
+    return TextCorpus(f"tfds:{name}", train=texts["train"], test=texts.get("test"), train_labels=read["train"][1],
+                      test_labels=read["test"][1] if "test" in read else None, class_names=tuple(label.names),
+                      validation=texts.get("validation"),
+                      validation_labels=read["validation"][1] if "validation" in read else None)
+  arrays = {s: {"inputs": np.stack(x), "targets": y} for s, (x, y) in read.items()}
+  image = arrays["train"]["inputs"].ndim == 4
+  return Dataset(f"tfds:{name}", train=arrays["train"], test=arrays.get("test"), validation=arrays.get("validation"),
+                 kind="image" if image else "tabular", num_classes=int(label.num_classes),
+                 class_names=tuple(label.names),
+                 input_scale=255.0 if arrays["train"]["inputs"].dtype == np.uint8 else 1.0)

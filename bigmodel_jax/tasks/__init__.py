@@ -3,7 +3,7 @@
 A task is a `Task` subclass registered in TASKS. The shared machinery (state.Steps) calls:
   update(steps, state, batch, key) -> (state, metrics)   one training update, inside the compiled train step
   evaluate_batch(model, batch)     -> {name: array of sums}   inside the compiled eval step
-  finalize(sums)                   -> {metric: value}    on host, after all eval batches
+  finalize(sums, split)            -> {metric: value}    on host, after all eval batches of a split
   predict_batch(model, batch)      -> {name: per-example array}   for --mode=predict
   outputs(model, batch)            -> what the model gives for a batch (its shape is checked before training)
 A supervised task (SupervisedTask) writes only the per-output pieces (train_loss, eval_sums, predict on
@@ -50,8 +50,8 @@ class Task(abc.ABC):
     """{name: array of sums} for one eval batch (padding rows weigh nothing)."""
 
   @abc.abstractmethod
-  def finalize(self, sums) -> dict:
-    """The eval sums of a whole split -> {metric: value}."""
+  def finalize(self, sums, split: str = "test") -> dict:
+    """The eval sums of a whole split (named `split`) -> {metric: value}."""
 
   @abc.abstractmethod
   def predict_batch(self, model, batch):

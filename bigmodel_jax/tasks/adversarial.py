@@ -144,7 +144,7 @@ class Adversarial(Task):
         "fake_even": moments(f_fake, even), "real_even": moments(f_real, even), "real_odd": moments(f_real, odd),
     }
 
-  def finalize(self, sums) -> dict:
+  def finalize(self, sums, split: str = "test") -> dict:
     s = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
     n = s["count"]
     fractions = s["fake_classes"] / n

@@ -47,7 +47,7 @@ class Classification(SupervisedTask):
     return {"loss": (losses * mask).sum(), "count": mask.sum(),
             "confusion": jnp.einsum("bt,bp->tp", true, pred)}
 
-  def finalize(self, sums) -> dict:
+  def finalize(self, sums, split: str = "test") -> dict:
     out = {"loss": float(sums["loss"] / sums["count"])}
     out.update(metrics.classification_metrics(sums["confusion"]))
     out["confusion_matrix"] = np.asarray(sums["confusion"]).astype(int).tolist()

@@ -20,7 +20,7 @@ class LanguageModeling(SupervisedTask):
       raise UserError(f"config.task.name: 'language_modeling' needs a text corpus (e.g. tiny_shakespeare, "
                       f"shakespeare_plays); {dataset.name!r} is not one ({dataset.kind} data){hint}")
     self.num_outputs = dataset.vocab_size
-    self.chars_per_token = dataset.chars_per_token  # 1 for a character tokenizer
+    self.chars_per_token = dict(dataset.chars_per_token)  # split -> chars per token (1 for a character tokenizer)
 
   def output_shape(self, input_shape) -> tuple[int, ...]:
     return (input_shape[0], self.num_outputs)  # next-token logits at every position
@@ -43,15 +43,15 @@ class LanguageModeling(SupervisedTask):
     count = jnp.maximum(sums["count"], 1.0)
     loss = sums["loss"] / count
     return loss, {"loss": loss, "accuracy": sums["correct"] / count, "perplexity": jnp.exp(loss),
-                  "bits_per_char": loss / math.log(2) / self.chars_per_token}
+                  "bits_per_char": loss / math.log(2) / self.chars_per_token.get("train", 1.0)}
 
   def eval_sums(self, logits_BxTxV, batch):
     return self._sums(logits_BxTxV, batch)
 
-  def finalize(self, sums) -> dict:
+  def finalize(self, sums, split: str = "test") -> dict:
     loss = float(sums["loss"] / sums["count"])
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_char": loss / math.log(2) / self.chars_per_token,
+            "bits_per_char": loss / math.log(2) / self.chars_per_token.get(split, 1.0),
             "accuracy": float(sums["correct"] / sums["count"])}
 
   def predict(self, logits_BxTxV):

@@ -36,7 +36,7 @@ class Regression(SupervisedTask):
     return {"count": mask.sum(), "sse": (err ** 2 * mask).sum(), "sae": (jnp.abs(err) * mask).sum(),
             "sum_y": (y * mask).sum(), "sum_y2": (y ** 2 * mask).sum()}
 
-  def finalize(self, sums) -> dict:
+  def finalize(self, sums, split: str = "test") -> dict:
     s = {k: float(v) for k, v in sums.items()}
     out = metrics.regression_metrics(s["count"], s["sse"], s["sae"], s["sum_y"], s["sum_y2"])
     return {"loss": out["mse"], **out}

@@ -19,7 +19,7 @@ V = 7
 
 
 def lm_task(chars_per_token=1.0, kind="lm"):
-  dataset = types.SimpleNamespace(name="corpus", kind=kind, vocab_size=V, chars_per_token=chars_per_token,
+  dataset = types.SimpleNamespace(name="corpus", kind=kind, vocab_size=V, chars_per_token={"test": chars_per_token},
                                   num_classes=2 if kind == "text" else 0, is_token_stream=kind == "lm",
                                   is_text=kind in ("lm", "text"))
   return LanguageModeling(None, dataset)
