@@ -246,17 +246,12 @@ def check_evals(config) -> None:
     split = config.evals[t.best_eval].split
     _check(split == "validation", "train.best_eval",
            f"evaluator {t.best_eval!r} reads the {split!r} split; model selection reads a validation split, never test")
-    _check(config.data.validation_fraction > 0 or config.data.name.startswith("tfds:") or
-           config.data.name in PUBLISHED_VALIDATION, "data.validation_fraction",
-           f"must be in (0, 1): {config.data.name} has no published validation split to select on "
-           "(or set train.best_eval='' to select nothing)")
   else:
     _check(t.early_stopping.patience == 0, "train.early_stopping.patience",
            "early stopping reads the selection evaluator; set train.best_eval (e.g. 'validation') or patience 0")
 
 
 EVALUATOR = ("split", "every")  # the fields of one config.evals entry
-PUBLISHED_VALIDATION = ("tiny_shakespeare",)  # datasets that bring their own validation split
 
 
 def legacy_fields(saved: dict) -> dict:

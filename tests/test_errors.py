@@ -45,14 +45,14 @@ def step_dirs(workdir: Path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def trained(cache_dir, tmp_path_factory) -> Path:
-  """One digits_mlp:smoke run (2 epochs, 88 steps), shared; tests copy it before changing anything."""
+  """One digits_mlp:smoke run (2 epochs, 80 steps), shared; tests copy it before changing anything."""
   base = tmp_path_factory.mktemp("trained")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
          "BIGMODEL_JAX_DATA_DIR": str(base / "data"), "PYTHONUNBUFFERED": "1"}
   proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", SMOKE, f"--workdir={base / 'work'}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(proc.stdout)["step"] == 88
+  assert json.loads(proc.stdout)["step"] == 80
   return base / "work"
 
 
@@ -86,12 +86,29 @@ BAD_INPUTS = [
                  ["--config.optimiser.learning_rate", "did you mean 'optimizer'"], id="misspelled-section"),
     pytest.param([SMOKE, "--config.seed=-1"], ["config.seed", ">= 0"], id="negative-seed"),
     pytest.param([SMOKE, "--config.schedule.name=warmup_cosine", "--config.schedule.warmup_steps=1000"],
-                 ["config.schedule.warmup_steps", "88 training steps"], id="warmup-longer-than-run"),
+                 ["config.schedule.warmup_steps", "80 training steps"], id="warmup-longer-than-run"),
     pytest.param(["--config=configs/mnist_cnn.py:smoke", "--config.data.name=digits"],
                  ["config.model", "'cnn'", "(8, 8, 1)"], id="model-does-not-fit-input"),
     pytest.param([SMOKE, "--config.model.name=cnn"],
                  ["config.model.hidden_sizes", "model_config('cnn')"], id="switch-model-on-command-line"),
     pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "eval/predict"], id="checkpoint-step-in-train"),
+    pytest.param([SMOKE, "--config.data.validation_fraction=1.5"], ["config.data.validation_fraction", "(0, 1)"],
+                 id="validation-fraction"),
+    pytest.param([SMOKE, "--config.data.validation_fraction=0"],
+                 ["config.train.best_eval", "'validation'", "digits does not have", "validation_fraction"],
+                 id="selection-without-validation-split"),
+    pytest.param([SMOKE, "--config.train.best_eval=test"],
+                 ["config.train.best_eval", "'test' split", "never test"], id="select-on-test"),
+    pytest.param([SMOKE, "--config.train.best_eval=valid"],
+                 ["config.train.best_eval", "'valid' is not an evaluator", "test, validation"], id="unknown-evaluator"),
+    pytest.param([SMOKE, "--config.train.best_metric=bleu"],
+                 ["config.train.best_metric", "'bleu'", "valid: accuracy, precision"], id="selection-metric"),
+    pytest.param([SMOKE, "--config.evals.test.split=train"], ["config.evals.test.split", "validation, test"],
+                 id="evaluator-split"),
+    pytest.param([SMOKE, "--config.evals.test.every=-5"], ["config.evals.test.every", "-1 (each epoch)"],
+                 id="evaluator-every"),
+    pytest.param([SMOKE, "--config.train.best_eval=", "--config.train.early_stopping.patience=2"],
+                 ["config.train.early_stopping.patience", "train.best_eval"], id="early-stopping-without-selection"),
     # A stray config.model field cannot be given on the command line (the config is locked: it is reported as
     # a misspelled field); models/test_models_shapes.py checks build_model's own error for it.
 ]
@@ -126,7 +143,7 @@ def test_incompatible_workdir_is_refused_and_untouched(cli, trained, tmp_path):
   workdir = Path(shutil.copytree(trained, tmp_path / "work"))
   steps, files = step_dirs(workdir), checkpoint_files(workdir)
   saved_config = (workdir / "config.json").read_bytes()
-  assert steps == {44, 88} and files
+  assert steps == {40, 80} and files
 
   proc = cli(SMOKE, "--config.optimizer.learning_rate=0.01", "--config.train.log_every=7", f"--workdir={workdir}")
   line = assert_one_error(proc, "optimizer.learning_rate", "0.001 -> 0.01", "allow_config_change", str(workdir))
@@ -138,7 +155,7 @@ def test_incompatible_workdir_is_refused_and_untouched(cli, trained, tmp_path):
   proc = cli(SMOKE, "--config.optimizer.learning_rate=0.01", "--config.train.allow_config_change=true",
              f"--workdir={workdir}")
   assert proc.returncode == 0, error_lines(proc.stderr)
-  assert json.loads(proc.stdout)["step"] == 88  # resumed the finished run instead of starting over
+  assert json.loads(proc.stdout)["step"] == 80  # resumed the finished run instead of starting over
   assert step_dirs(workdir) == steps
 
 
@@ -184,7 +201,7 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
 
   proc = cli(SMOKE, f"--workdir={workdir}")
   assert_one_error(proc, str(workdir / "checkpoints" / str(latest)), "cannot be read")
-  assert step_dirs(workdir) == {44, latest}  # nothing deleted, not even the corrupt step
+  assert step_dirs(workdir) == {40, latest}  # nothing deleted, not even the corrupt step
   for path, blob in corrupted.items():
     assert path.read_bytes() == blob
 
@@ -222,4 +239,4 @@ def test_model_change_with_allow_config_change_leaves_the_run_intact(cli, traine
   assert (workdir / "config.json").read_bytes() == saved_config
   assert checkpoint_files(workdir) == files
   again = cli(SMOKE, f"--workdir={workdir}")  # the original command still continues the run
-  assert again.returncode == 0 and json.loads(again.stdout)["step"] == 88
+  assert again.returncode == 0 and json.loads(again.stdout)["step"] == 80

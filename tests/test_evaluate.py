@@ -22,7 +22,8 @@ def test_eval_mode_reproduces_final_metrics(cli, trained):
   proc = cli(f"--workdir={trained}", "--mode=eval")  # the config comes from the workdir
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads((trained / f"eval_step{final['step']}.json").read_text())
-  assert result["accuracy"] == final["accuracy"] and result["f1"] == final["f1"]
+  for split in ("validation", "test"):  # every evaluator of the run
+    assert result[split]["accuracy"] == final[split]["accuracy"] and result[split]["f1"] == final[split]["f1"]
 
 
 def test_eval_an_earlier_checkpoint(cli, trained):
@@ -42,7 +43,7 @@ def test_predict_writes_predictions_and_pictures(cli, trained):
   rows = list(csv.DictReader(open(out / "predictions.csv")))
   assert len(rows) == 359
   accuracy = np.mean([r["target"] == r["prediction"] for r in rows])
-  assert accuracy == pytest.approx(final["accuracy"])
+  assert accuracy == pytest.approx(final["test"]["accuracy"])
   probs = np.array([[float(r[f"p_{c}"]) for c in range(10)] for r in rows])
   np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
   assert all(int(r["prediction"]) == int(np.argmax(p)) for r, p in zip(rows, probs))

@@ -31,6 +31,7 @@ def test_eight_devices_match_one(cli, tmp_path):
   for x, y in zip(a, b):  # same data, same init: only the reduction order differs
     assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"]))
   fa, fb = (json.loads((tmp_path / d / "final_metrics.json").read_text()) for d in ("one", "eight"))
+  fa, fb = fa["test"], fb["test"]
   assert abs(fa["loss"] - fb["loss"]) < 1e-4 and abs(fa["accuracy"] - fb["accuracy"]) <= 1 / 359
 
 
@@ -45,8 +46,8 @@ def test_data_parallel_run_resumes_as_fsdp_and_evaluates_on_one_device(cli, tmp_
   final = json.loads((tmp_path / "final_metrics.json").read_text())
   assert final["step"] == 60
   evaluated = ok(cli("--mode=eval", f"--workdir={tmp_path}"))  # one device, the 8-way FSDP checkpoint
-  record = json.loads((tmp_path / "eval_step60.json").read_text())
-  assert abs(record["loss"] - final["loss"]) < 1e-5 and record["accuracy"] == final["accuracy"]
+  record = json.loads((tmp_path / "eval_step60.json").read_text())["test"]
+  assert abs(record["loss"] - final["test"]["loss"]) < 1e-5 and record["accuracy"] == final["test"]["accuracy"]
   assert "evaluating data parallel over this machine's devices instead" in evaluated.stderr
 
 
@@ -71,8 +72,8 @@ def test_eval_on_more_devices_than_training_had(cli, tmp_path):
          f"--workdir={tmp_path}"))
   final = json.loads((tmp_path / "final_metrics.json").read_text())
   ok(cli("--mode=eval", f"--workdir={tmp_path}", env=EIGHT))
-  record = json.loads((tmp_path / "eval_step10.json").read_text())
-  assert abs(record["loss"] - final["loss"]) < 1e-5 and record["accuracy"] == final["accuracy"]
+  record = json.loads((tmp_path / "eval_step10.json").read_text())["test"]
+  assert abs(record["loss"] - final["test"]["loss"]) < 1e-5 and record["accuracy"] == final["test"]["accuracy"]
 
 
 def test_a_workdir_from_before_the_layout_fields_still_evaluates_and_resumes(cli, tmp_path):

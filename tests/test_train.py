@@ -29,8 +29,8 @@ def test_digits_loss_falls_and_accuracy_beats_chance(digits_run):
   _, workdir, final = digits_run
   train_lines = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
   assert train_lines[-1]["loss"] < 0.5 * train_lines[0]["loss"]
-  assert final["accuracy"] > 0.85  # chance is 0.10
-  assert final["step"] == 4 * (1437 // 32)
+  assert final["test"]["accuracy"] > 0.85 and final["validation"]["accuracy"] > 0.85  # chance is 0.10
+  assert final["step"] == 4 * (1294 // 32)  # 1438 training images less the 144 held out for validation
 
 
 def test_metrics_jsonl_and_final_metrics_fields(digits_run):
@@ -38,17 +38,25 @@ def test_metrics_jsonl_and_final_metrics_fields(digits_run):
   records = read_jsonl(workdir / "metrics.jsonl")
   assert all({"step", "split", "time"} <= r.keys() for r in records)
   train_lines = [r for r in records if r["split"] == "train"]
+  validation_lines = [r for r in records if r["split"] == "validation"]
   test_lines = [r for r in records if r["split"] == "test"]
   for r in train_lines:
     assert {"loss", "accuracy", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"} <= r.keys()
     assert r["examples_per_s"] == pytest.approx(32 * r["steps_per_s"])
-  assert [r["step"] for r in test_lines] == [44, 88, 132, 176]  # once per epoch
-  for r in test_lines:
-    assert {"loss", "accuracy", "precision", "recall", "f1"} <= r.keys()
+  assert [r["step"] for r in validation_lines] == [40, 80, 120, 160]  # once per epoch
+  assert [r["step"] for r in test_lines] == [160]  # at the end only
+  for r in validation_lines + test_lines:
+    assert {"loss", "accuracy", "precision", "recall", "f1"} <= r.keys() and r["eval"] == r["split"]
   saved = json.loads((workdir / "final_metrics.json").read_text())
   assert saved["params_sha256"] == final["params_sha256"] and len(saved["params_sha256"]) == 64
-  assert saved["accuracy"] == test_lines[-1]["accuracy"]
-  assert np.asarray(saved["confusion_matrix"]).sum() == 359  # every test image, counted once
+  assert saved["test"]["accuracy"] == test_lines[-1]["accuracy"]
+  assert saved["validation"]["accuracy"] == validation_lines[-1]["accuracy"]
+  assert saved["evals"]["test"] == saved["test"]
+  best = max(validation_lines, key=lambda r: (r["accuracy"], -r["step"]))  # the first of the best
+  assert saved["best_step"] == best["step"] == saved["best"]["step"]
+  assert saved["best"]["value"] == best["accuracy"] and saved["best"]["metric"] == "accuracy"
+  assert np.asarray(saved["test"]["confusion_matrix"]).sum() == 359  # every test image, counted once
+  assert np.asarray(saved["validation"]["confusion_matrix"]).sum() == 144
   assert "seconds_to_first_step" in next(r for r in records if r["split"] == "startup")
 
 
@@ -77,13 +85,15 @@ def tensorboard_tags(directory):
 
 def test_tensorboard_events(digits_run):
   _, workdir, _ = digits_run
-  assert {"train/loss", "train/examples_per_s", "test/accuracy", "test/f1"} <= tensorboard_tags(workdir / "tensorboard")
+  assert ({"train/loss", "train/examples_per_s", "validation/accuracy", "test/accuracy", "test/f1"}
+          <= tensorboard_tags(workdir / "tensorboard"))
 
 
 def test_checkpoints_keep_latest_and_best(digits_run):
   config, workdir, _ = digits_run
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps[-1] == 176 and len(steps) <= config.train.keep_checkpoints + 1
+  best = json.loads((workdir / "final_metrics.json").read_text())["best_step"]
+  assert steps[-1] == 160 and best in steps and len(steps) <= config.train.keep_checkpoints + 1
 
 
 def test_linear_regression_recovers_coefficients(tmp_path):
@@ -98,5 +108,5 @@ def test_linear_regression_recovers_coefficients(tmp_path):
   design = np.hstack([data["inputs"], np.ones((100, 1), np.float32)])
   w_ls, b_ls = np.linalg.lstsq(design, data["targets"], rcond=None)[0]
   assert w == pytest.approx(w_ls, abs=2e-3) and b == pytest.approx(b_ls, abs=2e-3)
-  assert final["mse"] == pytest.approx(1 / 12, rel=0.3)  # the U(0, 1) noise variance
-  assert final["r2"] > 0.95
+  assert final["test"]["mse"] == pytest.approx(1 / 12, rel=0.3)  # the U(0, 1) noise variance
+  assert final["test"]["r2"] > 0.95

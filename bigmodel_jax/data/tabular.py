@@ -25,8 +25,8 @@ SYNTHETIC_SEED = 42
 def synthetic_linear(root: Path, data_config=None) -> Dataset:
   """The seed's regression: x ~ U(0, 2), y = 3x + 4 + U(0, 1) noise, 100 training points (seeded).
 
-  The noise has mean 0.5, so least squares recovers w = 3 and b = 4.5. The test split is 100 more
-  points from the same law.
+  The noise has mean 0.5, so least squares recovers w = 3 and b = 4.5. The test and validation splits are
+  100 more points each from the same law (drawn after the others, so train and test are the seed's).
   """
   del root
   rng = np.random.default_rng(SYNTHETIC_SEED)
@@ -34,4 +34,5 @@ def synthetic_linear(root: Path, data_config=None) -> Dataset:
     x = rng.uniform(0.0, 2.0, size=(n, 1)).astype(np.float32)
     y = (3.0 * x[:, 0] + 4.0 + rng.uniform(0.0, 1.0, size=n)).astype(np.float32)
     return {"inputs": x, "targets": y}
-  return Dataset("synthetic_linear", train=draw(100), test=draw(100), kind="tabular")
+  train, test = draw(100), draw(100)
+  return Dataset("synthetic_linear", train=train, test=test, validation=draw(100), kind="tabular")

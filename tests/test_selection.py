@@ -1,0 +1,128 @@
+"""Model selection reads validation, never test: the validation split, the best checkpoint, early stopping,
+and workdirs from before validation splits."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bigmodel_jax import train
+from bigmodel_jax.data import DATASETS, VALIDATION_SEED, load_dataset, seeded_split
+from bigmodel_jax.data.images import digits
+from conftest import load_config
+
+
+@DATASETS.register("digits_wrong_test_labels")
+def digits_wrong_test_labels(root, data_config=None):
+  """digits with every test label moved to the next class: the better a model gets, the worse it tests, so
+  validation and test disagree on the best step."""
+  d = digits(root, data_config)
+  return dataclasses.replace(d, name="digits_wrong_test_labels",
+                             test={**d.test, "targets": (d.test["targets"] + 1) % 10})
+
+
+def records(workdir, split):
+  return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def digits_config(**train_fields):
+  config = load_config("digits_mlp")
+  config.train.num_epochs = 4
+  config.evals.test.every = -1  # test each epoch too: to see that selection ignores it
+  for k, v in train_fields.items():
+    config.train[k] = v
+  return config
+
+
+def test_validation_is_a_fixed_slice_of_train_independent_of_the_seed():
+  config = load_config("digits_mlp")
+  a = load_dataset(config.data)
+  config.seed = 7
+  b = load_dataset(config.data)
+  np.testing.assert_array_equal(a.validation["inputs"], b.validation["inputs"])
+  assert a.num_examples("train") + a.num_examples("validation") == 1438 and a.num_examples("validation") == 144
+  train_rows = {x.tobytes() for x in a.train["inputs"]}
+  assert not any(x.tobytes() in train_rows for x in a.validation["inputs"][:20])  # held out, not copied
+  _, held_out = seeded_split(1438, 0.1, VALIDATION_SEED)
+  assert len(held_out) == 144
+
+
+def test_tiny_shakespeare_validation_is_nanogpts_last_ten_percent(tmp_path):
+  path = tmp_path / "input.txt"
+  path.write_text("".join(chr(ord("a") + i % 26) for i in range(1000)))
+  config = load_config("shakespeare_char_gpt", "smoke")
+  config.data.path, config.data.seq_len = str(path), 8
+  data = load_dataset(config.data)
+  assert data.test is None and data.eval_splits == ("validation",)
+  assert data.num_examples("train") == 900 and data.validation["inputs"].size >= 99
+
+
+def test_best_checkpoint_follows_validation_not_test(tmp_path):
+  config = digits_config()
+  config.data.name = "digits_wrong_test_labels"
+  final = train.train_and_evaluate(config, tmp_path)
+  val, test = records(tmp_path, "validation"), records(tmp_path, "test")
+  assert [r["step"] for r in val] == [r["step"] for r in test] == [40, 80, 120, 160]
+  best_val = max(val, key=lambda r: (r["accuracy"], -r["step"]))["step"]
+  best_test = max(test, key=lambda r: (r["accuracy"], -r["step"]))["step"]
+  assert best_val != best_test  # they disagree ...
+  assert final["best_step"] == best_val  # ... and selection follows validation
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert best_val in steps  # kept as 'best' beside the latest
+  # the test metrics reported beside the best are that checkpoint's, measured when it was saved
+  assert final["best"]["test"]["accuracy"] == next(r["accuracy"] for r in test if r["step"] == best_val)
+
+
+def test_early_stopping_stops_on_validation_and_a_relaunch_does_not_train_on(tmp_path):
+  config = digits_config(num_epochs=30)
+  config.train.early_stopping.patience = 2
+  config.train.early_stopping.min_delta = 0.01
+  final = train.train_and_evaluate(config, tmp_path)
+  val = records(tmp_path, "validation")
+  assert final["stopped_early"] and final["step"] < 30 * 40 and final["step"] == val[-1]["step"]
+  best = final["best"]
+  assert best["value"] == max(r["accuracy"] for r in val)
+  after = [r["accuracy"] for r in val if r["step"] > best["step"]]
+  assert len(after) == 2 and all(a <= best["value"] + 0.01 for a in after)
+  assert records(tmp_path, "test")[-1]["step"] == final["step"]  # every evaluator ran at the stop
+  again = train.train_and_evaluate(config, tmp_path)  # the same command again: evaluates only
+  assert again["step"] == final["step"] and again["params_sha256"] == final["params_sha256"]
+  assert again["best_step"] == final["best_step"]
+
+
+def test_selection_resumes_bit_exact(tmp_path):
+  """Killed between evaluations (its later checkpoints lost), a run resumes its selection and early stopping too."""
+  config = digits_config(num_epochs=8, checkpoint_every=60, keep_checkpoints=100)
+  config.train.early_stopping.patience = 3
+  whole = train.train_and_evaluate(config, tmp_path)
+  for p in (tmp_path / "checkpoints").iterdir():
+    if p.name.isdigit() and int(p.name) > 100:  # as if killed at step 100..119: the last checkpoint is step 100
+      shutil.rmtree(p)
+  (tmp_path / "final_metrics.json").unlink()
+  resumed = train.train_and_evaluate(config, tmp_path)
+  for key in ("step", "best_step", "params_sha256", "stopped_early", "best", "validation", "test"):
+    assert resumed[key] == whole[key], key
+
+
+def test_a_workdir_from_before_validation_splits_resumes_as_it_was(tmp_path):
+  def legacy(config):  # what the code did before validation splits, in today's fields
+    config.data.validation_fraction, config.train.best_eval = 0.0, ""
+    config.evals = {"test": {"split": "test", "every": -1}}
+    return config
+  whole = train.train_and_evaluate(legacy(digits_config(num_epochs=3)), tmp_path / "whole")
+  old = tmp_path / "old"
+  train.train_and_evaluate(legacy(digits_config(num_epochs=3)), old)
+  for p in (old / "checkpoints").iterdir():  # as if it was killed after its second epoch
+    if p.name.isdigit() and int(p.name) > 88:
+      shutil.rmtree(p)
+  (old / "final_metrics.json").unlink()
+  saved = json.loads((old / "config.json").read_text())  # as an older version wrote it
+  del saved["evals"], saved["data"]["validation_fraction"], saved["train"]["best_eval"]
+  del saved["train"]["early_stopping"], saved["train"]["trackers"], saved["train"]["tracking"]
+  saved["train"]["eval_every"] = -1
+  (old / "config.json").write_text(json.dumps(saved))
+  resumed = train.train_and_evaluate(digits_config(num_epochs=3), old)  # today's config file, unchanged
+  assert resumed["params_sha256"] == whole["params_sha256"] and resumed["step"] == 3 * (1438 // 32)
+  assert "validation" not in resumed and "best" not in resumed and resumed["test"] == whole["test"]
