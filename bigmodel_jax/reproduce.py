@@ -360,7 +360,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     result.update(values=values, n=len(values), mean=mean, std=statistics.stdev(values) if len(values) > 1 else None,
                   met=t.check(mean))
   missed = [t["label"] for t in entry["targets"] if not t["met"]]
-  return {**entry, "status": "FAIL" if missed else "PASS", "reason": f"missed: {', '.join(missed)}" if missed else ""}
+  return {**entry, "status": "FAIL" if missed else "PASS", "reason": f"missed {', '.join(missed)}" if missed else ""}
 
 
 # --- the report card ----------------------------------------------------------------------------------------
