@@ -11,8 +11,9 @@ gpu, network) and its seeds. Each seed is one `python -m bigmodel_jax.main` proc
 so relaunching resumes unfinished runs and skips finished ones. WORKDIR/report.json and report.md hold the
 card: target against the mean over seeds (± std, n, each seed's value) and PASS, FAIL (target missed),
 SKIPPED (no GPU, or data to fetch with its host unreachable) or ERROR (a run failed: its error line), merged
-with the earlier results of other reproductions in that workdir.
-Exit status: 0 when every reproduction run passed or was skipped, 1 when one failed or errored, 2 bad input.
+with the earlier results of other reproductions in that workdir (a skip keeps an earlier result).
+Exit status: 0 when every reproduction run passed or was skipped, 1 when one failed or errored, 2 bad input;
+after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command resumes it) and the tool exits 130/143.
 """
 
 import argparse
@@ -140,8 +141,8 @@ def load_config(spec: str):
   return module.get_config(variant)
 
 
-def check_entry(r: Reproduction, path: Path, overrides: dict | None = None) -> None:
-  """Raises BadInput naming the entry and what is wrong; `overrides`: the command line's, checked too."""
+def check_entry(r: Reproduction, path: Path) -> None:
+  """Raises BadInput naming the entry and what is wrong."""
   def bad(message):
     raise BadInput(f"{path}: reproduction {r.name!r}: {message}")
   if not NAME.match(r.name):
@@ -167,21 +168,28 @@ def check_entry(r: Reproduction, path: Path, overrides: dict | None = None) -> N
     config = load_config(r.config)
   except Exception as e:
     bad(f"config {r.config!r}: {type(e).__name__}: {e}")
-  from bigmodel_jax.config import get_field
-  fields = {**r.overrides, **(overrides or {})}
-  for key, value in fields.items():
-    try:
-      get_field(config, key)
-    except (KeyError, AttributeError):
-      bad(f"override {key}={value}: {r.config} has no config field {key!r}")
+  missing = missing_field(config, r.overrides)
+  if missing:
+    bad(f"override {missing}: {r.config} has no such config field")
   from bigmodel_jax.tasks import TASKS
   metric_names = TASKS.get(config.task.name).metric_names
   for t in r.targets:
     if t.split in ("validation", "test", "best") and t.metric not in metric_names:
       bad(f"metric {t.metric!r} is not a metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
-    best_metric = str(fields.get("train.best_metric", config.train.best_metric))
+    best_metric = r.overrides.get("train.best_metric", config.train.best_metric)
     if t.split == "best" and t.metric != best_metric:
       bad(f"split 'best' holds the selection metric train.best_metric={best_metric!r}, not {t.metric!r}")
+
+
+def missing_field(config, overrides: dict) -> str:
+  """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
+  from bigmodel_jax.config import get_field
+  for key, value in overrides.items():
+    try:
+      get_field(config, key)
+    except (KeyError, AttributeError):
+      return f"{key}={value}"
+  return ""
 
 
 # --- what a reproduction needs ------------------------------------------------------------------------------
@@ -204,22 +212,23 @@ def reachable(url: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
     return False
 
 
-def skip_reason(r: Reproduction, overrides: dict, backend) -> str:
-  """Why this machine cannot run `r` ("" if it can). backend(): jax's backend, asked once when needed."""
+def skip_reason(r: Reproduction, overrides: dict, backend) -> tuple[str, str]:
+  """Why this machine cannot run `r` ("" if it can), and what would help. backend(): jax's backend, asked once."""
   if "gpu" in r.needs and backend() not in ACCELERATORS:
-    return f"no GPU (jax's backend here is {backend()})"
+    return f"no GPU (jax's backend here is {backend()})", "run it where jax sees a GPU"
   if r.download is not None:
     fields = {**r.overrides, **overrides}
     if fields.get("data.path"):
-      return ""
+      return "", ""
     from bigmodel_jax.data import fetch
     root = fetch.data_dir(str(fields.get("data.data_dir", "")))
     missing = [f for f in r.download.files if not (root / f).exists()]
     if missing and not any(reachable(u) for u in r.download.urls):
       hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname for u in r.download.urls}))
-      return (f"no network: {missing[0]} is not in {root} and {hosts} did not answer in {NETWORK_TIMEOUT_S:.0f} s; "
-              f"put the files there from a machine with network{r.download.hint and ', or ' + r.download.hint}")
-  return ""
+      return (f"no network ({hosts} unreachable, {missing[0]} not in the data dir)",
+              f"put {', '.join(r.download.files)} in {root} from a machine with network"
+              + (f", or {r.download.hint}" if r.download.hint else ""))
+  return "", ""
 
 
 # --- running ------------------------------------------------------------------------------------------------
@@ -272,7 +281,7 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
   with open(log, "a") as out:
     proc = subprocess.Popen(argv, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-      rc = proc.wait()
+      proc.wait()
     except Interrupted:
       proc.send_signal(signal.SIGTERM)  # main saves a checkpoint and exits 143: a relaunch resumes
       proc.wait()
@@ -280,11 +289,12 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
     except KeyboardInterrupt:  # the terminal's Ctrl-C reached the run too: it saves and exits 130
       proc.wait()
       raise Interrupted(130) from None
-  record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start,
-            "launches": record["launches"] + 1, "returncode": rc}
-  from bigmodel_jax.runinfo import write_text_atomic
-  write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
-  return {**record, "error": f"exit {rc}: {error_line(log, offset)}"} if rc != 0 else record
+    finally:
+      record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start,
+                "launches": record["launches"] + 1, "returncode": proc.returncode}
+      from bigmodel_jax.runinfo import write_text_atomic
+      write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
+  return {**record, "error": f"exit {proc.returncode}: {error_line(log, offset)}"} if proc.returncode else record
 
 
 def metric_value(final: dict, target: Target) -> float:
@@ -317,10 +327,10 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
            "needs": list(r.needs), "note": r.note, "seeds_declared": len(r.seeds),
            "targets": [{"split": t.split, "metric": t.metric, "label": t.label, "bound": t.bound} for t in r.targets],
            "runs": [], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-  reason = skip_reason(r, overrides, backend)
+  reason, hint = skip_reason(r, overrides, backend)
   if reason:
-    print(f"{r.name}: SKIPPED: {reason}", flush=True)
-    return {**entry, "status": "SKIPPED", "reason": reason}
+    print(f"{r.name}: SKIPPED: {reason}; {hint}", flush=True)
+    return {**entry, "status": "SKIPPED", "reason": reason, "hint": hint}
   errors = {}  # message -> seeds
   for seed in seeds:
     seed_dir = workdir / r.name / f"seed_{seed}"
@@ -409,7 +419,7 @@ def markdown_report(report: dict) -> str:
            markdown_table(report)]
   for entry in report["reproductions"].values():
     lines += ["", f"## {entry['name']}: {entry['status']}", ""]
-    lines += [f"- {entry['reason']}"] if entry["reason"] else []
+    lines += [f"- {entry['reason']}" + (f"; {entry['hint']}" if entry.get("hint") else "")] if entry["reason"] else []
     lines += [f"- note: {entry['note']}"] if entry["note"] else []
     for run in entry["runs"]:
       values = ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()) or run.get("error", "")
@@ -470,7 +480,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--workdir", help="where the runs (WORKDIR/<name>/seed_<k>) and report.json/report.md go")
   p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                  help="a config override for every run (as --config.FIELD=VALUE of main); repeatable")
-  p.add_argument("--seeds", type=int, help="run only the first N of each reproduction's seeds (n shows it)")
+  p.add_argument("--seeds", type=int, metavar="N",
+                 help="run only the first N of each reproduction's seeds (the card says how many of how many)")
   p.add_argument("--registry", type=Path, default=REGISTRY, help=f"the registry module (default {REGISTRY})")
   p.add_argument("--readme", type=Path, metavar="REPORT_JSON", help="print the markdown results table of a report")
   p.add_argument("--dry_run", action="store_true", help="print each run's command (and skip reasons); run nothing")
@@ -512,7 +523,9 @@ def main(argv: list[str]) -> int:
     raise BadInput("--workdir is required (where the runs and the report go)")
   selected = entries if "all" in args.names else [by_name[n] for n in dict.fromkeys(args.names)]
   for r in selected:
-    check_entry(r, args.registry, overrides)
+    missing = missing_field(load_config(r.config), overrides)
+    if missing:
+      raise BadInput(f"--override={missing}: {r.config} (reproduction {r.name!r}) has no such config field")
   workdir = Path(args.workdir).expanduser().resolve()
   backend_cache = []
   def backend():

@@ -99,8 +99,9 @@ def test_report_card_fail_skipped_error_merged_with_earlier_results(card, reprod
           if line.startswith("| ") and not line.startswith("| reproduction")}
   assert "| FAIL: missed coefficients weights.0.0 |" in rows["out_of_reach"]
   assert "SKIPPED: no GPU (jax's backend here is cpu)" in rows["needs_gpu"]
-  assert "SKIPPED: no network: nowhere/data.bin is not in" in rows["needs_network"]
-  assert "host.invalid did not answer" in rows["needs_network"]
+  assert "SKIPPED: no network (host.invalid unreachable, nowhere/data.bin not in the data dir)" in rows["needs_network"]
+  assert "- no network (host.invalid unreachable, nowhere/data.bin not in the data dir); put nowhere/data.bin in " \
+      in (workdir / "report.md").read_text()
   assert "ERROR: seed 0: exit 2: error: config.optimizer.learning_rate" in rows["broken_run"]
   assert not (workdir / "needs_gpu").exists() and not (workdir / "needs_network").exists()
 
