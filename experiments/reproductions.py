@@ -55,7 +55,7 @@ REPRODUCTIONS = [
         seeds=(0, 1, 2), note="~5 min per seed"),
     Reproduction(
         "shakespeare_lstm_cpu", "configs/shakespeare_lstm.py:cpu", (Target("best", "loss", "<= 1.88"),),
-        f"no published LSTM number: the GPT's at the same :cpu budget ({NANOGPT}: ~1.88), the comparison's point",
+        f"no published LSTM number: the comparison is with the GPT at the same :cpu budget, ~1.88 in the {NANOGPT}",
         needs=("cpu", "network"), download=TINY_SHAKESPEARE, seeds=(0, 1, 2), note="~5.5 min per seed"),
     Reproduction(
         "shakespeare_char_gpt", "configs/shakespeare_char_gpt.py", (Target("best", "loss", "~ 1.4697 ± 0.03"),),
