@@ -33,7 +33,7 @@ class RunRecords:
       hint = f"; it holds runs: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}" if inside else ""
       raise UserError(f"RUN: {path} is not a run directory (no config.json); pass the --workdir of a "
                       f"bigmodel_jax.main run{hint}")
-    self.config = config_lib._flatten(config)
+    self.config = config_lib.flatten(config)
     final = path / "final_metrics.json"
     try:
       self.final = json.loads(final.read_text()) if final.exists() else None
@@ -56,11 +56,6 @@ def label(i: int) -> str:
   return chr(ord("A") + i) if i < 26 else f"R{i + 1}"
 
 
-def is_runtime(key: str) -> bool:
-  """A field that changes how a run is operated, not what it computes (config.RUNTIME_FIELDS)."""
-  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in config_lib.RUNTIME_FIELDS)
-
-
 def show(value) -> str:
   if isinstance(value, float):
     return f"{value:.6g}"
@@ -81,9 +76,9 @@ def config_section(runs: list[RunRecords]) -> list[str]:
   if not differ:
     return ["config: identical"]
   lines = [f"config: {len(differ)} {'fields differ' if len(differ) > 1 else 'field differs'}"
-           + (" (runtime: may change on resume, not what the run computes)" if any(map(is_runtime, differ)) else "")]
-  differ.sort(key=is_runtime)  # what changes the numbers first
-  name = lambda k: k + (" (runtime)" if is_runtime(k) else "")
+           + (" (runtime: may change on resume, not what the run computes)" if any(map(config_lib.is_runtime_field, differ)) else "")]
+  differ.sort(key=config_lib.is_runtime_field)  # what changes the numbers first
+  name = lambda k: k + (" (runtime)" if config_lib.is_runtime_field(k) else "")
   if len(runs) == 2:
     a, b = runs
     return lines + [f"  {name(k)}: {show(a.config.get(k, '<absent>'))} -> {show(b.config.get(k, '<absent>'))}"

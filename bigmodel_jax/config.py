@@ -222,6 +222,9 @@ def validate(config, training: bool = True) -> None:
   DTYPES.get(t.dtype)
   from bigmodel_jax.layout import LAYOUTS
   LAYOUTS.get(config.parallel.strategy)
+  if training:  # trackers start with training only; eval/predict of a run logged to MLflow need no mlflow
+    from bigmodel_jax import trackers
+    trackers.check(config)
   check_evals(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
@@ -288,11 +291,17 @@ def with_defaults(saved: dict) -> dict:
   return merge(base, saved)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def is_runtime_field(key: str) -> bool:
+  """A dotted field that changes how a run is operated, not what it computes (RUNTIME_FIELDS)."""
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1} (tuples as lists, as JSON has them)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
@@ -300,10 +309,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside)."""
-  a, b = _flatten(saved), _flatten(current)
+  a, b = flatten(saved), flatten(current)
   diffs = []
   for key in sorted(set(a) | set(b)):
-    if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS):
+    if is_runtime_field(key):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

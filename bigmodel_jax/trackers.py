@@ -93,8 +93,8 @@ def plain_config(config) -> dict:
 
 def flat_config(config) -> dict[str, str]:
   """{'optimizer.learning_rate': '0.001', ...}: the config as dotted keys with string values."""
-  from bigmodel_jax.config import _flatten
-  return {k: v if isinstance(v, str) else json.dumps(v) for k, v in _flatten(plain_config(config)).items()}
+  from bigmodel_jax.config import flatten
+  return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(plain_config(config)).items()}
 
 
 def brief(e: BaseException) -> str:
