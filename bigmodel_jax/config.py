@@ -4,6 +4,7 @@ Config files under configs/ start from `base_config()` and override what their e
 every field exists (and can be overridden from the command line) in every experiment.
 """
 
+import difflib
 import inspect
 import math
 from typing import Any, Callable
@@ -125,7 +126,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
-    ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1) (0: no validation split)"),
+    ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
     ("train.early_stopping.patience", lambda v: v >= 0, "must be >= 0 (evaluations without improvement; 0: off)"),
     ("train.early_stopping.min_delta", lambda v: v >= 0, "must be >= 0"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),
@@ -160,6 +161,19 @@ def get_field(config, path: str):
   return value
 
 
+def check_unknown_fields(config) -> None:
+  """A field base_config() does not have (a typo in a config file, or a field that moved) is an error, not ignored."""
+  known = flatten(base_config().to_dict())
+  for key in flatten(config.to_dict()):
+    if key.split(".")[0] in ("model", "evals", "optimizers") or key.startswith("parallel.rules."):
+      continue  # their entries vary (checked where they are read)
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      hint = (f"it moved to {MOVED_FIELDS[key]}" if key in MOVED_FIELDS else
+              f"did you mean {close[0]!r}?" if close else "base_config() has no such field")
+      raise UserError(f"config.{key}: not a config field ({hint})")
+
+
 def check_structure(config, reference=None, prefix: str = "") -> None:
   """Every section and field of base_config() must exist (config.model's fields depend on the model)."""
   reference = base_config() if reference is None else reference
@@ -190,6 +204,8 @@ def validate(config, training: bool = True) -> None:
   """Raises UserError naming the first field that is wrong and what would be right (`training`: also what
   only training needs, e.g. a batch that splits over this machine's devices)."""
   check_structure(config)
+  if training:  # a saved config.json of an older version may hold fields since removed; it still evaluates
+    check_unknown_fields(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
   from bigmodel_jax import optim
@@ -237,6 +253,8 @@ def check_evals(config) -> None:
   fields = set(EVALUATOR)
   for name in config.evals:
     e = config.evals[name]
+    _check(name not in RESERVED_EVAL_NAMES, f"evals.{name}",
+           f"{name!r} names a field of final_metrics.json's 'best'; call the evaluator something else")
     _check(isinstance(e, ml_collections.ConfigDict) and set(e) == fields, f"evals.{name}",
            f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got {e!r}")
     _check(e.split in EVAL_SPLITS, f"evals.{name}.split", f"must be one of {', '.join(EVAL_SPLITS)}, got {e.split!r}")
@@ -256,6 +274,9 @@ def check_evals(config) -> None:
 
 
 EVALUATOR = ("split", "every")  # the fields of one config.evals entry
+RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own fields (its evaluators sit beside)
+# Fields that are gone, and where their meaning went: a config file still setting one is told so.
+MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 
 
 def legacy_fields(saved: dict) -> dict:

@@ -107,6 +107,13 @@ BAD_INPUTS = [
                  id="evaluator-split"),
     pytest.param([SMOKE, "--config.evals.test.every=-5"], ["config.evals.test.every", "-1 (each epoch)"],
                  id="evaluator-every"),
+    pytest.param([SMOKE, "--config.train.eval_every=5"],
+                 ["--config.train.eval_every", "no such config field", "config.evals.<name>.every"], id="moved-field"),
+    pytest.param([SMOKE, "--config.evals.extra.split=test"],
+                 ["--config.evals.extra.split", "no such config field", "added in a config file"], id="new-evaluator"),
+    pytest.param([SMOKE, "--config.data.validation_fraction=0.99"],
+                 ["config.data.batch_size", "14 training examples", "data.validation_fraction=0.99"],
+                 id="validation-leaves-too-little"),
     pytest.param([SMOKE, "--config.train.best_eval=", "--config.train.early_stopping.patience=2"],
                  ["config.train.early_stopping.patience", "train.best_eval"], id="early-stopping-without-selection"),
     # A stray config.model field cannot be given on the command line (the config is locked: it is reported as
