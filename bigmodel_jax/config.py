@@ -4,6 +4,7 @@ Config files under configs/ start from `base_config()` and override what their e
 every field exists (and can be overridden from the command line) in every experiment.
 """
 
+import difflib
 import inspect
 import math
 from typing import Any, Callable
@@ -18,7 +19,8 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
-                  "evals.",  # when and where the run is evaluated, not what it trains "predict.", "sample.",
+                  "predict.", "sample.",
+                  "evals.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
@@ -124,7 +126,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
-    ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1) (0: no validation split)"),
+    ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
     ("train.early_stopping.patience", lambda v: v >= 0, "must be >= 0 (evaluations without improvement; 0: off)"),
     ("train.early_stopping.min_delta", lambda v: v >= 0, "must be >= 0"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),
@@ -159,6 +161,19 @@ def get_field(config, path: str):
   return value
 
 
+def check_unknown_fields(config) -> None:
+  """A field base_config() does not have (a typo in a config file, or a field that moved) is an error, not ignored."""
+  known = flatten(base_config().to_dict())
+  for key in flatten(config.to_dict()):
+    if key.split(".")[0] in ("model", "evals", "optimizers") or key.startswith("parallel.rules."):
+      continue  # their entries vary (checked where they are read)
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      hint = (f"it moved to {MOVED_FIELDS[key]}" if key in MOVED_FIELDS else
+              f"did you mean {close[0]!r}?" if close else "base_config() has no such field")
+      raise UserError(f"config.{key}: not a config field ({hint})")
+
+
 def check_structure(config, reference=None, prefix: str = "") -> None:
   """Every section and field of base_config() must exist (config.model's fields depend on the model)."""
   reference = base_config() if reference is None else reference
@@ -189,6 +204,8 @@ def validate(config, training: bool = True) -> None:
   """Raises UserError naming the first field that is wrong and what would be right (`training`: also what
   only training needs, e.g. a batch that splits over this machine's devices)."""
   check_structure(config)
+  if training:  # a saved config.json of an older version may hold fields since removed; it still evaluates
+    check_unknown_fields(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
   from bigmodel_jax import optim
@@ -221,6 +238,9 @@ def validate(config, training: bool = True) -> None:
   DTYPES.get(t.dtype)
   from bigmodel_jax.layout import LAYOUTS
   LAYOUTS.get(config.parallel.strategy)
+  if training:  # trackers start with training only; eval/predict of a run logged to MLflow need no mlflow
+    from bigmodel_jax import trackers
+    trackers.check(config)
   check_evals(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
@@ -233,6 +253,8 @@ def check_evals(config) -> None:
   fields = set(EVALUATOR)
   for name in config.evals:
     e = config.evals[name]
+    _check(name not in RESERVED_EVAL_NAMES, f"evals.{name}",
+           f"{name!r} names a field of final_metrics.json's 'best'; call the evaluator something else")
     _check(isinstance(e, ml_collections.ConfigDict) and set(e) == fields, f"evals.{name}",
            f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got {e!r}")
     _check(e.split in EVAL_SPLITS, f"evals.{name}.split", f"must be one of {', '.join(EVAL_SPLITS)}, got {e.split!r}")
@@ -252,6 +274,9 @@ def check_evals(config) -> None:
 
 
 EVALUATOR = ("split", "every")  # the fields of one config.evals entry
+RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own fields (its evaluators sit beside)
+# Fields that are gone, and where their meaning went: a config file still setting one is told so.
+MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 
 
 def legacy_fields(saved: dict) -> dict:
@@ -287,11 +312,17 @@ def with_defaults(saved: dict) -> dict:
   return merge(base, saved)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def is_runtime_field(key: str) -> bool:
+  """A dotted field that changes how a run is operated, not what it computes (RUNTIME_FIELDS)."""
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1} (tuples as lists, as JSON has them)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
@@ -299,10 +330,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside)."""
-  a, b = _flatten(saved), _flatten(current)
+  a, b = flatten(saved), flatten(current)
   diffs = []
   for key in sorted(set(a) | set(b)):
-    if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS):
+    if is_runtime_field(key):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -41,6 +41,9 @@ def evaluators(config, dataset) -> list[Evaluator]:
       logging.warning("dataset %s has no %s split: evaluator %r skipped", dataset.name, e.split, name)
       continue
     out.append(Evaluator(name, e.split, e.every))
+  if not out:
+    raise UserError(f"config.evals: no evaluator reads a split {dataset.name} has ({', '.join(dataset.eval_splits)}); "
+                    "add one, e.g. c.evals.validation = dict(split='validation', every=-1)")
   return out
 
 
@@ -64,7 +67,7 @@ class Selection:
     if not t.best_eval:
       return None
     selection = cls(t.best_eval, t.best_metric, t.best_mode, t.early_stopping.patience, t.early_stopping.min_delta)
-    if saved and saved.get("eval") == selection.eval and saved.get("metric") == selection.metric:
+    if saved and all(saved.get(k) == getattr(selection, k) for k in ("eval", "metric", "mode")):
       selection.best_value, selection.best_step, selection.stale = saved["best_value"], saved["best_step"], saved["stale"]
     return selection
 

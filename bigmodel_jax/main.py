@@ -85,6 +85,16 @@ def config_error(e: Exception, argv: list[str]) -> str:
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
                  re.search(rf"\.{field}(\.|=|$)", a.split("=")[0])), f"--config...{field}")
     return f"{flag}: no such config field (did you mean {close!r}?)"
+  missing = re.fullmatch(r"""['"]*(\w+)['"]*""", text.strip())
+  if isinstance(e, (AttributeError, KeyError)) and missing:  # an override of a field the config does not have
+    field = missing.group(1)
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+                 re.search(rf"\.{field}(\.|=|$)", a.split("=")[0])), None)
+    if flag is not None:
+      from bigmodel_jax.config import MOVED_FIELDS
+      moved = MOVED_FIELDS.get(flag.removeprefix("--config."))
+      return (f"{flag}: no such config field" + (f" (it moved to {moved})" if moved else "") +
+              "; new entries of config.evals and config.optimizers are added in a config file")
   if isinstance(e, SyntaxError):
     return f"--config: {path}, line {e.lineno}: syntax error ({e.msg})"
   if isinstance(e, OSError) and "Failed loading config file" in text:

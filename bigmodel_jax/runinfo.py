@@ -62,10 +62,12 @@ def write_text_atomic(path: Path, text: str) -> None:
   write_bytes_atomic(path, text.encode())
 
 
-def write_run_records(workdir: Path, config) -> None:
-  """config.json (the resolved config) and one provenance line per launch in run_info.jsonl."""
+def write_run_records(workdir: Path, config, write_config: bool = True) -> None:
+  """config.json (the resolved config; `write_config` False keeps the one there) and one provenance line per
+  launch in run_info.jsonl."""
   workdir.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  if write_config:
+    write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   with open(workdir / "run_info.jsonl", "a") as f:
     f.write(json.dumps(provenance()) + "\n")
 

@@ -50,6 +50,7 @@ class Run:
   evaluators: list = dataclasses.field(default_factory=list)  # evaluate.Evaluator for each config.evals entry
   lock: object = None  # the open workdir lock file while training
   save_tokenizer: bool = False  # a new tokenizer, to be written into the workdir when training starts
+  legacy: bool = False  # a run from before validation splits: its config.json stays as that version wrote it
 
   def restore(self, step: int):
     """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
@@ -85,18 +86,19 @@ def saved_config(workdir: Path) -> dict | None:
                     "or move the workdir away") from None
 
 
-def adopt_legacy_config(workdir: Path, config) -> None:
+def adopt_legacy_config(workdir: Path, config) -> bool:
   """A run from before validation splits (its config.json has no `evals`) goes on as it was: trained on the whole
-  training split, evaluated on test, selecting nothing (there is no validation split to select on)."""
+  training split, evaluated on the split it called test, selecting nothing (there is no validation split to select
+  on). Its config.json is kept as it was, so every relaunch is adopted alike. -> whether it is such a run."""
   path = workdir / "config.json"
   if not path.exists() or not has_checkpoints(workdir):
-    return
+    return False
   try:
     raw = json.loads(path.read_text())
   except json.JSONDecodeError:
-    return  # saved_config says what is wrong with it
+    return False  # saved_config says what is wrong with it
   if "evals" in raw:
-    return
+    return False
   legacy = config_lib.legacy_fields(raw)
   config.data.validation_fraction = legacy["data"]["validation_fraction"]
   config.train.best_eval = legacy["train"]["best_eval"]
@@ -104,6 +106,7 @@ def adopt_legacy_config(workdir: Path, config) -> None:
   config.evals = legacy["evals"]
   logging.warning("%s predates validation splits: it continues on the whole training split, evaluating test only "
                   "and selecting no best checkpoint", workdir)
+  return True
 
 
 def check_workdir(workdir: Path, config) -> None:
@@ -142,7 +145,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   """Everything a run needs from its config. `for_training` also takes the workdir's training lock; without
   `need_data` (sampling) a language model's text is not loaded, only its tokenizer."""
   workdir = Path(workdir).absolute()
-  adopt_legacy_config(workdir, config)
+  legacy = adopt_legacy_config(workdir, config)
   check_workdir(workdir, config)
   # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
   # (saved when training starts, so a run that fails on bad input leaves nothing behind).
@@ -153,11 +156,17 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
     dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
                            create_tokenizer=new_tokenizer)
   task = get_task(config, dataset)
+  if legacy and "test" not in dataset.eval_splits:  # what that version called test (tiny_shakespeare's last 10%)
+    config.evals.test.split = "validation"
   evaluators = evaluate.evaluators(config, dataset)
   steps_per_epoch = pipeline.steps_per_epoch(dataset, config.data)
   if steps_per_epoch == 0:
+    held_out = (f" (the rest of its training split is validation: data.validation_fraction="
+                f"{config.data.validation_fraction})" if dataset.validation is not None and config.data.validation_fraction
+                else "")
     raise UserError(f"config.data.batch_size: {config.data.batch_size} is larger than the "
-                    f"{dataset.num_examples('train')} training examples of {dataset.name!r} with drop_remainder")
+                    f"{dataset.num_examples('train')} training examples of {dataset.name!r}{held_out} with "
+                    "drop_remainder")
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps, check_train_step=for_training)
@@ -177,7 +186,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   task.setup()  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief, config),
-             total_steps, steps_per_epoch, evaluators, lock, new_tokenizer and dataset.tokenizer is not None)
+             total_steps, steps_per_epoch, evaluators, lock, new_tokenizer and dataset.tokenizer is not None, legacy)
 
 
 def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_train_step: bool = True) -> Steps:
@@ -294,7 +303,7 @@ def _train(run: Run) -> dict:
   layout = run.steps.layout
   state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
-    runinfo.write_run_records(run.workdir, config)
+    runinfo.write_run_records(run.workdir, config, write_config=not run.legacy)
     if run.save_tokenizer:
       run.dataset.tokenizer.save(run.workdir / "tokenizer")
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint

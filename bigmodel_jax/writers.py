@@ -1,4 +1,5 @@
-"""Run records: metrics.jsonl, TensorBoard event files, a progress bar (or log lines off a TTY)."""
+"""Run records: metrics.jsonl and the experiment trackers (TensorBoard, MLflow, W&B: trackers.py), a progress bar
+(or log lines off a TTY)."""
 
 import json
 import sys
@@ -9,7 +10,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from bigmodel_jax import runinfo
+from bigmodel_jax import errors, runinfo, trackers
+from bigmodel_jax.errors import UserError
 
 
 def _scalar(v):
@@ -26,21 +28,46 @@ def _step_of(line: str) -> float:
 
 
 class MetricsWriter:
-  """Appends {'step', 'split', **metrics} lines to metrics.jsonl and scalars to TensorBoard.
+  """Appends {'step', 'split', 'time', **metrics} lines to metrics.jsonl and sends them to the trackers of
+  config.train.trackers (TensorBoard by default; see trackers.py).
 
-  Only the chief process (process 0) writes; other processes get a writer that does nothing.
+  Only the chief process (process 0) writes; other processes get a writer that does nothing. Trackers that keep a
+  run of their own (MLflow, W&B) start when training does (`drop_after`), so --mode=eval/predict leaves them be. A
+  tracker that fails later logs one warning and is off for the rest of the launch: training goes on.
   """
 
   def __init__(self, workdir: Path, enabled: bool = True, config=None):
     self.enabled = enabled
     if not enabled:
       return
-    from tensorboardX import SummaryWriter
-    self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-    self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    self.workdir = Path(workdir)
+    self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+    self._pending = {name: trackers.TRACKERS.get(name)(config, self.workdir)
+                     for name in (trackers.names(config) if config is not None else ["tensorboard"])}
+    self._active: dict[str, trackers.Tracker] = {}
+    self._state: dict[str, dict] = {}  # per resuming tracker: its run, and the last step sent per metric prefix
+    self._finished = False
+    for name, tracker in list(self._pending.items()):
+      if not tracker.resumes:
+        self._start(name, tracker, {})
+
+  def _start(self, name: str, tracker, previous: dict) -> None:
+    tracker.check_installed(name)
+    try:
+      state, continued = tracker.start(previous)
+    except UserError:
+      raise
+    except Exception as e:
+      raise UserError(f"config.train.trackers: {name} could not start {errors.where(e)}") from e
+    del self._pending[name]
+    self._active[name] = tracker
+    if tracker.resumes:
+      self._state[name] = {**state, "last_steps": previous.get("last_steps", {}) if continued else {}}
 
   def drop_after(self, step: int) -> None:
-    """Removes records past `step` (a resumed run redoes those steps), so the file reads as one run."""
+    """Training (re)starts after `step`: records past it are removed (a resumed run redoes those steps), so the
+    file reads as one run; then the trackers that keep a run of their own start, or continue theirs, and are sent
+    the records they lack."""
     if not self.enabled:
       return
     self._jsonl.close()
@@ -48,6 +75,11 @@ class MetricsWriter:
     runinfo.write_text_atomic(path, "".join(line for line in path.read_text().splitlines(keepends=True)
                                             if _step_of(line) <= step))
     self._jsonl = open(path, "a")
+    previous = trackers.read_state(self.workdir)
+    for name, tracker in list(self._pending.items()):
+      self._start(name, tracker, previous.get(name, {}))
+    if self._state:
+      self._send([json.loads(line) for line in path.read_text().splitlines()], replay=True)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
@@ -56,18 +88,61 @@ class MetricsWriter:
     record.update({k: _scalar(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    for k, v in record.items():
-      if k not in ("step", "split", "time") and isinstance(v, (int, float)):
-        self._tb.add_scalar(f"{split}/{k}", v, step)
-    self._tb.flush()
+    self._send([record])
+
+  def _send(self, records: list[dict], replay: bool = False) -> None:
+    """To each active tracker, the records it lacks: a resuming tracker skips what an earlier launch sent it (a
+    resumed run redoes steps), and only resuming trackers get a `replay` of metrics.jsonl."""
+    for name, tracker in list(self._active.items()):
+      if tracker.resumes:
+        last = self._state[name]["last_steps"]
+        new = [r for r in records if r["step"] > last.get(trackers.metric_key(r), -1)]
+      else:
+        new = [] if replay else records
+      if new and self._call(name, tracker.write, new) and tracker.resumes:
+        last.update({trackers.metric_key(r): r["step"] for r in new})
+    self._save_state()
+
+  def _save_state(self) -> None:
+    if self._state:
+      runinfo.write_text_atomic(self.workdir / trackers.STATE_FILE, json.dumps(self._state, indent=2) + "\n")
+
+  def _call(self, name: str, method, *args) -> bool:
+    try:
+      method(*args)
+      return True
+    except Exception as e:
+      logging.warning("tracker %s failed %s; it is off for the rest of this launch (metrics.jsonl and the other "
+                      "trackers go on, and a relaunch sends it what it missed)", name, errors.where(e))
+      del self._active[name]
+      return False
 
   def finish(self, final_metrics: dict) -> None:
     """The run's final metrics (final_metrics.json), once training and the final evaluations are done."""
+    if not self.enabled:
+      return
+    self._finished = True
+    for name, tracker in list(self._active.items()):
+      last = self._state[name]["last_steps"] if tracker.resumes else {}
+      # a relaunched finished run evaluates again: a tracker that has these final metrics is not sent them twice
+      if final_metrics["step"] > last.get("final", -1) and self._call(name, tracker.finish, final_metrics):
+        last["final"] = final_metrics["step"]
+    self._save_state()
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    status = "finished" if self._finished else _stop_reason(sys.exc_info()[1])
+    for name, tracker in list(self._active.items()):
+      self._call(name, tracker.close, status)
+    self._active.clear()
+
+
+def _stop_reason(exc: BaseException | None) -> str:
+  """How a run that did not finish ended: killed (SIGTERM/Ctrl-C, resumable as it is) or failed."""
+  from bigmodel_jax.train import Preempted
+  return "killed" if exc is None or isinstance(exc, (Preempted, KeyboardInterrupt)) else "failed"
 
 
 class Progress:

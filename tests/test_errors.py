@@ -45,14 +45,14 @@ def step_dirs(workdir: Path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def trained(cache_dir, tmp_path_factory) -> Path:
-  """One digits_mlp:smoke run (2 epochs, 88 steps), shared; tests copy it before changing anything."""
+  """One digits_mlp:smoke run (2 epochs, 80 steps), shared; tests copy it before changing anything."""
   base = tmp_path_factory.mktemp("trained")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
          "BIGMODEL_JAX_DATA_DIR": str(base / "data"), "PYTHONUNBUFFERED": "1"}
   proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", SMOKE, f"--workdir={base / 'work'}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(proc.stdout)["step"] == 88
+  assert json.loads(proc.stdout)["step"] == 80
   return base / "work"
 
 
@@ -107,6 +107,13 @@ BAD_INPUTS = [
                  id="evaluator-split"),
     pytest.param([SMOKE, "--config.evals.test.every=-5"], ["config.evals.test.every", "-1 (each epoch)"],
                  id="evaluator-every"),
+    pytest.param([SMOKE, "--config.train.eval_every=5"],
+                 ["--config.train.eval_every", "no such config field", "config.evals.<name>.every"], id="moved-field"),
+    pytest.param([SMOKE, "--config.evals.extra.split=test"],
+                 ["--config.evals.extra.split", "no such config field", "added in a config file"], id="new-evaluator"),
+    pytest.param([SMOKE, "--config.data.validation_fraction=0.99"],
+                 ["config.data.batch_size", "14 training examples", "data.validation_fraction=0.99"],
+                 id="validation-leaves-too-little"),
     pytest.param([SMOKE, "--config.train.best_eval=", "--config.train.early_stopping.patience=2"],
                  ["config.train.early_stopping.patience", "train.best_eval"], id="early-stopping-without-selection"),
     # A stray config.model field cannot be given on the command line (the config is locked: it is reported as
@@ -143,7 +150,7 @@ def test_incompatible_workdir_is_refused_and_untouched(cli, trained, tmp_path):
   workdir = Path(shutil.copytree(trained, tmp_path / "work"))
   steps, files = step_dirs(workdir), checkpoint_files(workdir)
   saved_config = (workdir / "config.json").read_bytes()
-  assert steps == {44, 88} and files
+  assert steps == {40, 80} and files
 
   proc = cli(SMOKE, "--config.optimizer.learning_rate=0.01", "--config.train.log_every=7", f"--workdir={workdir}")
   line = assert_one_error(proc, "optimizer.learning_rate", "0.001 -> 0.01", "allow_config_change", str(workdir))
@@ -155,7 +162,7 @@ def test_incompatible_workdir_is_refused_and_untouched(cli, trained, tmp_path):
   proc = cli(SMOKE, "--config.optimizer.learning_rate=0.01", "--config.train.allow_config_change=true",
              f"--workdir={workdir}")
   assert proc.returncode == 0, error_lines(proc.stderr)
-  assert json.loads(proc.stdout)["step"] == 88  # resumed the finished run instead of starting over
+  assert json.loads(proc.stdout)["step"] == 80  # resumed the finished run instead of starting over
   assert step_dirs(workdir) == steps
 
 
@@ -201,7 +208,7 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
 
   proc = cli(SMOKE, f"--workdir={workdir}")
   assert_one_error(proc, str(workdir / "checkpoints" / str(latest)), "cannot be read")
-  assert step_dirs(workdir) == {44, latest}  # nothing deleted, not even the corrupt step
+  assert step_dirs(workdir) == {40, latest}  # nothing deleted, not even the corrupt step
   for path, blob in corrupted.items():
     assert path.read_bytes() == blob
 
@@ -239,4 +246,4 @@ def test_model_change_with_allow_config_change_leaves_the_run_intact(cli, traine
   assert (workdir / "config.json").read_bytes() == saved_config
   assert checkpoint_files(workdir) == files
   again = cli(SMOKE, f"--workdir={workdir}")  # the original command still continues the run
-  assert again.returncode == 0 and json.loads(again.stdout)["step"] == 88
+  assert again.returncode == 0 and json.loads(again.stdout)["step"] == 80

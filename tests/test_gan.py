@@ -32,7 +32,7 @@ def reference(cli, tmp_path_factory):
 
 def test_quality_improves_over_training(reference):
   workdir, final = reference
-  evals = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"test"' in l]
+  evals = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"validation"' in l]
   assert len(evals) == 4  # one per epoch
   first, last = evals[0], evals[-1]
   assert last["classifier_score"] > first["classifier_score"] + 0.5
@@ -40,7 +40,9 @@ def test_quality_improves_over_training(reference):
   assert 1.0 <= last["classifier_score"] <= 10.0
   assert last["real_classifier_score"] > 8.0  # the digits classifier is sure of real digits
   assert last["real_frechet_distance"] < last["frechet_distance"]  # the floor, on the same footing
-  assert sum(final["class_fractions"]) == pytest.approx(1.0, abs=1e-3) and len(final["class_fractions"]) == 10
+  fractions = final["test"]["class_fractions"]
+  assert sum(fractions) == pytest.approx(1.0, abs=1e-3) and len(fractions) == 10
+  assert final["best"]["metric"] == "classifier_score" and final["best"]["eval"] == "validation"
   trains = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
   assert {"d_loss", "g_loss", "generator/grad_norm", "discriminator/learning_rate"} <= set(trains[-1])
 
@@ -76,7 +78,7 @@ def test_sigkill_then_relaunch_is_bit_identical(cli, tmp_path, reference):
   assert "resumed from checkpoint at step" in resumed.stderr
   again = json.loads((tmp_path / "final_metrics.json").read_text())
   assert again["params_sha256"] == final["params_sha256"]
-  assert again["classifier_score"] == final["classifier_score"]
+  assert again["test"]["classifier_score"] == final["test"]["classifier_score"]
 
 
 @pytest.mark.parametrize("layout", [dict(data=8), dict(fsdp=8), dict(strategy="pmap")])

@@ -126,3 +126,15 @@ def test_a_workdir_from_before_validation_splits_resumes_as_it_was(tmp_path):
   resumed = train.train_and_evaluate(digits_config(num_epochs=3), old)  # today's config file, unchanged
   assert resumed["params_sha256"] == whole["params_sha256"] and resumed["step"] == 3 * (1438 // 32)
   assert "validation" not in resumed and "best" not in resumed and resumed["test"] == whole["test"]
+  assert json.loads((old / "config.json").read_text()) == saved  # kept as that version wrote it ...
+  again = train.train_and_evaluate(digits_config(num_epochs=3), old)  # ... so the same command works again
+  assert again["test"] == whole["test"]
+
+
+def test_a_config_file_setting_a_moved_field_is_refused(tmp_path):
+  from bigmodel_jax import config as config_lib
+  from bigmodel_jax.errors import UserError
+  config = load_config("digits_mlp")
+  config.train.eval_every = 5  # a config file written before evaluators
+  with pytest.raises(UserError, match=r"config.train.eval_every: not a config field \(it moved to config.evals"):
+    config_lib.validate(config)

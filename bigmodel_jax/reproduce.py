@@ -1,0 +1,564 @@
+"""Reproductions of published results, run as ordinary training runs and judged in a report card.
+
+    python -m bigmodel_jax.reproduce --list
+    python -m bigmodel_jax.reproduce linear_regression digits_mlp --workdir=runs/reproduce
+    python -m bigmodel_jax.reproduce all --workdir=runs/reproduce --override=data.path=/data/input.txt
+    python -m bigmodel_jax.reproduce --readme runs/reproduce/report.json     # the README's results table
+
+Each reproduction is declared once, in experiments/reproductions.py: a config (and variant), overrides, the
+metrics of final_metrics.json it is judged on with the published target and its source, what it needs (cpu,
+gpu, network) and its seeds. Each seed is one `python -m bigmodel_jax.main` process in WORKDIR/<name>/seed_<k>,
+so relaunching resumes unfinished runs and skips finished ones. WORKDIR/report.json and report.md hold the
+card: target against the mean over seeds (± std, n, each seed's value) and PASS, FAIL (target missed),
+SKIPPED (no GPU, or data to fetch with its host unreachable) or ERROR (a run failed: its error line), merged
+with the earlier results of other reproductions in that workdir (a skip keeps an earlier result).
+Exit status: 0 when every reproduction run passed or was skipped, 1 when one failed or errored, 2 bad input;
+after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command resumes it) and the tool exits 130/143.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import bigmodel_jax
+
+ROOT = Path(bigmodel_jax.__file__).resolve().parents[1]  # a source checkout: experiments/ is not installed
+REGISTRY = ROOT / "experiments" / "reproductions.py"
+NEEDS = ("cpu", "gpu", "network")
+ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
+NETWORK_TIMEOUT_S = 3.0
+BOUND = re.compile(r"^\s*(>=|<=|>|<|~)\s*([-+0-9.eE]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.eE]+))?\s*$")
+NAME = re.compile(r"^[a-z0-9_]+$")  # a directory name under the workdir
+
+
+class BadInput(Exception):
+  """A bad registry, flag or name: printed as one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A number a reproduction must reach: `metric` of final_metrics.json's `split` section, within `bound`.
+
+  split: validation | test | best (the selected checkpoint's value of the selection metric, on validation) or
+  any other section (a dotted path, e.g. "coefficients"); metric: a dotted path in it ("weights.0.0").
+  bound: ">= 0.99", "<= 1.5", "> 0.696", "~ 1.88 ± 0.05" (also "+-").
+  """
+  split: str
+  metric: str
+  bound: str
+
+  def check(self, value: float) -> bool:
+    op, ref, tol = parse_bound(self.bound)
+    return {">=": value >= ref, "<=": value <= ref, ">": value > ref, "<": value < ref,
+            "~": abs(value - ref) <= tol}[op]
+
+  @property
+  def label(self) -> str:
+    return f"{self.split} {self.metric}" if self.split != "best" else f"best validation {self.metric}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+  """A dataset a run fetches: no network is needed when every file is under the data dir, else a host of `urls`."""
+  files: tuple[str, ...]  # relative to the data dir (config.data.data_dir, $BIGMODEL_JAX_DATA_DIR, ~/.cache/...)
+  urls: tuple[str, ...]
+  hint: str = ""  # another way to the data, for the skip message
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduction:
+  name: str
+  config: str  # configs/<file>.py[:variant], relative to the repo root
+  targets: tuple[Target, ...]
+  source: str  # where the target comes from: paper, README, URL
+  needs: tuple[str, ...] = ("cpu",)  # cpu | gpu (too slow on a CPU) | network (with `download`)
+  seeds: tuple[int, ...] = (0,)  # >= 3 where a run is short: the mean is judged
+  overrides: dict = dataclasses.field(default_factory=dict)  # config field -> value, for every seed
+  download: Download | None = None
+  note: str = ""  # cost, caveats
+
+
+def parse_bound(bound: str) -> tuple[str, float, float]:
+  match = BOUND.match(bound)
+  if not match or (match[1] == "~") != (match[3] is not None):
+    raise ValueError(f"bad bound {bound!r}; write '>= 0.99', '<= 1.5', '> 0.7' or '~ 1.88 ± 0.05'")
+  return match[1], float(match[2]), float(match[3] or 0)
+
+
+def flag_value(value) -> str:
+  """A config value as main's --config.a.b=VALUE text."""
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# --- the registry -------------------------------------------------------------------------------------------
+
+
+def load_registry(path: Path) -> list[Reproduction]:
+  """experiments/reproductions.py's REPRODUCTIONS, each checked (config, variant, overrides, metrics, bounds)."""
+  if not path.is_file():
+    raise BadInput(f"no reproduction registry at {path}; experiments/ is not installed with the package: run from a "
+                   "source checkout, or pass --registry=PATH")
+  spec = importlib.util.spec_from_file_location("reproductions", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:
+    raise BadInput(f"{path}: {type(e).__name__}: {e}") from None
+  entries = getattr(module, "REPRODUCTIONS", None)
+  if not isinstance(entries, (list, tuple)) or not all(isinstance(r, Reproduction) for r in entries):
+    raise BadInput(f"{path}: needs REPRODUCTIONS, a list of bigmodel_jax.reproduce.Reproduction")
+  seen = set()
+  for r in entries:
+    if r.name in seen:
+      raise BadInput(f"{path}: reproduction {r.name!r} is declared twice")
+    seen.add(r.name)
+    check_entry(r, path)
+  return list(entries)
+
+
+def config_path(spec: str) -> Path:
+  """configs/x.py[:variant] -> the file, relative to the repo root (where the runs start)."""
+  return ROOT / spec.partition(":")[0]
+
+
+def load_config(spec: str):
+  """configs/x.py[:variant] -> its ConfigDict, as main builds it (before overrides)."""
+  path, variant = config_path(spec), spec.partition(":")[2]
+  module_spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def check_entry(r: Reproduction, path: Path) -> None:
+  """Raises BadInput naming the entry and what is wrong."""
+  def bad(message):
+    raise BadInput(f"{path}: reproduction {r.name!r}: {message}")
+  if not NAME.match(r.name):
+    bad("names are lower case letters, digits and '_' (each is a directory under the workdir)")
+  if not r.targets or not all(isinstance(t, Target) for t in r.targets):
+    bad("targets must be a non-empty tuple of Target(split, metric, bound)")
+  for t in r.targets:
+    try:
+      parse_bound(t.bound)
+    except ValueError as e:
+      bad(str(e))
+  if not r.needs or set(r.needs) - set(NEEDS):
+    bad(f"needs {r.needs!r}: each of {', '.join(NEEDS)}")
+  if ("network" in r.needs) != (r.download is not None):
+    bad("needs 'network' exactly when it names a download (the files that make the network unnecessary)")
+  if not r.seeds or len(set(r.seeds)) != len(r.seeds) or not all(isinstance(s, int) and s >= 0 for s in r.seeds):
+    bad(f"seeds {r.seeds!r}: distinct integers >= 0")
+  if not r.source:
+    bad("source is empty; say where the target comes from")
+  if not config_path(r.config).is_file():
+    bad(f"config file {config_path(r.config)} does not exist (config paths are relative to the repo root)")
+  try:
+    config = load_config(r.config)
+  except Exception as e:
+    bad(f"config {r.config!r}: {type(e).__name__}: {e}")
+  missing = missing_field(config, r.overrides)
+  if missing:
+    bad(f"override {missing}: {r.config} has no such config field")
+  from bigmodel_jax.tasks import TASKS
+  metric_names = TASKS.get(config.task.name).metric_names
+  for t in r.targets:
+    if t.split in ("validation", "test", "best") and t.metric not in metric_names:
+      bad(f"metric {t.metric!r} is not a metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
+    best_metric = r.overrides.get("train.best_metric", config.train.best_metric)
+    if t.split == "best" and t.metric != best_metric:
+      bad(f"split 'best' holds the selection metric train.best_metric={best_metric!r}, not {t.metric!r}")
+
+
+def missing_field(config, overrides: dict) -> str:
+  """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
+  from bigmodel_jax.config import get_field
+  for key, value in overrides.items():
+    try:
+      get_field(config, key)
+    except (KeyError, AttributeError):
+      return f"{key}={value}"
+  return ""
+
+
+# --- what a reproduction needs ------------------------------------------------------------------------------
+
+
+def accelerator() -> str:
+  """jax's default backend, asked in a subprocess (so this process holds no device memory the runs need)."""
+  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                        capture_output=True, text=True, timeout=300, env=run_env())
+  return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else "none"
+
+
+def reachable(url: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+  parts = urllib.parse.urlsplit(url)
+  try:
+    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                             timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def skip_reason(r: Reproduction, overrides: dict, backend) -> tuple[str, str]:
+  """Why this machine cannot run `r` ("" if it can), and what would help. backend(): jax's backend, asked once."""
+  if "gpu" in r.needs and backend() not in ACCELERATORS:
+    return f"no GPU (jax's backend here is {backend()})", "run it where jax sees a GPU"
+  if r.download is not None:
+    fields = {**r.overrides, **overrides}
+    if fields.get("data.path"):
+      return "", ""
+    from bigmodel_jax.data import fetch
+    root = fetch.data_dir(str(fields.get("data.data_dir", "")))
+    missing = [f for f in r.download.files if not (root / f).exists()]
+    if missing and not any(reachable(u) for u in r.download.urls):
+      hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname for u in r.download.urls}))
+      return (f"no network ({hosts} unreachable, {missing[0]} not in the data dir)",
+              f"put {', '.join(r.download.files)} in {root} from a machine with network"
+              + (f", or {r.download.hint}" if r.download.hint else ""))
+  return "", ""
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+def run_env() -> dict:
+  """The environment of every run: this checkout's package first on the path, so the runs are this code."""
+  path = os.environ.get("PYTHONPATH", "")
+  return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+
+
+def seed_command(r: Reproduction, seed: int, workdir: Path, overrides: dict) -> list[str]:
+  fields = {**r.overrides, **overrides, "seed": seed}
+  return [sys.executable, "-m", "bigmodel_jax.main", f"--config={r.config}", f"--workdir={workdir}",
+          *(f"--config.{k}={flag_value(v)}" for k, v in fields.items())]
+
+
+def shell(argv: list[str]) -> str:
+  return " ".join(["python", *argv[1:]])
+
+
+def error_line(log: Path, offset: int) -> str:
+  """The run's 'error: ...' line in its log since `offset` (else its last line)."""
+  with open(log, errors="replace") as f:
+    f.seek(offset)
+    lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith("error:")]
+  return (errors or lines or ["(no output)"])[-1][:300]
+
+
+class Interrupted(Exception):
+  """The tool was stopped (Ctrl-C, SIGTERM) while a run was going; the run saved its checkpoint."""
+
+
+def run_seed(argv: list[str], workdir: Path) -> dict:
+  """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
+  "error" when the run failed or was made with other flags."""
+  record_path = workdir / "reproduce.json"
+  record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_s": 0.0, "launches": 0}
+  command, flags = shell(argv), [a for a in argv[3:] if not a.startswith("--workdir=")]
+  if (workdir / "final_metrics.json").is_file():
+    if record.get("flags", flags) != flags:
+      return {**record, "error": f"it was run with {' '.join(record['flags'])}, not {' '.join(flags)}; "
+                                 "use another --workdir for other settings"}
+    return record
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = workdir / "reproduce.log"
+  offset = log.stat().st_size if log.is_file() else 0
+  start = time.time()
+  with open(log, "a") as out:
+    proc = subprocess.Popen(argv, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+      proc.wait()
+    except Interrupted:
+      proc.send_signal(signal.SIGTERM)  # main saves a checkpoint and exits 143: a relaunch resumes
+      proc.wait()
+      raise
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the run too: it saves and exits 130
+      proc.wait()
+      raise Interrupted(130) from None
+    finally:
+      record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start,
+                "launches": record["launches"] + 1, "returncode": proc.returncode}
+      from bigmodel_jax.runinfo import write_text_atomic
+      write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
+  return {**record, "error": f"exit {proc.returncode}: {error_line(log, offset)}"} if proc.returncode else record
+
+
+def metric_value(final: dict, target: Target) -> float:
+  """`target`'s number in final_metrics.json, or ValueError saying what is there instead."""
+  if target.split == "best":
+    best = final.get("best")
+    if not isinstance(best, dict) or best.get("metric") != target.metric:
+      raise ValueError(f"final_metrics.json has no best {target.metric!r} (best: {best!r})")
+    value = best.get("value")
+  else:
+    value = final
+    for part in [*target.split.split("."), *target.metric.split(".")]:
+      if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        value = value[int(part)]
+      elif isinstance(value, dict) and part in value:
+        value = value[part]
+      else:
+        keys = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"final_metrics.json has no {target.split}.{target.metric} (no {part!r}; has: {keys})")
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    raise ValueError(f"final_metrics.json's {target.label} is {value!r}, not a number")
+  return float(value)
+
+
+def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | None, backend,
+              dry_run: bool = False) -> dict:
+  """Runs `r`'s seeds (or says why not) and judges its targets -> its report entry."""
+  seeds = r.seeds[:num_seeds] if num_seeds else r.seeds
+  entry = {"name": r.name, "config": r.config, "overrides": {**r.overrides, **overrides}, "source": r.source,
+           "needs": list(r.needs), "note": r.note, "seeds_declared": len(r.seeds),
+           "targets": [{"split": t.split, "metric": t.metric, "label": t.label, "bound": t.bound} for t in r.targets],
+           "runs": [], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  reason, hint = skip_reason(r, overrides, backend)
+  if reason:
+    print(f"{r.name}: SKIPPED: {reason}; {hint}", flush=True)
+    return {**entry, "status": "SKIPPED", "reason": reason, "hint": hint}
+  errors = {}  # message -> seeds
+  for seed in seeds:
+    seed_dir = workdir / r.name / f"seed_{seed}"
+    argv = seed_command(r, seed, seed_dir, overrides)
+    if dry_run:
+      print(shell(argv), flush=True)
+      continue
+    done = (seed_dir / "final_metrics.json").is_file()
+    print(f"{r.name} seed {seed}: {'finished earlier' if done else 'running'} ({seed_dir})", flush=True)
+    record = run_seed(argv, seed_dir)
+    run = {"seed": seed, "workdir": str(seed_dir.relative_to(workdir)), "command": record.get("command"),
+           "wall_s": record.get("wall_s"), "launches": record.get("launches"), "values": {}}
+    if "error" in record:
+      run["error"] = record["error"]
+    else:
+      final = json.loads((seed_dir / "final_metrics.json").read_text())
+      run.update(step=final.get("step"), params_sha256=final.get("params_sha256"))
+      for t in r.targets:
+        try:
+          run["values"][t.label] = metric_value(final, t)
+        except ValueError as e:
+          run["error"] = str(e)
+    if "error" in run:
+      errors.setdefault(run["error"], []).append(str(seed))
+      print(f"{r.name} seed {seed}: {run['error']}", flush=True)
+    else:
+      print(f"{r.name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()), flush=True)
+    entry["runs"].append(run)
+  if dry_run:
+    return {**entry, "status": "DRY RUN", "reason": ""}
+  if errors:
+    reason = "; ".join(f"seed{'s' * (len(k) > 1)} {', '.join(k)}: {message}" for message, k in errors.items())
+    return {**entry, "status": "ERROR", "reason": f"{reason} (logs: {r.name}/seed_<k>/reproduce.log)"}
+  for t, result in zip(r.targets, entry["targets"]):
+    values = [run["values"][t.label] for run in entry["runs"]]
+    mean = statistics.fmean(values)
+    result.update(values=values, n=len(values), mean=mean, std=statistics.stdev(values) if len(values) > 1 else None,
+                  met=t.check(mean))
+  missed = [t["label"] for t in entry["targets"] if not t["met"]]
+  return {**entry, "status": "FAIL" if missed else "PASS", "reason": f"missed {', '.join(missed)}" if missed else ""}
+
+
+# --- the report card ----------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _result(t: dict) -> str:
+  if "mean" not in t:
+    return "—"
+  if t["n"] == 1:
+    return f"{t['mean']:.4f}"
+  return f"{t['mean']:.4f} ± {t['std']:.4f} (n={t['n']}: {', '.join(f'{v:.4f}' for v in t['values'])})"
+
+
+def _wall(entry: dict) -> str:
+  walls = [run["wall_s"] for run in entry["runs"] if run.get("wall_s")]
+  if not walls:
+    return "—"
+  mean = statistics.fmean(walls)
+  return f"{mean / 60:.1f} min" if mean >= 120 else f"{mean:.0f} s"
+
+
+def markdown_table(report: dict) -> str:
+  """The report card as one markdown table, a row per reproduction (the README's results table)."""
+  header = ("reproduction", "config", "metric", "target", "result (mean ± std over seeds)", "status", "wall per seed",
+            "source")
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for entry in report["reproductions"].values():
+    config = f"`{entry['config']}`" + "".join(f" `{k}={v}`" for k, v in entry["overrides"].items())
+    status = entry["status"] + (f": {entry['reason']}" if entry["reason"] else "")
+    if entry["status"] in ("PASS", "FAIL") and len(entry["runs"]) < entry["seeds_declared"]:
+      status += f" ({len(entry['runs'])} of {entry['seeds_declared']} seeds)"
+    targets = entry["targets"]
+    cells = (entry["name"], config, "<br>".join(t["label"] for t in targets), "<br>".join(t["bound"] for t in targets),
+             "<br>".join(_result(t) for t in targets), status, _wall(entry), entry["source"])
+    rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+  return "\n".join(rows)
+
+
+def markdown_report(report: dict) -> str:
+  """report.md: the table, then each reproduction's seeds (value, wall time, workdir, command) and notes."""
+  lines = ["# Reproductions", "", f"Generated by `python -m bigmodel_jax.reproduce` ({report['updated']}).", "",
+           markdown_table(report)]
+  for entry in report["reproductions"].values():
+    lines += ["", f"## {entry['name']}: {entry['status']}", ""]
+    lines += [f"- {entry['reason']}" + (f"; {entry['hint']}" if entry.get("hint") else "")] if entry["reason"] else []
+    lines += [f"- note: {entry['note']}"] if entry["note"] else []
+    for run in entry["runs"]:
+      values = ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()) or run.get("error", "")
+      wall = f"{run['wall_s']:.0f} s in {run['launches']} launch(es)" if run.get("wall_s") else "not timed"
+      lines += [f"- seed {run['seed']}: {values}; {wall}; `{run['workdir']}`", f"  `{run['command']}`"]
+  return "\n".join(lines) + "\n"
+
+
+def read_report(path: Path) -> dict:
+  try:
+    report = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise BadInput(f"{path}: not a readable report.json ({e})") from None
+  if not isinstance(report, dict) or not isinstance(report.get("reproductions"), dict):
+    raise BadInput(f"{path}: not a report card (no 'reproductions'); give WORKDIR/report.json")
+  return report
+
+
+def write_report(workdir: Path, entries: list[dict], order: list[str]) -> dict:
+  """Merges `entries` into workdir/report.json (other reproductions' earlier results kept); writes report.md."""
+  path = workdir / "report.json"
+  previous = read_report(path)["reproductions"] if path.is_file() else {}
+  # a skip teaches nothing new: an earlier result of that reproduction stays
+  merged = {**previous, **{e["name"]: e for e in entries
+                           if e["status"] != "SKIPPED" or previous.get(e["name"], e)["status"] == "SKIPPED"}}
+  rank = {name: i for i, name in enumerate(order)}
+  report = {"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "reproductions": dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))}
+  from bigmodel_jax.runinfo import write_text_atomic
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+  write_text_atomic(workdir / "report.md", markdown_report(report))
+  return report
+
+
+def list_table(entries: list[Reproduction]) -> str:
+  rows = [("name", "config", "metric", "target", "needs", "seeds")]
+  for r in entries:
+    config = r.config + "".join(f" {k}={flag_value(v)}" for k, v in r.overrides.items())
+    rows.append((r.name, config, "; ".join(t.label for t in r.targets), "; ".join(t.bound for t in r.targets),
+                 ",".join(r.needs), str(len(r.seeds))))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise BadInput(f"{message}; see --help")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = _Parser(prog="python -m bigmodel_jax.reproduce", description=__doc__.split("\n\n")[0])
+  p.add_argument("names", nargs="*", help="reproductions to run, or 'all'")
+  p.add_argument("--list", action="store_true", help="show the reproductions and exit")
+  p.add_argument("--workdir", help="where the runs (WORKDIR/<name>/seed_<k>) and report.json/report.md go")
+  p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a config override for every run (as --config.FIELD=VALUE of main); repeatable")
+  p.add_argument("--seeds", type=int, metavar="N",
+                 help="run only the first N of each reproduction's seeds (the card says how many of how many)")
+  p.add_argument("--registry", type=Path, default=REGISTRY, help=f"the registry module (default {REGISTRY})")
+  p.add_argument("--readme", type=Path, metavar="REPORT_JSON", help="print the markdown results table of a report")
+  p.add_argument("--dry_run", action="store_true", help="print each run's command (and skip reasons); run nothing")
+  return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict:
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    key = key.removeprefix("--").removeprefix("config.")
+    if not sep or not key:
+      raise BadInput(f"--override={item}: write FIELD=VALUE, e.g. --override=data.path=/data/input.txt")
+    if key == "seed":
+      raise BadInput(f"--override={item}: each run's seed comes from the registry's seeds (--seeds=N runs fewer)")
+    overrides[key] = value
+  return overrides
+
+
+def main(argv: list[str]) -> int:
+  args = parse_args(argv)
+  if args.readme:
+    print(markdown_table(read_report(args.readme)))
+    return 0
+  overrides = parse_overrides(args.override)
+  if args.seeds is not None and args.seeds < 1:
+    raise BadInput(f"--seeds={args.seeds}: must be >= 1")
+  entries = load_registry(args.registry)
+  by_name = {r.name: r for r in entries}
+  if args.list:
+    print(list_table(entries))
+    return 0
+  if not args.names:
+    raise BadInput(f"name the reproductions to run (or 'all', or --list); valid: {', '.join(by_name)}")
+  unknown = [n for n in args.names if n not in by_name and n != "all"]
+  if unknown:
+    raise BadInput(f"unknown reproduction {unknown[0]!r}; valid: all, {', '.join(by_name)}")
+  if not args.workdir:
+    raise BadInput("--workdir is required (where the runs and the report go)")
+  selected = entries if "all" in args.names else [by_name[n] for n in dict.fromkeys(args.names)]
+  for r in selected:
+    missing = missing_field(load_config(r.config), overrides)
+    if missing:
+      raise BadInput(f"--override={missing}: {r.config} (reproduction {r.name!r}) has no such config field")
+  workdir = Path(args.workdir).expanduser().resolve()
+  backend_cache = []
+  def backend():
+    if not backend_cache:
+      backend_cache.append(accelerator())
+    return backend_cache[0]
+
+  def on_sigterm(signum, frame):
+    raise Interrupted(128 + signum)
+  signal.signal(signal.SIGTERM, on_sigterm)
+  done, code = [], 0
+  try:
+    for r in selected:
+      done.append(reproduce(r, workdir, overrides, args.seeds, backend, args.dry_run))
+  except (Interrupted, KeyboardInterrupt) as e:
+    code = e.args[0] if isinstance(e, Interrupted) else 130
+    print("interrupted: the run saved a checkpoint; the same command resumes it", file=sys.stderr)
+  if args.dry_run:
+    return code
+  report = write_report(workdir, done, list(by_name))
+  print(markdown_table({"reproductions": {e["name"]: report["reproductions"][e["name"]] for e in done}}))
+  print(f"report: {workdir / 'report.md'} and {workdir / 'report.json'}")
+  return code or (1 if any(e["status"] in ("FAIL", "ERROR") for e in done) else 0)
+
+
+def run() -> None:
+  try:
+    sys.exit(main(sys.argv[1:]))
+  except BadInput as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from bigmodel_jax import reproduce  # the registry imports the module by name: run that copy, with its classes
+  reproduce.run()

@@ -1,0 +1,323 @@
+"""Experiment trackers: where a run's metrics go besides metrics.jsonl (config.train.trackers, comma-separated).
+
+tensorboard: event files in <workdir>/tensorboard. mlflow: a run in an MLflow store (a local SQLite file by
+default, which `mlflow ui` opens). wandb: a Weights & Biases run, offline unless WANDB_MODE says otherwise
+(`wandb sync` uploads it later). MLflow and W&B are optional extras. MetricsWriter drives them, on the chief
+process only.
+
+metrics.jsonl stays the record. MLflow and W&B keep one run per workdir across launches (its id in
+<workdir>/tracking.json): a resumed training run continues it, and each is sent from metrics.jsonl whatever it
+lacks (records of earlier launches, of a launch where it failed, or of a run it was added to later).
+"""
+
+import abc
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from absl import logging
+
+from bigmodel_jax.errors import UserError
+from bigmodel_jax.registry import Registry
+
+STATE_FILE = "tracking.json"
+EXPERIMENT_ENV = "BIGMODEL_JAX_EXPERIMENT"  # set by sweeps for their trials
+DEFAULT_EXPERIMENT = "bigmodel_jax"
+# What an MLflow run gets of its workdir as artifacts at the end; checkpoints stay in the workdir (they can be
+# gigabytes), its path is the run's `workdir` tag.
+ARTIFACTS = ("config.json", "run_info.jsonl", "metrics.jsonl", "final_metrics.json", "tokenizer")
+RECORD_FIELDS = ("step", "split", "time", "eval")  # a metrics.jsonl line's fields that are not metrics
+
+
+def names(config) -> list[str]:
+  """The trackers config.train.trackers asks for, in order, once each ("" = none: metrics.jsonl only)."""
+  return list(dict.fromkeys(n.strip() for n in config.train.trackers.split(",") if n.strip()))
+
+
+def check(config) -> None:
+  """Raises UserError for an unknown tracker name or one whose package is not installed; starts nothing."""
+  for name in names(config):
+    TRACKERS.get(name).check_installed(name)
+
+
+def experiment_name(config) -> str:
+  """Runs of one experiment (a sweep's trials) are grouped under this name."""
+  return config.train.tracking.experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+
+
+def metric_key(record: dict) -> str:
+  """What a metrics.jsonl line's metrics are named under: its split ('train', 'validation'), and the evaluator's
+  name after it where that differs ('validation/ema'; --mode=eval lines: 'eval/test')."""
+  split, name = record["split"], record.get("eval")
+  return split if name in (None, split) else f"{split}/{name}"
+
+
+def metric_values(record: dict) -> dict[str, float]:
+  """{'<metric_key>/<metric>': value} for a metrics.jsonl line's numbers."""
+  prefix = metric_key(record)
+  return {f"{prefix}/{k}": v for k, v in record.items()
+          if k not in RECORD_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def final_values(final: dict) -> tuple[dict[str, float], dict[str, str]]:
+  """final_metrics.json as ({'final/test/accuracy': 0.97, 'final/best/value': ...}, {'final/params_sha256': ...}):
+  numbers, and strings and flags (lists such as a confusion matrix stay in the file)."""
+  numbers, labels = {}, {}
+
+  def add(key, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        add(f"{key}/{k}", v)
+    elif isinstance(value, (str, bool)):
+      labels[key] = str(value).lower() if isinstance(value, bool) else value
+    elif isinstance(value, (int, float)):
+      numbers[key] = value
+
+  for k, v in final.items():
+    if k == "evals":  # {evaluator: metrics}: named like the per-step metrics, final/<evaluator>/<metric>
+      for name, metrics in v.items():
+        add(f"final/{name}", metrics)
+    elif k != "step":
+      add(f"final/{k}", v)
+  return numbers, labels
+
+
+def plain_config(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def flat_config(config) -> dict[str, str]:
+  """{'optimizer.learning_rate': '0.001', ...}: the config as dotted keys with string values."""
+  from bigmodel_jax.config import flatten
+  return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(plain_config(config)).items()}
+
+
+def brief(e: BaseException) -> str:
+  lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
+  return f"{type(e).__name__}: {lines[0][:300]}"
+
+
+class Tracker(abc.ABC):
+  """One destination for a run's metrics. `resumes`: it keeps a run of its own across launches (its state in
+  tracking.json); it is started when training starts, not for --mode=eval/predict, and is sent from metrics.jsonl
+  what it lacks."""
+  package = ""  # the module it needs; "" = a core dependency
+  extra = ""  # pip install 'bigmodel_jax[<extra>]' installs it
+  resumes = True
+
+  def __init__(self, config, workdir: Path):
+    self.config, self.workdir = config, Path(workdir)
+
+  @classmethod
+  def check_installed(cls, name: str) -> None:
+    if cls.package and importlib.util.find_spec(cls.package) is None:
+      raise UserError(f"config.train.trackers: {name!r} needs the {cls.package} package, which is not installed; "
+                      f"pip install 'bigmodel_jax[{cls.extra}]' (or leave {name} out)")
+
+  @abc.abstractmethod
+  def start(self, state: dict) -> tuple[dict, bool]:
+    """Starts, or continues the run described by `state` (from tracking.json). -> (its state now, whether it
+    continued that run). Failures raise UserError."""
+
+  @abc.abstractmethod
+  def write(self, records: list[dict]) -> None:
+    """metrics.jsonl lines, in order."""
+
+  def finish(self, final: dict) -> None:
+    """final_metrics.json, once training and the final evaluations are done."""
+
+  @abc.abstractmethod
+  def close(self, status: str) -> None:
+    """status: finished, failed (an error) or killed (SIGTERM/Ctrl-C: a relaunch continues)."""
+
+
+TRACKERS: Registry[type[Tracker]] = Registry("tracker", "config.train.trackers")
+
+
+@TRACKERS.register("tensorboard")
+class TensorBoard(Tracker):
+  resumes = False  # event files of every launch sit side by side in <workdir>/tensorboard
+
+  def start(self, state):
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    return {}, False
+
+  def write(self, records):
+    for record in records:
+      for key, value in metric_values(record).items():
+        self._tb.add_scalar(key, value, record["step"])
+    self._tb.flush()
+
+  def close(self, status):
+    self._tb.close()
+
+
+def default_mlflow_uri() -> str:
+  """MLflow's own default store (./mlflow.db), made absolute: `mlflow ui` run in that directory opens it."""
+  return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+  return Path(unquote(uri[len("sqlite:///"):]).split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+  """Processes that start together (a sweep's trials) take turns to create a SQLite store's tables and the
+  experiment, which MLflow does not do safely in parallel."""
+  path = _sqlite_path(uri)
+  if path is None:
+    yield
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(path.name + ".lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _answers(uri: str, timeout_s: float = 10) -> None:
+  """An MLflow server that does not answer fails here at once: MLflow's client would retry for minutes."""
+  if not uri.startswith(("http://", "https://")):
+    return
+  import urllib.error
+  import urllib.request
+  try:
+    urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+  except urllib.error.HTTPError:
+    pass  # it answered (e.g. a proxy that asks for a login): the client says the rest
+  except (urllib.error.URLError, TimeoutError) as e:
+    raise OSError(f"no answer from {uri} within {timeout_s:.0f} s ({getattr(e, 'reason', e)})") from e
+
+
+@TRACKERS.register("mlflow")
+class MLflow(Tracker):
+  package, extra = "mlflow", "mlflow"
+  STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+  def __init__(self, config, workdir):
+    super().__init__(config, workdir)
+    # the field that chose the store, for error messages
+    self.field, self.uri = "config.train.tracking.mlflow_tracking_uri", config.train.tracking.mlflow_tracking_uri
+    if not self.uri and os.environ.get("MLFLOW_TRACKING_URI"):
+      self.field, self.uri = "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    self.uri = self.uri or default_mlflow_uri()
+
+  def start(self, state):
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    try:
+      _answers(self.uri)
+      with _store_lock(self.uri):
+        self.client = MlflowClient(tracking_uri=self.uri)
+        run = self._previous_run(state)
+        if run is None:
+          run = self.client.create_run(self._experiment_id(), run_name=self.workdir.name,
+                                       tags={"workdir": str(self.workdir.absolute())})
+      self.run_id = run.info.run_id
+      if run.info.status != "RUNNING":
+        self.client.update_run(self.run_id, status="RUNNING")
+      # params cannot change once logged: a resumed run adds fields it lacks (fields that may change on resume,
+      # such as train.log_every, keep their first value)
+      params = [Param(k, v[:6000]) for k, v in flat_config(self.config).items() if k not in run.data.params]
+      for i in range(0, len(params), 100):  # MLflow's limit per batch
+        self.client.log_batch(self.run_id, params=params[i:i + 100])
+    except (MlflowException, OSError) as e:
+      raise UserError(f"{self.field}: MLflow store {self.uri} failed ({brief(e)}); give a writable store "
+                      "(sqlite:///path/to/mlflow.db) or an MLflow server's http(s) URL") from e
+    return {"run_id": self.run_id, "tracking_uri": self.uri}, run.info.run_id == state.get("run_id")
+
+  def _previous_run(self, state):
+    from mlflow.exceptions import MlflowException
+    if state.get("tracking_uri") != self.uri or not state.get("run_id"):
+      return None
+    try:
+      run = self.client.get_run(state["run_id"])
+    except MlflowException:  # deleted from the store meanwhile: a new run
+      return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+  def _experiment_id(self) -> str:
+    name = experiment_name(self.config)
+    experiment = self.client.get_experiment_by_name(name)
+    if experiment is not None:
+      return experiment.experiment_id
+    # a SQLite store's artifacts go beside it (MLflow would put them under the current directory's mlruns/)
+    db = _sqlite_path(self.uri)
+    artifacts = None if db is None else (db.parent / "mlruns" / quote(name, safe="")).as_uri()
+    return self.client.create_experiment(name, artifact_location=artifacts)
+
+  def write(self, records):
+    from mlflow.entities import Metric
+    metrics = [Metric(k, float(v), int(r["time"] * 1000), int(r["step"]))
+               for r in records for k, v in metric_values(r).items()]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+      self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+  def finish(self, final):
+    from mlflow.entities import Metric, RunTag
+    numbers, labels = final_values(final)
+    now, step = int(time.time() * 1000), int(final["step"])
+    self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in numbers.items()],
+                          tags=[RunTag(k, v[:5000]) for k, v in labels.items()])
+    for name in ARTIFACTS:
+      path = self.workdir / name
+      if path.is_dir():
+        self.client.log_artifacts(self.run_id, str(path), name)
+      elif path.is_file():
+        self.client.log_artifact(self.run_id, str(path))
+
+  def close(self, status):
+    self.client.set_terminated(self.run_id, status=self.STATUS[status])
+
+
+@TRACKERS.register("wandb")
+class WandB(Tracker):
+  package, extra = "wandb", "wandb"
+
+  def start(self, state):
+    import wandb
+    t = self.config.train.tracking
+    directory = Path(t.wandb_dir or self.workdir).absolute()
+    mode = os.environ.get("WANDB_MODE") or "offline"  # offline unless the user chose otherwise
+    try:
+      directory.mkdir(parents=True, exist_ok=True)
+      self.run = wandb.init(project=t.wandb_project, group=experiment_name(self.config), name=self.workdir.name,
+                            id=state.get("run_id"), resume="allow", dir=str(directory), mode=mode, reinit="create_new",
+                            config=plain_config(self.config),
+                            settings=wandb.Settings(console="off", quiet=True))
+    except Exception as e:  # wandb raises its own types (UsageError, CommError) and OSError
+      where = "config.train.tracking.wandb_dir" if t.wandb_dir else "config.train.trackers"
+      raise UserError(f"{where}: W&B could not start a run in {directory} (WANDB_MODE={mode}; {brief(e)}); "
+                      "fix that, or leave wandb out of config.train.trackers") from e
+    if mode == "offline":
+      logging.info("W&B: offline run %s; upload it with: wandb sync %s", self.run.id, Path(self.run.dir).parent)
+    return {"run_id": self.run.id, "dir": str(directory)}, self.run.id == state.get("run_id")
+
+  def write(self, records):
+    for record in records:
+      self.run.log(metric_values(record), step=int(record["step"]))
+
+  def finish(self, final):
+    numbers, labels = final_values(final)
+    self.run.summary.update({**numbers, **labels})
+
+  def close(self, status):
+    if status == "killed":
+      self.run.mark_preempting()
+    self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+def read_state(workdir: Path) -> dict:
+  path = Path(workdir) / STATE_FILE
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, json.JSONDecodeError):  # none yet, or a damaged one: new tracker runs
+    return {}
+

@@ -1,0 +1,85 @@
+"""python -m bigmodel_jax.compare on real runs: config and metric diffs, bit-identity, the curves PNG, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bigmodel_jax import compare, train
+from conftest import ROOT, load_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Three 20-step digits runs: A and C with the same config, B with another seed."""
+  tmp = tmp_path_factory.mktemp("compare")
+  paths = []
+  for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+    config = load_config("digits_mlp")
+    config.train.num_steps, config.train.log_every, config.seed = 20, 5, seed
+    train.train_and_evaluate(config, tmp / name)
+    paths.append(tmp / name)
+  return tmp, paths
+
+
+def run_compare(*args, cwd):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, "-m", "bigmodel_jax.compare", *map(str, args)], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_two_runs_that_differ_in_seed(runs, tmp_path, capsys):
+  _, (a, b, _) = runs
+  assert compare.main([str(a), str(b), f"--out={tmp_path}"]) == 0
+  out = capsys.readouterr().out
+  assert "config: 1 field differs" in out and "  seed: 0 -> 1" in out
+  acc_a, acc_b = (json.loads((p / "final_metrics.json").read_text())["test"]["accuracy"] for p in (a, b))
+  row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["test/accuracy"])
+  assert [float(x) for x in row[1:]] == pytest.approx([acc_a, acc_b, acc_b - acc_a], abs=1e-4)
+  assert any(line.split()[:1] == ["best/value"] for line in out.splitlines())
+  assert "parameters: all different" in out
+  png = tmp_path / "compare.png"
+  assert f"curves: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_config_twice_is_bit_identical(runs, tmp_path):
+  _, (a, _, c) = runs
+  lines = compare.compare([str(a), str(c)], str(tmp_path / "x.png"))
+  assert "config: identical" in lines
+  assert any(line.startswith("parameters: bit-identical") for line in lines)
+  assert (tmp_path / "x.png").stat().st_size > 10_000
+
+
+def test_three_runs_table_and_an_unfinished_run(runs, tmp_path):
+  _, (a, b, c) = runs
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  for name in ("config.json", "metrics.jsonl"):
+    (unfinished / name).write_text((b / name).read_text())
+  lines = compare.compare([str(a), str(b), str(c), str(unfinished)], str(tmp_path / "out"))
+  header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["field", "A"])
+  assert lines[header].split() == ["field", "A", "B", "C", "D"]
+  assert lines[header + 1].split() == ["seed", "0", "1", "0", "1"]
+  assert any("D: no final_metrics.json yet: training has not finished (metrics.jsonl ends at step 20)" in line
+             for line in lines)
+  assert any(line.startswith("parameters: differ: A = C (") for line in lines)
+  assert "parameters of D: unknown (no params_sha256: training has not finished)" in lines
+  assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000  # --out without a suffix: a directory
+
+
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
+  tmp, (a, _, _) = runs
+  result = run_compare(a, tmp, cwd=tmp_path)  # a directory of runs, not a run
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: RUN: {tmp} is not a run directory (no config.json); pass the --workdir of a bigmodel_jax.main run; "
+      "it holds runs: a, b, c"]
+  assert not (tmp_path / "compare.png").exists()
+  for argv, message in (([str(a)], "error: compare needs at least two runs, got 1; usage: "),
+                        ([str(a), str(tmp / "nope")], f"error: RUN: {tmp / 'nope'} does not exist"),
+                        ([str(a), str(a), "--bogus"], "error: unrecognized arguments: --bogus; usage: ")):
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1

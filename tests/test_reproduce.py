@@ -1,0 +1,135 @@
+"""The reproduction tool: real runs of the registry's entries through main, judged against their targets; a report
+card that says PASS, FAIL (a target out of reach), SKIPPED (no GPU, no network, with why) and ERROR (a failed run)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, error_lines
+
+
+@pytest.fixture(scope="module")
+def reproduce(cache_dir, tmp_path_factory):
+  """reproduce(*args): `python -m bigmodel_jax.reproduce *args` from the repo root (CPU, offline, empty data dir)."""
+  data_dir = tmp_path_factory.mktemp("data")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
+         "BIGMODEL_JAX_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
+  def run(*args, timeout: float = 300):
+    return subprocess.run([sys.executable, "-m", "bigmodel_jax.reproduce", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  return run
+
+
+@pytest.fixture(scope="module")
+def card(reproduce, tmp_path_factory) -> Path:
+  """The shipped linear_regression reproduction (its first seed), run for real; -> the tool's workdir."""
+  workdir = tmp_path_factory.mktemp("card")
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return workdir
+
+
+def registry(tmp_path: Path, entries: str) -> Path:
+  path = tmp_path / "registry.py"
+  path.write_text("from bigmodel_jax.reproduce import Download, Reproduction, Target\n"
+                  f"REPRODUCTIONS = [\n{textwrap.indent(textwrap.dedent(entries), '    ')}]\n")
+  return path
+
+
+def test_linear_regression_passes_with_the_shipped_settings(card):
+  entry = json.loads((card / "report.json").read_text())["reproductions"]["linear_regression"]
+  final = json.loads((card / "linear_regression" / "seed_0" / "final_metrics.json").read_text())
+  assert entry["status"] == "PASS", entry
+  w, b = entry["targets"]
+  assert (w["values"], b["values"]) == ([final["coefficients"]["weights"][0][0]], [final["coefficients"]["bias"][0]])
+  assert abs(w["mean"] - 3.0) <= 0.1 and abs(b["mean"] - 4.5) <= 0.1 and w["n"] == 1
+  row = next(line for line in (card / "report.md").read_text().splitlines() if line.startswith("| linear_regression"))
+  assert "| PASS (1 of 3 seeds) |" in row and f"{w['mean']:.4f}" in row
+
+
+def test_relaunch_skips_finished_runs_and_readme_prints_the_table(card, reproduce):
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={card}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "seed 0: finished earlier" in proc.stdout
+  assert json.loads((card / "linear_regression" / "seed_0" / "reproduce.json").read_text())["launches"] == 1
+  table = reproduce("--readme", str(card / "report.json"))
+  assert table.returncode == 0, table.stderr
+  lines = table.stdout.strip().splitlines()
+  assert lines[0].startswith("| reproduction |") and len(lines) == 3 and "| PASS" in lines[2]
+  assert table.stdout.strip() in (card / "report.md").read_text()
+
+
+def test_other_flags_on_a_finished_run_are_an_error_not_a_result(card, reproduce, tmp_path):
+  workdir = shutil.copytree(card, tmp_path / "card")
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}", "--override=train.num_epochs=5")
+  assert proc.returncode == 1
+  entry = json.loads((workdir / "report.json").read_text())["reproductions"]["linear_regression"]
+  assert entry["status"] == "ERROR" and "use another --workdir" in entry["reason"], entry
+
+
+def test_report_card_fail_skipped_error_merged_with_earlier_results(card, reproduce, tmp_path):
+  path = registry(tmp_path, """
+      Reproduction("out_of_reach", "configs/linear_regression.py",
+                   (Target("coefficients", "weights.0.0", "~ 30 ± 0.1"),), "an impossible target",
+                   overrides={"train.num_epochs": 200}),
+      Reproduction("needs_gpu", "configs/digits_mlp.py", (Target("test", "accuracy", ">= 0.5"),), "a test",
+                   needs=("gpu",)),
+      Reproduction("needs_network", "configs/digits_mlp.py", (Target("test", "accuracy", ">= 0.5"),), "a test",
+                   needs=("cpu", "network"), download=Download(("nowhere/data.bin",), ("https://host.invalid/data",))),
+      Reproduction("broken_run", "configs/digits_mlp.py", (Target("test", "accuracy", ">= 0.5"),), "a test",
+                   overrides={"optimizer.learning_rate": -1.0}),
+  """)
+  workdir = shutil.copytree(card, tmp_path / "card")  # its report holds linear_regression's PASS
+  proc = reproduce("all", f"--registry={path}", f"--workdir={workdir}")
+  assert proc.returncode == 1, proc.stderr[-2000:]  # a FAIL and an ERROR
+  report = json.loads((workdir / "report.json").read_text())["reproductions"]
+  assert list(report) == ["out_of_reach", "needs_gpu", "needs_network", "broken_run", "linear_regression"]
+  assert report["linear_regression"]["status"] == "PASS"
+  fail = report["out_of_reach"]
+  final = json.loads((workdir / "out_of_reach" / "seed_0" / "final_metrics.json").read_text())  # it really ran
+  assert fail["status"] == "FAIL" and not fail["targets"][0]["met"], fail
+  assert fail["targets"][0]["values"] == [final["coefficients"]["weights"][0][0]] and final["step"] == 200
+  rows = {line.split(" | ")[0].lstrip("| "): line for line in (workdir / "report.md").read_text().splitlines()
+          if line.startswith("| ") and not line.startswith("| reproduction")}
+  assert "| FAIL: missed coefficients weights.0.0 |" in rows["out_of_reach"]
+  assert "SKIPPED: no GPU (jax's backend here is cpu)" in rows["needs_gpu"]
+  assert "SKIPPED: no network (host.invalid unreachable, nowhere/data.bin not in the data dir)" in rows["needs_network"]
+  assert "- no network (host.invalid unreachable, nowhere/data.bin not in the data dir); put nowhere/data.bin in " \
+      in (workdir / "report.md").read_text()
+  assert "ERROR: seed 0: exit 2: error: config.optimizer.learning_rate" in rows["broken_run"]
+  assert not (workdir / "needs_gpu").exists() and not (workdir / "needs_network").exists()
+
+
+def test_unknown_name_lists_the_valid_ones(reproduce, tmp_path):
+  proc = reproduce("mnist_cnnn", f"--workdir={tmp_path}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  (line,) = error_lines(proc.stderr)
+  assert line.startswith("error: unknown reproduction 'mnist_cnnn'; valid: all, linear_regression, digits_mlp, ")
+  listing = reproduce("--list")
+  assert listing.returncode == 0, listing.stderr
+  names = [row.split()[0] for row in listing.stdout.strip().splitlines()[1:]]
+  assert line.endswith(", ".join(names)) and {"mnist_cnn", "shakespeare_char_gpt", "cifar10_resnet"} <= set(names)
+  gpt = next(row for row in listing.stdout.splitlines() if row.startswith("shakespeare_char_gpt "))
+  assert gpt.split()[1:] == ["configs/shakespeare_char_gpt.py", "best", "validation", "loss", "~", "1.4697", "±",
+                             "0.03", "gpu,network", "3"]
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ('Reproduction("bad_config", "configs/nope.py", (Target("test", "accuracy", ">= 0.5"),), "a test")',
+     f"reproduction 'bad_config': config file {ROOT / 'configs/nope.py'} does not exist"),
+    ('Reproduction("bad_metric", "configs/digits_mlp.py", (Target("test", "acuracy", ">= 0.5"),), "a test")',
+     "reproduction 'bad_metric': metric 'acuracy' is not a metric of task 'classification'; valid: accuracy,"),
+    ('Reproduction("bad_bound", "configs/digits_mlp.py", (Target("test", "accuracy", "about 0.5"),), "a test")',
+     "reproduction 'bad_bound': bad bound 'about 0.5'"),
+], ids=["config", "metric", "bound"])
+def test_bad_registry_entry_is_one_line(reproduce, tmp_path, entry, needle):
+  proc = reproduce("--list", f"--registry={registry(tmp_path, entry + ',')}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  (line,) = error_lines(proc.stderr)
+  assert line.startswith("error: ") and needle in line, line
