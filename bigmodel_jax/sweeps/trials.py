@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from bigmodel_jax.sweeps.spec import Sweep, Trial, format_value
+from bigmodel_jax.trackers import EXPERIMENT_ENV  # trackers group a sweep's trials by it
 
 STDOUT, STDERR, RECORD, FINAL, METRICS = "stdout.log", "stderr.log", "sweep_trial.json", "final_metrics.json", \
     "metrics.jsonl"
-EXPERIMENT_ENV = "BIGMODEL_JAX_EXPERIMENT"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_WAIT_S = 120  # how long a launch waits for an earlier launch of its trial to finish saving
 
