@@ -165,7 +165,7 @@ def check_unknown_fields(config) -> None:
   """A field base_config() does not have (a typo in a config file, or a field that moved) is an error, not ignored."""
   known = flatten(base_config().to_dict())
   for key in flatten(config.to_dict()):
-    if key.split(".")[0] in ("model", "evals", "optimizers") or key.startswith("parallel.rules."):
+    if key.split(".")[0] in ("model", "task", "evals", "optimizers") or key.startswith("parallel.rules."):
       continue  # their entries vary (checked where they are read)
     if key not in known:
       close = difflib.get_close_matches(key, list(known), n=1)

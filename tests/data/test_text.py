@@ -64,9 +64,9 @@ def closed_port_url() -> str:
 def test_tiny_shakespeare_from_data_path_has_nanogpt_split(tmp_path):
   corpus = DATASETS.get("tiny_shakespeare")(tmp_path, data_config(path=str(TINY)))
   assert isinstance(corpus, TextCorpus) and corpus.train_labels is None
-  assert len(corpus.train) == len(corpus.test) == 1
-  assert len(corpus.train[0]) == 1_003_854 and len(corpus.test[0]) == 111_540
-  assert corpus.train[0] + corpus.test[0] == TINY.read_text() and corpus.train[0].startswith("First Citizen:")
+  assert len(corpus.train) == len(corpus.validation) == 1
+  assert len(corpus.train[0]) == 1_003_854 and len(corpus.validation[0]) == 111_540
+  assert corpus.train[0] + corpus.validation[0] == TINY.read_text() and corpus.train[0].startswith("First Citizen:")
   assert not (tmp_path / "tiny_shakespeare").exists()  # a user file needs no fetch
 
 
@@ -95,10 +95,10 @@ def test_tiny_shakespeare_fetch_fails_fast_when_unreachable(tmp_path, monkeypatc
 def test_tiny_shakespeare_fetch_verifies_and_caches(tmp_path, monkeypatch, serve):
   monkeypatch.setattr(text, "TINY_SHAKESPEARE_URL", serve(TINY.read_bytes()))
   corpus = DATASETS.get("tiny_shakespeare")(tmp_path, data_config())
-  assert len(corpus.train[0]) + len(corpus.test[0]) == 1_115_394
+  assert len(corpus.train[0]) + len(corpus.validation[0]) == 1_115_394
   assert (tmp_path / "tiny_shakespeare" / "input.txt").read_bytes() == TINY.read_bytes()
   monkeypatch.setattr(text, "TINY_SHAKESPEARE_URL", closed_port_url())  # now cached: no fetch needed
-  assert DATASETS.get("tiny_shakespeare")(tmp_path, data_config()).test == corpus.test
+  assert DATASETS.get("tiny_shakespeare")(tmp_path, data_config()).validation == corpus.validation
 
 
 def test_tiny_shakespeare_fetch_rejects_wrong_content(tmp_path, monkeypatch, serve):
