@@ -1,9 +1,12 @@
 """Shared test helpers: CPU only, offline, a shared compilation cache, and a CLI runner."""
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +21,14 @@ import jax  # noqa: E402
 # subprocesses see one unless a test passes XLA_FLAGS=--xla_force_host_platform_device_count=N.
 jax.config.update("jax_num_cpu_devices", 8)
 
+# One persistent compilation cache for the session: in-process runs (which rebuild the same steps many times) and
+# CLI subprocesses alike compile each program once. It must be set before the first compilation.
+COMPILATION_CACHE = Path(tempfile.mkdtemp(prefix="bigmodel_jax_test_cache_"))
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 # A local copy of tiny Shakespeare for tests (its GitHub URL is unreachable offline): the project's shared
 # folder beside the checkout, or this workplace's; tests that need it skip where neither exists.
 TINY_SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
@@ -26,9 +37,9 @@ TINY_SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshak
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-  """One JAX compilation cache for the whole session, so repeated subprocess runs start fast."""
-  return tmp_path_factory.mktemp("jax_cache")
+def cache_dir() -> Path:
+  """The session's JAX compilation cache (also for subprocess runs, so repeated runs start fast)."""
+  return COMPILATION_CACHE
 
 
 @pytest.fixture(scope="session")
