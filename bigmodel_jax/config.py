@@ -203,6 +203,16 @@ def fit_mesh(config) -> str | None:
 def validate(config, training: bool = True) -> None:
   """Raises UserError naming the first field that is wrong and what would be right (`training`: also what
   only training needs, e.g. a batch that splits over this machine's devices)."""
+  validate_fields(config, training)
+  from bigmodel_jax import parallel
+  mesh, rules = parallel.make_mesh(config.mesh), parallel.make_rules(config.parallel.rules)
+  if training:  # eval batches are padded up to a multiple of the batch shards (padding rows are masked out)
+    parallel.check_batch(mesh, rules, config.data.batch_size, "data.batch_size", config.train.grad_accum_steps)
+
+
+def validate_fields(config, training: bool = True) -> None:
+  """Everything validate checks that does not depend on this machine's devices (a sweep checks each trial's
+  config with it before any trial runs, without touching an accelerator)."""
   check_structure(config)
   if training:  # a saved config.json of an older version may hold fields since removed; it still evaluates
     check_unknown_fields(config)
@@ -217,10 +227,6 @@ def validate(config, training: bool = True) -> None:
   t = config.train
   _check(t.num_steps > 0 or t.num_epochs > 0, "train.num_epochs",
          f"must be > 0 (or set train.num_steps > 0), got {t.num_epochs!r}")
-  from bigmodel_jax import parallel
-  mesh, rules = parallel.make_mesh(config.mesh), parallel.make_rules(config.parallel.rules)
-  if training:  # eval batches are padded up to a multiple of the batch shards (padding rows are masked out)
-    parallel.check_batch(mesh, rules, config.data.batch_size, "data.batch_size", t.grad_accum_steps)
   if not config.data.name.startswith("tfds:"):
     DATASETS.get(config.data.name)
   from bigmodel_jax.data.text import READS_PATH

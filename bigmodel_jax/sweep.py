@@ -13,7 +13,7 @@ their own checkpoints and runs trials added to the file since; SIGTERM / Ctrl-C 
     --report                   only rewrite the results from what --workdir holds (the sweep file is optional)
     --dry_run                  list the trials and their commands; run nothing
 
-Exit status: 0 when every trial of the sweep is done, 1 when some failed (the rest ran), 2 for bad input (one
+Exit status: 0 when every trial of the sweep is done, 1 when some failed or did not finish (the rest ran), 2 for bad input (one
 line per problem, nothing run or changed), 128+signal after SIGTERM / SIGINT (everything resumable).
 """
 
@@ -201,7 +201,8 @@ def run(args: list[str]) -> int:
   print(f"{sweep.name}: {done}/{total} trials done, {failed} failed; results: {results}", flush=True)
   if signum:
     return 128 + signum
-  return 1 if failed else 0
+  finished = sum(e["status"] in ("done", "pruned") for e in in_sweep)  # pruned: stopped by ASHA, by design
+  return 1 if failed or finished < total else 0  # a trial stopped from outside (SIGTERM) is not finished
 
 
 def fail(message: str, code: int = 2):

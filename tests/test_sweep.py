@@ -23,7 +23,7 @@ FIXED = ('base = "configs/digits_mlp.py"\n'
          '"evals.validation.every": 100}\n')
 GOOD = 'from bigmodel_jax.sweeps import product, seeds\n' + FIXED + \
     'def sweep():\n  yield from product({"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(2))\n'
-WITH_FAILING = GOOD + '  yield {"data.batch_size": 0}  # main refuses it: exit 2, its error line\n'
+WITH_FAILING = GOOD + '  yield {"data.batch_size": 5000}  # a valid config that main refuses on the data: exit 2, its error line\n'
 WITH_ADDED = GOOD + '  yield {"optimizer.learning_rate": 1e-2, "seed": 0}\n'
 SEARCH = 'import optuna\n' + FIXED + '''metric, mode = "accuracy", "max"
 num_trials = 4
@@ -114,7 +114,8 @@ def sweep():
   yield {"optimizer.learning_rate": 1e-4, "model.hidden_sizes": (8,), "train.trackers": "tensorboard,mlflow"}
 '''))
   assert [t.name for t in sweep.trials] == ["optimizer.name=sgd,hidden_sizes=64-32,seed=1",
-                                            "learning_rate=0.0001,hidden_sizes=8,trackers=tensorboard,mlflow"]
+                                            # one key order for every trial: first seen first
+                                            "hidden_sizes=8,learning_rate=0.0001,trackers=tensorboard,mlflow"]
   assert sweep.metric == "accuracy" and sweep.mode == "max"  # the base config's selection
   assert sweep.config.train.num_steps == 300  # the fixed overrides are applied
   assert spec.format_value((8,)) == "(8,)" and spec.format_value(False) == "false"
@@ -130,7 +131,14 @@ def sweep():
     ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
     ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
     ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
-], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "type", "section", "num-trials"])
+    ("def sweep():\n  yield {'seed': 0, 'optimizer.learning_rate': 1}\n"
+     "  yield {'optimizer.learning_rate': 1.0, 'seed': 0}\n", "trials 0 and 1 are the same (seed=0,learning_rate=1.0)"),
+    ("def sweep():\n  yield {'train.num_steps': True}\n", "train.num_steps=True: configs/digits_mlp.py has int"),
+    ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
+    ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
+    ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
+], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "type", "section", "num-trials", "same-config",
+        "bool-for-int", "none", "invalid-value", "select-on-test"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
     spec.load(write(tmp_path / "s.py", FIXED + body))
@@ -251,16 +259,17 @@ def test_a_sweep_writes_results_and_goes_on_past_a_failing_trial(grid):
   rows = results(workdir)
   assert {name: row["status"] for name, row in rows.items()} == {
       "learning_rate=0.001,seed=0": "done", "learning_rate=0.001,seed=1": "done",
-      "learning_rate=0.003,seed=0": "done", "learning_rate=0.003,seed=1": "done", "batch_size=0": "failed"}
-  error = "error: config.data.batch_size: must be > 0, got 0"
-  assert rows["batch_size=0"]["error"] == error and f"trial batch_size=0 failed: {error}" in proc.stderr
+      "learning_rate=0.003,seed=0": "done", "learning_rate=0.003,seed=1": "done", "batch_size=5000": "failed"}
+  error = ("error: config.data.batch_size: 5000 is larger than the 1294 training examples of 'digits' (the rest of "
+           "its training split is validation: data.validation_fraction=0.1) with drop_remainder")
+  assert rows["batch_size=5000"]["error"] == error and f"trial batch_size=5000 failed: {error}" in proc.stderr
   for name, row in rows.items():
     if row["status"] == "done":
       f = final(workdir / name)
       assert float(row["validation_accuracy"]) == f["best"]["value"] and int(row["best_step"]) == f["best_step"]
       assert float(row["test_accuracy"]) == f["best"]["test"]["accuracy"]
   md = (workdir / "results.md").read_text()
-  assert md.count("| 2 |") == 2 and "**Best**: learning_rate=" in md and f"`batch_size=0`: {error}" in md
+  assert md.count("| 2 |") == 2 and "**Best**: learning_rate=" in md and f"`batch_size=5000`: {error}" in md
   assert (workdir / "plots" / "accuracy_vs_learning_rate.png").stat().st_size > 1000
   assert (workdir / "plots" / "validation_curves.png").stat().st_size > 1000
   trial = workdir / "learning_rate=0.001,seed=0"
@@ -278,7 +287,7 @@ def test_running_again_skips_finished_trials_runs_added_ones_keeps_removed_ones(
   assert "5 trials on configs/digits_mlp.py, 4 already done; 1 to run" in proc.stderr
   assert all(launches(d) == 1 for d in trial_dirs(workdir) if (d / "final_metrics.json").exists())
   rows = results(workdir)
-  assert rows["batch_size=0"]["in_sweep"] == "False" and rows["batch_size=0"]["status"] == "failed"
+  assert rows["batch_size=5000"]["in_sweep"] == "False" and rows["batch_size=5000"]["status"] == "failed"
   assert rows["learning_rate=0.01,seed=0"]["status"] == "done" and len(rows) == 6
   assert run_sweep(sweep_env, "--report", f"--workdir={workdir}").returncode == 0
 

@@ -110,8 +110,8 @@ def groups(rows: list[Row], mode: str) -> list[Group]:
   by_key = {}
   for r in rows:
     if r.status == "done" and _finite(r.value):
-      rest = {k: v for k, v in r.overrides.items() if k != SEED}
-      by_key.setdefault(json.dumps(rest, sort_keys=True), Group(rest, [])).rows.append(r)
+      rest = {k: v for k, v in r.overrides.items() if k != SEED}  # trials removed from the sweep group apart
+      by_key.setdefault(json.dumps([rest, r.in_sweep], sort_keys=True), Group(rest, [])).rows.append(r)
   return sorted(by_key.values(), key=lambda g: g.stats("value")[0], reverse=mode == "max")
 
 

@@ -4,6 +4,7 @@ Every mistake is a UserError naming the file and what to do; override problems a
 that has them, so one run of the command shows them all.
 """
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -16,6 +17,7 @@ from typing import Callable
 
 import ml_collections
 
+from bigmodel_jax import config as config_lib
 from bigmodel_jax.errors import UserError, where
 
 MAX_LISTED = 20  # bad-override lines shown before "... and N more"
@@ -171,7 +173,8 @@ def _load_config(file: Path, variant: str, path: Path, base: str) -> ml_collecti
 
 
 def check_override(config, key, value, keys: list[str], base: str) -> str | None:
-  """What is wrong with overriding `key` by `value` in config (no such field, a section, a wrong type), or None."""
+  """What is wrong with overriding `key` by `value` in config (no such field, a section, a wrong type), or None;
+  if nothing, `config` now holds the value (converted as the CLI would: int -> float, list -> tuple)."""
   if not isinstance(key, str):
     return f"override keys are dotted field names like 'optimizer.learning_rate', got {key!r}"
   *parents, leaf = key.split(".")
@@ -184,19 +187,37 @@ def check_override(config, key, value, keys: list[str], base: str) -> str | None
   old = section[leaf]
   if isinstance(old, ml_collections.ConfigDict):
     return f"{key!r} is a section of {base}; override its fields ({key}.<field>)"
-  try:  # ml_collections checks the type (and converts int -> float, list -> tuple); put the old value back
+  # the command line cannot carry None, nor a bool into a number field (ml_collections would retype the field)
+  if (value is None) != (old is None) or (isinstance(value, bool) != isinstance(old, bool) and old is not None):
+    return f"{key}={value!r}: {base} has {type(old).__name__} {old!r} there; give a value of that type"
+  try:  # ml_collections checks the type (and converts int -> float, list -> tuple)
     section[leaf] = value
   except (TypeError, ValueError) as e:
     return f"{key}={value!r}: {str(e).splitlines()[0]}"
-  section[leaf] = old
   return None
 
 
 def problems(config, overrides, keys: list[str], base: str) -> list[str]:
-  """Every problem of an overrides dict, one line each."""
+  """Every problem of an overrides dict, one line each: its fields, then the config it makes (config.validate
+  without what depends on the devices a trial will have)."""
   if not isinstance(overrides, dict):
     return [f"overrides must be a dict like {{'optimizer.learning_rate': 1e-3}}, got {type(overrides).__name__}"]
-  return [p for k, v in overrides.items() if (p := check_override(config, k, v, keys, base))]
+  trial = copy.deepcopy(config)
+  found = [p for k, v in overrides.items() if (p := check_override(trial, k, v, keys, base))]
+  if found:
+    return found
+  try:
+    config_lib.validate_fields(trial)
+  except UserError as e:
+    return [str(e)]
+  return []
+
+
+def canonical(config, overrides: dict) -> dict:
+  """The overrides as the config holds them (1 -> 1.0 for a float field), for names and duplicate checks."""
+  trial = copy.deepcopy(config)
+  return {k: plain(config_lib.get_field(trial, k)) for k in overrides
+          if check_override(trial, k, overrides[k], [], "") is None}
 
 
 def _listed(lines: list[str]) -> str:
@@ -239,6 +260,9 @@ def _grid(fn: Callable, sweep: Sweep, keys: list[str]) -> list[Trial]:
                  for p in problems(sweep.config, item, keys, sweep.base)]
   if bad:
     raise UserError(_listed(bad))
+  order = list(dict.fromkeys(k for item in items for k in item))  # one key order for every trial's name
+  items = [{k: v for k, v in canonical(sweep.config, item).items()} for item in items]
+  items = [{k: item[k] for k in order if k in item} for item in items]
   sweep.labels = {k: label_of(k, sweep.config) for item in items for k in item}
   trials = [Trial(trial_name(item, sweep.labels), item) for item in items]
   first, duplicates = {}, []
