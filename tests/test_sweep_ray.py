@@ -1,15 +1,18 @@
 """The Ray executor against a real local Ray instance (started here on 127.0.0.1, 2 CPUs, no dashboard)."""
 
 import csv
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from test_sweep import FIXED, run_sweep, sweep_env, trial_dirs, write  # noqa: F401 (sweep_env is a fixture)
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.tune")
+# not imported here: only the Ray head and the sweep's own process load Ray
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 
 # a light local instance: no token auth, usage stats or memory monitor
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0"}
@@ -21,19 +24,32 @@ def sweep():
 '''
 
 
+# The instance lives in a process of its own (the test process never holds a Ray driver or its threads): it prints
+# its address, and shuts down when its stdin closes.
+RAY_HEAD = """
+import sys, ray
+context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                   object_store_memory=100 * 1024 * 1024)
+print("127.0.0.1:" + context.address_info["gcs_address"].rsplit(":", 1)[1], flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
 @pytest.fixture(scope="module")
 def ray_address():
-  saved = {k: os.environ.get(k) for k in RAY_ENV}
-  os.environ.update(RAY_ENV)
-  context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     object_store_memory=100 * 1024 * 1024)
-  yield "127.0.0.1:" + context.address_info["gcs_address"].rsplit(":", 1)[1]
-  ray.shutdown()
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k)
-    else:
-      os.environ[k] = v
+  head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, **RAY_ENV})
+  try:
+    address = head.stdout.readline().strip()
+    assert address.startswith("127.0.0.1:"), f"the Ray head did not start (exit {head.poll()})"
+    yield address
+  finally:
+    head.stdin.close()
+    try:
+      head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      head.kill()
 
 
 def test_ray_tune_runs_the_trials_and_streams_their_validation_metrics(ray_address, sweep_env, tmp_path):

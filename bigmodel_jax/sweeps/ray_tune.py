@@ -98,20 +98,32 @@ class TrialTrainable(tune.Trainable):
       self.launch.finish(self.launch.proc.wait(), status="pruned")
 
 
+RECORD_WAIT_S = 60  # how long a stopped trial may take to checkpoint and record its end
+
+
 class _Events(tune.Callback):
   """Tune's trial events -> the sweep's (runs in the driver)."""
 
-  def __init__(self, by_name: dict, events, session_start: float):
-    self.by_name, self.events, self.session_start = by_name, events, session_start
+  def __init__(self, by_name: dict, events, session_start: float, stop_file: Path):
+    self.by_name, self.events, self.session_start, self.stop_file = by_name, events, session_start, stop_file
 
   def on_trial_start(self, iteration, trials, trial, **info):
     self.events.started(self.by_name[trial.config["trial"]["name"]])
 
+  def _last_launch(self, spec) -> dict | None:
+    launches = trials_lib.read_record(spec["dir"]).get("launches", [])
+    return launches[-1] if launches and launches[-1]["start"] >= self.session_start else None
+
   def _ended(self, trial, error: str = ""):
     spec = trial.config["trial"]
-    launches = trials_lib.read_record(spec["dir"]).get("launches", [])
-    end = launches[-1] if launches and launches[-1]["start"] >= self.session_start else None
-    if end is None:  # never launched (stopped first), or its worker died before recording how it ended
+    end = self._last_launch(spec)
+    # A trial the scheduler (ASHA) stopped completes here while its worker still waits for it to checkpoint and
+    # records 'pruned': give it that time.
+    deadline = time.time() + RECORD_WAIT_S
+    while end is None and not error and not self.stop_file.exists() and time.time() < deadline:
+      time.sleep(POLL_S)
+      end = self._last_launch(spec)
+    if end is None:  # never launched (the sweep stopped first), or its worker died before recording how it ended
       end = {"status": "failed" if error else "pending", "exit_code": None, "error": error, "wall_s": 0.0}
     self.events.finished(self.by_name[spec["name"]], end)
 
@@ -191,5 +203,5 @@ class RayExecutor:
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0),
                                   # the trials checkpoint themselves (main), into their own directories
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                  callbacks=[_Events({t.name: t for t in batch}, events, time.time())]))
+                                  callbacks=[_Events({t.name: t for t in batch}, events, time.time(), stop_file)]))
     tuner.fit()
