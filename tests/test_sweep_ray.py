@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason=
 
 # a light local instance: no token auth, usage stats or memory monitor
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_memory_monitor_refresh_ms": "0"}
+# No ASHA here: which trial it stops, and when, depends on timing (see the README); this checks the executor itself.
 SWEEP = FIXED + '''resources = {"cpu": 1}
-asha = {"grace_period": 100, "reduction_factor": 2}
 def sweep():
   yield {"optimizer.learning_rate": 3e-3}
   yield {"optimizer.learning_rate": 1e-5}
@@ -60,15 +60,12 @@ def test_ray_tune_runs_the_trials_and_streams_their_validation_metrics(ray_addre
   with open(workdir / "results.csv") as f:
     rows = {row["trial"]: row for row in csv.DictReader(f)}
   assert set(rows) == {"learning_rate=0.003", "learning_rate=1e-05"}
-  assert rows["learning_rate=0.003"]["status"] == "done"  # the better one is never stopped by ASHA
+  assert {row["status"] for row in rows.values()} == {"done"}
   for d in trial_dirs(workdir):
-    launch = json.loads((d / "sweep_trial.json").read_text())["launches"][-1]
-    validation = [r["accuracy"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                  if r.get("eval") == "validation"]
-    if launch["status"] == "pruned":  # ASHA stopped it: SIGTERM, so it saved a checkpoint and can resume
-      assert launch["exit_code"] == 143 and any((d / "checkpoints").iterdir())
-    else:
-      assert launch["status"] == "done" and len(validation) == 3
+    launches = json.loads((d / "sweep_trial.json").read_text())["launches"]
+    records = (d / "metrics.jsonl").read_text().splitlines()
+    validation = [r["accuracy"] for r in map(json.loads, records) if r.get("eval") == "validation"]
+    assert launches[-1]["status"] == "done" and launches[-1]["exit_code"] == 0 and len(validation) == 3
     # every validation record reached Tune as a result, as it appeared (the last result repeats the last one)
     reported = {}
     for path in (workdir / "ray").glob("*/*/result.json"):

@@ -98,7 +98,7 @@ class TrialTrainable(tune.Trainable):
       self.launch.finish(self.launch.proc.wait(), status="pruned")
 
 
-RECORD_WAIT_S = 60  # how long a stopped trial may take to checkpoint and record its end
+RECORD_WAIT_S = 15  # how long a stopped trial's worker may take to record its end
 
 
 class _Events(tune.Callback):
@@ -117,14 +117,15 @@ class _Events(tune.Callback):
   def _ended(self, trial, error: str = ""):
     spec = trial.config["trial"]
     end = self._last_launch(spec)
-    # A trial the scheduler (ASHA) stopped completes here while its worker still waits for it to checkpoint and
-    # records 'pruned': give it that time.
+    # A trial the scheduler (ASHA) stopped completes here while its worker may still be recording 'pruned' (or was
+    # killed before it could: its process then got SIGTERM and checkpointed): give the record a moment to land.
     deadline = time.time() + RECORD_WAIT_S
     while end is None and not error and not self.stop_file.exists() and time.time() < deadline:
       time.sleep(POLL_S)
       end = self._last_launch(spec)
-    if end is None:  # never launched (the sweep stopped first), or its worker died before recording how it ended
-      end = {"status": "failed" if error else "pending", "exit_code": None, "error": error, "wall_s": 0.0}
+    if end is None:  # a finished trial always records its end first: this one was stopped, or never launched
+      status = "failed" if error else ("pending" if self.stop_file.exists() else "pruned")
+      end = {"status": status, "exit_code": None, "error": error, "wall_s": 0.0}
     self.events.finished(self.by_name[spec["name"]], end)
 
   def on_trial_complete(self, iteration, trials, trial, **info):
