@@ -23,7 +23,7 @@ class RunRecords:
   """What one run directory holds for a comparison."""
 
   def __init__(self, label: str, path: Path):
-    from bigmodel_jax.train import saved_config
+    from bigmodel_jax.workdir import saved_config
     self.label, self.path = label, path
     if not path.exists():
       raise UserError(f"RUN: {path} does not exist; pass the --workdir of a bigmodel_jax.main run")

@@ -156,7 +156,7 @@ def load_config(workdir: Path):
     return config
   if _MODE.value != "train":
     import ml_collections
-    from bigmodel_jax.train import saved_config
+    from bigmodel_jax.workdir import saved_config
     saved = saved_config(workdir)  # a UserError if it is not valid JSON
     if saved is None:
       fail(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")

@@ -7,7 +7,6 @@ metrics are reported beside it, never selected on.
 """
 
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
 from bigmodel_jax.tasks import TASKS, get_task
 from bigmodel_jax.writers import MetricsWriter, Progress
+from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpoints, lock_workdir
 
 
 class Preempted(Exception):
@@ -67,78 +67,6 @@ class Run:
       raise UserError(f"{self.workdir / 'tokenizer' / 'tokenizer.json'}: its vocabulary has {vocab} ids but checkpoint "
                       f"step {step} was trained with another ({name}: {saved}); put back the run's own tokenizer "
                       "files or use a new --workdir") from None
-
-
-def has_checkpoints(workdir: Path) -> bool:
-  """True once a checkpoint has been committed (orbax renames a step directory into place when complete)."""
-  directory = workdir / "checkpoints"
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def saved_config(workdir: Path) -> dict | None:
-  path = workdir / "config.json"
-  if not path.exists():
-    return None
-  try:
-    return config_lib.with_defaults(json.loads(path.read_text()))
-  except json.JSONDecodeError:
-    raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
-                    "or move the workdir away") from None
-
-
-def adopt_legacy_config(workdir: Path, config) -> bool:
-  """A run from before validation splits (its config.json has no `evals`) goes on as it was: trained on the whole
-  training split, evaluated on the split it called test, selecting nothing (there is no validation split to select
-  on). Its config.json is kept as it was, so every relaunch is adopted alike. -> whether it is such a run."""
-  path = workdir / "config.json"
-  if not path.exists() or not has_checkpoints(workdir):
-    return False
-  try:
-    raw = json.loads(path.read_text())
-  except json.JSONDecodeError:
-    return False  # saved_config says what is wrong with it
-  if "evals" in raw:
-    return False
-  legacy = config_lib.legacy_fields(raw)
-  config.data.validation_fraction = legacy["data"]["validation_fraction"]
-  config.train.best_eval = legacy["train"]["best_eval"]
-  config.train.early_stopping.patience = legacy["train"]["early_stopping"]["patience"]
-  config.evals = legacy["evals"]
-  logging.warning("%s predates validation splits: it continues on the whole training split, evaluating test only "
-                  "and selecting no best checkpoint", workdir)
-  return True
-
-
-def check_workdir(workdir: Path, config) -> None:
-  """A workdir with checkpoints belongs to one config: refuse to continue it with a different one."""
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir: {workdir} exists and is not a directory")
-  saved = saved_config(workdir)
-  if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
-    return
-  diffs = config_lib.config_differences(saved, json.loads(config.to_json_best_effort()))
-  if diffs:
-    raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
-                    "or pass --config.train.allow_config_change=true to continue it anyway")
-
-
-def lock_workdir(workdir: Path):
-  """One training run per workdir: an flock the OS drops when the process dies, even by SIGKILL.
-
-  Taken before orbax opens the checkpoint directory, which would clean up a live run's in-flight save.
-  """
-  lock = open(workdir / ".train.lock", "a+")
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    lock.seek(0)
-    owner = lock.read().strip() or "?"
-    raise UserError(f"--workdir: {workdir} is in use by another training run (pid {owner}); wait for it to "
-                    "finish or stop it, or use another --workdir") from None
-  lock.truncate(0)
-  lock.write(str(os.getpid()))
-  lock.flush()
-  return lock
 
 
 def build_run(config, workdir: str | Path, for_training: bool = True, need_data: bool = True) -> Run:

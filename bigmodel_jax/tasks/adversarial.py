@@ -206,7 +206,7 @@ class Classifier:
 
   @classmethod
   def load(cls, config, dataset) -> "Classifier":
-    from bigmodel_jax import train
+    from bigmodel_jax import train, workdir as workdir_lib
     from bigmodel_jax.data import pipeline
     import ml_collections
     workdir = config.eval.classifier_workdir
@@ -214,8 +214,8 @@ class Classifier:
     if not workdir:
       workdir, field = _cached_classifier(config, dataset), "config.eval.classifier_config"
     workdir = Path(workdir)
-    saved = train.saved_config(workdir)
-    if saved is None or not train.has_checkpoints(workdir):
+    saved = workdir_lib.saved_config(workdir)
+    if saved is None or not workdir_lib.has_checkpoints(workdir):
       raise UserError(f"{field}: {workdir} holds no trained run (no config.json or checkpoints); train one, e.g. "
                       f"python -m bigmodel_jax.main --config=configs/mnist_cnn.py --workdir={workdir}")
     c = ml_collections.ConfigDict(saved)
