@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from bigmodel_jax import config as config_lib, distributed, errors, evaluate, optim, parallel, runinfo
+from bigmodel_jax import distributed, errors, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
