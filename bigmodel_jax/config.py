@@ -20,69 +20,125 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
                   "predict.", "sample.",
-                  "evals.",  # when and where the run is evaluated, not what it trains
+                  "evals.", "eval.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every field, with its default. Each field's trailing comment is its one-line meaning (`--print_config` and
+  `--help` show it); a comment block above a section describes the section."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # seeds parameter init, dropout and the data order
   c.data = dict(
-      name="digits", data_dir="",  # "" = $BIGMODEL_JAX_DATA_DIR or ~/.cache/bigmodel_jax/data
+      name="digits",  # dataset: a registered name, or tfds:<name> for a TFDS dataset
+      data_dir="",  # where datasets are cached; "" = $BIGMODEL_JAX_DATA_DIR or ~/.cache/bigmodel_jax/data
       batch_size=32,  # global batch size, over all devices and processes
-      eval_batch_size=1000, shuffle=True, drop_remainder=True,
+      eval_batch_size=1000,  # rows per evaluation batch (the last one is padded and masked)
+      shuffle=True,  # reshuffle the training split each epoch
+      drop_remainder=True,  # drop each epoch's last incomplete training batch
       normalize="unit",  # none | unit ([0, 1]) | standardize (train-set mean/std per channel)
-      augment=dict(random_crop_padding=0, horizontal_flip=False),
+      augment=dict(
+          random_crop_padding=0,  # pad by this many pixels and crop back at a random offset; 0: off
+          horizontal_flip=False),  # flip training images left-right at random
       # grain read threads: 0 builds each batch (one numpy gather) on the training thread, which measured
       # fastest on 2 CPU cores (benchmarks/step_overhead.py); raise it for heavy augmentation
-      num_threads=0, prefetch=4,
+      num_threads=0,  # grain read threads (0: batches built on the training thread)
+      prefetch=4,  # batches read ahead when num_threads > 0
       # text datasets
       path="",  # a local text file instead of fetching (tiny_shakespeare)
       seq_len=128,  # tokens per example: LM window (block size) or classifier input length (truncated/padded)
-      tokenizer=dict(name="char", vocab_size=8000, model_type="unigram"),  # char | byte | sentencepiece
+      tokenizer=dict(
+          name="char",  # char | byte | sentencepiece
+          vocab_size=8000,  # sentencepiece: vocabulary size to train
+          model_type="unigram"),  # sentencepiece: unigram | bpe
       strip_headers=True,  # emails (spam_assassin): drop the header block
       # datasets without a published validation split hold out this fraction of the training split as
       # 'validation': a fixed slice (its own seed, not config.seed), so it never moves between runs or trials
-      validation_fraction=0.1)
-  c.model = model_config("mlp")
-  c.task = dict(name="classification", label_smoothing=0.0)
-  c.optimizer = dict(name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0,
-                     nesterov=False, weight_decay=0.0, grad_clip_norm=0.0,
-                     decay_embeddings=False,  # weight decay on kernels only, or also on embeddings
-                     mu_dtype="float32")  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
-  c.schedule = dict(name="constant", warmup_steps=0, end_factor=0.0)  # end lr = learning_rate * end_factor
+      validation_fraction=0.1)  # share of the training split held out as validation (where none is published)
+  c.model = model_config("mlp")  # the model: its name and its constructor's arguments (model_config(name, ...))
+  c.task = dict(
+      name="classification",  # the task: its loss, metrics and predictions
+      label_smoothing=0.0)  # classification: share of each target spread over all classes
+  c.optimizer = dict(
+      name="adam",  # the optax optimizer
+      learning_rate=1e-3,  # peak learning rate (the schedule scales it)
+      b1=0.9,  # adam/adamw: first-moment decay
+      b2=0.999,  # adam/adamw: second-moment decay
+      eps=1e-8,  # adam/adamw: denominator epsilon
+      momentum=0.0,  # sgd: momentum (0: none)
+      nesterov=False,  # sgd: Nesterov momentum
+      weight_decay=0.0,  # decoupled weight decay (adamw, sgd)
+      grad_clip_norm=0.0,  # clip gradients to this global norm; 0: off
+      decay_embeddings=False,  # weight decay on kernels only, or also on embeddings
+      mu_dtype="float32")  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
+  c.schedule = dict(
+      name="constant",  # learning-rate schedule over the training steps
+      warmup_steps=0,  # steps of linear warmup from 0
+      end_factor=0.0)  # end lr = learning_rate * end_factor
   # Several named optimizers instead of the one above (a GAN's generator and discriminator, per-group learning
   # rates): config.optimizers.<name> = optim.section_config(params="generator", ...), each with its own schedule.
-  c.optimizers = ml_collections.ConfigDict()
+  c.optimizers = ml_collections.ConfigDict()  # named optimizers (empty: config.optimizer for all parameters)
   c.train = dict(
-      num_epochs=1, num_steps=-1,  # num_steps > 0 overrides num_epochs
-      log_every=100, checkpoint_every=1000, keep_checkpoints=3,
+      num_epochs=1,  # passes over the training split (when num_steps <= 0)
+      num_steps=-1,  # training steps; > 0 overrides num_epochs
+      log_every=100,  # steps between train-metric log lines
+      checkpoint_every=1000,  # steps between checkpoints (and one at the end)
+      keep_checkpoints=3,  # latest checkpoints kept (the best one is kept besides)
       # model selection reads the evaluator `best_eval` (a validation split, never test): the checkpoint kept as
       # 'best', best_step in final_metrics.json, and early stopping after `patience` evaluations without an
       # improvement of more than min_delta (patience 0: off)
-      best_eval="validation", best_metric="accuracy", best_mode="max",
-      early_stopping=dict(patience=0, min_delta=0.0),
-      allow_config_change=False, progress_bar=True, compilation_cache=True,
+      best_eval="validation",  # the evaluator model selection reads (a validation split); "": select nothing
+      best_metric="accuracy",  # the metric selection compares (a metric of the task)
+      best_mode="max",  # max | min: whether larger best_metric is better
+      early_stopping=dict(
+          patience=0,  # stop after this many evaluations without improvement; 0: off
+          min_delta=0.0),  # an improvement must exceed this
+      allow_config_change=False,  # let a workdir's run continue with a different config
+      progress_bar=True,  # a progress bar on a terminal (plain log lines elsewhere)
+      compilation_cache=True,  # JAX's persistent compilation cache ($BIGMODEL_JAX_CACHE_DIR)
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
       grad_accum_steps=1,  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
-      # where metrics go besides metrics.jsonl: comma-separated tensorboard | mlflow | wandb (optional extras)
-      trackers="tensorboard",
-      tracking=dict(experiment="", mlflow_tracking_uri="", wandb_project="bigmodel_jax", wandb_dir=""))
+      trackers="tensorboard",  # where metrics go besides metrics.jsonl: comma-separated tensorboard | mlflow | wandb
+      tracking=dict(
+          experiment="",  # MLflow experiment / W&B group; "": $BIGMODEL_JAX_EXPERIMENT or bigmodel_jax
+          mlflow_tracking_uri="",  # "": sqlite:///$PWD/mlflow.db
+          wandb_project="bigmodel_jax",  # W&B project (offline runs)
+          wandb_dir=""))  # where W&B offline runs go; "": the workdir
   # Devices: a mesh of named axes (sizes multiply to the device count; -1 = the rest). data: batch split,
   # params replicated; fsdp: batch split, params + optimizer state sharded; tensor: heads/MLP units split.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  # strategy jit (any mesh) or pmap (pure data parallel); rules: logical axis -> mesh axes (parallel.RULES)
-  c.parallel = dict(strategy="jit", rules=dict(RULES))
-  # GAN quality (task 'adversarial'): a trained classifier run's workdir, or the config trained once and cached
-  # (~/.cache/bigmodel_jax/classifiers or $BIGMODEL_JAX_CLASSIFIER_DIR); seed: the fixed eval noise
+  c.mesh = dict(
+      data=-1,  # data-parallel ways: batch split, parameters replicated (-1: the rest of the devices)
+      fsdp=1,  # FSDP ways: batch split, parameters and optimizer state sharded
+      tensor=1)  # tensor-parallel ways: attention heads and MLP units split
+  c.parallel = dict(
+      strategy="jit",  # jit (any mesh) | pmap (pure data parallel)
+      rules=dict(RULES))  # logical axis -> mesh axes (parallel.RULES); override one row per flag
   # Evaluators: config.evals.<name> = dict(split=..., every=...), each logged under its split in metrics.jsonl and
   # TensorBoard. every: N steps, -1 = the end of each epoch, 0 = the end of training only (and always at the end).
-  c.evals = dict(validation=dict(split="validation", every=-1), test=dict(split="test", every=0))
-  c.eval = dict(classifier_workdir="", classifier_config="configs/mnist_cnn.py", seed=0)
-  c.predict = dict(num_images=25)
+  c.evals = dict(
+      validation=dict(
+          split="validation",  # the split this evaluator reads: train | validation | test
+          every=-1),  # evaluate every N steps; -1: each epoch; 0: at the end only
+      test=dict(
+          split="test",  # the split this evaluator reads: train | validation | test
+          every=0))  # evaluate every N steps; -1: each epoch; 0: at the end only
+  # GAN quality (task 'adversarial'): a trained classifier run's workdir, or the config trained once and cached
+  # (~/.cache/bigmodel_jax/classifiers or $BIGMODEL_JAX_CLASSIFIER_DIR); seed: the fixed eval noise
+  c.eval = dict(
+      classifier_workdir="",  # GAN quality: a trained classifier run's workdir ("": train classifier_config)
+      classifier_config="configs/mnist_cnn.py",  # GAN quality: the classifier trained once and cached
+      seed=0)  # GAN quality: seed of the fixed evaluation noise
+  c.predict = dict(num_images=25)  # --mode=predict: test images in the grid (misclassified first)
   # --mode=sample (language models): text generated from the checkpoint, with a KV cache
-  c.sample = dict(prompt="\n", num_tokens=500, temperature=0.8, top_k=200, top_p=1.0, seed=0, num_samples=1)
+  c.sample = dict(
+      prompt="\n",  # the text generation starts from
+      num_tokens=500,  # tokens to generate per sample
+      temperature=0.8,  # softmax temperature; 0: always the most likely token
+      top_k=200,  # sample among the k most likely tokens; 0: no top-k filter
+      top_p=1.0,  # nucleus: the smallest set of tokens with this probability; 1: no filter
+      seed=0,  # sampling seed
+      num_samples=1)  # samples to generate
   return c
 
 
@@ -99,23 +155,43 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **fields})
 
 
+class UnknownVariant(ValueError):
+  """A variant name a config file does not define; `valid` lists the ones it does."""
+
+  def __init__(self, message: str, valid: list[str] = ()):
+    super().__init__(message)
+    self.valid = valid
+
+
+LIST_VARIANTS = "?"  # get_config(LIST_VARIANTS) raises UnknownVariant naming the file's variants (--list_configs)
+
+
 def apply_variant(config: ml_collections.ConfigDict, variant: str, config_name: str,
                   **variants: dict[str, Any]) -> ml_collections.ConfigDict:
   """Applies `variants[variant]` ({'train.num_steps': 100, ...}) to config; "" keeps it as it is.
 
   Config files call it last: `return apply_variant(c, variant, "mnist_cnn", smoke={...})`, so
-  `--config=configs/mnist_cnn.py:smoke` works and an unknown variant names the valid ones.
+  `--config=configs/mnist_cnn.py:smoke` works and an unknown variant names the valid ones. Variants compose:
+  "smoke,plays" applies smoke, then plays; two that set one field to different values are refused.
   """
-  if not variant:
-    return config
-  if variant not in variants:
-    raise ValueError(f"unknown variant {variant!r} of {config_name}; valid: {', '.join(sorted(variants))}")
-  for path, value in variants[variant].items():
-    *parents, leaf = path.split(".")
-    section = config
-    for part in parents:
-      section = section[part]
-    section[leaf] = value
+  names = [name.strip() for name in variant.split(",")] if variant else []
+  for name in names:
+    if name not in variants:
+      raise UnknownVariant(f"unknown variant {name!r} of {config_name}; valid: {', '.join(sorted(variants))}"
+                           + (" (several: a,b)" if len(variants) > 1 else ""), sorted(variants))
+  set_by: dict[str, tuple[str, Any]] = {}
+  for name in names:
+    for path, value in variants[name].items():
+      if path in set_by and set_by[path][1] != value:
+        first, before = set_by[path]
+        raise ValueError(f"variants {first!r} and {name!r} of {config_name} both set {path} ({before!r} and "
+                         f"{value!r}); use one of them, or set the field with --config.{path}")
+      set_by[path] = (name, value)
+      *parents, leaf = path.split(".")
+      section = config
+      for part in parents:
+        section = section[part]
+      section[leaf] = value
   return config
 
 
@@ -316,6 +392,19 @@ def with_defaults(saved: dict) -> dict:
         out[key] = merge(value, out[key])
     return out
   return merge(base, saved)
+
+
+def resolve_overrides(config, overridden: list[str]) -> list[str]:
+  """A command-line field beats what the config file or its variant set, also where another field would make it
+  meaningless: train.num_epochs given (without train.num_steps) clears a num_steps > 0 that would override it.
+  -> one line per such change, to log."""
+  notes = []
+  if "train.num_epochs" in overridden and "train.num_steps" not in overridden and config.train.num_steps > 0:
+    notes.append(f"--config.train.num_epochs={config.train.num_epochs} replaces the config's train.num_steps="
+                 f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
+                 f"{config.train.num_epochs} epoch(s)")
+    config.train.num_steps = -1
+  return notes
 
 
 def is_runtime_field(key: str) -> bool:

@@ -108,7 +108,7 @@ def initialize(setup: tuple[str, dict] | None, config, timeout: int, run_flags: 
   incomplete join into one error line; a collective then checks that every process got the same flags.
   """
   if setup is None:
-    logging.info("single process (no --coordinator_address, no multi-process launcher detected)")
+    logging.debug("single process (no --coordinator_address, no multi-process launcher detected)")
     return
   import jax
   how, kwargs = setup

@@ -33,6 +33,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample"
                           "models: generate text, see config.sample) on a checkpoint.")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "eval/predict/sample: checkpoint step (default latest).")
+_PRINT_CONFIG = flags.DEFINE_boolean("print_config", False,
+                                     "Print the resolved config (every field, its value and meaning), the parameter "
+                                     "count and the number of training steps, then exit; writes nothing.")
+_LIST_CONFIGS = flags.DEFINE_boolean("list_configs", False,
+                                     "List the experiments in configs/ with their descriptions and variants, then exit.")
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: HOST:PORT where process 0 serves the coordinator, reachable from "
@@ -92,29 +97,119 @@ def config_error(e: Exception, argv: list[str]) -> str:
                  re.search(rf"\.{field}(\.|=|$)", a.split("=")[0])), None)
     if flag is not None:
       from bigmodel_jax.config import MOVED_FIELDS
-      moved = MOVED_FIELDS.get(flag.removeprefix("--config."))
-      return (f"{flag}: no such config field" + (f" (it moved to {moved})" if moved else "") +
-              "; new entries of config.evals and config.optimizers are added in a config file")
+      key = flag.removeprefix("--config.")
+      moved = MOVED_FIELDS.get(key)
+      return f"{flag}: no such config field" + (f" (it moved to {moved})" if moved else f"; {section_fields(key)}")
+  if isinstance(e, UserError):
+    return str(e)
+  if isinstance(e, ValueError) and "variant" in text:  # config.apply_variant: an unknown or conflicting variant
+    return f"--config: {path}: {lines_of(text)[-1]}"
   if isinstance(e, SyntaxError):
     return f"--config: {path}, line {e.lineno}: syntax error ({e.msg})"
   if isinstance(e, OSError) and "Failed loading config file" in text:
     return f"--config: cannot read config file {path!r} (no such file?); pass a path like configs/mnist_cnn.py"
   if isinstance(e, AttributeError) and "get_config" in text:
     return f"--config: {path} has no get_config() function; a config file defines get_config(arg)"
-  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  lines = lines_of(text)
   return f"--config: {path}: {type(e).__name__}: {lines[-1] if lines else text}"
+
+
+def lines_of(text: str) -> list[str]:
+  return [line.strip() for line in text.strip().splitlines() if line.strip()]
+
+
+def section_fields(key: str) -> str:
+  """What the section of a mistyped field `key` (e.g. train.zzz) does have, for the error line."""
+  from bigmodel_jax import config as config_lib
+  section, value = key.rsplit(".", 1)[0] if "." in key else "", config_lib.base_config()
+  if section.split(".")[0] == "model":
+    return "config.model's fields are its constructor's arguments: --print_config lists them"
+  if section.split(".")[0] in ("evals", "optimizers"):
+    return f"new entries of config.{section.split('.')[0]} are added in a config file"
+  try:
+    for part in filter(None, section.split(".")):
+      value = value[part]
+    names = sorted(value.keys())
+  except (KeyError, AttributeError):
+    return "--print_config lists every field"
+  return f"config{'.' + section if section else ''} has: {', '.join(names)}"
+
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+RUN_CONFIG_FILE = Path(__file__).with_name("run_config.py")  # loads a config.json for config_flags
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name=V or --name V in argv (the last one given), before absl has parsed anything."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def overridden_fields(argv: list[str]) -> list[str]:
+  """The config fields set on the command line (--config.a.b=V, --config.a.b V, --noconfig.a.b), in order."""
+  fields = []
+  for arg in argv:
+    match = re.match(r"--(?:no)?config\.([\w.]+)", arg)
+    if match:
+      fields.append(match.group(1))
+  return fields
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+  """--config=RUN/config.json, and no --config in eval/predict/sample (or --print_config) on a workdir with a
+  config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""
+  global CONFIG_FROM_WORKDIR
+  argv = list(argv)
+  config = _flag_value(argv, "config")
+  if config is not None and config.split(":")[0].endswith(".json"):
+    if ":" in config:
+      fail(f"--config: {config}: a config.json has no variants; override fields with --config.<field>=...")
+    for i, arg in enumerate(argv):  # in place: config_flags takes overrides only after --config
+      if arg == f"--config={config}":
+        argv[i] = f"--config={RUN_CONFIG_FILE}:{config}"
+      elif arg == "--config" and i + 1 < len(argv) and argv[i + 1] == config:
+        argv[i + 1] = f"{RUN_CONFIG_FILE}:{config}"
+  elif config is None:
+    workdir, mode = _flag_value(argv, "workdir"), _flag_value(argv, "mode") or "train"
+    if workdir and (mode != "train" or "--print_config" in argv) and (Path(workdir) / "config.json").is_file():
+      argv.insert(1, f"--config={RUN_CONFIG_FILE}:{Path(workdir) / 'config.json'}")
+      CONFIG_FROM_WORKDIR = True
+  return argv
+
+
+CONFIG_FROM_WORKDIR = False  # no --config was given: the workdir's config.json is the base
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with every failure (bad override, bad type, missing file) turned into one line."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    from bigmodel_jax import cli
+    print(cli.HELP, end="", flush=True)
+    sys.exit(0)
+  if "--helpfull" in argv[1:]:
+    from bigmodel_jax import cli
+    print(cli.HELP + "\nflags:\n" + flags.FLAGS.get_help(), flush=True)
+    sys.exit(0)
+  argv = rewrite_argv(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     override = next((a.split("=")[0] for a in argv if a.startswith("--config.")), None)
     if override and not any(a.startswith("--config=") or a == "--config" for a in argv):
-      fail(f"{override}: overrides need the config file too; add --config=configs/<experiment>.py (the run's "
-           "config is in <workdir>/config.json)")
+      mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
+      if mode != "train" and workdir:
+        fail(f"--workdir: no config.json in {workdir} to apply {override} to; fix the path, or pass --config")
+      fail(f"{override}: overrides need the config file too; add --config=configs/<experiment>.py (or "
+           "--config=<workdir>/config.json to start from a run's config)")
+    variant = re.search(r"(?:UnknownVariant|ValueError): (.*variant.*)", str(e))
+    if variant:  # config.apply_variant: an unknown variant, or two that conflict
+      fail(f"--config: {_flag_value(sys.argv, 'config')}: {variant.group(1).strip()}")
     if "Traceback" in str(e):  # an exception inside the config file: its last line says what
       fail(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}")
     fail(f"{lines[0]}; see --helpfull")
@@ -141,8 +236,8 @@ def setup_jax(config) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def load_config(workdir: Path):
-  """--config if given; in eval/predict mode, else the config saved in the workdir."""
+def load_config():
+  """The config --config names (a file, or a config.json), or None."""
   try:
     config = _CONFIG.value  # config_flags loads the file lazily; a failed load raises on first use
     if config is not None:
@@ -152,24 +247,49 @@ def load_config(workdir: Path):
       fail(f"--config: get_config() in {path} returned None; it must return a ConfigDict")
   except Exception as e:
     fail(config_error(e.__cause__ or e, sys.argv))
-  if config is not None:
-    return config
-  if _MODE.value != "train":
-    import ml_collections
-    from bigmodel_jax.workdir import saved_config
-    saved = saved_config(workdir)  # a UserError if it is not valid JSON
-    if saved is None:
-      fail(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
-    return ml_collections.ConfigDict(saved)
-  fail("--config is required (e.g. --config=configs/mnist_cnn.py)")
+  return config
+
+
+def resolve_config(workdir: Path | None):
+  """The config this launch runs: training takes --config with its command-line fields (which beat what the
+  config or its variant set); eval/predict/sample take the run's own config.json with their own fields set."""
+  from bigmodel_jax import config as config_lib
+  from bigmodel_jax.workdir import use_run_config
+  given, overridden = load_config(), overridden_fields(sys.argv)
+  if _MODE.value != "train" and workdir is not None:
+    return use_run_config(workdir, given, overridden, _MODE.value)
+  if given is None:
+    fail("--config is required (e.g. --config=configs/mnist_cnn.py; --list_configs lists them)")
+  for note in config_lib.resolve_overrides(given, overridden):
+    logging.warning("%s", note)
+  return given
 
 
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags look like --config.optimizer.learning_rate=1e-3")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _LIST_CONFIGS.value:
+    from bigmodel_jax import cli
+    try:
+      print(cli.list_configs(), flush=True)
+    except UserError as e:
+      fail(str(e))
+    return
+  if _WORKDIR.value == "":
+    fail("--workdir is empty; give the directory for checkpoints and metrics, e.g. --workdir=runs/mnist_cnn")
+  if _PRINT_CONFIG.value:
+    from bigmodel_jax import cli, config as config_lib
+    try:
+      config = resolve_config(Path(_WORKDIR.value) if _WORKDIR.value else None)
+      config_lib.validate_fields(config, training=_MODE.value == "train")
+      cli.print_config(config, next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                                    f"{_WORKDIR.value}/config.json"), Path(_WORKDIR.value) if _WORKDIR.value else None)
+    except UserError as e:
+      fail(str(e), cause=e.__cause__)
+    return
   if _WORKDIR.value is None:
     fail("--workdir is required (where checkpoints and metrics go)")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     setup = distributed.distributed_setup(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                           _DISTRIBUTED_TIMEOUT.value)  # before the slow imports: fails at once
@@ -180,7 +300,7 @@ def main(argv):
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
     fail("--checkpoint_step is for --mode=eval/predict/sample; training always resumes from the latest checkpoint")
   try:
-    config = load_config(workdir)  # first: a typo fails at once, not after waiting for the other processes
+    config = resolve_config(workdir)  # first: a typo fails at once, not after waiting for the other processes
     # before anything below touches a JAX backend (validate counts devices)
     distributed.initialize(setup, config, _DISTRIBUTED_TIMEOUT.value, f"{_MODE.value} {_CHECKPOINT_STEP.value}")
     if _MODE.value != "train" and "mesh" in config:

@@ -103,18 +103,3 @@ def fingerprint(params) -> str:
     digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
     digest.update(arr.tobytes())
   return digest.hexdigest()
-
-
-def process_start_time() -> float:
-  """Wall-clock time this process started (Linux /proc), else the time this module was imported."""
-  try:
-    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                if line.startswith("btime"))
-    import os
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-  except (OSError, ValueError, IndexError, StopIteration):
-    return _IMPORT_TIME
-
-
-_IMPORT_TIME = time.time()

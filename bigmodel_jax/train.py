@@ -19,6 +19,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+import bigmodel_jax
 from bigmodel_jax import distributed, errors, evaluate, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
@@ -226,7 +227,8 @@ def _train(run: Run) -> dict:
   state, data_state, meta = restore_or_init(run)
   start_step = int(jax.device_get(state.step))
   selection = evaluate.Selection.from_config(config, meta.get("selection"))
-  for line in run.steps.describe():
+  lines = run.steps.describe()  # the per-parameter sharding table only where there is something sharded
+  for line in lines if run.steps.layout.mesh.size > 1 else [l for l in lines if not l.startswith("  ")]:
     logging.info("%s", line)
   layout = run.steps.layout
   state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
@@ -299,8 +301,8 @@ def _train(run: Run) -> dict:
       progress.advance(step)
       if step == start_step + 1:
         jax.block_until_ready(metrics)
-        startup = time.time() - runinfo.process_start_time()
-        logging.info("start-up: %.1f s from process start to first step done", startup)
+        startup = time.time() - bigmodel_jax.IMPORT_TIME
+        logging.info("start-up: %.1f s from the package's first import to the first step done", startup)
         run.writer.write(step, "startup", {"seconds_to_first_step": startup})
         train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
       if (step - 1) % t.log_every == 0 and step - 1 > start_step:

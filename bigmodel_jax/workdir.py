@@ -82,3 +82,43 @@ def lock_workdir(workdir: Path):
   lock.write(str(os.getpid()))
   lock.flush()
   return lock
+
+
+def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
+  """The config --mode=eval/predict/sample runs: the workdir's config.json, so a run's training overrides need not
+  be repeated. Fields that change how it is used, not what it computed (sample.*, predict.*, evals.*,
+  data.eval_batch_size, mesh.*: config.RUNTIME_FIELDS) come from `given` (the --config file, or the config.json with
+  the command line's fields applied); a command-line field that would change what the run computed is refused."""
+  import ml_collections
+  saved = saved_config(workdir)
+  if saved is None:
+    if given is None:
+      raise UserError(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
+    return given  # a workdir without a record (written by hand): --config describes it
+  if given is None:
+    return ml_collections.ConfigDict(saved)
+  before = config_lib.flatten(saved)
+  after = config_lib.flatten(json.loads(given.to_json_best_effort()))
+  differs = lambda key: before.get(key, "<absent>") != after.get(key, "<absent>")
+  for field in overridden:
+    changed = [k for k in after if (k == field or k.startswith(field + ".")) and differs(k)]
+    if changed and not config_lib.is_runtime_field(changed[0]):
+      key = changed[0]
+      raise UserError(f"--config.{field}: --mode={mode} uses the run as it was trained ({key}="
+                      f"{before.get(key, '<absent>')!r} in {workdir / 'config.json'}); here only fields that do "
+                      "not change what it computed can be set (sample.*, predict.*, evals.*, data.eval_batch_size, "
+                      "mesh.*); to train another variant, use --mode=train with a new --workdir")
+  ignored = sorted(k for k in set(before) | set(after) if differs(k) and not config_lib.is_runtime_field(k))
+  if ignored:
+    logging.warning("--config differs from %s in %d field(s) (%s%s); --mode=%s uses the run's own values",
+                    workdir / "config.json", len(ignored), ", ".join(ignored[:3]), ", ..." if len(ignored) > 3 else "",
+                    mode)
+  merged = json.loads(json.dumps(saved))
+  for key, value in after.items():
+    if config_lib.is_runtime_field(key):
+      *parents, leaf = key.split(".")
+      section = merged
+      for part in parents:
+        section = section.setdefault(part, {})
+      section[leaf] = value
+  return ml_collections.ConfigDict(merged)

@@ -15,7 +15,7 @@ the `:cpu` budget: val loss 1.688 for the LSTM vs 1.893 for the GPT (README resu
 import importlib.util
 from pathlib import Path
 
-from bigmodel_jax.config import apply_variant, model_config
+from bigmodel_jax.config import apply_variant, flatten, model_config
 
 
 def _gpt_config(variant):
@@ -26,11 +26,16 @@ def _gpt_config(variant):
   return module.get_config(variant)
 
 
+def _gpt_variant(name):
+  """The GPT variant's data and training fields (its model fields are the GPT's): the same budget."""
+  base, varied = flatten(_gpt_config("").to_dict()), flatten(_gpt_config(name).to_dict())
+  return {k: v for k, v in varied.items() if base.get(k) != v and not k.startswith("model.")}
+
+
 def get_config(variant: str = ""):
-  if variant not in ("", "smoke", "cpu", "plays"):
-    return apply_variant(_gpt_config(""), variant, "shakespeare_lstm", smoke={}, cpu={}, plays={})
-  c = _gpt_config(variant)  # same data and training budget as the GPT
-  sizes = {"": (384, 768, 0.2), "plays": (384, 768, 0.2), "cpu": (128, 256, 0.0), "smoke": (16, 32, 0.0)}[variant]
-  c.model = model_config("lstm_lm", embed_dim=sizes[0], hidden_size=sizes[1], num_layers=2, dropout_rate=sizes[2])
+  c = _gpt_config("")  # same data and training budget as the GPT
+  c.model = model_config("lstm_lm", embed_dim=384, hidden_size=768, num_layers=2, dropout_rate=0.2)
   c.optimizer.learning_rate = 2e-3  # LSTMs take a larger step than the Transformer's 1e-3 (char-rnn uses 2e-3)
-  return c
+  small = lambda embed, hidden: {"model.embed_dim": embed, "model.hidden_size": hidden, "model.dropout_rate": 0.0}
+  return apply_variant(c, variant, "shakespeare_lstm", smoke={**_gpt_variant("smoke"), **small(16, 32)},
+                       cpu={**_gpt_variant("cpu"), **small(128, 256)}, plays=_gpt_variant("plays"))

@@ -172,9 +172,21 @@ def test_bad_sample_settings_are_one_line(cli, gpt_run, overrides, needles):
 
 
 @needs_tiny
-def test_sample_override_without_config_is_one_line(cli, gpt_run):
-  assert_one_error(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.prompt=JULIET:"),
-                   "--config.sample.prompt", "overrides need the config file too", "--config=")
+def test_sample_overrides_apply_to_the_runs_own_config(cli, gpt_run):
+  """gpt_run was trained with command-line overrides (data.path, num_steps, ...): sampling needs none of them
+  repeated, nor --config; sample.* fields are set directly on the workdir's config.json."""
+  proc = ok(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.prompt=JULIET:",
+                "--config.sample.num_tokens=12", "--config.sample.temperature=0"))
+  assert proc.stdout.startswith("JULIET:") and "(12 tokens in" in proc.stderr
+
+
+@needs_tiny
+def test_a_math_field_in_sample_mode_is_one_line(cli, gpt_run):
+  before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
+  assert_one_error(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.model.num_layers=3"),
+                   "--config.model.num_layers", "--mode=sample", "model.num_layers=2", "new --workdir")
+  after = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
+  assert after == before
 
 
 @pytest.mark.parametrize("content,needles", [

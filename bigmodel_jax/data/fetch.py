@@ -157,22 +157,24 @@ def ensure_files(dataset: str, directory: Path, checksums: dict[str, str], sourc
   if not missing:
     return directory
   failures = []
-  for source in sources:
+  logging.info("fetching %s (%d source(s) to try in turn)", dataset, len(sources))
+  for source in sources:  # a source that fails is said only if they all fail (or with --verbosity=1)
     try:
-      logging.info("fetching %s from %s", dataset, source.__name__)
+      logging.debug("fetching %s from %s", dataset, source.__name__)
       blobs = source()
       for name in missing:
         _check(name, blobs[name], checksums[name], source.__name__)
     except (OSError, KeyError, subprocess.SubprocessError, EOFError, tarfile.TarError) as e:
       failures.append(f"{source.__name__}: {e}")
-      logging.info("could not fetch %s from %s: %s", dataset, source.__name__, e)
+      logging.debug("could not fetch %s from %s: %s", dataset, source.__name__, e)
       continue
     directory.mkdir(parents=True, exist_ok=True)
     for name in missing:
       tmp = directory / f".{name}.partial"
       tmp.write_bytes(blobs[name])
       os.replace(tmp, directory / name)
-    logging.info("%s ready in %s", dataset, directory)
+    logging.info("%s ready in %s, fetched from %s%s", dataset, directory, source.__name__,
+                 f" ({len(failures)} source(s) before it unreachable)" if failures else "")
     return directory
   logging.info("all sources failed for %s: %s", dataset, "; ".join(failures))
   raise UserError(f"dataset {dataset!r}: files missing in {directory} and every download failed "
