@@ -120,7 +120,8 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
   result = {"step": step}
   for e in evaluators(run.config, run.dataset):
     result[e.name] = evaluate_split(run, state, e.split)
-    # split "eval": records of --mode=eval stay apart from the training run's own evaluations
+    # split "eval": records of --mode=eval stay apart from the training run's own evaluations (in TensorBoard,
+    # a run of their own: tensorboard/eval_step<N>/)
     run.writer.write(step, "eval", {"eval": e.name, "eval_split": e.split, **loggable(result[e.name])})
   if jax.process_index() == 0:
     runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
@@ -143,8 +144,8 @@ def predict(run, checkpoint_step: int | None) -> dict:
   preds = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   if jax.process_index() != 0:
     return {"step": step}
-  out_dir = run.workdir / f"predict_step{step}"
-  out_dir.mkdir(parents=True, exist_ok=True)
+  # an earlier call's outputs (another config.predict, or a checkpoint since retrained) stay: _2, _3, ...
+  out_dir = runinfo.unused_path(run.workdir / f"predict_step{step}", make_dir=True)
   files, summary = run.task.write_predictions(run, preds, step, out_dir)
   for f in files:
     logging.info("wrote %s", f)

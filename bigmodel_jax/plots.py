@@ -22,15 +22,25 @@ def _show(ax, img, **kwargs) -> None:
   ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, **kwargs)
 
 
+def misclassified_first(targets, predictions, num: int) -> np.ndarray:
+  """Test-set indices for the grid: the misclassified examples (what a researcher looks for), then correct ones
+  to fill it, each group in test-set order."""
+  wrong = np.asarray(targets) != np.asarray(predictions)
+  return np.concatenate([np.flatnonzero(wrong), np.flatnonzero(~wrong)])[:num]
+
+
 def image_grid(images, targets, predictions, class_names, path: Path, num: int = 25) -> Path:
-  """The first `num` test images titled 'true / predicted' (red where wrong)."""
-  num = min(num, len(images))
-  fig, axes = _grid(num, 1.6, 1.8)
-  for i, ax in enumerate(axes):
+  """`num` test images, misclassified ones first, titled '#<index in predictions.csv> true / predicted' (red where
+  wrong)."""
+  order = misclassified_first(targets, predictions, num)
+  fig, axes = _grid(len(order), 1.7, 1.8)
+  for i, ax in zip(order, axes):
     _show(ax, images[i])
     t, p = int(targets[i]), int(predictions[i])
-    ax.set_title(f"{class_names[t]} / {class_names[p]}", fontsize=8, color="black" if t == p else "red")
-  fig.suptitle("true / predicted", fontsize=9)
+    ax.set_title(f"#{i} {class_names[t]} / {class_names[p]}", fontsize=7, color="black" if t == p else "red")
+  wrong = int(np.count_nonzero(np.asarray(targets) != np.asarray(predictions)))
+  fig.suptitle(f"true / predicted: {wrong} of {len(targets)} misclassified" + (", shown first" if wrong else ""),
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -62,6 +62,23 @@ def write_text_atomic(path: Path, text: str) -> None:
   write_bytes_atomic(path, text.encode())
 
 
+def unused_path(path: Path, make_dir: bool = False) -> Path:
+  """`path`, or the first of <stem>_2<suffix>, _3, ... that does not exist: a later --mode=predict/sample call
+  keeps what an earlier one wrote. `make_dir` creates the directory, atomically, so two calls at once differ too."""
+  path, n = Path(path), 1
+  while True:
+    candidate = path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+    if make_dir:
+      try:
+        candidate.mkdir(parents=True)
+        return candidate
+      except FileExistsError:
+        pass
+    elif not candidate.exists():
+      return candidate
+    n += 1
+
+
 def write_run_records(workdir: Path, config, write_config: bool = True) -> None:
   """config.json (the resolved config; `write_config` False keeps the one there) and one provenance line per
   launch in run_info.jsonl."""

@@ -151,12 +151,9 @@ def sample_text(run, model, step: int) -> dict:
   texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
   result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds}
   if jax.process_index() == 0:
-    path = run.workdir / "samples" / f"step{step}_seed{s.seed}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while path.exists():  # another prompt or setting sampled before: keep both
-      n += 1
-      path = path.with_name(f"step{step}_seed{s.seed}_{n}.txt")
+    (run.workdir / "samples").mkdir(parents=True, exist_ok=True)
+    # another prompt or setting sampled before: keep both
+    path = runinfo.unused_path(run.workdir / "samples" / f"step{step}_seed{s.seed}.txt")
     runinfo.write_text_atomic(path, SEPARATOR.join(texts) + "\n")
     logging.info("wrote %s (%d tokens in %.1f s, compilation included)", path, tokens.size, seconds)
     result["file"] = str(path)

@@ -1,9 +1,9 @@
 """Experiment trackers: where a run's metrics go besides metrics.jsonl (config.train.trackers, comma-separated).
 
-tensorboard: event files in <workdir>/tensorboard. mlflow: a run in an MLflow store (a local SQLite file by
-default, which `mlflow ui` opens). wandb: a Weights & Biases run, offline unless WANDB_MODE says otherwise
-(`wandb sync` uploads it later). MLflow and W&B are optional extras. MetricsWriter drives them, on the chief
-process only.
+tensorboard: event files in <workdir>/tensorboard (--mode=eval's in tensorboard/eval_step<N>/). mlflow: a run
+in an MLflow store (a local SQLite file by default, which `mlflow ui` opens). wandb: a Weights & Biases run,
+offline unless WANDB_MODE says otherwise (`wandb sync` uploads it later). MLflow and W&B are optional extras.
+MetricsWriter drives them, on the chief process only.
 
 metrics.jsonl stays the record. MLflow and W&B keep one run per workdir across launches (its id in
 <workdir>/tracking.json): a resumed training run continues it, and each is sent from metrics.jsonl whatever it
@@ -141,21 +141,34 @@ TRACKERS: Registry[type[Tracker]] = Registry("tracker", "config.train.trackers")
 
 @TRACKERS.register("tensorboard")
 class TensorBoard(Tracker):
-  resumes = False  # event files of every launch sit side by side in <workdir>/tensorboard
+  """Event files in <workdir>/tensorboard, those of every training launch side by side. --mode=eval's records
+  (split 'eval') go to a run of their own per checkpoint, tensorboard/eval_step<N>/ (a second eval of that step
+  adds its file there): in the training run they would sit out of step order. A writer is made on its first
+  record, so a launch that writes nothing (predict, sample, a failed eval) leaves no event file."""
+  resumes = False
 
   def start(self, state):
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    self._make, self._writers = SummaryWriter, {}
     return {}, False
+
+  def _writer(self, record):
+    run = f"eval_step{record['step']}" if record["split"] == "eval" else ""
+    if run not in self._writers:
+      self._writers[run] = self._make(str(self.workdir / "tensorboard" / run))
+    return self._writers[run]
 
   def write(self, records):
     for record in records:
+      writer = self._writer(record)
       for key, value in metric_values(record).items():
-        self._tb.add_scalar(key, value, record["step"])
-    self._tb.flush()
+        writer.add_scalar(key, value, record["step"])
+    for writer in self._writers.values():
+      writer.flush()
 
   def close(self, status):
-    self._tb.close()
+    for writer in self._writers.values():
+      writer.close()
 
 
 def default_mlflow_uri() -> str:

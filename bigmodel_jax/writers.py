@@ -32,7 +32,8 @@ class MetricsWriter:
   config.train.trackers (TensorBoard by default; see trackers.py).
 
   Only the chief process (process 0) writes; other processes get a writer that does nothing. Trackers that keep a
-  run of their own (MLflow, W&B) start when training does (`drop_after`), so --mode=eval/predict leaves them be. A
+  run of their own (MLflow, W&B) start when training does (`drop_after`), so --mode=eval/predict leaves them be;
+  TensorBoard keeps --mode=eval's records out of the training run's event files (trackers.TensorBoard). A
   tracker that fails later logs one warning and is off for the rest of the launch: training goes on.
   """
 

@@ -4,6 +4,7 @@ import atexit
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -88,3 +89,20 @@ def load_config(name: str, variant: str = ""):
 def error_lines(stderr: str) -> list[str]:
   """Lines of stderr that are not absl INFO/WARNING log lines (those look like 'I1123 12:00:00.1 ...')."""
   return [l for l in stderr.splitlines() if l.strip() and not re.match(r"^[IW]\d{4} ", l)]
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the TensorBoard event files directly in `directory` (not its runs below), read
+  from the TFRecord framing with tensorboardX's proto."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      for v in event.summary.value:
+        scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+      pos += 12 + length + 4
+  return scalars

@@ -1,10 +1,13 @@
-"""--mode=eval and --mode=predict on a trained workdir: metrics, predictions and pictures."""
+"""--mode=eval and --mode=predict on a trained workdir: metrics, predictions and pictures, and what each leaves."""
 
 import csv
 import json
 
 import numpy as np
 import pytest
+
+from bigmodel_jax import plots, runinfo
+from conftest import tensorboard_scalars
 
 SMOKE = "--config=configs/digits_mlp.py:smoke"
 
@@ -49,3 +52,72 @@ def test_predict_writes_predictions_and_pictures(cli, trained):
   assert all(int(r["prediction"]) == int(np.argmax(p)) for r, p in zip(rows, probs))
   for picture in ("test_images.png", "confusion_matrix.png"):
     assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_scalars_go_to_their_own_tensorboard_run(cli, trained):
+  """Training's event files stay as training wrote them (one launch: one file); each --mode=eval writes into
+  tensorboard/eval_step<N>/, a failed one nowhere."""
+  step = json.loads((trained / "final_metrics.json").read_text())["step"]
+  root = trained / "tensorboard"
+  training_files = {p.name: p.stat().st_size for p in root.glob("events.out.tfevents.*")}
+  assert len(training_files) == 1  # even after the other tests' eval and predict calls
+  eval_lines = sum(1 for line in open(trained / "metrics.jsonl") if '"split": "eval"' in line)
+  for _ in range(2):
+    proc = cli(f"--workdir={trained}", "--mode=eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  assert cli(f"--workdir={trained}", "--mode=eval", "--checkpoint_step=12345").returncode == 2
+  assert {p.name: p.stat().st_size for p in root.glob("events.out.tfevents.*")} == training_files
+  assert not any(tag.startswith("eval/") for tag in tensorboard_scalars(root))
+  assert not (root / "eval_step12345").exists()
+  scalars = tensorboard_scalars(root / f"eval_step{step}")
+  result = json.loads((trained / f"eval_step{step}.json").read_text())
+  for name in ("validation", "test"):
+    points = scalars[f"eval/{name}/accuracy"]
+    assert len(points) >= 2 and {s for s, _ in points} == {step}
+    assert points[-1][1] == pytest.approx(result[name]["accuracy"])
+  # metrics.jsonl keeps every eval record: two calls, two evaluators each
+  assert sum(1 for line in open(trained / "metrics.jsonl") if '"split": "eval"' in line) == eval_lines + 4
+
+
+def test_predict_twice_keeps_both_outputs(cli, trained):
+  step = json.loads((trained / "final_metrics.json").read_text())["step"]
+  earlier = sorted(trained.glob(f"predict_step{step}*"))
+  events = sorted(trained.glob("tensorboard/**/events.out.tfevents.*"))
+  for _ in range(2):
+    proc = cli(f"--workdir={trained}", "--mode=predict")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  names = [f"predict_step{step}"] + [f"predict_step{step}_{n}" for n in range(2, len(earlier) + 3)]
+  assert sorted(p.name for p in trained.glob(f"predict_step{step}*")) == sorted(names)
+  for name in names:  # nothing overwritten or left half-written
+    assert len(list(csv.DictReader(open(trained / name / "predictions.csv")))) == 359
+    assert (trained / name / "test_images.png").is_file()
+  assert json.loads(proc.stdout)["files"][0] == str(trained / names[-1] / "predictions.csv")
+  assert sorted(trained.glob("tensorboard/**/events.out.tfevents.*")) == events  # predict writes no scalars
+
+
+def test_unused_path_numbers_files_and_directories(tmp_path):
+  """The one choice of a fresh name behind predict_step<N>/ and samples/ (text files and GAN directories)."""
+  assert runinfo.unused_path(tmp_path / "step5_seed0.txt") == tmp_path / "step5_seed0.txt"
+  (tmp_path / "step5_seed0.txt").write_text("")
+  (tmp_path / "step5_seed0_2.txt").write_text("")
+  assert runinfo.unused_path(tmp_path / "step5_seed0.txt") == tmp_path / "step5_seed0_3.txt"
+  made = [runinfo.unused_path(tmp_path / "out" / "predict_step5", make_dir=True) for _ in range(3)]
+  assert [p.name for p in made] == ["predict_step5", "predict_step5_2", "predict_step5_3"]
+  assert all(p.is_dir() for p in made)
+
+
+def test_the_grid_shows_misclassified_examples_first(tmp_path, monkeypatch):
+  targets = np.array([0, 1, 2, 1, 0, 2, 1])
+  predictions = np.array([0, 2, 2, 1, 1, 2, 0])  # wrong at 1, 4, 6
+  np.testing.assert_array_equal(plots.misclassified_first(targets, predictions, 5), [1, 4, 6, 0, 2])
+  np.testing.assert_array_equal(plots.misclassified_first(targets, predictions, 2), [1, 4])
+  np.testing.assert_array_equal(plots.misclassified_first(targets, targets, 10), range(7))
+  figures = []
+  monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to read its titles
+  images = np.random.default_rng(0).uniform(size=(7, 4, 4, 1))
+  path = plots.image_grid(images, targets, predictions, ["a", "b", "c"], tmp_path / "grid.png", num=4)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  (figure,) = figures
+  assert figure._suptitle.get_text() == "true / predicted: 3 of 7 misclassified, shown first"
+  titles = [(ax.title.get_text(), ax.title.get_color()) for ax in figure.axes if ax.title.get_text()]
+  assert titles == [("#1 b / c", "red"), ("#4 a / b", "red"), ("#6 b / a", "red"), ("#0 a / a", "black")]

@@ -164,6 +164,10 @@ def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):
   assert len(list(directory.glob("*.png"))) == 5
   images = np.load(directory / "images.npy")
   assert images.shape == (5, 8, 8, 1) and 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+  proc = cli("--mode=sample", f"--workdir={workdir}", *ARGS, "--config.sample.num_samples=3")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert len(list(directory.glob("*.png"))) == 5  # kept; the repeat has a directory of its own
+  assert len(list(directory.with_name(directory.name + "_2").glob("*.png"))) == 3
 
 
 def test_d_steps_stretch_the_discriminators_schedule(classifier_dir):

@@ -194,4 +194,9 @@ def test_eval_mode_and_other_processes_start_no_tracker_runs(tmp_path):
   writer.write(30, "eval", {"eval": "test", "accuracy": 0.5})
   writer.close()
   assert not (tmp_path / "store").exists() and not (tmp_path / trackers.STATE_FILE).exists()
-  assert (tmp_path / "tensorboard").is_dir()
+  # TensorBoard: a run of its own, out of the training run's event files
+  assert list((tmp_path / "tensorboard").iterdir()) == [tmp_path / "tensorboard" / "eval_step30"]
+  assert len(list((tmp_path / "tensorboard" / "eval_step30").glob("events.out.tfevents.*"))) == 1
+  (tmp_path / "predict").mkdir()
+  MetricsWriter(tmp_path / "predict", True, config).close()  # --mode=predict/sample: nothing to write
+  assert not (tmp_path / "predict" / "tensorboard").exists()

@@ -1,14 +1,13 @@
 """Training behaviour: loss falls, accuracy beats chance, coefficients are recovered, run records are complete."""
 
 import json
-import struct
 
 import numpy as np
 import pytest
 
 from bigmodel_jax import train
 from bigmodel_jax.data import load_dataset
-from conftest import load_config
+from conftest import load_config, tensorboard_scalars
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +67,10 @@ def test_run_records(digits_run):
   assert "jax" in info["versions"] and "orbax-checkpoint" in info["versions"]
 
 
-def tensorboard_tags(directory):
-  """Scalar tags in TensorBoard event files, read from the TFRecord framing with tensorboardX's proto."""
-  from tensorboardX.proto import event_pb2
-  tags = set()
-  for path in directory.glob("events.out.tfevents.*"):
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      tags |= {v.tag for v in event.summary.value}
-      pos += 12 + length + 4
-  return tags
-
-
 def test_tensorboard_events(digits_run):
   _, workdir, _ = digits_run
   assert ({"train/loss", "train/examples_per_s", "validation/accuracy", "test/accuracy", "test/f1"}
-          <= tensorboard_tags(workdir / "tensorboard"))
+          <= tensorboard_scalars(workdir / "tensorboard").keys())
 
 
 def test_checkpoints_keep_latest_and_best(digits_run):

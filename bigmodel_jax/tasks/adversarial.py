@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from bigmodel_jax import metrics
+from bigmodel_jax import metrics, runinfo
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.tasks import TASKS, Task
 
@@ -181,8 +181,7 @@ class Adversarial(Task):
     images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)))
     out = {"step": step, "num_images": len(images)}
     if jax.process_index() == 0:
-      directory = run.workdir / "samples" / f"step{step}_seed{s.seed}"
-      directory.mkdir(parents=True, exist_ok=True)
+      directory = runinfo.unused_path(run.workdir / "samples" / f"step{step}_seed{s.seed}", make_dir=True)
       for i, image in enumerate(images):
         plots.save_image(image, directory / f"{i:04d}.png")
       np.save(directory / "images.npy", images)
@@ -236,7 +235,6 @@ class Classifier:
         raise UserError(f"{field}: {workdir} is a {c.model.name!r} model, which has no penultimate features; use a "
                         "cnn, mlp or resnet classifier")
       state, _, _ = run.restore(run.checkpointer.latest_step())
-      from bigmodel_jax import runinfo
       params, model_state = runinfo.to_host((state.params, state.model_state))
       mean, std = np.zeros(1), np.ones(1)
       if c.data.normalize == "standardize":
