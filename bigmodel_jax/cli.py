@@ -176,7 +176,7 @@ def _leaves(tree):
 
 
 def print_config(config, source: str, workdir: Path | None = None) -> None:
-  print(f"# {source}: the resolved config (* = differs from the default)")
+  print(f"# {source}: the resolved config (*: differs from the default)")
   print("\n".join(describe_fields(config)))
   print("\n".join(sizes(config, workdir)), flush=True)
 

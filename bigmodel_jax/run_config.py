@@ -23,4 +23,14 @@ def get_config(path: str = "") -> ml_collections.ConfigDict:
                     "or use a config file under configs/") from None
   if not isinstance(saved, dict) or "model" not in saved:
     raise UserError(f"--config: {file} is not a run's config.json (no model section)")
-  return ml_collections.ConfigDict(config_lib.with_defaults(saved))
+  return ml_collections.ConfigDict(_tuples(config_lib.with_defaults(saved)))
+
+
+def _tuples(value):
+  """JSON's lists back to the tuples config files write (conv_features=(32, 64)): config_flags can override a
+  tuple field from the command line, not a list one."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value

@@ -1,0 +1,221 @@
+"""The command line a researcher lives in: --help, --list_configs, --print_config, composed variants, a trained
+run used (eval / predict) without repeating its config, config.json as a config, and honest start-up times."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigmodel_jax import config as config_lib
+from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ["--config=configs/digits_mlp.py:smoke", "--config.optimizer.learning_rate=3e-3",
+          "--config.train.num_epochs=3", "--config.train.progress_bar=false"]
+
+
+def ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def load(name: str, variant: str = ""):
+  path = ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_test_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def as_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+@pytest.fixture(scope="module")
+def digits_run(cli, tmp_path_factory) -> Path:
+  """A run trained with command-line overrides (which eval / predict must not need repeated)."""
+  workdir = tmp_path_factory.mktemp("cli") / "digits"
+  proc = ok(cli(*DIGITS, f"--workdir={workdir}"))
+  (workdir.parent / "train.stderr").write_text(proc.stderr)
+  return workdir
+
+
+# --- discover ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_exits_0_and_names_every_mode(cli, flag):
+  proc = ok(cli(flag))
+  for mode in ("train", "eval", "predict", "sample"):
+    assert f"  {mode} " in proc.stdout, mode
+    assert f"--mode={mode}" in proc.stdout or mode == "train"
+  assert "--print_config" in proc.stdout and "--list_configs" in proc.stdout
+
+
+def test_the_console_script_has_the_same_help():
+  script = Path(sys.executable).with_name("bigmodel-jax")
+  if not script.exists():
+    pytest.skip("bigmodel-jax is not installed beside this python (pip install -e .)")
+  proc = ok(subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60))
+  assert "--mode=eval" in proc.stdout
+
+
+def test_list_configs_names_every_config_with_its_variants(cli):
+  proc = ok(cli("--list_configs"))
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    assert f"configs/{path.name}" in proc.stdout, path.name
+  line = next(l for l in proc.stdout.splitlines() if "shakespeare_char_gpt.py" in l)
+  assert "cpu, plays, smoke" in line
+  assert "nanoGPT" in proc.stdout  # the first line of each config's docstring
+
+
+def test_print_config_prints_every_field_and_touches_no_file(cli, tmp_path):
+  workdir = tmp_path / "never"
+  proc = ok(cli(*DIGITS, f"--workdir={workdir}", "--print_config"))
+  assert not workdir.exists()
+  printed = {line[2:].split(" = ")[0].strip() for line in proc.stdout.splitlines() if " = " in line}
+  expected = set(config_lib.flatten(as_json(load("digits_mlp", "smoke"))))
+  assert printed == expected
+  lines = {line[2:].split(" = ")[0].strip(): line for line in proc.stdout.splitlines() if " = " in line}
+  assert lines["optimizer.learning_rate"].startswith("* ") and "0.003" in lines["optimizer.learning_rate"]
+  assert "# global batch size" in lines["data.batch_size"]
+  assert "one of: adam, adamw, sgd" in lines["optimizer.name"]
+  assert "training steps: " in proc.stdout and "parameters: " in proc.stdout
+
+
+def test_print_config_counts_the_parameters_and_steps_training_has(cli, digits_run):
+  proc = ok(cli(f"--workdir={digits_run}", "--print_config"))
+  final = json.loads((digits_run / "final_metrics.json").read_text())
+  assert f"parameters: {final['num_params']:,} " in proc.stdout
+  assert f"training steps: {final['step']:,} (3 epochs x" in proc.stdout
+
+
+def test_every_base_config_field_has_a_meaning():
+  from bigmodel_jax import cli
+  missing = [k for k in config_lib.flatten(config_lib.base_config().to_dict())
+             if not k.startswith("parallel.rules.") and not cli.meaning(k)]
+  assert not missing, f"add a trailing comment in base_config() for {missing}"
+
+
+def test_composed_variants_equal_the_same_overrides_by_hand():
+  for name in ("shakespeare_char_gpt", "shakespeare_lstm"):
+    by_hand = load(name, "smoke")
+    by_hand.data.name = "shakespeare_plays"
+    assert as_json(load(name, "smoke,plays")) == as_json(by_hand)
+    assert as_json(load(name, "plays,smoke")) == as_json(by_hand)  # no conflict: the order does not matter here
+  with pytest.raises(ValueError, match="variants 'smoke' and 'cpu' .* both set"):
+    load("shakespeare_char_gpt", "smoke,cpu")
+  with pytest.raises(config_lib.UnknownVariant, match="'nope'"):
+    load("shakespeare_char_gpt", "smoke,nope")
+
+
+def test_the_lstm_variants_keep_their_meaning():
+  """shakespeare_lstm builds its variants from the GPT's: the same data and budget, its own model sizes."""
+  gpt, lstm = as_json(load("shakespeare_char_gpt", "cpu")), as_json(load("shakespeare_lstm", "cpu"))
+  assert {k: v for k, v in gpt.items() if k not in ("model", "optimizer")} == \
+         {k: v for k, v in lstm.items() if k not in ("model", "optimizer")}
+  assert lstm["model"]["name"] == "lstm_lm" and lstm["model"]["embed_dim"] == 128
+  assert lstm["optimizer"]["learning_rate"] == 2e-3
+
+
+def test_num_epochs_on_the_command_line_beats_a_variants_num_steps():
+  config = load("mnist_cnn", "smoke")
+  config.train.num_epochs = 2
+  notes = config_lib.resolve_overrides(config, ["train.num_epochs"])
+  assert config.train.num_steps == -1 and len(notes) == 1 and "train.num_steps=100" in notes[0]
+  config = load("mnist_cnn", "smoke")
+  assert config_lib.resolve_overrides(config, ["train.num_epochs", "train.num_steps"]) == []
+  assert config.train.num_steps == 100
+
+
+from conftest import TINY_SHAKESPEARE as TINY  # noqa: E402
+
+
+@pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of tiny Shakespeare at {TINY}")
+def test_num_epochs_override_is_said_on_the_command_line(cli, tmp_path):
+  proc = ok(cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--config.data.path={TINY}",
+                "--config.train.num_epochs=1", "--print_config"))
+  assert "--config.train.num_epochs=1 replaces the config's train.num_steps=40" in proc.stderr
+  assert "training steps: " in proc.stdout and " (1 epochs x " in proc.stdout
+
+
+# --- use a trained run ------------------------------------------------------------------------------------------
+
+def test_eval_and_predict_take_their_own_fields_without_config(cli, digits_run):
+  proc = ok(cli(f"--workdir={digits_run}", "--mode=eval", "--config.data.eval_batch_size=7"))
+  result = json.loads(proc.stdout)
+  final = json.loads((digits_run / "final_metrics.json").read_text())
+  assert result["validation"]["accuracy"] == pytest.approx(final["validation"]["accuracy"], abs=1e-6)
+  ok(cli(f"--workdir={digits_run}", "--mode=predict", "--config.predict.num_images=4"))
+  assert any(digits_run.glob("predict_step*/test_images.png"))
+
+
+@pytest.mark.parametrize("mode", ["eval", "predict"])
+def test_a_math_field_in_eval_modes_is_one_line(cli, digits_run, mode):
+  before = sorted(p.name for p in digits_run.iterdir())
+  assert_one_error(cli(f"--workdir={digits_run}", f"--mode={mode}", "--config.model.hidden_sizes=(8,)"),
+                   "--config.model.hidden_sizes", f"--mode={mode}", "new --workdir")
+  assert sorted(p.name for p in digits_run.iterdir()) == before
+
+
+def test_eval_with_the_config_file_but_not_its_overrides_uses_the_run(cli, digits_run):
+  """The run's training overrides need not be repeated: its config.json decides what it computed."""
+  proc = ok(cli("--config=configs/digits_mlp.py:smoke", f"--workdir={digits_run}", "--mode=eval"))
+  assert "uses the run's own values" in proc.stderr and "optimizer.learning_rate" in proc.stderr
+
+
+def test_config_json_as_config_reproduces_the_run(cli, digits_run, tmp_path):
+  fork = tmp_path / "fork"
+  ok(cli(f"--config={digits_run / 'config.json'}", f"--workdir={fork}"))
+  assert json.loads((fork / "config.json").read_text()) == json.loads((digits_run / "config.json").read_text())
+  same = json.loads((fork / "final_metrics.json").read_text())["params_sha256"]
+  assert same == json.loads((digits_run / "final_metrics.json").read_text())["params_sha256"]
+  # and forked with an override
+  ok(cli(f"--config={digits_run / 'config.json'}", "--config.seed=1", f"--workdir={tmp_path / 'seed1'}",
+         "--print_config"))
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config={run}/config.json:smoke"], ["config.json has no variants"]),
+    (["--config={run}/final_metrics.json"], ["final_metrics.json", "not a run's config.json"]),
+    (["--config={run}/nope.json"], ["nope.json", "cannot read"]),
+], ids=["variant", "not-a-config", "missing"])
+def test_bad_json_configs_are_one_line(cli, digits_run, tmp_path, args, needles):
+  assert_one_error(cli(*(a.format(run=digits_run) for a in args), f"--workdir={tmp_path / 'w'}"), *needles)
+  assert not (tmp_path / "w").exists()
+
+
+# --- honest logs ------------------------------------------------------------------------------------------------
+
+def test_startup_time_is_measured_from_this_program_not_the_fork(tmp_path, cache_dir):
+  """Launched from a long-lived parent (a shell that waited 3 s, then exec'd python: the process's fork time is 3 s
+  before the program began), the recorded start-up equals the time from exec to the first step, within 1 s."""
+  import os
+  stamp, workdir = tmp_path / "exec_time", tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir)}
+  script = (f"sleep 3; date +%s.%N > {stamp}; exec {sys.executable} -m bigmodel_jax.main "
+            f"--config=configs/digits_mlp.py:smoke --config.train.num_steps=3 --config.train.progress_bar=false "
+            f"--workdir={workdir}")
+  ok(subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120))
+  exec_time = float(stamp.read_text())
+  record = next(json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(l)["split"] == "startup")
+  external = record["time"] - exec_time
+  assert abs(record["seconds_to_first_step"] - external) < 1.0, (record, external)
+  assert time.time() > record["time"]
+
+
+def test_a_single_device_run_logs_no_sharding_table(digits_run):
+  log = (digits_run.parent / "train.stderr").read_text()
+  assert "mesh data1 over 1 device" in log or "over 1 device " in log, log[-2000:]
+  assert "per device" in log  # the one-line byte counts stay
+  assert "-> [" not in log  # the per-parameter table ('hidden.0.kernel: [64, 128] P() -> [64, 128] per device')
+
+
+def test_an_empty_workdir_is_one_line(cli):
+  before = sorted(p.name for p in ROOT.iterdir())
+  assert_one_error(cli("--config=configs/digits_mlp.py:smoke", "--workdir="), "--workdir is empty")
+  assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing trained into the current directory
