@@ -220,7 +220,9 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.seq_len", lambda v: v > 0, "must be > 0"),
     ("data.tokenizer.vocab_size", lambda v: v >= 8, "must be >= 8"),
     ("data.tokenizer.model_type", lambda v: v in ("unigram", "bpe"), "must be unigram or bpe"),
-    ("sample.num_tokens", lambda v: v > 0, "must be > 0 (how many tokens to generate)"),
+    ("sample.num_tokens", lambda v: 0 < v <= 1_000_000,  # sample.MAX_TOKENS
+     "must be > 0 and at most 1000000 per call (how many tokens to generate; for more, sample again with the "
+     "text as the prompt)"),
     ("sample.temperature", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = always the most likely token)"),
     ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
@@ -361,39 +363,6 @@ RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own 
 MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 
 
-def legacy_fields(saved: dict) -> dict:
-  """What a config.json from before validation splits (no `evals`) means in today's fields: no validation split
-  held out, test evaluated as often as train.eval_every said, nothing selected."""
-  every = saved.get("train", {}).get("eval_every", -1)
-  return {"data": {"validation_fraction": 0.0}, "evals": {"test": {"split": "test", "every": every}},
-          "train": {"best_eval": "", "early_stopping": {"patience": 0, "min_delta": 0.0}}}
-
-
-def with_defaults(saved: dict) -> dict:
-  """A workdir's config.json completed with fields added to base_config() since it was written (at their
-  defaults, which reproduce what the older version did), so older runs still evaluate and resume."""
-  import json
-  if "evals" not in saved:  # older than validation splits: keep its meaning, not today's defaults
-    legacy = legacy_fields(saved)
-    saved = {**saved, "evals": legacy["evals"], "data": {**saved.get("data", {}), **legacy["data"]},
-             "train": {**{k: v for k, v in saved.get("train", {}).items() if k != "eval_every"}, **legacy["train"]}}
-  base = json.loads(base_config().to_json_best_effort())
-  try:
-    base["model"] = json.loads(model_config(saved["model"]["name"]).to_json_best_effort())
-  except (KeyError, TypeError, UserError):
-    base.pop("model")
-
-  def merge(defaults: dict, values: dict) -> dict:
-    out = dict(values)
-    for key, value in defaults.items():
-      if key not in out:
-        out[key] = value
-      elif isinstance(value, dict) and isinstance(out[key], dict) and key != "evals":  # a run's evaluators are its own
-        out[key] = merge(value, out[key])
-    return out
-  return merge(base, saved)
-
-
 def resolve_overrides(config, overridden: list[str]) -> list[str]:
   """A command-line field beats what the config file or its variant set, also where another field would make it
   meaningless: train.num_epochs given (without train.num_steps) clears a num_steps > 0 that would override it.
@@ -421,15 +390,3 @@ def flatten(d: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
   return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside)."""
-  a, b = flatten(saved), flatten(current)
-  diffs = []
-  for key in sorted(set(a) | set(b)):
-    if is_runtime_field(key):
-      continue
-    if a.get(key, "<absent>") != b.get(key, "<absent>"):
-      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
-  return diffs

@@ -37,3 +37,27 @@ def where(e: BaseException) -> str:
       path = path[path.rindex(root):]
       break
   return f"at {path}:{frame.lineno} in {frame.name} {text}"
+
+
+def out_of_space(e: BaseException, workdir) -> str | None:
+  """One line for a write that failed for lack of disk space (ENOSPC: an OSError, or orbax/tensorstore's
+  RESOURCE_EXHAUSTED wrapping one) anywhere in `e`'s chain: the path, and the last checkpoint committed before it
+  (orbax renames a step into place only when complete, so every numbered step directory is whole). None otherwise."""
+  import errno
+  import re
+  from pathlib import Path
+  chain, seen = [], e
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  hit = next((x for x in chain if (isinstance(x, OSError) and x.errno == errno.ENOSPC)
+              or "No space left on device" in str(x) or "os_error_code='28'" in str(x)), None)
+  if hit is None:
+    return None
+  path = getattr(hit, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', str(hit))), None) or workdir
+  checkpoints = Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+  last = (f"the last good checkpoint is step {steps[-1]} in {checkpoints} (intact)" if steps
+          else "no checkpoint was committed yet")
+  return (f"{path}: no space left on device; {last}; free some space (or use a --workdir on another disk) and "
+          "launch the same command again")

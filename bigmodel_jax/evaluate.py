@@ -124,7 +124,7 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
     # a run of their own: tensorboard/eval_step<N>/)
     run.writer.write(step, "eval", {"eval": e.name, "eval_split": e.split, **loggable(result[e.name])})
   if jax.process_index() == 0:
-    runinfo.write_text_atomic(run.workdir / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
+    runinfo.write_text_atomic(run.outputs / f"eval_step{step}.json", json.dumps(result, indent=2) + "\n")
   return result
 
 
@@ -145,7 +145,7 @@ def predict(run, checkpoint_step: int | None) -> dict:
   if jax.process_index() != 0:
     return {"step": step}
   # an earlier call's outputs (another config.predict, or a checkpoint since retrained) stay: _2, _3, ...
-  out_dir = runinfo.unused_path(run.workdir / f"predict_step{step}", make_dir=True)
+  out_dir = runinfo.unused_path(run.outputs / f"predict_step{step}", make_dir=True)
   files, summary = run.task.write_predictions(run, preds, step, out_dir)
   for f in files:
     logging.info("wrote %s", f)

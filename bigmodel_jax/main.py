@@ -10,6 +10,10 @@ inside a model's or task's own code is named with its file, line and message; --
 BIGMODEL_JAX_TRACEBACK=1 prints its full traceback too.
 """
 
+if __name__ == "__main__":  # python -m bigmodel_jax.main: Ctrl-C handled from the first instant (interrupts.py)
+  from bigmodel_jax import interrupts
+  interrupts.install()
+
 import json
 import logging as std_logging
 import os
@@ -21,7 +25,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bigmodel_jax import distributed
+from bigmodel_jax import distributed, errors
 from bigmodel_jax.errors import TRACEBACK_ENV, NonFiniteLossError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +37,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample"
                           "models: generate text, see config.sample) on a checkpoint.")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "eval/predict/sample: checkpoint step (default latest).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                   "eval/predict/sample: where their outputs go (default: the workdir; e.g. for a "
+                                   "read-only workdir, whose checkpoints are then only read).")
 _PRINT_CONFIG = flags.DEFINE_boolean("print_config", False,
                                      "Print the resolved config (every field, its value and meaning), the parameter "
                                      "count and the number of training steps, then exit; writes nothing.")
@@ -222,6 +229,8 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
+    if noisy and record.exc_info and flags.FLAGS["verbosity"].value < 1:
+      return False  # a background save's failure with its traceback: orbax raises it in the caller, said in one line
     if noisy and "did not provide metrics" in record.getMessage():
       return False  # orbax warns on every save between evals; those checkpoints are kept as 'latest'
     return record.levelno >= std_logging.WARNING or not noisy
@@ -265,6 +274,21 @@ def resolve_config(workdir: Path | None):
   return given
 
 
+def output_dir(workdir: Path) -> Path | None:
+  """--output_dir, created; without it the workdir, which must then be writable (said before anything runs)."""
+  import tempfile
+  target = Path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir
+  try:
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=target):
+      pass
+  except OSError as e:
+    flag = "--output_dir" if _OUTPUT_DIR.value else "--workdir"
+    raise UserError(f"{flag}: cannot write --mode={_MODE.value}'s outputs into {target} ({e.strerror}); pass "
+                    "--output_dir=DIR for them (the checkpoints are only read)") from None
+  return target.absolute() if _OUTPUT_DIR.value else None
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags look like --config.optimizer.learning_rate=1e-3")
@@ -297,6 +321,8 @@ def main(argv):
     fail(str(e))
   from bigmodel_jax import config as config_lib, evaluate, sample, train
   workdir = Path(_WORKDIR.value)
+  if _MODE.value == "train" and _OUTPUT_DIR.value is not None:
+    fail("--output_dir is for --mode=eval/predict/sample; training writes into its --workdir")
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
     fail("--checkpoint_step is for --mode=eval/predict/sample; training always resumes from the latest checkpoint")
   try:
@@ -314,7 +340,8 @@ def main(argv):
     elif not (workdir / "checkpoints").is_dir():
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     else:
-      run = train.build_run(config, workdir, for_training=False, need_data=_MODE.value != "sample")
+      run = train.build_run(config, workdir, for_training=False, need_data=_MODE.value != "sample",
+                            output_dir=output_dir(workdir))
       try:
         entry = {"eval": evaluate.eval_only, "predict": evaluate.predict, "sample": sample.sample}[_MODE.value]
         result = entry(run, _CHECKPOINT_STEP.value)
@@ -328,11 +355,19 @@ def main(argv):
   except train.Preempted as e:
     signum, message = e.args
     fail(message, code=128 + signum)
+  except OSError as e:  # e.g. the disk filled up under a log write
+    fail(errors.out_of_space(e, workdir) or f"{getattr(e, 'filename', None) or workdir}: {e.strerror or e}", cause=e)
+  except Exception as e:
+    message = errors.out_of_space(e, workdir)  # orbax's async save reports a full disk as a ValueError
+    if message is None:
+      raise
+    fail(message, cause=e)
   except KeyboardInterrupt:
     fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
-  if "texts" in result:  # a language model's samples: the text itself
-    print(sample.SEPARATOR.join(result["texts"]), flush=True)
+  if "texts" in result:  # a language model's samples: the text itself (one sample was printed as it came)
+    if not result.get("streamed"):
+      print(sample.SEPARATOR.join(result["texts"]), flush=True)
     return
   print(json.dumps(_without_matrices(result), indent=2), flush=True)
 
@@ -346,6 +381,8 @@ def _without_matrices(record):
 
 def run():
   """Console script `bigmodel-jax`."""
+  from bigmodel_jax import interrupts
+  interrupts.install()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -1,6 +1,8 @@
-"""A run's config.json as a config file: `--config=RUN/config.json` relaunches or forks a run from its record, and
-eval / predict / sample load the workdir's own config through it (so config_flags applies --config.* overrides
-to it, type-checked, as to any config file). main.py points config_flags here: --config=<this file>:<json path>.
+"""A run's config.json: read (type-checked against base_config()), completed with fields added since it was
+written, compared with a new config, and loaded as a config file: `--config=RUN/config.json` relaunches or forks
+a run from its record, and eval / predict / sample load the workdir's own config through it (so config_flags
+applies --config.* overrides to it, type-checked, as to any config file). main.py points config_flags here:
+--config=<this file>:<json path>.
 """
 
 import json
@@ -23,7 +25,39 @@ def get_config(path: str = "") -> ml_collections.ConfigDict:
                     "or use a config file under configs/") from None
   if not isinstance(saved, dict) or "model" not in saved:
     raise UserError(f"--config: {file} is not a run's config.json (no model section)")
-  return ml_collections.ConfigDict(_tuples(config_lib.with_defaults(saved)))
+  return ml_collections.ConfigDict(_tuples(read(file, saved)))
+
+
+def read(file: Path, saved: dict) -> dict:
+  """A config.json's contents, completed (with_defaults) and each field's type checked against its default: a
+  hand-edited `"batch_size": "thirty-two"` is one line naming the file and field, not a traceback later."""
+  completed = with_defaults(saved)
+  defaults = config_lib.flatten(config_lib.base_config().to_dict())
+  try:
+    defaults.update({f"model.{k}": v for k, v in config_lib.flatten(
+        config_lib.model_config(completed["model"]["name"]).to_dict()).items()})
+  except (KeyError, TypeError, UserError):
+    pass  # an unknown model name: validation names it
+  for key, value in config_lib.flatten(completed).items():
+    if key in defaults and not _same_kind(value, defaults[key]):
+      raise UserError(f"{file}: {key} is {value!r}, not a {_kind(defaults[key])} like its default "
+                      f"{defaults[key]!r}; fix the value (run_info.jsonl has each launch's command) or move the "
+                      "workdir away")
+  return completed
+
+
+def _kind(value) -> str:
+  return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), "list")
+
+
+def _same_kind(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(default)) or default is None
 
 
 def _tuples(value):
@@ -34,3 +68,47 @@ def _tuples(value):
   if isinstance(value, list):
     return tuple(_tuples(v) for v in value)
   return value
+
+
+def legacy_fields(saved: dict) -> dict:
+  """What a config.json from before validation splits (no `evals`) means in today's fields: no validation split
+  held out, test evaluated as often as train.eval_every said, nothing selected."""
+  every = saved.get("train", {}).get("eval_every", -1)
+  return {"data": {"validation_fraction": 0.0}, "evals": {"test": {"split": "test", "every": every}},
+          "train": {"best_eval": "", "early_stopping": {"patience": 0, "min_delta": 0.0}}}
+
+
+def with_defaults(saved: dict) -> dict:
+  """A workdir's config.json completed with fields added to base_config() since it was written (at their
+  defaults, which reproduce what the older version did), so older runs still evaluate and resume."""
+  if "evals" not in saved:  # older than validation splits: keep its meaning, not today's defaults
+    legacy = legacy_fields(saved)
+    saved = {**saved, "evals": legacy["evals"], "data": {**saved.get("data", {}), **legacy["data"]},
+             "train": {**{k: v for k, v in saved.get("train", {}).items() if k != "eval_every"}, **legacy["train"]}}
+  base = json.loads(config_lib.base_config().to_json_best_effort())
+  try:
+    base["model"] = json.loads(config_lib.model_config(saved["model"]["name"]).to_json_best_effort())
+  except (KeyError, TypeError, UserError):
+    base.pop("model")
+
+  def merge(defaults: dict, values: dict) -> dict:
+    out = dict(values)
+    for key, value in defaults.items():
+      if key not in out:
+        out[key] = value
+      elif isinstance(value, dict) and isinstance(out[key], dict) and key != "evals":  # a run's evaluators are its own
+        out[key] = merge(value, out[key])
+    return out
+  return merge(base, saved)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside)."""
+  a, b = config_lib.flatten(saved), config_lib.flatten(current)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if config_lib.is_runtime_field(key):
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return diffs

@@ -8,6 +8,7 @@ cache is refilled from the last context/2 tokens: one prefix pass per context/2 
 of one per token as re-running a sliding window would cost.
 """
 
+import sys
 import time
 from functools import partial
 
@@ -78,13 +79,18 @@ def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, o
   return cache, logits, out, key
 
 
+CHUNK = 64  # tokens decoded per device call: streamed as they come, one compiled shape whatever num_tokens is
+MAX_TOKENS = 1_000_000  # per call (config.sample.num_tokens); generate more by sampling again from the text
+
+
 def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_samples: int = 1,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             banned_ids: tuple[int, ...] = (), context: int | None = None) -> np.ndarray:
+             banned_ids: tuple[int, ...] = (), context: int | None = None, on_tokens=None) -> np.ndarray:
   """`num_samples` continuations of the prompt, `num_tokens` each -> int32 array (num_samples, num_tokens).
 
   temperature 0 takes the most likely token every time; `banned_ids` (padding, unknown) are never drawn.
-  `context` caps how many tokens a Transformer attends to (default: its max_len).
+  `context` caps how many tokens a Transformer attends to (default: its max_len). `on_tokens(new_BxN)` is called
+  with each chunk of at most CHUNK new tokens as soon as it is drawn (to stream them).
   """
   graphdef, state = nnx.split(model)
   if model.max_len:
@@ -99,23 +105,50 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   history = np.asarray(prompt_ids, np.int32)[-max_len:]
   logits, cache = _prefill(graphdef, state, jnp.tile(jnp.asarray(history)[None], (num_samples, 1)))
   index = len(history)
-  out = jnp.zeros((num_samples, num_tokens), jnp.int32)
+  chunk = jnp.zeros((num_samples, CHUNK), jnp.int32)
   key = jax.random.PRNGKey(seed)
+  out = []  # host chunks of drawn tokens
+  tail = np.zeros((num_samples, 0), np.int32)  # the last max_len of them, for a refill
   done = 0
+
+  def emit(tokens_BxN: np.ndarray) -> None:
+    nonlocal tail
+    out.append(tokens_BxN)
+    tail = np.concatenate([tail, tokens_BxN], 1)[:, -max_len:]
+    if on_tokens is not None:
+      on_tokens(tokens_BxN)
+
   while done < num_tokens:
     if index == max_len:  # context full: draw the next token from it, then restart from the most recent tokens
       token, key = _sample_one(settings, logits, key)
-      out = out.at[:, done].set(token)
+      emit(np.asarray(token)[:, None])
       done += 1
       if done == num_tokens:
         break
-      recent = np.concatenate([np.tile(history, (num_samples, 1)), np.asarray(out[:, :done])], 1)[:, -refill:]
+      recent = np.concatenate([np.tile(history, (num_samples, 1)), tail], 1)[:, -refill:]
       logits, cache = _prefill(graphdef, state, jnp.asarray(recent))
       index = refill
-    count = min(num_tokens - done, max_len - index)
-    cache, logits, out, key = _decode(graphdef, settings, state, cache, logits, index, key, out, done, count)
+    count = min(num_tokens - done, max_len - index, CHUNK)
+    cache, logits, chunk, key = _decode(graphdef, settings, state, cache, logits, index, key, chunk, 0, count)
+    emit(np.asarray(chunk)[:, :count])
     done, index = done + count, index + count
-  return np.asarray(out)
+  return np.concatenate(out, 1) if out else np.zeros((num_samples, 0), np.int32)
+
+
+class TextStream:
+  """Decoded text of tokens arriving in chunks, written as it comes. A chunk is decoded with a few tokens before it
+  (a subword or a multi-byte character can span the boundary), keeping only what they add."""
+
+  OVERLAP = 8
+
+  def __init__(self, tokenizer, write):
+    self.tokenizer, self.write, self.ids = tokenizer, write, np.zeros((0,), np.int32)
+
+  def __call__(self, tokens_1xN: np.ndarray) -> None:
+    before = self.ids[-self.OVERLAP:]
+    self.ids = np.concatenate([before, tokens_1xN[0]])
+    head, whole = self.tokenizer.decode(before), self.tokenizer.decode(self.ids)
+    self.write(whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(tokens_1xN[0]))
 
 
 def sample(run, checkpoint_step: int | None) -> dict:
@@ -143,17 +176,24 @@ def sample_text(run, model, step: int) -> dict:
   """config.sample.num_samples texts from a language model: printed and saved."""
   s, dataset = run.config.sample, run.dataset
   prompt_ids = check_prompt(run)
+  stream = None
+  if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
+    write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
+    write(s.prompt)
+    stream = TextStream(dataset.tokenizer, write)
   start = time.perf_counter()
   tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
                     top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
-                    context=dataset.input_shape[0])  # positions beyond the training length were never trained
+                    context=dataset.input_shape[0], on_tokens=stream)  # later positions were never trained
   seconds = time.perf_counter() - start
+  if stream is not None:
+    print(flush=True)
   texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
-  result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds}
+  result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds, "streamed": stream is not None}
   if jax.process_index() == 0:
-    (run.workdir / "samples").mkdir(parents=True, exist_ok=True)
+    (run.outputs / "samples").mkdir(parents=True, exist_ok=True)
     # another prompt or setting sampled before: keep both
-    path = runinfo.unused_path(run.workdir / "samples" / f"step{step}_seed{s.seed}.txt")
+    path = runinfo.unused_path(run.outputs / "samples" / f"step{step}_seed{s.seed}.txt")
     runinfo.write_text_atomic(path, SEPARATOR.join(texts) + "\n")
     logging.info("wrote %s (%d tokens in %.1f s, compilation included)", path, tokens.size, seconds)
     result["file"] = str(path)

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
-from bigmodel_jax import distributed, errors, evaluate, optim, parallel, runinfo
+from bigmodel_jax import distributed, errors, evaluate, interrupts, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
@@ -52,6 +52,11 @@ class Run:
   lock: object = None  # the open workdir lock file while training
   save_tokenizer: bool = False  # a new tokenizer, to be written into the workdir when training starts
   legacy: bool = False  # a run from before validation splits: its config.json stays as that version wrote it
+  output_dir: Path | None = None  # eval/predict/sample: where their outputs go (--output_dir), else the workdir
+
+  @property
+  def outputs(self) -> Path:
+    return self.output_dir or self.workdir
 
   def restore(self, step: int):
     """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
@@ -70,7 +75,8 @@ class Run:
                       "files or use a new --workdir") from None
 
 
-def build_run(config, workdir: str | Path, for_training: bool = True, need_data: bool = True) -> Run:
+def build_run(config, workdir: str | Path, for_training: bool = True, need_data: bool = True,
+              output_dir: Path | None = None) -> Run:
   """Everything a run needs from its config. `for_training` also takes the workdir's training lock; without
   `need_data` (sampling) a language model's text is not loaded, only its tokenizer."""
   workdir = Path(workdir).absolute()
@@ -114,8 +120,9 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
     raise UserError(refused)
   task.setup()  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
-  return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer, MetricsWriter(workdir, chief, config),
-             total_steps, steps_per_epoch, evaluators, lock, new_tokenizer and dataset.tokenizer is not None, legacy)
+  return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer,
+             MetricsWriter(output_dir or workdir, chief, config), total_steps, steps_per_epoch, evaluators, lock,
+             new_tokenizer and dataset.tokenizer is not None, legacy, output_dir)
 
 
 def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_train_step: bool = True) -> Steps:
@@ -294,6 +301,7 @@ def _train(run: Run) -> dict:
     run.checkpointer.save(step, layout.plain(state), batches.get_state(), meta, best)
 
   stopped = selection is not None and selection.stop  # a relaunch of a run that stopped early trains no more
+  step = start_step
   try:
     for step in range(start_step + 1, (start_step if stopped else run.total_steps) + 1):  # updates after this one
       state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
@@ -330,10 +338,12 @@ def _train(run: Run) -> dict:
       if stopped:
         break
       if preempted:
-        run.checkpointer.wait()
-        name = signal.Signals(preempted[0]).name
-        raise Preempted(preempted[0], f"{name}: saved a checkpoint at step {step} in {run.checkpointer.directory}; "
-                        "launch the same command again to resume")
+        break
+    run.checkpointer.wait()  # the last save commits while a signal is still only recorded (a second one too)
+    if preempted:
+      raise Preempted(preempted[0], f"{signal.Signals(preempted[0]).name}: saved a checkpoint at step {step} in "
+                      f"{run.checkpointer.directory}; launch the same command again to resume")
+    interrupts.PHASE = "after training; every checkpoint is committed (launch the same command again to evaluate)"
   finally:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from absl import logging
 
-from bigmodel_jax import config as config_lib
+from bigmodel_jax import config as config_lib, run_config
 from bigmodel_jax.errors import UserError
 
 
@@ -23,10 +23,15 @@ def saved_config(workdir: Path) -> dict | None:
   if not path.exists():
     return None
   try:
-    return config_lib.with_defaults(json.loads(path.read_text()))
-  except json.JSONDecodeError:
+    saved = json.loads(path.read_text())
+  except OSError as e:
+    raise UserError(f"{path} cannot be read ({e.strerror}); fix its permissions or move the workdir away") from None
+  except (json.JSONDecodeError, UnicodeDecodeError):
     raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
                     "or move the workdir away") from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{path} holds no config (a JSON object); restore it or move the workdir away")
+  return run_config.read(path, saved)
 
 
 def adopt_legacy_config(workdir: Path, config) -> bool:
@@ -38,11 +43,11 @@ def adopt_legacy_config(workdir: Path, config) -> bool:
     return False
   try:
     raw = json.loads(path.read_text())
-  except json.JSONDecodeError:
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
     return False  # saved_config says what is wrong with it
   if "evals" in raw:
     return False
-  legacy = config_lib.legacy_fields(raw)
+  legacy = run_config.legacy_fields(raw)
   config.data.validation_fraction = legacy["data"]["validation_fraction"]
   config.train.best_eval = legacy["train"]["best_eval"]
   config.train.early_stopping.patience = legacy["train"]["early_stopping"]["patience"]
@@ -59,7 +64,7 @@ def check_workdir(workdir: Path, config) -> None:
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
     return
-  diffs = config_lib.config_differences(saved, json.loads(config.to_json_best_effort()))
+  diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
   if diffs:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
                     "or pass --config.train.allow_config_change=true to continue it anyway")
@@ -70,7 +75,12 @@ def lock_workdir(workdir: Path):
 
   Taken before orbax opens the checkpoint directory, which would clean up a live run's in-flight save.
   """
-  lock = open(workdir / ".train.lock", "a+")
+  path = workdir / ".train.lock"
+  try:
+    lock = open(path, "a+")
+  except OSError as e:  # a directory or an unwritable file where the lock goes
+    raise UserError(f"{path}: cannot be opened as the workdir's lock file ({e.strerror}); remove it if no run "
+                    "is using the workdir (it holds the pid of the run that owns it)") from None
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:

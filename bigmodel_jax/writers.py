@@ -27,6 +27,14 @@ def _step_of(line: str) -> float:
     return float("inf")  # a line cut short by a kill: dropped
 
 
+def _open_records(path: Path):
+  try:
+    return open(path, "a")
+  except OSError as e:  # a directory, or no permission, where metrics.jsonl goes
+    raise UserError(f"{path}: cannot be opened for appending metrics ({e.strerror}); move it away or fix its "
+                    "permissions") from None
+
+
 class MetricsWriter:
   """Appends {'step', 'split', 'time', **metrics} lines to metrics.jsonl and sends them to the trackers of
   config.train.trackers (TensorBoard by default; see trackers.py).
@@ -42,7 +50,7 @@ class MetricsWriter:
     if not enabled:
       return
     self.workdir = Path(workdir)
-    self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+    self._jsonl = _open_records(self.workdir / "metrics.jsonl")
     self._pending = {name: trackers.TRACKERS.get(name)(config, self.workdir)
                      for name in (trackers.names(config) if config is not None else ["tensorboard"])}
     self._active: dict[str, trackers.Tracker] = {}
@@ -73,9 +81,13 @@ class MetricsWriter:
       return
     self._jsonl.close()
     path = Path(self._jsonl.name)
-    runinfo.write_text_atomic(path, "".join(line for line in path.read_text().splitlines(keepends=True)
-                                            if _step_of(line) <= step))
-    self._jsonl = open(path, "a")
+    try:
+      text = path.read_text()
+    except UnicodeDecodeError:
+      raise UserError(f"{path} is not a text file of JSON lines (binary data); move it away to keep it, and the "
+                      "run goes on with a new one") from None
+    runinfo.write_text_atomic(path, "".join(line for line in text.splitlines(keepends=True) if _step_of(line) <= step))
+    self._jsonl = _open_records(path)
     previous = trackers.read_state(self.workdir)
     for name, tracker in list(self._pending.items()):
       self._start(name, tracker, previous.get(name, {}))

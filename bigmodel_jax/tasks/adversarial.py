@@ -181,7 +181,7 @@ class Adversarial(Task):
     images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)))
     out = {"step": step, "num_images": len(images)}
     if jax.process_index() == 0:
-      directory = runinfo.unused_path(run.workdir / "samples" / f"step{step}_seed{s.seed}", make_dir=True)
+      directory = runinfo.unused_path(run.outputs / "samples" / f"step{step}_seed{s.seed}", make_dir=True)
       for i, image in enumerate(images):
         plots.save_image(image, directory / f"{i:04d}.png")
       np.save(directory / "images.npy", images)

@@ -1,0 +1,60 @@
+"""Ctrl-C and SIGTERM from the first instant of a launch until the training loop takes them over.
+
+Before the loop there is nothing to save (a fresh run has no progress, a resumed one has its checkpoint, and every
+record is written atomically: a kill -9 at any moment resumes exactly), so a signal ends the process at once with
+128 + its number and one line. Python would otherwise raise KeyboardInterrupt wherever the main thread happens to
+be: inside an extension module's import (a C++ abort), or inside a library's `except BaseException` (the interrupt
+swallowed, the run trained to completion with exit 0). And Python runs its handlers only between bytecodes, which
+can be seconds away during an XLA compilation; the byte the interpreter's C handler writes to the wakeup fd is
+read by a thread at once, so the exit is prompt whatever the main thread is doing.
+
+The training loop installs its own handler (checkpoint first, then exit: train.py); while it is installed this
+module leaves the signal to it. Standard library only: it is installed before anything slow is imported.
+"""
+
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Where a training launch is when this module has the signals: train.py sets the phase after its loop.
+PHASE = "before training started; nothing needed saving (launch the same command again to start or resume)"
+
+
+def _handler(signum, _frame):  # runs only if the watcher thread has not ended the process first
+  _exit(signum)
+
+
+def _exit(signum: int) -> None:
+  mode = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--mode=")), "train")
+  name = signal.Signals(signum).name
+  what = f"stopped {PHASE}" if mode == "train" else f"--mode={mode} stopped; its outputs may be incomplete"
+  try:
+    os.write(2, f"error: {name}: {what}\n".encode())
+  finally:
+    os._exit(128 + signum)
+
+
+def _watch(read_fd: int) -> None:
+  while True:
+    try:
+      data = os.read(read_fd, 16)
+    except OSError:
+      return
+    for signum in data:
+      if signum in SIGNALS and signal.getsignal(signum) is _handler:  # not handed to the training loop
+        _exit(signum)
+
+
+def install() -> None:
+  """From the main thread, first thing: every later handler (the training loop's) replaces this one."""
+  if threading.current_thread() is not threading.main_thread():
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  for signum in SIGNALS:
+    signal.signal(signum, _handler)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  threading.Thread(target=_watch, args=(read_fd,), name="early-signals", daemon=True).start()
+
