@@ -47,10 +47,16 @@ def _watch(read_fd: int) -> None:
         _exit(signum)
 
 
+_installed = False
+
+
 def install() -> None:
-  """From the main thread, first thing: every later handler (the training loop's) replaces this one."""
-  if threading.current_thread() is not threading.main_thread():
+  """From the main thread, first thing (bigmodel_jax/__init__.py for python -m bigmodel_jax.main, run() for the
+  console script): every later handler (the training loop's) replaces this one."""
+  global _installed
+  if _installed or threading.current_thread() is not threading.main_thread():
     return
+  _installed = True
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   for signum in SIGNALS:

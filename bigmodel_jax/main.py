@@ -10,10 +10,6 @@ inside a model's or task's own code is named with its file, line and message; --
 BIGMODEL_JAX_TRACEBACK=1 prints its full traceback too.
 """
 
-if __name__ == "__main__":  # python -m bigmodel_jax.main: Ctrl-C handled from the first instant (interrupts.py)
-  from bigmodel_jax import interrupts
-  interrupts.install()
-
 import json
 import logging as std_logging
 import os

@@ -1,0 +1,223 @@
+"""Failures a user meets, each reproduced the way they meet it: Ctrl-C or SIGTERM at any moment of start-up, a
+runaway sample, a damaged or odd file in a workdir, a read-only workdir, a full disk. Each ends with its exit code
+and one stderr line naming the file or field, and every committed checkpoint is still there."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_SHAKESPEARE
+from test_errors import assert_one_error, checkpoint_files, error_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--config=configs/digits_mlp.py:smoke", "--config.train.progress_bar=false"]
+TRAINED = [*SMOKE, "--config.train.checkpoint_every=20"]  # `trained`'s command: relaunched, it resumes
+
+
+def ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("reliability") / "digits"
+  ok(cli(*TRAINED, f"--workdir={workdir}"))
+  return workdir
+
+
+def copy_of(workdir: Path, tmp_path: Path) -> Path:
+  target = tmp_path / "copy"
+  shutil.copytree(workdir, target)
+  return target
+
+
+# --- signals ----------------------------------------------------------------------------------------------------
+
+def interpreter_start() -> float:
+  """Seconds this machine takes now to start python and import the package: before that no code of the package
+  can run (a signal then is the interpreter's own business). Measured, since a loaded machine takes much longer."""
+  times = []
+  for _ in range(2):
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import bigmodel_jax"], cwd=ROOT, check=True)
+    times.append(time.monotonic() - start)
+  return max(times)
+
+
+@pytest.mark.parametrize("signum,delay", [(signal.SIGINT, 0.1), (signal.SIGINT, 0.5), (signal.SIGINT, 1.2),
+                                          (signal.SIGTERM, 0.2), (signal.SIGTERM, 1.0)],
+                         ids=["int-0.1s", "int-0.5s", "int-1.2s", "term-0.2s", "term-1.0s"])
+def test_a_signal_during_start_up_exits_at_once_with_its_code(cli, tmp_path, signum, delay):
+  """Before the loop: no KeyboardInterrupt inside an extension's import, none swallowed by a library (the run then
+  trained to completion with exit 0), no C++ abort; the exit comes within a second, whatever is running.
+  `delay` counts from the package's import."""
+  start = 1.5 * interpreter_start()
+  proc = cli(*SMOKE, "--config.train.num_steps=100000", f"--workdir={tmp_path / 'run'}", popen=True)
+  time.sleep(start + delay)
+  sent = time.monotonic()
+  proc.send_signal(signum)
+  out, _ = proc.communicate(timeout=60)
+  assert time.monotonic() - sent < 5, out[-2000:]
+  assert proc.returncode == 128 + signum, out[-3000:]
+  lines = error_lines(out)
+  assert len(lines) == 1 and signal.Signals(signum).name in lines[0], out[-3000:]
+  assert "Traceback" not in out
+
+
+def test_two_ctrl_c_during_training_save_first_then_exit(cli, tmp_path):
+  workdir = tmp_path / "run"
+  proc = cli(*SMOKE, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+             f"--workdir={workdir}", popen=True)
+  deadline = time.monotonic() + 90
+  while not ((workdir / "metrics.jsonl").exists() and "startup" in (workdir / "metrics.jsonl").read_text()):
+    assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)  # a second one during the save: honoured once the save has committed
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 130, out[-3000:]
+  assert "saved a checkpoint at step" in error_lines(out)[0]
+  names = [p.name for p in (workdir / "checkpoints").iterdir()]
+  assert [n for n in names if n.isdigit()] and not [n for n in names if "tmp" in n], names
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason="no local copy of tiny Shakespeare")
+def test_a_long_sample_streams_and_stops_on_ctrl_c(cli, tmp_path):
+  workdir = tmp_path / "gpt"
+  ok(cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--config.data.path={TINY_SHAKESPEARE}",
+         "--config.train.num_steps=10", "--config.train.progress_bar=false", f"--workdir={workdir}"))
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=sample", "--config.sample.num_tokens=1000000000"),
+                   "config.sample.num_tokens", "at most 1000000")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "bigmodel_jax.main", f"--workdir={workdir}", "--mode=sample",
+       "--config.sample.num_tokens=1000000", "--config.sample.prompt=ROMEO:"], cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  received = b""
+  while len(received) < 2000:  # text arrives while the million tokens are still being generated
+    chunk = proc.stdout.read1(4096)
+    assert chunk, proc.stderr.read().decode()[-2000:]
+    received += chunk
+  assert received.startswith(b"ROMEO:") and proc.poll() is None
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 130
+  assert len(error_lines(err.decode())) == 1 and "--mode=sample stopped" in err.decode()
+
+
+# --- damaged or odd workdir files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_mistyped_value_in_config_json_is_one_line(cli, trained, tmp_path, mode):
+  workdir = copy_of(trained, tmp_path)
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["data"]["batch_size"] = "thirty-two"
+  (workdir / "config.json").write_text(json.dumps(saved))
+  before = checkpoint_files(workdir)
+  args = TRAINED if mode == "train" else []
+  assert_one_error(cli(*args, f"--workdir={workdir}", f"--mode={mode}"),
+                   str(workdir / "config.json"), "data.batch_size", "'thirty-two'", "integer")
+  assert checkpoint_files(workdir) == before
+
+
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_an_unreadable_metrics_jsonl_is_one_line(cli, trained, tmp_path, kind):
+  workdir = copy_of(trained, tmp_path)
+  path = workdir / "metrics.jsonl"
+  path.unlink()
+  if kind == "binary":
+    path.write_bytes(bytes(range(256)) * 8)
+  else:
+    path.mkdir()
+  before = checkpoint_files(workdir)
+  assert_one_error(cli(*TRAINED, f"--workdir={workdir}"), str(path))
+  assert checkpoint_files(workdir) == before
+
+
+def test_a_lock_file_that_is_a_directory_is_one_line(cli, trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  (workdir / ".train.lock").unlink(missing_ok=True)
+  (workdir / ".train.lock").mkdir()
+  before = checkpoint_files(workdir)
+  line = assert_one_error(cli(*TRAINED, f"--workdir={workdir}"),
+                          str(workdir / ".train.lock"), "lock file")
+  assert "cannot create" not in line  # the lock file is to blame, not the workdir
+  assert checkpoint_files(workdir) == before
+
+
+def test_output_dir_is_only_for_reading_modes(cli, trained, tmp_path):
+  assert_one_error(cli(*SMOKE, f"--workdir={tmp_path / 'w'}", f"--output_dir={tmp_path / 'o'}"),
+                   "--output_dir", "eval/predict/sample")
+
+
+# --- read-only workdir, full disk (need a mount: skipped where the test may not make one) ----------------------
+
+def _mount(*args) -> bool:
+  return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only(trained, tmp_path):
+  """`trained`, seen through a read-only bind mount (or with its write bits cleared, for a non-root user)."""
+  target = tmp_path / "ro"
+  target.mkdir()
+  if os.geteuid() == 0:
+    if not (_mount("--bind", str(trained), str(target)) and _mount("-o", "remount,bind,ro", str(target))):
+      subprocess.run(["umount", str(target)], capture_output=True)
+      pytest.skip("cannot make a read-only bind mount here")
+    yield target
+    subprocess.run(["umount", str(target)], capture_output=True)
+  else:
+    shutil.rmtree(target)
+    shutil.copytree(trained, target)
+    for p in [target, *target.rglob("*")]:
+      p.chmod(p.stat().st_mode & ~0o222)
+    yield target
+    for p in [target, *target.rglob("*")]:
+      p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.mark.parametrize("mode", ["eval", "predict"])
+def test_eval_on_a_read_only_workdir_is_one_line_or_writes_elsewhere(cli, read_only, tmp_path, mode):
+  before = checkpoint_files(read_only)
+  assert_one_error(cli(f"--workdir={read_only}", f"--mode={mode}"), "--output_dir", str(read_only))
+  out = tmp_path / "outputs"
+  ok(cli(f"--workdir={read_only}", f"--mode={mode}", f"--output_dir={out}"))
+  assert (out / "metrics.jsonl").exists() and (any(out.glob("eval_step*.json")) or any(out.glob("predict_step*")))
+  assert checkpoint_files(read_only) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  target = tmp_path / "disk"
+  target.mkdir()
+  if os.geteuid() != 0 or not _mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(target)):
+    pytest.skip("cannot mount a small tmpfs here")
+  yield target
+  subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoints(cli, small_disk):
+  workdir = small_disk / "run"
+  args = [*SMOKE, "--config.train.num_steps=400", "--config.train.checkpoint_every=20",
+          "--config.train.keep_checkpoints=100", f"--workdir={workdir}"]
+  proc = cli(*args)
+  line = assert_one_error(proc, "no space left on device", "the last good checkpoint is step")
+  assert len(proc.stderr.splitlines()) < 30, proc.stderr  # no traceback wall from orbax's save threads
+  good = int(line.split("the last good checkpoint is step ")[1].split()[0])
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == good and steps == list(range(20, good + 1, 20))
+  # with room again, the same command resumes from it and finishes
+  assert _mount("-o", "remount,size=16m", str(small_disk))
+  resumed = ok(cli(*args))
+  assert f"resumed from checkpoint at step {good}" in resumed.stderr
