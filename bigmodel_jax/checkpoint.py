@@ -3,7 +3,8 @@
 One checkpoint = {train state, data iterator position, run metadata}, written asynchronously and
 atomically (orbax writes to a temporary directory and renames it when complete). Retention keeps
 the latest `keep` checkpoints plus the best one: the latest saved with best=True (the run's model selection,
-evaluate.Selection, decides which step that is; ties and all).
+evaluate.Selection, decides which step that is; ties and all). Each step carries a digest of its files (integrity.py),
+written before orbax commits the step and checked before every restore: a damaged step is never read as if intact.
 """
 
 import os
@@ -16,17 +17,27 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigmodel_jax.errors import ModelMismatchError, UserError
+from bigmodel_jax import distributed, integrity
+from bigmodel_jax.errors import DamagedCheckpointError, ModelMismatchError, UserError
 
 BEST = "best_step"  # the metric orbax keeps the best checkpoint by
+DAMAGED = "damaged"  # checkpoints/damaged/<step>: where a resume moves damaged steps aside (never deletes them)
+try:  # orbax writes a step into <step><suffix>, then renames it into place
+  from orbax.checkpoint._src.path.atomicity import TMP_DIR_SUFFIX
+except ImportError:
+  TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class Checkpointer:
 
   def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = False, async_save: bool = True):
+    """Without `async_save`, save() returns once the step is committed (orbax still saves asynchronously: the digest
+    is written by its post-finalization hook, which only async saves have)."""
     self.directory = Path(directory).absolute()
+    self._sync, self._saving, self._checked = not async_save, None, {}
     keep_policies = [policies.LatestN(n=keep)]
     if keep_best:  # a best checkpoint carries the metric {BEST: its step}: the highest is the latest best
       keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[BEST], n=1, keep_checkpoints_without_metrics=False))
@@ -34,7 +45,8 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         # best_fn also makes orbax write each step's metrics to disk, so 'best' survives a restart
         best_fn=(lambda m: m[BEST]) if keep_best else None, best_mode="max",
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=True, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digest))
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     try:
@@ -52,14 +64,106 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, meta: dict, best: bool = False) -> None:
     """Starts an async save; arrays are copied off the device before this returns (donation-safe). `best`: this
     step is the run's new best (kept, with the latest `keep`, until a later best)."""
+    self._manager.wait_until_finished()  # the previous save's digest hook has run: `_saving` is free
+    self._saving = step
+    self._checked.pop(step, None)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), metrics={BEST: step} if best else None, force=True)
+    if self._sync:
+      self._manager.wait_until_finished()
+
+  def _write_digest(self) -> None:
+    """Orbax's post-finalization hook (primary process, background thread): every process has written its files
+    into the temporary step directory and the rename that commits it comes next. A failure here fails the save."""
+    tmp = self.directory / f"{self._saving}{TMP_DIR_SUFFIX}"
+    start = time.perf_counter()
+    record = integrity.write(tmp if tmp.is_dir() else self.directory / str(self._saving))  # else: commit-file storage
+    logging.info("checkpoint step %s: digest of %d files in %.3f s", self._saving, len(record["files"]),
+                 time.perf_counter() - start)
+
+  def verify(self, step: int) -> bool:
+    """True: step's files match its digest; False: it has none (written before digests; restored unverified, said
+    in one log line). Raises DamagedCheckpointError."""
+    if step not in self._checked:
+      step_dir = self.directory / str(step)
+      try:
+        self._checked[step] = integrity.verify(step_dir)
+      except integrity.Mismatch as e:
+        if not step_dir.is_dir():  # e.g. a training's retention deleted it while an eval beside it was reading it
+          raise UserError(f"checkpoint {step_dir} disappeared while it was being read (the retention of a training "
+                          "running in this workdir?); run again") from None
+        raise DamagedCheckpointError(f"checkpoint {step_dir} is damaged: {e}", step, str(e)) from None
+      if not self._checked[step]:
+        logging.warning("checkpoint step %d has no %s (written before checkpoints had digests): restoring it "
+                        "unverified", step, integrity.FILE)
+    return self._checked[step]
+
+  def intact_steps(self) -> list[int]:
+    """The steps that pass verify() (those without a digest included)."""
+    out = []
+    for step in self.all_steps():
+      try:
+        self.verify(step)
+        out.append(step)
+      except DamagedCheckpointError:
+        pass
+    return out
+
+  def newest_intact(self) -> tuple[int | None, list[DamagedCheckpointError]]:
+    """For a resume: (the newest step that passes verify() or None if there is no checkpoint, the damaged steps
+    after it). Every step damaged: a UserError, and nothing is changed."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        self.verify(step)
+        return step, damaged
+      except DamagedCheckpointError as e:
+        damaged.append(e)
+    if damaged:
+      listed = "; ".join(f"step {e.step}: {e.detail}" for e in reversed(damaged))
+      raise UserError(f"every checkpoint in {self.directory} is damaged ({listed}); nothing was changed: put back "
+                      "intact copies of those step directories, or use a new --workdir")
+    return None, []
+
+  def set_aside(self, damaged: list[DamagedCheckpointError], resumed: int) -> None:
+    """Moves damaged steps (newer than `resumed`) to checkpoints/damaged/<step>, out of the way of retention (they
+    would take the place of intact steps among the latest kept) and of the saves that redo their step numbers."""
+    if not damaged:
+      return
+    if jax.process_count() > 1:  # every process has read them before one moves them
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bigmodel_jax:set_aside_damaged")
+    moved, refused = [], ""
+    for e in sorted(damaged, key=lambda e: e.step):
+      target, n = self.directory / DAMAGED / str(e.step), 1
+      while target.exists():  # the same step damaged again after an earlier resume
+        n += 1
+        target = self.directory / DAMAGED / f"{e.step}_{n}"
+      if jax.process_index() == 0 and not refused:
+        try:
+          target.parent.mkdir(exist_ok=True)
+          os.replace(self.directory / str(e.step), target)
+        except OSError as error:
+          refused = (f"checkpoint {self.directory / str(e.step)} is damaged ({e.detail}) and cannot be moved to "
+                     f"{target} ({error.strerror}); move it away yourself to resume from step {resumed}")
+      moved.append(f"{e.step} ({e.detail})")
+    refused = distributed.chief_decides(refused)  # also the barrier after the moves
+    if refused:
+      raise UserError(refused)
+    self._manager.reload()
+    logging.warning("damaged checkpoint step%s %s: moved to %s, resuming from step %d, the newest intact one",
+                    "s" if len(moved) > 1 else "", ", ".join(moved), self.directory / DAMAGED, resumed)
+
+  def item_file(self, step: int, item: str) -> Path:
+    """The file a JSON item (data, meta) of `step` is stored in."""
+    return self.directory / str(step) / item / "metadata"
 
   def restore(self, step: int, target) -> tuple:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} not found in {self.directory}; available: {self.all_steps()}")
+    self.verify(step)
     with tempfile.TemporaryFile() as captured:  # per process: eval may run beside training
       saved_stderr = _redirect_stderr(captured.fileno())
       try:
@@ -86,6 +190,11 @@ class Checkpointer:
                         "move that step directory away to resume from an earlier one, or use a new --workdir") from None
       _restore_stderr(saved_stderr, captured)
     state = restored.state if legacy is None else restored.state.replace(opt_state={legacy: restored.state.opt_state})
+    saved = getattr(state, "step", None)  # a train state: its own step counter (the data position is checked by train)
+    if saved is not None and int(jax.device_get(saved)) != step:
+      raise UserError(f"checkpoint {self.directory / str(step)}: its train state is at step "
+                      f"{int(jax.device_get(saved))}, not {step}; put back the step's own files, or move that step "
+                      "directory away to resume from an earlier one")
     return state, restored.data, restored.meta
 
   def _unnamed_optimizer(self, step: int, target) -> str | None:
@@ -115,6 +224,7 @@ class Checkpointer:
                                "model change or use a new --workdir", diffs)
 
   def wait(self) -> None:
+    """Until the save in flight is committed (with its digest)."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:

@@ -17,6 +17,14 @@ class ModelMismatchError(UserError):
     self.diffs = diffs
 
 
+class DamagedCheckpointError(UserError):
+  """A checkpoint step's files differ from the digest written when it was saved. `detail`: which file and how."""
+
+  def __init__(self, message: str, step: int, detail: str):
+    super().__init__(message)
+    self.step, self.detail = step, detail
+
+
 TRACEBACK_ENV = "BIGMODEL_JAX_TRACEBACK"  # =1: print the full traceback behind a one-line error
 TRACEBACK_HINT = f"full traceback: --verbosity=1 or {TRACEBACK_ENV}=1"
 

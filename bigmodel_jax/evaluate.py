@@ -10,7 +10,7 @@ from absl import logging
 
 from bigmodel_jax import runinfo
 from bigmodel_jax.data import pipeline
-from bigmodel_jax.errors import UserError
+from bigmodel_jax.errors import DamagedCheckpointError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,13 @@ def restore_for_eval(run, checkpoint_step: int | None):
   step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
-  state, _, _ = run.restore(step)
+  try:
+    state, _, _ = run.restore(step)
+  except DamagedCheckpointError as e:
+    intact = run.checkpointer.intact_steps()
+    use = (f"intact steps: {', '.join(map(str, intact))}; pass --checkpoint_step={intact[-1]} to use one" if intact
+           else "no step is intact")
+    raise UserError(f"{e}; {use} (or put back an intact copy of step {step})") from None
   return step, state
 
 

@@ -207,12 +207,14 @@ def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int
 
 
 def restore_or_init(run: Run):
-  """The latest checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state, meta)."""
-  step = run.checkpointer.latest_step()
+  """The newest intact checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state, meta)."""
+  step, damaged = run.checkpointer.newest_intact()  # damaged newer steps: moved aside once this one restores
   if step is None:
     logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
     return run.steps.init(), None, {}
   state, data_state, meta = run.restore(step)
+  pipeline.check_position(data_state, step, run.checkpointer.item_file(step, "data"))  # before anything trains
+  run.checkpointer.set_aside(damaged, step)
   logging.info("resumed from checkpoint at step %d", step)
   return state, data_state, meta or {}
 

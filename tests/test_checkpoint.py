@@ -46,11 +46,14 @@ def test_unreadable_checkpoint_is_a_user_error_and_stderr_is_left_alone(tmp_path
   import numpy as np
   import pytest
 
-  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.errors import DamagedCheckpointError, UserError
   ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
   save(ckpt, 10)
   for path in (tmp_path / "checkpoints" / "10" / "state" / "d").iterdir():
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+  with pytest.raises(DamagedCheckpointError, match=r"10 is damaged: state/d/\w+ differs from its digest.json"):
+    ckpt.restore(10, {"w": jnp.zeros((2,), jnp.float32)})
+  (tmp_path / "checkpoints" / "10" / "digest.json").unlink()  # as a step written before digests: orbax's own error
   with pytest.raises(UserError, match="cannot be read"):
     ckpt.restore(10, {"w": jnp.zeros((2,), jnp.float32)})
   ckpt.close()

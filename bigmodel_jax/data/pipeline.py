@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from bigmodel_jax.data import Dataset
+from bigmodel_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -133,6 +134,24 @@ def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, p
   ds = ds.map(lambda b: {**b, "inputs": preprocess(b["inputs"])})
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                               prefetch_buffer_size=data_config.prefetch))
+
+
+def check_position(saved, step: int, where) -> None:
+  """A checkpoint's data position must be the one `step` training steps leave: {'next_index': step}, as element
+  `step` of the train stream is global batch `step` (its epoch and offset follow from the config's batch size and
+  steps per epoch). Any other value would silently train on other batches than the run it continues, and run
+  out of stream before the last step. `where`: the file it was read from."""
+  fix = (f"put back the checkpoint's own value ({{\"next_index\": {step}}}), or move step directory {step} away to "
+         "resume from an earlier one")
+  if not isinstance(saved, dict) or set(saved) != {"next_index"}:
+    fields = ", ".join(sorted(map(str, saved))) if isinstance(saved, dict) else type(saved).__name__
+    raise UserError(f"{where}: the data position has fields {fields or 'none'}, not next_index; {fix}")
+  value = saved["next_index"]
+  if type(value) is not int:  # bool is an int too: not a position
+    raise UserError(f"{where}: field next_index is {value!r} ({type(value).__name__}), not an integer; {fix}")
+  if value != step:
+    raise UserError(f"{where}: field next_index is {value}, but checkpoint step {step} continues with batch {step} of "
+                    f"the training stream; {fix}")
 
 
 def steps_per_epoch(dataset: Dataset, data_config) -> int:
