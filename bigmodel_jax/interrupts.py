@@ -26,7 +26,12 @@ def _handler(signum, _frame):  # runs only if the watcher thread has not ended t
   _exit(signum)
 
 
+_exiting = threading.Lock()  # the watcher thread and the Python-level handler may both see one signal
+
+
 def _exit(signum: int) -> None:
+  if not _exiting.acquire(blocking=False):
+    threading.Event().wait()  # the other caller is ending the process
   mode = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--mode=")), "train")
   name = signal.Signals(signum).name
   what = f"stopped {PHASE}" if mode == "train" else f"--mode={mode} stopped; its outputs may be incomplete"
