@@ -17,7 +17,7 @@ from bigmodel_jax.parallel import RULES
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
 RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.allow_config_change", "train.progress_bar", "train.compilation_cache",
+                  "train.allow_config_change", "train.allow_data_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
                   "predict.", "sample.",
                   "evals.", "eval.",  # when and where the run is evaluated, not what it trains
@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
           patience=0,  # stop after this many evaluations without improvement; 0: off
           min_delta=0.0),  # an improvement must exceed this
       allow_config_change=False,  # let a workdir's run continue with a different config
+      allow_data_change=False,  # let a resume, eval, predict or sample use data or a tokenizer it was not trained on
       progress_bar=True,  # a progress bar on a terminal (plain log lines elsewhere)
       compilation_cache=True,  # JAX's persistent compilation cache ($BIGMODEL_JAX_CACHE_DIR)
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)

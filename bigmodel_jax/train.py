@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import bigmodel_jax
 from bigmodel_jax import distributed, errors, evaluate, interrupts, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
-from bigmodel_jax.data import Dataset, corpus, load_dataset, pipeline
+from bigmodel_jax.data import Dataset, corpus, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
@@ -90,6 +90,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, need_data:
   else:
     dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
                            create_tokenizer=new_tokenizer)
+  fingerprint.check(workdir, dataset, config.train.get("allow_data_change", False))  # what its checkpoints saw
   task = get_task(config, dataset)
   if legacy and "test" not in dataset.eval_splits:  # what that version called test (tiny_shakespeare's last 10%)
     config.evals.test.split = "validation"
@@ -245,6 +246,7 @@ def _train(run: Run) -> dict:
     runinfo.write_run_records(run.workdir, config, write_config=not run.legacy)
     if run.save_tokenizer:
       run.dataset.tokenizer.save(run.workdir / "tokenizer")
+    fingerprint.record(run.workdir, run.dataset, start_step)
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count()))

@@ -42,6 +42,7 @@ class Dataset:
   chars_per_token: dict[str, float] = dataclasses.field(default_factory=dict)  # split -> chars/token (default 1)
   test_texts: Sequence[str] = ()  # raw text of each test example (text classification), for predictions.csv
   validation: dict[str, np.ndarray] | None = None
+  fingerprint: dict = dataclasses.field(default_factory=dict)  # the files or arrays it came from (fingerprint.py)
 
   @property
   def eval_splits(self) -> tuple[str, ...]:
@@ -133,17 +134,20 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
   workdir/tokenizer) so eval, sampling and resume use the same one. `create_tokenizer` (a run's first
   training launch) trains (subword) or builds (char) it and saves it there; otherwise it must exist.
   """
-  from bigmodel_jax.data import fetch, tfds_source  # tfds_source imports tensorflow_datasets: only when used
+  from bigmodel_jax.data import fetch, fingerprint, tfds_source  # tfds_source imports tensorflow_datasets lazily
   name = data_config.name
   root = fetch.data_dir(data_config.get("data_dir", ""))
-  if name.startswith("tfds:"):
-    loaded = tfds_source.load(name.removeprefix("tfds:"), root)
-  else:
-    loaded = DATASETS.get(name)(root, data_config)
+  with fingerprint.recording() as files:  # what it read, for the run's data_fingerprint.json
+    if name.startswith("tfds:"):
+      loaded = tfds_source.load(name.removeprefix("tfds:"), root)
+    else:
+      loaded = DATASETS.get(name)(root, data_config)
+  digests = fingerprint.of_loaded(loaded, files)
   loaded = loaded.hold_out_validation(data_config.get("validation_fraction", 0.0))
   if isinstance(loaded, TextCorpus):
     from bigmodel_jax.data import corpus
-    return corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)
+    loaded = corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)
+  loaded.fingerprint = digests
   return loaded
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from bigmodel_jax.data import DATASETS, TextCorpus, fetch, seeded_split
+from bigmodel_jax.data import DATASETS, TextCorpus, fetch, fingerprint, seeded_split
 from bigmodel_jax.errors import UserError
 
 READS_PATH = ("tiny_shakespeare",)  # datasets that read config.data.path (config validation checks it)
@@ -66,6 +66,7 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
     if not text.strip():
       raise UserError(f"config.data.path: {file} is empty; give a text file with the training text, "
                       "or leave config.data.path empty to fetch tiny Shakespeare")
+    fingerprint.note_file("data.path", file, fingerprint.file_sha256(file))
   else:
     directory = root / "tiny_shakespeare"
     fetch.ensure_files("tiny_shakespeare", directory, {"input.txt": TINY_SHAKESPEARE_SHA256},

@@ -60,12 +60,15 @@ class Tokenizer(abc.ABC):
       row[:len(ids)] = ids[:max_len]
     return out
 
+  def record(self) -> dict:
+    """What tokenizer.json holds: the ids' meaning (a run's data fingerprint hashes it)."""
+    return {"name": self.name, "vocab_size": self.vocab_size, **self._config()}
+
   def save(self, directory: Path) -> None:
     """Writes directory/tokenizer.json last, so its presence means the tokenizer is complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"name": self.name, "vocab_size": self.vocab_size, **self._config()}
-    write_text_atomic(directory / JSON_FILE, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(directory / JSON_FILE, json.dumps(self.record(), indent=2) + "\n")
 
 
 def _known_ids(ids, vocab_size: int, unk_id: int) -> np.ndarray:

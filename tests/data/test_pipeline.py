@@ -210,7 +210,8 @@ def test_ensure_files_falls_through_to_a_working_source(tmp_path):
   never = source("never", AssertionError("not reached"))
   assert fetch.ensure_files("ds", directory, CHECKSUMS, [offline, works, never], "hint") == directory
   assert (offline.calls, works.calls, never.calls) == (1, 1, 0)
-  assert sorted(p.name for p in directory.iterdir()) == ["a.bin", "b.bin"]  # no .partial files left
+  # no .partial files left; the verified record beside them (sizes, mtimes, sha256s) spares hashing them again
+  assert sorted(p.name for p in directory.iterdir()) == [fetch.VERIFIED_FILE, "a.bin", "b.bin"]
   for name, blob in FILES.items():
     assert (directory / name).read_bytes() == blob
     assert fetch.sha256_of(directory / name) == CHECKSUMS[name]
