@@ -38,7 +38,8 @@ def evaluators(config, dataset) -> list[Evaluator]:
         raise UserError(f"config.train.best_eval: evaluator {name!r} reads the {e.split!r} split, which "
                         f"{dataset.name} does not have (it has: {', '.join(dataset.eval_splits)}); set "
                         "config.data.validation_fraction in (0, 1), or train.best_eval='' to select nothing")
-      logging.warning("dataset %s has no %s split: evaluator %r skipped", dataset.name, e.split, name)
+      # a fact of the dataset (tiny Shakespeare has no test split), not a problem: said at --verbosity=1
+      logging.debug("dataset %s has no %s split: evaluator %r skipped", dataset.name, e.split, name)
       continue
     out.append(Evaluator(name, e.split, e.every))
   if not out:

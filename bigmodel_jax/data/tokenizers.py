@@ -321,8 +321,9 @@ def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Seque
     return tokenizer
   start = time.perf_counter()
   tokenizer = build_tokenizer(tokenizer_config, train_texts, all_texts)
-  logging.info("built a %s tokenizer (%d ids) in %.1f s", tokenizer.name, tokenizer.vocab_size,
-               time.perf_counter() - start)
+  seconds = time.perf_counter() - start  # said at the default verbosity only when it took a while (subword training)
+  logging.log(logging.INFO if seconds > 1 else logging.DEBUG, "built a %s tokenizer (%d ids) in %.1f s",
+              tokenizer.name, tokenizer.vocab_size, seconds)
   # Char and byte are saved too, so a workdir always records its vocabulary. Every process builds the same
   # tokenizer (training is deterministic); one writes it, as processes may share the workdir.
   if directory is not None and jax.process_index() == 0:
