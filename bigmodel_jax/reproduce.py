@@ -17,11 +17,8 @@ after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command re
 """
 
 import argparse
-import dataclasses
-import importlib.util
 import json
 import os
-import re
 import signal
 import socket
 import statistics
@@ -31,165 +28,12 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import bigmodel_jax
+from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, flag_value, load_config,
+                                       load_registry, missing_field)
+from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
-ROOT = Path(bigmodel_jax.__file__).resolve().parents[1]  # a source checkout: experiments/ is not installed
-REGISTRY = ROOT / "experiments" / "reproductions.py"
-NEEDS = ("cpu", "gpu", "network")
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
 NETWORK_TIMEOUT_S = 3.0
-BOUND = re.compile(r"^\s*(>=|<=|>|<|~)\s*([-+0-9.eE]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.eE]+))?\s*$")
-NAME = re.compile(r"^[a-z0-9_]+$")  # a directory name under the workdir
-
-
-class BadInput(Exception):
-  """A bad registry, flag or name: printed as one line, exit 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """A number a reproduction must reach: `metric` of final_metrics.json's `split` section, within `bound`.
-
-  split: validation | test | best (the selected checkpoint's value of the selection metric, on validation) or
-  any other section (a dotted path, e.g. "coefficients"); metric: a dotted path in it ("weights.0.0").
-  bound: ">= 0.99", "<= 1.5", "> 0.696", "~ 1.88 ± 0.05" (also "+-").
-  """
-  split: str
-  metric: str
-  bound: str
-
-  def check(self, value: float) -> bool:
-    op, ref, tol = parse_bound(self.bound)
-    return {">=": value >= ref, "<=": value <= ref, ">": value > ref, "<": value < ref,
-            "~": abs(value - ref) <= tol}[op]
-
-  @property
-  def label(self) -> str:
-    return f"{self.split} {self.metric}" if self.split != "best" else f"best validation {self.metric}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Download:
-  """A dataset a run fetches: no network is needed when every file is under the data dir, else a host of `urls`."""
-  files: tuple[str, ...]  # relative to the data dir (config.data.data_dir, $BIGMODEL_JAX_DATA_DIR, ~/.cache/...)
-  urls: tuple[str, ...]
-  hint: str = ""  # another way to the data, for the skip message
-
-
-@dataclasses.dataclass(frozen=True)
-class Reproduction:
-  name: str
-  config: str  # configs/<file>.py[:variant], relative to the repo root
-  targets: tuple[Target, ...]
-  source: str  # where the target comes from: paper, README, URL
-  needs: tuple[str, ...] = ("cpu",)  # cpu | gpu (too slow on a CPU) | network (with `download`)
-  seeds: tuple[int, ...] = (0,)  # >= 3 where a run is short: the mean is judged
-  overrides: dict = dataclasses.field(default_factory=dict)  # config field -> value, for every seed
-  download: Download | None = None
-  note: str = ""  # cost, caveats
-
-
-def parse_bound(bound: str) -> tuple[str, float, float]:
-  match = BOUND.match(bound)
-  if not match or (match[1] == "~") != (match[3] is not None):
-    raise ValueError(f"bad bound {bound!r}; write '>= 0.99', '<= 1.5', '> 0.7' or '~ 1.88 ± 0.05'")
-  return match[1], float(match[2]), float(match[3] or 0)
-
-
-def flag_value(value) -> str:
-  """A config value as main's --config.a.b=VALUE text."""
-  return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-# --- the registry -------------------------------------------------------------------------------------------
-
-
-def load_registry(path: Path) -> list[Reproduction]:
-  """experiments/reproductions.py's REPRODUCTIONS, each checked (config, variant, overrides, metrics, bounds)."""
-  if not path.is_file():
-    raise BadInput(f"no reproduction registry at {path}; experiments/ is not installed with the package: run from a "
-                   "source checkout, or pass --registry=PATH")
-  spec = importlib.util.spec_from_file_location("reproductions", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:
-    raise BadInput(f"{path}: {type(e).__name__}: {e}") from None
-  entries = getattr(module, "REPRODUCTIONS", None)
-  if not isinstance(entries, (list, tuple)) or not all(isinstance(r, Reproduction) for r in entries):
-    raise BadInput(f"{path}: needs REPRODUCTIONS, a list of bigmodel_jax.reproduce.Reproduction")
-  seen = set()
-  for r in entries:
-    if r.name in seen:
-      raise BadInput(f"{path}: reproduction {r.name!r} is declared twice")
-    seen.add(r.name)
-    check_entry(r, path)
-  return list(entries)
-
-
-def config_path(spec: str) -> Path:
-  """configs/x.py[:variant] -> the file, relative to the repo root (where the runs start)."""
-  return ROOT / spec.partition(":")[0]
-
-
-def load_config(spec: str):
-  """configs/x.py[:variant] -> its ConfigDict, as main builds it (before overrides)."""
-  path, variant = config_path(spec), spec.partition(":")[2]
-  module_spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def check_entry(r: Reproduction, path: Path) -> None:
-  """Raises BadInput naming the entry and what is wrong."""
-  def bad(message):
-    raise BadInput(f"{path}: reproduction {r.name!r}: {message}")
-  if not NAME.match(r.name):
-    bad("names are lower case letters, digits and '_' (each is a directory under the workdir)")
-  if not r.targets or not all(isinstance(t, Target) for t in r.targets):
-    bad("targets must be a non-empty tuple of Target(split, metric, bound)")
-  for t in r.targets:
-    try:
-      parse_bound(t.bound)
-    except ValueError as e:
-      bad(str(e))
-  if not r.needs or set(r.needs) - set(NEEDS):
-    bad(f"needs {r.needs!r}: each of {', '.join(NEEDS)}")
-  if ("network" in r.needs) != (r.download is not None):
-    bad("needs 'network' exactly when it names a download (the files that make the network unnecessary)")
-  if not r.seeds or len(set(r.seeds)) != len(r.seeds) or not all(isinstance(s, int) and s >= 0 for s in r.seeds):
-    bad(f"seeds {r.seeds!r}: distinct integers >= 0")
-  if not r.source:
-    bad("source is empty; say where the target comes from")
-  if not config_path(r.config).is_file():
-    bad(f"config file {config_path(r.config)} does not exist (config paths are relative to the repo root)")
-  try:
-    config = load_config(r.config)
-  except Exception as e:
-    bad(f"config {r.config!r}: {type(e).__name__}: {e}")
-  missing = missing_field(config, r.overrides)
-  if missing:
-    bad(f"override {missing}: {r.config} has no such config field")
-  from bigmodel_jax.tasks import TASKS
-  metric_names = TASKS.get(config.task.name).metric_names
-  for t in r.targets:
-    if t.split in ("validation", "test", "best") and t.metric not in metric_names:
-      bad(f"metric {t.metric!r} is not a metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
-    best_metric = r.overrides.get("train.best_metric", config.train.best_metric)
-    if t.split == "best" and t.metric != best_metric:
-      bad(f"split 'best' holds the selection metric train.best_metric={best_metric!r}, not {t.metric!r}")
-
-
-def missing_field(config, overrides: dict) -> str:
-  """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
-  from bigmodel_jax.config import get_field
-  for key, value in overrides.items():
-    try:
-      get_field(config, key)
-    except (KeyError, AttributeError):
-      return f"{key}={value}"
-  return ""
 
 
 # --- what a reproduction needs ------------------------------------------------------------------------------
@@ -373,88 +217,6 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
   return {**entry, "status": "FAIL" if missed else "PASS", "reason": f"missed {', '.join(missed)}" if missed else ""}
 
 
-# --- the report card ----------------------------------------------------------------------------------------
-
-
-def _cell(text: str) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _result(t: dict) -> str:
-  if "mean" not in t:
-    return "—"
-  if t["n"] == 1:
-    return f"{t['mean']:.4f}"
-  return f"{t['mean']:.4f} ± {t['std']:.4f} (n={t['n']}: {', '.join(f'{v:.4f}' for v in t['values'])})"
-
-
-def _wall(entry: dict) -> str:
-  walls = [run["wall_s"] for run in entry["runs"] if run.get("wall_s")]
-  if not walls:
-    return "—"
-  mean = statistics.fmean(walls)
-  return f"{mean / 60:.1f} min" if mean >= 120 else f"{mean:.0f} s"
-
-
-def markdown_table(report: dict) -> str:
-  """The report card as one markdown table, a row per reproduction (the README's results table)."""
-  header = ("reproduction", "config", "metric", "target", "result (mean ± std over seeds)", "status", "wall per seed",
-            "source")
-  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for entry in report["reproductions"].values():
-    config = f"`{entry['config']}`" + "".join(f" `{k}={v}`" for k, v in entry["overrides"].items())
-    status = entry["status"] + (f": {entry['reason']}" if entry["reason"] else "")
-    if entry["status"] in ("PASS", "FAIL") and len(entry["runs"]) < entry["seeds_declared"]:
-      status += f" ({len(entry['runs'])} of {entry['seeds_declared']} seeds)"
-    targets = entry["targets"]
-    cells = (entry["name"], config, "<br>".join(t["label"] for t in targets), "<br>".join(t["bound"] for t in targets),
-             "<br>".join(_result(t) for t in targets), status, _wall(entry), entry["source"])
-    rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-  return "\n".join(rows)
-
-
-def markdown_report(report: dict) -> str:
-  """report.md: the table, then each reproduction's seeds (value, wall time, workdir, command) and notes."""
-  lines = ["# Reproductions", "", f"Generated by `python -m bigmodel_jax.reproduce` ({report['updated']}).", "",
-           markdown_table(report)]
-  for entry in report["reproductions"].values():
-    lines += ["", f"## {entry['name']}: {entry['status']}", ""]
-    lines += [f"- {entry['reason']}" + (f"; {entry['hint']}" if entry.get("hint") else "")] if entry["reason"] else []
-    lines += [f"- note: {entry['note']}"] if entry["note"] else []
-    for run in entry["runs"]:
-      values = ", ".join(f"{k} {v:.4f}" for k, v in run["values"].items()) or run.get("error", "")
-      wall = f"{run['wall_s']:.0f} s in {run['launches']} launch(es)" if run.get("wall_s") else "not timed"
-      lines += [f"- seed {run['seed']}: {values}; {wall}; `{run['workdir']}`", f"  `{run['command']}`"]
-  return "\n".join(lines) + "\n"
-
-
-def read_report(path: Path) -> dict:
-  try:
-    report = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise BadInput(f"{path}: not a readable report.json ({e})") from None
-  if not isinstance(report, dict) or not isinstance(report.get("reproductions"), dict):
-    raise BadInput(f"{path}: not a report card (no 'reproductions'); give WORKDIR/report.json")
-  return report
-
-
-def write_report(workdir: Path, entries: list[dict], order: list[str]) -> dict:
-  """Merges `entries` into workdir/report.json (other reproductions' earlier results kept); writes report.md."""
-  path = workdir / "report.json"
-  previous = read_report(path)["reproductions"] if path.is_file() else {}
-  # a skip teaches nothing new: an earlier result of that reproduction stays
-  merged = {**previous, **{e["name"]: e for e in entries
-                           if e["status"] != "SKIPPED" or previous.get(e["name"], e)["status"] == "SKIPPED"}}
-  rank = {name: i for i, name in enumerate(order)}
-  report = {"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "reproductions": dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))}
-  from bigmodel_jax.runinfo import write_text_atomic
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-  write_text_atomic(workdir / "report.md", markdown_report(report))
-  return report
-
-
 def list_table(entries: list[Reproduction]) -> str:
   rows = [("name", "config", "metric", "target", "needs", "seeds")]
   for r in entries:
@@ -560,5 +322,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-  from bigmodel_jax import reproduce  # the registry imports the module by name: run that copy, with its classes
-  reproduce.run()
+  run()

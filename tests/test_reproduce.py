@@ -37,7 +37,7 @@ def card(reproduce, tmp_path_factory) -> Path:
 
 def registry(tmp_path: Path, entries: str) -> Path:
   path = tmp_path / "registry.py"
-  path.write_text("from bigmodel_jax.reproduce import Download, Reproduction, Target\n"
+  path.write_text("from bigmodel_jax.reproduction import Download, Reproduction, Target\n"
                   f"REPRODUCTIONS = [\n{textwrap.indent(textwrap.dedent(entries), '    ')}]\n")
   return path
 

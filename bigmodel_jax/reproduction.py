@@ -1,0 +1,166 @@
+"""The reproduction registry's types and checks: experiments/reproductions.py declares REPRODUCTIONS, a list of
+Reproduction(name, config, targets, needs, seeds, source, ...); load_registry reads and checks them (config,
+variant, overrides, metrics, bounds) before anything runs. The tool that runs them is bigmodel_jax.reproduce."""
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+import bigmodel_jax
+
+ROOT = Path(bigmodel_jax.__file__).resolve().parents[1]  # a source checkout: experiments/ is not installed
+REGISTRY = ROOT / "experiments" / "reproductions.py"
+NEEDS = ("cpu", "gpu", "network")
+BOUND = re.compile(r"^\s*(>=|<=|>|<|~)\s*([-+0-9.eE]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.eE]+))?\s*$")
+NAME = re.compile(r"^[a-z0-9_]+$")  # a directory name under the workdir
+
+
+class BadInput(Exception):
+  """A bad registry, flag or name: printed as one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A number a reproduction must reach: `metric` of final_metrics.json's `split` section, within `bound`.
+
+  split: validation | test | best (the selected checkpoint's value of the selection metric, on validation) or
+  any other section (a dotted path, e.g. "coefficients"); metric: a dotted path in it ("weights.0.0").
+  bound: ">= 0.99", "<= 1.5", "> 0.696", "~ 1.88 ± 0.05" (also "+-").
+  """
+  split: str
+  metric: str
+  bound: str
+
+  def check(self, value: float) -> bool:
+    op, ref, tol = parse_bound(self.bound)
+    return {">=": value >= ref, "<=": value <= ref, ">": value > ref, "<": value < ref,
+            "~": abs(value - ref) <= tol}[op]
+
+  @property
+  def label(self) -> str:
+    return f"{self.split} {self.metric}" if self.split != "best" else f"best validation {self.metric}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+  """A dataset a run fetches: no network is needed when every file is under the data dir, else a host of `urls`."""
+  files: tuple[str, ...]  # relative to the data dir (config.data.data_dir, $BIGMODEL_JAX_DATA_DIR, ~/.cache/...)
+  urls: tuple[str, ...]
+  hint: str = ""  # another way to the data, for the skip message
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduction:
+  name: str
+  config: str  # configs/<file>.py[:variant], relative to the repo root
+  targets: tuple[Target, ...]
+  source: str  # where the target comes from: paper, README, URL
+  needs: tuple[str, ...] = ("cpu",)  # cpu | gpu (too slow on a CPU) | network (with `download`)
+  seeds: tuple[int, ...] = (0,)  # >= 3 where a run is short: the mean is judged
+  overrides: dict = dataclasses.field(default_factory=dict)  # config field -> value, for every seed
+  download: Download | None = None
+  note: str = ""  # cost, caveats
+
+
+def parse_bound(bound: str) -> tuple[str, float, float]:
+  match = BOUND.match(bound)
+  if not match or (match[1] == "~") != (match[3] is not None):
+    raise ValueError(f"bad bound {bound!r}; write '>= 0.99', '<= 1.5', '> 0.7' or '~ 1.88 ± 0.05'")
+  return match[1], float(match[2]), float(match[3] or 0)
+
+
+def flag_value(value) -> str:
+  """A config value as main's --config.a.b=VALUE text."""
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# --- the registry -------------------------------------------------------------------------------------------
+
+
+def load_registry(path: Path) -> list[Reproduction]:
+  """experiments/reproductions.py's REPRODUCTIONS, each checked (config, variant, overrides, metrics, bounds)."""
+  if not path.is_file():
+    raise BadInput(f"no reproduction registry at {path}; experiments/ is not installed with the package: run from a "
+                   "source checkout, or pass --registry=PATH")
+  spec = importlib.util.spec_from_file_location("reproductions", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:
+    raise BadInput(f"{path}: {type(e).__name__}: {e}") from None
+  entries = getattr(module, "REPRODUCTIONS", None)
+  if not isinstance(entries, (list, tuple)) or not all(isinstance(r, Reproduction) for r in entries):
+    raise BadInput(f"{path}: needs REPRODUCTIONS, a list of bigmodel_jax.reproduction.Reproduction")
+  seen = set()
+  for r in entries:
+    if r.name in seen:
+      raise BadInput(f"{path}: reproduction {r.name!r} is declared twice")
+    seen.add(r.name)
+    check_entry(r, path)
+  return list(entries)
+
+
+def config_path(spec: str) -> Path:
+  """configs/x.py[:variant] -> the file, relative to the repo root (where the runs start)."""
+  return ROOT / spec.partition(":")[0]
+
+
+def load_config(spec: str):
+  """configs/x.py[:variant] -> its ConfigDict, as main builds it (before overrides)."""
+  path, variant = config_path(spec), spec.partition(":")[2]
+  module_spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def check_entry(r: Reproduction, path: Path) -> None:
+  """Raises BadInput naming the entry and what is wrong."""
+  def bad(message):
+    raise BadInput(f"{path}: reproduction {r.name!r}: {message}")
+  if not NAME.match(r.name):
+    bad("names are lower case letters, digits and '_' (each is a directory under the workdir)")
+  if not r.targets or not all(isinstance(t, Target) for t in r.targets):
+    bad("targets must be a non-empty tuple of Target(split, metric, bound)")
+  for t in r.targets:
+    try:
+      parse_bound(t.bound)
+    except ValueError as e:
+      bad(str(e))
+  if not r.needs or set(r.needs) - set(NEEDS):
+    bad(f"needs {r.needs!r}: each of {', '.join(NEEDS)}")
+  if ("network" in r.needs) != (r.download is not None):
+    bad("needs 'network' exactly when it names a download (the files that make the network unnecessary)")
+  if not r.seeds or len(set(r.seeds)) != len(r.seeds) or not all(isinstance(s, int) and s >= 0 for s in r.seeds):
+    bad(f"seeds {r.seeds!r}: distinct integers >= 0")
+  if not r.source:
+    bad("source is empty; say where the target comes from")
+  if not config_path(r.config).is_file():
+    bad(f"config file {config_path(r.config)} does not exist (config paths are relative to the repo root)")
+  try:
+    config = load_config(r.config)
+  except Exception as e:
+    bad(f"config {r.config!r}: {type(e).__name__}: {e}")
+  missing = missing_field(config, r.overrides)
+  if missing:
+    bad(f"override {missing}: {r.config} has no such config field")
+  from bigmodel_jax.tasks import TASKS
+  metric_names = TASKS.get(config.task.name).metric_names
+  for t in r.targets:
+    if t.split in ("validation", "test", "best") and t.metric not in metric_names:
+      bad(f"metric {t.metric!r} is not a metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
+    best_metric = r.overrides.get("train.best_metric", config.train.best_metric)
+    if t.split == "best" and t.metric != best_metric:
+      bad(f"split 'best' holds the selection metric train.best_metric={best_metric!r}, not {t.metric!r}")
+
+
+def missing_field(config, overrides: dict) -> str:
+  """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
+  from bigmodel_jax.config import get_field
+  for key, value in overrides.items():
+    try:
+      get_field(config, key)
+    except (KeyError, AttributeError):
+      return f"{key}={value}"
+  return ""
