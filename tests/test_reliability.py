@@ -221,3 +221,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoints(cli, small_
   assert _mount("-o", "remount,size=16m", str(small_disk))
   resumed = ok(cli(*args))
   assert f"resumed from checkpoint at step {good}" in resumed.stderr
+
+
+@pytest.mark.parametrize("override", ["--config.optimizer.learning_rate=-0.1", "--config.data.batch_size=100000",
+                                      "--config.train.zzz=1"])
+def test_a_one_line_error_is_all_of_stderr(cli, tmp_path, override):
+  """Start-up logs nothing at the default verbosity before an error: the error really is the one line one sees."""
+  proc = cli(*SMOKE, override, f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
