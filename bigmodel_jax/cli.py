@@ -38,7 +38,7 @@ eval, predict and sample start from the workdir's config.json: --config is not n
 finding things out:
   --list_configs                  the experiments in configs/ with their descriptions and variants
   --config=FILE --print_config    the resolved config (every field, its value and meaning), the parameter
-                                  count and the number of training steps; touches no file
+                                  count and the number of training steps; writes nothing into a workdir
   --config=FILE:smoke,plays       variants compose, applied left to right; command-line fields win over them
   --config=RUN/config.json        a run's record as a config: relaunch it or fork it with overrides
   --helpfull                      every flag, including absl's
@@ -145,8 +145,9 @@ def describe_fields(config) -> list[str]:
 
 
 def sizes(config, workdir: Path | None = None) -> list[str]:
-  """The model's parameter count and the number of training steps, built abstractly (nothing is compiled or
-  written; the dataset is read from its cache, and a text run's tokenizer is made in memory)."""
+  """The model's parameter count and the number of training steps, built abstractly (nothing is compiled, nothing
+  written into a workdir; the dataset is read from its cache, fetched there first if it is not, and a text run's
+  tokenizer is made in memory)."""
   from bigmodel_jax import parallel
   from bigmodel_jax.data import load_dataset, pipeline
   from bigmodel_jax.tasks import get_task

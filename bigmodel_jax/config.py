@@ -119,10 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   # TensorBoard. every: N steps, -1 = the end of each epoch, 0 = the end of training only (and always at the end).
   c.evals = dict(
       validation=dict(
-          split="validation",  # the split this evaluator reads: train | validation | test
+          split="validation",  # the split this evaluator reads: validation | test
           every=-1),  # evaluate every N steps; -1: each epoch; 0: at the end only
       test=dict(
-          split="test",  # the split this evaluator reads: train | validation | test
+          split="test",  # the split this evaluator reads: validation | test
           every=0))  # evaluate every N steps; -1: each epoch; 0: at the end only
   # GAN quality (task 'adversarial'): a trained classifier run's workdir, or the config trained once and cached
   # (~/.cache/bigmodel_jax/classifiers or $BIGMODEL_JAX_CLASSIFIER_DIR); seed: the fixed eval noise
@@ -186,7 +186,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, config_name: 
       if path in set_by and set_by[path][1] != value:
         first, before = set_by[path]
         raise ValueError(f"variants {first!r} and {name!r} of {config_name} both set {path} ({before!r} and "
-                         f"{value!r}); use one of them, or set the field with --config.{path}")
+                         f"{value!r}); use one of them (and set {path} with --config.{path}=... if you want another value)")
       set_by[path] = (name, value)
       *parents, leaf = path.split(".")
       section = config

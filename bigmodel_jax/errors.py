@@ -47,10 +47,11 @@ def where(e: BaseException) -> str:
   return f"at {path}:{frame.lineno} in {frame.name} {text}"
 
 
-def out_of_space(e: BaseException, workdir) -> str | None:
+def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:
   """One line for a write that failed for lack of disk space (ENOSPC: an OSError, or orbax/tensorstore's
   RESOURCE_EXHAUSTED wrapping one) anywhere in `e`'s chain: the path, and the last checkpoint committed before it
-  (orbax renames a step into place only when complete, so every numbered step directory is whole). None otherwise."""
+  (orbax renames a step into place only when complete, so every numbered step directory is whole). `outputs`: an
+  eval/predict/sample launch writing there, which saves no checkpoint. None if `e` is something else."""
   import errno
   import re
   from pathlib import Path
@@ -62,7 +63,9 @@ def out_of_space(e: BaseException, workdir) -> str | None:
               or "No space left on device" in str(x) or "os_error_code='28'" in str(x)), None)
   if hit is None:
     return None
-  path = getattr(hit, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', str(hit))), None) or workdir
+  path = getattr(hit, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', str(hit))), None) or outputs or workdir
+  if outputs is not None:
+    return f"{path}: no space left on device; free some space, or pass --output_dir=DIR on another disk"
   checkpoints = Path(workdir) / "checkpoints"
   steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
   last = (f"the last good checkpoint is step {steps[-1]} in {checkpoints} (intact)" if steps

@@ -51,6 +51,9 @@ def verify(step_dir: Path) -> bool:
   step_dir = Path(step_dir)
   path = step_dir / FILE
   if not path.exists():
+    if any((p / FILE).is_file() for p in step_dir.parent.iterdir() if p.name.isdigit() and p != step_dir):
+      raise Mismatch(f"its {FILE} is missing, though other steps of this run have theirs (a version that writes "
+                     "digests wrote it)")
     return False
   try:
     record = json.loads(path.read_text())

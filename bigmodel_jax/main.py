@@ -270,6 +270,13 @@ def resolve_config(workdir: Path | None):
   return given
 
 
+def outputs() -> Path | None:
+  """Where an eval/predict/sample launch writes (None: training, which writes checkpoints into its workdir)."""
+  if _MODE.value == "train":
+    return None
+  return Path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else Path(_WORKDIR.value)
+
+
 def output_dir(workdir: Path) -> Path | None:
   """--output_dir, created; without it the workdir, which must then be writable (said before anything runs)."""
   import tempfile
@@ -296,7 +303,7 @@ def main(argv):
     except UserError as e:
       fail(str(e))
     return
-  if _WORKDIR.value == "":
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():
     fail("--workdir is empty; give the directory for checkpoints and metrics, e.g. --workdir=runs/mnist_cnn")
   if _PRINT_CONFIG.value:
     from bigmodel_jax import cli, config as config_lib
@@ -352,9 +359,10 @@ def main(argv):
     signum, message = e.args
     fail(message, code=128 + signum)
   except OSError as e:  # e.g. the disk filled up under a log write
-    fail(errors.out_of_space(e, workdir) or f"{getattr(e, 'filename', None) or workdir}: {e.strerror or e}", cause=e)
+    fail(errors.out_of_space(e, workdir, outputs()) or f"{getattr(e, 'filename', None) or workdir}: {e.strerror or e}",
+         cause=e)
   except Exception as e:
-    message = errors.out_of_space(e, workdir)  # orbax's async save reports a full disk as a ValueError
+    message = errors.out_of_space(e, workdir, outputs())  # orbax's async save reports a full disk as a ValueError
     if message is None:
       raise
     fail(message, cause=e)

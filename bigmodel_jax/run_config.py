@@ -31,6 +31,10 @@ def get_config(path: str = "") -> ml_collections.ConfigDict:
 def read(file: Path, saved: dict) -> dict:
   """A config.json's contents, completed (with_defaults) and each field's type checked against its default: a
   hand-edited `"batch_size": "thirty-two"` is one line naming the file and field, not a traceback later."""
+  for key, value in config_lib.base_config().to_dict().items():
+    if isinstance(value, dict) and key in saved and not isinstance(saved[key], dict):
+      raise UserError(f"{file}: {key} is {saved[key]!r}, not a section of fields; restore it (run_info.jsonl has each "
+                      "launch's command) or move the workdir away")
   completed = with_defaults(saved)
   defaults = config_lib.flatten(config_lib.base_config().to_dict())
   try:

@@ -1,6 +1,7 @@
 """A run's workdir: whether it has checkpoints, the config it was trained with, one training run at a time, and
 workdirs written before validation splits."""
 
+import errno
 import fcntl
 import json
 import os
@@ -64,10 +65,17 @@ def check_workdir(workdir: Path, config) -> None:
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
     return
-  diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+  diffs = [d for d in run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+           if not (d.startswith("data.path:") and path_is_guarded(workdir))]
   if diffs:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
                     "or pass --config.train.allow_config_change=true to continue it anyway")
+
+
+def path_is_guarded(workdir: Path) -> bool:
+  """A run with a data fingerprint may read its text from another path: the fingerprint checks it is the same."""
+  from bigmodel_jax.data import fingerprint
+  return (workdir / fingerprint.FILE).is_file()
 
 
 def lock_workdir(workdir: Path):
@@ -79,6 +87,9 @@ def lock_workdir(workdir: Path):
   try:
     lock = open(path, "a+")
   except OSError as e:  # a directory or an unwritable file where the lock goes
+    if not path.is_dir() and not os.access(workdir, os.W_OK) or e.errno == errno.EROFS:
+      raise UserError(f"--workdir: {workdir} is not writable ({e.strerror}); training writes its checkpoints there: "
+                      "use a writable --workdir (eval/predict/sample read one with --output_dir)") from None
     raise UserError(f"{path}: cannot be opened as the workdir's lock file ({e.strerror}); remove it if no run "
                     "is using the workdir (it holds the pid of the run that owns it)") from None
   try:
@@ -112,20 +123,22 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
   differs = lambda key: before.get(key, "<absent>") != after.get(key, "<absent>")
   for field in overridden:
     changed = [k for k in after if (k == field or k.startswith(field + ".")) and differs(k)]
-    if changed and not config_lib.is_runtime_field(changed[0]):
+    guarded = changed and changed[0] == "data.path" and path_is_guarded(workdir)
+    if changed and not config_lib.is_runtime_field(changed[0]) and not guarded:
       key = changed[0]
       raise UserError(f"--config.{field}: --mode={mode} uses the run as it was trained ({key}="
                       f"{before.get(key, '<absent>')!r} in {workdir / 'config.json'}); here only fields that do "
                       "not change what it computed can be set (sample.*, predict.*, evals.*, data.eval_batch_size, "
                       "mesh.*); to train another variant, use --mode=train with a new --workdir")
-  ignored = sorted(k for k in set(before) | set(after) if differs(k) and not config_lib.is_runtime_field(k))
+  movable = lambda k: config_lib.is_runtime_field(k) or (k == "data.path" and path_is_guarded(workdir))
+  ignored = sorted(k for k in set(before) | set(after) if differs(k) and not movable(k))
   if ignored:
     logging.warning("--config differs from %s in %d field(s) (%s%s); --mode=%s uses the run's own values",
                     workdir / "config.json", len(ignored), ", ".join(ignored[:3]), ", ..." if len(ignored) > 3 else "",
                     mode)
   merged = json.loads(json.dumps(saved))
   for key, value in after.items():
-    if config_lib.is_runtime_field(key):
+    if movable(key):
       *parents, leaf = key.split(".")
       section = merged
       for part in parents:

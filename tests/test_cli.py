@@ -215,7 +215,8 @@ def test_a_single_device_run_logs_no_sharding_table(digits_run):
   assert "-> [" not in log  # the per-parameter table ('hidden.0.kernel: [64, 128] P() -> [64, 128] per device')
 
 
-def test_an_empty_workdir_is_one_line(cli):
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_workdir_is_one_line(cli, value):
   before = sorted(p.name for p in ROOT.iterdir())
-  assert_one_error(cli("--config=configs/digits_mlp.py:smoke", "--workdir="), "--workdir is empty")
+  assert_one_error(cli("--config=configs/digits_mlp.py:smoke", f"--workdir={value}"), "--workdir is empty")
   assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing trained into the current directory

@@ -79,6 +79,23 @@ def test_other_text_behind_data_path_is_one_line_and_changes_nothing(cli, lm, tm
 
 
 @needs_tiny
+def test_a_moved_text_file_is_given_by_its_new_path(cli, lm, tmp_path):
+  """The user moved the run's text: eval and resume take --config.data.path=NEW (the fingerprint checks the text),
+  where the old path is one line saying so."""
+  work = tmp_path / "work"
+  shutil.copytree(lm, work)
+  old = json.loads((work / "config.json").read_text())["data"]["path"]
+  moved = tmp_path / "moved.txt"
+  shutil.copy(old, moved)
+  saved = json.loads((work / "config.json").read_text())
+  saved["data"]["path"] = str(tmp_path / "gone.txt")  # as if the file behind the recorded path had moved away
+  (work / "config.json").write_text(json.dumps(saved))
+  assert_one_error(cli(f"--workdir={work}", "--mode=eval"), "config.data.path", "--config.data.path=NEW")
+  assert json.loads(ok(cli(f"--workdir={work}", "--mode=eval", f"--config.data.path={moved}")).stdout)["step"] == 20
+  ok(cli(f"--config={work / 'config.json'}", f"--config.data.path={moved}", f"--workdir={work}"))  # a resume
+
+
+@needs_tiny
 def test_the_same_text_moved_elsewhere_is_the_same_data(cli, lm, tmp_path):
   workdir, _ = copy_run(lm, tmp_path)  # config.json now names another file with the same content
   assert json.loads(ok(cli(f"--workdir={workdir}", "--mode=eval")).stdout)["step"] == 20

@@ -119,8 +119,9 @@ def test_an_edited_data_position_is_one_line_and_nothing_is_deleted(cli, trained
   data_file.write_text(json.dumps({"next_index": value}))
   if digest == "rewritten":
     integrity.write(step_dir)
-  else:
-    (step_dir / integrity.FILE).unlink()
+  else:  # a run written before checkpoints had digests
+    for path in (workdir / "checkpoints").glob(f"*/{integrity.FILE}"):
+      path.unlink()
   files = checkpoint_files(workdir)
   (workdir / "final_metrics.json").unlink()
   proc = cli(*ARGS, f"--workdir={workdir}")
@@ -132,11 +133,20 @@ def test_an_edited_data_position_is_one_line_and_nothing_is_deleted(cli, trained
 
 def test_a_step_without_a_digest_is_used_with_one_log_line(cli, trained, tmp_path):
   workdir = copy(trained, tmp_path)
-  (workdir / "checkpoints" / "80" / integrity.FILE).unlink()  # as written before checkpoints had digests
+  for path in (workdir / "checkpoints").glob(f"*/{integrity.FILE}"):  # as written before checkpoints had digests
+    path.unlink()
   proc = cli(SMOKE, "--mode=eval", f"--workdir={workdir}")
   assert proc.returncode == 0, error_lines(proc.stderr)
   lines = warnings_about(proc.stderr, "no digest.json")
   assert len(lines) == 1 and "step 80" in lines[0] and "unverified" in lines[0]
+
+
+def test_a_deleted_digest_beside_others_counts_as_damage(cli, trained, tmp_path):
+  """Deleting digest.json does not turn verification off: the run's other steps show it wrote digests."""
+  workdir = copy(trained, tmp_path)
+  (workdir / "checkpoints" / "80" / integrity.FILE).unlink()
+  assert_one_error(cli(SMOKE, "--mode=eval", f"--workdir={workdir}"), "checkpoints/80 is damaged",
+                   "digest.json is missing", "--checkpoint_step=60")
 
 
 def test_retention_deletes_a_step_only_once_a_newer_one_is_committed_with_its_digest(tmp_path):

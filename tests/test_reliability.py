@@ -117,6 +117,15 @@ def test_a_long_sample_streams_and_stops_on_ctrl_c(cli, tmp_path):
 
 # --- damaged or odd workdir files -------------------------------------------------------------------------------
 
+def test_a_config_json_section_that_is_not_one_is_one_line(cli, trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["data"] = "x"
+  (workdir / "config.json").write_text(json.dumps(saved))
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=eval"), str(workdir / "config.json"), "data is 'x'",
+                   "not a section")
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_mistyped_value_in_config_json_is_one_line(cli, trained, tmp_path, mode):
   workdir = copy_of(trained, tmp_path)
@@ -187,6 +196,13 @@ def read_only(trained, tmp_path):
       p.chmod(p.stat().st_mode | 0o200)
 
 
+def test_training_in_a_read_only_workdir_names_the_workdir(cli, read_only):
+  before = checkpoint_files(read_only)
+  line = assert_one_error(cli(*TRAINED, f"--workdir={read_only}"), f"--workdir: {read_only}", "not writable")
+  assert "lock" not in line.split(";")[0]
+  assert checkpoint_files(read_only) == before
+
+
 @pytest.mark.parametrize("mode", ["eval", "predict"])
 def test_eval_on_a_read_only_workdir_is_one_line_or_writes_elsewhere(cli, read_only, tmp_path, mode):
   before = checkpoint_files(read_only)
@@ -217,6 +233,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoints(cli, small_
   good = int(line.split("the last good checkpoint is step ")[1].split()[0])
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == good and steps == list(range(20, good + 1, 20))
+  from bigmodel_jax import integrity
+  assert all(integrity.verify(workdir / "checkpoints" / str(s)) for s in steps)  # each whole, digest and all
   # with room again, the same command resumes from it and finishes
   assert _mount("-o", "remount,size=16m", str(small_disk))
   resumed = ok(cli(*args))
@@ -229,3 +247,10 @@ def test_a_one_line_error_is_all_of_stderr(cli, tmp_path, override):
   """Start-up logs nothing at the default verbosity before an error: the error really is the one line one sees."""
   proc = cli(*SMOKE, override, f"--workdir={tmp_path / 'w'}")
   assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_a_full_output_dir_names_it_not_the_workdir(cli, trained, small_disk):
+  (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 64 * 2**10))  # leave too little for a predict's PNGs
+  line = assert_one_error(cli(f"--workdir={trained}", "--mode=predict", f"--output_dir={small_disk / 'out'}"),
+                          "no space left on device", "--output_dir")
+  assert str(trained) not in line and "checkpoint" not in line
