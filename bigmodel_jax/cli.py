@@ -49,6 +49,39 @@ exit codes: 0 ok, 2 bad input (one line on stderr naming the field or file), 3 n
 """
 
 
+# Fields that do nothing under some settings: (field, when it has no effect, why). A field given on the command line
+# that has no effect is said in one warning line, rather than recorded as if it had mattered.
+NO_EFFECT = [
+    ("schedule.warmup_steps", lambda c: c.schedule.name in ("constant", "cosine"),
+     lambda c: f"schedule {c.schedule.name!r} has no warmup (warmup_cosine and linear have)"),
+    ("schedule.end_factor", lambda c: c.schedule.name == "constant", lambda c: "the constant schedule does not decay"),
+    ("optimizer.momentum", lambda c: c.optimizer.name != "sgd", lambda c: f"{c.optimizer.name} takes no momentum (sgd does)"),
+    ("optimizer.nesterov", lambda c: c.optimizer.name != "sgd", lambda c: f"{c.optimizer.name} takes no nesterov (sgd does)"),
+    ("data.tokenizer.vocab_size", lambda c: c.data.tokenizer.name != "sentencepiece",
+     lambda c: f"the {c.data.tokenizer.name} tokenizer's vocabulary is its characters or bytes (sentencepiece's is sized)"),
+]
+
+
+def resolve_overrides(config, overridden: list[str]) -> list[str]:
+  """A command-line field beats what the config file or its variant set, also where another field would make it
+  meaningless: train.num_epochs given (without train.num_steps) clears a num_steps > 0 that would override it. A
+  field given that has no effect (NO_EFFECT; config.optimizer beside named config.optimizers) is said.
+  -> one line per such change, to log."""
+  notes = []
+  if "train.num_epochs" in overridden and "train.num_steps" not in overridden and config.train.num_steps > 0:
+    notes.append(f"--config.train.num_epochs={config.train.num_epochs} replaces the config's train.num_steps="
+                 f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
+                 f"{config.train.num_epochs} epoch(s)")
+    config.train.num_steps = -1
+  for field, idle, why in NO_EFFECT:
+    if field in overridden and idle(config):
+      notes.append(f"--config.{field} has no effect: {why(config)}")
+  if config.optimizers and any(f.startswith("optimizer.") for f in overridden):
+    notes.append("--config.optimizer.* has no effect: this config trains with the named config.optimizers "
+                 f"({', '.join(config.optimizers)}); set --config.optimizers.<name>.<field>")
+  return notes
+
+
 @functools.cache
 def field_meanings() -> dict[str, str]:
   """{'data.batch_size': 'global batch size, ...'} from the trailing comment on each field's line in base_config()."""

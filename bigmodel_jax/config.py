@@ -364,19 +364,6 @@ RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own 
 MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 
 
-def resolve_overrides(config, overridden: list[str]) -> list[str]:
-  """A command-line field beats what the config file or its variant set, also where another field would make it
-  meaningless: train.num_epochs given (without train.num_steps) clears a num_steps > 0 that would override it.
-  -> one line per such change, to log."""
-  notes = []
-  if "train.num_epochs" in overridden and "train.num_steps" not in overridden and config.train.num_steps > 0:
-    notes.append(f"--config.train.num_epochs={config.train.num_epochs} replaces the config's train.num_steps="
-                 f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
-                 f"{config.train.num_epochs} epoch(s)")
-    config.train.num_steps = -1
-  return notes
-
-
 def is_runtime_field(key: str) -> bool:
   """A dotted field that changes how a run is operated, not what it computes (RUNTIME_FIELDS)."""
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS)

@@ -258,14 +258,14 @@ def load_config():
 def resolve_config(workdir: Path | None):
   """The config this launch runs: training takes --config with its command-line fields (which beat what the
   config or its variant set); eval/predict/sample take the run's own config.json with their own fields set."""
-  from bigmodel_jax import config as config_lib
+  from bigmodel_jax import cli
   from bigmodel_jax.workdir import use_run_config
   given, overridden = load_config(), overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
     return use_run_config(workdir, given, overridden, _MODE.value)
   if given is None:
     fail("--config is required (e.g. --config=configs/mnist_cnn.py; --list_configs lists them)")
-  for note in config_lib.resolve_overrides(given, overridden):
+  for note in cli.resolve_overrides(given, overridden):
     logging.warning("%s", note)
   return given
 

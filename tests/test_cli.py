@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_jax import config as config_lib
+from bigmodel_jax import cli as cli_lib, config as config_lib
 from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +121,22 @@ def test_the_lstm_variants_keep_their_meaning():
   assert lstm["optimizer"]["learning_rate"] == 2e-3
 
 
+def test_a_field_that_has_no_effect_is_said():
+  config = load("digits_mlp", "smoke")  # adam, constant schedule, char tokenizer
+  notes = cli_lib.resolve_overrides(config, ["schedule.warmup_steps", "optimizer.momentum",
+                                             "data.tokenizer.vocab_size", "optimizer.learning_rate"])
+  assert len(notes) == 3 and all("has no effect" in n for n in notes)
+  gan = load("mnist_dcgan", "smoke")
+  assert any("named config.optimizers" in n for n in cli_lib.resolve_overrides(gan, ["optimizer.learning_rate"]))
+
+
 def test_num_epochs_on_the_command_line_beats_a_variants_num_steps():
   config = load("mnist_cnn", "smoke")
   config.train.num_epochs = 2
-  notes = config_lib.resolve_overrides(config, ["train.num_epochs"])
+  notes = cli_lib.resolve_overrides(config, ["train.num_epochs"])
   assert config.train.num_steps == -1 and len(notes) == 1 and "train.num_steps=100" in notes[0]
   config = load("mnist_cnn", "smoke")
-  assert config_lib.resolve_overrides(config, ["train.num_epochs", "train.num_steps"]) == []
+  assert cli_lib.resolve_overrides(config, ["train.num_epochs", "train.num_steps"]) == []
   assert config.train.num_steps == 100
 
 
