@@ -230,7 +230,7 @@ def test_tokenizer_with_another_vocabulary_is_one_line_and_changes_nothing(cli, 
 @needs_tiny
 def test_a_changed_model_is_not_blamed_on_the_tokenizer(cli, gpt_run, tmp_path):
   workdir = Path(shutil.copytree(gpt_run, tmp_path / "work"))
-  proc = cli(*GPT, f"--workdir={workdir}", "--mode=eval", "--config.model.embed_dim=64",
+  proc = cli(*GPT, f"--workdir={workdir}", "--config.model.embed_dim=64",  # a resume: eval refuses a model change
              "--config.train.allow_config_change=true")
   assert_one_error(proc, "holds a different model", "(32,) saved, (64,) now", "revert the model change")
 
