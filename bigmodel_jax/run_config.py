@@ -15,17 +15,22 @@ from bigmodel_jax.errors import UserError
 
 
 def get_config(path: str = "") -> ml_collections.ConfigDict:
-  file = Path(path)
+  return ml_collections.ConfigDict(_tuples(load(Path(path), "use a config file under configs/", "--config: ")))
+
+
+def load(file: Path, otherwise: str, prefix: str = "") -> dict:
+  """A config.json read, type-checked and completed (read()); each way it can fail is one line naming the file,
+  ending in `otherwise` (what else the user can do)."""
   try:
     saved = json.loads(file.read_text())
   except OSError as e:
-    raise UserError(f"--config: cannot read {file} ({e.strerror})") from None
+    raise UserError(f"{prefix}cannot read {file} ({e.strerror}); {otherwise}") from None
   except (json.JSONDecodeError, UnicodeDecodeError):
-    raise UserError(f"--config: {file} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
-                    "or use a config file under configs/") from None
+    raise UserError(f"{prefix}{file} is not valid JSON; restore it (run_info.jsonl has each launch's command) or "
+                    f"{otherwise}") from None
   if not isinstance(saved, dict) or "model" not in saved:
-    raise UserError(f"--config: {file} is not a run's config.json (no model section)")
-  return ml_collections.ConfigDict(_tuples(read(file, saved)))
+    raise UserError(f"{prefix}{file} is not a run's config.json (no model section); {otherwise}")
+  return read(file, saved)
 
 
 def read(file: Path, saved: dict) -> dict:

@@ -23,16 +23,7 @@ def saved_config(workdir: Path) -> dict | None:
   path = workdir / "config.json"
   if not path.exists():
     return None
-  try:
-    saved = json.loads(path.read_text())
-  except OSError as e:
-    raise UserError(f"{path} cannot be read ({e.strerror}); fix its permissions or move the workdir away") from None
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    raise UserError(f"{path} is not valid JSON; restore it (run_info.jsonl has each launch's command) "
-                    "or move the workdir away") from None
-  if not isinstance(saved, dict):
-    raise UserError(f"{path} holds no config (a JSON object); restore it or move the workdir away")
-  return run_config.read(path, saved)
+  return run_config.load(path, "move the workdir away")
 
 
 def adopt_legacy_config(workdir: Path, config) -> bool:
