@@ -68,6 +68,8 @@ def resolve_overrides(config, overridden: list[str]) -> list[str]:
   field given that has no effect (NO_EFFECT; config.optimizer beside named config.optimizers) is said.
   -> one line per such change, to log."""
   notes = []
+  if not all(section in config for section in ("train", "schedule", "optimizer", "data", "optimizers")):
+    return notes  # a config file missing sections: validation says which
   if "train.num_epochs" in overridden and "train.num_steps" not in overridden and config.train.num_steps > 0:
     notes.append(f"--config.train.num_epochs={config.train.num_epochs} replaces the config's train.num_steps="
                  f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
