@@ -197,18 +197,14 @@ def sizes(config, workdir: Path | None = None) -> list[str]:
   per_epoch, t = pipeline.steps_per_epoch(dataset, config.data), config.train
   steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh),
                      t.num_steps if t.num_steps > 0 else max(1, t.num_epochs * per_epoch), check_train_step=False)
-  params = sum(math.prod(x.shape) for x in _leaves(steps.abstract_state.params))
+  import jax
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(steps.abstract_state.params))
   total = (f"{t.num_steps:,} (train.num_steps)" if t.num_steps > 0 else
            f"{t.num_epochs * per_epoch:,} ({t.num_epochs} epochs x {per_epoch:,} steps of batch {config.data.batch_size})")
   splits = ", ".join(f"{s} {dataset.num_examples(s):,}" for s in ("train", *dataset.eval_splits))
   return [f"parameters: {params:,} ({config.model.name} on inputs of shape {tuple(dataset.input_shape)})",
           f"training steps: {total}",
           f"examples{f' (windows of {config.data.seq_len} tokens)' if dataset.is_token_stream else ''}: {splits}"]
-
-
-def _leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
 
 
 def print_config(config, source: str, workdir: Path | None = None) -> None:

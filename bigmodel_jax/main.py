@@ -166,7 +166,6 @@ def overridden_fields(argv: list[str]) -> list[str]:
 def rewrite_argv(argv: list[str]) -> list[str]:
   """--config=RUN/config.json, and no --config in eval/predict/sample (or --print_config) on a workdir with a
   config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""
-  global CONFIG_FROM_WORKDIR
   argv = list(argv)
   config = _flag_value(argv, "config")
   if config is not None and config.split(":")[0].endswith(".json"):
@@ -181,11 +180,7 @@ def rewrite_argv(argv: list[str]) -> list[str]:
     workdir, mode = _flag_value(argv, "workdir"), _flag_value(argv, "mode") or "train"
     if workdir and (mode != "train" or "--print_config" in argv) and (Path(workdir) / "config.json").is_file():
       argv.insert(1, f"--config={RUN_CONFIG_FILE}:{Path(workdir) / 'config.json'}")
-      CONFIG_FROM_WORKDIR = True
   return argv
-
-
-CONFIG_FROM_WORKDIR = False  # no --config was given: the workdir's config.json is the base
 
 
 def parse_flags(argv: list[str]) -> list[str]:
