@@ -19,7 +19,7 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.allow_config_change", "train.allow_data_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
-                  "predict.", "sample.",
+                  "predict.", "sample.", "export.", "serve.", "quantize.",
                   "evals.", "eval.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
@@ -140,6 +140,23 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=1.0,  # nucleus: the smallest set of tokens with this probability; 1: no filter
       seed=0,  # sampling seed
       num_samples=1)  # samples to generate
+  # --mode=export: RUN/export/ (jax.export StableHLO + params.npz + signature.json; runs with jax and numpy only)
+  c.export = dict(
+      platforms="cpu,cuda",  # the platforms the artifacts run on (comma-separated: cpu, cuda, rocm, tpu)
+      quantized=False)  # export the int8 model of --mode=quantize (RUN/quantized/) instead of the float one
+  # --mode=serve: an HTTP server (POST /v1/predict, POST /v1/completions, GET /healthz, GET /v1/models)
+  c.serve = dict(
+      host="127.0.0.1",  # the address it binds; 0.0.0.0 serves every interface
+      port=8000,  # the TCP port; 0 picks a free one (the log line names it)
+      max_batch=32,  # concurrent requests share one model call of up to this many examples
+      batch_timeout_ms=5.0,  # how long a request waits for others to join its batch
+      max_body_bytes=8_000_000,  # larger request bodies are refused (413)
+      max_tokens=1024,  # the most tokens one completion may ask for
+      quantized=False)  # serve the int8 model of --mode=quantize instead of the float one
+  # --mode=quantize: int8 weights with per-channel scales (RUN/quantized/), measured against the float model
+  c.quantize = dict(
+      split="test",  # where accuracy / loss before and after are measured
+      min_size=1024)  # weights with fewer values stay float32 (biases, norms, small layers)
   return c
 
 

@@ -28,13 +28,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mnist_cnn.py or configs/mnist_cnn.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run records.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample"],
-                          "train (resumes if the workdir has checkpoints); eval, predict or sample (language "
-                          "models: generate text, see config.sample) on a checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample", "export", "serve", "quantize"],
+                          "train (resumes if the workdir has checkpoints); on a checkpoint: eval, predict, sample "
+                          "(generative models, see config.sample), export (RUN/export/, see config.export), serve "
+                          "(HTTP, see config.serve) or quantize (int8 weights, see config.quantize).")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
-                                        "eval/predict/sample: checkpoint step (default latest).")
+                                        "modes other than train: checkpoint step (default latest).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                   "eval/predict/sample: where their outputs go (default: the workdir; e.g. for a "
+                                   "modes other than train: where their outputs go (default: the workdir; e.g. for a "
                                    "read-only workdir, whose checkpoints are then only read).")
 _PRINT_CONFIG = flags.DEFINE_boolean("print_config", False,
                                      "Print the resolved config (every field, its value and meaning), the parameter "
@@ -139,52 +140,9 @@ def section_fields(key: str) -> str:
 
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
-RUN_CONFIG_FILE = Path(__file__).with_name("run_config.py")  # loads a config.json for config_flags
-
-
-def _flag_value(argv: list[str], name: str) -> str | None:
-  """The value of --name=V or --name V in argv (the last one given), before absl has parsed anything."""
-  value = None
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      value = arg.split("=", 1)[1]
-    elif arg == f"--{name}" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
-def overridden_fields(argv: list[str]) -> list[str]:
-  """The config fields set on the command line (--config.a.b=V, --config.a.b V, --noconfig.a.b), in order."""
-  fields = []
-  for arg in argv:
-    match = re.match(r"--(?:no)?config\.([\w.]+)", arg)
-    if match:
-      fields.append(match.group(1))
-  return fields
-
-
-def rewrite_argv(argv: list[str]) -> list[str]:
-  """--config=RUN/config.json, and no --config in eval/predict/sample (or --print_config) on a workdir with a
-  config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""
-  argv = list(argv)
-  config = _flag_value(argv, "config")
-  if config is not None and config.split(":")[0].endswith(".json"):
-    if ":" in config:
-      fail(f"--config: {config}: a config.json has no variants; override fields with --config.<field>=...")
-    for i, arg in enumerate(argv):  # in place: config_flags takes overrides only after --config
-      if arg == f"--config={config}":
-        argv[i] = f"--config={RUN_CONFIG_FILE}:{config}"
-      elif arg == "--config" and i + 1 < len(argv) and argv[i + 1] == config:
-        argv[i + 1] = f"{RUN_CONFIG_FILE}:{config}"
-  elif config is None:
-    workdir, mode = _flag_value(argv, "workdir"), _flag_value(argv, "mode") or "train"
-    if workdir and (mode != "train" or "--print_config" in argv) and (Path(workdir) / "config.json").is_file():
-      argv.insert(1, f"--config={RUN_CONFIG_FILE}:{Path(workdir) / 'config.json'}")
-  return argv
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with every failure (bad override, bad type, missing file) turned into one line."""
+  from bigmodel_jax import argv as argv_lib
   if any(a in HELP_FLAGS for a in argv[1:]):
     from bigmodel_jax import cli
     print(cli.HELP, end="", flush=True)
@@ -193,21 +151,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     from bigmodel_jax import cli
     print(cli.HELP + "\nflags:\n" + flags.FLAGS.get_help(), flush=True)
     sys.exit(0)
-  argv = rewrite_argv(argv)
+  try:
+    argv = argv_lib.rewrite_argv(argv)
+  except UserError as e:
+    fail(str(e))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     override = next((a.split("=")[0] for a in argv if a.startswith("--config.")), None)
     if override and not any(a.startswith("--config=") or a == "--config" for a in argv):
-      mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
+      mode, workdir = argv_lib.flag_value(argv, "mode") or "train", argv_lib.flag_value(argv, "workdir")
       if mode != "train" and workdir:
         fail(f"--workdir: no config.json in {workdir} to apply {override} to; fix the path, or pass --config")
       fail(f"{override}: overrides need the config file too; add --config=configs/<experiment>.py (or "
            "--config=<workdir>/config.json to start from a run's config)")
     variant = re.search(r"(?:UnknownVariant|ValueError): (.*variant.*)", str(e))
     if variant:  # config.apply_variant: an unknown variant, or two that conflict
-      fail(f"--config: {_flag_value(sys.argv, 'config')}: {variant.group(1).strip()}")
+      fail(f"--config: {argv_lib.flag_value(sys.argv, 'config')}: {variant.group(1).strip()}")
     if "Traceback" in str(e):  # an exception inside the config file: its last line says what
       fail(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}")
     fail(f"{lines[0]}; see --helpfull")
@@ -253,9 +214,9 @@ def load_config():
 def resolve_config(workdir: Path | None):
   """The config this launch runs: training takes --config with its command-line fields (which beat what the
   config or its variant set); eval/predict/sample take the run's own config.json with their own fields set."""
-  from bigmodel_jax import cli
+  from bigmodel_jax import argv as argv_lib, cli
   from bigmodel_jax.workdir import use_run_config
-  given, overridden = load_config(), overridden_fields(sys.argv)
+  given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
     return use_run_config(workdir, given, overridden, _MODE.value)
   if given is None:
@@ -320,9 +281,9 @@ def main(argv):
   from bigmodel_jax import config as config_lib, evaluate, sample, train
   workdir = Path(_WORKDIR.value)
   if _MODE.value == "train" and _OUTPUT_DIR.value is not None:
-    fail("--output_dir is for --mode=eval/predict/sample; training writes into its --workdir")
+    fail("--output_dir is for the modes on a checkpoint (eval, predict, sample, export, quantize); training writes into its --workdir")
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
-    fail("--checkpoint_step is for --mode=eval/predict/sample; training always resumes from the latest checkpoint")
+    fail("--checkpoint_step is for the modes on a checkpoint (eval, predict, sample, export, serve, quantize); training always resumes from the latest checkpoint")
   try:
     config = resolve_config(workdir)  # first: a typo fails at once, not after waiting for the other processes
     # before anything below touches a JAX backend (validate counts devices)
@@ -337,15 +298,22 @@ def main(argv):
       result = train.train_and_evaluate(config, workdir)
     elif not (workdir / "checkpoints").is_dir():
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
-    else:
-      run = train.build_run(config, workdir, for_training=False, need_data=_MODE.value != "sample",
-                            output_dir=output_dir(workdir))
+    elif _MODE.value in ("eval", "predict"):  # these read the dataset's splits
+      run = train.build_run(config, workdir, for_training=False, output_dir=output_dir(workdir))
       try:
-        entry = {"eval": evaluate.eval_only, "predict": evaluate.predict, "sample": sample.sample}[_MODE.value]
-        result = entry(run, _CHECKPOINT_STEP.value)
+        result = {"eval": evaluate.eval_only, "predict": evaluate.predict}[_MODE.value](run, _CHECKPOINT_STEP.value)
       finally:
         run.checkpointer.close()
         run.writer.close()
+    else:  # the model rebuilt from the workdir alone (model.json): no dataset is read
+      import importlib
+      from bigmodel_jax import inference
+      model = inference.Inference.load(config, workdir, output_dir(workdir))
+      try:  # sample.sample, export.export, serve.serve, quantize.quantize
+        entry = getattr(importlib.import_module(f"bigmodel_jax.{_MODE.value}"), _MODE.value)
+        result = entry(model, _CHECKPOINT_STEP.value)
+      finally:
+        model.close()
   except NonFiniteLossError as e:
     fail(str(e), code=3)
   except UserError as e:

@@ -20,13 +20,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
-from bigmodel_jax import distributed, errors, evaluate, interrupts, optim, parallel, runinfo
+from bigmodel_jax import distributed, errors, evaluate, interrupts, model_card, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
-from bigmodel_jax.data import Dataset, corpus, fingerprint, load_dataset, pipeline
+from bigmodel_jax.data import Dataset, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
-from bigmodel_jax.tasks import TASKS, get_task
+from bigmodel_jax.tasks import get_task
 from bigmodel_jax.writers import MetricsWriter, Progress
 from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpoints, lock_workdir
 
@@ -75,21 +75,16 @@ class Run:
                       "files or use a new --workdir") from None
 
 
-def build_run(config, workdir: str | Path, for_training: bool = True, need_data: bool = True,
-              output_dir: Path | None = None) -> Run:
-  """Everything a run needs from its config. `for_training` also takes the workdir's training lock; without
-  `need_data` (sampling) a language model's text is not loaded, only its tokenizer."""
+def build_run(config, workdir: str | Path, for_training: bool = True, output_dir: Path | None = None) -> Run:
+  """Everything a run needs from its config. `for_training` also takes the workdir's training lock. (What needs
+  only the trained model, not the data -- sample, export, serve -- is inference.Inference.)"""
   workdir = Path(workdir).absolute()
   legacy = adopt_legacy_config(workdir, config)
   check_workdir(workdir, config)
   # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
   # (saved when training starts, so a run that fails on bad input leaves nothing behind).
   new_tokenizer = for_training and not has_checkpoints(workdir)
-  if not need_data and not TASKS.get(config.task.name).sample_needs_data:
-    dataset = corpus.tokenizer_only(config.data, workdir / "tokenizer")
-  else:
-    dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer",
-                           create_tokenizer=new_tokenizer)
+  dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer", create_tokenizer=new_tokenizer)
   fingerprint.check(workdir, dataset, config.train.get("allow_data_change", False))  # what its checkpoints saw
   task = get_task(config, dataset)
   if legacy and "test" not in dataset.eval_splits:  # what that version called test (tiny_shakespeare's last 10%)
@@ -247,6 +242,7 @@ def _train(run: Run) -> dict:
     if run.save_tokenizer:
       run.dataset.tokenizer.save(run.workdir / "tokenizer")
     fingerprint.record(run.workdir, run.dataset, start_step)
+    model_card.write(run.workdir, model_card.describe(run.dataset, run.task, config))  # rebuilds it without data
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
                                         process_index=jax.process_index(), process_count=jax.process_count()))

@@ -39,16 +39,6 @@ def tokenize(corpus: TextCorpus, data_config, tokenizer_dir: Path | None, create
                  test_texts=tuple(corpus.test or ()), **common)
 
 
-def tokenizer_only(data_config, tokenizer_dir: Path) -> Dataset:
-  """A language-model Dataset holding no text: the run's saved tokenizer and the shapes. Enough to sample from
-  a checkpoint, so sampling never needs the training text (which may have moved) nor re-tokenizes it."""
-  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, (), (), tokenizer_dir, create=False)
-  empty = np.zeros(data_config.seq_len + 1, np.int32)
-  return Dataset(data_config.name, train={"tokens": empty}, test=None, validation=windows(empty, data_config.seq_len),
-                 kind="lm",
-                 tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
-
-
 def windows(ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
   """A token stream cut into consecutive windows, so evaluation scores every token after the first once.
 

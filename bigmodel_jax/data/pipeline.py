@@ -22,16 +22,11 @@ Batch = dict[str, np.ndarray]
 
 
 def make_preprocess(dataset: Dataset, data_config) -> Callable[[np.ndarray], np.ndarray]:
-  """Raw inputs -> float32 model inputs, by config.data.normalize: none | unit | standardize (token ids stay ids)."""
-  scale = np.float32(dataset.input_scale)
-  if dataset.is_text:
-    return lambda x: x
-  if data_config.normalize == "none":
-    return lambda x: x.astype(np.float32)
-  if data_config.normalize == "unit":
-    return lambda x: x.astype(np.float32) / scale
-  mean, std = train_statistics(dataset)
-  return lambda x: (x.astype(np.float32) / scale - mean) / std
+  """Raw inputs -> float32 model inputs, by config.data.normalize: none | unit | standardize (token ids stay ids).
+  The constants are the run's model card's (model_card.preprocessing), which export and serving apply too."""
+  from bigmodel_jax import model_card
+  pre = model_card.preprocessing(dataset, data_config)
+  return lambda x: model_card.apply(pre, x, np)
 
 
 @functools.cache

@@ -28,7 +28,6 @@ class Task(abc.ABC):
   optimizers: tuple[str, ...] = ()  # the config.optimizers names `update` steps; () = the run's optimizer(s)
   # how many times each optimizer steps per train step (a GAN's d_steps); its schedule spans them
   updates_per_step: dict[str, int] = {}
-  sample_needs_data: bool = True  # False: --mode=sample needs only the workdir (a language model's tokenizer)
   num_outputs: int = 0
 
   def setup(self) -> None:

@@ -12,7 +12,6 @@ from bigmodel_jax.tasks import TASKS, SupervisedTask
 @TASKS.register("language_modeling")
 class LanguageModeling(SupervisedTask):
   metric_names = ("loss", "perplexity", "bits_per_char", "accuracy")
-  sample_needs_data = False  # the workdir's tokenizer is all sampling needs
 
   def __init__(self, config, dataset):
     if not dataset.is_token_stream:

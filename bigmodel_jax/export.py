@@ -1,0 +1,137 @@
+"""--mode=export --workdir=RUN: the trained model as files that run with jax and numpy alone -> RUN/export/
+
+  params.npz          every array the model needs, by name (int8 weights + scales for a quantized model)
+  predict.jaxexport   classifiers/regressors: a serialized jax.export.Exported (StableHLO) with a symbolic batch,
+                      preprocessing inside:  exported.call(params, raw_inputs) -> {'prediction', 'probability'}
+  prefill.jaxexport   language models: prefill(params, tokens B x T) -> (next-token logits B x V, cache)
+  decode.jaxexport    decode(params, cache, tokens B, index) -> (logits B x V, cache): one token at position
+                      `index` of the fixed-size KV cache (positions < the context only)
+  signature.json      names, shapes, dtypes, preprocessing, labels / vocabulary, versions and date
+
+Using it, with neither this package nor flax installed:
+  import jax, numpy as np
+  exported = jax.export.deserialize(open("export/predict.jaxexport", "rb").read())
+  params = dict(np.load("export/params.npz"))
+  exported.call(params, raw_inputs)   # raw_inputs: examples as the dataset gives them (signature.json's dtype)
+
+jax.export's compatibility: an artifact runs on jax releases for about 6 months after the one that wrote it
+(jax's serialization guarantee); re-export from the checkpoint with a newer jax when that window has passed.
+ONNX is not written (see ONNX_STATUS).
+"""
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bigmodel_jax import runinfo
+from bigmodel_jax.errors import UserError
+
+ONNX_STATUS = ("not written: jax2onnx, the converter from JAX/Flax to ONNX, cannot be installed beside this "
+               "project's orbax-checkpoint>=0.12.8 (jax2onnx>=0.13.1 requires orbax-checkpoint<0.11.37); the "
+               "StableHLO artifacts above are the portable format")
+COMPATIBILITY = ("jax.export artifacts are guaranteed to deserialize and run on jax releases for at least 6 months "
+                 "after the jax version that wrote them; re-export from the checkpoint after that")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def platforms(field: str) -> tuple[str, ...]:
+  names = tuple(p.strip() for p in field.split(",") if p.strip())
+  bad = [p for p in names if p not in PLATFORMS]
+  if not names or bad:
+    raise UserError(f"config.export.platforms: {field!r} must be a comma-separated list of {', '.join(PLATFORMS)}")
+  return names
+
+
+def specs(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def export(model, checkpoint_step: int | None) -> dict:
+  """Writes RUN/export/ (or --output_dir/export/) -> {'step', 'directory', 'files'}."""
+  e = model.config.export
+  targets = platforms(e.platforms)
+  if model.config.task.name == "adversarial":
+    raise UserError("--mode=export: a GAN (task adversarial) is not exported: its use is sampling images from noise "
+                    "(--mode=sample); export covers classifiers, regressors and language models")
+  step, state = model.restore_step(checkpoint_step)
+  variables, forward = model.variables(state), None
+  if e.quantized:
+    from bigmodel_jax import quantize
+    variables, forward = quantize.load(model, step)
+  final = model.outputs / "export"
+  staging = model.outputs / ".export.tmp"
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  np.savez(staging / "params.npz", **variables)
+  param_specs = specs(variables)
+  card = model.card
+  batch = jax.export.symbolic_shape("batch")[0]
+  if model.dataset.is_token_stream:
+    prefill, decode = model.lm_functions(forward)
+    batch, tokens = jax.export.symbolic_shape("batch, tokens", constraints=(f"tokens <= {model.context()}",))
+    tokens_spec = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    exported = {"prefill": jax.export.export(jax.jit(prefill), platforms=targets)(param_specs, tokens_spec)}
+    _, cache_spec = jax.eval_shape(prefill, param_specs, tokens_spec)
+    batch = jax.export.symbolic_shape("batch")[0]  # decode's own scope (prefill's has `tokens` in it)
+    cache_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(tuple(d if isinstance(d, int) else batch for d in a.shape),
+                                                             a.dtype), cache_spec)
+    exported["decode"] = jax.export.export(jax.jit(decode), platforms=targets)(
+        param_specs, cache_spec, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    functions = {
+        "prefill": {"inputs": {"params": "params.npz", "tokens": ["batch", "tokens", "int32"]},
+                    "outputs": {"logits": ["batch", card["vocab_size"], "float32"], "cache": "the KV cache (or carry)"}},
+        "decode": {"inputs": {"params": "params.npz", "cache": "prefill's cache", "tokens": ["batch", "int32"],
+                              "index": "int32 position of these tokens (the prompt's length, then +1 each)"},
+                   "outputs": {"logits": ["batch", card["vocab_size"], "float32"], "cache": "the updated cache"}}}
+    extra = {"context": model.context(), "vocab_size": card["vocab_size"], "tokenizer": _tokenizer(model)}
+  else:
+    raw = jax.ShapeDtypeStruct((batch, *card["input_shape"]), np.dtype(card["input_dtype"]))
+    exported = {"predict": jax.export.export(jax.jit(model.predict_function(forward)), platforms=targets)(
+        param_specs, raw)}
+    out_specs = jax.eval_shape(model.predict_function(forward), param_specs, raw)
+    functions = {"predict": {
+        "inputs": {"params": "params.npz", "inputs": ["batch", *card["input_shape"], card["input_dtype"]]},
+        "outputs": {k: [*(d if isinstance(d, int) else str(d) for d in v.shape),
+                                  v.dtype.name] for k, v in out_specs.items()}}}
+    extra = {"class_names": card.get("class_names", [])}
+  if model.dataset.tokenizer is not None:
+    model.dataset.tokenizer.save(staging / "tokenizer")
+  for name, exp in exported.items():
+    (staging / f"{name}.jaxexport").write_bytes(exp.serialize())
+  signature = {
+      "model": card["model"], "task": card["task"], "dataset": card["dataset"], "step": step,
+      "quantized": bool(e.quantized), "functions": functions, "preprocessing": card["preprocessing"],
+      "outputs": card["outputs"], **extra, "platforms": list(targets), "jax_version": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "compatibility": COMPATIBILITY, "onnx": ONNX_STATUS,
+      "parameters": {k: [list(v.shape), v.dtype.name] for k, v in variables.items()}}
+  runinfo.write_text_atomic(staging / "signature.json", json.dumps(signature, indent=2) + "\n")
+  _replace(staging, final)
+  files = sorted(str(p) for p in final.iterdir())
+  logging.info("exported step %d to %s (%s)", step, final, ", ".join(Path(f).name for f in files))
+  return {"step": step, "directory": str(final), "files": files, "onnx": ONNX_STATUS}
+
+
+def _tokenizer(model) -> dict | None:
+  tokenizer = model.dataset.tokenizer
+  if tokenizer is None:
+    return None
+  record = tokenizer.record()
+  return {**record, "files": "tokenizer/ (the run's own tokenizer files)"}
+
+
+def _replace(staging: Path, final: Path) -> None:
+  """The new export in place of an earlier one, never half of each: rename, then delete the old one."""
+  old = final.with_name(".export.old")
+  shutil.rmtree(old, ignore_errors=True)
+  if final.exists():
+    os.replace(final, old)
+  os.replace(staging, final)
+  shutil.rmtree(old, ignore_errors=True)
