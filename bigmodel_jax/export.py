@@ -65,6 +65,12 @@ def export(model, checkpoint_step: int | None) -> dict:
   if e.quantized:
     from bigmodel_jax import quantize
     variables, forward = quantize.load(model, step)
+  return write(model, step, variables, forward, targets, quantized=bool(e.quantized))
+
+
+def write(model, step: int, variables: dict, forward=None, targets: tuple[str, ...] = ("cpu",),
+          quantized: bool = False) -> dict:
+  """The artifacts of `variables` (forward: their variables -> model function, default the float one's)."""
   final = model.outputs / "export"
   staging = model.outputs / ".export.tmp"
   shutil.rmtree(staging, ignore_errors=True)
@@ -107,7 +113,7 @@ def export(model, checkpoint_step: int | None) -> dict:
     (staging / f"{name}.jaxexport").write_bytes(exp.serialize())
   signature = {
       "model": card["model"], "task": card["task"], "dataset": card["dataset"], "step": step,
-      "quantized": bool(e.quantized), "functions": functions, "preprocessing": card["preprocessing"],
+      "quantized": quantized, "functions": functions, "preprocessing": card["preprocessing"],
       "outputs": card["outputs"], **extra, "platforms": list(targets), "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "compatibility": COMPATIBILITY, "onnx": ONNX_STATUS,
@@ -124,7 +130,8 @@ def _tokenizer(model) -> dict | None:
   if tokenizer is None:
     return None
   record = tokenizer.record()
-  return {**record, "files": "tokenizer/ (the run's own tokenizer files)"}
+  return {**record, "special_ids": list(tokenizer.special_ids),  # stand for no text: never sampled
+          "files": "tokenizer/ (the run's own tokenizer files)"}
 
 
 def _replace(staging: Path, final: Path) -> None:

@@ -38,6 +38,10 @@ def leaf_name(path) -> str:
   return "/".join(parts)
 
 
+def is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 @dataclasses.dataclass
 class Inference:
   """What eval-free uses of a checkpoint need; quacks like train.Run for sample.sample and restore_for_eval."""
@@ -88,7 +92,7 @@ class Inference:
   def variables(self, state) -> dict[str, np.ndarray]:
     """Every array the model needs (parameters, then batch statistics etc.) by name, on the host."""
     flat, _ = jax.tree_util.tree_flatten_with_path({"params": state.params, "model_state": state.model_state})
-    return {leaf_name(path): np.asarray(jax.device_get(x)) for path, x in flat}
+    return {leaf_name(path): np.asarray(jax.device_get(jax.random.key_data(x) if is_key(x) else x)) for path, x in flat}
 
   def model_function(self):
     """variables (as variables() names them) -> the NNX model holding them, inside a trace."""
@@ -99,7 +103,9 @@ class Inference:
     graphdef, dtype = self.steps.graphdef, self.steps.compute_dtype
 
     def model(variables: dict):
-      tree = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(variables[n]) for n in names])
+      leaves = [jax.random.wrap_key_data(variables[n]) if is_key(a) else jnp.asarray(variables[n])
+                for n, (_, a) in zip(names, flat)]  # a model's RNG keys travel as their raw uint32 data
+      tree = jax.tree_util.tree_unflatten(treedef, leaves)
       return nnx.merge(graphdef, cast_floats(tree["params"], dtype), tree["model_state"])
     return model
 

@@ -1,0 +1,230 @@
+"""A workdir describes its model (model.json): the model is rebuilt with no dataset, exported (--mode=export), and the
+artifacts run in a fresh process that has only jax and numpy (this package, flax, optax, orbax hidden), giving
+the outputs of the in-process model: a classifier's probabilities at float tolerance, a GPT's greedy tokens exactly.
+Every model family exports (CNN, MLP, ResNet, ViT, encoder classifier, GPT, LSTM); a GAN is refused in one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bigmodel_jax import export, inference, model_card, parallel, run_config, train
+from bigmodel_jax.data import Dataset, load_dataset, tokenizers
+from bigmodel_jax.tasks import get_task
+from conftest import TINY_SHAKESPEARE, error_lines, load_config
+
+# float32 softmax outputs of a 2-layer MLP: the artifact and the in-process model run the same StableHLO, but XLA
+# may fuse differently after deserialization; a few float32 roundings of values <= 1
+ATOL = 1e-6
+
+FRESH = r'''
+import importlib.abc, json, sys
+HIDDEN = ("bigmodel_jax", "flax", "optax", "orbax", "ml_collections", "grain", "tensorflow_datasets", "tensorflow")
+class Hide(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in HIDDEN:
+      raise ImportError(f"{name} is hidden from this process")
+sys.meta_path.insert(0, Hide())
+import jax, numpy as np
+directory, request, out = sys.argv[1:4]
+request = json.load(open(request))
+load = lambda name: jax.export.deserialize(open(f"{directory}/{name}.jaxexport", "rb").read())
+params = dict(np.load(f"{directory}/params.npz"))
+if "inputs" in request:
+  result = {k: np.asarray(v) for k, v in load("predict").call(params, np.load(request["inputs"])).items()}
+else:  # greedy generation: prefill the prompt, then one decode call per token
+  signature = json.load(open(f"{directory}/signature.json"))
+  prefill, decode = load("prefill"), load("decode")
+  tokens = np.asarray([request["prompt"]], np.int32)
+  logits, cache = prefill.call(params, tokens)
+  ids, index = [], tokens.shape[1]
+  for _ in range(request["num_tokens"]):
+    logits = np.array(logits)
+    logits[:, signature["tokenizer"]["special_ids"]] = -np.inf
+    token = np.argmax(logits, -1).astype(np.int32)
+    ids.append(int(token[0]))
+    logits, cache = decode.call(params, cache, token, np.int32(index))
+    index += 1
+  result = {"tokens": np.asarray(ids, np.int32)}
+np.savez(out, **result, hidden=np.asarray(sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN), dtype=str))
+'''
+
+
+def run_fresh(directory, request: dict, tmp_path) -> dict:
+  """The export's artifacts called in a new Python process where only jax and numpy can be imported."""
+  (tmp_path / "request.json").write_text(json.dumps(request))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([sys.executable, "-c", FRESH, str(directory), str(tmp_path / "request.json"),
+                         str(tmp_path / "out.npz")], cwd=tmp_path, env={**env, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = dict(np.load(tmp_path / "out.npz"))
+  assert out.pop("hidden").size == 0  # nothing of this package or flax was imported
+  return out
+
+
+@pytest.fixture(scope="module")
+def digits_run(cli, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits")
+  proc = cli("--config=configs/digits_mlp.py:smoke", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def gpt_run(cli, tmp_path_factory):
+  """A GPT trained on a copy of tiny Shakespeare that is deleted afterwards: nothing below may need it."""
+  if not TINY_SHAKESPEARE.is_file():
+    pytest.skip(f"no local copy of tiny Shakespeare at {TINY_SHAKESPEARE}")
+  root = tmp_path_factory.mktemp("gpt")
+  shutil.copy(TINY_SHAKESPEARE, root / "input.txt")
+  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--config.data.path={root / 'input.txt'}",
+             f"--workdir={root / 'run'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (root / "input.txt").unlink()
+  return root / "run"
+
+
+def test_a_classifier_export_runs_without_this_package_and_predicts_as_predict_mode(cli, digits_run, tmp_path):
+  proc = cli(f"--workdir={digits_run}", "--mode=export")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  directory = digits_run / "export"
+  assert sorted(p.name for p in directory.iterdir()) == ["params.npz", "predict.jaxexport", "signature.json"]
+  signature = json.loads((directory / "signature.json").read_text())
+  assert signature["functions"]["predict"]["inputs"]["inputs"] == ["batch", 8, 8, 1, "uint8"]
+  assert signature["class_names"] == [str(i) for i in range(10)] and signature["jax_version"] == jax.__version__
+  assert "6 months" in signature["compatibility"] and "orbax" in signature["onnx"]
+
+  config = run_config.get_config(str(digits_run / "config.json"))
+  raw = load_dataset(config.data).test["inputs"]  # the raw 0..16 pixel values, preprocessing is in the artifact
+  np.save(tmp_path / "inputs.npy", raw)
+  fresh = run_fresh(directory, {"inputs": str(tmp_path / "inputs.npy")}, tmp_path)
+  model = inference.Inference.load(config, digits_run)
+  _, state = model.restore_step()
+  here = jax.jit(model.predict_function())(model.variables(state), raw)
+  model.close()
+  np.testing.assert_allclose(fresh["probability"], here["probability"], rtol=0, atol=ATOL)
+  np.testing.assert_array_equal(fresh["prediction"], here["prediction"])
+
+  predicted = cli(f"--workdir={digits_run}", "--mode=predict")
+  assert predicted.returncode == 0, predicted.stderr[-2000:]
+  step = json.loads((digits_run / "final_metrics.json").read_text())["step"]
+  rows = (digits_run / f"predict_step{step}" / "predictions.csv").read_text().splitlines()[1:]
+  np.testing.assert_array_equal([int(r.split(",")[2]) for r in rows], fresh["prediction"])
+
+
+def test_a_gpt_generates_from_the_artifact_alone_the_tokens_sampling_gives(cli, gpt_run, tmp_path):
+  proc = cli(f"--workdir={gpt_run}", "--mode=export")  # the training text is gone: nothing reads it
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  directory = gpt_run / "export"
+  signature = json.loads((directory / "signature.json").read_text())
+  assert {"prefill", "decode"} <= set(signature["functions"]) and signature["context"] == 32
+  tokenizer = tokenizers.load_tokenizer(directory / "tokenizer")
+  prompt = "ROMEO:"
+  fresh = run_fresh(directory, {"prompt": tokenizer.encode(prompt).tolist(), "num_tokens": 20}, tmp_path)
+  sampled = cli(f"--workdir={gpt_run}", "--mode=sample", f"--config.sample.prompt={prompt}",
+                "--config.sample.temperature=0", "--config.sample.num_tokens=20")
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  assert sampled.stdout.rstrip("\n") == prompt + tokenizer.decode(fresh["tokens"])
+
+
+def test_a_workdir_from_before_model_json_gets_one_from_its_dataset_once(cli, digits_run, tmp_path):
+  old = tmp_path / "old"
+  shutil.copytree(digits_run, old, ignore=shutil.ignore_patterns("export", "predict_step*"))
+  card = json.loads((old / model_card.FILE).read_text())
+  (old / model_card.FILE).unlink()
+  proc = cli(f"--workdir={old}", "--mode=export")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "has no model.json" in proc.stderr
+  assert json.loads((old / model_card.FILE).read_text()) == card
+  again = cli(f"--workdir={old}", "--mode=export")
+  assert again.returncode == 0 and "has no model.json" not in again.stderr
+
+
+def test_bad_export_requests_are_one_line(cli, digits_run, tmp_path):
+  bad = cli(f"--workdir={digits_run}", "--mode=export", "--config.export.platforms=cpu,gpu")
+  assert bad.returncode == 2 and error_lines(bad.stderr) == [
+      "error: config.export.platforms: 'cpu,gpu' must be a comma-separated list of cpu, cuda, rocm, tpu"]
+  (tmp_path / "bad").mkdir()
+  shutil.copy(digits_run / "config.json", tmp_path / "bad" / "config.json")
+  empty = cli(f"--workdir={tmp_path / 'bad'}", "--mode=export")
+  assert empty.returncode == 2 and "no checkpoints" in error_lines(empty.stderr)[0]
+  (tmp_path / "bad" / "checkpoints").mkdir()
+  (tmp_path / "bad" / model_card.FILE).write_text("{not json")
+  broken = cli(f"--workdir={tmp_path / 'bad'}", "--mode=export", f"--output_dir={tmp_path / 'out'}")
+  assert broken.returncode == 2 and len(error_lines(broken.stderr)) == 1
+
+
+def text_dataset() -> Dataset:
+  """A small real text-classification set: lines of tiny Shakespeare's opening labelled by who speaks them."""
+  lines = ["Before we proceed any further, hear me speak.", "Speak, speak.", "You are all resolved rather to die",
+           "Resolved. resolved.", "First, you know Caius Marcius is chief enemy", "We know't, we know't."] * 4
+  tokenizer = tokenizers.CharTokenizer.build(lines)
+  arrays = {"inputs": tokenizer.encode_batch(lines, 16), "targets": np.arange(len(lines), dtype=np.int32) % 2}
+  return Dataset("lines", train=arrays, test=arrays, validation=arrays, kind="text", num_classes=2,
+                 class_names=("first", "all"), tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("mnist_cnn", {"model.conv_features": (8, 8), "model.pool_after": 1, "model.dense_features": (16,)}),
+    ("fashion_mnist_resnet", {"model.depth": 8, "model.width": 4}),
+    ("fashion_mnist_vit", {"model.num_layers": 1, "model.embed_dim": 16, "model.num_heads": 2}),
+    ("spam_transformer", {"model.num_layers": 1, "model.embed_dim": 16, "model.num_heads": 2, "model.max_len": 17,
+                          "data.seq_len": 16}),
+    ("shakespeare_lstm", {"data.seq_len": 16})])
+def test_every_model_family_exports_with_the_in_process_outputs(name, overrides, tmp_path):
+  """Untrained weights are enough to check the artifact computes the model (digits' 8x8 images, or text)."""
+  config = load_config(name)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  if name == "fashion_mnist_vit":
+    config.model.patch_size = 4
+  if name == "shakespeare_lstm":
+    config.model.hidden_size, config.model.embed_dim = 16, 8
+    lines = text_dataset().tokenizer
+    ids = lines.encode("Before we proceed any further, hear me speak. " * 8)
+    from bigmodel_jax.data import corpus
+    dataset = Dataset("lines", train={"tokens": ids}, test=None, validation=corpus.windows(ids, 16), kind="lm",
+                      tokenizer=lines, vocab_size=lines.vocab_size)
+  elif name == "spam_transformer":
+    dataset = text_dataset()
+  else:
+    config.data.name = "digits"
+    dataset = load_dataset(config.data).hold_out_validation(0.1)
+  task = get_task(config, dataset)
+  steps = train.make_steps(config, dataset, task, parallel.make_mesh(config.mesh, jax.devices()[:1]),
+                           inference.SCHEDULE_STEPS,
+                           check_train_step=False)
+  model = inference.Inference(config, tmp_path, model_card.describe(dataset, task, config), dataset, task, steps, None)
+  variables = model.variables(steps.init())
+  export.write(model, 0, variables)
+  load = lambda n: jax.export.deserialize((tmp_path / "export" / f"{n}.jaxexport").read_bytes())
+  if dataset.is_token_stream:
+    prefill, decode = model.lm_functions()
+    prompt = dataset.train["tokens"][None, :5].astype(np.int32)
+    want, cache = jax.jit(prefill)(variables, prompt)
+    got, exported_cache = load("prefill").call(variables, prompt)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    token = np.argmax(np.asarray(want), -1).astype(np.int32)
+    want, _ = jax.jit(decode)(variables, cache, token, 5)
+    got, _ = load("decode").call(variables, exported_cache, token, np.int32(5))
+  else:
+    raw = dataset.test["inputs"][:7]
+    want = jax.jit(model.predict_function())(variables, raw)["probability"]
+    got = load("predict").call(variables, raw)["probability"]
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 logits of O(1) through <= 10 layers
+
+
+def test_a_gan_is_not_exported_and_says_why(tmp_path):
+  config = load_config("mnist_dcgan")
+  config.data.name = "digits"
+  dataset = load_dataset(config.data)
+  model = inference.Inference(config, tmp_path, {}, dataset, None, None, None)
+  with pytest.raises(Exception, match="a GAN .* is not exported: its use is sampling images"):
+    export.export(model, None)
