@@ -6,6 +6,8 @@
   prefill.jaxexport   language models: prefill(params, tokens B x T) -> (next-token logits B x V, cache)
   decode.jaxexport    decode(params, cache, tokens B, index) -> (logits B x V, cache): one token at position
                       `index` of the fixed-size KV cache (positions < the context only)
+  predict.onnx        classifiers/regressors, where jax2onnx (the `onnx` extra) converts every operation: the same
+                      function for onnxruntime, inputs "inputs", outputs in signature.json (else its "onnx" says why)
   signature.json      names, shapes, dtypes, preprocessing, labels / vocabulary, versions and date
 
 Using it, with neither this package nor flax installed:
@@ -16,7 +18,6 @@ Using it, with neither this package nor flax installed:
 
 jax.export's compatibility: an artifact runs on jax releases for about 6 months after the one that wrote it
 (jax's serialization guarantee); re-export from the checkpoint with a newer jax when that window has passed.
-ONNX is not written (see ONNX_STATUS).
 """
 
 import datetime
@@ -30,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import runinfo
+from bigmodel_jax import errors, runinfo
 from bigmodel_jax.errors import UserError
 
-ONNX_STATUS = ("not written: jax2onnx, the converter from JAX/Flax to ONNX, cannot be installed beside this "
-               "project's orbax-checkpoint>=0.12.8 (jax2onnx>=0.13.1 requires orbax-checkpoint<0.11.37); the "
-               "StableHLO artifacts above are the portable format")
+ONNX_MISSING = ("not written: jax2onnx is not installed (pip install 'bigmodel_jax[onnx]': jax2onnx 0.13.0, the "
+                "newest release that installs beside orbax-checkpoint>=0.12.8; later ones require orbax-checkpoint<0.11.37)")
+ONNX_LM = ("not written: a language model's prefill/decode pair carries its KV cache as a pytree, which this "
+           "export writes as StableHLO only")
 COMPATIBILITY = ("jax.export artifacts are guaranteed to deserialize and run on jax releases for at least 6 months "
                  "after the jax version that wrote them; re-export from the checkpoint after that")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -97,6 +99,7 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
                               "index": "int32 position of these tokens (the prompt's length, then +1 each)"},
                    "outputs": {"logits": ["batch", card["vocab_size"], "float32"], "cache": "the updated cache"}}}
     extra = {"context": model.context(), "vocab_size": card["vocab_size"], "tokenizer": _tokenizer(model)}
+    onnx = ONNX_LM
   else:
     raw = jax.ShapeDtypeStruct((batch, *card["input_shape"]), np.dtype(card["input_dtype"]))
     exported = {"predict": jax.export.export(jax.jit(model.predict_function(forward)), platforms=targets)(
@@ -107,6 +110,7 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
         "outputs": {k: [*(d if isinstance(d, int) else str(d) for d in v.shape),
                                   v.dtype.name] for k, v in out_specs.items()}}}
     extra = {"class_names": card.get("class_names", [])}
+    onnx = write_onnx(model.predict_function(forward), variables, raw, sorted(out_specs), staging / "predict.onnx")
   if model.dataset.tokenizer is not None:
     model.dataset.tokenizer.save(staging / "tokenizer")
   for name, exp in exported.items():
@@ -116,13 +120,36 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
       "quantized": quantized, "functions": functions, "preprocessing": card["preprocessing"],
       "outputs": card["outputs"], **extra, "platforms": list(targets), "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "compatibility": COMPATIBILITY, "onnx": ONNX_STATUS,
+      "compatibility": COMPATIBILITY, "onnx": onnx,
       "parameters": {k: [list(v.shape), v.dtype.name] for k, v in variables.items()}}
   runinfo.write_text_atomic(staging / "signature.json", json.dumps(signature, indent=2) + "\n")
   _replace(staging, final)
   files = sorted(str(p) for p in final.iterdir())
   logging.info("exported step %d to %s (%s)", step, final, ", ".join(Path(f).name for f in files))
-  return {"step": step, "directory": str(final), "files": files, "onnx": ONNX_STATUS}
+  return {"step": step, "directory": str(final), "files": files, "onnx": onnx}
+
+
+def write_onnx(predict, variables: dict, raw_spec, output_names: list[str], path: Path) -> str:
+  """predict(variables, raw) as an ONNX graph with the variables as constants -> what signature.json says of it."""
+  try:
+    from jax2onnx import to_onnx
+  except ImportError:
+    return ONNX_MISSING
+  import logging as std_logging
+  noisy = [std_logging.getLogger(n) for n in ("jax2onnx", "onnx_ir")]  # per-op chatter, and plugins for other libraries
+  levels = [n.level for n in noisy]
+  for n in noisy:
+    n.setLevel(std_logging.CRITICAL)
+  try:
+    proto = to_onnx(lambda raw: predict(variables, raw), [raw_spec], model_name="predict", input_names=["inputs"],
+                    output_names=output_names)
+  except Exception as e:  # an operation jax2onnx has no rule for
+    return f"not written: jax2onnx cannot convert this model ({errors.where(e)})"
+  finally:
+    for n, level in zip(noisy, levels):
+      n.setLevel(level)
+  path.write_bytes(proto.SerializeToString())
+  return f"{path.name}: input 'inputs' (raw examples, as predict.jaxexport), outputs {', '.join(output_names)}"
 
 
 def _tokenizer(model) -> dict | None:
