@@ -17,7 +17,8 @@ ones http.server makes itself: a bad request line, an unknown method) is JSON, a
 a 500 with one line while the server goes on.
 
 Batching: /v1/predict requests go onto a queue; one worker thread takes up to config.serve.max_batch examples,
-waiting at most config.serve.batch_timeout_ms for more to arrive after the first, pads them to a bucket (powers
+waiting at most config.serve.batch_timeout_ms for more after the first (and only while other predict requests are
+being received: a lone client never waits), pads them to a bucket (powers
 of two up to max_batch), runs the model once, and hands each request its rows. Every bucket is compiled at
 start-up, so no request ever waits for a compilation. max_batch=1 runs each request alone.
 Completions run one at a time (a lock): sample.generate decodes with a KV cache over the whole context for one
@@ -82,10 +83,12 @@ class _Job:
 
 
 class Batcher:
-  """One worker thread running `call(bucket, inputs)` on the queued requests' examples, max_batch at a time."""
+  """One worker thread running `call(bucket, inputs)` on the queued requests' examples, max_batch at a time.
+  It waits for more only while `coming()` (predict requests still being received) is not 0: a lone client does
+  not pay the timeout."""
 
-  def __init__(self, call, max_batch: int, timeout_s: float):
-    self.call, self.max_batch, self.timeout_s = call, max_batch, timeout_s
+  def __init__(self, call, max_batch: int, timeout_s: float, coming=lambda: 1):
+    self.call, self.max_batch, self.timeout_s, self.coming = call, max_batch, timeout_s, coming
     self.queue, self.carry = queue.Queue(), None
     self.batches = self.examples = 0
     self.thread = threading.Thread(target=self._work, name="serve-batcher", daemon=True)
@@ -113,9 +116,15 @@ class Batcher:
       deadline = time.monotonic() + self.timeout_s
       while count < self.max_batch:
         try:
-          job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+          job = self.queue.get_nowait()
         except queue.Empty:
-          break
+          left = deadline - time.monotonic()
+          if left <= 0 or not self.coming():
+            break
+          try:
+            job = self.queue.get(timeout=min(left, 0.0005))
+          except queue.Empty:
+            continue
         if job is None or count + len(job.inputs) > self.max_batch:
           self.carry = job  # the next batch starts with it (None: stop after this batch)
           if job is None:
@@ -153,6 +162,7 @@ class Service:
     self.is_lm = model.dataset.is_token_stream
     self.counts = {"requests": 0, "served": 0, "errors": 0, "internal_errors": 0, "completions": 0}
     self.in_flight, self.lock, self.completion_lock = 0, threading.Lock(), threading.Lock()
+    self.receiving = 0  # /v1/predict requests read and checked but not yet queued: the batcher's hint
     self.batcher = None
     if self.is_lm:
       self.lm = model_function(variables) if model_function else model.steps.model(state)
@@ -166,7 +176,8 @@ class Service:
     compiled = {b: fn.lower(device_variables, jax.ShapeDtypeStruct((b, *shape), dtype)).compile()
                 for b in buckets(s.max_batch)}
     logging.info("compiled batch sizes %s in %.1f s", list(compiled), time.perf_counter() - start)
-    self.batcher = Batcher(lambda b, x: compiled[b](device_variables, x), s.max_batch, s.batch_timeout_ms / 1000)
+    self.batcher = Batcher(lambda b, x: compiled[b](device_variables, x), s.max_batch, s.batch_timeout_ms / 1000,
+                           coming=lambda: self.receiving)
 
   def count(self, name: str, by: int = 1) -> None:
     with self.lock:
@@ -189,10 +200,16 @@ class Service:
       out.update(max_tokens=s.max_tokens, context=self.model.context(), vocab_size=c.get("vocab_size"))
     return out
 
-  def predict(self, body: dict) -> dict:
+  def predict(self, read_body) -> dict:
     if self.is_lm:
       raise BadRequest("/v1/predict: a language model has no per-example prediction; use POST /v1/completions")
-    inputs = self.decode(body)
+    with self.lock:
+      self.receiving += 1
+    try:
+      inputs = self.decode(read_body())
+    finally:
+      with self.lock:
+        self.receiving -= 1
     out = self.batcher.predict(inputs)
     if "probability" in out:
       names = self.card.get("class_names") or [str(i) for i in range(out["probability"].shape[1])]
@@ -239,23 +256,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
       return False
     return super().handle_expect_100()
 
-  def do_GET(self):
-    self._dispatch("GET")
-
-  def do_POST(self):
-    self._dispatch("POST")
-
-  def do_PUT(self):
-    self._dispatch("PUT")
-
-  def do_DELETE(self):
-    self._dispatch("DELETE")
-
-  def do_PATCH(self):
-    self._dispatch("PATCH")
-
-  def do_HEAD(self):
-    self._dispatch("HEAD")
+  do_GET = lambda self: self._dispatch("GET")
+  do_POST = lambda self: self._dispatch("POST")
+  do_PUT = lambda self: self._dispatch("PUT")
+  do_DELETE = lambda self: self._dispatch("DELETE")
+  do_PATCH = lambda self: self._dispatch("PATCH")
+  do_HEAD = lambda self: self._dispatch("HEAD")
 
   def _dispatch(self, method: str) -> None:
     service = self.service
@@ -272,9 +278,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         reply = service.health()
       elif path == "/v1/models":
         reply = service.signature()
+      elif path == "/v1/predict":
+        reply = service.predict(lambda: parse_json(self._read_body()))
       else:
-        body = parse_json(self._read_body())
-        reply = service.predict(body) if path == "/v1/predict" else service.complete(body)
+        reply = service.complete(parse_json(self._read_body()))
       self._reply(200, reply)
       service.count("served")
     except BadRequest as e:
