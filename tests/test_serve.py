@@ -1,0 +1,311 @@
+"""--mode=serve: a real server process answering real HTTP clients (batching, bad requests, completions, SIGTERM)."""
+
+import base64
+import csv
+import http.client
+import io
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from bigmodel_jax.errors import UserError
+from conftest import TINY_SHAKESPEARE, load_config
+
+DIGITS = "--config=configs/digits_mlp.py:smoke"
+GPT = "--config=configs/shakespeare_char_gpt.py:smoke"
+
+
+class Server:
+  """A `--mode=serve` process; its output is collected by a thread (the pipe never fills)."""
+
+  def __init__(self, cli, workdir, *flags, timeout: float = 120):
+    self.proc = cli(f"--workdir={workdir}", "--mode=serve", "--config.serve.port=0", *flags, popen=True)
+    self.lines, self.started = [], threading.Event()
+    threading.Thread(target=self._read, daemon=True).start()
+    deadline = time.time() + timeout
+    while not self.started.wait(0.1):
+      assert self.proc.poll() is None and time.time() < deadline, self.output[-3000:]
+    self.host, self.port = re.search(r"serving .* step \d+ on http://([\d.]+):(\d+)", self.output).groups()
+    self.port = int(self.port)
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+      if line.startswith("serving "):
+        self.started.set()
+
+  @property
+  def output(self) -> str:
+    return "".join(self.lines)
+
+  def request(self, method: str, path: str, body=None, headers=None):
+    """-> (status, JSON reply)."""
+    conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers or {})
+    response = conn.getresponse()
+    status, reply = response.status, json.loads(response.read())
+    conn.close()
+    return status, reply
+
+  def stop(self):
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+    return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def digits_run(cli, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits")
+  proc = cli(DIGITS, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def digits_server(cli, digits_run):
+  server = Server(cli, digits_run)
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+  from bigmodel_jax.data import load_dataset
+  return load_dataset(load_config("digits_mlp", "smoke").data).test
+
+
+def png(pixels_HxW: np.ndarray) -> str:
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(pixels_HxW.astype(np.uint8), "L").save(buffer, format="PNG")
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_concurrent_clients_get_predict_modes_predictions_in_shared_batches(cli, digits_run, digits_server,
+                                                                            digits_test):
+  proc = cli(f"--workdir={digits_run}", "--mode=predict")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = list(csv.DictReader(open(json.loads(proc.stdout)["files"][0])))
+  inputs = digits_test["inputs"]
+  assert len(rows) == len(inputs) == 359
+  before = digits_server.request("GET", "/healthz")[1]
+
+  def client(c):  # 32 clients, each sending its share of the test split in requests of 1..4 examples
+    mine = list(range(c, len(inputs), 32))
+    out = {}
+    for start in range(0, len(mine), 1 + c % 4):
+      chunk = mine[start:start + 1 + c % 4]
+      status, reply = digits_server.request("POST", "/v1/predict", {"inputs": inputs[chunk].tolist()})
+      assert status == 200, reply
+      out.update(zip(chunk, reply["predictions"]))
+    return out
+
+  with ThreadPoolExecutor(32) as pool:
+    got = {k: v for part in pool.map(client, range(32)) for k, v in part.items()}
+  after = digits_server.request("GET", "/healthz")[1]
+  assert sorted(got) == list(range(len(inputs)))
+  for i, row in enumerate(rows):
+    assert got[i]["class"] == int(row["prediction"]) and got[i]["label"] == row["prediction"]
+    np.testing.assert_allclose([got[i]["probabilities"][str(c)] for c in range(10)],
+                               [float(row[f"p_{c}"]) for c in range(10)], atol=2e-5)
+  requests = after["requests"] - before["requests"] - 1
+  batches, examples = after["batches"] - before["batches"], after["examples"] - before["examples"]
+  assert examples == 359 and requests >= 96
+  assert batches < requests, (batches, requests)  # concurrent requests shared model calls
+  # the same examples as PNGs (0..255 pixels, scaled to digits' 0..16) predict the same
+  images = [png(np.round(inputs[i, :, :, 0].astype(float) * 255 / 16)) for i in range(8)]
+  status, reply = digits_server.request("POST", "/v1/predict", {"inputs": images})
+  assert status == 200 and [p["class"] for p in reply["predictions"]] == [got[i]["class"] for i in range(8)]
+
+
+def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_server, digits_test):
+  good = digits_test["inputs"][:1].tolist()
+  example = good[0]
+  cases = [  # (body, expected status, text in the error); body bytes go as they are
+      (b"{not json", 400, "body: malformed JSON"),
+      (b"\xff\xfe", 400, "body: not UTF-8"),
+      ([1, 2], 400, "body: must be a JSON object"),
+      ({"input": good}, 400, "inputs: missing"),
+      ({"inputs": "x"}, 400, "inputs: must be a list"),
+      ({"inputs": []}, 400, "inputs: empty"),
+      ({"inputs": [[1, 2, 3]]}, 400, "inputs[0]: shape [3], expected [8, 8, 1]"),
+      ({"inputs": [example, [[1]]]}, 400, "inputs[1]: shape [1, 1]"),
+      ({"inputs": [[[1], [2, 3]]]}, 400, "inputs[0]: ragged"),
+      ({"inputs": [[[["a"]] * 8] * 8]}, 400, "inputs[0]: non-numeric"),
+      ({"inputs": [[[[True]] * 8] * 8]}, 400, "inputs[0]: non-numeric"),
+      ({"inputs": [None]}, 400, "inputs[0]: must be a nested list"),
+      (b'{"inputs": [NaN]}', 400, "body: NaN is not a number"),
+      (b'{"inputs": [' + json.dumps([[[1e999]] * 8] * 8).replace("Infinity", "1e999").encode() + b"]}", 400,
+       "inputs[0]: values must be finite"),
+      ({"inputs": [[[[300]] * 8] * 8]}, 400, "inputs[0]: value 300 out of range 0..255 (uint8)"),
+      ({"inputs": [[[[-1]] * 8] * 8]}, 400, "inputs[0]: value -1 out of range"),
+      ({"inputs": [[[[1.5]] * 8] * 8]}, 400, "inputs[0]: values must be integers"),
+      ({"inputs": ["not base64!"]}, 400, "inputs[0]: not valid base64"),
+      ({"inputs": [base64.b64encode(b"GIF89a....").decode()]}, 400, "inputs[0]: not a PNG"),
+      ({"inputs": [base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()]}, 400, "inputs[0]: unreadable PNG"),
+      ({"inputs": [png(np.zeros((16, 16)))]}, 400, "inputs[0]: PNG is 16x16 (width x height), the model takes 8x8"),
+      ({"inputs": good * 33}, 400, "inputs: 33 examples; at most config.serve.max_batch=32"),
+  ]
+  for body, status, text in cases:
+    got, reply = digits_server.request("POST", "/v1/predict", body)
+    assert (got, text) == (status, reply["error"][:len(text)]) or (got == status and text in reply["error"]), \
+        (body if len(str(body)) < 200 else str(body)[:200], got, reply)
+  protocol = [  # (method, path, headers, body, status, text)
+      ("POST", "/v1/predict", {"Content-Length": str(10 ** 9)}, None, 413, "config.serve.max_body_bytes"),
+      ("POST", "/v1/predict", {"Content-Length": "12abc"}, None, 400, "Content-Length"),
+      ("POST", "/v1/predict", {"Transfer-Encoding": "chunked"}, None, 411, "Content-Length: required"),
+      ("POST", "/v1/predict", {}, None, 411, "Content-Length: required"),
+      ("GET", "/v1/nothing", {}, None, 404, "/v1/nothing: no such endpoint"),
+      ("GET", "/v1/predict", {}, None, 405, "GET /v1/predict: use POST"),
+      ("DELETE", "/healthz", {}, None, 405, "DELETE /healthz: use GET"),
+      ("POST", "/v1/completions", {"Content-Length": "15"}, b'{"prompt": "a"}', 400, "/v1/completions: a classification model"),
+  ]
+  for method, path, headers, body, status, text in protocol:
+    conn = http.client.HTTPConnection(digits_server.host, digits_server.port, timeout=30)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in headers.items():
+      conn.putheader(k, v)
+    conn.endheaders(body)
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+    conn.close()
+    assert response.status == status and text in reply["error"], (method, path, headers, response.status, reply)
+  with socket.create_connection((digits_server.host, digits_server.port), timeout=30) as s:  # not HTTP at all
+    s.sendall(b"\x16\x03\x01 hello TLS\r\n\r\n")
+    assert b"error" in s.recv(4096)
+  health = digits_server.request("GET", "/healthz")[1]
+  assert health["status"] == "ok" and health["internal_errors"] == 0
+  assert health["errors"] >= len(cases) + len(protocol)
+  status, reply = digits_server.request("POST", "/v1/predict", {"inputs": good})
+  assert status == 200 and len(reply["predictions"]) == 1
+  status, signature = digits_server.request("GET", "/v1/models")
+  assert status == 200 and signature["input_shape"] == [8, 8, 1] and signature["input_dtype"] == "uint8"
+  assert signature["labels"] == [str(c) for c in range(10)] and signature["quantized"] is False
+
+
+def test_config_errors_are_one_line(cli, digits_run, digits_server):
+  bad = cli(f"--workdir={digits_run}", "--mode=serve", "--config.serve.max_batch=0")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: config.serve.max_batch: 0")
+  taken = cli(f"--workdir={digits_run}", "--mode=serve", f"--config.serve.port={digits_server.port}")
+  assert taken.returncode == 2, taken.stderr[-2000:]
+  assert taken.stderr.strip().splitlines()[-1] == (f"error: config.serve.port: 127.0.0.1:{digits_server.port} is "
+                                                   "already in use; pick another (0: any free port)")
+
+
+def test_input_decoder_for_text_and_tabular_models():
+  from bigmodel_jax.data.tokenizers import CharTokenizer
+  from bigmodel_jax.serve_inputs import BadRequest, InputDecoder
+  text = InputDecoder({"kind": "text", "input_shape": [6], "input_dtype": "int32", "preprocessing": {}},
+                      CharTokenizer(" abc"), max_batch=4)
+  np.testing.assert_array_equal(text({"inputs": ["ab", "cab ca"]}), [[3, 4, 0, 0, 0, 0], [5, 3, 4, 2, 5, 3]])
+  tabular = InputDecoder({"kind": "tabular", "input_shape": [3], "input_dtype": "float32", "preprocessing": {}},
+                         None, max_batch=4)
+  assert tabular({"inputs": [[0.5, -1, 2e3]]}).dtype == np.float32
+  for decoder, inputs, text in [(text, [[1, 2]], "inputs[0]: this text classifier takes strings"),
+                                (text, ["  "], "inputs[0]: empty text"),
+                                (tabular, ["abc"], "inputs[0]: a tabular model takes lists of numbers"),
+                                (tabular, [[1, 2, 1e39]], "inputs[0]: value out of float32 range")]:
+    with pytest.raises(BadRequest, match=re.escape(text)):
+      decoder({"inputs": inputs})
+
+
+@pytest.fixture(scope="module")
+def gpt_run(cli, tmp_path_factory):
+  if not TINY_SHAKESPEARE.is_file():
+    pytest.skip(f"no local tiny Shakespeare at {TINY_SHAKESPEARE}")
+  workdir = tmp_path_factory.mktemp("gpt")
+  proc = cli(GPT, f"--workdir={workdir}", f"--config.data.path={TINY_SHAKESPEARE}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
+def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
+  sampled = cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.temperature=0",
+                "--config.sample.prompt=ROMEO:", "--config.sample.num_tokens=40")
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  server = Server(cli, gpt_run, "--config.serve.max_tokens=100")
+  try:
+    status, reply = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 40,
+                                                               "temperature": 0})
+    assert status == 200 and reply["tokens"] == 40, reply
+    assert "ROMEO:" + reply["completion"] == sampled.stdout.rstrip("\n")
+    status, drawn = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "seed": 3,
+                                                               "temperature": 1.0, "top_k": 10, "top_p": 0.9})
+    assert status == 200 and drawn["tokens"] == 30
+    again = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "seed": 3,
+                                                        "temperature": 1.0, "top_k": 10, "top_p": 0.9})[1]
+    assert again["completion"] == drawn["completion"]  # the seed decides
+    cases = [({"prompt": ""}, "prompt: empty"), ({"max_tokens": 5}, "prompt: missing"),
+             ({"prompt": 7}, "prompt: must be a string"),
+             ({"prompt": "ROMEO\u00e9"}, "prompt: '\u00e9' is not in the tokenizer's vocabulary"),
+             ({"prompt": "A", "max_tokens": 0}, "max_tokens: 0 out of range 1..100 (config.serve.max_tokens)"),
+             ({"prompt": "A", "max_tokens": 101}, "max_tokens: 101 out of range"),
+             ({"prompt": "A", "max_tokens": "5"}, "max_tokens: must be an integer"),
+             ({"prompt": "A", "temperature": -1}, "temperature: -1 out of range"),
+             ({"prompt": "A", "temperature": "hot"}, "temperature: must be a finite number"),
+             ({"prompt": "A", "top_k": 1.5}, "top_k: must be an integer"),
+             ({"prompt": "A", "top_p": 0}, "top_p: 0.0 must be in (0, 1]"),
+             ({"prompt": "A", "top_p": 2}, "top_p: 2 out of range"),
+             ({"prompt": "A", "seed": -1}, "seed: -1 out of range"),
+             ({"prompt": "A", "stream": True}, "stream: unknown field")]
+    for body, text in cases:
+      status, reply = server.request("POST", "/v1/completions", body)
+      assert status == 400 and reply["error"].startswith(text), (body, status, reply)
+    status, reply = server.request("POST", "/v1/predict", {"inputs": [[1, 2]]})
+    assert status == 400 and "use POST /v1/completions" in reply["error"]
+    signature = server.request("GET", "/v1/models")[1]
+    assert signature["task"] == "language_modeling" and signature["context"] == 32
+    assert server.request("GET", "/healthz")[1]["internal_errors"] == 0
+  finally:
+    assert server.stop() == 0, server.output[-3000:]
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(digits_server, digits_test):
+  """Last in this module: it ends the shared server."""
+  body = json.dumps({"inputs": digits_test["inputs"][:3].tolist()}).encode()
+  head = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          f"Content-Length: {len(body)}\r\n\r\n").encode()
+  sockets = [socket.create_connection((digits_server.host, digits_server.port), timeout=30) for _ in range(3)]
+  for s in sockets:
+    s.sendall(head + body[:10])  # half a request: in flight until the rest comes
+  deadline = time.time() + 30
+  while digits_server.request("GET", "/healthz")[1]["in_flight"] < len(sockets):
+    assert time.time() < deadline
+    time.sleep(0.02)
+  digits_server.proc.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  assert digits_server.proc.poll() is None  # still draining
+  for s in sockets:
+    s.sendall(body[10:])
+  for s in sockets:
+    reply = b""
+    while chunk := s.recv(65536):
+      reply += chunk
+    s.close()
+    status, payload = reply.split(b"\r\n", 1)[0], json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert status == b"HTTP/1.1 200 OK" and len(payload["predictions"]) == 3
+  assert digits_server.proc.wait(timeout=30) == 0, digits_server.output[-3000:]
+  output = digits_server.output
+  result = json.JSONDecoder().raw_decode(output[output.index("\n{") + 1:])[0]
+  assert result["served"] >= 3 and result["internal_errors"] == 0
+  with pytest.raises(OSError):  # no longer accepting
+    socket.create_connection((digits_server.host, digits_server.port), timeout=5)
+
+
+def test_quantized_without_the_quantize_module_is_one_line(monkeypatch):
+  import sys
+  from types import SimpleNamespace
+  from bigmodel_jax import serve
+  monkeypatch.setitem(sys.modules, "bigmodel_jax.quantize", None)  # as if not written yet: the import fails
+  config = SimpleNamespace(serve=SimpleNamespace(quantized=True))
+  model = SimpleNamespace(config=config, restore_step=lambda step: (5, None))
+  with pytest.raises(UserError, match=r"^config.serve.quantized: no quantized model; run --mode=quantize first$"):
+    serve._load(model, None)
