@@ -21,6 +21,7 @@ from flax import nnx
 
 from bigmodel_jax import model_card, parallel
 from bigmodel_jax.checkpoint import Checkpointer
+from bigmodel_jax.data import fingerprint
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.state import cast_floats
 
@@ -69,6 +70,7 @@ class Inference:
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     card = model_card.load(workdir, config)
     dataset = model_card.described_dataset(card, workdir, config.data)
+    fingerprint.check(workdir, dataset, config.train.get("allow_data_change", False))  # its tokenizer files
     task = get_task(config, dataset)
     steps = train.make_steps(config, dataset, task, parallel.make_mesh(config.mesh), SCHEDULE_STEPS,
                              check_train_step=False)
@@ -77,7 +79,8 @@ class Inference:
     return cls(config, workdir, card, dataset, task, steps, checkpointer, output_dir)
 
   def restore(self, step: int):
-    return self.checkpointer.restore(step, self.steps.layout.restore_target)
+    from bigmodel_jax.train import restore_checked
+    return restore_checked(self, step)
 
   def restore_step(self, step: int | None = None):
     """(step, state) of checkpoint `step` (default: the latest), with one-line errors for a missing or damaged one."""

@@ -121,7 +121,8 @@ def described_dataset(card: dict, workdir: Path, data_config):
   if card.get("tokenizer"):
     tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, (), (), Path(workdir) / card["tokenizer"], create=False)
   shape, dtype = tuple(card["input_shape"]), np.dtype(card["input_dtype"])
-  common = dict(tokenizer=tokenizer, vocab_size=card.get("vocab_size", 0),
+  # the tokenizer's own size: edited tokenizer files then fail the checkpoint's shapes, named as theirs
+  common = dict(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size if tokenizer else card.get("vocab_size", 0),
                 chars_per_token=card.get("chars_per_token", {}), fingerprint={})
   if card["kind"] == "lm":
     empty = np.zeros(shape[0] + 1, np.int32)

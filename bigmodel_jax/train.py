@@ -60,19 +60,25 @@ class Run:
 
   def restore(self, step: int):
     """Checkpoint `step` -> (state, data_state, meta), restored onto this run's mesh."""
-    try:
-      return self.checkpointer.restore(step, self.steps.layout.restore_target)
-    except ModelMismatchError as e:
-      vocab = self.dataset.vocab_size
-      # the tokenizer is to blame only if every differing dimension is the vocabulary size (the embedding, the head)
-      changed = [(k, a) for k, (a, b) in e.diffs.items()
-                 if a and b and len(a) == len(b) and all(x == y or y == vocab for x, y in zip(a, b))]
-      if self.dataset.tokenizer is None or len(changed) != len(e.diffs):
-        raise
-      name, saved = changed[0]
-      raise UserError(f"{self.workdir / 'tokenizer' / 'tokenizer.json'}: its vocabulary has {vocab} ids but checkpoint "
-                      f"step {step} was trained with another ({name}: {saved}); put back the run's own tokenizer "
-                      "files or use a new --workdir") from None
+    return restore_checked(self, step)
+
+
+def restore_checked(run, step: int):
+  """run.checkpointer's step restored onto run.steps' layout; a vocabulary that does not match is blamed on the
+  workdir's tokenizer files (run: a Run or an inference.Inference)."""
+  try:
+    return run.checkpointer.restore(step, run.steps.layout.restore_target)
+  except ModelMismatchError as e:
+    vocab = run.dataset.vocab_size
+    # the tokenizer is to blame only if every differing dimension is the vocabulary size (the embedding, the head)
+    changed = [(k, a) for k, (a, b) in e.diffs.items()
+               if a and b and len(a) == len(b) and all(x == y or y == vocab for x, y in zip(a, b))]
+    if run.dataset.tokenizer is None or len(changed) != len(e.diffs):
+      raise
+    name, saved = changed[0]
+    raise UserError(f"{run.workdir / 'tokenizer' / 'tokenizer.json'}: its vocabulary has {vocab} ids but checkpoint "
+                    f"step {step} was trained with another ({name}: {saved}); put back the run's own tokenizer "
+                    "files or use a new --workdir") from None
 
 
 def build_run(config, workdir: str | Path, for_training: bool = True, output_dir: Path | None = None) -> Run:

@@ -166,7 +166,7 @@ def test_a_lock_file_that_is_a_directory_is_one_line(cli, trained, tmp_path):
 
 def test_output_dir_is_only_for_reading_modes(cli, trained, tmp_path):
   assert_one_error(cli(*SMOKE, f"--workdir={tmp_path / 'w'}", f"--output_dir={tmp_path / 'o'}"),
-                   "--output_dir", "eval/predict/sample")
+                   "--output_dir", "modes on a checkpoint (eval, predict, sample")
 
 
 # --- read-only workdir, full disk (need a mount: skipped where the test may not make one) ----------------------
