@@ -205,8 +205,7 @@ class Classifier:
 
   @classmethod
   def load(cls, config, dataset) -> "Classifier":
-    from bigmodel_jax import train, workdir as workdir_lib
-    from bigmodel_jax.data import pipeline
+    from bigmodel_jax import inference, workdir as workdir_lib
     import ml_collections
     workdir = config.eval.classifier_workdir
     field = "config.eval.classifier_workdir"
@@ -223,7 +222,7 @@ class Classifier:
     if c.task.name != "classification":
       raise UserError(f"{field}: {workdir} is a {c.task.name!r} run; the GAN's quality needs an image classifier "
                       f"of {dataset.name} (e.g. a run of configs/mnist_cnn.py)")
-    run = train.build_run(c, workdir, for_training=False)
+    run = inference.Inference.load(c, workdir)  # the classifier from its workdir alone: its data is not read
     try:
       shape, classes = run.dataset.input_shape, run.dataset.num_classes
       if shape != dataset.input_shape or classes != dataset.num_classes:
@@ -234,17 +233,15 @@ class Classifier:
       if not hasattr(model_probe, "features") or not hasattr(model_probe, "head"):
         raise UserError(f"{field}: {workdir} is a {c.model.name!r} model, which has no penultimate features; use a "
                         "cnn, mlp or resnet classifier")
-      state, _, _ = run.restore(run.checkpointer.latest_step())
+      _, state = run.restore_step()
       params, model_state = runinfo.to_host((state.params, state.model_state))
-      mean, std = np.zeros(1), np.ones(1)
-      if c.data.normalize == "standardize":
-        mean, std = pipeline.train_statistics(run.dataset)
-      scale = 1.0 if c.data.normalize != "none" else run.dataset.input_scale
+      pre = run.card["preprocessing"]  # its input pipeline's constants (model_card.apply) on [0, 1] images
+      mean, std = (pre["mean"], pre["std"]) if pre["normalize"] == "standardize" else (np.zeros(1), np.ones(1))
+      scale = 1.0 if pre["normalize"] != "none" else pre["scale"]
       logging.info("GAN quality classifier: %s (%s on %s)", workdir, c.model.name, run.dataset.name)
       return cls(run.steps.graphdef, params, model_state, mean, std, scale)
     finally:
-      run.checkpointer.close()
-      run.writer.close()
+      run.close()
 
 
 def _cached_classifier(config, dataset) -> Path:
