@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from bigmodel_jax.errors import UserError
 from conftest import TINY_SHAKESPEARE, load_config
 
 DIGITS = "--config=configs/digits_mlp.py:smoke"
@@ -298,14 +297,3 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(digits_server, dig
   assert result["served"] >= 3 and result["internal_errors"] == 0
   with pytest.raises(OSError):  # no longer accepting
     socket.create_connection((digits_server.host, digits_server.port), timeout=5)
-
-
-def test_quantized_without_the_quantize_module_is_one_line(monkeypatch):
-  import sys
-  from types import SimpleNamespace
-  from bigmodel_jax import serve
-  monkeypatch.setitem(sys.modules, "bigmodel_jax.quantize", None)  # as if not written yet: the import fails
-  config = SimpleNamespace(serve=SimpleNamespace(quantized=True))
-  model = SimpleNamespace(config=config, restore_step=lambda step: (5, None))
-  with pytest.raises(UserError, match=r"^config.serve.quantized: no quantized model; run --mode=quantize first$"):
-    serve._load(model, None)
