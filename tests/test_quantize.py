@@ -10,7 +10,7 @@ import pytest
 
 from bigmodel_jax import quantize
 from bigmodel_jax.errors import UserError
-from conftest import error_lines, load_config
+from conftest import TINY_SHAKESPEARE, error_lines, load_config
 
 SMOKE = "--config=configs/digits_mlp.py:smoke"
 
@@ -104,3 +104,25 @@ def test_gan_refused():
   gan = types.SimpleNamespace(config=types.SimpleNamespace(task=types.SimpleNamespace(name="adversarial")))
   with pytest.raises(UserError, match="quantization covers classifiers, regressors and language models"):
     quantize.quantize(gan, None)
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason="no local copy of tiny Shakespeare")
+def test_char_gpt_quantizes_and_exports(cli, tmp_path):
+  data = f"--config.data.path={TINY_SHAKESPEARE}"
+  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", data, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  no_test = cli(f"--workdir={tmp_path}", "--mode=quantize", data)  # tiny Shakespeare has no test split
+  assert no_test.returncode == 2 and "--config.quantize.split=validation" in error_lines(no_test.stderr)[0]
+  proc = cli(f"--workdir={tmp_path}", "--mode=quantize", data, "--config.quantize.split=validation")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout)
+  assert report["int8"]["loss"] - report["float"]["loss"] <= 0.02
+  assert "params/trunk/embed/embedding" in report["quantized"] and report["weights"]["quantized_ratio"] >= 3.5
+  assert report["speed"]["unit"] == "tokens/s" and report["speed"]["int8"] > 0
+  proc = cli(f"--workdir={tmp_path}", "--mode=export", "--config.export.quantized=true")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  prefill = jax.export.deserialize((tmp_path / "export" / "prefill.jaxexport").read_bytes())
+  params = dict(np.load(tmp_path / "export" / "params.npz"))
+  logits, _ = prefill.call(params, np.ones((2, 5), np.int32))
+  vocab = json.loads((tmp_path / "export" / "signature.json").read_text())["vocab_size"]
+  assert logits.shape == (2, vocab) and np.isfinite(np.asarray(logits)).all()
