@@ -168,8 +168,8 @@ def quantize(model, checkpoint_step: int | None) -> dict:
   if jax.process_index() == 0:
     _write(directory(model), int8, report)
   report["directory"] = str(directory(model))
-  logging.info("quantized step %d: %s %s -> %s; weights %.2f MiB -> %.2f MiB (%.2fx); speed %s",
-               step, split, _headline(before), _headline(after), weights["float_bytes"] / 2 ** 20,
+  logging.info("quantized step %d: %s %s; weights %.2f MiB -> %.2f MiB (%.2fx); speed %s",
+               step, split, _headline(config.task.name, before, after), weights["float_bytes"] / 2 ** 20,
                weights["int8_bytes"] / 2 ** 20, weights["ratio"], report["speed"])
   return report
 
@@ -197,9 +197,9 @@ def _bytes(arrays: dict) -> int:
   return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
-def _headline(metrics: dict) -> str:
-  key = "accuracy" if "accuracy" in metrics else "loss"
-  return f"{key} {metrics[key]:.4f}"
+def _headline(task: str, before: dict, after: dict) -> str:
+  key = "accuracy" if task == "classification" else "loss"
+  return f"{key} {before[key]:.4f} -> {after[key]:.4f}"
 
 
 def _speed(model, run, split: str, floats: dict, int8: dict) -> dict:
