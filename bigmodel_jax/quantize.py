@@ -24,7 +24,7 @@ qwix.quantize_model, rule QuantizationRule(module_path=".*", weight_qtype=jnp.in
     functions of their state (nnx.split / nnx.merge, for jax.checkpoint and jax.lax.scan), which qwix's
     interception of the model's own module calls never sees; only the classifier head was quantized (GPT: nothing);
   * nnx.Embed lookups (a gather, not a dot_general) are not quantized, the biggest array of a small LM.
-So the per-channel scheme above is this module's own (about 40 lines).
+So the per-channel scheme above is this module's own (channel_axes, quantize_array, dequantize below).
 """
 
 import json
@@ -143,6 +143,8 @@ def quantize(model, checkpoint_step: int | None) -> dict:
   if config.task.name == "adversarial":
     raise UserError("--mode=quantize: a GAN (task adversarial) is not quantized; quantization covers classifiers, "
                     "regressors and language models")
+  if not (isinstance(config.quantize.repeats, int) and config.quantize.repeats >= 1):
+    raise UserError(f"config.quantize.repeats: must be an integer >= 1, got {config.quantize.repeats!r}")
   step, state = model.restore_step(checkpoint_step)
   split = config.quantize.split
   run = _with_data(model, split)
