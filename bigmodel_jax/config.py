@@ -156,7 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=quantize: int8 weights with per-channel scales (RUN/quantized/), measured against the float model
   c.quantize = dict(
       split="test",  # where accuracy / loss before and after are measured
-      min_size=1024)  # weights with fewer values stay float32 (biases, norms, small layers)
+      min_size=1024,  # weights with fewer values stay float32 (biases, norms, small layers)
+      repeats=5)  # speed: median of this many timings of each model (float, int8 in turn)
   return c
 
 

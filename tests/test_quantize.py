@@ -1,0 +1,128 @@
+"""--mode=quantize on a trained digits MLP: int8 weights ~4x smaller at the float model's accuracy, the same
+predictions through quantize.load, the quantized export, and the one-line refusals."""
+
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from bigmodel_jax import quantize
+from bigmodel_jax.errors import UserError
+from conftest import TINY_SHAKESPEARE, error_lines, load_config
+
+SMOKE = "--config=configs/digits_mlp.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  proc = cli(SMOKE, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def report(cli, trained):
+  proc = cli(f"--workdir={trained}", "--mode=quantize")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout)
+  assert json.loads((trained / "quantized" / "report.json").read_text())["step"] == printed["step"]
+  return printed
+
+
+@pytest.fixture(scope="module")
+def model(trained, report):
+  from bigmodel_jax.inference import Inference
+  m = Inference.load(load_config("digits_mlp", "smoke"), trained)
+  yield m
+  m.close()
+
+
+@pytest.fixture(scope="module")
+def test_split():
+  from bigmodel_jax.data import load_dataset
+  return load_dataset(load_config("digits_mlp", "smoke").data).split("test")
+
+
+def test_report_accuracy_kept_and_weights_4x_smaller(trained, report):
+  final = json.loads((trained / "final_metrics.json").read_text())
+  assert report["split"] == "test" and report["step"] == final["step"]
+  assert report["float"]["accuracy"] == pytest.approx(final["test"]["accuracy"])  # the task's own metric
+  # 359 test digits: one changed prediction is 0.28 pp; at most one may change
+  assert abs(report["int8"]["accuracy"] - report["float"]["accuracy"]) <= 0.005
+  w = report["weights"]
+  assert w["quantized_arrays"] == 3 and w["quantized_ratio"] >= 3.5 and w["ratio"] >= 3.5
+  assert w["quantized_float_bytes"] == 4 * (64 * 128 + 128 * 128 + 128 * 10)  # every kernel; biases stay float
+  speed = report["speed"]
+  assert speed["unit"] == "examples/s" and speed["float"] > 0 and speed["int8"] > 0
+  with np.load(trained / "quantized" / "params.npz") as npz:
+    kernel, scale = npz["params/hidden/0/kernel"], npz["params/hidden/0/kernel.scale"]
+    assert kernel.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (1, 128)
+    assert npz["params/hidden/0/bias"].dtype == np.float32
+
+
+def test_load_predicts_what_the_report_measured(model, report, test_split):
+  variables, model_function = quantize.load(model, report["step"])
+  predict = jax.jit(model.predict_function(model_function))
+  out = predict(variables, test_split["inputs"])
+  assert np.mean(np.asarray(out["prediction"]) == test_split["targets"]) == pytest.approx(report["int8"]["accuracy"])
+  # the int8 arrays are what the function takes: dequantized inside it
+  assert variables["params/hidden/1/kernel"].dtype == np.int8
+
+
+def test_quantized_export_matches_the_in_process_model(cli, trained, model, report, test_split):
+  proc = cli(f"--workdir={trained}", "--mode=export", "--config.export.quantized=true")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  export = trained / "export"
+  assert json.loads((export / "signature.json").read_text())["quantized"] is True
+  exported = jax.export.deserialize((export / "predict.jaxexport").read_bytes())
+  params = dict(np.load(export / "params.npz"))
+  assert params["params/hidden/0/kernel"].dtype == np.int8
+  inputs = test_split["inputs"][:50]
+  got = exported.call(params, inputs)
+  variables, model_function = quantize.load(model, report["step"])
+  want = jax.jit(model.predict_function(model_function))(variables, inputs)
+  np.testing.assert_array_equal(got["prediction"], want["prediction"])
+  np.testing.assert_allclose(got["probability"], want["probability"], rtol=1e-5, atol=1e-6)
+
+
+def test_no_quantized_model_is_one_line(cli, trained, report, tmp_path):
+  proc = cli(f"--workdir={trained}", "--mode=export", "--config.export.quantized=true", f"--output_dir={tmp_path}")
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "no quantized model in" in lines[0] and "run --mode=quantize first" in lines[0], lines
+
+
+def test_quantized_model_of_another_step_refused(model, report):
+  with pytest.raises(UserError, match=f"of step {report['step']}, not of step 1; run --mode=quantize"):
+    quantize.load(model, 1)
+
+
+def test_gan_refused():
+  gan = types.SimpleNamespace(config=types.SimpleNamespace(task=types.SimpleNamespace(name="adversarial")))
+  with pytest.raises(UserError, match="quantization covers classifiers, regressors and language models"):
+    quantize.quantize(gan, None)
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason="no local copy of tiny Shakespeare")
+def test_char_gpt_quantizes_and_exports(cli, tmp_path):
+  data = f"--config.data.path={TINY_SHAKESPEARE}"
+  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", data, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  no_test = cli(f"--workdir={tmp_path}", "--mode=quantize", data)  # tiny Shakespeare has no test split
+  assert no_test.returncode == 2 and "--config.quantize.split=validation" in error_lines(no_test.stderr)[0]
+  proc = cli(f"--workdir={tmp_path}", "--mode=quantize", data, "--config.quantize.split=validation")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout)
+  assert report["int8"]["loss"] - report["float"]["loss"] <= 0.02
+  assert "params/trunk/embed/embedding" in report["quantized"] and report["weights"]["quantized_ratio"] >= 3.5
+  assert report["speed"]["unit"] == "tokens/s" and report["speed"]["int8"] > 0
+  proc = cli(f"--workdir={tmp_path}", "--mode=export", "--config.export.quantized=true")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  prefill = jax.export.deserialize((tmp_path / "export" / "prefill.jaxexport").read_bytes())
+  params = dict(np.load(tmp_path / "export" / "params.npz"))
+  logits, _ = prefill.call(params, np.ones((2, 5), np.int32))
+  vocab = json.loads((tmp_path / "export" / "signature.json").read_text())["vocab_size"]
+  assert logits.shape == (2, vocab) and np.isfinite(np.asarray(logits)).all()
