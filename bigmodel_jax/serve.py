@@ -347,11 +347,8 @@ def _load(model, checkpoint_step):
   step, state = model.restore_step(checkpoint_step)
   if not model.config.serve.quantized:
     return step, state, model.variables(state), None
-  try:
-    from bigmodel_jax import quantize
-  except ImportError:
-    raise UserError("config.serve.quantized: no quantized model; run --mode=quantize first") from None
-  variables, model_function = quantize.load(model, step)
+  from bigmodel_jax import quantize
+  variables, model_function = quantize.load(model, step)  # a one-line error where --mode=quantize has not run
   return step, state, variables, model_function
 
 

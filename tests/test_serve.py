@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 import pytest
 
@@ -297,3 +298,23 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(digits_server, dig
   assert result["served"] >= 3 and result["internal_errors"] == 0
   with pytest.raises(OSError):  # no longer accepting
     socket.create_connection((digits_server.host, digits_server.port), timeout=5)
+
+
+def test_the_quantized_model_serves_its_own_predictions(cli, digits_run, digits_test):
+  missing = cli(f"--workdir={digits_run}", "--mode=serve", "--config.serve.port=0", "--config.serve.quantized=true")
+  assert missing.returncode == 2 and "run --mode=quantize first" in missing.stderr.strip().splitlines()[-1]
+  quantized = cli(f"--workdir={digits_run}", "--mode=quantize")
+  assert quantized.returncode == 0, quantized.stderr[-2000:]
+  from bigmodel_jax import inference, quantize, run_config
+  model = inference.Inference.load(run_config.get_config(str(digits_run / "config.json")), digits_run)
+  step, _ = model.restore_step()
+  variables, model_function = quantize.load(model, step)
+  want = np.asarray(jax.jit(model.predict_function(model_function))(variables, digits_test["inputs"][:16])["prediction"])
+  model.close()
+  server = Server(cli, digits_run, "--config.serve.quantized=true")
+  try:
+    assert server.request("GET", "/v1/models")[1]["quantized"] is True
+    status, reply = server.request("POST", "/v1/predict", {"inputs": digits_test["inputs"][:16].tolist()})
+    assert status == 200 and [p["class"] for p in reply["predictions"]] == want.tolist()
+  finally:
+    assert server.stop() == 0
