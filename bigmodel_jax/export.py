@@ -110,6 +110,9 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
         "outputs": {k: [*(d if isinstance(d, int) else str(d) for d in v.shape),
                                   v.dtype.name] for k, v in out_specs.items()}}}
     extra = {"class_names": card.get("class_names", [])}
+    if model.dataset.tokenizer is not None:  # a text classifier: ids of text padded / cut to input_shape[0]
+      extra["tokenizer"] = {**_tokenizer(model), "seq_len": card["input_shape"][0],
+                            "padding": "id 0 after the text; longer texts keep their first seq_len ids"}
     onnx = write_onnx(model.predict_function(forward), variables, raw, sorted(out_specs), staging / "predict.onnx")
   if model.dataset.tokenizer is not None:
     model.dataset.tokenizer.save(staging / "tokenizer")
@@ -148,8 +151,37 @@ def write_onnx(predict, variables: dict, raw_spec, output_names: list[str], path
   finally:
     for n, level in zip(noisy, levels):
       n.setLevel(level)
+  problem = _check_onnx(proto.SerializeToString(), predict, variables, raw_spec, output_names)
+  if problem:
+    return f"not written: {problem}"
   path.write_bytes(proto.SerializeToString())
   return f"{path.name}: input 'inputs' (raw examples, as predict.jaxexport), outputs {', '.join(output_names)}"
+
+
+def _check_onnx(data: bytes, predict, variables: dict, raw_spec, output_names: list[str]) -> str | None:
+  """None if onnxruntime runs the graph and agrees with jax on a few examples, else what went wrong."""
+  try:
+    import onnxruntime
+  except ImportError:
+    return "onnxruntime, which checks it, is not installed (pip install 'bigmodel_jax[onnx]')"
+  shape = (3, *raw_spec.shape[1:])
+  rng = np.random.default_rng(0)
+  if np.issubdtype(raw_spec.dtype, np.integer):
+    raw = rng.integers(0, min(np.iinfo(raw_spec.dtype).max, 16) + 1, shape).astype(raw_spec.dtype)
+  else:
+    raw = rng.standard_normal(shape).astype(raw_spec.dtype)
+  try:
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"inputs": raw})))
+  except Exception as e:  # e.g. a bfloat16 matmul onnxruntime's CPU kernels do not have
+    return f"onnxruntime cannot run what jax2onnx wrote ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+  want = jax.device_get(jax.jit(predict)(variables, raw))
+  for name in output_names:
+    a, b = np.asarray(got.get(name)), np.asarray(want[name])
+    # float32 results agree to a few roundings; bfloat16 compute is compared at its own precision
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-2, atol=1e-4 if a.dtype.kind == "f" else 0):
+      return f"onnxruntime's {name} differs from jax's on test inputs (max |diff| {np.max(np.abs(a - b)):.3g})"
+  return None
 
 
 def _tokenizer(model) -> dict | None:

@@ -140,8 +140,12 @@ class Inference:
       return logits[:, -1].astype(jnp.float32), cache
 
     def decode(variables, cache, tokens_B, index):
-      logits, cache = model(variables).extend(tokens_B[:, None], cache, index)
-      return logits[:, -1].astype(jnp.float32), cache
+      m = model(variables)
+      logits, cache = m.extend(tokens_B[:, None], cache, index)
+      logits = logits[:, -1].astype(jnp.float32)
+      if getattr(m, "max_len", None):  # a position outside the cache would be clamped silently: NaN logits instead
+        logits = jnp.where((index >= 0) & (index < m.max_len), logits, jnp.nan)
+      return logits, cache
     return prefill, decode
 
   def context(self) -> int:

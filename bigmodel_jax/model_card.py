@@ -86,12 +86,25 @@ def read(workdir: Path) -> dict | None:
     card = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: unreadable ({e}); delete it and it is rebuilt from the run's dataset") from None
+  fix = "delete it and it is rebuilt from the run's dataset"
+  if not isinstance(card, dict):
+    raise UserError(f"{path}: not a model card (a JSON {type(card).__name__}, not an object); {fix}")
   missing = [k for k in ("format", "kind", "input_shape", "input_dtype", "num_outputs", "preprocessing") if k not in card]
-  if not isinstance(card, dict) or missing:
-    raise UserError(f"{path}: not a model card (missing {', '.join(missing) or 'everything'}); delete it and it is "
-                    "rebuilt from the run's dataset")
+  if missing:
+    raise UserError(f"{path}: not a model card (missing {', '.join(missing)}); {fix}")
+  if not isinstance(card["format"], int) or isinstance(card["format"], bool):
+    raise UserError(f"{path}: format {card['format']!r} is not a version number; {fix}")
   if card["format"] > FORMAT:
     raise UserError(f"{path}: format {card['format']} is newer than this version reads ({FORMAT}); upgrade bigmodel_jax")
+  shape = card["input_shape"]
+  if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+    raise UserError(f"{path}: input_shape {shape!r} is not a list of positive integers; {fix}")
+  try:
+    np.dtype(card["input_dtype"])
+  except TypeError:
+    raise UserError(f"{path}: input_dtype {card['input_dtype']!r} is not a dtype; {fix}") from None
+  if card["kind"] not in ("image", "tabular", "text", "lm") or not isinstance(card["preprocessing"], dict):
+    raise UserError(f"{path}: kind {card['kind']!r} or its preprocessing is not one this version knows; {fix}")
   return card
 
 
@@ -102,15 +115,32 @@ def load(workdir: Path, config) -> dict:
     return card
   from bigmodel_jax.data import load_dataset
   from bigmodel_jax.tasks import get_task
-  logging.info("%s has no %s (a run from an earlier version): reading its dataset %s once to write it",
-               workdir, FILE, config.data.name)
-  dataset = load_dataset(config.data, Path(workdir) / "tokenizer", create_tokenizer=False)
-  card = describe(dataset, get_task(config, dataset), config)
+  if config.task.name == "language_modeling":  # its tokenizer and seq_len say it all: the text is not read
+    logging.info("%s has no %s (a run from an earlier version): writing it from its tokenizer", workdir, FILE)
+    card = language_model_card(workdir, config)
+  else:
+    logging.info("%s has no %s (a run from an earlier version): reading its dataset %s once to write it",
+                 workdir, FILE, config.data.name)
+    dataset = load_dataset(config.data, Path(workdir) / "tokenizer", create_tokenizer=False)
+    card = describe(dataset, get_task(config, dataset), config)
   try:
     write(workdir, card)
   except OSError as e:  # a read-only workdir: use the card without keeping it
     logging.warning("could not write %s (%s); it is computed again next time", Path(workdir) / FILE, e.strerror)
   return card
+
+
+def language_model_card(workdir: Path, config) -> dict:
+  """The card of a language-model run from its tokenizer files and config.data.seq_len (bits per character, which
+  needs the text, is then measured per token)."""
+  from bigmodel_jax.data import tokenizers
+  tokenizer = tokenizers.get_tokenizer(config.data.tokenizer, (), (), Path(workdir) / "tokenizer", create=False)
+  return {"format": FORMAT, "dataset": config.data.name, "kind": "lm", "task": config.task.name,
+          "model": config.model.name, "input_shape": [int(config.data.seq_len)], "input_dtype": "int32",
+          "num_outputs": tokenizer.vocab_size, "num_classes": 0, "class_names": [], "vocab_size": tokenizer.vocab_size,
+          "tokenizer": "tokenizer", "chars_per_token": {},
+          "preprocessing": {"normalize": "none", "scale": 1.0, "mean": None, "std": None, "token_ids": True},
+          "outputs": {"kind": "next_token_logits", "vocab_size": tokenizer.vocab_size}}
 
 
 def described_dataset(card: dict, workdir: Path, data_config):

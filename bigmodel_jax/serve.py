@@ -49,7 +49,7 @@ from bigmodel_jax import errors
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.serve_inputs import BadRequest, InputDecoder, completion_request, parse_json
 
-SOCKET_TIMEOUT_S = 30  # a client that stops sending or reading holds its thread at most this long
+SOCKET_TIMEOUT_S = 10  # a stalled client holds its thread (and a SIGTERM drain) at most this long
 ROUTES = {"/healthz": "GET", "/v1/models": "GET", "/v1/predict": "POST", "/v1/completions": "POST"}
 
 
@@ -301,7 +301,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     text = self.headers.get("Content-Length")
     if text is None:
       raise BadRequest("Content-Length: required; send the body's size in bytes", 411)
-    if not text.strip().isdigit():
+    if not (text.strip().isascii() and text.strip().isdigit()):  # '²' is a digit to str.isdigit
       raise BadRequest(f"Content-Length: {text[:40]!r} is not a number of bytes")
     length, limit = int(text), self.service.model.config.serve.max_body_bytes
     if length > limit:

@@ -103,6 +103,8 @@ class InputDecoder:
                        + (" or a base64 PNG string" if self.kind == "image" else "") + f", got {_json_type(x)}")
     try:
       a = np.array(x, dtype=np.float64)
+    except OverflowError:  # an integer too large for a float64
+      raise BadRequest(f"inputs[{i}]: a value is out of range ({self.dtype.name})") from None
     except (ValueError, TypeError):
       a = None
     if a is None or a.dtype != np.float64 or _has_non_number(x):
@@ -123,6 +125,10 @@ class InputDecoder:
         raise BadRequest(f"inputs[{i}]: value {bad:g} out of range {info.min}..{info.max} ({self.dtype.name})")
     elif np.abs(a).max() > np.finfo(self.dtype).max:
       raise BadRequest(f"inputs[{i}]: value out of {self.dtype.name} range")
+    if self.kind == "image" and (a.min() < 0 or a.max() > self.scale):  # what training saw: 0..scale
+      bad = a[(a < 0) | (a > self.scale)][0]
+      raise BadRequest(f"inputs[{i}]: pixel value {bad:g} out of range 0..{self.scale:g} (this dataset's pixel range, "
+                       "model.json's preprocessing.scale)")
     return a.astype(self.dtype)
 
   def _png(self, i: int, text: str) -> np.ndarray:
@@ -141,7 +147,14 @@ class InputDecoder:
                          f"{width}x{height}; resize it first (the server does not)")
       if channels not in (1, 3):
         raise BadRequest(f"inputs[{i}]: this model takes {channels} channels; send nested lists, not a PNG")
-      pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.float64)
+      if "A" in image.getbands() or "transparency" in image.info:  # what is under the alpha is no drawing
+        raise BadRequest(f"inputs[{i}]: PNG mode {image.mode} has transparency; send an opaque grayscale or RGB PNG")
+      if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit (or float) grayscale: to 0..255 by its full range
+        peak = 65535.0 if image.mode.startswith("I") else 1.0
+        gray = np.clip(np.asarray(image, np.float64) / peak * 255.0, 0, 255)
+        pixels = gray if channels == 1 else np.repeat(gray[..., None], 3, -1)
+      else:
+        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.float64)
     except BadRequest:
       raise
     except Exception as e:  # PIL raises many kinds for damaged files
@@ -204,9 +217,14 @@ def completion_request(body: dict, tokenizer, defaults, max_tokens: int) -> dict
          "top_k": _integer(body, "top_k", defaults.top_k, 0, 2 ** 31 - 1),
          "top_p": _number(body, "top_p", defaults.top_p, 0.0, 1.0),
          "seed": _integer(body, "seed", defaults.seed, 0, 2 ** 31 - 1)}
+  if 0 < out["temperature"] < MIN_TEMPERATURE:  # logits / t overflow to inf: no distribution is left
+    raise BadRequest(f"temperature: {out['temperature']:g} is below {MIN_TEMPERATURE:g}; use 0 for greedy decoding")
   if out["top_p"] <= 0:
     raise BadRequest(f"top_p: {out['top_p']} must be in (0, 1] (1: no nucleus filter)")
   return out
+
+
+MIN_TEMPERATURE = 1e-4  # float32 logits of a few tens divided by less than this would overflow
 
 
 def _integer(body: dict, name: str, default, low: int, high: int, limit: str = "") -> int:
@@ -222,7 +240,11 @@ def _integer(body: dict, name: str, default, low: int, high: int, limit: str = "
 
 def _number(body: dict, name: str, default, low: float, high: float) -> float:
   value = body.get(name, default)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+  try:
+    finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+  except OverflowError:  # an integer beyond any float
+    finite = False
+  if not finite:
     raise BadRequest(f"{name}: must be a finite number, got {json.dumps(value)[:40]}")
   if not low <= value <= high:
     raise BadRequest(f"{name}: {value} out of range {low:g}..{high:g}")

@@ -91,7 +91,7 @@ BAD_INPUTS = [
                  ["config.model", "'cnn'", "(8, 8, 1)"], id="model-does-not-fit-input"),
     pytest.param([SMOKE, "--config.model.name=cnn"],
                  ["config.model.hidden_sizes", "model_config('cnn')"], id="switch-model-on-command-line"),
-    pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "eval/predict"], id="checkpoint-step-in-train"),
+    pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "modes on a checkpoint (eval, predict"], id="checkpoint-step-in-train"),
     pytest.param([SMOKE, "--config.data.validation_fraction=1.5"], ["config.data.validation_fraction", "(0, 1)"],
                  id="validation-fraction"),
     pytest.param([SMOKE, "--config.data.validation_fraction=0"],

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -161,6 +162,19 @@ def test_a_workdir_from_before_model_json_gets_one_from_its_dataset_once(cli, di
   assert again.returncode == 0 and "has no model.json" not in again.stderr
 
 
+def test_an_old_language_model_workdir_samples_from_its_tokenizer_alone(cli, gpt_run, tmp_path):
+  """A run from before model.json whose training text is gone: the card comes from tokenizer/ and seq_len."""
+  old = Path(shutil.copytree(gpt_run, tmp_path / "old", ignore=shutil.ignore_patterns("export", "samples")))
+  card = json.loads((old / model_card.FILE).read_text())
+  (old / model_card.FILE).unlink()
+  proc = cli(f"--workdir={old}", "--mode=sample", "--config.sample.num_tokens=10")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "writing it from its tokenizer" in proc.stderr
+  rebuilt = json.loads((old / model_card.FILE).read_text())
+  assert {k: v for k, v in rebuilt.items() if k != "chars_per_token"} == \
+      {k: v for k, v in card.items() if k != "chars_per_token"}
+
+
 def test_bad_export_requests_are_one_line(cli, digits_run, tmp_path):
   bad = cli(f"--workdir={digits_run}", "--mode=export", "--config.export.platforms=cpu,gpu")
   assert bad.returncode == 2 and error_lines(bad.stderr) == [
@@ -169,10 +183,19 @@ def test_bad_export_requests_are_one_line(cli, digits_run, tmp_path):
   shutil.copy(digits_run / "config.json", tmp_path / "bad" / "config.json")
   empty = cli(f"--workdir={tmp_path / 'bad'}", "--mode=export")
   assert empty.returncode == 2 and "no checkpoints" in error_lines(empty.stderr)[0]
-  (tmp_path / "bad" / "checkpoints").mkdir()
-  (tmp_path / "bad" / model_card.FILE).write_text("{not json")
-  broken = cli(f"--workdir={tmp_path / 'bad'}", "--mode=export", f"--output_dir={tmp_path / 'out'}")
-  assert broken.returncode == 2 and len(error_lines(broken.stderr)) == 1
+  copy = tmp_path / "copy"
+  shutil.copytree(digits_run, copy, ignore=shutil.ignore_patterns("export", "predict_step*", "quantized"))
+  card = json.loads((copy / model_card.FILE).read_text())
+  for damaged, said in [("{not json", "unreadable"), ("5", "not a model card (a JSON int"),
+                        (json.dumps({**card, "format": "1"}), "format '1' is not a version number"),
+                        (json.dumps({**card, "input_dtype": "uint9"}), "input_dtype 'uint9' is not a dtype"),
+                        (json.dumps({**card, "input_shape": [8, -8]}), "input_shape [8, -8] is not a list")]:
+    (copy / model_card.FILE).write_text(damaged)
+    broken = cli(f"--workdir={copy}", "--mode=export", f"--output_dir={tmp_path / 'out'}")
+    lines = error_lines(broken.stderr)
+    assert broken.returncode == 2 and len(lines) == 1, broken.stderr
+    assert lines[0].startswith(f"error: {copy / model_card.FILE}: ") and said in lines[0], lines
+    assert "delete it and it is rebuilt" in lines[0]
 
 
 ONNX_CONVERTS = ("mnist_cnn", "fashion_mnist_vit", "spam_transformer")  # ResNet: jax2onnx 0.13.0 fails on nnx.conv padding

@@ -89,6 +89,13 @@ def png(pixels_HxW: np.ndarray) -> str:
   return base64.b64encode(buffer.getvalue()).decode()
 
 
+def rgba_png() -> str:
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(buffer, format="PNG")
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_concurrent_clients_get_predict_modes_predictions_in_shared_batches(cli, digits_run, digits_server,
                                                                             digits_test):
   proc = cli(f"--workdir={digits_run}", "--mode=predict")
@@ -153,6 +160,9 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
       ({"inputs": [base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()]}, 400, "inputs[0]: unreadable PNG"),
       ({"inputs": [png(np.zeros((16, 16)))]}, 400, "inputs[0]: PNG is 16x16 (width x height), the model takes 8x8"),
       ({"inputs": good * 33}, 400, "inputs: 33 examples; at most config.serve.max_batch=32"),
+      ({"inputs": [[[[17]] * 8] * 8]}, 400, "inputs[0]: pixel value 17 out of range 0..16"),  # digits' 0..16
+      (b'{"inputs": [' + json.dumps([[[10 ** 400]] * 8] * 8).encode() + b"]}", 400, "inputs[0]: a value is out of range"),
+      ({"inputs": [rgba_png()]}, 400, "inputs[0]: PNG mode RGBA has transparency"),
   ]
   for body, status, text in cases:
     got, reply = digits_server.request("POST", "/v1/predict", body)
@@ -161,6 +171,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
   protocol = [  # (method, path, headers, body, status, text)
       ("POST", "/v1/predict", {"Content-Length": str(10 ** 9)}, None, 413, "config.serve.max_body_bytes"),
       ("POST", "/v1/predict", {"Content-Length": "12abc"}, None, 400, "Content-Length"),
+      ("POST", "/v1/predict", {"Content-Length": "\u00b2"}, None, 400, "Content-Length"),  # a digit to str.isdigit
       ("POST", "/v1/predict", {"Transfer-Encoding": "chunked"}, None, 411, "Content-Length: required"),
       ("POST", "/v1/predict", {}, None, 411, "Content-Length: required"),
       ("GET", "/v1/nothing", {}, None, 404, "/v1/nothing: no such endpoint"),
@@ -251,6 +262,8 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
              ({"prompt": "A", "max_tokens": "5"}, "max_tokens: must be an integer"),
              ({"prompt": "A", "temperature": -1}, "temperature: -1 out of range"),
              ({"prompt": "A", "temperature": "hot"}, "temperature: must be a finite number"),
+             ({"prompt": "A", "temperature": 10 ** 400}, "temperature: must be a finite number"),
+             ({"prompt": "A", "temperature": 1e-300}, "temperature: 1e-300 is below 0.0001; use 0"),
              ({"prompt": "A", "top_k": 1.5}, "top_k: must be an integer"),
              ({"prompt": "A", "top_p": 0}, "top_p: 0.0 must be in (0, 1]"),
              ({"prompt": "A", "top_p": 2}, "top_p: 2 out of range"),
