@@ -22,7 +22,8 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "predict.", "sample.", "export.", "serve.", "quantize.",
                   "evals.", "eval.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
-                  "mesh.", "parallel.", "train.grad_accum_steps", "model.remat")
+                  "mesh.", "parallel.", "train.grad_accum_steps", "model.remat",
+                  "init.")  # read only while the workdir has no checkpoint; never again once it resumes
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,  # decoupled weight decay (adamw, sgd)
       grad_clip_norm=0.0,  # clip gradients to this global norm; 0: off
       decay_embeddings=False,  # weight decay on kernels only, or also on embeddings
-      mu_dtype="float32")  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
+      mu_dtype="float32",  # adam/adamw first moment: float32 | bfloat16 (halves its memory)
+      frozen=())  # parameter-name patterns (fnmatch, e.g. "hidden.*") never updated: zero updates, no state
   c.schedule = dict(
       name="constant",  # learning-rate schedule over the training steps
       warmup_steps=0,  # steps of linear warmup from 0
@@ -79,6 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Several named optimizers instead of the one above (a GAN's generator and discriminator, per-group learning
   # rates): config.optimizers.<name> = optim.section_config(params="generator", ...), each with its own schedule.
   c.optimizers = ml_collections.ConfigDict()  # named optimizers (empty: config.optimizer for all parameters)
+  # Initial weights from another run's checkpoint (a fresh workdir only; a resume reads its own checkpoints):
+  # rules "PATTERN=load|skip" are tried in order on each parameter's dotted name; the first that matches decides.
+  # One no rule matches is loaded when every rule skips, else kept as initialised. RUN/init.json records it all.
+  c.init = dict(
+      workdir="",  # a trained run's workdir whose checkpoint initialises this run ("": a fresh initialisation)
+      step=-1,  # the checkpoint step of init.workdir to load; -1: its latest
+      rules=())  # "PATTERN=load|skip" rules in order, e.g. ("head.*=skip",); (): load every parameter
   c.train = dict(
       num_epochs=1,  # passes over the training split (when num_steps <= 0)
       num_steps=-1,  # training steps; > 0 overrides num_epochs
@@ -344,40 +353,14 @@ def validate_fields(config, training: bool = True) -> None:
   if training:  # trackers start with training only; eval/predict of a run logged to MLflow need no mlflow
     from bigmodel_jax import trackers
     trackers.check(config)
-  check_evals(config)
+  from bigmodel_jax import config_checks
+  config_checks.check_evals(config)
+  config_checks.check_init(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
 
 
-def check_evals(config) -> None:
-  """config.evals entries and the selection fields that read them (selection reads validation, never test)."""
-  from bigmodel_jax.data import EVAL_SPLITS
-  fields = set(EVALUATOR)
-  for name in config.evals:
-    e = config.evals[name]
-    _check(name not in RESERVED_EVAL_NAMES, f"evals.{name}",
-           f"{name!r} names a field of final_metrics.json's 'best'; call the evaluator something else")
-    _check(isinstance(e, ml_collections.ConfigDict) and set(e) == fields, f"evals.{name}",
-           f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got {e!r}")
-    _check(e.split in EVAL_SPLITS, f"evals.{name}.split", f"must be one of {', '.join(EVAL_SPLITS)}, got {e.split!r}")
-    _check(isinstance(e.every, int) and e.every >= -1, f"evals.{name}.every",
-           f"must be N > 0 steps, -1 (each epoch) or 0 (the end only), got {e.every!r}")
-  t = config.train
-  if t.best_eval:
-    _check(t.best_eval in config.evals, "train.best_eval",
-           f"{t.best_eval!r} is not an evaluator (config.evals has: {', '.join(sorted(config.evals)) or 'none'}); "
-           "name one, or '' to select nothing")
-    split = config.evals[t.best_eval].split
-    _check(split == "validation", "train.best_eval",
-           f"evaluator {t.best_eval!r} reads the {split!r} split; model selection reads a validation split, never test")
-  else:
-    _check(t.early_stopping.patience == 0, "train.early_stopping.patience",
-           "early stopping reads the selection evaluator; set train.best_eval (e.g. 'validation') or patience 0")
-
-
-EVALUATOR = ("split", "every")  # the fields of one config.evals entry
-RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own fields (its evaluators sit beside)
 # Fields that are gone, and where their meaning went: a config file still setting one is told so.
 MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 

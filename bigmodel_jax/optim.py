@@ -212,6 +212,24 @@ def _owns(patterns: str, name: str) -> bool:
              (p.strip() for p in patterns.split(",")) if p)
 
 
+def frozen_params(patterns, owned: set[str], field: str, groups: list[str]) -> set[str]:
+  """The names among `owned` that config.<field>.frozen's patterns freeze (each pattern must freeze something)."""
+  if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+    raise UserError(f"config.{field}.frozen: must be a tuple of parameter-name patterns, e.g. ('hidden.*',), "
+                    f"got {patterns!r}")
+  frozen = set()
+  for pattern in patterns:
+    matched = {n for n in owned if _owns(pattern, n)}
+    if not matched:
+      raise UserError(f"config.{field}.frozen: {pattern!r} matches no parameter; parameter groups: "
+                      f"{', '.join(groups)} (e.g. '{groups[0]}.*'; names like {', '.join(sorted(owned)[:3])})")
+    frozen |= matched
+  if frozen and frozen == owned:
+    raise UserError(f"config.{field}.frozen: {tuple(patterns)!r} freezes every parameter, so nothing would train; "
+                    "leave some parameters unfrozen")
+  return frozen
+
+
 def make_optimizers(config, total_steps: int, abstract_params, required: tuple[str, ...] = (),
                     updates_per_step: dict[str, int] | None = None) -> dict[str, Optimizer]:
   """Every optimizer of the run over the parameters it owns; `required`: the names the task's update steps;
@@ -242,6 +260,7 @@ def make_optimizers(config, total_steps: int, abstract_params, required: tuple[s
                       f"{', '.join(groups)} (e.g. '{groups[0]}' owns {groups[0]}.*)")
     for n in owned:
       owners[n].append(opt_name)
+    owned -= frozen_params(o.get("frozen", ()), owned, field, groups)  # zero updates, no optimizer state
     masks[opt_name] = jax.tree_util.tree_map_with_path(lambda p, _: _name(p) in owned, abstract_params)
   for n, who in owners.items():
     if len(who) != 1:

@@ -79,14 +79,14 @@ def unused_path(path: Path, make_dir: bool = False) -> Path:
     n += 1
 
 
-def write_run_records(workdir: Path, config, write_config: bool = True) -> None:
+def write_run_records(workdir: Path, config, write_config: bool = True, init: dict | None = None) -> None:
   """config.json (the resolved config; `write_config` False keeps the one there) and one provenance line per
-  launch in run_info.jsonl."""
+  launch in run_info.jsonl (`init`: where a fresh run's initial weights came from, init_from.Source.record)."""
   workdir.mkdir(parents=True, exist_ok=True)
   if write_config:
     write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   with open(workdir / "run_info.jsonl", "a") as f:
-    f.write(json.dumps(provenance()) + "\n")
+    f.write(json.dumps({**provenance(), **({"init": init} if init else {})}) + "\n")
 
 
 def to_host(tree):

@@ -20,13 +20,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
-from bigmodel_jax import distributed, errors, evaluate, interrupts, model_card, optim, parallel, runinfo
+from bigmodel_jax import distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, runinfo
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, fingerprint, load_dataset, pipeline
-from bigmodel_jax.errors import ModelMismatchError, NonFiniteLossError, UserError
+from bigmodel_jax.errors import ModelMismatchError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
 from bigmodel_jax.tasks import get_task
+from bigmodel_jax.train_metrics import TrainMetrics, check_finite, summarize
 from bigmodel_jax.writers import MetricsWriter, Progress
 from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpoints, lock_workdir
 
@@ -53,6 +54,7 @@ class Run:
   save_tokenizer: bool = False  # a new tokenizer, to be written into the workdir when training starts
   legacy: bool = False  # a run from before validation splits: its config.json stays as that version wrote it
   output_dir: Path | None = None  # eval/predict/sample: where their outputs go (--output_dir), else the workdir
+  init_source: init_from.Source | None = None  # a fresh run's initial weights from another run (config.init)
 
   @property
   def outputs(self) -> Path:
@@ -107,6 +109,8 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   t = config.train
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps, check_train_step=for_training)
+  # another run's weights (config.init), checked before anything is written; a resume never reads them
+  init_source = init_from.prepare(config, steps, workdir) if for_training and not has_checkpoints(workdir) else None
   chief = jax.process_index() == 0
   refused, lock = "", None
   if chief:
@@ -124,7 +128,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer,
              MetricsWriter(output_dir or workdir, chief, config), total_steps, steps_per_epoch, evaluators, lock,
-             new_tokenizer and dataset.tokenizer is not None, legacy, output_dir)
+             new_tokenizer and dataset.tokenizer is not None, legacy, output_dir, init_source)
 
 
 def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_train_step: bool = True) -> Steps:
@@ -166,54 +170,14 @@ def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_tra
   return steps
 
 
-class TrainMetrics:
-  """Per-step metrics stay on device until a log step; they are fetched one step late so the device
-  always has the next step queued while the host reads the previous ones."""
-
-  def __init__(self):
-    self.pending: list[tuple[int, dict]] = []
-    self.window_start = time.perf_counter()
-
-  def add(self, step: int, metrics: dict) -> None:
-    self.pending.append((step, metrics))
-
-  def fetch(self, keep_last: bool) -> list[tuple[int, dict]]:
-    ready = self.pending[:-1] if keep_last else self.pending
-    self.pending = self.pending[-1:] if keep_last else []
-    return jax.device_get(ready)
-
-
-def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
-  for step, m in fetched:
-    bad = [k for k in m if k.split("/")[-1].endswith(("loss", "grad_norm", "param_norm")) and not np.isfinite(m[k])]
-    if bad:
-      checkpointer.wait()
-      last = checkpointer.latest_step()
-      kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was written"
-      raise NonFiniteLossError(f"non-finite {bad[0]} ({m[bad[0]]}) at step {step}; training stopped, nothing "
-                               f"saved after it ({kept}); lower config.optimizer.learning_rate or set "
-                               "config.optimizer.grad_clip_norm")
-
-
-def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int, tokens_per_example: int = 0) -> dict:
-  keys = fetched[-1][1].keys()
-  out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
-  for k in keys:  # the rate in force at the window's end, not its average
-    if k.split("/")[-1] == "learning_rate":
-      out[k] = float(fetched[-1][1][k])
-  out["steps_per_s"] = len(fetched) / seconds if seconds > 0 else 0.0
-  out["examples_per_s"] = out["steps_per_s"] * global_batch
-  if tokens_per_example:  # text: token positions per second (padding included for classifiers)
-    out["tokens_per_s"] = out["examples_per_s"] * tokens_per_example
-  return out
-
-
 def restore_or_init(run: Run):
   """The newest intact checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state, meta)."""
   step, damaged = run.checkpointer.newest_intact()  # damaged newer steps: moved aside once this one restores
   if step is None:
-    logging.info("no checkpoint in %s: starting from scratch", run.checkpointer.directory)
-    return run.steps.init(), None, {}
+    logging.info("no checkpoint in %s: starting from %s", run.checkpointer.directory,
+                 f"{run.init_source.workdir} step {run.init_source.step}" if run.init_source else "scratch")
+    state = run.steps.init()
+    return (init_from.apply(state, run.init_source) if run.init_source else state), None, {}
   state, data_state, meta = run.restore(step)
   pipeline.check_position(data_state, step, run.checkpointer.item_file(step, "data"))  # before anything trains
   run.checkpointer.set_aside(damaged, step)
@@ -244,7 +208,10 @@ def _train(run: Run) -> dict:
   layout = run.steps.layout
   state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
-    runinfo.write_run_records(run.workdir, config, write_config=not run.legacy)
+    init = run.init_source.record() if run.init_source and start_step == 0 else None
+    runinfo.write_run_records(run.workdir, config, write_config=not run.legacy, init=init)
+    if init:
+      init_from.write_record(run.workdir, run.init_source)
     if run.save_tokenizer:
       run.dataset.tokenizer.save(run.workdir / "tokenizer")
     fingerprint.record(run.workdir, run.dataset, start_step)
