@@ -79,7 +79,7 @@ def load_source(config, workdir: Path):
   if not has_checkpoints(source):
     raise UserError(f"{field}: no checkpoints in {source}; train that run first or name another workdir")
   saved = run_config.load(source / "config.json", "name another workdir", f"{field}: ")
-  source_config = ml_collections.ConfigDict(run_config._tuples(saved))
+  source_config = ml_collections.ConfigDict(run_config.as_config_values(saved))
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:

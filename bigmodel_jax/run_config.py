@@ -15,7 +15,7 @@ from bigmodel_jax.errors import UserError
 
 
 def get_config(path: str = "") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(_tuples(load(Path(path), "use a config file under configs/", "--config: ")))
+  return ml_collections.ConfigDict(as_config_values(load(Path(path), "use a config file under configs/", "--config: ")))
 
 
 def load(file: Path, otherwise: str, prefix: str = "") -> dict:
@@ -69,13 +69,13 @@ def _same_kind(value, default) -> bool:
   return isinstance(value, type(default)) or default is None
 
 
-def _tuples(value):
+def as_config_values(value):
   """JSON's lists back to the tuples config files write (conv_features=(32, 64)): config_flags can override a
   tuple field from the command line, not a list one."""
   if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
+    return {k: as_config_values(v) for k, v in value.items()}
   if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
+    return tuple(as_config_values(v) for v in value)
   return value
 
 

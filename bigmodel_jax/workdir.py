@@ -108,7 +108,7 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
       raise UserError(f"--workdir: no config.json in {workdir}; fix the path, or pass --config")
     return given  # a workdir without a record (written by hand): --config describes it
   if given is None:
-    return ml_collections.ConfigDict(saved)
+    return ml_collections.ConfigDict(run_config.as_config_values(saved))
   before = config_lib.flatten(saved)
   after = config_lib.flatten(json.loads(given.to_json_best_effort()))
   differs = lambda key: before.get(key, "<absent>") != after.get(key, "<absent>")
@@ -135,4 +135,4 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
       for part in parents:
         section = section.setdefault(part, {})
       section[leaf] = value
-  return ml_collections.ConfigDict(merged)
+  return ml_collections.ConfigDict(run_config.as_config_values(merged))  # JSON's lists as the config's tuples
