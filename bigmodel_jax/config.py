@@ -52,15 +52,20 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer=dict(
           name="char",  # char | byte | sentencepiece
           vocab_size=8000,  # sentencepiece: vocabulary size to train
-          model_type="unigram"),  # sentencepiece: unigram | bpe
+          model_type="unigram",  # sentencepiece: unigram | bpe
+          mask_token=False),  # sentencepiece: a [MASK] piece (id 3) for masked language modelling
       strip_headers=True,  # emails (spam_assassin): drop the header block
       # datasets without a published validation split hold out this fraction of the training split as
       # 'validation': a fixed slice (its own seed, not config.seed), so it never moves between runs or trials
-      validation_fraction=0.1)  # share of the training split held out as validation (where none is published)
+      validation_fraction=0.1,  # share of the training split held out as validation (where none is published)
+      # learning curves in labelled data: train on a fixed seeded subset of the training split (taken after validation
+      # is held out, its own seed, so every run and both arms of a comparison see the same examples)
+      train_fraction=1.0)  # share of the training split trained on (labelled rows; a text stream's first part)
   c.model = model_config("mlp")  # the model: its name and its constructor's arguments (model_config(name, ...))
   c.task = dict(
       name="classification",  # the task: its loss, metrics and predictions
-      label_smoothing=0.0)  # classification: share of each target spread over all classes
+      label_smoothing=0.0,  # classification: share of each target spread over all classes
+      mask_rate=0.15)  # masked_language_modeling: share of tokens selected (80% [MASK], 10% random, 10% kept)
   c.optimizer = dict(
       name="adam",  # the optax optimizer
       learning_rate=1e-3,  # peak learning rate (the schedule scales it)
@@ -231,6 +236,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
     ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
+    ("data.train_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]: the share of the training split to train on"),
     ("train.early_stopping.patience", lambda v: v >= 0, "must be >= 0 (evaluations without improvement; 0: off)"),
     ("train.early_stopping.min_delta", lambda v: v >= 0, "must be >= 0"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),

@@ -63,6 +63,15 @@ def targets(abstract_state) -> dict:
           if leaf_name(path).startswith("params/") or (not is_key(leaf) and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating))}
 
 
+def tokenizer_dir(config) -> Path | None:
+  """The init source's tokenizer directory, which a run initialised from it reads its text with (the embedding's
+  rows are that tokenizer's ids); None without config.init.workdir or where the source has none."""
+  if not config.init.workdir:
+    return None
+  directory = Path(config.init.workdir).expanduser().absolute() / "tokenizer"
+  return directory if (directory / "tokenizer.json").is_file() else None
+
+
 def load_source(config, workdir: Path):
   """(Inference of the source run, restored step, state), each way it can fail one line naming config.init."""
   from bigmodel_jax import config as config_lib

@@ -92,7 +92,15 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   # Text is tokenized by the workdir's tokenizer once a checkpoint exists; before that, training makes a new one
   # (saved when training starts, so a run that fails on bad input leaves nothing behind).
   new_tokenizer = for_training and not has_checkpoints(workdir)
-  dataset = load_dataset(config.data, None if new_tokenizer else workdir / "tokenizer", create_tokenizer=new_tokenizer)
+  # ... unless its weights come from another run (config.init): then it takes that run's tokenizer, ids and all
+  adopted = init_from.tokenizer_dir(config) if new_tokenizer else None
+  try:
+    dataset = load_dataset(config.data, adopted or (None if new_tokenizer else workdir / "tokenizer"),
+                           create_tokenizer=new_tokenizer and adopted is None)
+  except UserError as e:
+    if adopted is None:
+      raise
+    raise UserError(f"config.init.workdir: this run reads text with {adopted.parent.name}'s tokenizer, but {e}") from None
   fingerprint.check(workdir, dataset, config.train.get("allow_data_change", False))  # what its checkpoints saw
   task = get_task(config, dataset)
   if legacy and "test" not in dataset.eval_splits:  # what that version called test (tiny_shakespeare's last 10%)

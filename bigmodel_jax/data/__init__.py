@@ -21,6 +21,7 @@ from bigmodel_jax.registry import Registry, import_submodules
 
 DATASETS: Registry = Registry("dataset", "config.data.name")
 VALIDATION_SEED = 1  # the held-out validation slice of a training split (test splits carved by seeded_split use 0)
+TRAIN_FRACTION_SEED = 2  # the subset config.data.train_fraction keeps (not config.seed: the same rows for every seed)
 EVAL_SPLITS = ("validation", "test")
 
 
@@ -94,6 +95,23 @@ class Dataset:
     return dataclasses.replace(self, train={k: v[train] for k, v in self.train.items()},
                                validation={k: v[val] for k, v in self.train.items()})
 
+  def take_train_fraction(self, fraction: float) -> "Dataset":
+    """The training split cut to a fixed seeded `fraction` of its examples (a token stream: its first `fraction`)."""
+    if fraction >= 1:
+      return self
+    n = self.num_examples("train")
+    if "tokens" in self.train:
+      keep = int(n * fraction)
+      train = {"tokens": self.train["tokens"][:keep]}
+    else:
+      keep = int(round(n * fraction))
+      rows = np.sort(np.random.default_rng(TRAIN_FRACTION_SEED).permutation(n)[:keep])
+      train = {k: v[rows] for k, v in self.train.items()}
+    if keep == 0:
+      raise UserError(f"config.data.train_fraction: {fraction} of the {n} training examples of {self.name} is none; "
+                      "raise it")
+    return dataclasses.replace(self, train=train)
+
 
 @dataclasses.dataclass(eq=False)
 class TextCorpus:
@@ -147,6 +165,7 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
   if isinstance(loaded, TextCorpus):
     from bigmodel_jax.data import corpus
     loaded = corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)
+  loaded = loaded.take_train_fraction(data_config.get("train_fraction", 1.0))  # the tokenizer learnt from all of it
   loaded.fingerprint = digests
   return loaded
 

@@ -26,6 +26,7 @@ JSON_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
 PAD_ID = 0
 UNK_ID = 1
+MASK_PIECE = "[MASK]"  # sentencepiece's masked-LM piece (tokenizer.mask_token): a user-defined symbol, id 3
 # config.data.tokenizer.name -> build(tokenizer_config, train_texts, all_texts): a new tokenizer. char takes its
 # vocabulary from all texts (as nanoGPT's shakespeare_char does), sentencepiece learns from the train texts only.
 TOKENIZERS: Registry = Registry("tokenizer", "config.data.tokenizer.name")
@@ -37,6 +38,7 @@ class Tokenizer(abc.ABC):
   vocab_size: int  # including pad (and unk)
   pad_id: int = PAD_ID
   special_ids: tuple[int, ...] = (PAD_ID, UNK_ID)  # ids that stand for no text: never sampled
+  mask_id: int | None = None  # the [MASK] id masked language modelling puts in (config.data.tokenizer.mask_token)
 
   @abc.abstractmethod
   def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
@@ -174,6 +176,10 @@ class SentencePieceTokenizer(Tokenizer):
     self._newline_id = self._sp.piece_to_id("\n")
     if self._sp.pad_id() != PAD_ID or self._sp.unk_id() != UNK_ID or self._sp.id_to_piece(self._newline_id) != "\n":
       raise ValueError("not a model trained by SentencePieceTokenizer.train (pad 0, unk 1, '\\n' a piece)")
+    mask = self._sp.piece_to_id(MASK_PIECE)
+    if mask != UNK_ID and self._sp.id_to_piece(mask) == MASK_PIECE:
+      self.mask_id = mask
+      self.special_ids = (PAD_ID, UNK_ID, mask)
 
   @property
   def model_type(self) -> str:
@@ -182,7 +188,8 @@ class SentencePieceTokenizer(Tokenizer):
     return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
 
   @classmethod
-  def train(cls, texts: Sequence[str], vocab_size: int, model_type: str) -> "SentencePieceTokenizer":
+  def train(cls, texts: Sequence[str], vocab_size: int, model_type: str,
+            mask_token: bool = False) -> "SentencePieceTokenizer":
     import sentencepiece as spm
     lines = _training_lines(texts)
     num_chars = len(set().union(*map(set, texts)))
@@ -195,7 +202,7 @@ class SentencePieceTokenizer(Tokenizer):
           # stream's documents are encoded whole, so a line's first word is not preceded by a space) and
           # newlines (the line breaks between training sentences) as a piece of their own.
           normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-          user_defined_symbols=["\n"], max_sentence_length=4 * MAX_LINE_CHARS,
+          user_defined_symbols=["\n", *([MASK_PIECE] if mask_token else [])], max_sentence_length=4 * MAX_LINE_CHARS,
           # Small alphabets (English: ~100 characters) keep every character, so nothing becomes unk;
           # large ones (Chinese, Japanese) leave their rarest characters out, as sentencepiece advises.
           character_coverage=1.0 if num_chars <= 256 else 0.9995,
@@ -230,7 +237,9 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode(_known_ids(ids, self.vocab_size, UNK_ID).tolist())
 
   def _config(self) -> dict:
-    return {"model_type": self.model_type, "model_file": SPM_FILE,
+    # mask_token only where there is one: the record (which data fingerprints hash) of older tokenizers stays as it was
+    return {"model_type": self.model_type, **({"mask_token": True} if self.mask_id is not None else {}),
+            "model_file": SPM_FILE,
             "model_sha256": hashlib.sha256(self.model).hexdigest()}
 
   def save(self, directory: Path) -> None:
@@ -258,7 +267,8 @@ def _training_error(message: str, vocab_size: int) -> UserError:
 TOKENIZERS.register("char")(lambda c, train_texts, all_texts: CharTokenizer.build(all_texts))
 TOKENIZERS.register("byte")(lambda c, train_texts, all_texts: ByteTokenizer())
 TOKENIZERS.register("sentencepiece")(
-    lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type))
+    lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,
+                                                                   c.get("mask_token", False)))
 
 
 def build_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str]) -> Tokenizer:
@@ -337,7 +347,8 @@ def _check_matches(tokenizer: Tokenizer, tokenizer_config, path: Path) -> None:
     raise UserError(f"{path} is a {tokenizer.name} tokenizer but config.data.tokenizer.name is "
                     f"{tokenizer_config.name}; {advice}")
   if isinstance(tokenizer, SentencePieceTokenizer):
-    for field, saved in (("vocab_size", tokenizer.vocab_size), ("model_type", tokenizer.model_type)):
-      if saved != tokenizer_config[field]:
+    for field, saved in (("vocab_size", tokenizer.vocab_size), ("model_type", tokenizer.model_type),
+                         ("mask_token", tokenizer.mask_id is not None)):
+      if saved != tokenizer_config.get(field, False):
         raise UserError(f"{path} is a sentencepiece tokenizer with {field} {saved} but "
                         f"config.data.tokenizer.{field} is {tokenizer_config[field]}; {advice}")

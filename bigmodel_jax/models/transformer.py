@@ -288,15 +288,64 @@ class EncoderClassifier(nnx.Module):
                            rngs=rngs)
 
   def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
-    keep_BxL = tokens_BxL != 0
-    if self.cls is not None:  # a learned [CLS] vector in front of every sequence, pooled at the end
-      keep_BxL = jnp.pad(keep_BxL, ((0, 0), (1, 0)), constant_values=True)
-    positions = jnp.arange(keep_BxL.shape[1])
-    x = self.trunk.embed_tokens(tokens_BxL, positions, None if self.cls is None else self.cls[...])
-    x, _ = self.trunk(x, positions_T=positions, train=train, rngs=rngs, mask=keep_BxL[:, None, None, :])
+    x, keep_BxL = encode(self.trunk, self.cls, tokens_BxL, train=train, rngs=rngs)
     if self.cls is not None:
       pooled = x[:, 0]
     else:
       weights = keep_BxL[..., None].astype(x.dtype)
       pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
     return self.head(self.dropout(pooled, deterministic=not train, rngs=rngs))
+
+
+def encode(trunk: Trunk, cls, tokens_BxL, *, train: bool, rngs):
+  """The encoder over padded ids (0 = padding, masked out of attention), after the learned [CLS] vector where
+  `cls` is one -> (B x S x D, keep B x S), S = L (+ 1 with [CLS] at position 0)."""
+  keep_BxL = tokens_BxL != 0
+  if cls is not None:  # a learned [CLS] vector in front of every sequence
+    keep_BxL = jnp.pad(keep_BxL, ((0, 0), (1, 0)), constant_values=True)
+  positions = jnp.arange(keep_BxL.shape[1])
+  x = trunk.embed_tokens(tokens_BxL, positions, None if cls is None else cls[...])
+  x, _ = trunk(x, positions_T=positions, train=train, rngs=rngs, mask=keep_BxL[:, None, None, :])
+  return x, keep_BxL
+
+
+@MODELS.register("encoder_mlm")
+class EncoderMLM(nnx.Module):
+  """BERT-style masked language model: the encoder_classifier's trunk (and [CLS] vector: the same parameter names
+  and shapes, so a classifier fine-tuned from it loads `trunk.*` and `cls`) with BERT's MLM head: dense -> GELU ->
+  LayerNorm -> logits over the vocabulary tied to the token embedding, plus a bias. Logits at every input position.
+  """
+
+  def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
+               num_heads: int = 4, embed_dim: int = 256, mlp_ratio: int = 4, max_len: int = 513,
+               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True,
+               remat: str = "none", scan_layers: bool = False):
+    if pooling not in ("cls", "mean"):
+      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls (a learned [CLS] vector in front, as "
+                      "the classifier to fine-tune has), mean (none)")
+    _check_text("encoder_mlm", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
+    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
+                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
+                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
+    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
+                if pooling == "cls" else None)
+    self.mlm_head = MLMHead(embed_dim, vocab_size, use_bias=use_bias, rngs=rngs)
+
+  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
+    x, _ = encode(self.trunk, self.cls, tokens_BxL, train=train, rngs=rngs)
+    if self.cls is not None:
+      x = x[:, 1:]  # the token positions
+    return self.mlm_head(x, self.trunk.embed)  # B x L x V
+
+
+class MLMHead(nnx.Module):
+  """BERT's prediction head: transform (dense, GELU, LayerNorm), then the token embedding's transpose + a bias."""
+
+  def __init__(self, dim: int, vocab_size: int, *, use_bias: bool, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(dim, dim, kernel_init=nnx.initializers.normal(0.02), kernel_metadata=axes("embed", None),
+                            bias_metadata=axes(None), rngs=rngs)
+    self.ln = layer_norm(dim, use_bias, rngs)
+    self.bias = nnx.Param(jnp.zeros((vocab_size,)), **axes("vocab"))
+
+  def __call__(self, x_BxLxD, embed: nnx.Embed):
+    return embed.attend(self.ln(nnx.gelu(self.dense(x_BxLxD)))) + self.bias[...]
