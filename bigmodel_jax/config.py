@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
           model_type="unigram",  # sentencepiece: unigram | bpe
           mask_token=False),  # sentencepiece: a [MASK] piece (id 3) for masked language modelling
       strip_headers=True,  # emails (spam_assassin): drop the header block
+      as_corpus=False,  # a labelled text dataset read as a corpus of its documents, labels unused (pretraining)
       # datasets without a published validation split hold out this fraction of the training split as
       # 'validation': a fixed slice (its own seed, not config.seed), so it never moves between runs or trials
       validation_fraction=0.1,  # share of the training split held out as validation (where none is published)

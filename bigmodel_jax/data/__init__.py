@@ -162,12 +162,23 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
       loaded = DATASETS.get(name)(root, data_config)
   digests = fingerprint.of_loaded(loaded, files)
   loaded = loaded.hold_out_validation(data_config.get("validation_fraction", 0.0))
+  if data_config.get("as_corpus", False):
+    loaded = as_corpus(loaded)
   if isinstance(loaded, TextCorpus):
     from bigmodel_jax.data import corpus
     loaded = corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)
   loaded = loaded.take_train_fraction(data_config.get("train_fraction", 1.0))  # the tokenizer learnt from all of it
   loaded.fingerprint = digests
   return loaded
+
+
+def as_corpus(loaded) -> "TextCorpus":
+  """A labelled text dataset's documents as an unlabelled corpus (config.data.as_corpus): each split one stream of
+  its documents, for pretraining on a dataset's own text (its training split only; held-out splits stay held out)."""
+  if not isinstance(loaded, TextCorpus):
+    raise UserError(f"config.data.as_corpus: {loaded.name} is not a text dataset; use it with a text dataset such "
+                    "as spam_assassin")
+  return dataclasses.replace(loaded, train_labels=None, test_labels=None, validation_labels=None, class_names=())
 
 
 def seeded_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

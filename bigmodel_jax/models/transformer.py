@@ -331,11 +331,15 @@ class EncoderMLM(nnx.Module):
                 if pooling == "cls" else None)
     self.mlm_head = MLMHead(embed_dim, vocab_size, use_bias=use_bias, rngs=rngs)
 
-  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None, positions_BxP=None):
+    """Logits B x L x V at every position, or B x P x V at `positions_BxP` only (the masked ones: training
+    computes the vocabulary projection, most of the cost, for those alone, as BERT does)."""
     x, _ = encode(self.trunk, self.cls, tokens_BxL, train=train, rngs=rngs)
     if self.cls is not None:
       x = x[:, 1:]  # the token positions
-    return self.mlm_head(x, self.trunk.embed)  # B x L x V
+    if positions_BxP is not None:
+      x = jnp.take_along_axis(x, positions_BxP[..., None], axis=1)
+    return self.mlm_head(x, self.trunk.embed)
 
 
 class MLMHead(nnx.Module):

@@ -1,5 +1,6 @@
-"""BERT's masked language modelling: 15% of the tokens selected, 80% of those replaced by [MASK], 10% by a random
-token, 10% kept; the loss and accuracy count the selected positions only.
+"""BERT's masked language modelling: 15% of each example's tokens selected, 80% of those replaced by [MASK], 10% by
+a random token, 10% kept; the loss and accuracy count the selected positions only, and the model projects only
+those onto the vocabulary (encoder_mlm's positions_BxP).
 
 Inputs are padded token ids (0 = padding, never selected): a text classification dataset's rows (its labels
 unused) or a corpus' windows. Training draws the selection per example from the step's key; evaluation uses a
@@ -44,25 +45,37 @@ class MaskedLanguageModeling(Task):
   def output_shape(self, input_shape) -> tuple[int, ...]:
     return (input_shape[0], self.num_outputs)  # logits at every position
 
-  def corrupt(self, tokens_BxL, keys_Bx2, weights_B):
-    """-> (inputs with the selection replaced, selected B x L as float weights)."""
+  def corrupt(self, tokens_BxL, keys_Bx2):
+    """BERT's selection: round(mask_rate x the example's tokens) positions (at least 1) at random, each then
+    [MASK] (80%), a random token (10%) or kept (10%). -> (corrupted inputs B x L, the P = ceil(mask_rate x L)
+    candidate positions B x P, their weights B x P (1: selected), the original tokens there B x P)."""
+    length = tokens_BxL.shape[1]
+    p = max(1, math.ceil(self.mask_rate * length))
+    replacements = jnp.asarray(self.replacements)
+
     def one(tokens_L, key):
-      k_select, k_kind, k_token = jax.random.split(key, 3)
-      select = jax.random.uniform(k_select, tokens_L.shape) < self.mask_rate
-      kind = jax.random.uniform(k_kind, tokens_L.shape)
-      random = jnp.asarray(self.replacements)[jax.random.randint(k_token, tokens_L.shape, 0, len(self.replacements))]
-      return select, kind, random
-    select, kind, random = jax.vmap(one)(tokens_BxL, keys_Bx2)
-    select = select & (tokens_BxL != 0)
-    inputs = jnp.where(select & (kind < 0.8), self.mask_id, jnp.where(select & (kind < 0.9), random, tokens_BxL))
-    return inputs.astype(tokens_BxL.dtype), select.astype(jnp.float32) * weights_B[:, None]
+      k_order, k_kind, k_token = jax.random.split(key, 3)
+      real = tokens_L != 0
+      n = real.sum()
+      count = jnp.where(n > 0, jnp.clip(jnp.round(n * self.mask_rate), 1, p), 0)
+      # real tokens in a random order first (padding scores -1): the first `count` are the selection
+      _, positions = jax.lax.top_k(jnp.where(real, jax.random.uniform(k_order, (length,)), -1.0), p)
+      selected = jnp.arange(p) < count
+      original = tokens_L[positions]
+      kind = jax.random.uniform(k_kind, (p,))
+      random = replacements[jax.random.randint(k_token, (p,), 0, len(replacements))]
+      new = jnp.where(kind < 0.8, self.mask_id, jnp.where(kind < 0.9, random, original))
+      inputs = tokens_L.at[positions].set(jnp.where(selected, new, original).astype(tokens_L.dtype))
+      return inputs, positions, selected, original
+
+    return jax.vmap(one)(tokens_BxL, keys_Bx2)
 
   def _sums(self, model, batch, keys, *, train, rngs=None):
-    tokens = batch["inputs"].astype(jnp.int32)
-    inputs, weights = self.corrupt(tokens, keys, batch["mask"])
-    logits = model(inputs, train=train, rngs=rngs).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-    correct = jnp.argmax(logits, -1) == tokens
+    inputs, positions, selected, targets = self.corrupt(batch["inputs"].astype(jnp.int32), keys)
+    weights = selected.astype(jnp.float32) * batch["mask"][:, None]
+    logits = model(inputs, train=train, rngs=rngs, positions_BxP=positions).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, -1) == targets
     return {"loss": (losses * weights).sum(), "correct": (correct * weights).sum(), "count": weights.sum()}
 
   update = SupervisedTask.update  # gradients of `loss` over the batch, then the optimizer steps
