@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       path="",  # a local text file instead of fetching (tiny_shakespeare)
       seq_len=128,  # tokens per example: LM window (block size) or classifier input length (truncated/padded)
       tokenizer=dict(
-          name="char",  # char | byte | sentencepiece
+          name="char",  # char | byte | sentencepiece | gpt2_bpe, bert_wordpiece (from bigmodel_jax.convert)
           vocab_size=8000,  # sentencepiece: vocabulary size to train
           model_type="unigram",  # sentencepiece: unigram | bpe
           mask_token=False),  # sentencepiece: a [MASK] piece (id 3) for masked language modelling

@@ -1,4 +1,7 @@
-"""The one exception type for bad input: main prints its message as one line and exits non-zero."""
+"""The one exception type for bad input: main prints its message as one line and exits non-zero. The tools with
+their own absl flags (sweep.py, convert.py) end the same way through `fail` and `parse_flags` here."""
+
+import sys
 
 
 class UserError(Exception):
@@ -72,3 +75,19 @@ def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:
           else "no checkpoint was committed yet")
   return (f"{path}: no space left on device; {last}; free some space (or use a --workdir on another disk) and "
           "launch the same command again")
+
+
+def fail(message: str, code: int = 2):
+  """Each line of `message` as 'error: ...' on stderr, then exit `code` (2: bad input)."""
+  for line in message.splitlines():
+    print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing (an app.run flags_parser) whose failures are one line and exit 2."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{str(e).strip().splitlines()[0]}; see --helpfull")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from bigmodel_jax.errors import UserError
+from bigmodel_jax.errors import UserError, fail, parse_flags
 from bigmodel_jax.registry import Registry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per trial, manifest, results.")
@@ -203,19 +203,6 @@ def run(args: list[str]) -> int:
     return 128 + signum
   finished = sum(e["status"] in ("done", "pruned") for e in in_sweep)  # pruned: stopped by ASHA, by design
   return 1 if failed or finished < total else 0  # a trial stopped from outside (SIGTERM) is not finished
-
-
-def fail(message: str, code: int = 2):
-  for line in message.splitlines():
-    print(f"error: {line}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{str(e).strip().splitlines()[0]}; see --helpfull")
 
 
 def main(argv):

@@ -1,6 +1,7 @@
-"""Tokenizers by name (`config.data.tokenizer.name`): char, byte and sentencepiece (unigram or BPE).
+"""Tokenizers by name (`config.data.tokenizer.name`): char, byte, sentencepiece (unigram or BPE), and gpt2_bpe /
+bert_wordpiece (GPT-2's and BERT's, converted with their weights: data/bpe.py, data/wordpiece.py).
 
-Every tokenizer maps text to int32 ids with 0 = padding (models derive padding masks from it) and is saved
+Every tokenizer maps text to int32 ids with 0 = padding (gpt2_bpe: <|endoftext|>, its `pad_id`) (models derive padding masks from it) and is saved
 into a run's workdir as tokenizer.json (+ spm.model), so eval, sampling and resume use the very same ids.
 """
 
@@ -269,6 +270,14 @@ TOKENIZERS.register("byte")(lambda c, train_texts, all_texts: ByteTokenizer())
 TOKENIZERS.register("sentencepiece")(
     lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,
                                                                    c.get("mask_token", False)))
+# converted with Hugging Face weights (bigmodel_jax.convert), not learnt: data/bpe.py and data/wordpiece.py
+TOKENIZERS.register("gpt2_bpe")(lambda c, train_texts, all_texts: _converted("gpt2_bpe").not_learnt(c, (), ()))
+TOKENIZERS.register("bert_wordpiece")(lambda c, train_texts, all_texts: _converted("bert_wordpiece").not_learnt(c, (), ()))
+
+
+def _converted(name: str):
+  from bigmodel_jax.data import bpe, wordpiece  # they import this module
+  return {"gpt2_bpe": bpe, "bert_wordpiece": wordpiece}[name]
 
 
 def build_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str]) -> Tokenizer:
@@ -296,6 +305,11 @@ def load_tokenizer(directory: Path) -> Tokenizer:
       tokenizer = CharTokenizer(record["chars"])
     elif name == "byte":
       tokenizer = ByteTokenizer()
+    elif name in ("gpt2_bpe", "bert_wordpiece"):
+      try:
+        tokenizer = _converted(name).load(path.parent, record)
+      except OSError as e:
+        raise UserError(f"{e.filename} cannot be read ({e.strerror}), and {path} needs it; {fix}") from None
     else:
       model_path = path.parent / record.get("model_file", SPM_FILE)
       try:

@@ -1,8 +1,12 @@
-"""Transformer blocks shared by a decoder-only LM (`gpt`) and an encoder text classifier (`encoder_classifier`).
+"""Transformer blocks shared by a decoder-only LM (`gpt`) and the encoders of models/encoder.py (`encoder_classifier`,
+`encoder_mlm`).
 
 Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
 attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention where it applies on GPU),
-learned or rotary positions. Every parameter carries logical axis names (`out_sharding` metadata,
+learned or rotary positions. Options for weights converted from other codebases (bigmodel_jax.convert), each
+default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
+LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
+after the embeddings) and `type_vocab_size` (BERT's token-type table; every token has type 0). Every parameter carries logical axis names (`out_sharding` metadata,
 read with `nnx.get_partition_spec`), so a rules table can map them onto mesh axes without model code
 mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads,
 head_dim, mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention weights get
@@ -42,6 +46,12 @@ for _name, _policy in {"none": None, "full": jax.checkpoint_policies.nothing_sav
                        "dots": jax.checkpoint_policies.dots_saveable,
                        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.items():
   REMAT_POLICIES.register(_name)(_policy)
+NORMS: Registry = Registry("block normalisation", "config.model.norm")
+NORMS.register("pre")("pre")  # x + f(LN(x)), then a final LayerNorm (GPT-2)
+NORMS.register("post")("post")  # LN(x + f(x)), no final LayerNorm (BERT)
+GELUS: Registry = Registry("GELU form", "config.model.gelu")
+GELUS.register("tanh")(partial(jax.nn.gelu, approximate=True))  # GPT-2's gelu_new (and nnx.gelu's default)
+GELUS.register("exact")(partial(jax.nn.gelu, approximate=False))  # erf: BERT's gelu
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # the logical name of the stacked axis of scanned blocks
 
 
@@ -93,39 +103,48 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, use_bias: bool, out_std: float, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, *, use_bias: bool, out_std: float, rngs: nnx.Rngs, gelu: str = "tanh"):
+    self.gelu = gelu
     self.fc1 = nnx.Linear(dim, hidden, use_bias=use_bias, kernel_init=nnx.initializers.normal(0.02),
                           kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"), rngs=rngs)
     self.fc2 = nnx.Linear(hidden, dim, use_bias=use_bias, kernel_init=nnx.initializers.normal(out_std),
                           kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"), rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(nnx.gelu(self.fc1(x)))
+    return self.fc2(GELUS.get(self.gelu)(self.fc1(x)))
 
 
-def layer_norm(dim: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=1e-5, use_bias=use_bias, scale_metadata=axes("embed"),
+def layer_norm(dim: int, use_bias: bool, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=eps, use_bias=use_bias, scale_metadata=axes("embed"),
                        bias_metadata=axes("embed"), rngs=rngs)
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm residual block: attention then MLP, each followed by dropout."""
+  """Residual block: attention then MLP, each followed by dropout; LayerNorm before each (pre) or after each
+  residual sum (post: ln1 after attention, ln2 after the MLP, as BERT's)."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rotary_positions: bool, use_bias: bool,
-               dropout_rate: float, num_layers: int, rngs: nnx.Rngs):
+               dropout_rate: float, num_layers: int, rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5,
+               gelu: str = "tanh"):
     out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
-    self.ln1 = layer_norm(dim, use_bias, rngs)
+    self.post_norm = NORMS.get(norm) == "post"
+    self.ln1 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
     self.attn = Attention(dim, num_heads, rotary_positions=rotary_positions, use_bias=use_bias, out_std=out_std,
                           rngs=rngs)
-    self.ln2 = layer_norm(dim, use_bias, rngs)
-    self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs)
+    self.ln2 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
+    self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs, gelu=gelu)
     self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
-    h, cache = self.attn(self.ln1(x), positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache,
-                         index=index)
-    x = x + self.dropout(h, deterministic=not train, rngs=rngs)
-    x = x + self.dropout(self.mlp(self.ln2(x)), deterministic=not train, rngs=rngs)
+    drop = partial(self.dropout, deterministic=not train, rngs=rngs)
+    attend = partial(self.attn, positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache, index=index)
+    if self.post_norm:
+      h, cache = attend(x)
+      x = self.ln1(x + drop(h))
+      return self.ln2(x + drop(self.mlp(x))), cache
+    h, cache = attend(self.ln1(x))
+    x = x + drop(h)
+    x = x + drop(self.mlp(self.ln2(x)))
     return x, cache
 
 
@@ -144,16 +163,25 @@ def _apply_block(graphdef, state, x, key, cache, positions_T, mask, *, train, is
 
 
 class Trunk(nnx.Module):
-  """Token (+ learned position) embedding -> dropout -> blocks -> final LayerNorm: shared by the Transformers
-  (gpt, encoder_classifier, and vit in models/vit.py, which embeds image patches itself: vocab_size 0)."""
+  """Token (+ learned position, + token type 0) embedding (-> LayerNorm with embed_norm) -> dropout -> blocks ->
+  final LayerNorm (pre-norm blocks only): shared by the Transformers (gpt, the encoders of models/encoder.py, and
+  vit in models/vit.py, which embeds image patches itself: vocab_size 0)."""
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
                mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, remat: str, scan_layers: bool,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh",
+               embed_norm: bool = False, type_vocab_size: int = 0):
     require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
                      max_len=max_len)
     POSITIONS.get(positions)
     REMAT_POLICIES.get(remat)
+    NORMS.get(norm)
+    GELUS.get(gelu)
+    if not isinstance(type_vocab_size, int) or type_vocab_size < 0:
+      raise UserError(f"config.model.type_vocab_size: must be an integer >= 0 (0: no token-type table), got "
+                      f"{type_vocab_size!r}")
+    if not isinstance(layer_norm_eps, (int, float)) or layer_norm_eps <= 0:
+      raise UserError(f"config.model.layer_norm_eps: must be a number > 0, got {layer_norm_eps!r}")
     if embed_dim % num_heads:
       raise UserError(f"config.model.embed_dim: {embed_dim} is not divisible by config.model.num_heads={num_heads}")
     if positions == "rotary" and (embed_dim // num_heads) % 2:
@@ -168,9 +196,14 @@ class Trunk(nnx.Module):
     self.dropout = Dropout(dropout_rate)
     # scanned blocks are built one by one as the loop does, then stacked: the same initial values
     blocks = [Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary", use_bias=use_bias,
-                    dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs) for _ in range(num_layers)]
+                    dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs, norm=norm,
+                    layer_norm_eps=layer_norm_eps, gelu=gelu) for _ in range(num_layers)]
     self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
-    self.ln_f = layer_norm(embed_dim, use_bias, rngs)
+    self.ln_f = layer_norm(embed_dim, use_bias, rngs, layer_norm_eps) if norm == "pre" else None
+    # made after everything above, so the defaults (neither) draw the same initial values as before they existed
+    self.type_embed = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (type_vocab_size, embed_dim)),
+                                 **axes(None, "embed")) if type_vocab_size else None)
+    self.embed_ln = layer_norm(embed_dim, use_bias, rngs, layer_norm_eps) if embed_norm else None
 
   def embed_tokens(self, tokens_BxT, positions_T, prefix_1x1xD=None):
     """Token embeddings (after an optional learned prefix vector, e.g. [CLS]) plus learned positions. Without
@@ -180,7 +213,9 @@ class Trunk(nnx.Module):
       x = jnp.concatenate([jnp.broadcast_to(prefix_1x1xD.astype(x.dtype), (x.shape[0], 1, x.shape[2])), x], 1)
     if self.pos_embed is not None:
       x = x + self.pos_embed[...][positions_T][None]
-    return x
+    if self.type_embed is not None:  # every token is of type 0 (BERT's single-segment inputs)
+      x = x + self.type_embed[...][0]
+    return x if self.embed_ln is None else self.embed_ln(x)
 
   def __call__(self, x_BxTxD, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
     """-> (output, cache). The cache is a list of per-layer {"k", "v"}, or one {"k", "v"} stacked on the
@@ -210,7 +245,7 @@ class Trunk(nnx.Module):
         x, layer_cache = apply(*nnx.split(block), x, layer_key(i), None if cache is None else cache[i],
                                positions_T, mask)
         new_cache.append(layer_cache)
-    return self.ln_f(x), (new_cache if cache is not None else None)
+    return (x if self.ln_f is None else self.ln_f(x)), (new_cache if cache is not None else None)
 
 
 def _check_text(model: str, vocab_size: int, input_shape, max_len: int, extra: int = 0) -> None:
@@ -229,12 +264,15 @@ class GPT(nnx.Module):
   def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 6,
                num_heads: int = 6, embed_dim: int = 384, mlp_ratio: int = 4, max_len: int = 256,
                positions: str = "learned", tie_embeddings: bool = True, dropout_rate: float = 0.0,
-               use_bias: bool = False, remat: str = "none", scan_layers: bool = False):
+               use_bias: bool = False, remat: str = "none", scan_layers: bool = False,
+               norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
+               type_vocab_size: int = 0):
     _check_text("gpt", vocab_size, input_shape, max_len)
     self.max_len = max_len
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
+                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs, norm=norm,
+                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size)
     self.head = None if tie_embeddings else nnx.Linear(
         embed_dim, num_outputs, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
         kernel_metadata=axes("embed", "vocab"), rngs=rngs)
@@ -266,90 +304,10 @@ class GPT(nnx.Module):
     return self._logits(x), cache
 
 
-@MODELS.register("encoder_classifier")
-class EncoderClassifier(nnx.Module):
-  """BERT-style Transformer encoder over padded token ids (0 = padding), pooled, then a linear classifier."""
-
-  def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
-               num_heads: int = 4, embed_dim: int = 256, mlp_ratio: int = 4, max_len: int = 513,
-               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True,
-               remat: str = "none", scan_layers: bool = False):
-    if pooling not in ("cls", "mean"):
-      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean")
-    _check_text("encoder_classifier", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
-    self.pooling = pooling
-    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
-                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
-    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
-                if pooling == "cls" else None)
-    self.dropout = Dropout(dropout_rate)
-    self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), bias_metadata=axes(None),
-                           rngs=rngs)
-
-  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None):
-    x, keep_BxL = encode(self.trunk, self.cls, tokens_BxL, train=train, rngs=rngs)
-    if self.cls is not None:
-      pooled = x[:, 0]
-    else:
-      weights = keep_BxL[..., None].astype(x.dtype)
-      pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-    return self.head(self.dropout(pooled, deterministic=not train, rngs=rngs))
-
-
-def encode(trunk: Trunk, cls, tokens_BxL, *, train: bool, rngs):
-  """The encoder over padded ids (0 = padding, masked out of attention), after the learned [CLS] vector where
-  `cls` is one -> (B x S x D, keep B x S), S = L (+ 1 with [CLS] at position 0)."""
-  keep_BxL = tokens_BxL != 0
-  if cls is not None:  # a learned [CLS] vector in front of every sequence
-    keep_BxL = jnp.pad(keep_BxL, ((0, 0), (1, 0)), constant_values=True)
-  positions = jnp.arange(keep_BxL.shape[1])
-  x = trunk.embed_tokens(tokens_BxL, positions, None if cls is None else cls[...])
-  x, _ = trunk(x, positions_T=positions, train=train, rngs=rngs, mask=keep_BxL[:, None, None, :])
-  return x, keep_BxL
-
-
-@MODELS.register("encoder_mlm")
-class EncoderMLM(nnx.Module):
-  """BERT-style masked language model: the encoder_classifier's trunk (and [CLS] vector: the same parameter names
-  and shapes, so a classifier fine-tuned from it loads `trunk.*` and `cls`) with BERT's MLM head: dense -> GELU ->
-  LayerNorm -> logits over the vocabulary tied to the token embedding, plus a bias. Logits at every input position.
-  """
-
-  def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
-               num_heads: int = 4, embed_dim: int = 256, mlp_ratio: int = 4, max_len: int = 513,
-               positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True,
-               remat: str = "none", scan_layers: bool = False):
-    if pooling not in ("cls", "mean"):
-      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls (a learned [CLS] vector in front, as "
-                      "the classifier to fine-tune has), mean (none)")
-    _check_text("encoder_mlm", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
-    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
-                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
-    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
-                if pooling == "cls" else None)
-    self.mlm_head = MLMHead(embed_dim, vocab_size, use_bias=use_bias, rngs=rngs)
-
-  def __call__(self, tokens_BxL, *, train: bool, rngs: nnx.Rngs | None = None, positions_BxP=None):
-    """Logits B x L x V at every position, or B x P x V at `positions_BxP` only (the masked ones: training
-    computes the vocabulary projection, most of the cost, for those alone, as BERT does)."""
-    x, _ = encode(self.trunk, self.cls, tokens_BxL, train=train, rngs=rngs)
-    if self.cls is not None:
-      x = x[:, 1:]  # the token positions
-    if positions_BxP is not None:
-      x = jnp.take_along_axis(x, positions_BxP[..., None], axis=1)
-    return self.mlm_head(x, self.trunk.embed)
-
-
-class MLMHead(nnx.Module):
-  """BERT's prediction head: transform (dense, GELU, LayerNorm), then the token embedding's transpose + a bias."""
-
-  def __init__(self, dim: int, vocab_size: int, *, use_bias: bool, rngs: nnx.Rngs):
-    self.dense = nnx.Linear(dim, dim, kernel_init=nnx.initializers.normal(0.02), kernel_metadata=axes("embed", None),
-                            bias_metadata=axes(None), rngs=rngs)
-    self.ln = layer_norm(dim, use_bias, rngs)
-    self.bias = nnx.Param(jnp.zeros((vocab_size,)), **axes("vocab"))
-
-  def __call__(self, x_BxLxD, embed: nnx.Embed):
-    return embed.attend(self.ln(nnx.gelu(self.dense(x_BxLxD)))) + self.bias[...]
+def __getattr__(name: str):
+  """The encoders moved to models/encoder.py; `from bigmodel_jax.models.transformer import EncoderClassifier` still
+  works (lazily: encoder.py imports this module)."""
+  if name in ("EncoderClassifier", "EncoderMLM", "MLMHead", "encode"):
+    from bigmodel_jax.models import encoder
+    return getattr(encoder, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -113,7 +113,7 @@ def test_unknown_model_field_is_a_user_error():
   stray = ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(4,), bogus=1))
   with pytest.raises(UserError, match=r"config\.model\.bogus"):
     build_model(stray, input_shape=(3,), num_outputs=2, rngs=nnx.Rngs(params=0))
-  with pytest.raises(UserError, match="unknown model 'wavenet'.*valid: cnn, dcgan, encoder_classifier, gpt"):
+  with pytest.raises(UserError, match="unknown model 'wavenet'.*valid: cnn, dcgan, encoder_classifier, encoder_mlm, gpt"):
     model_config("wavenet")
   with pytest.raises(UserError, match="activation"):
     build("mlp", (3,), 2, activation="swishy")
