@@ -177,6 +177,11 @@ def test_converted_gpt2_fine_tunes_and_samples(runs, cli, tmp_path):
              timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.strip()) > len("ROMEO:")
+  proc = cli(f"--workdir={new}", "--mode=eval", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.loads((new / "final_metrics.json").read_text())
+  evaluated = json.loads((new / f"eval_step{final['step']}.json").read_text())
+  assert np.isfinite(final["validation"]["loss"]) and evaluated["validation"] == final["validation"]
 
 
 def one_error(proc) -> str:
