@@ -1,0 +1,313 @@
+"""The measurements of benchmarks/run.py: each returns harness rows (or raises Unavailable, with why).
+
+Every rate is taken after a warm-up step (compilation reported apart as compile_s) and between two
+jax.block_until_ready; ratios alternate A and B in this process (harness.alternate).
+"""
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks import harness
+from bigmodel_jax import speed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Unavailable(Exception):
+  """A benchmark that cannot run here (no data, no GPU): reported as unmeasured, not as a failure."""
+
+
+def load(name: str, text: str = ""):
+  """configs/<file>.py's get_config(variant) for "file:variant", quiet (no progress bar, no persistent cache)."""
+  file, _, variant = name.partition(":")
+  spec = importlib.util.spec_from_file_location(f"_bench_{file}", ROOT / "configs" / f"{file}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.train.progress_bar = False
+  config.train.compilation_cache = False
+  if config.data.name == "tiny_shakespeare":
+    if not text:
+      raise Unavailable("tiny Shakespeare is not on this machine: pass --text=input.txt")
+    config.data.path = text
+  return config
+
+
+def _bare_run(config, workdir: Path, steps: int):
+  from bigmodel_jax import train
+  config.train.num_steps = max(steps, config.schedule.get("warmup_steps", 0) + 1)
+  return train.build_run(config, workdir)
+
+
+def _batches(run, steps: int):
+  from bigmodel_jax.data import pipeline
+  return iter(pipeline.train_dataset(run.dataset, run.config.data, seed=run.config.seed,
+                                     num_steps=run.config.train.num_steps))
+
+
+def _step_rate(run, state: list, feed, steps: int) -> float:
+  """steps-1 train steps fed by feed() after one more (not timed), -> steps/s."""
+  step = run.steps.train_step
+  state[0], m = step(state[0], feed())
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps - 1):
+    state[0], m = step(state[0], feed())
+  jax.block_until_ready(m)
+  return (steps - 1) / (time.perf_counter() - start)
+
+
+def _compile_s(run, state: list, batch) -> float:
+  start = time.perf_counter()
+  state[0], m = run.steps.train_step(state[0], batch)
+  jax.block_until_ready(m)
+  return time.perf_counter() - start
+
+
+def host_overhead(name: str, steps: int, repeats: int) -> dict:
+  """Our full loop (train_and_evaluate: logging every log_every, metrics fetched one step late, the config's
+  checkpoint cadence; periodic evals off) vs a bare loop calling the same compiled step on the same batches
+  (the same pipeline, seed and host->device transfer). The full loop's rate is read off its own records: steps
+  between its first step done and its last train record."""
+  from bigmodel_jax import train
+  config = load(name)
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    run = _bare_run(load(name), tmp / "bare", steps)
+    layout, state = run.steps.layout, [run.steps.layout.place(run.steps.init())]
+    compile_s = _compile_s(run, state, layout.train_batch(next(_batches(run, steps))))
+
+    def bare():
+      batches = _batches(run, steps)
+      return _step_rate(run, state, lambda: layout.train_batch(next(batches)), steps)
+
+    def full():
+      workdir = Path(tempfile.mkdtemp(dir=tmp))
+      c = load(name)
+      c.train.num_steps = steps
+      for e in c.evals.values():
+        e.every = 0  # evaluated once, after the last step (outside the timed window)
+      train.train_and_evaluate(c, workdir)
+      records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+      first = next(r["time"] for r in records if r["split"] == "startup")
+      last = max((r for r in records if r["split"] == "train"), key=lambda r: r["step"])
+      return (last["step"] - 1) / (last["time"] - first)
+
+    full_rates, bare_rates = harness.alternate(full, bare, repeats)
+    run.checkpointer.close()
+    run.writer.close()
+  ratios = [f / b for f, b in zip(full_rates, bare_rates)]
+  return harness.row("host_overhead", name, "full train loop", "steps/s",
+                     "steps after the first / seconds, each loop; ratio = full / bare per round", full_rates,
+                     compile_s=compile_s, reference=("bare jit loop, same step and batches", bare_rates),
+                     ratios=ratios, target=">= 0.97x", meets=harness.summary(ratios)["median"] >= 0.97,
+                     notes=f"batch {config.data.batch_size}, {steps} steps, log_every {config.train.log_every}, "
+                           f"checkpoint_every {config.train.checkpoint_every}")
+
+
+def input_pipeline(name: str, steps: int, repeats: int, text: str = "") -> dict:
+  """The step fed by our pipeline (numpy gather + host->device transfer each step) vs the same step on batches
+  staged on the device beforehand."""
+  with tempfile.TemporaryDirectory() as tmp:
+    run = _bare_run(load(name, text), Path(tmp) / "run", steps)
+    layout, state = run.steps.layout, [run.steps.layout.place(run.steps.init())]
+    staged = [layout.train_batch(b) for b in itertools.islice(_batches(run, steps), steps)]
+    compile_s = _compile_s(run, state, staged[0])
+
+    def fed():
+      batches = _batches(run, steps)
+      return _step_rate(run, state, lambda: layout.train_batch(next(batches)), steps)
+
+    def prestaged():
+      batches = iter(staged)
+      return _step_rate(run, state, lambda: next(batches), steps)
+
+    fed_rates, staged_rates = harness.alternate(fed, prestaged, repeats)
+    run.checkpointer.close()
+    run.writer.close()
+  ratios = [a / b for a, b in zip(fed_rates, staged_rates)]
+  return harness.row("input_pipeline", name, "step fed by the pipeline", "steps/s",
+                     "steps after the first / seconds; ratio = pipeline-fed / pre-staged per round", fed_rates,
+                     compile_s=compile_s, reference=("pre-staged device batches", staged_rates), ratios=ratios,
+                     target=">= 0.97x", meets=harness.summary(ratios)["median"] >= 0.97)
+
+
+def _main(args: list[str], env: dict, timeout: float = 900) -> float:
+  """Runs bigmodel_jax.main; -> the wall-clock time (time.time()) it was launched at."""
+  launched = time.time()
+  proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", *args, "--config.train.progress_bar=false"],
+                        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f"bigmodel_jax.main {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+  return launched
+
+
+def _records(workdir: Path) -> list[dict]:
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def time_to_first_step(name: str, repeats: int) -> list[dict]:
+  """Process start -> first step completed (the run's own startup record), a fresh process each time: cold = an
+  empty compilation cache, warm = the cache the cold run filled."""
+  file, _, variant = name.partition(":")
+  config_flag = f"--config=configs/{file}.py" + (f":{variant}" if variant else "")
+  cold, warm = [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    _main([config_flag, f"--workdir={tmp / 'fetch'}"], {"BIGMODEL_JAX_CACHE_DIR": str(tmp / "c_fetch")})  # data cached
+    for i in range(repeats):
+      cache = {"BIGMODEL_JAX_CACHE_DIR": str(tmp / f"cache{i}")}
+      for kind, values in (("cold", cold), ("warm", warm)):
+        workdir = tmp / f"{kind}{i}"
+        launched = _main([config_flag, f"--workdir={workdir}"], cache)
+        values.append(next(r["time"] for r in _records(workdir) if r["split"] == "startup") - launched)
+  formula = "time.time() at the first step's record - time.time() before the process was started"
+  return [harness.row("time_to_first_step", name, "cold compilation cache", "s", formula, cold, target="<= 30 s",
+                      meets=harness.summary(cold)["median"] <= 30),
+          harness.row("time_to_first_step", name, "warm compilation cache", "s", formula, warm, target="<= 5 s",
+                      meets=harness.summary(warm)["median"] <= 5)]
+
+
+def checkpoint_stall(name: str, repeats: int, text: str) -> dict:
+  """How long the loop is blocked by an async save (until save() returns: the arrays are copied off the
+  device) vs a blocking save of the same state (until it is committed)."""
+  from bigmodel_jax.checkpoint import Checkpointer
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    run = _bare_run(load(name, text), tmp / "run", 2)
+    state = run.steps.layout.plain(run.steps.init())
+    num_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    savers = {kind: Checkpointer(tmp / kind, keep=2, async_save=kind == "async") for kind in ("async", "blocking")}
+    step = [0]
+
+    def save(kind):
+      def measure():
+        step[0] += 1
+        savers["async"].wait()  # the previous async save finishes outside the timed window
+        start = time.perf_counter()
+        savers[kind].save(step[0], state, {"next_index": 0}, {"step": step[0]})
+        return time.perf_counter() - start
+      return measure
+
+    save("async")(), save("blocking")()  # warm-up: orbax's first save sets up its threads and directories
+    async_s, blocking_s = harness.alternate(save("async"), save("blocking"), repeats)
+    for saver in savers.values():
+      saver.close()
+    run.checkpointer.close()
+    run.writer.close()
+  ratios = [a / b for a, b in zip(async_s, blocking_s)]
+  return harness.row("checkpoint_stall", name, "loop blocked by an async save", "s",
+                     "seconds until save() returns; ratio = async / blocking per round", async_s,
+                     reference=("blocking save of the same state", blocking_s), ratios=ratios, target="<= 10%",
+                     meets=harness.summary(ratios)["median"] <= 0.10,
+                     notes=f"{num_bytes / 2**20:.1f} MiB of train state")
+
+
+LM_SIZES = {  # synthetic-token language models: (layers, heads, dims, window, batch, vocab, dtype)
+    "tiny": (2, 2, 64, 64, 4, 256, "float32"),
+    "cpu": (4, 4, 128, 64, 12, 65, "float32"),  # configs/shakespeare_char_gpt.py:cpu's model and batch
+    "gpt2_124m": (12, 12, 768, 1024, 16, 50304, "bfloat16"),  # GPT-2 small, nanoGPT's padded vocabulary
+}
+
+
+def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
+  """Tokens/s and MFU of the `gpt` train step (AdamW, the codebase's own step) on pre-staged random tokens."""
+  from bigmodel_jax import parallel, train
+  from bigmodel_jax.data import Dataset
+  from bigmodel_jax.tasks import get_task
+  layers, heads, dim, window, batch, vocab, dtype = LM_SIZES[size]
+  config = load("shakespeare_char_gpt", text="unused")
+  config.data.seq_len, config.data.batch_size = window, batch
+  config.model.update(num_layers=layers, num_heads=heads, embed_dim=dim, max_len=window, dropout_rate=0.0)
+  config.train.dtype = dtype
+  rng = np.random.default_rng(0)
+  held_out = rng.integers(0, vocab, (batch, window + 1)).astype(np.int32)
+  dataset = Dataset("random_tokens", {"tokens": rng.integers(0, vocab, batch * window * 64).astype(np.int32)}, None,
+                    "lm", vocab_size=vocab, validation={"inputs": held_out[:, :-1], "targets": held_out[:, 1:],
+                                                        "token_mask": np.ones((batch, window), np.float32)})
+  task = get_task(config, dataset)
+  steps_ = train.make_steps(config, dataset, task, parallel.make_mesh(config.mesh),
+                            max(steps * repeats + 10, config.schedule.warmup_steps + 1))
+  layout = steps_.layout
+  tokens = [rng.integers(0, vocab, (batch, window + 1)).astype(np.int32) for _ in range(8)]
+  batches = [layout.train_batch({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones(batch, np.float32)})
+             for t in tokens]
+  state = [layout.place(steps_.init())]
+  start = time.perf_counter()
+  state[0], m = steps_.train_step(state[0], batches[0])
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - start
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for i in range(steps):
+      state[0], m = steps_.train_step(state[0], batches[i % len(batches)])
+    jax.block_until_ready(m)
+    rates.append(steps * batch * window / (time.perf_counter() - start))
+  params = steps_.abstract_state.params
+  flops = {a: speed.gpt_flops_per_token(config.model, params, window, a) for a in (6, 12)}
+  device = jax.devices()[0]
+  peak = speed.peak_flops(device.device_kind, dtype)
+  peak_name = f"{device.device_kind} dense {dtype} peak"
+  if peak is None:
+    peak, peak_name = harness_matmul_flops(dtype), f"a 2048^2 {dtype} matmul measured here"
+  peak *= jax.device_count()
+  mfu = [r * flops[6] / peak for r in rates]
+  nano = harness.summary([r * flops[12] / peak for r in rates])["median"]
+  return harness.row("lm_throughput", f"gpt {size}: {layers}L {dim}d {heads}H T={window} batch {batch} vocab {vocab}",
+                     "tokens/s", "tokens/s", "tokens / seconds over `steps` steps; MFU = tokens/s x (6N + 6LdT) / "
+                     "peak; N without the position table", rates, compile_s=compile_s,
+                     target=">= 40% MFU" if size == "gpt2_124m" else "report",
+                     meets=harness.summary(mfu)["median"] >= 0.40 if size == "gpt2_124m" else None,
+                     notes=f"MFU {harness.summary(mfu)['median']:.1%} against {peak_name} ({peak / 1e12:.3g} TFLOP/s); "
+                           f"nanoGPT's 6N + 12LdT: {nano:.1%}; {dtype} compute")
+
+
+def harness_matmul_flops(dtype: str, size: int = 2048) -> float:
+  import jax.numpy as jnp
+  a = jnp.ones((size, size), getattr(jnp, dtype))
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  reps = 2
+  while True:
+    start = time.perf_counter()
+    for _ in range(reps):
+      out = f(a)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    if seconds > 0.5:
+      return reps * 2 * size ** 3 / seconds
+    reps *= 2
+
+
+def time_to_loss(name: str, text: str, target: float) -> dict:
+  """Wall clock from launching the run to its first validation loss <= target, evaluations included."""
+  if not text:
+    raise Unavailable("tiny Shakespeare is not on this machine: pass --text=input.txt")
+  file, _, variant = name.partition(":")
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = Path(tmp) / "run"
+    launched = _main([f"--config=configs/{file}.py" + (f":{variant}" if variant else ""), f"--workdir={workdir}",
+                      f"--config.data.path={text}"], {"BIGMODEL_JAX_CACHE_DIR": str(Path(tmp) / "cache")},
+                     timeout=1800)
+    records = _records(workdir)
+  validation = [r for r in records if r["split"] == "validation"]
+  reached = next((r for r in validation if r["loss"] <= target), None)
+  best = min(r["loss"] for r in validation)
+  total = max(r["time"] for r in records) - launched
+  value = reached["time"] - launched if reached else total
+  return harness.row("nanogpt_shakespeare_char", name, f"wall clock to validation loss <= {target}", "s",
+                     "time.time() at the first validation record at or below the target - launch", [value],
+                     target="<= 60 s", meets=reached is not None and value <= 60,
+                     notes=f"best validation loss {best:.4f}" + ("" if reached else " (target not reached: the value "
+                                                                  "is the whole run)"))

@@ -1,0 +1,45 @@
+"""Model FLOPs and hardware peaks: MFU in the run logs (language models) and in benchmarks/.
+
+FLOPs per token of a decoder LM (forward + backward): 6N + 6·L·d·T, N the parameters without the position table
+(nanoGPT's get_num_params), L layers, d dims, T the window — the matmul work of causal attention counted once (its
+upper triangle is masked); nanoGPT's and PaLM's estimate counts it in full, 6N + 12·L·d·T.
+"""
+
+# dense peak TFLOP/s by device kind (a substring of jax's device_kind) and compute dtype; "float32" on GPUs is TF32,
+# which XLA uses for float32 matmuls there by default. Unknown devices: throughput only, no MFU.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Dense peak FLOP/s of one device of this kind in this compute dtype, or None when not known."""
+  for name, peaks in PEAK_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peaks.get(dtype, peaks["float32"]) * 1e12
+  return None
+
+
+def lm_flops_per_token(num_params: int, position_params: int, layers: int, dim: int, window: int,
+                       attention: int = 6) -> float:
+  """Training FLOPs per token: 6N + attention·L·d·T (attention 6: causal, counted once; 12: nanoGPT's)."""
+  return 6 * (num_params - position_params) + attention * layers * dim * window
+
+
+def gpt_flops_per_token(model_config, params, window: int, attention: int = 6) -> float | None:
+  """lm_flops_per_token of a `gpt` model's parameter tree (None for other models)."""
+  if model_config.name != "gpt":
+    return None
+  import jax
+  import numpy as np
+  sizes = [(jax.tree_util.keystr(path), int(np.prod(x.shape))) for path, x in jax.tree_util.tree_leaves_with_path(params)]
+  positions = sum(n for path, n in sizes if "pos_embed" in path)  # learned positions (rotary: none)
+  return lm_flops_per_token(sum(n for _, n in sizes), positions, model_config.num_layers, model_config.embed_dim,
+                            window, attention)
