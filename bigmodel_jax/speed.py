@@ -43,3 +43,25 @@ def gpt_flops_per_token(model_config, params, window: int, attention: int = 6) -
   positions = sum(n for path, n in sizes if "pos_embed" in path)  # learned positions (rotary: none)
   return lm_flops_per_token(sum(n for _, n in sizes), positions, model_config.num_layers, model_config.embed_dim,
                             window, attention)
+
+
+def run_rates(config, dataset, params):
+  """What a training run adds to each train log record: for a `gpt`, model TFLOP/s (6N + 6LdT per token) and,
+  on a device in PEAK_TFLOPS, MFU; for images, images/s. -> a function summary -> summary (updated)."""
+  import jax
+  flops = gpt_flops_per_token(config.model, params, dataset.input_shape[0]) if dataset.is_text else None
+  peak = peak_flops(jax.devices()[0].device_kind, config.train.get("dtype", "float32"))
+  peak = peak * jax.device_count() if peak else None
+  image = dataset.kind == "image"
+
+  def add(summary: dict) -> dict:
+    if flops and "tokens_per_s" in summary:
+      achieved = summary["tokens_per_s"] * flops
+      summary["model_tflops_per_s"] = achieved / 1e12
+      if peak:
+        summary["mfu"] = achieved / peak
+    if image:
+      summary["images_per_s"] = summary["examples_per_s"]
+    return summary
+
+  return add

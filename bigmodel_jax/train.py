@@ -20,7 +20,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
-from bigmodel_jax import distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, runinfo
+from bigmodel_jax import (distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, runinfo,
+                          speed)
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, UserError
@@ -253,6 +254,7 @@ def _train(run: Run) -> dict:
                        for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
+  add_rates = speed.run_rates(config, run.dataset, run.steps.abstract_state.params)  # MFU, images/s
   evaluated: dict[str, tuple[int, dict]] = {}  # evaluator name -> (step, metrics) of its latest evaluation
 
   def run_evaluator(e, step, plain_state):
@@ -268,8 +270,8 @@ def _train(run: Run) -> dict:
       return
     check_finite(fetched, run.checkpointer)
     now = time.perf_counter()
-    summary = summarize(fetched, now - train_metrics.window_start, config.data.batch_size,
-                        run.dataset.input_shape[0] if run.dataset.is_text else 0)
+    summary = add_rates(summarize(fetched, now - train_metrics.window_start, config.data.batch_size,
+                                  run.dataset.input_shape[0] if run.dataset.is_text else 0))
     train_metrics.window_start = now
     run.writer.write(fetched[-1][0], "train", summary)
     progress.report(fetched[-1][0], summary, summary["steps_per_s"])

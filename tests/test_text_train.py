@@ -83,6 +83,15 @@ def test_gpt_smoke_learns_tiny_shakespeare(gpt_run):
   assert tests[1]["loss"] < tests[0]["loss"] and tests[1]["loss"] == final["loss"]
   tokenizer = json.loads((gpt_run / "tokenizer" / "tokenizer.json").read_text())
   assert tokenizer["name"] == "char" and tokenizer["vocab_size"] == 67
+  train = [r for r in read_jsonl(gpt_run / "metrics.jsonl") if r["split"] == "train"]
+  config = json.loads((gpt_run / "config.json").read_text())
+  m = config["model"]
+  positions = m["max_len"] * m["embed_dim"] if m["positions"] == "learned" else 0  # the position table
+  for r in train:  # model FLOP/s from tokens/s by 6N + 6LdT; MFU only on devices with a known peak (not a CPU)
+    flops = r["model_tflops_per_s"] * 1e12 / r["tokens_per_s"]
+    n = (flops - 6 * m["num_layers"] * m["embed_dim"] * config["data"]["seq_len"]) / 6
+    assert n == pytest.approx(record["num_params"] - positions, rel=1e-5)
+    assert "mfu" not in r  # a CPU has no known peak: throughput only
   assert tokenizer["chars"] == "".join(sorted(set(TINY.read_text())))
 
 

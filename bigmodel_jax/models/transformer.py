@@ -70,13 +70,32 @@ def rotary(x_BxTxHxD: jax.Array, positions_T: jax.Array, base: float = 10000.0) 
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxTxHxD.dtype)
 
 
+def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
+  """softmax(q k^T / sqrt(Dh)) v written out, for dropout on the attention probabilities (`drop`, as nanoGPT's
+  attn_dropout), which jax.nn.dot_product_attention has no place for. q: B x T x H x Dh, k/v: B x S x H x Dh,
+  mask broadcastable to B x H x T x S (True: attend)."""
+  logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if is_causal:
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+    mask = causal if mask is None else mask & causal
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if drop is not None:
+    probs = drop(probs)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused QKV projection."""
+  """Multi-head self-attention with a fused QKV projection; `dropout_rate` > 0 drops attention probabilities in
+  training (the written-out path, `attention`); otherwise, and always in evaluation and decoding, the fused
+  jax.nn.dot_product_attention."""
 
   def __init__(self, dim: int, num_heads: int, *, rotary_positions: bool, use_bias: bool, out_std: float,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, dropout_rate: float = 0.0):
     self.num_heads, self.head_dim = num_heads, dim // num_heads
     self.rotary = rotary_positions
+    self.dropout = Dropout(dropout_rate)
     init = nnx.initializers.normal(0.02)
     self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=use_bias, kernel_init=init,
                                  kernel_metadata=axes("embed", None, "heads", "head_dim"),
@@ -86,7 +105,8 @@ class Attention(nnx.Module):
                                  kernel_metadata=axes("heads", "head_dim", "embed"), bias_metadata=axes("embed"),
                                  rngs=rngs)
 
-  def __call__(self, x_BxTxD, *, positions_T, mask=None, is_causal=False, cache=None, index=None):
+  def __call__(self, x_BxTxD, *, positions_T, mask=None, is_causal=False, cache=None, index=None, train=False,
+               rngs=None):
     """-> (output, cache). With a cache, keys/values of these T positions are written at `index` and the
     queries attend to every cached position up to their own."""
     q, k, v = jnp.moveaxis(self.qkv(x_BxTxD), 2, 0)  # each B x T x H x Dh
@@ -98,7 +118,11 @@ class Attention(nnx.Module):
       cache = {"k": k, "v": v}
       mask = (jnp.arange(k.shape[1])[None, :] <= positions_T[:, None])[None, None]  # 1 x 1 x T x S
       is_causal = False
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    if train and self.dropout.rate > 0:
+      out = attention(q, k, v, mask=mask, is_causal=is_causal,
+                      drop=partial(self.dropout, deterministic=False, rngs=rngs))
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     return self.out(out), cache
 
 
@@ -125,19 +149,20 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rotary_positions: bool, use_bias: bool,
                dropout_rate: float, num_layers: int, rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5,
-               gelu: str = "tanh"):
+               gelu: str = "tanh", attention_dropout_rate: float = 0.0):
     out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
     self.post_norm = NORMS.get(norm) == "post"
     self.ln1 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
     self.attn = Attention(dim, num_heads, rotary_positions=rotary_positions, use_bias=use_bias, out_std=out_std,
-                          rngs=rngs)
+                          rngs=rngs, dropout_rate=attention_dropout_rate)
     self.ln2 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
     self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs, gelu=gelu)
     self.dropout = Dropout(dropout_rate)
 
   def __call__(self, x, *, positions_T, train, rngs, mask=None, is_causal=False, cache=None, index=None):
     drop = partial(self.dropout, deterministic=not train, rngs=rngs)
-    attend = partial(self.attn, positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache, index=index)
+    attend = partial(self.attn, positions_T=positions_T, mask=mask, is_causal=is_causal, cache=cache, index=index,
+                     train=train, rngs=rngs)
     if self.post_norm:
       h, cache = attend(x)
       x = self.ln1(x + drop(h))
@@ -170,7 +195,7 @@ class Trunk(nnx.Module):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
                mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, remat: str, scan_layers: bool,
                rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh",
-               embed_norm: bool = False, type_vocab_size: int = 0):
+               embed_norm: bool = False, type_vocab_size: int = 0, attention_dropout_rate: float = 0.0):
     require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
                      max_len=max_len)
     POSITIONS.get(positions)
@@ -188,6 +213,9 @@ class Trunk(nnx.Module):
       raise UserError(f"config.model.embed_dim: rotary positions need an even head size, got "
                       f"{embed_dim}/{num_heads} = {embed_dim // num_heads}")
     self.max_len, self.num_layers, self.remat, self.scan_layers = max_len, num_layers, remat, bool(scan_layers)
+    if not 0 <= attention_dropout_rate < 1:
+      raise UserError(f"config.model.attention_dropout_rate: must be in [0, 1), got {attention_dropout_rate!r}")
+    self.attention_dropout_rate = float(attention_dropout_rate)
     # vocab_size 0: no token embedding; the caller embeds its inputs (ViT's patches) before embed_tokens
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
                            embedding_metadata=axes("vocab", "embed"), rngs=rngs) if vocab_size else None
@@ -197,7 +225,8 @@ class Trunk(nnx.Module):
     # scanned blocks are built one by one as the loop does, then stacked: the same initial values
     blocks = [Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary", use_bias=use_bias,
                     dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs, norm=norm,
-                    layer_norm_eps=layer_norm_eps, gelu=gelu) for _ in range(num_layers)]
+                    layer_norm_eps=layer_norm_eps, gelu=gelu, attention_dropout_rate=attention_dropout_rate)
+              for _ in range(num_layers)]
     self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.ln_f = layer_norm(embed_dim, use_bias, rngs, layer_norm_eps) if norm == "pre" else None
     # made after everything above, so the defaults (neither) draw the same initial values as before they existed
@@ -222,7 +251,8 @@ class Trunk(nnx.Module):
     layer axis with scanned layers (GPT.init_cache makes either)."""
     x = self.dropout(x_BxTxD, deterministic=not train, rngs=rngs)
     # one key for every block, layer i folding in i: the same masks looped, scanned or rematerialised
-    key = rngs.dropout() if train and self.dropout.rate > 0 and rngs is not None else None  # B keys
+    drops = self.dropout.rate > 0 or self.attention_dropout_rate > 0
+    key = rngs.dropout() if train and drops and rngs is not None else None  # B keys
     layer_key = lambda i: None if key is None else fold_in(key, i)
     apply = partial(_apply_block, train=train, is_causal=is_causal, index=index)
     policy = REMAT_POLICIES.get(self.remat) if train and cache is None else None  # decoding needs no backward pass
@@ -266,13 +296,14 @@ class GPT(nnx.Module):
                positions: str = "learned", tie_embeddings: bool = True, dropout_rate: float = 0.0,
                use_bias: bool = False, remat: str = "none", scan_layers: bool = False,
                norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
-               type_vocab_size: int = 0):
+               type_vocab_size: int = 0, attention_dropout_rate: float = 0.0):
     _check_text("gpt", vocab_size, input_shape, max_len)
     self.max_len = max_len
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
                        use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs, norm=norm,
-                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size)
+                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size,
+                       attention_dropout_rate=attention_dropout_rate)
     self.head = None if tie_embeddings else nnx.Linear(
         embed_dim, num_outputs, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
         kernel_metadata=axes("embed", "vocab"), rngs=rngs)

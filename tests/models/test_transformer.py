@@ -496,3 +496,36 @@ def test_bad_model_fields_are_user_errors(cls, fields, needles):
   assert "\n" not in message
   for needle in needles:
     assert needle in message, (needle, message)
+
+
+# --- attention dropout (nanoGPT's attn_dropout) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_written_out_attention_equals_the_fused_one(causal):
+  from bigmodel_jax.models.transformer import attention
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 9, 2, 8)), jnp.float32) for _ in range(3))
+  mask = None if causal else jnp.asarray(rng.random((3, 1, 1, 9)) < 0.7).at[:, :, :, 0].set(True)
+  ours = attention(q, k, v, mask=mask, is_causal=causal)
+  fused = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  # a softmax over 9 keys and two dot products of 8: a few dozen roundings of values of this scale
+  np.testing.assert_allclose(ours, fused, atol=tolerance(fused, 2 * 8 + 2 * 9 + 8), rtol=0)
+
+
+def test_attention_dropout_drops_probabilities_in_training_only():
+  from bigmodel_jax.models.layers import ExampleRngs
+  fields = dict(input_shape=(MAX_LEN,), num_outputs=VOCAB, vocab_size=VOCAB, num_layers=2, num_heads=2,
+                embed_dim=16, max_len=MAX_LEN)
+  plain, dropped = build(GPT, **fields), build(GPT, **fields, attention_dropout_rate=0.5)
+  x = tokens((2, MAX_LEN))
+  np.testing.assert_array_equal(dropped(x, train=False), plain(x, train=False))  # evaluation: the fused path
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  train = dropped(x, train=True, rngs=ExampleRngs(keys))
+  assert np.array_equal(train, dropped(x, train=True, rngs=ExampleRngs(keys)))  # the example keys decide
+  assert not np.allclose(train, plain(x, train=True, rngs=ExampleRngs(keys)))  # rate 0 draws nothing: the eval output
+  np.testing.assert_array_equal(plain(x, train=True, rngs=ExampleRngs(keys)), plain(x, train=False))
+  # each example's masks come from its own key: the first row alone gives the same logits
+  np.testing.assert_allclose(dropped(x[:1], train=True, rngs=ExampleRngs(keys[:1])), train[:1], rtol=0,
+                             atol=tolerance(train, transformer_depth()))
+  with pytest.raises(UserError, match="config.model.attention_dropout_rate"):
+    GPT(rngs=nnx.Rngs(0), **fields, attention_dropout_rate=1.0)
