@@ -30,7 +30,7 @@ _OUT = flags.DEFINE_string("out", "", "Where the JSON goes (default benchmarks/r
 _ONLY = flags.DEFINE_list("only", [], "Run only these benchmarks of the suite (names as in the table).")
 _TEXT = flags.DEFINE_string("text", "", "tiny Shakespeare's input.txt for the language-model rows (default: the "
                             "shared copy beside the checkout where there is one, else fetched).")
-_REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (default: 5 full, 2 tiny).")
+_REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (default: 3 full, 2 tiny).")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -39,12 +39,14 @@ SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 def suite(name: str, size: str, text: str, repeats: int) -> dict:
   """{benchmark name: a function -> list of rows}, in the order they run."""
   tiny = size == "tiny"
-  steps = 40 if tiny else 600
+  # steps per measurement: about 5-15 s of each loop on 2 CPU cores
+  steps = (lambda c: 40) if tiny else {"digits_mlp": 1000, "mnist_mlp": 600, "mnist_cnn": 300,
+                                       "shakespeare_char_gpt:cpu": 120}.get
   if name == "cpu":
     overhead = ["digits_mlp"] if tiny else ["digits_mlp", "mnist_mlp", "mnist_cnn"]
     return {
-        "host_overhead": lambda: [measures.host_overhead(c, steps, repeats) for c in overhead],
-        "input_pipeline": lambda: [measures.input_pipeline(c, steps, repeats, text)
+        "host_overhead": lambda: [measures.host_overhead(c, steps(c), repeats) for c in overhead],
+        "input_pipeline": lambda: [measures.input_pipeline(c, steps(c), repeats, text)
                                    for c in (["digits_mlp"] if tiny else ["mnist_cnn", "shakespeare_char_gpt:cpu"])],
         "time_to_first_step": lambda: measures.time_to_first_step("digits_mlp:smoke" if tiny else "mnist_cnn:smoke",
                                                                   repeats=1 if tiny else 2),
@@ -57,14 +59,15 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
       "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
       "nanogpt_shakespeare_char": lambda: [measures.time_to_loss("shakespeare_char_gpt:smoke" if tiny else
                                                                  "shakespeare_char_gpt", text, 1.47)],
-      "host_overhead": lambda: [measures.host_overhead("mnist_cnn" if not tiny else "digits_mlp", steps, repeats)],
+      "host_overhead": lambda: [measures.host_overhead(c, steps(c) * (1 if tiny else 10), repeats)
+                                for c in (["digits_mlp"] if tiny else ["mnist_cnn"])],
   }
 
 
 def main(argv):
   del argv
   size, name = _SIZE.value, _SUITE.value
-  repeats = _REPEATS.value or (2 if size == "tiny" else 5)
+  repeats = _REPEATS.value or (2 if size == "tiny" else 3)
   text = _TEXT.value or (str(SHARED_TEXT) if SHARED_TEXT.is_file() else "")
   benchmarks = suite(name, size, text, repeats)
   unknown = [b for b in _ONLY.value if b not in benchmarks]
@@ -88,7 +91,8 @@ def main(argv):
     made = [r for group in made for r in (group if isinstance(group, list) else [group])]
     rows += made
     print("\n".join(harness.table(made)[2:]) + f"   [{time.perf_counter() - start:.0f} s]", flush=True)
-  data = {"suite": name, "size": size, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  data = {"suite": name, "size": size, "date": now,
           "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "context": ctx, "rows": rows,
           "unmeasured": unmeasured}
   out = Path(_OUT.value) if _OUT.value else harness.RESULTS_DIR / f"{name}.json"

@@ -238,6 +238,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "must be >= 0"),
     ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
     ("data.train_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]: the share of the training split to train on"),
+    ("task.mask_rate", lambda v: 0 < v < 1, "must be in (0, 1): the share of tokens masked (BERT: 0.15)"),
     ("train.early_stopping.patience", lambda v: v >= 0, "must be >= 0 (evaluations without improvement; 0: off)"),
     ("train.early_stopping.min_delta", lambda v: v >= 0, "must be >= 0"),
     ("data.batch_size", lambda v: v > 0, "must be > 0"),

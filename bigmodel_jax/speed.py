@@ -39,7 +39,8 @@ def gpt_flops_per_token(model_config, params, window: int, attention: int = 6) -
     return None
   import jax
   import numpy as np
-  sizes = [(jax.tree_util.keystr(path), int(np.prod(x.shape))) for path, x in jax.tree_util.tree_leaves_with_path(params)]
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  sizes = [(jax.tree_util.keystr(path), int(np.prod(x.shape))) for path, x in leaves]
   positions = sum(n for path, n in sizes if "pos_embed" in path)  # learned positions (rotary: none)
   return lm_flops_per_token(sum(n for _, n in sizes), positions, model_config.num_layers, model_config.embed_dim,
                             window, attention)

@@ -103,6 +103,10 @@ class Dataset:
     if "tokens" in self.train:
       keep = int(n * fraction)
       train = {"tokens": self.train["tokens"][:keep]}
+      window = self.input_shape[0] + 1 if self.eval_splits else 1
+      if keep < window:
+        raise UserError(f"config.data.train_fraction: {fraction} of the {n} training tokens of {self.name} keeps "
+                        f"{keep}, fewer than one window of data.seq_len + 1 = {window}; raise it")
     else:
       keep = int(round(n * fraction))
       rows = np.sort(np.random.default_rng(TRAIN_FRACTION_SEED).permutation(n)[:keep])

@@ -6,12 +6,13 @@ attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention w
 learned or rotary positions. Options for weights converted from other codebases (bigmodel_jax.convert), each
 default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
 LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
-after the embeddings) and `type_vocab_size` (BERT's token-type table; every token has type 0). Every parameter carries logical axis names (`out_sharding` metadata,
-read with `nnx.get_partition_spec`), so a rules table can map them onto mesh axes without model code
-mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads,
-head_dim, mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention weights get
-no dropout (jax.nn.dot_product_attention has none, and keeping it lets cuDNN's fused kernel run); residual
-and embedding dropout do apply.
+after the embeddings), `type_vocab_size` (BERT's token-type table; every token has type 0) and
+`attention_dropout_rate` (nanoGPT's dropout on the attention probabilities). Every parameter carries logical
+axis names (`out_sharding` metadata, read with `nnx.get_partition_spec`), so a rules table can map them onto mesh
+axes without model code mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads, head_dim,
+mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention probabilities get dropout
+only with attention_dropout_rate > 0, in training, through the written-out `attention` (jax.nn.dot_product_attention
+has none); at 0, and always in evaluation and decoding, the fused kernel runs (cuDNN's where it applies).
 
 Depth: `remat` recomputes each block in the backward pass instead of keeping its activations (a
 REMAT_POLICIES name), and `scan_layers` stores the blocks stacked (parameters `trunk.blocks.attn.qkv.kernel`

@@ -22,6 +22,16 @@ from bigmodel_jax.registry import Registry, import_submodules
 TASKS: Registry = Registry("task", "config.task.name")
 
 
+def require_padding_0(dataset, task: str) -> None:
+  """Text rows are padded with the tokenizer's pad id, and the encoders (and masked LM selection) take id 0 as
+  padding: a tokenizer that pads with another id (gpt2_bpe: <|endoftext|>; its id 0 is "!") would mask real text."""
+  pad = getattr(dataset.tokenizer, "pad_id", 0)
+  if pad != 0:
+    raise UserError(f"config.data.tokenizer.name: {task!r} on {dataset.name} needs padding id 0 (the encoders' "
+                    f"padding mask), but the {dataset.tokenizer.name} tokenizer pads with id {pad}; use char, byte, "
+                    "sentencepiece or bert_wordpiece")
+
+
 class Task(abc.ABC):
   """What the machinery needs of any task; SupervisedTask fills in the update for one loss on one output."""
   metric_names: tuple[str, ...] = ()

@@ -7,7 +7,7 @@ import optax
 
 from bigmodel_jax import metrics
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS, SupervisedTask
+from bigmodel_jax.tasks import SupervisedTask, TASKS, require_padding_0
 
 
 @TASKS.register("classification")
@@ -19,6 +19,8 @@ class Classification(SupervisedTask):
       kind, task = (("a text corpus", "language_modeling") if dataset.is_token_stream else ("a regression set", "regression"))
       raise UserError(f"config.task.name: 'classification' needs a labelled dataset; "
                       f"{dataset.name!r} is {kind} (use task {task!r})")
+    if dataset.kind == "text":
+      require_padding_0(dataset, "classification")
     self.num_classes = dataset.num_classes
     self.label_smoothing = config.task.get("label_smoothing", 0.0)
 

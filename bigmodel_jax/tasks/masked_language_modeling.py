@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.tasks import TASKS, SupervisedTask, Task
+from bigmodel_jax.tasks import TASKS, SupervisedTask, Task, require_padding_0
 
 EVAL_SEED = 0  # the evaluation selection: fold_in(PRNGKey(EVAL_SEED), index of the example in its split)
 
@@ -34,6 +34,7 @@ class MaskedLanguageModeling(Task):
     if mask_id is None:
       raise UserError("config.data.tokenizer.mask_token: masked language modelling needs a [MASK] id; use "
                       "--config.data.tokenizer.name=sentencepiece --config.data.tokenizer.mask_token=True")
+    require_padding_0(dataset, "masked_language_modeling")
     t = config.task
     self.mask_rate = float(t.get("mask_rate", 0.15))
     self.mask_id = mask_id

@@ -196,3 +196,26 @@ def test_pretraining_without_a_mask_piece_is_one_line(cli, tmp_path):
   lines = error_lines(proc.stderr)
   assert proc.returncode == 2 and len(lines) == 1 and "config.data.tokenizer.mask_token" in lines[0], proc.stderr
   assert not (workdir / "checkpoints").exists()
+
+
+def test_bad_mask_rate_padding_and_fraction_are_one_line(tokenizer):
+  from bigmodel_jax import config as config_lib
+  for rate in (0.0, -0.1, 1.0, 1.5):
+    c = base_config()
+    c.task.mask_rate = rate
+    with pytest.raises(UserError, match=r"config.task.mask_rate: .*must be in \(0, 1\)"):
+      config_lib.validate_fields(c)
+  # a tokenizer that pads with another id than 0 (GPT-2's byte-level BPE pads with <|endoftext|>)
+  other = types.SimpleNamespace(name="gpt2_bpe", pad_id=50256, mask_id=3, special_ids=(50256,), vocab_size=50257)
+  with pytest.raises(UserError, match="config.data.tokenizer.name: .*pads with id 50256"):
+    MaskedLanguageModeling(CONFIG, dataset(other))
+  from bigmodel_jax.tasks.classification import Classification
+  labelled = types.SimpleNamespace(**vars(dataset(other)), num_classes=2, is_token_stream=False)
+  with pytest.raises(UserError, match="'classification' on docs needs padding id 0"):
+    Classification(CONFIG, labelled)
+  windows = {"inputs": np.ones((4, 32), np.int32), "targets": np.ones((4, 32), np.int32),
+             "token_mask": np.ones((4, 32), np.float32)}
+  stream = Dataset("stream", {"tokens": np.arange(1000)}, None, "lm", validation=windows)
+  assert stream.take_train_fraction(0.033).num_examples("train") == 33  # one window of 32 + 1
+  with pytest.raises(UserError, match="config.data.train_fraction: 0.03 .* keeps 30, fewer than one window"):
+    stream.take_train_fraction(0.03)
