@@ -311,3 +311,76 @@ def time_to_loss(name: str, text: str, target: float) -> dict:
                      target="<= 60 s", meets=reached is not None and value <= 60,
                      notes=f"best validation loss {best:.4f}" + ("" if reached else " (target not reached: the value "
                                                                   "is the whole run)"))
+
+
+def vs_pytorch(name: str, steps: int, repeats: int) -> list[dict]:
+  """Our compiled step fed by our pipeline vs the same CNN, batch, optimizer (Adam) and batches in PyTorch, eager
+  and torch.compile, alternating in this process with the same thread count (torch.set_num_threads = the cores
+  XLA's CPU client uses). The CNN is configs/mnist_cnn.py's: Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10."""
+  try:
+    import torch
+  except ImportError:
+    raise Unavailable("PyTorch is not installed (benchmark-only: pip install torch==2.13.0)") from None
+  from torch import nn
+  torch.set_num_threads(os.cpu_count())
+  with tempfile.TemporaryDirectory() as tmp:
+    run = _bare_run(load(name), Path(tmp) / "run", steps)
+    m = run.config.model
+    if m.name != "cnn" or tuple(m.conv_features) != (32, 64, 64) or m.pool_after != 2:
+      raise ValueError(f"vs_pytorch: {name} is not the seed CNN this benchmark builds in PyTorch")
+    layout, state = run.steps.layout, [run.steps.layout.place(run.steps.init())]
+    host = list(itertools.islice(_batches(run, steps), steps))
+    compile_s = _compile_s(run, state, layout.train_batch(host[0]))
+    h, w, c = run.dataset.input_shape
+
+    def ours():
+      batches = iter(host)
+      return _step_rate(run, state, lambda: layout.train_batch(next(batches)), steps)
+
+    side = ((h - 2) // 2 - 2) // 2 - 2
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * side * side, 64),
+                        nn.ReLU(), nn.Linear(64, run.dataset.num_classes))
+    optimizer = torch.optim.Adam(net.parameters(), lr=run.config.optimizer.learning_rate)
+    tensors = [(torch.from_numpy(b["inputs"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(b["targets"]).long())
+               for b in host]
+
+    def torch_step(forward):
+      def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+      return step
+
+    variants = {"PyTorch eager": torch_step(net)}
+    compiled = torch.compile(net)
+    start = time.perf_counter()
+    torch_step(compiled)(*tensors[0])
+    torch_compile_s = time.perf_counter() - start
+    variants["torch.compile"] = torch_step(compiled)
+
+    def torch_rate(step):
+      def measure():
+        step(*tensors[0])
+        start = time.perf_counter()
+        for x, y in tensors[1:]:
+          step(x, y)
+        return (len(tensors) - 1) / (time.perf_counter() - start)
+      return measure
+
+    rows = []
+    for variant, step in variants.items():
+      our_rates, their_rates = harness.alternate(ours, torch_rate(step), repeats)
+      ratios = [a / b for a, b in zip(our_rates, their_rates)]
+      rows.append(harness.row("vs_pytorch", name, f"our step vs {variant}", "steps/s",
+                              "steps after the first / seconds, same batches; ratio = ours / PyTorch per round",
+                              our_rates, compile_s=compile_s, reference=(variant, their_rates), ratios=ratios,
+                              target=">= 1.0x", meets=harness.summary(ratios)["median"] >= 1.0,
+                              notes=f"torch {torch.__version__}, {torch.get_num_threads()} threads" +
+                                    (f", torch.compile {torch_compile_s:.0f} s" if variant == "torch.compile" else "")))
+    run.checkpointer.close()
+    run.writer.close()
+  return rows

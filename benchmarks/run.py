@@ -54,6 +54,8 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
                                      for c in (["shakespeare_char_gpt:smoke"] if tiny
                                                else ["shakespeare_char_gpt:cpu", "shakespeare_char_gpt"])],
         "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "cpu", 5 if tiny else 30)],
+        "vs_pytorch": lambda: measures.vs_pytorch("mnist_cnn:smoke" if tiny else "mnist_cnn", 20 if tiny else 300,
+                                                  repeats),
     }
   return {
       "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
