@@ -5,16 +5,17 @@
     python -m bigmodel_jax.convert run-to-hf --workdir=RUN --dst=HF_DIR [--step=N]
 
 hf-to-run reads what `save_pretrained` writes (config.json + model.safetensors, or its shards and index) and the
-tokenizer files beside it (GPT-2: vocab.json + merges.txt or tokenizer.json; BERT: vocab.txt), and makes RUN a run
-like any trained one: config.json (our config generated from theirs: hf_weights.py says what maps to what), the
-tokenizer in RUN/tokenizer/, model.json, and a checkpoint at step 0 written by the codebase's own Checkpointer from
-its own TrainState. So --mode=sample / export / serve / quantize work on it, and a fine-tuning run starts from it
-with --config.init.workdir=RUN (init_from.py; the new run takes RUN's tokenizer). RUN/hf_config.json keeps the
-model's own config.json, which run-to-hf writes back with our fields in it.
+tokenizer files beside it (GPT-2: vocab.json + merges.txt or tokenizer.json; BERT: vocab.txt or tokenizer.json),
+and makes RUN a run like any trained one: config.json (our config generated from theirs: hf_weights.py says what
+maps to what), the tokenizer in RUN/tokenizer/, model.json, and a checkpoint at step 0 written by the codebase's
+own Checkpointer from its own TrainState. So --mode=sample / export / serve / quantize work on it, and a
+fine-tuning run starts from it with --config.init.workdir=RUN (init_from.py; the new run takes RUN's tokenizer).
+RUN/hf_config.json keeps the model's own config.json, which run-to-hf writes back with our fields in it.
 
 run-to-hf writes a `gpt` run as GPT2LMHeadModel and an `encoder_mlm` run as BertForMaskedLM: config.json,
-model.safetensors (float32, tied weights not stored, as transformers 5 saves) and the tokenizer files, loadable by
-transformers' from_pretrained. Both ways need numpy and safetensors only (not torch or transformers).
+model.safetensors (float32, tied weights not stored, as transformers 5 saves; a scan_layers run's stacked blocks
+unstacked) and the tokenizer files, loadable by transformers' from_pretrained. Both ways need numpy and
+safetensors only (not torch or transformers).
 
 Bad input is one line and exit 2, and nothing is written into the target: everything is built in a staging
 directory beside it, renamed into place when complete.
@@ -102,7 +103,7 @@ def read_tensors(src: Path) -> dict:
 def read_tokenizer(model: str, src: Path):
   tokenizer = _tokenizer_module(model).from_hf_dir(src)
   if tokenizer is None:
-    files = "vocab.json + merges.txt, or tokenizer.json" if model == "gpt2" else "vocab.txt"
+    files = "vocab.json + merges.txt, or tokenizer.json" if model == "gpt2" else "vocab.txt, or tokenizer.json"
     raise UserError(f"--src: {src} has no tokenizer files ({files}); copy the model's own there: the run reads and "
                     "writes text with its ids" + (" and masks with its [MASK] id" if model == "bert" else ""))
   return tokenizer
@@ -122,16 +123,27 @@ def target_dir(path: Path, flag: str) -> Path:
 
 
 def staged(target: Path, build) -> None:
-  """build(staging_dir) beside `target`, then renamed into place: a failure leaves `target` as it was."""
+  """build(staging_dir) beside `target`, then renamed into place: a failure leaves `target` as it was, and
+  removes the parent directories made for it."""
+  created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
   target.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+  done = False
   try:
-    build(staging)
-    if target.is_dir():
-      target.rmdir()  # empty (target_dir checked)
-    os.replace(staging, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+    try:
+      build(staging)
+      if target.is_dir():
+        target.rmdir()  # empty (target_dir checked)
+      os.replace(staging, target)
+      done = True
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    for directory in created if not done else ():
+      try:
+        directory.rmdir()
+      except OSError:  # something else was put there meanwhile: leave it
+        break
 
 
 def run_config(model: str, fields: dict, tokenizer, seq_len: int, data_path: str = ""):
@@ -158,17 +170,19 @@ def hf_to_run(model: str, src: Path, workdir: Path, seq_len: int | None, data_pa
   src, workdir = src.expanduser().absolute(), target_dir(Path(workdir), "--workdir")
   hf, tensors, tokenizer = read_hf_dir(model, src)
   fields = hf_weights.model_fields(model, hf, str(src / "config.json"))
-  params = hf_weights.to_ours(model, fields, tensors, str(src / WEIGHTS))
+  vocab_size = hf_weights.config_vocab_size(hf, str(src / "config.json"))
+  params = hf_weights.to_ours(model, fields, tensors, str(src / WEIGHTS), vocab_size)
   rows = params["trunk.embed.embedding"].shape[0]
   if tokenizer.vocab_size != rows:
     raise UserError(f"--src: the tokenizer in {src} has {tokenizer.vocab_size} ids but the embedding has {rows} rows; "
                     "give the model's own tokenizer files")
-  seq_len = seq_len or min(fields["max_len"], 1024)
+  seq_len = min(fields["max_len"], 1024) if seq_len is None else seq_len
   if not 1 <= seq_len <= fields["max_len"]:
     raise UserError(f"--seq_len: {seq_len} must be between 1 and the model's {fields['max_len']} positions")
   if data_path and not Path(data_path).expanduser().is_file():
     raise UserError(f"--data_path: {data_path} is not a file; give a text file (or leave it out for tiny Shakespeare)")
-  config = run_config(model, fields, tokenizer, seq_len, str(Path(data_path).expanduser().absolute()) if data_path else "")
+  data_path = str(Path(data_path).expanduser().absolute()) if data_path else ""
+  config = run_config(model, fields, tokenizer, seq_len, data_path)
   config_lib.validate(config, training=False)
 
   def build(staging: Path):
@@ -239,7 +253,7 @@ def run_to_hf(workdir: Path, dst: Path, step: int | None) -> dict:
     from safetensors.numpy import save_file
     save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})  # transformers reads "pt" files
     (staging / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    written = write_hf_tokenizer(tokenizer, staging)
+    written = write_hf_tokenizer(tokenizer, staging, fields["max_len"])
     if not written:
       logging.warning("the run's %s tokenizer has no Hugging Face form: %s holds the weights and config only",
                       getattr(tokenizer, "name", None), dst)
@@ -248,16 +262,18 @@ def run_to_hf(workdir: Path, dst: Path, step: int | None) -> dict:
   return {"dst": str(dst), "step": restored, "model": model, "tensors": len(tensors)}
 
 
-def write_hf_tokenizer(tokenizer, directory: Path) -> bool:
-  """GPT-2's vocab.json + merges.txt or BERT's vocab.txt (+ tokenizer_config.json) where the run's tokenizer is
-  one of them -> whether it was."""
+def write_hf_tokenizer(tokenizer, directory: Path, max_len: int) -> bool:
+  """GPT-2's vocab.json + merges.txt or BERT's vocab.txt (+ tokenizer_config.json; model_max_length: the model's
+  positions) where the run's tokenizer is one of them -> whether it was."""
   name = getattr(tokenizer, "name", None)
   if name not in ("gpt2_bpe", "bert_wordpiece"):
     return False
   tokenizer.save(directory)
   (directory / "tokenizer.json").unlink()  # ours; transformers would read a file of that name as its own format
-  settings = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024} if name == "gpt2_bpe" else \
-      {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lower_case}
+  settings = {"tokenizer_class": "GPT2Tokenizer"} if name == "gpt2_bpe" else \
+      {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lower_case,
+       "strip_accents": tokenizer.strip_accents, "tokenize_chinese_chars": tokenizer.chinese_chars}
+  settings["model_max_length"] = int(max_len)
   (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
   return True
 

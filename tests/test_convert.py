@@ -37,21 +37,37 @@ def tolerance(reference, d: int) -> float:
   return float(np.finfo(np.float32).eps) * d * float(np.abs(reference).max())
 
 
+def perturbed(model, seed: int):
+  """Every parameter moved off its initial value (LayerNorm scales off 1, biases off 0), so a LayerNorm or bias
+  mapped to the wrong place changes the logits."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-  """A GPT2LMHeadModel with a byte-level BPE trained here, and a BertForMaskedLM with a small WordPiece vocab."""
+  """A GPT2LMHeadModel with a byte-level BPE trained here, and a BertForMaskedLM with a small WordPiece vocab;
+  gpt2_json and bert_json: the same models with only a tokenizer.json (bert_json's written by transformers 5's
+  save_pretrained, as its BERT directories are)."""
   root = tmp_path_factory.mktemp("hf")
   bpe = tokenizers.ByteLevelBPETokenizer()
   bpe.train_from_iterator([corpus()], vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
   gpt2 = root / "gpt2"
   gpt2.mkdir()
   bpe.save_model(str(gpt2))
+  gpt2_json = root / "gpt2_json"
+  gpt2_json.mkdir()
+  bpe.save(str(gpt2_json / "tokenizer.json"))
   vocab = len(json.loads((gpt2 / "vocab.json").read_text()))
   torch.manual_seed(0)
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
       n_layer=LAYERS, n_head=HEADS, n_embd=DIM, n_positions=POSITIONS, vocab_size=vocab, bos_token_id=vocab - 1,
       eos_token_id=vocab - 1)).eval()
-  model.save_pretrained(gpt2, safe_serialization=True)
+  perturbed(model, 10).save_pretrained(gpt2, safe_serialization=True)
+  model.save_pretrained(gpt2_json, safe_serialization=True)
   bert = root / "bert"
   words = sorted({w.strip(".,;:?'\n").lower() for w in WORDS} - {""})
   pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,;:?'—", *"abcdefghijklmnopqrstuvwxyz0123456789", *words,
@@ -62,8 +78,12 @@ def hf_dirs(tmp_path_factory):
   model = transformers.BertForMaskedLM(transformers.BertConfig(
       num_hidden_layers=LAYERS, num_attention_heads=HEADS, hidden_size=DIM, intermediate_size=4 * DIM,
       max_position_embeddings=POSITIONS, vocab_size=len(dict.fromkeys(pieces)))).eval()
-  model.save_pretrained(bert, safe_serialization=True)
-  return {"gpt2": gpt2, "bert": bert}
+  perturbed(model, 11).save_pretrained(bert, safe_serialization=True)
+  bert_json = root / "bert_json"
+  model.save_pretrained(bert_json, safe_serialization=True)
+  transformers.BertTokenizer.from_pretrained(bert).save_pretrained(bert_json)
+  assert not (bert_json / "vocab.txt").exists() and (bert_json / "tokenizer.json").is_file()
+  return {"gpt2": gpt2, "bert": bert, "gpt2_json": gpt2_json, "bert_json": bert_json}
 
 
 def env(cache_dir):
@@ -81,10 +101,10 @@ def convert(cache_dir):
 @pytest.fixture(scope="module")
 def runs(hf_dirs, convert, tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
-  for model, src in hf_dirs.items():
-    proc = convert("hf-to-run", f"--model={model}", f"--src={src}", f"--workdir={root / model}")
+  for model in ("gpt2", "bert"):
+    proc = convert("hf-to-run", f"--model={model}", f"--src={hf_dirs[model]}", f"--workdir={root / model}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-  return {m: root / m for m in hf_dirs}
+  return {m: root / m for m in ("gpt2", "bert")}
 
 
 def our_logits(workdir: Path, tokens: np.ndarray) -> np.ndarray:
@@ -139,24 +159,81 @@ def test_run_to_hf_round_trips(model, hf_dirs, runs, convert, tmp_path):
   cls = transformers.GPT2LMHeadModel if model == "gpt2" else transformers.BertForMaskedLM
   tokens = torch.as_tensor(np.random.default_rng(2).integers(5, 60, (2, 16)))
   with torch.no_grad():
-    assert torch.equal(cls.from_pretrained(dst).eval()(tokens).logits, cls.from_pretrained(hf_dirs[model]).eval()(tokens).logits)
+    assert torch.equal(cls.from_pretrained(dst).eval()(tokens).logits,
+                       cls.from_pretrained(hf_dirs[model]).eval()(tokens).logits)
   tokenizer = transformers.AutoTokenizer.from_pretrained(dst)  # the tokenizer files written beside the weights
   assert tokenizer.encode("the king", add_special_tokens=False) == \
       transformers.AutoTokenizer.from_pretrained(hf_dirs[model]).encode("the king", add_special_tokens=False)
+  assert tokenizer.model_max_length == POSITIONS
 
 
-def test_tokenizer_ids_equal_transformers(hf_dirs):
+def test_tokenizer_ids_equal_transformers(hf_dirs, tmp_path):
   from bigmodel_jax.data import bpe, wordpiece
+  from bigmodel_jax.data.tokenizers import load_tokenizer
   ours, theirs = bpe.from_hf_dir(hf_dirs["gpt2"]), transformers.GPT2Tokenizer.from_pretrained(hf_dirs["gpt2"])
-  texts = ["ROMEO: what's here?\n\n  I'll  go.  ", "naïve café 123 4567 — the<|endoftext|>king", "日本語😀\t\r\n x"]
+  texts = ["ROMEO: what's here?\n\n  I'll  go.  ", "naïve café 123 4567 — the<|endoftext|>king",
+           "日本語😀\t\r\n x"]
   for text in texts:
     ids = ours.encode(text)
     assert ids.tolist() == theirs.encode(text), text
     assert ours.decode(ids) == text.replace("<|endoftext|>", "")  # byte-level: lossless but for the pad (eos)
+  assert bpe.from_hf_dir(hf_dirs["gpt2_json"]).record() == ours.record()  # tokenizer.json: the same vocab and merges
+  texts = ["The King speaks; the QUEEN hears.", "Naïve café — peace?", "zzz 日 x", "the [MASK] speaks",
+           "[CLS] the king[SEP] [UNK] [PAD]", "[mask] the"]
   ours, theirs = wordpiece.from_hf_dir(hf_dirs["bert"]), transformers.BertTokenizer.from_pretrained(hf_dirs["bert"])
-  for text in ["The King speaks; the QUEEN hears.", "Naïve café — peace?", "zzz 日 x"]:
+  for text in texts:
     assert ours.encode(text).tolist() == theirs.encode(text, add_special_tokens=False), text
   assert ours.pad_id == 0 and ours.mask_id == theirs.mask_token_id
+  # uncased without stripping accents, and no CJK splitting: from tokenizer_config.json beside vocab.txt, and from
+  # the tokenizer.json save_pretrained writes; the saved and reloaded tokenizer behaves the same
+  texts += ["naïve café", "NAÏVE Café", "the日本king 日"]
+  for k, settings in enumerate([dict(strip_accents=False), dict(tokenize_chinese_chars=False),
+                                dict(do_lower_case=False, strip_accents=True)]):
+    theirs = transformers.BertTokenizer.from_pretrained(hf_dirs["bert"], **settings)
+    (tmp_path / f"txt{k}").mkdir()
+    (tmp_path / f"txt{k}" / "vocab.txt").write_text((hf_dirs["bert"] / "vocab.txt").read_text())
+    (tmp_path / f"txt{k}" / "tokenizer_config.json").write_text(json.dumps(settings))
+    theirs.save_pretrained(tmp_path / f"json{k}")
+    for source in (tmp_path / f"txt{k}", tmp_path / f"json{k}"):
+      ours = wordpiece.from_hf_dir(source)
+      ours.save(tmp_path / "saved")
+      reloaded = load_tokenizer(tmp_path / "saved")
+      for text in texts:
+        expected = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text).tolist() == reloaded.encode(text).tolist() == expected, (settings, source, text)
+
+
+def test_bert_with_only_tokenizer_json_converts(hf_dirs, runs, convert, tmp_path):
+  """transformers 5's save_pretrained writes BERT's tokenizer as tokenizer.json alone (no vocab.txt)."""
+  from bigmodel_jax.data.tokenizers import load_tokenizer
+  proc = convert("hf-to-run", "--model=bert", f"--src={hf_dirs['bert_json']}", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ours, theirs = load_tokenizer(tmp_path / "run" / "tokenizer"), transformers.AutoTokenizer.from_pretrained(
+      hf_dirs["bert_json"])
+  for text in ["The King speaks; the QUEEN hears.", "Naïve café — the [MASK] speaks?", "zzz 日 x"]:
+    assert ours.encode(text).tolist() == theirs.encode(text, add_special_tokens=False), text
+  assert ours.record() == load_tokenizer(runs["bert"] / "tokenizer").record()  # as from vocab.txt
+
+
+def test_scanned_run_to_hf(cli, convert, tmp_path):
+  """A run with config.model.scan_layers (blocks stacked) is written per layer: transformers' logits are ours."""
+  text = tmp_path / "input.txt"
+  text.write_text(corpus(3000, seed=4))
+  run = tmp_path / "scanned"
+  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={run}", f"--config.data.path={text}",
+             "--config.train.num_steps=2", "--config.schedule.warmup_steps=1", "--config.train.progress_bar=false",
+             "--config.model.use_bias=true", "--config.model.scan_layers=true", "--config.model.positions=learned",
+             timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = convert("run-to-hf", f"--workdir={run}", f"--dst={tmp_path / 'hf'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+  seq_len = min(hf.config.n_positions, 32)
+  tokens = np.random.default_rng(3).integers(0, hf.config.vocab_size, (2, seq_len))
+  with torch.no_grad():
+    reference = hf(torch.as_tensor(tokens)).logits.numpy()
+  error = float(np.abs(our_logits(run, tokens.astype(np.int32)) - reference).max())
+  assert error <= 1e-5 * float(np.abs(reference).max()), error
 
 
 def test_converted_gpt2_fine_tunes_and_samples(runs, cli, tmp_path):
@@ -192,36 +269,83 @@ def one_error(proc) -> str:
 
 def test_bad_input_is_one_line_and_writes_nothing(hf_dirs, runs, convert, tmp_path):
   import shutil
-  def copy(name, model="gpt2"):
+  def copy(name, model="gpt2", **config):
     shutil.copytree(hf_dirs[model], tmp_path / name)
+    if config:
+      file = tmp_path / name / "config.json"
+      file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
     return tmp_path / name
   bin_only = copy("bin_only")
   (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
   no_config = copy("no_config")
   (no_config / "config.json").unlink()
-  llama = copy("llama")
-  (llama / "config.json").write_text(json.dumps({**json.loads((llama / "config.json").read_text()), "model_type": "llama"}))
   small_vocab = copy("small_vocab")
   vocab = json.loads((small_vocab / "vocab.json").read_text())
-  (small_vocab / "vocab.json").write_text(json.dumps(dict(list(vocab.items())[:-2] + [("<|endoftext|>", len(vocab) - 3)])))
+  short = dict(list(vocab.items())[:-2] + [("<|endoftext|>", len(vocab) - 3)])
+  (small_vocab / "vocab.json").write_text(json.dumps(short))
   (small_vocab / "merges.txt").write_text("#version: 0.2\n")
+  prefix_space = copy("prefix_space", "gpt2_json")
+  record = json.loads((prefix_space / "tokenizer.json").read_text())
+  record["pre_tokenizer"]["add_prefix_space"] = True
+  (prefix_space / "tokenizer.json").write_text(json.dumps(record))
+  bpe_bert = copy("bpe_bert", "bert_json")
+  shutil.copy(hf_dirs["gpt2_json"] / "tokenizer.json", bpe_bert / "tokenizer.json")
+  yes_lower = copy("yes_lower", "bert")
+  (yes_lower / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": "yes"}))
+  gpt2, bert = ("--model=gpt2", f"--src={hf_dirs['gpt2']}"), ("--model=bert",)
   cases = [(("--model=gpt2", f"--src={bin_only}"), "safe_serialization=True"),
            (("--model=gpt2", f"--src={no_config}"), "no config.json"),
-           (("--model=gpt2", f"--src={llama}"), "model_type 'llama' is not supported"),
+           (("--model=gpt2", f"--src={copy('llama', model_type='llama')}"), "model_type 'llama' is not supported"),
            (("--model=gpt2", f"--src={hf_dirs['bert']}"), "pass --model=bert"),
            (("--model=gpt2", f"--src={small_vocab}"), "ids but the embedding has"),
-           (("--model=gpt2", f"--src={hf_dirs['gpt2']}", f"--workdir={runs['bert']}"), "already holds a run")]
+           ((*gpt2, f"--workdir={runs['bert']}"), "already holds a run"),
+           ((*gpt2, "--seq_len=0"), "--seq_len: 0 must be between 1 and the model's 64 positions"),
+           (("--model=gpt2", f"--src={copy('npos', n_positions=128)}"),
+            "transformer.wpe.weight has shape (64, 32), but config.json's n_positions=128 implies (128, 32)"),
+           (("--model=gpt2", f"--src={copy('ninner', n_inner=64)}"),
+            "transformer.h.0.mlp.c_fc.weight has shape (32, 128), but config.json's n_inner=64 implies (32, 64)"),
+           (("--model=gpt2", f"--src={copy('vocab', vocab_size=500)}"), "config.json's vocab_size=500 implies"),
+           ((*bert, f"--src={copy('types', 'bert', type_vocab_size=3)}"),
+            "token_type_embeddings.weight has shape (2, 32), but config.json's type_vocab_size=3 implies (3, 32)"),
+           ((*bert, f"--src={copy('inter', 'bert', intermediate_size=64)}"), "config.json's intermediate_size=64"),
+           (("--model=gpt2", f"--src={copy('head0', n_head=0)}"), "config.json: n_head=0 is not a positive integer"),
+           (("--model=gpt2", f"--src={copy('head3', n_head=3)}"), "n_head=3 does not divide n_embd=32"),
+           (("--model=gpt2", f"--src={copy('layers', n_layer='2')}"), 'n_layer="2" is not a positive integer'),
+           (("--model=gpt2", f"--src={copy('embd', n_embd=32.0)}"), "n_embd=32.0 is not a positive integer"),
+           (("--model=gpt2", f"--src={copy('eps', layer_norm_epsilon='abc')}"),
+            'layer_norm_epsilon="abc" is not a positive number'),
+           (("--model=gpt2", f"--src={copy('drop', resid_pdrop=1.5)}"), "resid_pdrop=1.5 is not a number in [0, 1)"),
+           ((*bert, f"--src={copy('bdrop', 'bert', attention_probs_dropout_prob=-0.1)}"),
+            "attention_probs_dropout_prob=-0.1 is not a number in [0, 1)"),
+           (("--model=gpt2", f"--src={prefix_space}"), "add_prefix_space=true"),
+           ((*bert, f"--src={bpe_bert}"), "tokenizer.json: not a WordPiece tokenizer (model type 'BPE')"),
+           ((*bert, f"--src={yes_lower}"), 'tokenizer_config.json: do_lower_case="yes" is not true or false')]
   for args, expected in cases:
-    target = tmp_path / "target"
+    target = tmp_path / "new" / "target"  # its parent is made only once the conversion is staged
     if not any(a.startswith("--workdir") for a in args):
       args = (*args, f"--workdir={target}")
     before = sorted(p.relative_to(runs["bert"]) for p in runs["bert"].rglob("*"))
     line = one_error(convert("hf-to-run", *args))
     assert expected in line, line
-    assert not target.exists() and sorted(p.relative_to(runs["bert"]) for p in runs["bert"].rglob("*")) == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]  # no staging left behind
+    assert not (tmp_path / "new").exists(), line
+    assert sorted(p.relative_to(runs["bert"]) for p in runs["bert"].rglob("*")) == before
   other = tmp_path / "cnn_run"
   other.mkdir()
   (other / "config.json").write_text(json.dumps({"model": {"name": "cnn"}}))
   line = one_error(convert("run-to-hf", f"--workdir={other}", f"--dst={tmp_path / 'dst'}"))
   assert "'cnn' run" in line and not (tmp_path / "dst").exists()
+
+
+def test_a_failed_conversion_removes_the_parents_it_made(tmp_path):
+  """staged() makes the target's missing parents; a failure while building removes them (not ones that were)."""
+  from bigmodel_jax.convert import staged
+  from bigmodel_jax.errors import UserError
+  (tmp_path / "kept").mkdir()
+  def build(staging):
+    (staging / "half_written").write_text("x")
+    raise UserError("failed")
+  with pytest.raises(UserError):
+    staged(tmp_path / "kept" / "a" / "b" / "target", build)
+  assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+  staged(tmp_path / "kept" / "a" / "target", lambda staging: (staging / "done").write_text("x"))
+  assert (tmp_path / "kept" / "a" / "target" / "done").is_file()

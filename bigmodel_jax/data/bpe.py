@@ -165,6 +165,15 @@ def read_merges(text: str) -> list[tuple[str, str]]:
   return [tuple(line.split(" ")) for line in lines]
 
 
+def _adds_prefix_space(pre) -> bool:
+  """Whether a tokenizer.json pre_tokenizer (a ByteLevel one, or a Sequence holding one) adds a prefix space."""
+  if isinstance(pre, dict):
+    if pre.get("type") == "ByteLevel":
+      return bool(pre.get("add_prefix_space"))
+    return any(_adds_prefix_space(p) for p in pre.get("pretokenizers") or [])
+  return False
+
+
 def from_hf_dir(directory: Path) -> GPT2BPETokenizer | None:
   """The GPT-2 tokenizer of a Hugging Face model directory (vocab.json + merges.txt, else tokenizer.json), or None
   where it has neither. UserError naming the file if it is not a byte-level BPE."""
@@ -181,6 +190,10 @@ def from_hf_dir(directory: Path) -> GPT2BPETokenizer | None:
       if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(record.get("pre_tokenizer")):
         raise UserError(f"{source}: not a byte-level BPE tokenizer (model {model.get('type')!r}); convert without "
                         "it by moving it away, or give GPT-2's vocab.json and merges.txt")
+      if _adds_prefix_space(record.get("pre_tokenizer")):
+        raise UserError(f"{source}: its ByteLevel pre_tokenizer has add_prefix_space=true (a space put before every "
+                        "text), which GPT-2's has not and this tokenizer does not do; set it to false, or give "
+                        "vocab.json and merges.txt")
       vocab = dict(model["vocab"])
       vocab.update({t["content"]: t["id"] for t in record.get("added_tokens", [])})
       merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
