@@ -228,7 +228,8 @@ def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
   layers, heads, dim, window, batch, vocab, dtype = LM_SIZES[size]
   config = load("shakespeare_char_gpt", text="unused")
   config.data.seq_len, config.data.batch_size = window, batch
-  config.model.update(num_layers=layers, num_heads=heads, embed_dim=dim, max_len=window, dropout_rate=0.0)
+  config.model.update(num_layers=layers, num_heads=heads, embed_dim=dim, max_len=window, dropout_rate=0.0,
+                      attention_dropout_rate=0.0, gelu="tanh")  # GPT-2 (llm.c's benchmark setting: no dropout)
   config.train.dtype = dtype
   rng = np.random.default_rng(0)
   held_out = rng.integers(0, vocab, (batch, window + 1)).astype(np.int32)
