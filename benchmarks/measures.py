@@ -259,8 +259,8 @@ def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
   flops = {a: speed.gpt_flops_per_token(config.model, params, window, a) for a in (6, 12)}
   device = jax.devices()[0]
   peak = speed.peak_flops(device.device_kind, dtype)
-  peak_name = f"{device.device_kind} dense {dtype} peak"
-  if peak is None:
+  peak_name, vendor = f"{device.device_kind} dense {dtype} peak", peak is not None
+  if not vendor:  # MFU against what this device reaches on a big matmul: reported, never held to the target
     peak, peak_name = harness_matmul_flops(dtype), f"a 2048^2 {dtype} matmul measured here"
   peak *= jax.device_count()
   mfu = [r * flops[6] / peak for r in rates]
@@ -269,7 +269,7 @@ def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
                      "tokens/s", "tokens/s", "tokens / seconds over `steps` steps; MFU = tokens/s x (6N + 6LdT) / "
                      "peak; N without the position table", rates, compile_s=compile_s,
                      target=">= 40% MFU" if size == "gpt2_124m" else "report",
-                     meets=harness.summary(mfu)["median"] >= 0.40 if size == "gpt2_124m" else None,
+                     meets=harness.summary(mfu)["median"] >= 0.40 if size == "gpt2_124m" and vendor else None,
                      notes=f"MFU {harness.summary(mfu)['median']:.1%} against {peak_name} ({peak / 1e12:.3g} TFLOP/s); "
                            f"nanoGPT's 6N + 12LdT: {nano:.1%}; {dtype} compute")
 
@@ -300,7 +300,7 @@ def time_to_loss(name: str, text: str, target: float) -> dict:
     workdir = Path(tmp) / "run"
     launched = _main([f"--config=configs/{file}.py" + (f":{variant}" if variant else ""), f"--workdir={workdir}",
                       f"--config.data.path={text}"], {"BIGMODEL_JAX_CACHE_DIR": str(Path(tmp) / "cache")},
-                     timeout=1800)
+                     timeout=480)  # inside one device command's 10 minutes
     records = _records(workdir)
   validation = [r for r in records if r["split"] == "validation"]
   reached = next((r for r in validation if r["loss"] <= target), None)

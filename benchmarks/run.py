@@ -1,30 +1,40 @@
 """The benchmark harness: every benchmark of a suite, one table, a JSON of the rows, RESULTS.md from it.
 
-    python -m benchmarks.run --suite=cpu                      # ~10 min on 2 CPU cores
-    python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json   # one H100/H200, < 8 min
+    python -m benchmarks.run --suite=cpu                      # ~7 min on 2 CPU cores
+    python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json --text=shared/data/tinyshakespeare/input.txt
+    python -m benchmarks.run --import_results=gpu.json        # that JSON into results/ and RESULTS.md
     python -m benchmarks.run --suite=cpu --size=tiny --only=host_overhead   # seconds: checks the pieces
 
 Each row states the machine, device kind and count, versions, the config, the formula, the median with min-max
 of repeated measurements (warm-up excluded, compile time apart, device work synchronised before the clock is
 read). A ratio is measured in this process, alternating A and B round by round (benchmarks/harness.py), so a
-noisy shared machine still gives a stable ratio. --out (default benchmarks/results/<suite>.json) gets the JSON;
-with the default --out, benchmarks/RESULTS.md is rewritten from every suite's JSON. Targets: issue "Speed
-measured against peers and the hardware"; NOTES.md says what was changed, predicted and measured.
+noisy shared machine still gives a stable ratio. The JSON is rewritten after every benchmark (a run cut short
+keeps what it measured) to --out, or, for a whole full-size run, to benchmarks/results/<suite>.json, and then
+benchmarks/RESULTS.md is rewritten from every suite's JSON (tiny and --only runs go to the temp dir). A
+benchmark that cannot run (no data, no PyTorch) or fails is listed as not measured, the rest run, and the exit
+status is 3. Targets: issue "Speed measured against peers and the hardware"; NOTES.md says what was changed,
+predicted and measured.
 
-The GPU machine has no network: give it tiny Shakespeare (--text=...) and a data dir holding MNIST
-(BIGMODEL_JAX_DATA_DIR); a benchmark whose data is missing is listed as unmeasured, and the rest run.
+The GPU suite runs nanoGPT's shakespeare_char first (the full 5000 steps), then GPT-2 124M throughput, then
+the seed CNN. The GPU machine has no network: give it tiny Shakespeare (--text=...) and, for the CNN, a data
+dir holding MNIST (BIGMODEL_JAX_DATA_DIR).
 """
 
 import datetime
 import json
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from absl import app, flags
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the runs it starts need GPU memory too
 
-from benchmarks import harness, measures
-from bigmodel_jax.errors import UserError
+from absl import app, flags  # noqa: E402
+
+from benchmarks import harness, measures  # noqa: E402
+from bigmodel_jax.errors import UserError  # noqa: E402
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which benchmarks: the CPU suite or the one-GPU suite.")
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "tiny"], "tiny: every piece at a seconds-long size (a check, "
@@ -34,6 +44,8 @@ _OUT = flags.DEFINE_string("out", "", "Where the JSON goes (default benchmarks/r
 _ONLY = flags.DEFINE_list("only", [], "Run only these benchmarks of the suite (names as in the table).")
 _TEXT = flags.DEFINE_string("text", "", "tiny Shakespeare's input.txt for the language-model rows (default: the "
                             "shared copy beside the checkout where there is one, else fetched).")
+_IMPORT = flags.DEFINE_string("import_results", "", "A suite's JSON written elsewhere (--out on a GPU machine): "
+                              "copied into benchmarks/results/ and RESULTS.md rewritten; nothing is run.")
 _REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (default: 3 full, 2 tiny).")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +73,29 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
         "vs_pytorch": lambda: measures.vs_pytorch("mnist_cnn:smoke" if tiny else "mnist_cnn", 20 if tiny else 300,
                                                   repeats),
     }
-  return {
-      "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
+  return {  # the longest and most wanted first: a run cut short still has it
       "nanogpt_shakespeare_char": lambda: [measures.time_to_loss("shakespeare_char_gpt:smoke" if tiny else
                                                                  "shakespeare_char_gpt", text, 1.47)],
+      "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
       "host_overhead": lambda: [measures.host_overhead(c, steps(c) * (1 if tiny else 10), repeats)
                                 for c in (["digits_mlp"] if tiny else ["mnist_cnn"])],
   }
 
 
+def write(out: Path, data: dict) -> None:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_text(json.dumps(data, indent=2) + "\n")
+  tmp.replace(out)
+
+
 def main(argv):
   del argv
+  if _IMPORT.value:  # a suite run elsewhere (the GPU machine's $OUT): into results/ and RESULTS.md
+    data = json.loads(Path(_IMPORT.value).read_text())
+    write(harness.RESULTS_DIR / f"{data['suite']}.json", data)
+    print(f"written: {harness.write_results_md()}")
+    return
   size, name = _SIZE.value, _SUITE.value
   repeats = _REPEATS.value or (2 if size == "tiny" else 3)
   text = _TEXT.value or (str(SHARED_TEXT) if SHARED_TEXT.is_file() else "")
@@ -81,9 +105,14 @@ def main(argv):
     print(f"error: --only: {', '.join(unknown)} not in the {name} suite; valid: {', '.join(benchmarks)}",
           file=sys.stderr)
     sys.exit(2)
+  complete = size == "full" and not _ONLY.value  # only a whole full-size run replaces results/<suite>.json
+  out = Path(_OUT.value) if _OUT.value else (harness.RESULTS_DIR / f"{name}.json" if complete else
+                                             Path(tempfile.gettempdir()) / f"benchmarks-{name}-{size}.json")
   ctx = harness.context()
   print(harness.describe(ctx), flush=True)
-  rows, unmeasured = [], []
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  data = {"suite": name, "size": size, "date": now, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+          "context": ctx, "rows": [], "unmeasured": []}
   for benchmark, fn in benchmarks.items():
     if _ONLY.value and benchmark not in _ONLY.value:
       continue
@@ -91,23 +120,24 @@ def main(argv):
     try:
       made = fn()
     except (measures.Unavailable, UserError) as e:  # no data, GPU or PyTorch here: said, and the rest runs
-      unmeasured.append(f"{benchmark}: {e}")
+      data["unmeasured"].append(f"{benchmark}: {e}")
       print(f"{benchmark}: not measured ({e})", flush=True)
-      continue
-    made = [r for group in made for r in (group if isinstance(group, list) else [group])]
-    rows += made
-    print("\n".join(harness.table(made)[2:]) + f"   [{time.perf_counter() - start:.0f} s]", flush=True)
-  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  data = {"suite": name, "size": size, "date": now,
-          "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]), "context": ctx, "rows": rows,
-          "unmeasured": unmeasured}
-  out = Path(_OUT.value) if _OUT.value else harness.RESULTS_DIR / f"{name}.json"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(data, indent=2) + "\n")
-  print("\n" + "\n".join(harness.table(rows)))
+    except Exception as e:  # a benchmark that breaks loses only its own rows
+      data["unmeasured"].append(f"{benchmark}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
+      print(f"{benchmark}: FAILED", flush=True)
+      traceback.print_exc()
+    else:
+      made = [r for group in made for r in (group if isinstance(group, list) else [group])]
+      data["rows"] += made
+      print("\n".join(harness.table(made)[2:]) + f"   [{time.perf_counter() - start:.0f} s]", flush=True)
+    write(out, data)  # after every benchmark: a run cut short keeps what it measured
+  print("\n" + "\n".join(harness.table(data["rows"])))
   print(f"\nrows: {out}")
-  if not _OUT.value and size == "full":
+  if complete and not _OUT.value:
     print(f"written: {harness.write_results_md()}")
+  if data["unmeasured"]:
+    print("not measured: " + "; ".join(data["unmeasured"]), file=sys.stderr)
+    sys.exit(3)  # the rows that did run are written; a missing row is not a success
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ upper triangle is masked); nanoGPT's and PaLM's estimate counts it in full, 6N +
 
 # dense peak TFLOP/s by device kind (a substring of jax's device_kind) and compute dtype; "float32" on GPUs is TF32,
 # which XLA uses for float32 matmuls there by default. Unknown devices: throughput only, no MFU.
-PEAK_TFLOPS = {
+PEAK_TFLOPS = {  # the first name found in the device kind as a whole word wins: the specific ones first
     "H200": {"bfloat16": 989.0, "float32": 494.0},
-    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 418.0},
+    "H100": {"bfloat16": 989.0, "float32": 494.0},  # SXM
     "A100": {"bfloat16": 312.0, "float32": 156.0},
     "L4": {"bfloat16": 121.0, "float32": 60.0},
     "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
@@ -21,8 +23,9 @@ PEAK_TFLOPS = {
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
   """Dense peak FLOP/s of one device of this kind in this compute dtype, or None when not known."""
+  import re
   for name, peaks in PEAK_TFLOPS.items():
-    if name.lower() in device_kind.lower():
+    if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", device_kind, re.IGNORECASE):  # L4, not L40S
       return peaks.get(dtype, peaks["float32"]) * 1e12
   return None
 

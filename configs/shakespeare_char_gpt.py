@@ -13,14 +13,19 @@ Model and recipe as nanoGPT's config/train_shakespeare_char.py with its train.py
 6 heads, 384 dims, block 256, exact GELU, dropout 0.2 on the embeddings, the residual branches and the attention
 probabilities (model.attention_dropout_rate), no biases (LayerNorms included), tied embeddings; AdamW lr 1e-3
 (beta2 0.99, weight decay 0.1 on every 2-D parameter, embeddings included: optimizer.decay_embeddings), clip 1.0,
-100 warmup steps then cosine to 1e-4 at step 5000, batch 64, bf16 compute (nanoGPT's bfloat16 autocast on GPUs
-that have it; master weights and optimizer state float32 in both).
+100 warmup steps then cosine to 1e-4 at step 5000, batch 64, bf16 compute (nanoGPT trains under bfloat16
+autocast on GPUs that have it; master weights and optimizer state are float32 in both).
 Expected: best val loss ~1.47: karpathy/nanoGPT's README ("the best validation loss is 1.4697", about 3 minutes
 on one A100), read at commit 196160b849eaed4465310c082db2c9dc7bc11ba9.
 Still different, and why: our val loss is over every val character once (nanoGPT averages 200 random batches;
-same quantity, less noise); 67 ids (65 characters + padding + unknown) where nanoGPT has 65; evaluation every 250 steps as nanoGPT's, checkpoints every 500 (nanoGPT saves when val improves).
+same quantity, less noise); 67 ids (65 characters + padding + unknown) where nanoGPT has 65; our bf16 is
+config.train.dtype's (parameters and activations cast to bf16 for the forward and backward pass, LayerNorm and
+softmax included) where autocast runs only matmuls in bf16 and keeps LayerNorm, softmax and the loss in float32;
+evaluation every 250 steps as nanoGPT's, checkpoints every 500 (nanoGPT saves when val improves).
+`:plays` trains on the plays instead (bf16 still: on a CPU add `--config.train.dtype=float32`).
 `:cpu` is nanoGPT's README CPU recipe (block 64, batch 12, 4 layers, 4 heads, 128 dims, 2000 steps,
-no dropout); nanoGPT reports val loss ~1.88 for it. Measured here: see the README results table.
+no dropout); nanoGPT reports val loss ~1.88 for it. Measured here: see the README results table (measured before
+the exact GELU and the decayed embeddings, nanoGPT's own, were set here: to rerun).
 """
 
 from bigmodel_jax.config import apply_variant, base_config, model_config

@@ -67,3 +67,15 @@ def test_alternate_flips_the_order_and_summary_is_median_min_max():
   a, b = harness.alternate(lambda: calls.append("a") or 1.0, lambda: calls.append("b") or 2.0, 4)
   assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and a == [1.0] * 4 and b == [2.0] * 4
   assert harness.summary([3, 1, 2]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+def test_a_benchmark_that_cannot_run_is_listed_and_the_exit_status_says_so(tmp_path):
+  out = tmp_path / "gpu.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite=gpu", "--size=tiny", f"--out={out}",
+                         "--only=nanogpt_shakespeare_char,lm_throughput", f"--text={tmp_path / 'missing.txt'}"],
+                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  data = json.loads(out.read_text())  # written all the same, with the rows that did run
+  assert [r["benchmark"] for r in data["rows"]] == ["lm_throughput"]
+  assert len(data["unmeasured"]) == 1 and data["unmeasured"][0].startswith("nanogpt_shakespeare_char: failed")

@@ -87,6 +87,7 @@ def test_gpt_smoke_learns_tiny_shakespeare(gpt_run):
   config = json.loads((gpt_run / "config.json").read_text())
   m = config["model"]
   positions = m["max_len"] * m["embed_dim"] if m["positions"] == "learned" else 0  # the position table
+  assert train
   for r in train:  # model FLOP/s from tokens/s by 6N + 6LdT; MFU only on devices with a known peak (not a CPU)
     flops = r["model_tflops_per_s"] * 1e12 / r["tokens_per_s"]
     n = (flops - 6 * m["num_layers"] * m["embed_dim"] * config["data"]["seq_len"]) / 6

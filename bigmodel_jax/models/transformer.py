@@ -75,7 +75,7 @@ def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
   """softmax(q k^T / sqrt(Dh)) v written out, for dropout on the attention probabilities (`drop`, as nanoGPT's
   attn_dropout), which jax.nn.dot_product_attention has no place for. q: B x T x H x Dh, k/v: B x S x H x Dh,
   mask broadcastable to B x H x T x S (True: attend)."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
     mask = causal if mask is None else mask & causal
