@@ -67,6 +67,15 @@ def cli(cache_dir, classifier_dir, tmp_path_factory):
   return run
 
 
+def trained_run(cli, tmp_path_factory, name: str, *args: str, timeout: float = 300) -> Path:
+  """A run trained by the CLI into a fresh temp dir (for module fixtures: each test file writes its own outputs
+  into its own run)."""
+  workdir = tmp_path_factory.mktemp(name)
+  proc = cli(*args, f"--workdir={workdir}", timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir
+
+
 def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 120):
   """Waits until `proc` (a cli(..., popen=True) run) has committed checkpoint `step` in `workdir`."""
   deadline = time.time() + timeout

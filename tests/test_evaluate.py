@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 
 from bigmodel_jax import plots, runinfo
-from conftest import tensorboard_scalars
+from conftest import tensorboard_scalars, trained_run
 
 SMOKE = "--config=configs/digits_mlp.py:smoke"
 
 
 @pytest.fixture(scope="module")
 def trained(cli, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  proc = cli(SMOKE, f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return workdir
+  return trained_run(cli, tmp_path_factory, "trained", SMOKE)
 
 
 def test_eval_mode_reproduces_final_metrics(cli, trained):

@@ -18,7 +18,7 @@ import pytest
 from bigmodel_jax import export, inference, model_card, parallel, run_config, train
 from bigmodel_jax.data import Dataset, load_dataset, tokenizers
 from bigmodel_jax.tasks import get_task
-from conftest import TINY_SHAKESPEARE, error_lines, load_config
+from conftest import TINY_SHAKESPEARE, error_lines, load_config, trained_run
 
 HAVE_ONNX = importlib.util.find_spec("jax2onnx") is not None  # the onnx extra (the test extra has it)
 # float32 softmax outputs of a 2-layer MLP: the artifact and the in-process model run the same StableHLO, but XLA
@@ -79,10 +79,7 @@ def run_onnx(path, raw) -> dict:
 
 @pytest.fixture(scope="module")
 def digits_run(cli, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("digits")
-  proc = cli("--config=configs/digits_mlp.py:smoke", f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return workdir
+  return trained_run(cli, tmp_path_factory, "digits", "--config=configs/digits_mlp.py:smoke")
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,14 @@ import pytest
 
 from bigmodel_jax import quantize
 from bigmodel_jax.errors import UserError
-from conftest import TINY_SHAKESPEARE, error_lines, load_config
+from conftest import TINY_SHAKESPEARE, error_lines, load_config, trained_run
 
 SMOKE = "--config=configs/digits_mlp.py:smoke"
 
 
 @pytest.fixture(scope="module")
 def trained(cli, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  proc = cli(SMOKE, f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return workdir
+  return trained_run(cli, tmp_path_factory, "trained", SMOKE)
 
 
 @pytest.fixture(scope="module")

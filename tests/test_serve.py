@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_SHAKESPEARE, load_config
+from conftest import TINY_SHAKESPEARE, load_config, trained_run
 
 DIGITS = "--config=configs/digits_mlp.py:smoke"
 GPT = "--config=configs/shakespeare_char_gpt.py:smoke"
@@ -63,10 +63,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def digits_run(cli, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("digits")
-  proc = cli(DIGITS, f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return workdir
+  return trained_run(cli, tmp_path_factory, "digits", DIGITS)
 
 
 @pytest.fixture(scope="module")
