@@ -32,15 +32,19 @@ from absl import app, flags, logging
 from bigmodel_jax import hf_weights
 from bigmodel_jax.errors import UserError, fail, parse_flags
 
-_MODEL = flags.DEFINE_enum("model", None, sorted(hf_weights.MODELS), "hf-to-run: the architecture of --src.")
-_SRC = flags.DEFINE_string("src", None, "hf-to-run: the Hugging Face model directory (save_pretrained's layout).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run: written by hf-to-run (new or empty), read by run-to-hf.")
-_DST = flags.DEFINE_string("dst", None, "run-to-hf: the Hugging Face model directory to write (new or empty).")
-_STEP = flags.DEFINE_integer("step", None, "run-to-hf: the checkpoint step to write (default: the latest).")
-_DATA_PATH = flags.DEFINE_string("data_path", "", "hf-to-run: the run's config.data.path, a text file that --mode=eval "
-                                  "reads (default: tiny Shakespeare, fetched).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "hf-to-run: the run's config.data.seq_len (default: the model's "
-                                "positions, at most 1024).")
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command: importing this module as a library (the tests,
+  beside bigmodel_jax.sweep or main, which have their own --workdir) defines none."""
+  flags.DEFINE_enum("model", None, sorted(hf_weights.MODELS), "hf-to-run: the architecture of --src.")
+  flags.DEFINE_string("src", None, "hf-to-run: the Hugging Face model directory (save_pretrained's layout).")
+  flags.DEFINE_string("workdir", None, "The run: written by hf-to-run (new or empty), read by run-to-hf.")
+  flags.DEFINE_string("dst", None, "run-to-hf: the Hugging Face model directory to write (new or empty).")
+  flags.DEFINE_integer("step", None, "run-to-hf: the checkpoint step to write (default: the latest).")
+  flags.DEFINE_string("data_path", "", "hf-to-run: the run's config.data.path, a text file that --mode=eval reads "
+                      "(default: tiny Shakespeare, fetched).")
+  flags.DEFINE_integer("seq_len", None, "hf-to-run: the run's config.data.seq_len (default: the model's "
+                       "positions, at most 1024).")
+
 
 COMMANDS = ("hf-to-run", "run-to-hf")
 HF_CONFIG = "hf_config.json"  # in a converted run: the model's own config.json
@@ -282,15 +286,16 @@ def run(argv: list[str]) -> dict:
   if len(argv) != 1 or argv[0] not in COMMANDS:
     raise UserError(f"give one command, {' or '.join(COMMANDS)}: python -m bigmodel_jax.convert hf-to-run "
                     "--model=gpt2 --src=HF_DIR --workdir=RUN, or run-to-hf --workdir=RUN --dst=HF_DIR")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise UserError("--workdir is required (the run to write, or to read)")
   if argv[0] == "hf-to-run":
-    if not _MODEL.value or not _SRC.value:
+    if not f.model or not f.src:
       raise UserError("hf-to-run needs --model (gpt2 or bert) and --src (the Hugging Face model directory)")
-    return hf_to_run(_MODEL.value, Path(_SRC.value), Path(_WORKDIR.value), _SEQ_LEN.value, _DATA_PATH.value)
-  if not _DST.value:
+    return hf_to_run(f.model, Path(f.src), Path(f.workdir), f.seq_len, f.data_path)
+  if not f.dst:
     raise UserError("run-to-hf needs --dst (the Hugging Face model directory to write)")
-  return run_to_hf(Path(_WORKDIR.value), Path(_DST.value), _STEP.value)
+  return run_to_hf(Path(f.workdir), Path(f.dst), f.step)
 
 
 def main(argv):
@@ -304,4 +309,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
