@@ -7,8 +7,8 @@
 Model FLOPs per token follow nanoGPT's estimate (PaLM appendix B): 6 * params + 12 * layers * dim * seq_len
 (forward + backward, attention included). MFU is printed against two references: a large dense matmul
 measured in this process on the same device (what the hardware reaches here, in the model's dtype), and,
-on known accelerators, the vendor's dense peak for the precision XLA uses for float32 matmuls on GPU
-by default, TF32 (H100 SXM: 494 TFLOP/s; A100: 156).
+on known accelerators, the vendor's dense peak (bigmodel_jax/speed.py; for float32 matmuls on GPU the TF32 one,
+which XLA uses by default).
 """
 
 import tempfile
@@ -20,33 +20,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bigmodel_jax import train
+from bigmodel_jax import speed, train
 from bigmodel_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char_gpt.py:cpu", "LM config to measure.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed train steps (after 5 warm-up steps).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "Side of the square reference matmul.")
-
-# dense TFLOP/s; "float32" = TF32 tensor cores, which XLA uses for float32 matmuls on these GPUs by default
-VENDOR_PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0}, "H200": {"bfloat16": 989.0, "float32": 494.0},
-                      "A100": {"bfloat16": 312.0, "float32": 156.0}}
-
-
-def matmul_flops_per_s(size: int, dtype) -> float:
-  a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  reps = 3
-  while True:
-    start = time.perf_counter()
-    for _ in range(reps):
-      out = f(a)
-    jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
-    if seconds > 0.5:
-      return reps * 2 * size ** 3 / seconds
-    reps *= 2
-
 
 def main(_):
   config, steps = _CONFIG.value, _STEPS.value
@@ -75,7 +54,7 @@ def main(_):
   tokens_per_s = steps * config.data.batch_size * seq_len / seconds
   model_flops = flops_per_token * tokens_per_s
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]  # the step's compute dtype
-  reference = matmul_flops_per_s(_MATMUL.value, dtype) * jax.device_count()
+  reference = speed.measured_matmul_flops(dtype, _MATMUL.value) * jax.device_count()
 
   device = jax.devices()[0]
   print(f"\n{m.name} on {run.dataset.name}: {num_params / 1e6:.2f} M params, batch {config.data.batch_size} x "
@@ -90,13 +69,11 @@ def main(_):
   stats = device.memory_stats() or {}  # GPUs/TPUs report their allocator's peak; CPUs report nothing
   if "peak_bytes_in_use" in stats:
     print(f"{'peak device memory (GiB)':44s} {stats['peak_bytes_in_use'] / 2**30:14.2f}")
-  for name, peaks in VENDOR_PEAK_TFLOPS.items():
-    if name in device.device_kind:
-      kind = "float32" if dtype == jnp.float32 else "bfloat16"
-      peak = peaks[kind] * 1e12 * jax.device_count()
-      label = f"MFU vs {name} peak ({peaks[kind]:.0f} TFLOP/s {'TF32' if kind == 'float32' else 'bf16'})"
-      print(f"{label:44s} {model_flops / peak:14.1%}")
-
+  kind = "float32" if dtype == jnp.float32 else "bfloat16"
+  peak = speed.peak_flops(device.device_kind, kind)  # bigmodel_jax/speed.py's table, as the run logs use
+  if peak:
+    label = f"MFU vs {device.device_kind} peak ({peak / 1e12:.0f} TFLOP/s {'TF32' if kind == 'float32' else 'bf16'})"
+    print(f"{label:44s} {model_flops / (peak * jax.device_count()):14.1%}")
 
 if __name__ == "__main__":
   app.run(main)

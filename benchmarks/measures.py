@@ -261,7 +261,7 @@ def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
   peak = speed.peak_flops(device.device_kind, dtype)
   peak_name, vendor = f"{device.device_kind} dense {dtype} peak", peak is not None
   if not vendor:  # MFU against what this device reaches on a big matmul: reported, never held to the target
-    peak, peak_name = harness_matmul_flops(dtype), f"a 2048^2 {dtype} matmul measured here"
+    peak, peak_name = speed.measured_matmul_flops(dtype), f"a 2048^2 {dtype} matmul measured here"
   peak *= jax.device_count()
   mfu = [r * flops[6] / peak for r in rates]
   nano = harness.summary([r * flops[12] / peak for r in rates])["median"]
@@ -272,23 +272,6 @@ def lm_throughput(size: str, steps: int, repeats: int = 3) -> dict:
                      meets=harness.summary(mfu)["median"] >= 0.40 if size == "gpt2_124m" and vendor else None,
                      notes=f"MFU {harness.summary(mfu)['median']:.1%} against {peak_name} ({peak / 1e12:.3g} TFLOP/s); "
                            f"nanoGPT's 6N + 12LdT: {nano:.1%}; {dtype} compute")
-
-
-def harness_matmul_flops(dtype: str, size: int = 2048) -> float:
-  import jax.numpy as jnp
-  a = jnp.ones((size, size), getattr(jnp, dtype))
-  f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  reps = 2
-  while True:
-    start = time.perf_counter()
-    for _ in range(reps):
-      out = f(a)
-    jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
-    if seconds > 0.5:
-      return reps * 2 * size ** 3 / seconds
-    reps *= 2
 
 
 def time_to_loss(name: str, text: str, target: float) -> dict:

@@ -69,3 +69,24 @@ def run_rates(config, dataset, params):
     return summary
 
   return add
+
+
+def measured_matmul_flops(dtype: str = "float32", size: int = 2048) -> float:
+  """FLOP/s of a size x size matmul in `dtype` on this process's default device, timed for at least 0.5 s:
+  what the hardware reaches here, the reference for MFU where no vendor peak is known."""
+  import jax
+  import jax.numpy as jnp
+  import time
+  a = jnp.ones((size, size), getattr(jnp, dtype) if isinstance(dtype, str) else dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  reps = 2
+  while True:
+    start = time.perf_counter()
+    for _ in range(reps):
+      out = f(a)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    if seconds > 0.5:
+      return reps * 2 * size ** 3 / seconds
+    reps *= 2

@@ -215,8 +215,3 @@ def load(directory: Path, record: dict) -> GPT2BPETokenizer:
     raise ValueError(f"{VOCAB_FILE} / {MERGES_FILE} are not the files it was saved with (their sha256 differs)")
   return tokenizer
 
-
-def not_learnt(tokenizer_config, train_texts, all_texts):
-  raise UserError(f"config.data.tokenizer.name: {NAME} is not learnt from text; it comes with converted GPT-2 "
-                  "weights (python -m bigmodel_jax.convert hf-to-run --model=gpt2 ...): start from that run with "
-                  "--config.init.workdir=RUN, or pick char, byte or sentencepiece")

@@ -271,8 +271,15 @@ TOKENIZERS.register("sentencepiece")(
     lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,
                                                                    c.get("mask_token", False)))
 # converted with Hugging Face weights (bigmodel_jax.convert), not learnt: data/bpe.py and data/wordpiece.py
-TOKENIZERS.register("gpt2_bpe")(lambda c, train_texts, all_texts: _converted("gpt2_bpe").not_learnt(c, (), ()))
-TOKENIZERS.register("bert_wordpiece")(lambda c, train_texts, all_texts: _converted("bert_wordpiece").not_learnt(c, (), ()))
+for _name, _model in (("gpt2_bpe", "gpt2"), ("bert_wordpiece", "bert")):
+  TOKENIZERS.register(_name)(lambda c, train_texts, all_texts, name=_name, model=_model: _not_learnt(name, model))
+
+
+def _not_learnt(name: str, model: str):
+  raise UserError(f"config.data.tokenizer.name: {name} is not learnt from text; it comes with converted "
+                  f"{'GPT-2' if model == 'gpt2' else 'BERT'} weights (python -m bigmodel_jax.convert hf-to-run "
+                  f"--model={model} ...): start from that run with --config.init.workdir=RUN, or pick char, byte or "
+                  "sentencepiece")
 
 
 def _converted(name: str):

@@ -222,8 +222,3 @@ def load(directory: Path, record: dict) -> WordPieceTokenizer:
     raise ValueError(f"{VOCAB_FILE} is not the file it was saved with (its sha256 differs)")
   return tokenizer
 
-
-def not_learnt(tokenizer_config, train_texts, all_texts):
-  raise UserError(f"config.data.tokenizer.name: {NAME} is not learnt from text; it comes with converted BERT weights "
-                  "(python -m bigmodel_jax.convert hf-to-run --model=bert ...): start from that run with "
-                  "--config.init.workdir=RUN, or pick char, byte or sentencepiece")

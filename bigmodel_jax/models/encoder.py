@@ -23,16 +23,14 @@ class EncoderClassifier(nnx.Module):
                remat: str = "none", scan_layers: bool = False,
                norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
                type_vocab_size: int = 0):
-    if pooling not in ("cls", "mean"):
-      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean")
-    _check_text("encoder_classifier", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
     self.pooling = pooling
-    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
-                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs, norm=norm,
-                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size)
-    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
-                if pooling == "cls" else None)
+    self.trunk, self.cls = trunk_and_cls("encoder_classifier", input_shape=input_shape, vocab_size=vocab_size,
+                                         max_len=max_len, pooling=pooling, rngs=rngs, num_layers=num_layers,
+                                         num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
+                                         positions=positions, dropout_rate=dropout_rate, use_bias=use_bias,
+                                         remat=remat, scan_layers=scan_layers, norm=norm,
+                                         layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm,
+                                         type_vocab_size=type_vocab_size)
     self.dropout = Dropout(dropout_rate)
     self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), bias_metadata=axes(None),
                            rngs=rngs)
@@ -45,6 +43,20 @@ class EncoderClassifier(nnx.Module):
       weights = keep_BxL[..., None].astype(x.dtype)
       pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
     return self.head(self.dropout(pooled, deterministic=not train, rngs=rngs))
+
+
+def trunk_and_cls(model: str, *, input_shape, vocab_size: int, max_len: int, pooling: str, rngs: nnx.Rngs,
+                  **fields):
+  """Both encoders' trunk and learned [CLS] vector (pooling "cls"; None for "mean"): the same parameter names and
+  shapes, so a classifier fine-tuned from a masked LM loads `trunk.*` and `cls`."""
+  if pooling not in ("cls", "mean"):
+    raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean (cls: a learned [CLS] vector in "
+                    "front of the tokens)")
+  _check_text(model, vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
+  trunk = Trunk(vocab_size=vocab_size, max_len=max_len, rngs=rngs, **fields)
+  cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, fields["embed_dim"])),
+                   **axes(None, None, "embed")) if pooling == "cls" else None)
+  return trunk, cls
 
 
 def encode(trunk: Trunk, cls, tokens_BxL, *, train: bool, rngs):
@@ -72,16 +84,13 @@ class EncoderMLM(nnx.Module):
                remat: str = "none", scan_layers: bool = False,
                norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
                type_vocab_size: int = 0):
-    if pooling not in ("cls", "mean"):
-      raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls (a learned [CLS] vector in front, as "
-                      "the classifier to fine-tune has), mean (none)")
-    _check_text("encoder_mlm", vocab_size, input_shape, max_len, extra=int(pooling == "cls"))
-    self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
-                       embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
-                       use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs, norm=norm,
-                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size)
-    self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
-                if pooling == "cls" else None)
+    self.trunk, self.cls = trunk_and_cls("encoder_mlm", input_shape=input_shape, vocab_size=vocab_size,
+                                         max_len=max_len, pooling=pooling, rngs=rngs, num_layers=num_layers,
+                                         num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
+                                         positions=positions, dropout_rate=dropout_rate, use_bias=use_bias,
+                                         remat=remat, scan_layers=scan_layers, norm=norm,
+                                         layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm,
+                                         type_vocab_size=type_vocab_size)
     self.mlm_head = MLMHead(embed_dim, vocab_size, use_bias=use_bias, rngs=rngs, layer_norm_eps=layer_norm_eps,
                             gelu=gelu)
 
