@@ -33,7 +33,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the runs it s
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks import harness, measures  # noqa: E402
+from benchmarks import harness, measures, vs_pytorch  # noqa: E402
 from bigmodel_jax.errors import UserError  # noqa: E402
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which benchmarks: the CPU suite or the one-GPU suite.")
@@ -70,8 +70,10 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
                                      for c in (["shakespeare_char_gpt:smoke"] if tiny
                                                else ["shakespeare_char_gpt:cpu", "shakespeare_char_gpt"])],
         "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "cpu", 5 if tiny else 30)],
-        "vs_pytorch": lambda: measures.vs_pytorch("mnist_cnn:smoke" if tiny else "mnist_cnn", 20 if tiny else 300,
-                                                  repeats),
+        "vs_pytorch": lambda: vs_pytorch.vs_pytorch("mnist_cnn:smoke" if tiny else "mnist_cnn", 20 if tiny else 300,
+                                                    repeats),
+        "vs_pytorch_gpt": lambda: vs_pytorch.vs_pytorch("shakespeare_char_gpt:smoke" if tiny else
+                                                        "shakespeare_char_gpt:cpu", 20 if tiny else 150, repeats, text),
     }
   return {  # the longest and most wanted first: a run cut short still has it
       "nanogpt_shakespeare_char": lambda: [measures.time_to_loss("shakespeare_char_gpt:smoke" if tiny else

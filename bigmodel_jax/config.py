@@ -22,7 +22,7 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.ev
                   "predict.", "sample.", "export.", "serve.", "quantize.",
                   "evals.", "eval.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
-                  "mesh.", "parallel.", "train.grad_accum_steps", "model.remat",
+                  "mesh.", "parallel.", "train.grad_accum_steps", "train.steps_per_call", "model.remat",
                   "init.")  # read only while the workdir has no checkpoint; never again once it resumes
 
 
@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
       compilation_cache=True,  # JAX's persistent compilation cache ($BIGMODEL_JAX_CACHE_DIR)
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
       grad_accum_steps=1,  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
+      steps_per_call=1,  # train steps per dispatch (a lax.scan over k batches): less host work per step, same numbers
       trackers="tensorboard",  # where metrics go besides metrics.jsonl: comma-separated tensorboard | mlflow | wandb
       tracking=dict(
           experiment="",  # MLflow experiment / W&B group; "": $BIGMODEL_JAX_EXPERIMENT or bigmodel_jax
@@ -265,6 +266,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.seed", lambda v: v >= 0, "must be >= 0"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),
     ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.steps_per_call", lambda v: v >= 1, "must be >= 1 (1 = one step per dispatch)"),
 ]
 
 

@@ -74,8 +74,9 @@ class Layout(abc.ABC):
   name: str  # its config.parallel.strategy
 
   @abc.abstractmethod
-  def compile_train(self, train_step):
-    """The train step (state, batch) -> (state, metrics), compiled for this layout."""
+  def compile_train(self, train_step, stacked: bool = False):
+    """The train step (state, batch) -> (state, metrics), compiled for this layout; `stacked`: its batch is
+    several steps' batches stacked on a leading axis (train_batches), its metrics stacked likewise."""
 
   def place(self, state):
     return state
@@ -91,6 +92,14 @@ class Layout(abc.ABC):
 
   def train_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return global_batch(self._with_rows(local_batch), self.batch_sharding)
+
+  def train_batches(self, local_batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """Several steps' batches, stacked on a new leading axis (k x batch x ...) in one transfer."""
+    return global_batch(_stack([self._with_rows(b) for b in local_batches]), self.stacked_batch_sharding)
+
+  @property
+  def stacked_batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(None, *self.batch_sharding.spec))
 
   def eval_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return global_batch(self._with_rows(local_batch), self.batch_sharding)
@@ -116,8 +125,9 @@ class JitLayout(Layout):
   """jax.jit over the mesh with explicit in/out shardings: data, FSDP and tensor parallel, the state donated."""
   name = "jit"
 
-  def compile_train(self, train_step):
-    return jax.jit(train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+  def compile_train(self, train_step, stacked: bool = False):
+    batches = self.stacked_batch_sharding if stacked else self.batch_sharding
+    return jax.jit(train_step, in_shardings=(self.state_sharding, batches),
                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
   def constrain_microbatches(self, micro):
@@ -147,7 +157,7 @@ class PmapLayout(Layout):
                               out_shardings=self._stacked)
     self._unreplicate = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.state_sharding)
 
-  def compile_train(self, train_step):
+  def compile_train(self, train_step, stacked: bool = False):
     def traced(state, batch):
       with _replica_axis(DATA_AXIS):
         return train_step(state, batch)
@@ -165,6 +175,12 @@ class PmapLayout(Layout):
     split = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in self._with_rows(local_batch).items()}
     return global_batch(split, self._stacked)
 
+  def train_batches(self, local_batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    n = len(self.devices)  # device x step x rows: each device scans over its own rows of every step
+    stacked = _stack([self._with_rows(b) for b in local_batches])
+    split = {k: np.swapaxes(v.reshape(v.shape[0], n, v.shape[1] // n, *v.shape[2:]), 0, 1) for k, v in stacked.items()}
+    return global_batch(split, self._stacked)
+
   def mean_over_replicas(self, tree, rows):
     if replica_axis() is None:  # traced outside pmap (an abstract check): one replica
       return tree
@@ -177,6 +193,10 @@ class PmapLayout(Layout):
     # float model state (batch statistics) is averaged; keys and counters are the same on every device
     return jax.tree.map(
         lambda x: jax.lax.pmean(x, DATA_AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+
+
+def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def make_layout(strategy: str, mesh: Mesh, abstract_state, logical_specs, rules=None) -> Layout:

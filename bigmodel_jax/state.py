@@ -86,6 +86,7 @@ class Steps:
                                        nnx.get_partition_spec(abstract_params), rules)
     self.init = self.layout.compile_init(init)
     self.train_step = self.layout.compile_train(self._train_step)
+    self.train_steps = self.layout.compile_train(self._train_steps, stacked=True)  # k steps per call
     self.eval_step = self.layout.compile_eval(self._eval_step)
     self.predict_step = self.layout.compile_predict(self._predict_step)
 
@@ -171,6 +172,11 @@ class Steps:
   def _train_step(self, state: TrainState, batch):
     new_state, metrics = self.task.update(self, state, batch, jax.random.fold_in(state.rng, state.step))
     return new_state.replace(step=state.step + 1), metrics
+
+  def _train_steps(self, state: TrainState, batches):
+    """len(batches) train steps in one call (config.train.steps_per_call): the same step, scanned over batches
+    stacked on a leading axis; metrics come back stacked likewise."""
+    return jax.lax.scan(self._train_step, state, batches)
 
   def _eval_step(self, state: TrainState, batch, sums):
     step_sums = self.task.evaluate_batch(self.model(state, cast=True), self._cast_inputs(batch))

@@ -283,24 +283,43 @@ def _train(run: Run) -> dict:
     best = selection is not None and selection.best_step == step
     run.checkpointer.save(step, layout.plain(state), batches.get_state(), meta, best)
 
+  def host_acts_after(s):  # an evaluation, a checkpoint or the end follows step s
+    return (s == run.total_steps or s % t.checkpoint_every == 0
+            or any(e.due(s, run.steps_per_epoch) for e in run.evaluators))
+
+  def call_length(step):  # steps_per_call steps in one dispatch, unless the host must act after one of them but
+    # the last: then single steps up to it. A function of the step alone, so a resumed run calls as the first did.
+    k = t.steps_per_call
+    if k == 1 or step + k > end or any(host_acts_after(s) for s in range(step + 1, step + k)):
+      return 1
+    return k
+
   stopped = selection is not None and selection.stop  # a relaunch of a run that stopped early trains no more
+  end = start_step if stopped else run.total_steps
   step = start_step
   try:
-    for step in range(start_step + 1, (start_step if stopped else run.total_steps) + 1):  # updates after this one
-      state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
-      train_metrics.add(step, metrics)
+    for call in range(start_step + 1, end + 1):  # counts dispatches (the preemption sync point counts those)
+      if step >= end:
+        break
+      n = call_length(step)
+      if n == 1:
+        state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
+      else:
+        state, metrics = run.steps.train_steps(state, layout.train_batches([next(batches) for _ in range(n)]))
+      previous, step = step, step + n  # the updates done after this call
+      train_metrics.add(step, metrics, n)
       progress.advance(step)
-      if step == start_step + 1:
+      if previous == start_step:
         jax.block_until_ready(metrics)
         startup = time.time() - bigmodel_jax.IMPORT_TIME
         logging.info("start-up: %.1f s from the package's first import to the first step done", startup)
         run.writer.write(step, "startup", {"seconds_to_first_step": startup})
         train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
-      if (step - 1) % t.log_every == 0 and step - 1 > start_step:
-        log(keep_last=True)  # the step just dispatched keeps the device busy meanwhile
+      if previous > start_step and (step - 1) // t.log_every > (previous - 1) // t.log_every:
+        log(keep_last=True)  # a log step (s - 1 divisible by log_every) just passed; this call keeps the device busy
       last = step == run.total_steps
       due = [e for e in run.evaluators if last or e.due(step, run.steps_per_epoch)]
-      if multi and not preempted and multihost_utils.reached_preemption_sync_point(step):
+      if multi and not preempted and multihost_utils.reached_preemption_sync_point(call):
         preempted.append(interrupted[0] if interrupted else signal.SIGTERM)
       if due or step % t.checkpoint_every == 0 or preempted:
         log(keep_last=False)  # also checks the loss is finite before anything is saved

@@ -14,16 +14,22 @@ class TrainMetrics:
   always has the next step queued while the host reads the previous ones."""
 
   def __init__(self):
-    self.pending: list[tuple[int, dict]] = []
+    self.pending: list[tuple[int, int, dict]] = []  # (last step, steps, metrics) of each train call
     self.window_start = time.perf_counter()
 
-  def add(self, step: int, metrics: dict) -> None:
-    self.pending.append((step, metrics))
+  def add(self, step: int, metrics: dict, steps: int = 1) -> None:
+    """A call's metrics: of step `step`, or (steps > 1) of steps step-steps+1 .. step, stacked."""
+    self.pending.append((step, steps, metrics))
 
   def fetch(self, keep_last: bool) -> list[tuple[int, dict]]:
+    """The pending calls' metrics on the host, one (step, metrics) per step; keep_last: not the newest call's."""
     ready = self.pending[:-1] if keep_last else self.pending
     self.pending = self.pending[-1:] if keep_last else []
-    return jax.device_get(ready)
+    out = []
+    for step, n, metrics in jax.device_get(ready):
+      out.extend([(step, metrics)] if n == 1 else
+                 [(step - n + 1 + i, {k: v[i] for k, v in metrics.items()}) for i in range(n)])
+    return out
 
 
 def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:

@@ -18,5 +18,6 @@ def get_config(variant: str = ""):
   c.optimizer.learning_rate = 1e-3
   c.train.num_epochs = 10
   c.train.log_every = 100
+  c.train.steps_per_call = 10  # steps per dispatch (benchmarks/NOTES.md: host overhead)
   # smoke: a seconds-long check that the whole path works
   return apply_variant(c, variant, "mnist_mlp", smoke={"train.num_steps": 100, "train.log_every": 20})

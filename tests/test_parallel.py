@@ -171,6 +171,26 @@ def test_grad_accumulation_equals_the_whole_batch(devices, strategy):
     close(np.asarray(a), np.asarray(b), rtol=1e-5)
 
 
+@pytest.mark.parametrize("devices, strategy, accum", [(1, "jit", 1), (8, "jit", 1), (8, "pmap", 1), (8, "jit", 2)])
+def test_several_steps_per_call_are_the_same_steps(devices, strategy, accum):
+  """train_steps (a lax.scan over k stacked batches) computes what k train_step calls do, on every layout; the
+  metrics come back stacked, one row per step."""
+  config = digits_config()
+  config.model.dropout_rate = 0.1  # per-step keys: the scan must fold in each step's own
+  config.parallel.strategy, config.train.grad_accum_steps = strategy, accum
+  stepper = stepper_for(config, devices)
+  one_losses, one = train_steps(config, stepper, steps=4)
+  batches = iter(pipeline.train_dataset(dataset_for(config), config.data, seed=config.seed, num_steps=4))
+  state, metrics = stepper.train_steps(stepper.layout.place(stepper.init()),
+                                       stepper.layout.train_batches([next(batches) for _ in range(4)]))
+  assert metrics["loss"].shape == (4,)
+  close(np.asarray(metrics["loss"]), one_losses, rtol=1e-6)
+  state = stepper.layout.plain(state)
+  assert int(state.step) == 4
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one.params)):
+    close(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
 @needs_tiny
 def test_bfloat16_compute_keeps_float32_master_weights(gpt_reference):
   config = gpt_config()

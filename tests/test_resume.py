@@ -57,6 +57,22 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(cli, tmp_path, referenc
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
 
 
+def test_several_steps_per_call_train_the_same_run_and_resume_exactly(cli, tmp_path, reference):
+  """steps_per_call=7 (not a divisor of the 500-step checkpoint cadence: single steps fill up to each
+  checkpoint) gives the one-step-per-call run's final metrics, also after a SIGTERM and a relaunch."""
+  args = [*ARGS, "--config.train.steps_per_call=7"]
+  proc = start_and_wait_for_checkpoint(cli, tmp_path, args)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+  resumed = cli(*args, f"--workdir={tmp_path}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in records if r["split"] == "train"]
+  assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 2500
+
+
 def test_a_second_run_in_the_same_workdir_is_refused(cli, tmp_path):
   long_run = [*ARGS, "--config.train.num_steps=100000"]  # still running when the second one starts
   proc = start_and_wait_for_checkpoint(cli, tmp_path, long_run)
