@@ -21,4 +21,4 @@ def get_config(variant: str = ""):
   c.train.checkpoint_every = 200
   c.train.steps_per_call = 10  # steps per dispatch (benchmarks/NOTES.md: host overhead)
   # smoke: a seconds-long check that the whole path works
-  return apply_variant(c, variant, "digits_mlp", smoke={"train.num_epochs": 2})
+  return apply_variant(c, variant, "digits_mlp", smoke={"train.num_epochs": 2, "train.steps_per_call": 1})  # smoke: one compiled step

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import error_lines
 
-ARGS = ["--config=configs/digits_mlp.py:smoke", "--config.model.dropout_rate=0.0", "--config.train.log_every=4"]
+ARGS = ["--config=configs/digits_mlp.py:smoke", "--config.model.dropout_rate=0.0", "--config.train.log_every=4",
+        "--config.train.steps_per_call=10"]  # stacked batches across processes, the sync point counting calls
 ONE_DEVICE = {"XLA_FLAGS": ""}  # each process of a multi-process run: one CPU device
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 TIMEOUT = 240  # per group of processes; a hang fails the test instead of stalling the suite
