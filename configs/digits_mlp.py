@@ -20,5 +20,5 @@ def get_config(variant: str = ""):
   c.train.log_every = 20
   c.train.checkpoint_every = 200
   c.train.steps_per_call = 10  # steps per dispatch (benchmarks/NOTES.md: host overhead)
-  # smoke: a seconds-long check that the whole path works
-  return apply_variant(c, variant, "digits_mlp", smoke={"train.num_epochs": 2, "train.steps_per_call": 1})  # smoke: one compiled step
+  # smoke: a seconds-long check that the whole path works (one compiled step: it starts faster)
+  return apply_variant(c, variant, "digits_mlp", smoke={"train.num_epochs": 2, "train.steps_per_call": 1})
