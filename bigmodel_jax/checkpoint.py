@@ -1,7 +1,10 @@
 """Checkpoints with orbax (the only module that imports it).
 
 One checkpoint = {train state, data iterator position, run metadata}, written asynchronously and
-atomically (orbax writes to a temporary directory and renames it when complete). Retention keeps
+atomically (orbax writes to a temporary directory and renames it when complete). In a single-process run the
+training loop only dispatches a device-side copy of the state and hands the whole orbax save to one background
+thread (orbax's own synchronous part -- the device->host copy, its thread start-ups and bookkeeping -- blocked the
+loop for 35-80 ms per save); a multi-process save is collective and stays in the caller's thread. Retention keeps
 the latest `keep` checkpoints plus the best one: the latest saved with best=True (the run's model selection,
 evaluate.Selection, decides which step that is; ties and all). Each step carries a digest of its files (integrity.py),
 written before orbax commits the step and checked before every restore: a damaged step is never read as if intact.
@@ -10,12 +13,14 @@ written before orbax commits the step and checked before every restore: a damage
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
@@ -38,6 +43,9 @@ class Checkpointer:
     is written by its post-finalization hook, which only async saves have)."""
     self.directory = Path(directory).absolute()
     self._sync, self._saving, self._checked = not async_save, None, {}
+    # saves handed to a background thread: async, and one process (a multi-process save is collective)
+    self._background = ThreadPoolExecutor(1, "checkpoint") if async_save and jax.process_count() == 1 else None
+    self._pending = None  # the background save in flight (its exception is raised by the next call that joins it)
     keep_policies = [policies.LatestN(n=keep)]
     if keep_best:  # a best checkpoint carries the metric {BEST: its step}: the highest is the latest best
       keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[BEST], n=1, keep_checkpoints_without_metrics=False))
@@ -56,22 +64,38 @@ class Checkpointer:
                       "move it away or use a new --workdir") from None
 
   def latest_step(self) -> int | None:
+    self._join()
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    self._join()
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, meta: dict, best: bool = False) -> None:
-    """Starts an async save; arrays are copied off the device before this returns (donation-safe). `best`: this
-    step is the run's new best (kept, with the latest `keep`, until a later best)."""
+    """Starts an async save (donation-safe: the caller may donate `state`'s arrays once this returns). `best`: this
+    step is the run's new best (kept, with the latest `keep`, until a later best). In the background: returns once
+    a device-side copy of the state is dispatched; the previous save is joined first, so at most one is queued."""
+    self._join()  # the previous background save's error, if any, is raised here
+    self._checked.pop(step, None)
+    if self._background is None:
+      self._save(step, state, data_state, meta, best)
+    else:
+      self._pending = self._background.submit(self._save, step, _copy(state), data_state, meta, best)
+
+  def _save(self, step: int, state, data_state: dict, meta: dict, best: bool) -> None:
     self._manager.wait_until_finished()  # the previous save's digest hook has run: `_saving` is free
     self._saving = step
-    self._checked.pop(step, None)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), metrics={BEST: step} if best else None, force=True)
     if self._sync:
       self._manager.wait_until_finished()
+
+  def _join(self) -> None:
+    """Until the background save in flight has been handed to orbax; re-raises what it raised."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
 
   def _write_digest(self) -> None:
     """Orbax's post-finalization hook (primary process, background thread): every process has written its files
@@ -131,6 +155,7 @@ class Checkpointer:
     would take the place of intact steps among the latest kept) and of the saves that redo their step numbers."""
     if not damaged:
       return
+    self._join()
     if jax.process_count() > 1:  # every process has read them before one moves them
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("bigmodel_jax:set_aside_damaged")
@@ -161,6 +186,7 @@ class Checkpointer:
 
   def restore(self, step: int, target) -> tuple:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""
+    self._join()
     if step not in self.all_steps():
       raise UserError(f"checkpoint step {step} not found in {self.directory}; available: {self.all_steps()}")
     self.verify(step)
@@ -225,11 +251,20 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Until the save in flight is committed (with its digest)."""
+    self._join()
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
+    if self._background is not None:
+      self._background.shutdown()
     self._manager.close()
+
+
+# A copy made on the device, in the device's order: it reads the arrays before a later step that was given them
+# (donated) overwrites them, and returns at once (asynchronous dispatch); orbax reads the copy off the device in
+# the background thread.
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _param_shapes(tree) -> dict[str, tuple]:

@@ -148,8 +148,7 @@ class TensorBoard(Tracker):
   resumes = False
 
   def start(self, state):
-    from tensorboardX import SummaryWriter
-    self._make, self._writers = SummaryWriter, {}
+    self._make, self._writers = _summary_writer(), {}
     return {}, False
 
   def _writer(self, record):
@@ -334,3 +333,16 @@ def read_state(workdir: Path) -> dict:
   except (FileNotFoundError, json.JSONDecodeError):  # none yet, or a damaged one: new tracker runs
     return {}
 
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter. Its import also imports PyTorch wherever PyTorch is installed (2 s of every
+  launch), only to accept torch tensors, which nothing here passes: torch is hidden from that one import."""
+  import sys
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+      import tensorboardX
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+  return SummaryWriter

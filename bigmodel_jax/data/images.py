@@ -87,10 +87,22 @@ def fashion_mnist(root: Path, data_config=None) -> Dataset:
 def digits(root: Path, data_config=None) -> Dataset:
   """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16); fixed 80/20 split."""
   del root  # shipped inside scikit-learn: nothing to fetch
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  images = d.images.astype(np.uint8)[..., None]
+  # load_digits' own file and parsing, read without importing sklearn.datasets (1.4 s of scipy and pandas imports
+  # at every launch; tests/data checks the arrays equal load_digits')
+  data = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")
+  images, target = data[:, :-1].reshape(-1, 8, 8).astype(np.uint8)[..., None], data[:, -1].astype(int)
   train, test = seeded_split(len(images), 0.2)
-  split = lambda idx: {"inputs": images[idx], "targets": d.target[idx].astype(np.int32)}
+  split = lambda idx: {"inputs": images[idx], "targets": target[idx].astype(np.int32)}
   return Dataset("digits", train=split(train), test=split(test), kind="image", num_classes=10,
                  class_names=tuple(str(i) for i in range(10)), input_scale=16.0)
+
+
+def _sklearn_data_file(name: str) -> Path:
+  """A data file scikit-learn ships (sklearn/datasets/data/<name>), found without importing sklearn."""
+  import importlib.util
+  spec = importlib.util.find_spec("sklearn")
+  path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name if spec else None
+  if path is None or not path.is_file():
+    raise UserError(f"config.data.name: {name.split('.')[0]!r} is read from scikit-learn's bundled data, which is "
+                    "not installed here; pip install scikit-learn")
+  return path

@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from bigmodel_jax.models import MODELS, activation as get_activation
-from bigmodel_jax.models.layers import Dropout
+from bigmodel_jax.models.layers import Dropout, max_pool
 
 
 @MODELS.register("cnn")
@@ -46,7 +46,7 @@ class CNN(nnx.Module):
     for i, conv in enumerate(self.convs):
       x = self.act(conv(x))
       if i < self.pool_after:
-        x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2))
     x = x.reshape(x.shape[0], -1)
     for layer in self.dense:
       x = self.dropout(self.act(layer(x)), deterministic=not train, rngs=rngs)

@@ -117,3 +117,18 @@ def test_unknown_model_field_is_a_user_error():
     model_config("wavenet")
   with pytest.raises(UserError, match="activation"):
     build("mlp", (3,), 2, activation="swishy")
+
+
+@pytest.mark.parametrize("shape,window,strides", [((3, 26, 26, 4), (2, 2), None), ((2, 11, 9, 3), (2, 2), (2, 2)),
+                                                  ((2, 9, 9, 2), (3, 3), (2, 2))])
+def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides):
+  """The reshape form (tiling windows, odd edges dropped as VALID does) and the fallback (overlapping windows)
+  give nnx.max_pool's values exactly, and its gradients where a window has no tie (random floats)."""
+  from bigmodel_jax.models.layers import max_pool
+  x = jax.numpy.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+  ours = lambda x: max_pool(x, window, strides)
+  theirs = lambda x: nnx.max_pool(x, window_shape=window, strides=strides or window)
+  np.testing.assert_array_equal(ours(x), theirs(x))
+  weights = np.random.default_rng(1).normal(size=theirs(x).shape).astype(np.float32)
+  grad = lambda f: jax.grad(lambda x: (f(x) * weights).sum())(x)
+  np.testing.assert_array_equal(grad(ours), grad(theirs))
