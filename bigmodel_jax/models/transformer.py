@@ -339,7 +339,7 @@ class GPT(nnx.Module):
 def __getattr__(name: str):
   """The encoders moved to models/encoder.py; `from bigmodel_jax.models.transformer import EncoderClassifier` still
   works (lazily: encoder.py imports this module)."""
-  if name in ("EncoderClassifier", "EncoderMLM", "MLMHead", "encode"):
+  if name in ("EncoderClassifier", "EncoderMLM", "MLMHead"):
     from bigmodel_jax.models import encoder
     return getattr(encoder, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
