@@ -56,7 +56,7 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
   """{benchmark name: a function -> list of rows}, in the order they run."""
   tiny = size == "tiny"
   # steps per measurement: about 5-15 s of each loop on 2 CPU cores
-  steps = (lambda c: 40) if tiny else {"digits_mlp": 1000, "mnist_mlp": 600, "mnist_cnn": 300,
+  steps = (lambda c: 40) if tiny else {"digits_mlp": 1000, "mnist_mlp": 600, "mnist_cnn": 600,
                                        "shakespeare_char_gpt:cpu": 120}.get
   if name == "cpu":
     overhead = ["digits_mlp"] if tiny else ["digits_mlp", "mnist_mlp", "mnist_cnn"]
@@ -74,6 +74,8 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
                                                     repeats),
         "vs_pytorch_gpt": lambda: vs_pytorch.vs_pytorch("shakespeare_char_gpt:smoke" if tiny else
                                                         "shakespeare_char_gpt:cpu", 20 if tiny else 150, repeats, text),
+        "time_to_accuracy": lambda: vs_pytorch.time_to_accuracy("mnist_cnn:smoke" if tiny else "mnist_cnn",
+                                                                0.5 if tiny else 0.99, 50 if tiny else -1),
     }
   return {  # the longest and most wanted first: a run cut short still has it
       "nanogpt_shakespeare_char": lambda: [measures.time_to_loss("shakespeare_char_gpt:smoke" if tiny else
@@ -81,6 +83,8 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
       "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
       "host_overhead": lambda: [measures.host_overhead(c, steps(c) * (1 if tiny else 10), repeats)
                                 for c in (["digits_mlp"] if tiny else ["mnist_cnn"])],
+      "time_to_accuracy": lambda: vs_pytorch.time_to_accuracy("mnist_cnn:smoke" if tiny else "mnist_cnn",
+                                                              0.5 if tiny else 0.99, 50 if tiny else -1, pytorch=False),
   }
 
 
