@@ -37,7 +37,11 @@ def _cnn(torch, run):
   net = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
                       nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * side * side, 64),
                       nn.ReLU(), nn.Linear(64, run.dataset.num_classes))
-  optimizer = torch.optim.Adam(net.parameters(), lr=run.config.optimizer.learning_rate)
+  o = run.config.optimizer
+  if o.name != "adam" or o.weight_decay or o.grad_clip_norm:
+    raise ValueError(f"vs_pytorch: the seed CNN's twin is trained with plain Adam, not {o.name!r} with weight decay "
+                     f"{o.weight_decay} and clipping {o.grad_clip_norm}")
+  optimizer = torch.optim.Adam(net.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
   to_torch = lambda b: (torch.from_numpy(b["inputs"]).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(b["targets"]).long())
   loss = lambda out, y: nn.functional.cross_entropy(out, y)
@@ -173,6 +177,10 @@ def time_to_accuracy(name: str, target: float, every: int = -1, repeats: int = 1
   from bigmodel_jax.data import pipeline
   torch = _torch() if pytorch else None
   ours, theirs, reached_ours, reached_theirs = [], [], [], []
+  config = load(name)
+  if config.schedule.name != "cosine":
+    raise ValueError(f"time_to_accuracy: {name} is not trained with a cosine schedule")
+  end = config.schedule.end_factor
   for _ in range(repeats):
     with tempfile.TemporaryDirectory() as tmp:
       config = load(name)
@@ -191,9 +199,8 @@ def time_to_accuracy(name: str, target: float, every: int = -1, repeats: int = 1
       eval_every = per_epoch if every == -1 else every
       torch.manual_seed(0)
       net, optimizer, to_torch, loss_fn, _ = _cnn(torch, run)
-      lr = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))  # optax.cosine_decay_schedule, alpha 0
-      if run.config.schedule.name != "cosine" or run.config.optimizer.name != "adam":
-        raise ValueError(f"time_to_accuracy: {name} is not trained with Adam and a cosine schedule")
+      # optax.cosine_decay_schedule(lr, total, alpha=end_factor), the factor for update t counted from 0 in both
+      lr = lambda t: (1 - end) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)) + end
       scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr)
       test = [to_torch(b) + (torch.from_numpy(b["mask"]) > 0,)
               for b in pipeline.eval_batches(run.dataset, "test", run.config.data)]
@@ -236,5 +243,6 @@ def time_to_accuracy(name: str, target: float, every: int = -1, repeats: int = 1
                       reference=("PyTorch eager, same batches, Adam and cosine schedule", theirs),
                       ratios=ratios, target=">= 1.0x", meets=meets,
                       notes=f"test evaluated {every_said}; reached at: ours {said(reached_ours)}, PyTorch "
-                            f"{said(reached_theirs)} (a time not reached is the whole run's); torch "
+                            f"{said(reached_theirs)} (a time not reached is the whole run's; each its own "
+                            "framework's default initialisation); torch "
                             f"{torch.__version__}, {torch.get_num_threads()} threads")]

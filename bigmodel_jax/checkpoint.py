@@ -74,16 +74,19 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, meta: dict, best: bool = False) -> None:
     """Starts an async save (donation-safe: the caller may donate `state`'s arrays once this returns). `best`: this
     step is the run's new best (kept, with the latest `keep`, until a later best). In the background: returns once
-    a device-side copy of the state is dispatched; the previous save is joined first, so at most one is queued."""
-    self._join()  # the previous background save's error, if any, is raised here
+    a device-side copy of the state is dispatched (where the devices have room for one; else orbax copies it to the
+    host first, here)."""
+    self._join()
+    # The previous save is committed (its digest hook has run: `_saving` is free). Waited for here, in the caller's
+    # thread, so that its error (a full disk, say) is raised at this save, once, as orbax raises it once per thread.
+    self._manager.wait_until_finished()
     self._checked.pop(step, None)
-    if self._background is None:
+    if self._background is None or not _fits_a_copy(state):
       self._save(step, state, data_state, meta, best)
     else:
       self._pending = self._background.submit(self._save, step, _copy(state), data_state, meta, best)
 
   def _save(self, step: int, state, data_state: dict, meta: dict, best: bool) -> None:
-    self._manager.wait_until_finished()  # the previous save's digest hook has run: `_saving` is free
     self._saving = step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -92,10 +95,15 @@ class Checkpointer:
       self._manager.wait_until_finished()
 
   def _join(self) -> None:
-    """Until the background save in flight has been handed to orbax; re-raises what it raised."""
-    pending, self._pending = self._pending, None
-    if pending is not None:
-      pending.result()
+    """Until the background save in flight has been handed to orbax; re-raises what it raised (once). A Ctrl-C
+    while waiting leaves it pending, to be joined again."""
+    if self._pending is None:
+      return
+    try:
+      self._pending.result()
+    finally:
+      if self._pending.done():
+        self._pending = None
 
   def _write_digest(self) -> None:
     """Orbax's post-finalization hook (primary process, background thread): every process has written its files
@@ -261,12 +269,6 @@ class Checkpointer:
     self._manager.close()
 
 
-# A copy made on the device, in the device's order: it reads the arrays before a later step that was given them
-# (donated) overwrites them, and returns at once (asynchronous dispatch); orbax reads the copy off the device in
-# the background thread.
-_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-
-
 def _param_shapes(tree) -> dict[str, tuple]:
   """{'hidden.0.kernel': shape} for a params tree or its orbax metadata (nnx's '.value' level dropped)."""
   out = {}
@@ -311,3 +313,27 @@ def _wait_until_quiet(captured, quiet_s: float = 0.5, limit_s: float = 5.0) -> N
     elif time.time() - since >= quiet_s:
       return
     time.sleep(0.05)
+
+
+# A copy made on the device, in the device's order: it reads the arrays before a later step that was given them
+# (donated) overwrites them, and returns at once (asynchronous dispatch); orbax reads the copy off the device in
+# the background thread.
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def _fits_a_copy(state, headroom: float = 0.9) -> bool:
+  """Whether every device holding `state` has room for a second copy of its part (by the memory statistics of
+  backends that report them, GPUs and TPUs; the CPU's copy is in host memory, which the process has anyway): a run
+  sized to fill its accelerators saves the way orbax alone does rather than running out of memory at a save."""
+  leaves = jax.tree.leaves(state)
+  if not leaves or all(d.platform == "cpu" for d in leaves[0].devices()):
+    return True
+  need = {}
+  for x in leaves:
+    for shard in getattr(x, "addressable_shards", ()):
+      need[shard.device] = need.get(shard.device, 0) + shard.data.nbytes
+  for device, nbytes in need.items():
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit") and stats.get("bytes_in_use", 0) + nbytes > headroom * stats["bytes_limit"]:
+      return False
+  return True

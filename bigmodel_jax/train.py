@@ -199,11 +199,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   run = build_run(config, workdir)
   try:
     return _train(run)
-  finally:
-    run.checkpointer.close()
-    run.writer.close()
-    if run.lock is not None:
-      run.lock.close()  # releases the workdir even while the exception lives on (notebooks, tests)
+  finally:  # each closed even if one before it raises (a save's error surfacing at close)
+    try:
+      run.checkpointer.close()
+    finally:
+      try:
+        run.writer.close()
+      finally:
+        if run.lock is not None:
+          run.lock.close()  # releases the workdir even while the exception lives on (notebooks, tests)
 
 
 def _train(run: Run) -> dict:

@@ -81,3 +81,76 @@ def test_a_checkpoint_from_before_named_optimizers_restores(tmp_path):
   assert list(restored.opt_state) == ["default"]
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_saves_in_the_background_hold_their_own_step_though_the_state_is_donated_after(tmp_path):
+  """save() returns before the state is written; the loop then donates the arrays to the next step, which
+  overwrites them in place. Each step on disk must still hold the values it was saved with."""
+  step_fn = jax.jit(lambda s: {"w": s["w"] + 1.0}, donate_argnums=0)
+  ckpt = Checkpointer(tmp_path, keep=10)
+  state = {"w": jnp.zeros((256, 256), jnp.float32)}
+  for step in range(1, 6):
+    state = step_fn(state)  # w == step
+    ckpt.save(step, state, {"next_index": step}, {"step": step})
+    state = step_fn(step_fn(state))  # donated twice before the save is written
+    state = {"w": state["w"] - 2.0}
+  ckpt.wait()
+  for step in range(1, 6):
+    restored, _, _ = ckpt.restore(step, {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)})
+    assert np.all(np.asarray(restored["w"]) == step), step
+  ckpt.close()
+
+
+def test_a_failed_save_is_raised_once_at_the_next_save_and_close_then_closes(tmp_path, monkeypatch):
+  """A save's error (here: no space for its digest) surfaces at the next save, as with orbax alone -- not one
+  interval later, and not a second time at close()."""
+  import errno
+  from bigmodel_jax import checkpoint
+  real = checkpoint.integrity.write
+
+  def write(path):
+    if path.name.split(".")[0] == "2":
+      raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real(path)
+
+  monkeypatch.setattr(checkpoint.integrity, "write", write)
+  ckpt = Checkpointer(tmp_path, keep=10)
+  value = lambda step: {"w": jnp.full((4,), step, jnp.float32)}
+  ckpt.save(1, value(1), {"next_index": 1}, {"step": 1})
+  ckpt.save(2, value(2), {"next_index": 2}, {"step": 2})
+  raised = None
+  try:
+    ckpt.save(3, value(3), {"next_index": 3}, {"step": 3})
+  except OSError as e:
+    raised = e
+  assert raised is not None and raised.errno == errno.ENOSPC
+  ckpt.close()  # does not raise it again
+  assert ckpt.all_steps() == [1]
+
+
+def test_a_run_whose_save_fails_releases_its_workdir(tmp_path, monkeypatch):
+  """The training's error propagates, and the writers and the workdir's lock are closed all the same (a notebook
+  can fix the disk and train again in the same process)."""
+  import errno
+  from conftest import load_config
+  from bigmodel_jax import checkpoint, train
+  from bigmodel_jax.workdir import lock_workdir
+  real = checkpoint.integrity.write
+
+  def write(path):
+    if path.name.split(".")[0] == "40":
+      raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real(path)
+
+  monkeypatch.setattr(checkpoint.integrity, "write", write)
+  config = load_config("digits_mlp", "smoke")
+  config.train.num_steps, config.train.checkpoint_every, config.train.progress_bar = 100, 20, False
+  workdir = tmp_path / "run"
+  try:
+    train.train_and_evaluate(config, workdir)
+    raised = None
+  except OSError as e:
+    raised = e
+  assert raised is not None and raised.errno == errno.ENOSPC
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["20"]
+  lock_workdir(workdir).close()  # free

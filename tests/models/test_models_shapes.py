@@ -132,3 +132,16 @@ def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, str
   weights = np.random.default_rng(1).normal(size=theirs(x).shape).astype(np.float32)
   grad = lambda f: jax.grad(lambda x: (f(x) * weights).sum())(x)
   np.testing.assert_array_equal(grad(ours), grad(theirs))
+
+
+def test_max_pool_gives_a_tied_windows_gradient_the_same_total():
+  """A constant input ties every window: reduce_window gives the whole gradient to one element, the reshape form
+  shares it; per window the sum is the same."""
+  from bigmodel_jax.models.layers import max_pool
+  x = jax.numpy.ones((2, 6, 4, 3))
+  weights = np.random.default_rng(1).normal(size=(2, 3, 2, 3)).astype(np.float32)
+  ours = jax.grad(lambda x: (max_pool(x, (2, 2)) * weights).sum())(x)
+  theirs = jax.grad(lambda x: (nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)) * weights).sum())(x)
+  window_sums = lambda g: np.asarray(g).reshape(2, 3, 2, 2, 2, 3).sum(axis=(2, 4))
+  np.testing.assert_allclose(window_sums(ours), window_sums(theirs), rtol=1e-6)
+  np.testing.assert_allclose(window_sums(ours), weights, rtol=1e-6)
