@@ -101,19 +101,26 @@ def test_saves_in_the_background_hold_their_own_step_though_the_state_is_donated
   ckpt.close()
 
 
-def test_a_failed_save_is_raised_once_at_the_next_save_and_close_then_closes(tmp_path, monkeypatch):
-  """A save's error (here: no space for its digest) surfaces at the next save, as with orbax alone -- not one
-  interval later, and not a second time at close()."""
+
+def no_space_for_the_digest_of(step: int, monkeypatch):
+  """Writing `step`'s digest (orbax's post-finalization hook, just before it commits the step) fails as on a full
+  disk."""
   import errno
   from bigmodel_jax import checkpoint
   real = checkpoint.integrity.write
 
   def write(path):
-    if path.name.split(".")[0] == "2":
+    if path.name.split(".")[0] == str(step):
       raise OSError(errno.ENOSPC, "No space left on device", str(path))
     return real(path)
 
   monkeypatch.setattr(checkpoint.integrity, "write", write)
+
+def test_a_failed_save_is_raised_once_at_the_next_save_and_close_then_closes(tmp_path, monkeypatch):
+  """A save's error (here: no space for its digest) surfaces at the next save, as with orbax alone -- not one
+  interval later, and not a second time at close()."""
+  import errno
+  no_space_for_the_digest_of(2, monkeypatch)
   ckpt = Checkpointer(tmp_path, keep=10)
   value = lambda step: {"w": jnp.full((4,), step, jnp.float32)}
   ckpt.save(1, value(1), {"next_index": 1}, {"step": 1})
@@ -133,16 +140,9 @@ def test_a_run_whose_save_fails_releases_its_workdir(tmp_path, monkeypatch):
   can fix the disk and train again in the same process)."""
   import errno
   from conftest import load_config
-  from bigmodel_jax import checkpoint, train
+  from bigmodel_jax import train
   from bigmodel_jax.workdir import lock_workdir
-  real = checkpoint.integrity.write
-
-  def write(path):
-    if path.name.split(".")[0] == "40":
-      raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    return real(path)
-
-  monkeypatch.setattr(checkpoint.integrity, "write", write)
+  no_space_for_the_digest_of(40, monkeypatch)
   config = load_config("digits_mlp", "smoke")
   config.train.num_steps, config.train.checkpoint_every, config.train.progress_bar = 100, 20, False
   workdir = tmp_path / "run"
