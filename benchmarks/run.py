@@ -1,6 +1,6 @@
 """The benchmark harness: every benchmark of a suite, one table, a JSON of the rows, RESULTS.md from it.
 
-    python -m benchmarks.run --suite=cpu                      # ~9 min on 2 CPU cores
+    python -m benchmarks.run --suite=cpu                      # ~6 min on 2 CPU cores
     python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json --text=shared/data/tinyshakespeare/input.txt
     python -m benchmarks.run --import_results=gpu.json        # that JSON into results/ and RESULTS.md
     python -m benchmarks.run --suite=cpu --size=tiny --only=host_overhead   # seconds: checks the pieces
