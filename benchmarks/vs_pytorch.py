@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.measures import Unavailable, _bare_run, _batches, _compile_s, _step_rate, load
+from benchmarks.measures import Unavailable, _bare_run, _batches, _compile_s, _records, _step_rate, load
 
 
 def _torch():
@@ -172,7 +172,6 @@ def time_to_accuracy(name: str, target: float, every: int = -1, repeats: int = 1
   reaches the target. Our run goes on to the config's end (the loop never stops on test): only the time to the
   crossing is compared. One row: ours, with PyTorch's as its reference (`pytorch=False`: ours alone, e.g. on a GPU
   machine without PyTorch)."""
-  import json
   from bigmodel_jax import train
   from bigmodel_jax.data import pipeline
   torch = _torch() if pytorch else None
@@ -187,7 +186,7 @@ def time_to_accuracy(name: str, target: float, every: int = -1, repeats: int = 1
       config.evals.test.every, config.evals.validation.every = every, 0
       start = time.time()
       train.train_and_evaluate(config, Path(tmp) / "ours")
-      records = [json.loads(l) for l in (Path(tmp) / "ours" / "metrics.jsonl").read_text().splitlines()]
+      records = _records(Path(tmp) / "ours")
       tests = sorted((r for r in records if r["split"] == "test"), key=lambda r: r["step"])
       hit = next((r for r in tests if r["accuracy"] >= target), None)
       ours.append((hit or max(records, key=lambda r: r["time"]))["time"] - start)

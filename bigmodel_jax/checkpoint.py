@@ -13,10 +13,10 @@ written before orbax commits the step and checked before every restore: a damage
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 import time
 import traceback
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax

@@ -16,7 +16,7 @@ from bigmodel_jax.models.transformer import GELUS, Trunk, _check_text, axes, lay
 class Encoder(nnx.Module):
   """What both encoders are built from: the trunk and the learned [CLS] vector (pooling "cls"; None for "mean"), the
   same parameter names and shapes in both, so a classifier fine-tuned from a masked LM loads `trunk.*` and `cls`;
-  then the model's own head (`make_head`)."""
+  then the model's own head, by the subclass's `make_head(**fields)` (Encoder itself is not a model)."""
   name = ""  # the registered model name, for errors
 
   def __init__(self, *, input_shape, num_outputs: int, vocab_size: int, rngs: nnx.Rngs, num_layers: int = 4,
@@ -38,9 +38,6 @@ class Encoder(nnx.Module):
                 if pooling == "cls" else None)
     self.make_head(num_outputs=num_outputs, vocab_size=vocab_size, embed_dim=embed_dim, dropout_rate=dropout_rate,
                    use_bias=use_bias, layer_norm_eps=layer_norm_eps, gelu=gelu, rngs=rngs)
-
-  def make_head(self, **fields):
-    raise NotImplementedError
 
   def encode(self, tokens_BxL, *, train: bool, rngs):
     """The encoder over padded ids (0 = padding, masked out of attention), after the learned [CLS] vector where

@@ -98,7 +98,8 @@ def max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int], strides: tuple[int, 
   on XLA:CPU the seed CNN's train step ran 1.8x faster than with reduce_window, whose gradient (select_and_scatter)
   is slow there (benchmarks/NOTES.md). The values are the same; the gradient of a window whose maximum is tied
   (common: a ReLU of a constant background) is shared by the tied elements instead of given to one, the same total:
-  so a CNN trains slightly differently from runs made with reduce_window. Other windows (ResNet's overlapping 3x3 / 2) are nnx.max_pool's."""
+  so a CNN trains slightly differently from runs made with reduce_window. Other windows (ResNet's overlapping
+  3x3 / 2) are nnx.max_pool's."""
   strides = tuple(strides or window)
   if strides != tuple(window) or padding != "VALID":
     return nnx.max_pool(x_BxHxWxC, window_shape=tuple(window), strides=strides, padding=padding)
