@@ -41,6 +41,7 @@ class Checkpointer:
   def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = False, async_save: bool = True):
     """Without `async_save`, save() returns once the step is committed (orbax still saves asynchronously: the digest
     is written by its post-finalization hook, which only async saves have)."""
+    _drop_late_callbacks_on_closed_loops()
     self.directory = Path(directory).absolute()
     self._sync, self._saving, self._checked = not async_save, None, {}
     # saves handed to a background thread: async, and one process (a multi-process save is collective)
@@ -267,6 +268,27 @@ class Checkpointer:
     if self._background is not None:
       self._background.shutdown()
     self._manager.close()
+
+
+def _drop_late_callbacks_on_closed_loops() -> None:
+  """A failed orbax save (a full disk, say) ends its asyncio loop while other tensorstore writes of the step are still
+  in flight; as each finishes, tensorstore's callback into that closed loop raises "RuntimeError: Event loop is
+  closed", which it reports through sys.unraisablehook -- a traceback per write, around the run's one error line.
+  They say nothing the error does not: they are logged at debug verbosity only. Any other unraisable exception goes
+  to the hook that was there before."""
+  if getattr(sys.unraisablehook, "_bigmodel_jax", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      logging.vlog(1, "a tensorstore callback found its asyncio loop closed (after a failed checkpoint write)")
+      return
+    previous(unraisable)
+
+  hook._bigmodel_jax = True
+  sys.unraisablehook = hook
 
 
 def _param_shapes(tree) -> dict[str, tuple]:

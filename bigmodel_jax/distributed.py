@@ -156,7 +156,8 @@ def _joined_too_late(message: str, address: str | None) -> None:
       socket.getaddrinfo(host, None)
     except OSError:
       message = f"--coordinator_address: host {host!r} does not resolve; use process 0's host name or IP address"
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stderr.write(f"error: {message}\n")  # one write: no other thread's output lands between it and its newline
+  sys.stderr.flush()
   sys.stdout.flush()
   os._exit(2)
 

@@ -80,7 +80,8 @@ def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:
 def fail(message: str, code: int = 2):
   """Each line of `message` as 'error: ...' on stderr, then exit `code` (2: bad input)."""
   for line in message.splitlines():
-    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"error: {line}\n")
+  sys.stderr.flush()
   sys.exit(code)
 
 

@@ -63,7 +63,8 @@ def fail(message: str, code: int = 2, cause: BaseException | None = None):
   if cause is not None and (os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or flags.FLAGS["verbosity"].value >= 1):
     import traceback
     traceback.print_exception(cause, file=sys.stderr)  # the error behind the one line, for a bug report
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stderr.write(f"error: {message}\n")  # one write: no other thread's output lands between it and its newline
+  sys.stderr.flush()
   # The error is said. What libraries print while the process winds down after it (e.g. tensorstore reads
   # of an unreadable checkpoint still finishing) would only bury that line.
   devnull = os.open(os.devnull, os.O_WRONLY)

@@ -228,23 +228,10 @@ def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoints(cli, small_
   args = [*SMOKE, "--config.train.num_steps=400", "--config.train.checkpoint_every=20",
           "--config.train.keep_checkpoints=100", f"--workdir={workdir}"]
   proc = cli(*args)
-  # Known gap: after the failed async save, tensorstore's C++ callbacks may print "RuntimeError: Event loop is
-  # closed" tracebacks straight to fd 2 (not through Python's logging or sys.stderr). Orbax's own traceback wall
-  # (hundreds of lines) is gone; the error is one line.
-  # Those are written by another thread at the same moment as the error line, which may land in their middle:
-  # the error line is cut out first (even from inside a line of theirs), then what is left must hold no
-  # traceback but that one.
-  import re
-  # the run's line, also where it landed inside another thread's line (even right after its "RuntimeError")
-  ours = r"error: [^\n]*no space left on device[^\n]*"
-  errors = re.findall(ours, proc.stderr) + re.findall(r"(?<![A-Za-z])error: (?![^\n]*no space left)[^\n]*",
-                                                      proc.stderr)
-  rest = re.sub(ours + r"\n?", "", proc.stderr)  # a traceback line it landed in then reads whole again
-  # (the process may exit while that thread is still writing its last line: "RuntimeError" alone, or nothing)
-  rest = re.sub(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*(?:RuntimeError(?:: Event loop is closed)?)?"
-                r"(?:\n|$)", "", rest)
-  assert "Traceback" not in rest and proc.returncode == 2, rest
-  lines = errors + error_lines(rest)
+  # tensorstore writes of the failed step still in flight report the closed loop of orbax's failed save through
+  # sys.unraisablehook; the checkpointer's hook keeps them out: nothing but the one line
+  assert "Traceback" not in proc.stderr and proc.returncode == 2, proc.stderr[-3000:]
+  lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "no space left on device" in lines[0] and "the last good checkpoint is step" in lines[0]
   line = lines[0]
   good = int(line.split("the last good checkpoint is step ")[1].split()[0])
