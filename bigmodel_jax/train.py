@@ -268,17 +268,19 @@ def _train(run: Run) -> dict:
     logging.info("step %d %s: %s", step, e.name, _brief(metrics))
     return metrics
 
-  def log(keep_last):
-    fetched = train_metrics.fetch(keep_last)
-    if not fetched:
+  def log(keep=0):
+    windows = train_metrics.fetch(t.log_every, keep)
+    if not windows:
       return
-    check_finite(fetched, run.checkpointer)
+    check_finite([m for w in windows for m in w], run.checkpointer)
     now = time.perf_counter()
-    summary = add_rates(summarize(fetched, now - train_metrics.window_start, config.data.batch_size,
-                                  run.dataset.input_shape[0] if run.dataset.is_text else 0))
+    seconds = (now - train_metrics.window_start) / sum(len(w) for w in windows)  # per step, over what was fetched
     train_metrics.window_start = now
-    run.writer.write(fetched[-1][0], "train", summary)
-    progress.report(fetched[-1][0], summary, summary["steps_per_s"])
+    for w in windows:  # several: log steps among the calls fetched at once (before an eval, a save, the end)
+      summary = add_rates(summarize(w, seconds * len(w), config.data.batch_size,
+                                    run.dataset.input_shape[0] if run.dataset.is_text else 0))
+      run.writer.write(w[-1][0], "train", summary)
+    progress.report(w[-1][0], summary, summary["steps_per_s"])
 
   def save(step):
     meta = {"step": step, "epoch": step / run.steps_per_epoch}
@@ -319,14 +321,14 @@ def _train(run: Run) -> dict:
         logging.info("start-up: %.1f s from the package's first import to the first step done", startup)
         run.writer.write(step, "startup", {"seconds_to_first_step": startup})
         train_metrics.window_start = time.perf_counter()  # throughput excludes compilation
-      if previous > start_step and (step - 1) // t.log_every > (previous - 1) // t.log_every:
-        log(keep_last=True)  # a log step (s - 1 divisible by log_every) just passed; this call keeps the device busy
+      if train_metrics.window_closed(t.log_every):
+        log(keep=train_metrics.IN_FLIGHT)  # up to a log step; the calls after it keep the device busy meanwhile
       last = step == run.total_steps
       due = [e for e in run.evaluators if last or e.due(step, run.steps_per_epoch)]
       if multi and not preempted and multihost_utils.reached_preemption_sync_point(call):
         preempted.append(interrupted[0] if interrupted else signal.SIGTERM)
       if due or step % t.checkpoint_every == 0 or preempted:
-        log(keep_last=False)  # also checks the loss is finite before anything is saved
+        log()  # every pending call; also checks the loss is finite before anything is saved
         plain = layout.plain(state)
         chosen = next((e for e in due if selection is not None and e.name == selection.eval), None)
         if chosen is not None:  # first: an early stop makes every evaluator run at this step

@@ -94,3 +94,23 @@ def test_linear_regression_recovers_coefficients(tmp_path):
   assert w == pytest.approx(w_ls, abs=2e-3) and b == pytest.approx(b_ls, abs=2e-3)
   assert final["test"]["mse"] == pytest.approx(1 / 12, rel=0.3)  # the U(0, 1) noise variance
   assert final["test"]["r2"] > 0.95
+
+
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_log_windows_end_at_log_steps_though_read_calls_late(per_call):
+  """The loop reads a window's metrics IN_FLIGHT calls after its log step; windows still end at log steps, also
+  where a full read (an eval at step 8, the end at 13) takes several windows at once."""
+  from bigmodel_jax.train_metrics import TrainMetrics
+  log_every, metrics, windows = 3, TrainMetrics(), []
+  for end in range(per_call, 14, per_call):
+    metrics.add(end, {"loss": np.arange(end - per_call + 1, end + 1, dtype=np.float32)} if per_call > 1
+                else {"loss": np.float32(end)}, per_call)
+    if metrics.window_closed(log_every):
+      windows += metrics.fetch(log_every, keep=TrainMetrics.IN_FLIGHT)
+    if end == 8 or end + per_call > 13:
+      windows += metrics.fetch(log_every)
+  steps = [[s for s, _ in w] for w in windows]
+  assert all(float(m["loss"]) == s for w in windows for s, m in w)
+  # log steps (s - 1 divisible by 3): 4, 7, 10, 13; a window ends with the call before a log step's call
+  assert steps == ([[1, 2, 3], [4, 5, 6], [7, 8], [9], [10, 11, 12], [13]] if per_call == 1 else
+                   [[1, 2], [3, 4, 5, 6], [7, 8], [9, 10, 11, 12]])
