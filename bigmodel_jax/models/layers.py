@@ -8,6 +8,7 @@ is one array, and under pmap the layout names its replica axis (layout.replica_a
 moments are averaged across devices.
 """
 
+import math
 import zlib
 
 import jax
@@ -90,6 +91,49 @@ class BatchNorm(nnx.BatchNorm):
     if self.axis_name != axis:  # (set only when it changes: a module built outside a trace may be called in one)
       self.axis_name = axis
     return super().__call__(x, use_running_average=not train)
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+  """lax.dot_general for nnx.Linear and nnx.LinearGeneral (`dot_general=`): the same values, and on XLA:CPU a kernel
+  gradient that transposes the smaller of the layer's input and its output gradient. Left to itself, XLA:CPU
+  transposes the larger one for the char GPT's MLP (tokens x 4*dim), fused with the exact GELU's gradient into a
+  loop of strided reads that took 20% of the step; this way the train step ran 1.3x faster, other models unchanged
+  (benchmarks/NOTES.md). Other backends, and contractions other than an input's trailing axes with the kernel's
+  leading ones, get lax.dot_general as it is."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  k = len(lc)
+  if (jax.default_backend() != "cpu" or not k or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim))
+      or tuple(rc) != tuple(range(k)) or rhs.ndim == k or lb or rb or precision is not None
+      or preferred_element_type is not None or out_sharding is not None):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+  inner = math.prod(rhs.shape[:k])
+  out = _linear(lhs.reshape(*lhs.shape[:-k], inner), rhs.reshape(inner, -1))
+  return out.reshape(*lhs.shape[:-k], *rhs.shape[k:])
+
+
+@jax.custom_vjp
+def _linear(x, kernel):
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _linear_fwd(x, kernel):
+  return _linear(x, kernel), (x, kernel)
+
+
+def _linear_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # rows: every position of every example
+  # the barrier keeps the transpose a copy of its own, of the smaller operand: XLA would fold it back into the dot
+  if x2.shape[1] <= dy2.shape[1]:
+    dkernel = jax.lax.optimization_barrier(x2.T) @ dy2
+  else:
+    dkernel = (jax.lax.optimization_barrier(dy2.T) @ x2).T
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,

@@ -36,7 +36,7 @@ from flax import nnx
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
 from bigmodel_jax.registry import Registry
-from bigmodel_jax.models.layers import Dropout, ExampleRngs, fold_in
+from bigmodel_jax.models.layers import Dropout, ExampleRngs, fold_in, linear_dot_general
 
 POSITIONS: Registry = Registry("position encoding", "config.model.positions")
 POSITIONS.register("learned")("learned")
@@ -100,11 +100,12 @@ class Attention(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.qkv = nnx.LinearGeneral(dim, (3, num_heads, self.head_dim), use_bias=use_bias, kernel_init=init,
                                  kernel_metadata=axes("embed", None, "heads", "head_dim"),
-                                 bias_metadata=axes(None, "heads", "head_dim"), rngs=rngs)
+                                 bias_metadata=axes(None, "heads", "head_dim"), dot_general=linear_dot_general,
+                                 rngs=rngs)
     self.out = nnx.LinearGeneral((num_heads, self.head_dim), dim, axis=(-2, -1), use_bias=use_bias,
                                  kernel_init=nnx.initializers.normal(out_std),
                                  kernel_metadata=axes("heads", "head_dim", "embed"), bias_metadata=axes("embed"),
-                                 rngs=rngs)
+                                 dot_general=linear_dot_general, rngs=rngs)
 
   def __call__(self, x_BxTxD, *, positions_T, mask=None, is_causal=False, cache=None, index=None, train=False,
                rngs=None):
@@ -131,9 +132,11 @@ class MLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, use_bias: bool, out_std: float, rngs: nnx.Rngs, gelu: str = "tanh"):
     self.gelu = gelu
     self.fc1 = nnx.Linear(dim, hidden, use_bias=use_bias, kernel_init=nnx.initializers.normal(0.02),
-                          kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"), rngs=rngs)
+                          kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"),
+                          dot_general=linear_dot_general, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, dim, use_bias=use_bias, kernel_init=nnx.initializers.normal(out_std),
-                          kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"), rngs=rngs)
+                          kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"),
+                          dot_general=linear_dot_general, rngs=rngs)
 
   def __call__(self, x):
     return self.fc2(GELUS.get(self.gelu)(self.fc1(x)))

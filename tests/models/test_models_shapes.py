@@ -145,3 +145,32 @@ def test_max_pool_gives_a_tied_windows_gradient_the_same_total():
   window_sums = lambda g: np.asarray(g).reshape(2, 3, 2, 2, 2, 3).sum(axis=(2, 4))
   np.testing.assert_allclose(window_sums(ours), window_sums(theirs), rtol=1e-6)
   np.testing.assert_allclose(window_sums(ours), weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, k", [((4, 3, 8), (8, 24), 1), ((5, 24), (24, 6), 1),
+                                                      ((2, 3, 4, 5), (5, 3, 2, 4), 1), ((2, 3, 4, 5), (4, 5, 7), 2)])
+def test_linear_dot_general_equals_dot_general_in_values_and_gradients(x_shape, kernel_shape, k):
+  """Linear (the kernel's gradient transposing the smaller operand on CPU) and LinearGeneral's contractions
+  (qkv: a kernel of several output axes; out: two contracted axes): the same values and gradients as
+  lax.dot_general, to float32 rounding (the same sums, in another order)."""
+  from bigmodel_jax.models.layers import linear_dot_general
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), kernel_shape)
+  numbers = ((tuple(range(len(x_shape) - k, len(x_shape))), tuple(range(k))), ((), ()))
+  loss = lambda dot: lambda x, w: (jax.numpy.sin(dot(x, w, numbers)) * jax.numpy.arange(1.0, 2.0, 0.01)[
+      :kernel_shape[-1]]).sum()
+  ours, theirs = linear_dot_general(x, kernel, numbers), jax.lax.dot_general(x, kernel, numbers)
+  assert ours.shape == theirs.shape
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)  # sums of <= 24 products of O(1) terms
+  grads = [jax.grad(loss(dot), (0, 1))(x, kernel) for dot in (linear_dot_general, jax.lax.dot_general)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_dot_general_passes_other_contractions_to_dot_general():
+  from bigmodel_jax.models.layers import linear_dot_general
+  x, y = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5)), jax.random.normal(jax.random.PRNGKey(1), (3, 5, 2))
+  batched = (((2,), (1,)), ((0,), (0,)))  # a batch axis: not a Linear's contraction
+  np.testing.assert_array_equal(linear_dot_general(x, y, batched), jax.lax.dot_general(x, y, batched))
+  assert "custom_vjp" not in str(jax.make_jaxpr(lambda a, b: linear_dot_general(a, b, batched))(x, y))
+  assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: linear_dot_general(a, b, (((2,), (0,)), ((), ()))))(x, y[0]))
