@@ -211,8 +211,8 @@ class Checkpointer:
         _restore_stderr(saved_stderr, captured)
         raise
       except Exception as e:
-        # tensorstore reads still in flight print "Event loop is closed" tracebacks from their own threads
-        # as they finish: let them land in the capture, then keep all of it in the workdir's log
+        # what tensorstore's reads still in flight print as they finish lands in the capture (their "Event loop is
+        # closed" callbacks are dropped by _drop_late_callbacks_on_closed_loops); all of it goes to the workdir's log
         _wait_until_quiet(captured)
         _restore_stderr(saved_stderr)
         log = self.directory.parent / "restore_error.log"
@@ -283,7 +283,7 @@ def _drop_late_callbacks_on_closed_loops() -> None:
   def hook(unraisable):
     if (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
         and str(unraisable.exc_value) == "Event loop is closed"):
-      logging.vlog(1, "a tensorstore callback found its asyncio loop closed (after a failed checkpoint write)")
+      logging.vlog(1, "a tensorstore callback found its asyncio loop closed (an orbax save or restore that failed)")
       return
     previous(unraisable)
 

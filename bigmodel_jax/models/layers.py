@@ -10,10 +10,12 @@ moments are averaged across devices.
 
 import math
 import zlib
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bigmodel_jax import layout
 
@@ -93,43 +95,58 @@ class BatchNorm(nnx.BatchNorm):
     return super().__call__(x, use_running_average=not train)
 
 
-def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+LINEAR_OUTPUT = "linear_output"  # checkpoint_name of linear_dot_general's outputs: remat's dots policies keep them
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
+                       **kwargs):
   """lax.dot_general for nnx.Linear and nnx.LinearGeneral (`dot_general=`): the same values, and on XLA:CPU a kernel
   gradient that transposes the smaller of the layer's input and its output gradient. Left to itself, XLA:CPU
   transposes the larger one for the char GPT's MLP (tokens x 4*dim), fused with the exact GELU's gradient into a
-  loop of strided reads that took 20% of the step; this way the train step ran 1.3x faster, other models unchanged
-  (benchmarks/NOTES.md). Other backends, and contractions other than an input's trailing axes with the kernel's
+  loop of strided reads that took 20% of the step; this way the train step ran 1.2-1.4x faster, other models unchanged
+  (benchmarks/NOTES.md). No axis is merged or split, so sharded kernels stay sharded. Its output is named
+  LINEAR_OUTPUT for remat's dots policies (which cannot see a dot inside a custom VJP), and it has no forward-mode
+  derivative (jax.jvp). Other backends, and contractions other than an input's trailing axes with the kernel's
   leading ones, get lax.dot_general as it is."""
   (lc, rc), (lb, rb) = dimension_numbers
   k = len(lc)
   if (jax.default_backend() != "cpu" or not k or tuple(lc) != tuple(range(lhs.ndim - k, lhs.ndim))
       or tuple(rc) != tuple(range(k)) or rhs.ndim == k or lb or rb or precision is not None
-      or preferred_element_type is not None or out_sharding is not None):
+      or preferred_element_type is not None or out_sharding is not None or kwargs):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
-  inner = math.prod(rhs.shape[:k])
-  out = _linear(lhs.reshape(*lhs.shape[:-k], inner), rhs.reshape(inner, -1))
-  return out.reshape(*lhs.shape[:-k], *rhs.shape[k:])
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding, **kwargs)
+  return checkpoint_name(_linear(lhs, rhs, k), LINEAR_OUTPUT)
 
 
-@jax.custom_vjp
-def _linear(x, kernel):
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+def _contract(a, b, k: int):
+  """a's trailing k axes against b's leading k axes."""
+  return jax.lax.dot_general(a, b, ((tuple(range(a.ndim - k, a.ndim)), tuple(range(k))), ((), ())))
 
 
-def _linear_fwd(x, kernel):
-  return _linear(x, kernel), (x, kernel)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x, kernel, k: int):
+  return _contract(x, kernel, k)
 
 
-def _linear_bwd(residuals, dy):
+def _linear_fwd(x, kernel, k):
+  return _linear(x, kernel, k), (x, kernel)
+
+
+def _linear_bwd(k, residuals, dy):
   x, kernel = residuals
-  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # rows: every position of every example
-  # the barrier keeps the transpose a copy of its own, of the smaller operand: XLA would fold it back into the dot
-  if x2.shape[1] <= dy2.shape[1]:
-    dkernel = jax.lax.optimization_barrier(x2.T) @ dy2
+  n_in, n_out = k, kernel.ndim - k  # kernel: k input axes, then output axes; x: rows (batch, positions), then inputs
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(dy.ndim - n_out, dy.ndim)), tuple(range(n_in, kernel.ndim))),
+                                        ((), ())))
+  # rows in one axis (the leading ones, merged: a batch sharding stays one); then the smaller operand transposed to
+  # (features, rows), a copy of its own behind the barrier (XLA would fold a plain transpose back into the dot)
+  rows = math.prod(x.shape[:x.ndim - n_in])
+  x2, dy2 = x.reshape(rows, *x.shape[x.ndim - n_in:]), dy.reshape(rows, *dy.shape[dy.ndim - n_out:])
+  rows_last = lambda a: jax.lax.optimization_barrier(jnp.transpose(a, (*range(1, a.ndim), 0)))
+  if math.prod(kernel.shape[:n_in]) <= math.prod(kernel.shape[n_in:]):
+    dkernel = _contract(rows_last(x2), dy2, 1)  # (input axes, output axes)
   else:
-    dkernel = (jax.lax.optimization_barrier(dy2.T) @ x2).T
+    dkernel = _contract(rows_last(dy2), x2, 1)  # (output axes, input axes): turned below
+    dkernel = jnp.transpose(dkernel, (*range(n_out, n_out + n_in), *range(n_out)))
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 

@@ -36,16 +36,20 @@ from flax import nnx
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
 from bigmodel_jax.registry import Registry
-from bigmodel_jax.models.layers import Dropout, ExampleRngs, fold_in, linear_dot_general
+from bigmodel_jax.models.layers import LINEAR_OUTPUT, Dropout, ExampleRngs, fold_in, linear_dot_general
 
 POSITIONS: Registry = Registry("position encoding", "config.model.positions")
 POSITIONS.register("learned")("learned")
 POSITIONS.register("rotary")("rotary")
 # config.model.remat -> jax.checkpoint policy: which intermediates of a block the backward pass may keep
 REMAT_POLICIES: Registry = Registry("remat policy", "config.model.remat")
+# (the projections' dots run inside linear_dot_general's custom VJP, out of the policies' sight: kept by name)
+_projections = jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT)
 for _name, _policy in {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                       "dots": jax.checkpoint_policies.dots_saveable,
-                       "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.items():
+                       "dots": jax.checkpoint_policies.save_from_both_policies(
+                           jax.checkpoint_policies.dots_saveable, _projections),
+                       "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+                           jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _projections)}.items():
   REMAT_POLICIES.register(_name)(_policy)
 NORMS: Registry = Registry("block normalisation", "config.model.norm")
 NORMS.register("pre")("pre")  # x + f(LN(x)), then a final LayerNorm (GPT-2)
