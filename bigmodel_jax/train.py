@@ -269,15 +269,9 @@ def _train(run: Run) -> dict:
     return metrics
 
   def log(keep=0):
-    windows = train_metrics.fetch(t.log_every, keep)
-    if not windows:
-      return
-    now = time.perf_counter()
-    seconds = (now - train_metrics.window_start) / sum(len(w) for w in windows)  # per step, over what was fetched
-    train_metrics.window_start = now
-    for w in windows:  # several: log steps among the calls fetched at once (before an eval, a save, the end)
+    for w, seconds in train_metrics.read(t.log_every, keep):  # several windows before an eval, a save, the end
       check_finite(w, run.checkpointer)  # a window is recorded only if finite, and the ones before it are
-      summary = add_rates(summarize(w, seconds * len(w), config.data.batch_size,
+      summary = add_rates(summarize(w, seconds, config.data.batch_size,
                                     run.dataset.input_shape[0] if run.dataset.is_text else 0))
       run.writer.write(w[-1][0], "train", summary)
       progress.report(w[-1][0], summary, summary["steps_per_s"])

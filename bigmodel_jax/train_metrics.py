@@ -44,6 +44,16 @@ class TrainMetrics:
       previous = step
     return windows
 
+  def read(self, log_every: int, keep: int = 0) -> list[tuple[list[tuple[int, dict]], float]]:
+    """fetch()'s windows, each with its seconds: the time since the last read, shared out by steps."""
+    windows = self.fetch(log_every, keep)
+    if not windows:
+      return []
+    now = time.perf_counter()
+    per_step = (now - self.window_start) / sum(len(w) for w in windows)
+    self.window_start = now
+    return [(w, per_step * len(w)) for w in windows]
+
 
 def _crosses(previous: int, step: int, log_every: int) -> bool:
   """Whether a call ending at `step`, after one ending at `previous`, holds a log step."""
