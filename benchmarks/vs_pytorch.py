@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.measures import Unavailable, _bare_run, _batches, _compile_s, _records, _step_rate, load
+from benchmarks.measures import Unavailable, _bare_run, _batches, _feed, _feed_rate, _records, load
 
 
 def _torch():
@@ -106,13 +106,14 @@ def vs_pytorch(name: str, steps: int, repeats: int, text: str = "") -> list[dict
     run = _bare_run(load(name, text), Path(tmp) / "run", steps)
     if run.config.model.name not in MODELS:
       raise ValueError(f"vs_pytorch: no PyTorch twin of model {run.config.model.name!r}")
-    layout, state = run.steps.layout, [run.steps.layout.place(run.steps.init())]
-    host = list(itertools.islice(_batches(run, steps), steps))
-    compile_s = _compile_s(run, state, layout.train_batch(host[0]))
+    state, feed = [run.steps.layout.place(run.steps.init())], _feed(run)
+    host = list(itertools.islice(_batches(run, steps), steps))  # PyTorch's batches (ours: the same draws)
+    start = time.perf_counter()
+    _feed_rate(state, feed, 1)  # compiles
+    compile_s = time.perf_counter() - start
 
-    def ours():
-      batches = iter(host)
-      return _step_rate(run, state, lambda: layout.train_batch(next(batches)), steps)
+    def ours():  # fed as our train loop feeds it (config.data.on_device: gathered on the device)
+      return _feed_rate(state, feed, steps)
 
     torch.manual_seed(0)
     net, optimizer, to_torch, loss_fn, clip = MODELS[run.config.model.name](torch, run)

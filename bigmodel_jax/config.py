@@ -15,7 +15,7 @@ from bigmodel_jax.errors import UserError
 from bigmodel_jax.parallel import RULES
 
 # Fields that change how a run is operated, not what it computes: they may differ on resume.
-RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.eval_batch_size",
+RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.on_device", "data.eval_batch_size",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.allow_config_change", "train.allow_data_change", "train.progress_bar", "train.compilation_cache",
                   "train.trackers", "train.tracking.",
@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
       # fastest on 2 CPU cores (benchmarks/step_overhead.py); raise it for heavy augmentation
       num_threads=0,  # grain read threads (0: batches built on the training thread)
       prefetch=4,  # batches read ahead when num_threads > 0
+      # the training split on the device(s), each batch gathered inside the train step from the example indices the
+      # host draws as it always does (same batches, same resume); for splits that fit, without augmentation
+      on_device=False,  # keep the training split on the device; only each batch's indices are sent per step
       # text datasets
       path="",  # a local text file instead of fetching (tiny_shakespeare)
       seq_len=128,  # tokens per example: LM window (block size) or classifier input length (truncated/padded)
@@ -366,6 +369,7 @@ def validate_fields(config, training: bool = True) -> None:
   from bigmodel_jax import config_checks
   config_checks.check_evals(config)
   config_checks.check_init(config)
+  config_checks.check_on_device(config)
   metric_names = TASKS.get(config.task.name).metric_names
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")

@@ -31,6 +31,17 @@ def check_evals(config) -> None:
            "early stopping reads the selection evaluator; set train.best_eval (e.g. 'validation') or patience 0")
 
 
+def check_on_device(config) -> None:
+  """config.data.on_device: the split gathered on the device needs the host's batch as it is stored."""
+  d = config.data
+  _check(isinstance(d.on_device, bool), "data.on_device", f"must be True or False, got {d.on_device!r}")
+  if not d.on_device:
+    return
+  _check(not (d.augment.random_crop_padding or d.augment.horizontal_flip), "data.on_device",
+         "augmentation (data.augment.*) runs on the host, batch by batch; turn augmentation off or set "
+         "data.on_device=False")
+
+
 EVALUATOR = ("split", "every")  # the fields of one config.evals entry
 RESERVED_EVAL_NAMES = ("eval", "metric", "mode", "value", "step")  # best's own fields (its evaluators sit beside)
 

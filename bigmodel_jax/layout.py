@@ -74,9 +74,15 @@ class Layout(abc.ABC):
   name: str  # its config.parallel.strategy
 
   @abc.abstractmethod
-  def compile_train(self, train_step, stacked: bool = False):
+  def compile_train(self, train_step, stacked: bool = False, data: bool = False):
     """The train step (state, batch) -> (state, metrics), compiled for this layout; `stacked`: its batch is
-    several steps' batches stacked on a leading axis (train_batches), its metrics stacked likewise."""
+    several steps' batches stacked on a leading axis (train_batches), its metrics stacked likewise; `data`: its
+    second argument is not a batch but arrays placed by place_data (config.data.on_device), never donated."""
+
+  @abc.abstractmethod
+  def place_data(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Arrays every device keeps whole (config.data.on_device: the training split and its index table), placed
+    for compile_train(data=True); each process passes the same arrays."""
 
   def place(self, state):
     return state
@@ -104,6 +110,10 @@ class Layout(abc.ABC):
   def eval_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return global_batch(self._with_rows(local_batch), self.batch_sharding)
 
+  def constrain_batch(self, batch):
+    """A batch made inside a step (config.data.on_device) split over the data axes like a batch sent in."""
+    return batch
+
   def constrain_microbatches(self, micro):
     """Microbatches (k x B/k x ...) stay split over the data axes like the batch."""
     return micro
@@ -125,10 +135,17 @@ class JitLayout(Layout):
   """jax.jit over the mesh with explicit in/out shardings: data, FSDP and tensor parallel, the state donated."""
   name = "jit"
 
-  def compile_train(self, train_step, stacked: bool = False):
+  def compile_train(self, train_step, stacked: bool = False, data: bool = False):
     batches = self.stacked_batch_sharding if stacked else self.batch_sharding
-    return jax.jit(train_step, in_shardings=(self.state_sharding, batches),
+    return jax.jit(train_step, in_shardings=(self.state_sharding, self.replicated if data else batches),
                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+
+  def constrain_batch(self, batch):
+    return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+  def place_data(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_callback(a.shape, self.replicated, lambda index, a=a: a[index])
+            for k, a in arrays.items()}
 
   def constrain_microbatches(self, micro):
     spec = P(None, *self.batch_sharding.spec)
@@ -157,7 +174,7 @@ class PmapLayout(Layout):
                               out_shardings=self._stacked)
     self._unreplicate = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.state_sharding)
 
-  def compile_train(self, train_step, stacked: bool = False):
+  def compile_train(self, train_step, stacked: bool = False, data: bool = False):
     def traced(state, batch):
       with _replica_axis(DATA_AXIS):
         return train_step(state, batch)
@@ -166,6 +183,15 @@ class PmapLayout(Layout):
 
   def place(self, state):
     return self._replicate(state)
+
+  def place_data(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    n = len(self.devices)  # one copy per replica, on the leading device axis like the state
+    return {k: jax.device_put(np.broadcast_to(a, (n, *np.shape(a))), self._stacked) for k, a in arrays.items()}
+
+  def constrain_batch(self, batch):
+    """A global batch made inside the step: this replica keeps its own rows (those the host would send it)."""
+    i, n = jax.lax.axis_index(DATA_AXIS), len(self.devices)
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * (x.shape[0] // n), x.shape[0] // n), batch)
 
   def plain(self, state):
     return self._unreplicate(state)

@@ -63,6 +63,7 @@ class Steps:
                compute_dtype: str = "float32", grad_accum_steps: int = 1):
     """`make_optimizers(abstract_params) -> {name: optim.Optimizer}` (each owns a part of the parameters)."""
     self.task = task
+    self.input_shape = tuple(input_shape)
     self.compute_dtype = DTYPES.get(compute_dtype)
     self.grad_accum_steps = grad_accum_steps
     abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(params=0)))
@@ -89,6 +90,7 @@ class Steps:
     self.train_steps = self.layout.compile_train(self._train_steps, stacked=True)  # k steps per call
     self.eval_step = self.layout.compile_eval(self._eval_step)
     self.predict_step = self.layout.compile_predict(self._predict_step)
+    self._on_device = {}  # on_device(k): compiled on first use
 
   def model(self, state: TrainState, cast: bool = False) -> nnx.Module:
     """The NNX module holding `state`'s values (`cast`: parameters in the compute dtype)."""
@@ -177,6 +179,21 @@ class Steps:
     """len(batches) train steps in one call (config.train.steps_per_call): the same step, scanned over batches
     stacked on a leading axis; metrics come back stacked likewise."""
     return jax.lax.scan(self._train_step, state, batches)
+
+  def on_device(self, k: int):
+    """config.data.on_device (data.feed.DeviceFeed): k train steps in one call, (state, data) -> (state, metrics),
+    each step gathering its batch from `data` by its own step counter (metrics stacked when k > 1)."""
+    if k not in self._on_device:
+      from bigmodel_jax.data import feed
+
+      def one(state, data):
+        batch = self.layout.constrain_batch(feed.gather(data, state.step, self.input_shape[0]))
+        return self._train_step(state, batch)
+
+      def several(state, data):
+        return jax.lax.scan(lambda s, _: one(s, data), state, None, length=k)
+      self._on_device[k] = self.layout.compile_train(one if k == 1 else several, data=True)
+    return self._on_device[k]
 
   def _eval_step(self, state: TrainState, batch, sums):
     step_sums = self.task.evaluate_batch(self.model(state, cast=True), self._cast_inputs(batch))

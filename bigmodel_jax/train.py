@@ -23,7 +23,7 @@ import bigmodel_jax
 from bigmodel_jax import (distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, runinfo,
                           speed)
 from bigmodel_jax.checkpoint import Checkpointer
-from bigmodel_jax.data import Dataset, fingerprint, load_dataset, pipeline
+from bigmodel_jax.data import Dataset, feed, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
@@ -230,8 +230,7 @@ def _train(run: Run) -> dict:
     fingerprint.record(run.workdir, run.dataset, start_step)
     model_card.write(run.workdir, model_card.describe(run.dataset, run.task, config))  # rebuilds it without data
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
-  batches = iter(pipeline.train_dataset(run.dataset, config.data, seed=config.seed, num_steps=run.total_steps,
-                                        process_index=jax.process_index(), process_count=jax.process_count()))
+  batches = feed.make_feed(run)  # batches sent from the host, or (data.on_device) gathered on the device
   logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
                config.model.name, run.dataset.name, start_step, run.total_steps, run.steps_per_epoch,
                config.data.batch_size, jax.device_count())
@@ -302,10 +301,7 @@ def _train(run: Run) -> dict:
       if step >= end:
         break
       n = call_length(step)
-      if n == 1:
-        state, metrics = run.steps.train_step(state, layout.train_batch(next(batches)))
-      else:
-        state, metrics = run.steps.train_steps(state, layout.train_batches([next(batches) for _ in range(n)]))
+      state, metrics = batches(state, step, n)
       previous, step = step, step + n  # the updates done after this call
       train_metrics.add(step, metrics, n)
       progress.advance(step)

@@ -13,6 +13,7 @@ def get_config(variant: str = ""):
   c = base_config()
   c.data.name = "digits"
   c.data.batch_size = 32
+  c.data.on_device = True  # the training split kept on the device, no batch sent per step (benchmarks/NOTES.md)
   c.model = model_config("mlp", hidden_sizes=(128, 128), dropout_rate=0.1)
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3

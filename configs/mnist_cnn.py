@@ -17,6 +17,7 @@ def get_config(variant: str = ""):
   c = base_config()
   c.data.name = "mnist"
   c.data.batch_size = 32
+  c.data.on_device = True  # the training split kept on the device, no batch sent per step (benchmarks/NOTES.md)
   c.model = model_config("cnn", conv_features=(32, 64, 64), kernel_size=3, pool_after=2, dense_features=(64,))
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3

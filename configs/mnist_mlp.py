@@ -14,6 +14,7 @@ def get_config(variant: str = ""):
   c = base_config()
   c.data.name = "mnist"
   c.data.batch_size = 128
+  c.data.on_device = True  # the training split kept on the device, no batch sent per step (benchmarks/NOTES.md)
   c.model = model_config("mlp", hidden_sizes=(512, 512), activation="relu", dropout_rate=0.2)
   c.optimizer.learning_rate = 1e-3
   c.train.num_epochs = 10

@@ -92,6 +92,8 @@ BAD_INPUTS = [
     pytest.param([SMOKE, "--config.model.name=cnn"],
                  ["config.model.hidden_sizes", "model_config('cnn')"], id="switch-model-on-command-line"),
     pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "modes on a checkpoint (eval, predict"], id="checkpoint-step-in-train"),
+    pytest.param([SMOKE, "--config.data.on_device=true", "--config.data.augment.horizontal_flip=true"],
+                 ["config.data.on_device", "augmentation", "data.on_device=False"], id="on-device-with-augmentation"),
     pytest.param([SMOKE, "--config.data.validation_fraction=1.5"], ["config.data.validation_fraction", "(0, 1)"],
                  id="validation-fraction"),
     pytest.param([SMOKE, "--config.data.validation_fraction=0"],

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from conftest import wait_for_checkpoint
+from conftest import load_config, wait_for_checkpoint
 
 ARGS = ["--config=configs/digits_mlp.py", "--config.train.num_steps=2500", "--config.evals.validation.every=1000",
         "--config.train.checkpoint_every=500", "--config.train.log_every=100"]
@@ -71,6 +71,19 @@ def test_several_steps_per_call_train_the_same_run_and_resume_exactly(cli, tmp_p
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if r["split"] == "train"]
   assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 2500
+
+
+def test_data_on_device_trains_the_same_run_and_resumes_exactly_either_way(cli, tmp_path, reference):
+  """config.data.on_device set the other way from the config's (the split on the device, each step gathering its
+  batch): the same run, bit for bit, also when it is stopped with SIGTERM and relaunched the config's way."""
+  other = f"--config.data.on_device={not load_config('digits_mlp').data.on_device}"
+  proc = start_and_wait_for_checkpoint(cli, tmp_path, [*ARGS, other, "--config.train.steps_per_call=3"])
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+  resumed = cli(*ARGS, f"--workdir={tmp_path}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
 
 
 def test_a_second_run_in_the_same_workdir_is_refused(cli, tmp_path):

@@ -89,43 +89,56 @@ class EpochIndexer:
 
 
 def random_windows(tokens: np.ndarray, seq_len: int, global_batch_size: int, *, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> Callable[[int], Batch]:
+                   process_count: int = 1, starts_only: bool = False) -> Callable[[int], Batch]:
   """Language-model batches as nanoGPT draws them: `global_batch_size` windows of seq_len + 1 tokens at
   random offsets of the stream, drawn from a generator seeded by (seed, step), so any step is reproducible
-  on its own (resume needs no iterator state beyond the step) and each process keeps its rows."""
+  on its own (resume needs no iterator state beyond the step) and each process keeps its rows.
+  `starts_only`: each window's first position as "index" instead (config.data.on_device gathers the windows)."""
   local = global_batch_size // process_count
   offset = process_index * local
   span = np.arange(seq_len + 1)
 
   def gather(step):
     starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=global_batch_size)
+    if starts_only:
+      return {"index": starts[offset:offset + local].astype(np.int32), "mask": np.ones(local, np.float32)}
     w = tokens[starts[offset:offset + local, None] + span]
     return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": np.ones(local, np.float32)}
+  return gather
+
+
+def batch_function(dataset: Dataset, data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                   indices_only: bool = False) -> Callable[[int], Batch]:
+  """Global step -> this process's rows of that step's training batch {'inputs','targets','mask'}, as stored
+  (before augmentation and preprocessing). `indices_only`: {'index','mask'} instead, each row's example index
+  (a token stream: its window's first position), the same draws (config.data.on_device gathers the rows)."""
+  split = dataset.train
+  if dataset.is_token_stream:
+    return random_windows(split["tokens"], dataset.input_shape[0], data_config.batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count, starts_only=indices_only)
+  indexer = EpochIndexer(dataset.num_examples("train"), data_config.batch_size, seed=seed,
+                         shuffle=data_config.shuffle, drop_remainder=data_config.drop_remainder,
+                         process_index=process_index, process_count=process_count)
+
+  def gather(step):
+    idx, mask = indexer(step)
+    if indices_only:
+      return {"index": idx.astype(np.int32), "mask": mask}
+    return {"inputs": split["inputs"][idx], "targets": split["targets"][idx], "mask": mask}
   return gather
 
 
 def train_dataset(dataset: Dataset, data_config, *, seed: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
   """The training stream as a grain dataset of `num_steps` local batches {'inputs','targets','mask'}."""
-  split = dataset.train
   preprocess = make_preprocess(dataset, data_config)
-  if dataset.is_token_stream:
-    gather = random_windows(split["tokens"], dataset.input_shape[0], data_config.batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count)
-  else:
-    indexer = EpochIndexer(dataset.num_examples("train"), data_config.batch_size, seed=seed,
-                           shuffle=data_config.shuffle, drop_remainder=data_config.drop_remainder,
-                           process_index=process_index, process_count=process_count)
-
-    def gather(step):
-      idx, mask = indexer(step)
-      return {"inputs": split["inputs"][idx], "targets": split["targets"][idx], "mask": mask}
-
-  ds = grain.MapDataset.range(num_steps).map(gather)
+  ds = grain.MapDataset.range(num_steps).map(batch_function(dataset, data_config, seed=seed,
+                                                            process_index=process_index, process_count=process_count))
   aug = data_config.augment
   if dataset.is_image and (aug.random_crop_padding or aug.horizontal_flip):
+    local = data_config.batch_size // process_count
     ds = ds.random_map(lambda b, rng: augment(b, rng, aug.random_crop_padding, aug.horizontal_flip,
-                                              indexer.offset, indexer.batch_size), seed=seed)
+                                              process_index * local, data_config.batch_size), seed=seed)
   ds = ds.map(lambda b: {**b, "inputs": preprocess(b["inputs"])})
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                               prefetch_buffer_size=data_config.prefetch))

@@ -1,0 +1,100 @@
+"""How the train loop feeds its steps: `feed(state, step, n) -> (state, metrics)` runs the n train steps from `step`
+on the training stream's batches; get_state / set_state are the data position a checkpoint keeps.
+
+HostFeed (the default): each batch drawn on the host (pipeline.train_dataset, a grain iterator) and sent to the
+devices with the call.
+
+DeviceFeed (config.data.on_device): the training split is kept on the devices, replicated, and no batch crosses per
+step. The host draws each step's example indices (a token stream: window starts) with the very function the host
+pipeline uses (pipeline.batch_function), a table of them for the next TABLE_STEPS steps at a time, sent once; the
+step reads its own row of the table by its step counter and gathers its batch from the split. The split is
+preprocessed once by the host pipeline's numpy function, so the gathered values are the host's bit for bit: the
+same batches, the same numbers, the same checkpointed position ({'next_index': step}) and exact resume either way,
+at the cost of the split's bytes on every device (logged when it is placed).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bigmodel_jax.data import Dataset, pipeline
+
+
+def make_feed(run, on_device: bool | None = None, num_steps: int | None = None):
+  """The feed config.data.on_device asks for (or `on_device`), over the run's steps (or `num_steps`)."""
+  on_device = run.config.data.on_device if on_device is None else on_device
+  return (DeviceFeed if on_device else HostFeed)(run, num_steps or run.total_steps)
+
+
+class HostFeed:
+  def __init__(self, run, num_steps: int):
+    self.steps, self.layout = run.steps, run.steps.layout
+    self.batches = iter(pipeline.train_dataset(run.dataset, run.config.data, seed=run.config.seed, num_steps=num_steps,
+                                               process_index=jax.process_index(), process_count=jax.process_count()))
+
+  def __call__(self, state, step: int, n: int = 1):
+    if n == 1:
+      return self.steps.train_step(state, self.layout.train_batch(next(self.batches)))
+    return self.steps.train_steps(state, self.layout.train_batches([next(self.batches) for _ in range(n)]))
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, saved):
+    self.batches.set_state(saved)
+
+
+def split_arrays(dataset: Dataset, data_config) -> dict[str, np.ndarray]:
+  """The training split as the devices keep it: {'tokens'} (a token stream) or preprocessed {'inputs','targets'}."""
+  if dataset.is_token_stream:
+    return {"tokens": dataset.train["tokens"]}
+  return {"inputs": pipeline.make_preprocess(dataset, data_config)(dataset.train["inputs"]),
+          "targets": dataset.train["targets"]}
+
+
+def gather(data: dict[str, jax.Array], step: jax.Array, seq_len: int) -> dict[str, jax.Array]:
+  """Inside the compiled step: global step `step`'s batch {'inputs','targets','mask','row'} from `data` (the split
+  and an index table whose row 0 is step data['first'])."""
+  row = step - data["first"]
+  index, mask = data["index"][row], data["mask"][row]
+  batch = {"mask": mask, "row": jnp.arange(mask.shape[0], dtype=jnp.int32)}
+  if "tokens" in data:
+    windows = jnp.take(data["tokens"], index[:, None] + jnp.arange(seq_len + 1), axis=0)
+    return {**batch, "inputs": windows[:, :-1], "targets": windows[:, 1:]}
+  return {**batch, "inputs": jnp.take(data["inputs"], index, axis=0),
+          "targets": jnp.take(data["targets"], index, axis=0)}
+
+
+class DeviceFeed:
+  TABLE_STEPS = 1000  # steps of indices sent at a time (MNIST batch 32: 128 KB)
+
+  def __init__(self, run, num_steps: int):
+    self.steps, self.layout = run.steps, run.steps.layout
+    self.split = self.layout.place_data(split_arrays(run.dataset, run.config.data))
+    logging.info("data.on_device: the training split (%.1f MB) is on every device; each step gathers its batch",
+                 sum(a.nbytes for a in self.split.values()) / 2**20)
+    # the global batch's indices (every process draws all rows; the step keeps each device's own)
+    self.draw = pipeline.batch_function(run.dataset, run.config.data, seed=run.config.seed, indices_only=True)
+    self.table, self.first, self.last, self.next_index = None, 0, 0, 0
+
+  def __call__(self, state, step: int, n: int = 1):
+    # the step reads its table row by its own counter, which must be `step`: a call out of turn is refused (the
+    # train loop's calls follow each other from the checkpoint's position, which is the state's step)
+    if step != self.next_index:
+      raise RuntimeError(f"DeviceFeed: called for step {step}, but the stream is at step {self.next_index}")
+    if self.table is None or not self.first <= step <= step + n <= self.last:
+      count = max(n, self.TABLE_STEPS)  # rows past the run's last step are drawn like any other, never read
+      rows = [self.draw(s) for s in range(step, step + count)]
+      table = {"index": np.stack([r["index"] for r in rows]), "mask": np.stack([r["mask"] for r in rows]),
+               "first": np.int32(step)}
+      self.table = self.layout.place_data(table)
+      self.first, self.last = step, step + count
+    self.next_index = step + n
+    return self.steps.on_device(n)(state, {**self.split, **self.table})
+
+  def get_state(self):
+    return {"next_index": self.next_index}
+
+  def set_state(self, saved):
+    self.next_index = int(saved["next_index"])
