@@ -297,6 +297,8 @@ def _train(run: Run) -> dict:
   end = start_step if stopped else run.total_steps
   step = start_step
   try:
+    if step < end:  # every train function the loop will call, compiled before its first step (concurrently)
+      batches.compile(state, [1] + ([t.steps_per_call] if 1 < t.steps_per_call <= end - step else []))
     for call in range(start_step + 1, end + 1):  # counts dispatches (the preemption sync point counts those)
       if step >= end:
         break

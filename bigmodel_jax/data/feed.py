@@ -13,6 +13,8 @@ same batches, the same numbers, the same checkpointed position ({'next_index': s
 at the cost of the split's bytes on every device (logged when it is placed).
 """
 
+from concurrent import futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,27 @@ def make_feed(run, on_device: bool | None = None, num_steps: int | None = None):
   return (DeviceFeed if on_device else HostFeed)(run, num_steps or run.total_steps)
 
 
-class HostFeed:
+class Feed:
+  def compile(self, state, sizes) -> None:
+    """Compiles the train functions for calls of these sizes (steps per call: 1 and config.train.steps_per_call),
+    concurrently, before the first step, so that the loop never stops to compile one mid-run."""
+    calls = [(self.function(n), self.example(n)) for n in sizes]  # here: the threads below only compile
+    with futures.ThreadPoolExecutor(len(calls)) as pool:
+      for done in [pool.submit(lambda f, x: f.lower(state, x).compile(), f, x) for f, x in calls]:
+        done.result()
+
+  def function(self, n: int):
+    """The compiled function of a call of n steps."""
+    raise NotImplementedError
+
+  def example(self, n: int):
+    """The second argument of such a call (its arrays' shapes and shardings are what count)."""
+    raise NotImplementedError
+
+
+class HostFeed(Feed):
   def __init__(self, run, num_steps: int):
-    self.steps, self.layout = run.steps, run.steps.layout
+    self.run, self.steps, self.layout = run, run.steps, run.steps.layout
     self.batches = iter(pipeline.train_dataset(run.dataset, run.config.data, seed=run.config.seed, num_steps=num_steps,
                                                process_index=jax.process_index(), process_count=jax.process_count()))
 
@@ -37,6 +57,14 @@ class HostFeed:
     if n == 1:
       return self.steps.train_step(state, self.layout.train_batch(next(self.batches)))
     return self.steps.train_steps(state, self.layout.train_batches([next(self.batches) for _ in range(n)]))
+
+  def function(self, n: int):
+    return self.steps.train_step if n == 1 else self.steps.train_steps
+
+  def example(self, n: int):
+    batch = next(iter(pipeline.train_dataset(self.run.dataset, self.run.config.data, seed=0, num_steps=1,
+                                             process_index=jax.process_index(), process_count=jax.process_count())))
+    return self.layout.train_batch(batch) if n == 1 else self.layout.train_batches([batch] * n)
 
   def get_state(self):
     return self.batches.get_state()
@@ -66,7 +94,7 @@ def gather(data: dict[str, jax.Array], step: jax.Array, seq_len: int) -> dict[st
           "targets": jnp.take(data["targets"], index, axis=0)}
 
 
-class DeviceFeed:
+class DeviceFeed(Feed):
   TABLE_STEPS = 1000  # steps of indices sent at a time (MNIST batch 32: 128 KB)
 
   def __init__(self, run, num_steps: int):
@@ -83,6 +111,11 @@ class DeviceFeed:
     # train loop's calls follow each other from the checkpoint's position, which is the state's step)
     if step != self.next_index:
       raise RuntimeError(f"DeviceFeed: called for step {step}, but the stream is at step {self.next_index}")
+    self.next_index = step + n
+    return self.steps.on_device(n)(state, self._data(step, n))
+
+  def _data(self, step: int, n: int):
+    """The split and an index table covering steps [step, step + n)."""
     if self.table is None or not self.first <= step <= step + n <= self.last:
       count = max(n, self.TABLE_STEPS)  # rows past the run's last step are drawn like any other, never read
       rows = [self.draw(s) for s in range(step, step + count)]
@@ -90,8 +123,13 @@ class DeviceFeed:
                "first": np.int32(step)}
       self.table = self.layout.place_data(table)
       self.first, self.last = step, step + count
-    self.next_index = step + n
-    return self.steps.on_device(n)(state, {**self.split, **self.table})
+    return {**self.split, **self.table}
+
+  def function(self, n: int):
+    return self.steps.on_device(n)
+
+  def example(self, n: int):
+    return self._data(self.next_index, n)
 
   def get_state(self):
     return {"next_index": self.next_index}
