@@ -100,14 +100,15 @@ MODELS = {"cnn": _cnn, "gpt": _gpt}
 
 
 def vs_pytorch(name: str, steps: int, repeats: int, text: str = "") -> list[dict]:
-  """Rows: our step (fed by our pipeline's batches) vs PyTorch eager, and vs torch.compile, steps/s."""
+  """Rows: our step (fed as our train loop feeds it: config.data.on_device gathers on the device, each round
+  continuing the stream) vs PyTorch eager, and vs torch.compile, on batches of the same pipeline and shapes."""
   torch = _torch()
   with tempfile.TemporaryDirectory() as tmp:
     run = _bare_run(load(name, text), Path(tmp) / "run", steps)
     if run.config.model.name not in MODELS:
       raise ValueError(f"vs_pytorch: no PyTorch twin of model {run.config.model.name!r}")
     state, feed = [run.steps.layout.place(run.steps.init())], _feed(run)
-    host = list(itertools.islice(_batches(run, steps), steps))  # PyTorch's batches (ours: the same draws)
+    host = list(itertools.islice(_batches(run, steps), steps))  # PyTorch's, the pipeline's first; ours continue
     start = time.perf_counter()
     _feed_rate(state, feed, 1)  # compiles
     compile_s = time.perf_counter() - start
@@ -154,7 +155,7 @@ def vs_pytorch(name: str, steps: int, repeats: int, text: str = "") -> list[dict
       our_rates, their_rates = harness.alternate(ours, torch_rate(step), repeats)
       ratios = [a / b for a, b in zip(our_rates, their_rates)]
       rows.append(harness.row("vs_pytorch", name, f"our step vs {variant}", "steps/s",
-                              "steps after the first / seconds, same batches; ratio = ours / PyTorch per round",
+                              "steps after the first / seconds, the same pipeline's batches; ratio = ours / PyTorch per round",
                               our_rates, compile_s=compile_s, reference=(variant, their_rates), ratios=ratios,
                               target=">= 1.0x", meets=harness.summary(ratios)["median"] >= 1.0,
                               notes=f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch "

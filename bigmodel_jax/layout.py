@@ -111,7 +111,8 @@ class Layout(abc.ABC):
     return global_batch(self._with_rows(local_batch), self.batch_sharding)
 
   def constrain_batch(self, batch):
-    """A batch made inside a step (config.data.on_device) split over the data axes like a batch sent in."""
+    """The rows of a global batch made inside a step (config.data.on_device: its example indices, before they
+    are gathered) that each device keeps: split over the data axes like a batch sent in."""
     return batch
 
   def constrain_microbatches(self, micro):
@@ -189,7 +190,7 @@ class PmapLayout(Layout):
     return {k: jax.device_put(np.broadcast_to(a, (n, *np.shape(a))), self._stacked) for k, a in arrays.items()}
 
   def constrain_batch(self, batch):
-    """A global batch made inside the step: this replica keeps its own rows (those the host would send it)."""
+    """This replica's rows of a global batch made inside the step (those the host would send it)."""
     i, n = jax.lax.axis_index(DATA_AXIS), len(self.devices)
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * (x.shape[0] // n), x.shape[0] // n), batch)
 

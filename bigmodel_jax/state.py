@@ -187,8 +187,7 @@ class Steps:
       from bigmodel_jax.data import feed
 
       def one(state, data):
-        batch = self.layout.constrain_batch(feed.gather(data, state.step, self.input_shape[0]))
-        return self._train_step(state, batch)
+        return self._train_step(state, feed.gather(data, state.step, self.input_shape[0], self.layout.constrain_batch))
 
       def several(state, data):
         return jax.lax.scan(lambda s, _: one(s, data), state, None, length=k)

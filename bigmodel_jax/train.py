@@ -297,8 +297,11 @@ def _train(run: Run) -> dict:
   end = start_step if stopped else run.total_steps
   step = start_step
   try:
-    if step < end:  # every train function the loop will call, compiled before its first step (concurrently)
-      batches.compile(state, [1] + ([t.steps_per_call] if 1 < t.steps_per_call <= end - step else []))
+    sizes, s = set(), step  # the call lengths the loop will use (a function of the step alone): their functions
+    while s < min(end, step + 100_000) and len(sizes) < 2:  # compiled before the first step, concurrently
+      sizes.add(n := call_length(s))
+      s += n
+    batches.compile(state, sorted(sizes))
     for call in range(start_step + 1, end + 1):  # counts dispatches (the preemption sync point counts those)
       if step >= end:
         break

@@ -100,7 +100,8 @@ def test_only_process_0_writes_records(runs):
 def test_one_process_evaluates_and_two_resume_the_checkpoint(runs, cli, tmp_path):
   """--mode=eval on one process restores the two-process checkpoint. Two processes started by a (simulated)
   SLURM srun, with no distributed flags, resume it collectively onto an FSDP mesh (parameters sharded across the
-  processes) and end where one process with two devices ends from its own checkpoint."""
+  processes), fed from the host where the run was fed on the devices (config.data.on_device), and end where one
+  process with two devices ends from its own checkpoint."""
   base, _ = runs
   resumed, reference = tmp_path / "resumed", tmp_path / "reference"
   shutil.copytree(base / "two", resumed)
@@ -109,10 +110,11 @@ def test_one_process_evaluates_and_two_resume_the_checkpoint(runs, cli, tmp_path
             "--config.mesh.data=1", "--config.mesh.fsdp=2"]
   slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
            "SLURM_STEP_NUM_TASKS": "2", "JAX_COORDINATOR_PORT": str(portpicker.pick_unused_port())}
+  host_fed = [*longer, "--config.data.on_device=false"]  # the checkpoint's run gathered its batches on the devices
   results = run_together(cli, [
       (["--mode=eval", f"--workdir={base / 'two'}"], {}),
-      ([*longer, f"--workdir={resumed}"], {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}),
-      ([*longer, f"--workdir={resumed}"], {**slurm, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}),
+      ([*host_fed, f"--workdir={resumed}"], {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}),
+      ([*host_fed, f"--workdir={resumed}"], {**slurm, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}),
       ([*longer, f"--workdir={reference}"], TWO_DEVICES)])
   for proc in results:
     assert proc.returncode == 0, proc.stderr[-3000:]

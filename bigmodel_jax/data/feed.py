@@ -10,7 +10,8 @@ pipeline uses (pipeline.batch_function), a table of them for the next TABLE_STEP
 step reads its own row of the table by its step counter and gathers its batch from the split. The split is
 preprocessed once by the host pipeline's numpy function, so the gathered values are the host's bit for bit: the
 same batches, the same numbers, the same checkpointed position ({'next_index': step}) and exact resume either way,
-at the cost of the split's bytes on every device (logged when it is placed).
+at the cost of the split's bytes on every device (logged when it is placed; refused, in one line, where a device
+reports its memory and the split would take more than half of it).
 """
 
 from concurrent import futures
@@ -21,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from bigmodel_jax.data import Dataset, pipeline
+from bigmodel_jax.errors import UserError
 
 
 def make_feed(run, on_device: bool | None = None, num_steps: int | None = None):
@@ -34,6 +36,8 @@ class Feed:
     """Compiles the train functions for calls of these sizes (steps per call: 1 and config.train.steps_per_call),
     concurrently, before the first step, so that the loop never stops to compile one mid-run."""
     calls = [(self.function(n), self.example(n)) for n in sizes]  # here: the threads below only compile
+    if not calls:
+      return
     with futures.ThreadPoolExecutor(len(calls)) as pool:
       for done in [pool.submit(lambda f, x: f.lower(state, x).compile(), f, x) for f, x in calls]:
         done.result()
@@ -81,12 +85,14 @@ def split_arrays(dataset: Dataset, data_config) -> dict[str, np.ndarray]:
           "targets": dataset.train["targets"]}
 
 
-def gather(data: dict[str, jax.Array], step: jax.Array, seq_len: int) -> dict[str, jax.Array]:
+def gather(data: dict[str, jax.Array], step: jax.Array, seq_len: int, rows=lambda r: r) -> dict[str, jax.Array]:
   """Inside the compiled step: global step `step`'s batch {'inputs','targets','mask','row'} from `data` (the split
-  and an index table whose row 0 is step data['first'])."""
-  row = step - data["first"]
-  index, mask = data["index"][row], data["mask"][row]
-  batch = {"mask": mask, "row": jnp.arange(mask.shape[0], dtype=jnp.int32)}
+  and an index table whose row 0 is step data['first']). `rows`: the layout's choice of this device's rows of the
+  global batch (layout.constrain_batch), applied to the indices before anything is gathered."""
+  at = step - data["first"]
+  mask = data["mask"][at]
+  picked = rows({"index": data["index"][at], "mask": mask, "row": jnp.arange(mask.shape[0], dtype=jnp.int32)})
+  index, batch = picked["index"], {"mask": picked["mask"], "row": picked["row"]}
   if "tokens" in data:
     windows = jnp.take(data["tokens"], index[:, None] + jnp.arange(seq_len + 1), axis=0)
     return {**batch, "inputs": windows[:, :-1], "targets": windows[:, 1:]}
@@ -98,13 +104,23 @@ class DeviceFeed(Feed):
   TABLE_STEPS = 1000  # steps of indices sent at a time (MNIST batch 32: 128 KB)
 
   def __init__(self, run, num_steps: int):
-    self.steps, self.layout = run.steps, run.steps.layout
-    self.split = self.layout.place_data(split_arrays(run.dataset, run.config.data))
-    logging.info("data.on_device: the training split (%.1f MB) is on every device; each step gathers its batch",
-                 sum(a.nbytes for a in self.split.values()) / 2**20)
-    # the global batch's indices (every process draws all rows; the step keeps each device's own)
+    self.run, self.steps, self.layout = run, run.steps, run.steps.layout
+    # the global batch's indices (every process draws all rows; each device gathers only its own)
     self.draw = pipeline.batch_function(run.dataset, run.config.data, seed=run.config.seed, indices_only=True)
-    self.table, self.first, self.last, self.next_index = None, 0, 0, 0
+    self.split, self.table, self.first, self.last, self.next_index = None, None, 0, 0, 0
+
+  def _place_split(self) -> dict[str, jax.Array]:
+    """The split on every device, at the first step (a relaunch that only evaluates never places it)."""
+    arrays = split_arrays(self.run.dataset, self.run.config.data)
+    size = sum(a.nbytes for a in arrays.values())
+    mine = next(d for d in self.layout.mesh.devices.flat if d.process_index == jax.process_index())
+    limit = (mine.memory_stats() or {}).get("bytes_limit")  # None on CPU
+    if limit and size > limit / 2:
+      raise UserError(f"config.data.on_device: the training split takes {size / 2**30:.2f} GiB, more than half of a "
+                      f"device's {limit / 2**30:.2f} GiB; set data.on_device=False to feed it from the host")
+    logging.info("data.on_device: the training split (%.1f MB) is on every device; each step gathers its batch",
+                 size / 2**20)
+    return self.layout.place_data(arrays)
 
   def __call__(self, state, step: int, n: int = 1):
     # the step reads its table row by its own counter, which must be `step`: a call out of turn is refused (the
@@ -116,6 +132,8 @@ class DeviceFeed(Feed):
 
   def _data(self, step: int, n: int):
     """The split and an index table covering steps [step, step + n)."""
+    if self.split is None:
+      self.split = self._place_split()
     if self.table is None or not self.first <= step <= step + n <= self.last:
       count = max(n, self.TABLE_STEPS)  # rows past the run's last step are drawn like any other, never read
       rows = [self.draw(s) for s in range(step, step + count)]
