@@ -23,6 +23,17 @@ def start_and_wait_for_checkpoint(cli, workdir, args=ARGS):
   return wait_for_checkpoint(cli(*args, f"--workdir={workdir}", popen=True), workdir, 500)
 
 
+def stop_with_sigterm_and_resume(cli, workdir, args, resume_args):
+  """A run of `args` stopped by SIGTERM after its first checkpoint (exit 128 + SIGTERM), then relaunched with
+  `resume_args` to its end (exit 0)."""
+  proc = start_and_wait_for_checkpoint(cli, workdir, args)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+  resumed = cli(*resume_args, f"--workdir={workdir}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
 def test_sigkill_then_relaunch_is_bit_identical(cli, tmp_path, reference):
   proc = start_and_wait_for_checkpoint(cli, tmp_path)
   proc.send_signal(signal.SIGKILL)
@@ -61,12 +72,7 @@ def test_several_steps_per_call_train_the_same_run_and_resume_exactly(cli, tmp_p
   """steps_per_call=7 (not a divisor of the 500-step checkpoint cadence: single steps fill up to each
   checkpoint) gives the one-step-per-call run's final metrics, also after a SIGTERM and a relaunch."""
   args = [*ARGS, "--config.train.steps_per_call=7"]
-  proc = start_and_wait_for_checkpoint(cli, tmp_path, args)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=60)
-  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-  resumed = cli(*args, f"--workdir={tmp_path}")
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  stop_with_sigterm_and_resume(cli, tmp_path, args, args)
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if r["split"] == "train"]
@@ -77,12 +83,7 @@ def test_data_on_device_trains_the_same_run_and_resumes_exactly_either_way(cli, 
   """config.data.on_device set the other way from the config's (the split on the device, each step gathering its
   batch): the same run, bit for bit, also when it is stopped with SIGTERM and relaunched the config's way."""
   other = f"--config.data.on_device={not load_config('digits_mlp').data.on_device}"
-  proc = start_and_wait_for_checkpoint(cli, tmp_path, [*ARGS, other, "--config.train.steps_per_call=3"])
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=60)
-  assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-  resumed = cli(*ARGS, f"--workdir={tmp_path}")
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  stop_with_sigterm_and_resume(cli, tmp_path, [*ARGS, other, "--config.train.steps_per_call=3"], ARGS)
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == reference
 
 

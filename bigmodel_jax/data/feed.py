@@ -14,6 +14,7 @@ at the cost of the split's bytes on every device (logged when it is placed; refu
 reports its memory and the split would take more than half of it).
 """
 
+import abc
 from concurrent import futures
 
 import jax
@@ -31,7 +32,30 @@ def make_feed(run, on_device: bool | None = None, num_steps: int | None = None):
   return (DeviceFeed if on_device else HostFeed)(run, num_steps or run.total_steps)
 
 
-class Feed:
+class Feed(abc.ABC):
+  """`feed(state, step, n) -> (state, metrics)`: the n train steps from `step`; get_state / set_state: the data
+  position a checkpoint keeps ({'next_index': step})."""
+
+  @abc.abstractmethod
+  def __call__(self, state, step: int, n: int = 1):
+    """Runs the n train steps from `step` on the stream's batches."""
+
+  @abc.abstractmethod
+  def function(self, n: int):
+    """The compiled function of a call of n steps."""
+
+  @abc.abstractmethod
+  def example(self, n: int):
+    """The second argument of such a call (its arrays' shapes and shardings are what count)."""
+
+  @abc.abstractmethod
+  def get_state(self) -> dict:
+    """The data position after the last call."""
+
+  @abc.abstractmethod
+  def set_state(self, saved: dict) -> None:
+    """Continues from a checkpoint's data position."""
+
   def compile(self, state, sizes) -> None:
     """Compiles the train functions for calls of these sizes (steps per call: 1 and config.train.steps_per_call),
     concurrently, before the first step, so that the loop never stops to compile one mid-run."""
@@ -42,14 +66,6 @@ class Feed:
       for done in [pool.submit(lambda f, x: f.lower(state, x).compile(), f, x) for f, x in calls]:
         done.result()
 
-  def function(self, n: int):
-    """The compiled function of a call of n steps."""
-    raise NotImplementedError
-
-  def example(self, n: int):
-    """The second argument of such a call (its arrays' shapes and shardings are what count)."""
-    raise NotImplementedError
-
 
 class HostFeed(Feed):
   def __init__(self, run, num_steps: int):
@@ -59,8 +75,8 @@ class HostFeed(Feed):
 
   def __call__(self, state, step: int, n: int = 1):
     if n == 1:
-      return self.steps.train_step(state, self.layout.train_batch(next(self.batches)))
-    return self.steps.train_steps(state, self.layout.train_batches([next(self.batches) for _ in range(n)]))
+      return self.function(1)(state, self.layout.train_batch(next(self.batches)))
+    return self.function(n)(state, self.layout.train_batches([next(self.batches) for _ in range(n)]))
 
   def function(self, n: int):
     return self.steps.train_step if n == 1 else self.steps.train_steps
@@ -107,7 +123,7 @@ class DeviceFeed(Feed):
     self.run, self.steps, self.layout = run, run.steps, run.steps.layout
     # the global batch's indices (every process draws all rows; each device gathers only its own)
     self.draw = pipeline.batch_function(run.dataset, run.config.data, seed=run.config.seed, indices_only=True)
-    self.split, self.table, self.first, self.last, self.next_index = None, None, 0, 0, 0
+    self.split, self.data, self.first, self.last, self.next_index = None, None, 0, 0, 0
 
   def _place_split(self) -> dict[str, jax.Array]:
     """The split on every device, at the first step (a relaunch that only evaluates never places it)."""
@@ -134,14 +150,14 @@ class DeviceFeed(Feed):
     """The split and an index table covering steps [step, step + n)."""
     if self.split is None:
       self.split = self._place_split()
-    if self.table is None or not self.first <= step <= step + n <= self.last:
+    if self.data is None or not self.first <= step <= step + n <= self.last:
       count = max(n, self.TABLE_STEPS)  # rows past the run's last step are drawn like any other, never read
       rows = [self.draw(s) for s in range(step, step + count)]
       table = {"index": np.stack([r["index"] for r in rows]), "mask": np.stack([r["mask"] for r in rows]),
                "first": np.int32(step)}
-      self.table = self.layout.place_data(table)
+      self.data = {**self.split, **self.layout.place_data(table)}  # made here, once per table, not per step
       self.first, self.last = step, step + count
-    return {**self.split, **self.table}
+    return self.data
 
   def function(self, n: int):
     return self.steps.on_device(n)
