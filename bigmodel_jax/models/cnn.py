@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from bigmodel_jax.models import MODELS, activation as get_activation
-from bigmodel_jax.models.layers import Dropout, max_pool
+from bigmodel_jax.models.layers import Dropout, conv_general_dilated, max_pool
 
 
 @MODELS.register("cnn")
@@ -26,7 +26,8 @@ class CNN(nnx.Module):
     h, w, c = input_shape
     self.convs = nnx.List()
     for i, features in enumerate(conv_features):
-      self.convs.append(nnx.Conv(c, features, (kernel_size, kernel_size), padding=padding, rngs=rngs))
+      self.convs.append(nnx.Conv(c, features, (kernel_size, kernel_size), padding=padding, rngs=rngs,
+                                 conv_general_dilated=conv_general_dilated))
       if padding == "VALID":
         h, w = h - kernel_size + 1, w - kernel_size + 1
       if i < pool_after:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
-from bigmodel_jax.models.layers import BatchNorm
+from bigmodel_jax.models.layers import BatchNorm, conv_general_dilated
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -40,7 +40,8 @@ class Generator(nnx.Module):
 
 class Discriminator(nnx.Module):
   def __init__(self, height: int, width: int, channels: int, features: int, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(channels, features, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_INIT, rngs=rngs)
+    self.conv1 = nnx.Conv(channels, features, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_INIT, rngs=rngs,
+                         conv_general_dilated=conv_general_dilated)
     self.conv2 = nnx.Conv(features, 2 * features, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_INIT,
                           rngs=rngs)
     self.bn2 = BatchNorm(2 * features, rngs=rngs)

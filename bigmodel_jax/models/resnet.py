@@ -19,7 +19,7 @@ from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
-from bigmodel_jax.models.layers import BatchNorm
+from bigmodel_jax.models.layers import BatchNorm, conv_general_dilated
 
 SHORTCUTS = ("A", "B")
 STEMS = ("cifar", "imagenet")  # cifar: 3x3 conv, stride 1; imagenet: 7x7 conv stride 2 + 3x3 max pool stride 2
@@ -31,7 +31,8 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, rngs: nn
   # the pixel option A's x[::2] keeps ('SAME' would pad 0/1 and centre it on 2i+1 for even sizes)
   pad = kernel // 2
   return nnx.Conv(in_features, out_features, (kernel, kernel), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal, rngs=rngs)
+                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal, rngs=rngs,
+                  conv_general_dilated=conv_general_dilated)
 
 
 def check_image(model: str, input_shape: Sequence[int]) -> tuple[int, int, int]:

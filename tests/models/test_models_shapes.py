@@ -175,3 +175,36 @@ def test_linear_dot_general_passes_other_contractions_to_dot_general():
   assert "custom_vjp" not in str(jax.make_jaxpr(lambda a, b: linear_dot_general(a, b, batched))(x, y))
   linear = jax.make_jaxpr(lambda a, b: linear_dot_general(a, b, (((2,), (0,)), ((), ()))))(x, y[0])
   assert ("custom_vjp" in str(linear)) == (jax.default_backend() == "cpu")  # its own gradient on CPU only
+
+
+@pytest.mark.parametrize("channels, kernel, strides, padding", [(1, 3, 1, "VALID"), (3, 3, 1, "SAME"), (1, 4, 2, "SAME"),
+                                                                (8, 3, 2, ((1, 0), (2, 1))), (3, 3, 1, ((1, 1), (1, 1)))])
+def test_conv_general_dilated_equals_nnx_conv_in_values_and_gradients(channels, kernel, strides, padding):
+  """The im2col form (few taps x input channels: the seed CNN's, DCGAN's and ResNet's first layers), strided and
+  padded as nnx.Conv pads: the same output shape, values and gradients as lax.conv_general_dilated, to float32
+  rounding (sums of <= 72 products of O(1) terms, in another order)."""
+  from bigmodel_jax.models.layers import conv_general_dilated
+  make = lambda **kw: nnx.Conv(channels, 5, (kernel, kernel), strides=strides, padding=padding, rngs=nnx.Rngs(0), **kw)
+  ours, theirs = make(conv_general_dilated=conv_general_dilated), make()
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 13, 11, channels))
+  assert ours(x).shape == theirs(x).shape
+  np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.PRNGKey(2), theirs(x).shape)
+  grads = lambda conv: jax.grad(lambda m, x: (m(x) * weights).sum(), (0, 1))(conv, x)
+  (ours_kernel, ours_x), (theirs_kernel, theirs_x) = grads(ours), grads(theirs)
+  np.testing.assert_allclose(ours_x, theirs_x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours_kernel.kernel[...], theirs_kernel.kernel[...], rtol=1e-5, atol=1e-4)  # 286 terms
+  assert ("concatenate" in str(jax.make_jaxpr(lambda x: ours(x))(x))) == (jax.default_backend() == "cpu")
+
+
+def test_conv_general_dilated_leaves_wide_or_dilated_convolutions_to_lax():
+  from bigmodel_jax.models.layers import conv_general_dilated
+  x, wide = jax.numpy.ones((2, 9, 9, 16)), jax.numpy.ones((3, 3, 16, 4))  # 144 taps x channels: XLA's own is faster
+  numbers = ("NHWC", "HWIO", "NHWC")
+  for kwargs in [dict(rhs=wide), dict(rhs=jax.numpy.ones((3, 3, 16, 4))[:, :, :2], lhs=x[..., :2], rhs_dilation=(2, 2))]:
+    lhs, rhs = kwargs.pop("lhs", x), kwargs.pop("rhs")
+    ours = conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=numbers, **kwargs)
+    np.testing.assert_array_equal(ours, jax.lax.conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=numbers,
+                                                                     **kwargs))
+    assert "concatenate" not in str(jax.make_jaxpr(
+        lambda a: conv_general_dilated(a, rhs, (1, 1), "VALID", dimension_numbers=numbers, **kwargs))(lhs))
