@@ -169,19 +169,22 @@ def max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int], strides: tuple[int, 
   return x.reshape(b, h // kh, kh, w // kw, kw, c).max(axis=(2, 4))
 
 
-IM2COL_MAX_TAPS = 72  # kernel taps x input channels up to which conv_general_dilated is a matmul on XLA:CPU
+IM2COL_MAX_TAPS = 72  # kernel taps x input channels up to which conv_general_dilated is a matmul on XLA:CPU (0: never)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, out_sharding=None):
-  """lax.conv_general_dilated for nnx.Conv (`conv_general_dilated=`): the same function, and on XLA:CPU a 2-D
-  convolution with few kernel taps x input channels (<= IM2COL_MAX_TAPS: a first layer over 1-8 channels) written as
-  im2col: the kernel's shifted (strided) views of the padded input concatenated on the channel axis, and one matmul.
-  XLA:CPU's convolution kernels are slow for so few input channels: the seed CNN's first layer (1 channel, 3x3) took
-  0.93 ms forward and backward, against 0.60 ms this way (benchmarks/NOTES.md); from 16 input channels on XLA's own
-  are faster. Values agree to float rounding (the sums are the same terms, in another order). Anything else (other
-  backends, dilations, groups, layouts other than nnx.Conv's NHWC / HWIO) gets lax.conv_general_dilated."""
+  """lax.conv_general_dilated for nnx.Conv (`conv_general_dilated=`): the same function, and on XLA:CPU a float32 2-D
+  convolution with few kernel taps x input channels (<= IM2COL_MAX_TAPS: a 3x3 layer over 1-8 channels, such as the
+  first layer of the seed CNN, of a ResNet's cifar stem and of DCGAN's discriminator) written as im2col: the kernel's
+  shifted (strided) views of the padded input concatenated on the channel axis, and one matmul. XLA:CPU's
+  convolution kernels are slow for so few input channels: the seed CNN's first layer (1 channel, 3x3) took 0.93 ms
+  forward and backward, against 0.60 ms this way; from 16 input channels on XLA's own are faster (benchmarks/NOTES.md;
+  `python -m benchmarks.im2col` measures a config's step both ways). Values agree to float32 rounding (the same
+  terms, summed in another order). Everything else gets lax.conv_general_dilated as it is: other backends (decided
+  when traced), other dtypes (bfloat16 would sum the input gradient's taps in bfloat16), dilations, groups, layouts
+  other than nnx.Conv's NHWC / HWIO, negative padding and empty outputs (lax's own results and errors)."""
   plain = lambda: jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, batch_group_count=batch_group_count,
@@ -189,15 +192,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if (jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1
       or batch_group_count != 1 or precision is not None or preferred_element_type is not None
       or out_sharding is not None or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-      or math.prod(rhs.shape[:3]) > IM2COL_MAX_TAPS
+      or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or math.prod(rhs.shape[:3]) > IM2COL_MAX_TAPS
       or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+      or lhs.shape[3] != rhs.shape[2]):
     return plain()
   (kh, kw, cin, cout), (sh, sw) = rhs.shape, window_strides
   pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding) if isinstance(padding, str) \
-      else padding
+      else [tuple(p) for p in padding]
+  h, w = ((lhs.shape[1 + a] + sum(pads[a]) - k) // s + 1 for a, k, s in ((0, kh, sh), (1, kw, sw)))
+  if min(min(p) for p in pads) < 0 or h <= 0 or w <= 0:
+    return plain()
   x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
   views = [x[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw] for i in range(kh) for j in range(kw)]
   columns = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]  # (B, h, w, kh*kw*cin): taps, channels
   return (columns.reshape(-1, kh * kw * cin) @ rhs.reshape(kh * kw * cin, cout)).reshape(lhs.shape[0], h, w, cout)

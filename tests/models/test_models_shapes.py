@@ -177,16 +177,18 @@ def test_linear_dot_general_passes_other_contractions_to_dot_general():
   assert ("custom_vjp" in str(linear)) == (jax.default_backend() == "cpu")  # its own gradient on CPU only
 
 
-@pytest.mark.parametrize("channels, kernel, strides, padding", [(1, 3, 1, "VALID"), (3, 3, 1, "SAME"), (1, 4, 2, "SAME"),
-                                                                (8, 3, 2, ((1, 0), (2, 1))), (3, 3, 1, ((1, 1), (1, 1)))])
-def test_conv_general_dilated_equals_nnx_conv_in_values_and_gradients(channels, kernel, strides, padding):
+@pytest.mark.parametrize("channels, kernel, strides, padding, size", [
+    (1, 3, 1, "VALID", (13, 11)), (3, 3, 1, "SAME", (13, 11)), (1, 4, 2, "SAME", (13, 11)), (2, 3, 2, "SAME", (12, 10)),
+    (3, 3, (1, 2), "VALID", (13, 11)), (8, 3, 2, ((1, 0), (2, 1)), (13, 11)), (3, 3, 1, ((1, 1), (1, 1)), (13, 11)),
+    (2, 3, (2, 1), "CIRCULAR", (9, 12))])
+def test_conv_general_dilated_equals_nnx_conv_in_values_and_gradients(channels, kernel, strides, padding, size):
   """The im2col form (few taps x input channels: the seed CNN's, DCGAN's and ResNet's first layers), strided and
-  padded as nnx.Conv pads: the same output shape, values and gradients as lax.conv_general_dilated, to float32
-  rounding (sums of <= 72 products of O(1) terms, in another order)."""
+  padded as nnx.Conv pads (CIRCULAR: nnx pads, then calls it VALID): the same output shape, values and gradients as
+  lax.conv_general_dilated, to float32 rounding (sums of <= 72 products of O(1) terms, in another order)."""
   from bigmodel_jax.models.layers import conv_general_dilated
   make = lambda **kw: nnx.Conv(channels, 5, (kernel, kernel), strides=strides, padding=padding, rngs=nnx.Rngs(0), **kw)
   ours, theirs = make(conv_general_dilated=conv_general_dilated), make()
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 13, 11, channels))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, *size, channels))
   assert ours(x).shape == theirs(x).shape
   np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
   weights = jax.random.normal(jax.random.PRNGKey(2), theirs(x).shape)
@@ -197,14 +199,27 @@ def test_conv_general_dilated_equals_nnx_conv_in_values_and_gradients(channels, 
   assert ("concatenate" in str(jax.make_jaxpr(lambda x: ours(x))(x))) == (jax.default_backend() == "cpu")
 
 
-def test_conv_general_dilated_leaves_wide_or_dilated_convolutions_to_lax():
+@pytest.mark.parametrize("case", ["wide", "dilated", "bfloat16", "negative padding", "empty output", "1-D"])
+def test_conv_general_dilated_leaves_other_convolutions_to_lax(case):
+  """lax's own convolution, bit for bit (its results and its errors): 144 taps x channels (XLA's kernel is faster
+  there), dilations, bfloat16 (the im2col gradient would sum its taps in bfloat16), negative padding, an output
+  with no pixels, other ranks."""
   from bigmodel_jax.models.layers import conv_general_dilated
-  x, wide = jax.numpy.ones((2, 9, 9, 16)), jax.numpy.ones((3, 3, 16, 4))  # 144 taps x channels: XLA's own is faster
-  numbers = ("NHWC", "HWIO", "NHWC")
-  for kwargs in [dict(rhs=wide), dict(rhs=jax.numpy.ones((3, 3, 16, 4))[:, :, :2], lhs=x[..., :2], rhs_dilation=(2, 2))]:
-    lhs, rhs = kwargs.pop("lhs", x), kwargs.pop("rhs")
-    ours = conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=numbers, **kwargs)
-    np.testing.assert_array_equal(ours, jax.lax.conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=numbers,
-                                                                     **kwargs))
-    assert "concatenate" not in str(jax.make_jaxpr(
-        lambda a: conv_general_dilated(a, rhs, (1, 1), "VALID", dimension_numbers=numbers, **kwargs))(lhs))
+  jnp = jax.numpy
+  lhs, rhs = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 2)), jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+  numbers, strides, padding, kwargs = ("NHWC", "HWIO", "NHWC"), (1, 1), "VALID", {}
+  if case == "wide":
+    lhs, rhs = jnp.ones((2, 9, 9, 16)), jnp.ones((3, 3, 16, 4))
+  elif case == "dilated":
+    kwargs = {"rhs_dilation": (2, 2)}
+  elif case == "bfloat16":
+    lhs, rhs = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
+  elif case == "negative padding":
+    padding = ((-1, -1), (0, -1))
+  elif case == "empty output":
+    lhs = lhs[:, :2]
+  else:
+    lhs, rhs, numbers, strides = lhs[:, 0], rhs[0], ("NWC", "WIO", "NWC"), (1,)
+  conv = lambda f: lambda a: f(a, rhs, strides, padding, dimension_numbers=numbers, **kwargs)
+  np.testing.assert_array_equal(conv(conv_general_dilated)(lhs), conv(jax.lax.conv_general_dilated)(lhs))
+  assert "concatenate" not in str(jax.make_jaxpr(conv(conv_general_dilated))(lhs))
