@@ -24,7 +24,7 @@ class Encoder(nnx.Module):
                positions: str = "learned", pooling: str = "cls", dropout_rate: float = 0.1, use_bias: bool = True,
                remat: str = "none", scan_layers: bool = False,
                norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
-               type_vocab_size: int = 0):
+               type_vocab_size: int = 0, attention: str = "auto"):
     if pooling not in ("cls", "mean"):
       raise UserError(f"config.model.pooling: unknown {pooling!r}; valid: cls, mean (cls: a learned [CLS] vector in "
                       "front of the tokens)")
@@ -33,7 +33,8 @@ class Encoder(nnx.Module):
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, rngs=rngs, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
                        use_bias=use_bias, remat=remat, scan_layers=scan_layers, norm=norm,
-                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size)
+                       layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size,
+                       attention=attention)
     self.cls = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, embed_dim)), **axes(None, None, "embed"))
                 if pooling == "cls" else None)
     self.make_head(num_outputs=num_outputs, vocab_size=vocab_size, embed_dim=embed_dim, dropout_rate=dropout_rate,

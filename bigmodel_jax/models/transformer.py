@@ -2,8 +2,11 @@
 `encoder_mlm`).
 
 Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
-attention on `jax.nn.dot_product_attention` (XLA on CPU, cuDNN flash attention where it applies on GPU),
-learned or rotary positions. Options for weights converted from other codebases (bigmodel_jax.convert), each
+learned or rotary positions. Attention (`attention`, config.model.attention): "einsum" writes softmax(q k^T) v out
+(any backend; the only form with dropout on the probabilities), "cudnn" is jax.nn.dot_product_attention's cuDNN
+flash attention (GPU, 16-bit compute), "auto" (the default) takes cuDNN's where it applies and einsum's elsewhere
+(jax.nn.dot_product_attention's default is its own XLA form, never cuDNN; on XLA:CPU einsum's fused softmax
+backward is 1.6x faster). Options for weights converted from other codebases (bigmodel_jax.convert), each
 default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
 LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
 after the embeddings), `type_vocab_size` (BERT's token-type table; every token has type 0) and
@@ -11,8 +14,7 @@ after the embeddings), `type_vocab_size` (BERT's token-type table; every token h
 axis names (`out_sharding` metadata, read with `nnx.get_partition_spec`), so a rules table can map them onto mesh
 axes without model code mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads, head_dim,
 mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention probabilities get dropout
-only with attention_dropout_rate > 0, in training, through the written-out `attention` (jax.nn.dot_product_attention
-has none); at 0, and always in evaluation and decoding, the fused kernel runs (cuDNN's where it applies).
+only with attention_dropout_rate > 0, in training, always through the einsum form (cuDNN's kernel here has none).
 
 Depth: `remat` recomputes each block in the backward pass instead of keeping its activations (a
 REMAT_POLICIES name), and `scan_layers` stores the blocks stacked (parameters `trunk.blocks.attn.qkv.kernel`
@@ -56,7 +58,19 @@ NORMS.register("pre")("pre")  # x + f(LN(x)), then a final LayerNorm (GPT-2)
 NORMS.register("post")("post")  # LN(x + f(x)), no final LayerNorm (BERT)
 GELUS: Registry = Registry("GELU form", "config.model.gelu")
 GELUS.register("tanh")(partial(jax.nn.gelu, approximate=True))  # GPT-2's gelu_new (and nnx.gelu's default)
-GELUS.register("exact")(partial(jax.nn.gelu, approximate=False))  # erf: BERT's gelu
+
+
+@GELUS.register("exact")
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """x Phi(x) as PyTorch's nn.GELU() (nanoGPT's, BERT's gelu) computes it: x (1 + erf(x / sqrt 2)) / 2. The same
+  function as jax.nn.gelu(approximate=False)'s erfc form to float rounding, and on XLA:CPU 1.45x faster forward and
+  backward (erfc's tails take selects and an exponential)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+ATTENTIONS: Registry = Registry("attention implementation", "config.model.attention")
+for _name in ("auto", "einsum", "cudnn"):
+  ATTENTIONS.register(_name)(_name)
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # the logical name of the stacked axis of scanned blocks
 
 
@@ -76,9 +90,9 @@ def rotary(x_BxTxHxD: jax.Array, positions_T: jax.Array, base: float = 10000.0) 
 
 
 def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
-  """softmax(q k^T / sqrt(Dh)) v written out, for dropout on the attention probabilities (`drop`, as nanoGPT's
-  attn_dropout), which jax.nn.dot_product_attention has no place for. q: B x T x H x Dh, k/v: B x S x H x Dh,
-  mask broadcastable to B x H x T x S (True: attend)."""
+  """softmax(q k^T / sqrt(Dh)) v written out (config.model.attention "einsum"), with dropout on the attention
+  probabilities (`drop`, as nanoGPT's attn_dropout) where given. q: B x T x H x Dh, k/v: B x S x H x Dh, mask
+  broadcastable to B x H x T x S (True: attend). Logits and softmax in float32, as jax.nn.dot_product_attention's."""
   logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   if is_causal:
     causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
@@ -91,14 +105,44 @@ def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
   return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+def _cudnn_applies(q, mask) -> str:
+  """"" where jax.nn.dot_product_attention(implementation="cudnn") takes these queries, else why not."""
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    return f"it needs a GPU (this is {device.platform})"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"it needs 16-bit compute (config.train.dtype bfloat16), got {q.dtype}"
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return f"it needs a head size that is a multiple of 8 and at most 128, got {q.shape[-1]}"
+  if mask is not None:
+    return "it takes causal masking only here (no padding masks or caches)"
+  if float(getattr(device, "compute_capability", "0")) < 8:
+    return f"it needs compute capability 8.0+, got {getattr(device, 'compute_capability', '?')}"
+  return ""
+
+
+def attend(q, k, v, *, implementation: str = "auto", mask=None, is_causal=False, drop=None):
+  """Attention by config.model.attention: "einsum" (`attention`), "cudnn" (a UserError naming why where it does not
+  apply), "auto" (cuDNN's where it applies, else einsum's)."""
+  if implementation == "einsum":
+    return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
+  why = ("it has no dropout on the probabilities (config.model.attention_dropout_rate)" if drop is not None
+         else _cudnn_applies(q, mask))
+  if why and implementation == "cudnn":
+    raise UserError(f"config.model.attention: 'cudnn' does not apply here: {why}; use 'auto' or 'einsum'")
+  if why:
+    return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+
+
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused QKV projection; `dropout_rate` > 0 drops attention probabilities in
-  training (the written-out path, `attention`); otherwise, and always in evaluation and decoding, the fused
-  jax.nn.dot_product_attention."""
+  """Multi-head self-attention with a fused QKV projection, computed by `attend` (`implementation`:
+  config.model.attention); `dropout_rate` > 0 drops attention probabilities in training (the einsum form)."""
 
   def __init__(self, dim: int, num_heads: int, *, rotary_positions: bool, use_bias: bool, out_std: float,
-               rngs: nnx.Rngs, dropout_rate: float = 0.0):
+               rngs: nnx.Rngs, dropout_rate: float = 0.0, implementation: str = "auto"):
     self.num_heads, self.head_dim = num_heads, dim // num_heads
+    self.implementation = ATTENTIONS.get(implementation)
     self.rotary = rotary_positions
     self.dropout = Dropout(dropout_rate)
     init = nnx.initializers.normal(0.02)
@@ -124,11 +168,8 @@ class Attention(nnx.Module):
       cache = {"k": k, "v": v}
       mask = (jnp.arange(k.shape[1])[None, :] <= positions_T[:, None])[None, None]  # 1 x 1 x T x S
       is_causal = False
-    if train and self.dropout.rate > 0:
-      out = attention(q, k, v, mask=mask, is_causal=is_causal,
-                      drop=partial(self.dropout, deterministic=False, rngs=rngs))
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    drop = partial(self.dropout, deterministic=False, rngs=rngs) if train and self.dropout.rate > 0 else None
+    out = attend(q, k, v, implementation=self.implementation, mask=mask, is_causal=is_causal, drop=drop)
     return self.out(out), cache
 
 
@@ -157,12 +198,12 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rotary_positions: bool, use_bias: bool,
                dropout_rate: float, num_layers: int, rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5,
-               gelu: str = "tanh", attention_dropout_rate: float = 0.0):
+               gelu: str = "tanh", attention_dropout_rate: float = 0.0, attention: str = "auto"):
     out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
     self.post_norm = NORMS.get(norm) == "post"
     self.ln1 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
     self.attn = Attention(dim, num_heads, rotary_positions=rotary_positions, use_bias=use_bias, out_std=out_std,
-                          rngs=rngs, dropout_rate=attention_dropout_rate)
+                          rngs=rngs, dropout_rate=attention_dropout_rate, implementation=attention)
     self.ln2 = layer_norm(dim, use_bias, rngs, layer_norm_eps)
     self.mlp = MLP(dim, mlp_ratio * dim, use_bias=use_bias, out_std=out_std, rngs=rngs, gelu=gelu)
     self.dropout = Dropout(dropout_rate)
@@ -203,13 +244,15 @@ class Trunk(nnx.Module):
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, num_heads: int, embed_dim: int,
                mlp_ratio: int, positions: str, dropout_rate: float, use_bias: bool, remat: str, scan_layers: bool,
                rngs: nnx.Rngs, norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh",
-               embed_norm: bool = False, type_vocab_size: int = 0, attention_dropout_rate: float = 0.0):
+               embed_norm: bool = False, type_vocab_size: int = 0, attention_dropout_rate: float = 0.0,
+               attention: str = "auto"):
     require_positive(num_layers=num_layers, num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio,
                      max_len=max_len)
     POSITIONS.get(positions)
     REMAT_POLICIES.get(remat)
     NORMS.get(norm)
     GELUS.get(gelu)
+    ATTENTIONS.get(attention)
     if not isinstance(type_vocab_size, int) or type_vocab_size < 0:
       raise UserError(f"config.model.type_vocab_size: must be an integer >= 0 (0: no token-type table), got "
                       f"{type_vocab_size!r}")
@@ -233,7 +276,8 @@ class Trunk(nnx.Module):
     # scanned blocks are built one by one as the loop does, then stacked: the same initial values
     blocks = [Block(embed_dim, num_heads, mlp_ratio, rotary_positions=positions == "rotary", use_bias=use_bias,
                     dropout_rate=dropout_rate, num_layers=num_layers, rngs=rngs, norm=norm,
-                    layer_norm_eps=layer_norm_eps, gelu=gelu, attention_dropout_rate=attention_dropout_rate)
+                    layer_norm_eps=layer_norm_eps, gelu=gelu, attention_dropout_rate=attention_dropout_rate,
+                    attention=attention)
               for _ in range(num_layers)]
     self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.ln_f = layer_norm(embed_dim, use_bias, rngs, layer_norm_eps) if norm == "pre" else None
@@ -304,14 +348,14 @@ class GPT(nnx.Module):
                positions: str = "learned", tie_embeddings: bool = True, dropout_rate: float = 0.0,
                use_bias: bool = False, remat: str = "none", scan_layers: bool = False,
                norm: str = "pre", layer_norm_eps: float = 1e-5, gelu: str = "tanh", embed_norm: bool = False,
-               type_vocab_size: int = 0, attention_dropout_rate: float = 0.0):
+               type_vocab_size: int = 0, attention_dropout_rate: float = 0.0, attention: str = "auto"):
     _check_text("gpt", vocab_size, input_shape, max_len)
     self.max_len = max_len
     self.trunk = Trunk(vocab_size=vocab_size, max_len=max_len, num_layers=num_layers, num_heads=num_heads,
                        embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions=positions, dropout_rate=dropout_rate,
                        use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs, norm=norm,
                        layer_norm_eps=layer_norm_eps, gelu=gelu, embed_norm=embed_norm, type_vocab_size=type_vocab_size,
-                       attention_dropout_rate=attention_dropout_rate)
+                       attention_dropout_rate=attention_dropout_rate, attention=attention)
     self.head = None if tie_embeddings else nnx.Linear(
         embed_dim, num_outputs, use_bias=False, kernel_init=nnx.initializers.normal(0.02),
         kernel_metadata=axes("embed", "vocab"), rngs=rngs)

@@ -36,7 +36,7 @@ class ViT(nnx.Module):
   def __init__(self, *, input_shape: Sequence[int], num_outputs: int, rngs: nnx.Rngs, patch_size: int = 4,
                num_layers: int = 6, num_heads: int = 4, embed_dim: int = 128, mlp_ratio: int = 2,
                pooling: str = "cls", dropout_rate: float = 0.0, use_bias: bool = True, remat: str = "none",
-               scan_layers: bool = False):
+               scan_layers: bool = False, attention: str = "auto"):
     require_positive(patch_size=patch_size)
     h, w, c = check_image("vit", input_shape)
     if h % patch_size or w % patch_size:
@@ -50,7 +50,8 @@ class ViT(nnx.Module):
                                   kernel_metadata=axes(None, "embed"), bias_metadata=axes("embed"), rngs=rngs)
     self.trunk = Trunk(vocab_size=0, max_len=num_patches + int(pooling == "cls"), num_layers=num_layers,
                        num_heads=num_heads, embed_dim=embed_dim, mlp_ratio=mlp_ratio, positions="learned",
-                       dropout_rate=dropout_rate, use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs)
+                       dropout_rate=dropout_rate, use_bias=use_bias, remat=remat, scan_layers=scan_layers, rngs=rngs,
+                       attention=attention)
     self.cls = (nnx.Param(jnp.zeros((1, 1, embed_dim)), **axes(None, None, "embed")) if pooling == "cls" else None)
     self.head = nnx.Linear(embed_dim, num_outputs, kernel_metadata=axes("embed", None), bias_metadata=axes(None),
                            rngs=rngs)

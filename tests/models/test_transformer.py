@@ -518,7 +518,7 @@ def test_attention_dropout_drops_probabilities_in_training_only():
                 embed_dim=16, max_len=MAX_LEN)
   plain, dropped = build(GPT, **fields), build(GPT, **fields, attention_dropout_rate=0.5)
   x = tokens((2, MAX_LEN))
-  np.testing.assert_array_equal(dropped(x, train=False), plain(x, train=False))  # evaluation: the fused path
+  np.testing.assert_array_equal(dropped(x, train=False), plain(x, train=False))  # evaluation draws no masks
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   train = dropped(x, train=True, rngs=ExampleRngs(keys))
   assert np.array_equal(train, dropped(x, train=True, rngs=ExampleRngs(keys)))  # the example keys decide
