@@ -33,6 +33,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from bigmodel_jax.errors import UserError
@@ -123,16 +124,23 @@ def _cudnn_applies(q, mask) -> str:
 
 def attend(q, k, v, *, implementation: str = "auto", mask=None, is_causal=False, drop=None):
   """Attention by config.model.attention: "einsum" (`attention`), "cudnn" (a UserError naming why where it does not
-  apply), "auto" (cuDNN's where it applies, else einsum's)."""
+  apply), "auto" (cuDNN's where it applies, else einsum's; what it took is logged once per kind of call)."""
   if implementation == "einsum":
     return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
   why = ("it has no dropout on the probabilities (config.model.attention_dropout_rate)" if drop is not None
          else _cudnn_applies(q, mask))
   if why and implementation == "cudnn":
     raise UserError(f"config.model.attention: 'cudnn' does not apply here: {why}; use 'auto' or 'einsum'")
+  decision = f"einsum form (cuDNN's does not apply: {why})" if why else "cuDNN flash attention"
+  if decision not in _LOGGED:  # traced once per compile and layer: said once per process
+    _LOGGED.add(decision)
+    logging.info("config.model.attention %s: %s", implementation, decision)
   if why:
     return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
   return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
+
+
+_LOGGED: set[str] = set()
 
 
 class Attention(nnx.Module):
