@@ -19,8 +19,9 @@ Expected: best val loss ~1.47: karpathy/nanoGPT's README ("the best validation l
 on one A100), read at commit 196160b849eaed4465310c082db2c9dc7bc11ba9.
 Still different, and why: our val loss is over every val character once (nanoGPT averages 200 random batches;
 same quantity, less noise); 67 ids (65 characters + padding + unknown) where nanoGPT has 65; our bf16 is
-config.train.dtype's (parameters and activations cast to bf16 for the forward and backward pass, LayerNorm and
-softmax included) where autocast runs only matmuls in bf16 and keeps LayerNorm, softmax and the loss in float32;
+config.train.dtype's (parameters and activations cast to bf16 for the forward and backward pass; LayerNorm
+statistics, attention's softmax and the loss in float32) where autocast runs only matmuls in bf16 and keeps
+LayerNorm, softmax and the loss in float32;
 evaluation every 250 steps as nanoGPT's, checkpoints every 500 (nanoGPT saves when val improves).
 `:plays` trains on the plays instead (bf16 still: on a CPU add `--config.train.dtype=float32`).
 `:cpu` is nanoGPT's README CPU recipe (block 64, batch 12, 4 layers, 4 heads, 128 dims, 2000 steps,

@@ -15,6 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes
 from jax.ad_checkpoint import checkpoint_name
 
 from bigmodel_jax import layout
@@ -93,6 +94,13 @@ class BatchNorm(nnx.BatchNorm):
     if self.axis_name != axis:  # (set only when it changes: a module built outside a trace may be called in one)
       self.axis_name = axis
     return super().__call__(x, use_running_average=not train)
+
+
+def own_dtype(arrays, *, dtype=None, inexact=True):
+  """nnx.Embed's `promote_dtype=`: the arrays' own common dtype, not the one nnx.Embed fixes when it is built (its
+  float32 table's): a table cast to bfloat16 for config.train.dtype then looks tokens up, and a tied head attends,
+  in bfloat16, so the layers after it compute in bfloat16 too. The same values in float32."""
+  return dtypes.promote_dtype(arrays, dtype=None, inexact=inexact)
 
 
 LINEAR_OUTPUT = "linear_output"  # checkpoint_name of linear_dot_general's outputs: remat's dots policies keep them

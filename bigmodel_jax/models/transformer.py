@@ -2,11 +2,8 @@
 `encoder_mlm`).
 
 Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
-learned or rotary positions. Attention (`attention`, config.model.attention): "einsum" writes softmax(q k^T) v out
-(any backend; the only form with dropout on the probabilities), "cudnn" is jax.nn.dot_product_attention's cuDNN
-flash attention (GPU, 16-bit compute), "auto" (the default) takes cuDNN's where it applies and einsum's elsewhere
-(jax.nn.dot_product_attention's default is its own XLA form, never cuDNN; on XLA:CPU einsum's fused softmax
-backward is 1.6x faster). Options for weights converted from other codebases (bigmodel_jax.convert), each
+learned or rotary positions, attention by config.model.attention (models/attention.py: einsum, cudnn, or auto,
+the default: cuDNN's flash attention on an NVIDIA GPU with bfloat16 compute, einsum elsewhere). Options for weights converted from other codebases (bigmodel_jax.convert), each
 default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
 LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
 after the embeddings), `type_vocab_size` (BERT's token-type table; every token has type 0) and
@@ -33,13 +30,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
+from bigmodel_jax.models.attention import ATTENTIONS, attend, attention  # noqa: F401 (attention: re-exported)
 from bigmodel_jax.registry import Registry
-from bigmodel_jax.models.layers import LINEAR_OUTPUT, Dropout, ExampleRngs, fold_in, linear_dot_general
+from bigmodel_jax.models.layers import LINEAR_OUTPUT, Dropout, ExampleRngs, fold_in, linear_dot_general, own_dtype
 
 POSITIONS: Registry = Registry("position encoding", "config.model.positions")
 POSITIONS.register("learned")("learned")
@@ -63,15 +60,14 @@ GELUS.register("tanh")(partial(jax.nn.gelu, approximate=True))  # GPT-2's gelu_n
 
 @GELUS.register("exact")
 def gelu_exact(x: jax.Array) -> jax.Array:
-  """x Phi(x) as PyTorch's nn.GELU() (nanoGPT's, BERT's gelu) computes it: x (1 + erf(x / sqrt 2)) / 2. The same
-  function as jax.nn.gelu(approximate=False)'s erfc form to float rounding, and on XLA:CPU 1.45x faster forward and
-  backward (erfc's tails take selects and an exponential)."""
-  return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
+  """x Phi(x) as PyTorch's nn.GELU() (nanoGPT's, BERT's gelu) computes it: x (1 + erf(x / sqrt 2)) / 2, in float32
+  at least (1 + erf cancels in the negative tail: in bfloat16 it would be 0 from -3.5 and 45% off at -3), then cast
+  back. The same function as jax.nn.gelu(approximate=False)'s erfc form to float rounding, and on XLA:CPU 1.45x
+  faster forward and backward (erfc's tails take selects and an exponential)."""
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return (0.5 * x32 * (1 + jax.lax.erf(x32 * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
-ATTENTIONS: Registry = Registry("attention implementation", "config.model.attention")
-for _name in ("auto", "einsum", "cudnn"):
-  ATTENTIONS.register(_name)(_name)
 LAYERS = {nnx.PARTITION_NAME: "layers"}  # the logical name of the stacked axis of scanned blocks
 
 
@@ -88,59 +84,6 @@ def rotary(x_BxTxHxD: jax.Array, positions_T: jax.Array, base: float = 10000.0) 
   sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
   x1, x2 = x_BxTxHxD[..., :half].astype(jnp.float32), x_BxTxHxD[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BxTxHxD.dtype)
-
-
-def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
-  """softmax(q k^T / sqrt(Dh)) v written out (config.model.attention "einsum"), with dropout on the attention
-  probabilities (`drop`, as nanoGPT's attn_dropout) where given. q: B x T x H x Dh, k/v: B x S x H x Dh, mask
-  broadcastable to B x H x T x S (True: attend). Logits and softmax in float32, as jax.nn.dot_product_attention's."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-  if is_causal:
-    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-    mask = causal if mask is None else mask & causal
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  if drop is not None:
-    probs = drop(probs)
-  return jnp.einsum("bhts,bshd->bthd", probs, v)
-
-
-def _cudnn_applies(q, mask) -> str:
-  """"" where jax.nn.dot_product_attention(implementation="cudnn") takes these queries, else why not."""
-  device = jax.devices()[0]
-  if device.platform != "gpu":
-    return f"it needs a GPU (this is {device.platform})"
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"it needs 16-bit compute (config.train.dtype bfloat16), got {q.dtype}"
-  if q.shape[-1] % 8 or q.shape[-1] > 128:
-    return f"it needs a head size that is a multiple of 8 and at most 128, got {q.shape[-1]}"
-  if mask is not None:
-    return "it takes causal masking only here (no padding masks or caches)"
-  if float(getattr(device, "compute_capability", "0")) < 8:
-    return f"it needs compute capability 8.0+, got {getattr(device, 'compute_capability', '?')}"
-  return ""
-
-
-def attend(q, k, v, *, implementation: str = "auto", mask=None, is_causal=False, drop=None):
-  """Attention by config.model.attention: "einsum" (`attention`), "cudnn" (a UserError naming why where it does not
-  apply), "auto" (cuDNN's where it applies, else einsum's; what it took is logged once per kind of call)."""
-  if implementation == "einsum":
-    return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
-  why = ("it has no dropout on the probabilities (config.model.attention_dropout_rate)" if drop is not None
-         else _cudnn_applies(q, mask))
-  if why and implementation == "cudnn":
-    raise UserError(f"config.model.attention: 'cudnn' does not apply here: {why}; use 'auto' or 'einsum'")
-  decision = f"einsum form (cuDNN's does not apply: {why})" if why else "cuDNN flash attention"
-  if decision not in _LOGGED:  # traced once per compile and layer: said once per process
-    _LOGGED.add(decision)
-    logging.info("config.model.attention %s: %s", implementation, decision)
-  if why:
-    return attention(q, k, v, mask=mask, is_causal=is_causal, drop=drop)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
-
-
-_LOGGED: set[str] = set()
 
 
 class Attention(nnx.Module):
@@ -277,7 +220,8 @@ class Trunk(nnx.Module):
     self.attention_dropout_rate = float(attention_dropout_rate)
     # vocab_size 0: no token embedding; the caller embeds its inputs (ViT's patches) before embed_tokens
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
-                           embedding_metadata=axes("vocab", "embed"), rngs=rngs) if vocab_size else None
+                           embedding_metadata=axes("vocab", "embed"), promote_dtype=own_dtype,
+                           rngs=rngs) if vocab_size else None
     self.pos_embed = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, embed_dim)),
                                 **axes("positions", "embed")) if positions == "learned" else None)
     self.dropout = Dropout(dropout_rate)
