@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from bigmodel_jax import errors, runinfo
+from bigmodel_jax.models import attention
 from bigmodel_jax.errors import UserError
 
 ONNX_MISSING = ("not written: jax2onnx is not installed (pip install 'bigmodel_jax[onnx]': jax2onnx 0.13.0, the "
@@ -67,7 +68,8 @@ def export(model, checkpoint_step: int | None) -> dict:
   if e.quantized:
     from bigmodel_jax import quantize
     variables, forward = quantize.load(model, step)
-  return write(model, step, variables, forward, targets, quantized=bool(e.quantized))
+  with attention.portable():  # every platform's artifact in the einsum form, whichever device traces it
+    return write(model, step, variables, forward, targets, quantized=bool(e.quantized))
 
 
 def write(model, step: int, variables: dict, forward=None, targets: tuple[str, ...] = ("cpu",),

@@ -8,6 +8,7 @@ XLA form on every backend (jax 0.10-0.12: "defaults to XLA for now"), never cuDN
 whose softmax has jax.nn.softmax's custom derivative, is 1.6x faster forward and backward (benchmarks/NOTES.md).
 """
 
+import contextlib
 import math
 
 import jax
@@ -22,6 +23,18 @@ for _name in ("auto", "einsum", "cudnn"):
   ATTENTIONS.register(_name)(_name)
 TAKEN: set[str] = set()  # what attend() took while tracing ("cudnn", "einsum"); a benchmark may clear and read it
 _LOGGED: set[str] = set()
+_PORTABLE = [False]  # inside portable(): einsum only
+
+
+@contextlib.contextmanager
+def portable():
+  """Attention traced inside takes the einsum form whatever config.model.attention says and whatever device traces
+  it: an artifact exported for several platforms (export.py) cannot hold cuDNN's kernel."""
+  before, _PORTABLE[0] = _PORTABLE[0], True
+  try:
+    yield
+  finally:
+    _PORTABLE[0] = before
 
 
 def attention(q, k, v, *, mask=None, is_causal=False, drop=None):
@@ -69,13 +82,17 @@ def cudnn_applies(q, mask=None, drop=None) -> str:
 
 def attend(q, k, v, *, implementation: str = "auto", mask=None, is_causal=False, drop=None):
   """Attention by config.model.attention: "einsum" (`attention`), "cudnn" (a UserError naming why where it does not
-  apply), "auto" (cuDNN's where it applies, else einsum's; what it took is logged once per kind of call)."""
-  why = "" if implementation == "einsum" else cudnn_applies(q, mask, drop)
-  if why and implementation == "cudnn":
-    raise UserError(f"config.model.attention: 'cudnn' does not apply here: {why}; use 'auto' or 'einsum'")
+  apply), "auto" (cuDNN's where it applies, else einsum's; what it took is logged once per kind of call). Inside
+  portable(), einsum's."""
+  if implementation == "einsum" or _PORTABLE[0]:
+    why = "" if implementation == "einsum" else "an export for several platforms"
+  else:
+    why = cudnn_applies(q, mask, drop)
+    if why and implementation == "cudnn":
+      raise UserError(f"config.model.attention: 'cudnn' does not apply here: {why}; use 'auto' or 'einsum'")
   taken = "einsum" if implementation == "einsum" or why else "cudnn"
   TAKEN.add(taken)
-  decision = {"cudnn": "cuDNN flash attention", "einsum": f"the einsum form{f' ({why})' if why else ''}"}[taken]
+  decision = "cuDNN flash attention" if taken == "cudnn" else "the einsum form" + (f", as {why}" if why else "")
   if decision not in _LOGGED:  # traced once per compile and layer: said once per process
     _LOGGED.add(decision)
     logging.info("config.model.attention %s: %s", implementation, decision)

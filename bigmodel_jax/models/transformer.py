@@ -117,10 +117,13 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
       cache = {"k": k, "v": v}
+      k, v = k.astype(q.dtype), v.astype(q.dtype)  # a float32 cache beside bfloat16 activations
       mask = (jnp.arange(k.shape[1])[None, :] <= positions_T[:, None])[None, None]  # 1 x 1 x T x S
       is_causal = False
     drop = partial(self.dropout, deterministic=False, rngs=rngs) if train and self.dropout.rate > 0 else None
-    out = attend(q, k, v, implementation=self.implementation, mask=mask, is_causal=is_causal, drop=drop)
+    # decoding with a cache takes einsum's form even under "cudnn" (cuDNN's kernel here takes no cache)
+    implementation = "auto" if cache is not None and self.implementation == "cudnn" else self.implementation
+    out = attend(q, k, v, implementation=implementation, mask=mask, is_causal=is_causal, drop=drop)
     return self.out(out), cache
 
 
@@ -321,9 +324,11 @@ class GPT(nnx.Module):
                       is_causal=True)
     return self._logits(x)  # B x T x V
 
-  def init_cache(self, batch_size: int, dtype=jnp.float32) -> list[dict] | dict:
-    """Zeroed keys/values: per layer B x max_len x H x Dh each; stacked (L x B x ...) with scanned layers."""
+  def init_cache(self, batch_size: int, dtype=None) -> list[dict] | dict:
+    """Zeroed keys/values: per layer B x max_len x H x Dh each; stacked (L x B x ...) with scanned layers. dtype: the
+    embedding table's unless given (bfloat16 when the parameters are cast to it for config.train.dtype)."""
     trunk = self.trunk
+    dtype = dtype or trunk.embed.embedding[...].dtype
     attn = trunk.blocks.attn if trunk.scan_layers else trunk.blocks[0].attn
     shape = (batch_size, self.max_len, attn.num_heads, attn.head_dim)
     if trunk.scan_layers:

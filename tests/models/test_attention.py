@@ -17,7 +17,7 @@ from bigmodel_jax.models import attention as attention_lib
 from bigmodel_jax.models.attention import attend, attention
 from bigmodel_jax.models.transformer import GPT, gelu_exact
 from bigmodel_jax.state import cast_floats
-from test_transformer import MAX_LEN, VOCAB, build, tokens, tolerance
+from test_transformer import MAX_LEN, VOCAB, build, tokens, tolerance, transformer_depth
 
 FIELDS = dict(input_shape=(MAX_LEN,), num_outputs=VOCAB, vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16,
               max_len=MAX_LEN)
@@ -68,7 +68,7 @@ def test_auto_on_a_cpu_is_einsum_bit_for_bit_in_the_model_and_its_gradients():
   x = tokens((2, MAX_LEN))
   einsum, auto = build(GPT, **FIELDS, attention="einsum"), build(GPT, **FIELDS, attention="auto")
   np.testing.assert_array_equal(auto(x, train=False), einsum(x, train=False))
-  grad = lambda m: nnx.grad(lambda m: jnp.sum(m(x, train=False) ** 2))(m)
+  grad = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, train=False) ** 2)))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(grad(auto)), nnx.to_pure_dict(grad(einsum)))
 
 
@@ -110,10 +110,25 @@ def test_auto_takes_cudnn_only_where_it_applies(on_a_fake_gpu):
     out = attend(q, k, v, is_causal=True, **kwargs)
     assert out.shape == q.shape
   assert calls == []  # float32, a padding mask or cache, dropout, a head over 128 or not a multiple of 8: einsum
-  for device in (fake_gpu("rocm 6.2", "gfx90a"), fake_gpu(capability="7.5"), fake_gpu(capability="sm_xx")):
+  for device in (fake_gpu("rocm 6.2", "gfx90a"), fake_gpu("rocm 6.2", "9.0"), fake_gpu(capability="7.5"),
+                 fake_gpu(capability="sm_xx")):
     use(device)
-    attend(*qkv(), is_causal=True)  # an AMD GPU, a pre-Ampere one, an unreadable capability: einsum, no crash
+    attend(*qkv(), is_causal=True)  # AMD GPUs, a pre-Ampere one, an unreadable capability: einsum, no crash
   assert calls == []
+
+
+def test_what_attend_took_is_recorded_and_portable_takes_einsum(on_a_fake_gpu):
+  calls, _ = on_a_fake_gpu
+  attention_lib.TAKEN.clear()
+  attend(*qkv(), is_causal=True)
+  assert attention_lib.TAKEN == {"cudnn"} and len(calls) == 1
+  attention_lib.TAKEN.clear()
+  with attention_lib.portable():  # an export: no cuDNN kernel in an artifact for several platforms
+    for implementation in ("auto", "cudnn"):
+      attend(*qkv(), implementation=implementation, is_causal=True)
+  assert attention_lib.TAKEN == {"einsum"} and len(calls) == 1
+  attend(*qkv(), is_causal=True)  # and after it, cuDNN's again
+  assert attention_lib.TAKEN == {"einsum", "cudnn"} and len(calls) == 2
 
 
 def test_cudnn_where_it_cannot_run_is_one_line_naming_the_field_and_why(on_a_fake_gpu):
@@ -144,6 +159,32 @@ def test_a_bfloat16_gpt_computes_in_bfloat16_and_takes_cudnn_on_a_gpu(on_a_fake_
   # in float32 nothing changed: einsum, float32 logits
   calls.clear()
   assert model(tokens((2, MAX_LEN)), train=False).dtype == jnp.float32 and calls == []
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("implementation", ["auto", "cudnn"])
+def test_a_bfloat16_gpt_decodes_with_its_cache_as_its_full_pass(on_a_fake_gpu, scan, implementation):
+  """KV-cache decoding of a bfloat16 model (the cache in the table's dtype; a float32 one given explicitly is cast
+  to the activations'), scanned layers too, and under "cudnn" (the cache takes einsum's form)."""
+  calls, _ = on_a_fake_gpu
+  model = build(GPT, **{**FIELDS, "embed_dim": 32, "scan_layers": scan, "attention": implementation})
+  graphdef, params = nnx.split(model)
+  bf16 = nnx.merge(graphdef, cast_floats(params, jnp.bfloat16))
+  x = tokens((2, MAX_LEN))
+  full = nnx.jit(lambda m, x: m(x, train=False))(bf16, x)
+  extend = nnx.jit(lambda m, x, cache, t: m.extend(x, cache, t))
+  assert {a.dtype for a in jax.tree.leaves(bf16.init_cache(2))} == {jnp.dtype(jnp.bfloat16)}
+  for cache in (bf16.init_cache(2), bf16.init_cache(2, jnp.float32)):
+    logits, cache = extend(bf16, x[:, :4], cache, 0)  # a prompt, then one token at a time
+    steps = [logits]
+    for t in range(4, 7):
+      logits, cache = extend(bf16, x[:, t:t + 1], cache, t)
+      steps.append(logits)
+    decoded, reference = np.asarray(jnp.concatenate(steps, 1), np.float32), np.asarray(full[:, :7], np.float32)
+    assert steps[-1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(decoded, reference, rtol=0,
+                               atol=tolerance(reference, 2 * transformer_depth(embed_dim=32), np.dtype(jnp.bfloat16)))
+  assert {c["implementation"] for c in calls} == {"cudnn"} and len(calls) == (1 if scan else 2)  # the full pass only
 
 
 def test_an_unknown_attention_names_the_valid_ones():
