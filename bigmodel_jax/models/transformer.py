@@ -3,8 +3,8 @@
 
 Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
 learned or rotary positions, attention by config.model.attention (models/attention.py: einsum, cudnn, or auto,
-the default: cuDNN's flash attention on an NVIDIA GPU with bfloat16 compute, einsum elsewhere). Options for weights converted from other codebases (bigmodel_jax.convert), each
-default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
+the default: cuDNN's flash attention on an NVIDIA GPU with bfloat16 compute, einsum elsewhere). Options for weights
+converted from other codebases (bigmodel_jax.convert), each default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
 LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
 after the embeddings), `type_vocab_size` (BERT's token-type table; every token has type 0) and
 `attention_dropout_rate` (nanoGPT's dropout on the attention probabilities). Every parameter carries logical
