@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU suite in one short slot on a lent GPU machine, which reaches no network: what it needs travels with the
+# checkout in .gpu/ (ignored by git, ~15 MB).
+#
+#   here:   bash benchmarks/gpu_slot.sh stage        # wheels and data into .gpu/ (needs PyPI and the data once)
+#   there:  device run: command "bash benchmarks/gpu_slot.sh run", carry [".gpu"], timeout_s 560
+#   here:   python -m benchmarks.run --import_results=<files_at>/gpu.json    # into results/ and RESULTS.md
+#
+# The machine's image (KINDS.md of the device tool: Python 3.12, jax with CUDA, flax, optax, orbax, numpy, ...)
+# lacks ml_collections, grain and tensorboardX. `run` installs this project's declared dependencies (pyproject.toml,
+# less jax, whose CUDA build the image has, and TFDS, which only tfds: datasets need) from what is installed there
+# and the staged wheels, without an index: pip keeps an installed version that is in our range, takes a staged wheel
+# where it is not, and names what is missing if neither. Then the suite, its JSON to $OUT (benchmarks/run.py;
+# extra arguments are passed to it, e.g. --only=lm_throughput or --size=tiny to check the slot's pieces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=.gpu
+# for Python 3.12, manylinux x86_64 (the image's); versions from our ranges, as the newest stack resolves them
+WHEELS=(flax optax orbax-checkpoint ml_collections grain array_record portpicker tensorboardX)
+TEXT=../shared/data/tinyshakespeare/input.txt
+
+requirements() {  # pyproject.toml's dependencies, less jax and TFDS (its lazy import is for tfds: datasets only)
+  "$1" - <<'EOF'
+import re, tomllib
+skip = {"jax", "tensorflow-datasets", "importlib_resources"}
+for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+  if re.split(r"[<>=!~ \[]", r)[0] not in skip:
+    print(r)
+EOF
+}
+
+case "${1:-}" in
+  stage)
+    PY=${PYTHON:-python3}
+    rm -rf "$STAGE" && mkdir -p "$STAGE/wheels" "$STAGE/mnist"
+    mapfile -t reqs < <(requirements "$PY")
+    picked=()
+    for name in "${WHEELS[@]}"; do
+      match=$(printf '%s\n' "${reqs[@]}" | grep -i -E "^${name//[-_]/[-_]}([<>=!~ ]|$)" || true)
+      picked+=("${match:-$name}")
+    done
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_28_x86_64 -d "$STAGE/wheels" "${picked[@]}"
+    # MNIST from this machine's data dir (a run of any MNIST config fetches it), gzipped; tiny Shakespeare
+    mnist="${BIGMODEL_JAX_DATA_DIR:-$HOME/.cache/bigmodel_jax/data}/mnist"
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+      if [[ ! -f "$mnist/$f" ]]; then
+        echo "gpu_slot stage: $mnist/$f is missing: run an MNIST config once here (it fetches MNIST), then stage" >&2
+        exit 2
+      fi
+      gzip -c "$mnist/$f" > "$STAGE/mnist/$f.gz"
+    done
+    if [[ -f "$TEXT" ]]; then cp "$TEXT" "$STAGE/input.txt"; else
+      echo "gpu_slot stage: no $TEXT: the language-model rows will be listed as not measured" >&2; fi
+    ls "$STAGE/wheels"; du -sh "$STAGE"
+    ;;
+  run)
+    shift
+    PY=${PYTHON:-python3}
+    OUT=${OUT:?gpu_slot run: \$OUT (the device run\'s output folder) is not set}
+    [[ -d "$STAGE/wheels" ]] || { echo "gpu_slot run: no $STAGE/wheels: stage here, carry $STAGE" >&2; exit 2; }
+    mapfile -t reqs < <(requirements "$PY")
+    "$PY" -m pip install -q --no-index --find-links "$STAGE/wheels" "${reqs[@]}" 2>&1 | tail -20
+    export BIGMODEL_JAX_DATA_DIR=${BIGMODEL_JAX_DATA_DIR:-/tmp/bigmodel_jax_data}
+    mkdir -p "$BIGMODEL_JAX_DATA_DIR/mnist"
+    for f in "$STAGE"/mnist/*.gz; do
+      gunzip -c "$f" > "$BIGMODEL_JAX_DATA_DIR/mnist/$(basename "$f" .gz)"
+    done
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    (nvidia-smi || true) > "$OUT/nvidia-smi.txt" 2>&1
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|orbax|grain|numpy) " || true
+    text=()
+    [[ -f "$STAGE/input.txt" ]] && text=(--text="$STAGE/input.txt")
+    exec "$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@"
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_slot.sh stage | run [benchmarks.run flags]" >&2
+    exit 2
+    ;;
+esac
