@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -68,6 +69,46 @@ def row(benchmark: str, config: str, measure: str, unit: str, formula: str, valu
   if ratios is not None:
     out["ratio"] = summary(ratios)
   return out
+
+
+def write_json(out: Path, data: dict) -> None:
+  """The suite's JSON, replaced atomically (a run killed mid-write leaves the previous one)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_text(json.dumps(data, indent=2) + "\n")
+  tmp.replace(out)
+
+
+def run_benchmarks(benchmarks: dict, data: dict, out: Path, unavailable: tuple = (), budget_s: float | None = None,
+                   started: float = 0.0, clock=time.monotonic) -> None:
+  """Each benchmark's function (-> rows, or lists of rows) in turn, its rows added to data["rows"] and data written
+  to `out` after every one, so a run cut short keeps what it measured. One that raises an `unavailable` exception
+  (no data, GPU or PyTorch here) or fails loses only its own rows: data["unmeasured"] says why. With `budget_s`, a
+  benchmark not yet begun when clock() - started >= budget_s is not started (listed as not measured): a suite
+  that must fit a short GPU slot gives back what it measured instead of being killed mid-row."""
+  for benchmark, fn in benchmarks.items():
+    elapsed = clock() - started
+    if budget_s is not None and elapsed >= budget_s:
+      data["unmeasured"].append(f"{benchmark}: not measured: the suite's budget_s ran out ({elapsed:.0f} s of "
+                                f"{budget_s:g} s spent before it began)")
+      print(f"{benchmark}: skipped (the suite's budget_s ran out)", flush=True)
+      write_json(out, data)
+      continue
+    start = clock()
+    try:
+      made = fn()
+    except unavailable as e:
+      data["unmeasured"].append(f"{benchmark}: {e}")
+      print(f"{benchmark}: not measured ({e})", flush=True)
+    except Exception as e:  # a benchmark that breaks loses only its own rows
+      data["unmeasured"].append(f"{benchmark}: failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})")
+      print(f"{benchmark}: FAILED", flush=True)
+      traceback.print_exc()
+    else:
+      made = [r for group in made for r in (group if isinstance(group, list) else [group])]
+      data["rows"] += made
+      print("\n".join(table(made)[2:]) + f"   [{clock() - start:.0f} s]", flush=True)
+    write_json(out, data)
 
 
 def timed_rate(fn, count: int) -> float:

@@ -12,12 +12,16 @@ noisy shared machine still gives a stable ratio. The JSON is rewritten after eve
 keeps what it measured) to --out, or, for a whole full-size run, to benchmarks/results/<suite>.json, and then
 benchmarks/RESULTS.md is rewritten from every suite's JSON (tiny and --only runs go to the temp dir). A
 benchmark that cannot run (no data, no PyTorch) or fails is listed as not measured, the rest run, and the exit
-status is 3. Targets: issue "Speed measured against peers and the hardware"; NOTES.md says what was changed,
-predicted and measured.
+status is 3. --budget_s (default 450 s for the GPU suite, which must finish in an 8-minute slot; none for the CPU
+suite) stops starting benchmarks once that many seconds have passed since the harness started: the ones left are
+listed as not measured (the suite's budget_s ran out), the rows measured are kept. Targets: issue "Speed measured
+against peers and the hardware"; NOTES.md says what was changed, predicted and measured.
 
-The GPU suite runs nanoGPT's shakespeare_char first (the full 5000 steps), then GPT-2 124M throughput, then
-the seed CNN. The GPU machine has no network: give it tiny Shakespeare (--text=...) and, for the CNN, a data
-dir holding MNIST (BIGMODEL_JAX_DATA_DIR).
+The GPU suite runs nanoGPT's shakespeare_char first (the full 5000 steps), then GPT-2 124M throughput, then the
+seed CNN (the full loop's images/s and host overhead, then wall clock to 99% test accuracy); at --size=tiny its
+language-model rows compute in bfloat16 as the full size does, so a CPU checks the same code path. The GPU machine
+has no network: give it tiny Shakespeare (--text=...) and, for the CNN, a data dir holding MNIST
+(BIGMODEL_JAX_DATA_DIR).
 """
 
 import datetime
@@ -26,8 +30,9 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
+
+STARTED = time.monotonic()  # the suite's budget counts from here: imports and JAX's start-up included
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the runs it starts need GPU memory too
 
@@ -47,6 +52,9 @@ _TEXT = flags.DEFINE_string("text", "", "tiny Shakespeare's input.txt for the la
 _IMPORT = flags.DEFINE_string("import_results", "", "A suite's JSON written elsewhere (--out on a GPU machine): "
                               "copied into benchmarks/results/ and RESULTS.md rewritten; nothing is run.")
 _REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (default: 3 full, 2 tiny).")
+_BUDGET = flags.DEFINE_float("budget_s", None, "Seconds the suite may take: no benchmark starts after them (the rest "
+                             "are listed as not measured). Default: 450 for --suite=gpu, none for cpu; negative: none.")
+GPU_BUDGET_S = 450  # of an 8-minute slot: the check does not predict a benchmark's length, the last begun finishes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -55,8 +63,9 @@ SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 def suite(name: str, size: str, text: str, repeats: int) -> dict:
   """{benchmark name: a function -> list of rows}, in the order they run."""
   tiny = size == "tiny"
-  # steps per measurement: about 5-15 s of each loop on 2 CPU cores
-  steps = (lambda c: 40) if tiny else {"digits_mlp": 1000, "mnist_mlp": 600, "mnist_cnn": 600,
+  # steps per measurement: about 1-15 s of each loop on 2 CPU cores; host_overhead takes at least
+  # measures.window_steps (mnist_mlp 1100, mnist_cnn 1200): its timed window holds a checkpoint save
+  steps = (lambda c: 40) if tiny else {"digits_mlp": 2000, "mnist_mlp": 600, "mnist_cnn": 600,
                                        "shakespeare_char_gpt:cpu": 120}.get
   if name == "cpu":
     overhead = ["digits_mlp"] if tiny else ["digits_mlp", "mnist_mlp", "mnist_cnn"]
@@ -78,28 +87,23 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
                                                                 0.5 if tiny else 0.99, 50 if tiny else -1),
     }
   return {  # the longest and most wanted first: a run cut short still has it
-      "nanogpt_shakespeare_char": lambda: [measures.time_to_loss("shakespeare_char_gpt:smoke" if tiny else
-                                                                 "shakespeare_char_gpt", text, 1.47)],
-      "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300)],
-      "host_overhead": lambda: [measures.host_overhead(c, steps(c) * (1 if tiny else 10), repeats)
+      "nanogpt_shakespeare_char": lambda: [measures.time_to_loss(  # tiny: in bfloat16, as the full recipe
+          "shakespeare_char_gpt:smoke" if tiny else "shakespeare_char_gpt", text, 1.47,
+          ("--config.train.dtype=bfloat16",) if tiny else ())],
+      "lm_throughput": lambda: [measures.lm_throughput("tiny" if tiny else "gpt2_124m", 5 if tiny else 300,
+                                                       dtype=measures.LM_SIZES["gpt2_124m"][-1])],
+      "host_overhead": lambda: [measures.host_overhead(c, steps(c) * (1 if tiny else 10), repeats, images=True)
                                 for c in (["digits_mlp"] if tiny else ["mnist_cnn"])],
       "time_to_accuracy": lambda: vs_pytorch.time_to_accuracy("mnist_cnn:smoke" if tiny else "mnist_cnn",
                                                               0.5 if tiny else 0.99, 50 if tiny else -1, pytorch=False),
   }
 
 
-def write(out: Path, data: dict) -> None:
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text(json.dumps(data, indent=2) + "\n")
-  tmp.replace(out)
-
-
 def main(argv):
   del argv
   if _IMPORT.value:  # a suite run elsewhere (the GPU machine's $OUT): into results/ and RESULTS.md
     data = json.loads(Path(_IMPORT.value).read_text())
-    write(harness.RESULTS_DIR / f"{data['suite']}.json", data)
+    harness.write_json(harness.RESULTS_DIR / f"{data['suite']}.json", data)
     print(f"written: {harness.write_results_md()}")
     return
   size, name = _SIZE.value, _SUITE.value
@@ -119,24 +123,11 @@ def main(argv):
   now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   data = {"suite": name, "size": size, "date": now, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
           "context": ctx, "rows": [], "unmeasured": []}
-  for benchmark, fn in benchmarks.items():
-    if _ONLY.value and benchmark not in _ONLY.value:
-      continue
-    start = time.perf_counter()
-    try:
-      made = fn()
-    except (measures.Unavailable, UserError) as e:  # no data, GPU or PyTorch here: said, and the rest runs
-      data["unmeasured"].append(f"{benchmark}: {e}")
-      print(f"{benchmark}: not measured ({e})", flush=True)
-    except Exception as e:  # a benchmark that breaks loses only its own rows
-      data["unmeasured"].append(f"{benchmark}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
-      print(f"{benchmark}: FAILED", flush=True)
-      traceback.print_exc()
-    else:
-      made = [r for group in made for r in (group if isinstance(group, list) else [group])]
-      data["rows"] += made
-      print("\n".join(harness.table(made)[2:]) + f"   [{time.perf_counter() - start:.0f} s]", flush=True)
-    write(out, data)  # after every benchmark: a run cut short keeps what it measured
+  budget = _BUDGET.value if _BUDGET.value is not None else (GPU_BUDGET_S if name == "gpu" else None)
+  budget = budget if budget is not None and budget >= 0 else None
+  data["budget_s"] = budget
+  chosen = {b: fn for b, fn in benchmarks.items() if not _ONLY.value or b in _ONLY.value}
+  harness.run_benchmarks(chosen, data, out, (measures.Unavailable, UserError), budget, STARTED)
   print("\n" + "\n".join(harness.table(data["rows"])))
   print(f"\nrows: {out}")
   if complete and not _OUT.value:

@@ -5,29 +5,48 @@ FLOPs per token of a decoder LM (forward + backward): 6N + 6·L·d·T, N the par
 upper triangle is masked); nanoGPT's and PaLM's estimate counts it in full, 6N + 12·L·d·T.
 """
 
-# dense peak TFLOP/s by device kind (a substring of jax's device_kind) and compute dtype; "float32" on GPUs is TF32,
-# which XLA uses for float32 matmuls there by default. Unknown devices: throughput only, no MFU.
-PEAK_TFLOPS = {  # the first name found in the device kind as a whole word wins: the specific ones first
-    "H200": {"bfloat16": 989.0, "float32": 494.0},
+# Dense (no 2:4 sparsity) peak TFLOP/s by jax's device_kind and compute dtype: NVIDIA's datasheets (which print the
+# sparse figure, twice these) and Google Cloud's TPU pages; "float32" on GPUs is TF32, which XLA uses for float32
+# matmuls there by default, and on TPUs the bf16 passes its matmuls take. Names as jax reports them, less a leading
+# "NVIDIA " (older drivers omit it): "H100 80GB HBM3" (SXM), "H100 PCIe", "H200" (SXM), "H200 NVL", "GH200 480GB",
+# "A100-SXM4-80GB"; TPUs "TPU v4", "TPU v5 lite" (v5e), "TPU v5" (v5p; "TPU v5p" under Pathways), "TPU v6 lite"
+# (v6e). None: a kind known not to share the shorter name's peak, listed with none (TPU v4 lite is no TPU v4).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},  # SXM ("H100 80GB HBM3", "H100 SXM5 ...")
     "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
     "H100 NVL": {"bfloat16": 835.0, "float32": 418.0},
-    "H100": {"bfloat16": 989.0, "float32": 494.0},  # SXM
-    "A100": {"bfloat16": 312.0, "float32": 156.0},
-    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "H200": {"bfloat16": 989.0, "float32": 494.0},  # SXM: the H100's die and clocks, more memory
+    "H200 NVL": {"bfloat16": 835.0, "float32": 418.0},  # PCIe card at 600 W: 1,671 sparse bf16
+    "GH200": {"bfloat16": 989.0, "float32": 494.0},  # Grace Hopper's H100/H200 die at SXM clocks (1,979 sparse)
+    "A100": {"bfloat16": 312.0, "float32": 156.0},  # SXM4 and PCIe alike
+    "L4": {"bfloat16": 121.0, "float32": 60.0},  # not "L40S": a name matches up to a space, '-' or its end
     "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
-    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v4 lite": None,
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},  # v5p
     "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
-    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},  # v5e
+    "TPU v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},  # v6e (Trillium)
+    "TPU v6e": {"bfloat16": 918.0, "float32": 918.0},
 }
 
 
+def peak_name(device_kind: str) -> str | None:
+  """The PEAK_TFLOPS row of a device kind: the longest name the kind (less a leading "NVIDIA ") starts with, ending
+  at a space, a '-' or the kind's end, case aside. So "NVIDIA H100 80GB HBM3" takes "H100" (SXM) and "NVIDIA H100
+  PCIe" "H100 PCIe"; "NVIDIA H200 NVL" takes "H200 NVL", not the SXM "H200"; "NVIDIA L40S" takes no "L4"."""
+  kind = device_kind.strip()
+  kind = kind[len("NVIDIA "):] if kind.upper().startswith("NVIDIA ") else kind
+  kind = kind.lower()
+  matches = [n for n in PEAK_TFLOPS
+             if kind.startswith(n.lower()) and (len(kind) == len(n) or kind[len(n)] in " -")]
+  return max(matches, key=len) if matches else None
+
+
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """Dense peak FLOP/s of one device of this kind in this compute dtype, or None when not known."""
-  import re
-  for name, peaks in PEAK_TFLOPS.items():
-    if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", device_kind, re.IGNORECASE):  # L4, not L40S
-      return peaks.get(dtype, peaks["float32"]) * 1e12
-  return None
+  """Dense peak FLOP/s of one device of this kind in this compute dtype, or None when not known (no MFU then)."""
+  peaks = PEAK_TFLOPS.get(peak_name(device_kind) or "")
+  return peaks.get(dtype, peaks["float32"]) * 1e12 if peaks else None
 
 
 def lm_flops_per_token(num_params: int, position_params: int, layers: int, dim: int, window: int,

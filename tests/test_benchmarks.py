@@ -4,25 +4,36 @@ never of timings)."""
 import json
 import math
 import os
+import random
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, measures  # noqa: E402
 
 VALUE_KEYS = {"median", "min", "max", "n"}
 
 
-def run_suite(tmp_path, suite, only):
+def run_suite(tmp_path, suite, only, *flags, status=0):
   out = tmp_path / f"{suite}.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.run", f"--suite={suite}", "--size=tiny", f"--only={only}",
-                         f"--out={out}"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+                         f"--out={out}", *flags], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == status, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout
+
+
+def small_text(path: Path) -> str:
+  """A few KB of made-up lines: enough for shakespeare_char_gpt:smoke, offline."""
+  rng = random.Random(0)
+  words = "the king queen lord thou art love night day sweet death come speak hath".split()
+  path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(800)) + "\n")
+  return str(path)
 
 
 def well_formed(row):
@@ -51,9 +62,89 @@ def test_cpu_suite_rows_are_well_formed_and_results_md_is_written_from_them(tmp_
 
 
 def test_gpu_suite_pieces_run_on_cpu_at_tiny_size(tmp_path):
-  data, _ = run_suite(tmp_path, "gpu", "lm_throughput,host_overhead")
+  data, _ = run_suite(tmp_path, "gpu", "nanogpt_shakespeare_char,lm_throughput,host_overhead",
+                      f"--text={small_text(tmp_path / 'input.txt')}")
   for row in data["rows"]:
     well_formed(row)
+  rows = {r["benchmark"]: r for r in data["rows"]}
+  assert list(rows) == ["nanogpt_shakespeare_char", "lm_throughput", "host_overhead", "images_per_s"]
+  # the LM rows take the full size's bfloat16 path, not float32
+  assert "--config.train.dtype=bfloat16" in rows["nanogpt_shakespeare_char"]["notes"]
+  assert "bfloat16 compute" in rows["lm_throughput"]["notes"]
+  assert "1 save(s) in the timed window" in rows["host_overhead"]["notes"]  # a checkpoint save is timed
+  assert "steps_per_call 10" in rows["host_overhead"]["notes"]  # says the bare loop is not the k-step one
+  batch = measures.load("digits_mlp").data.batch_size  # images/s = the full loop's steps/s x batch size
+  assert rows["images_per_s"]["value"]["median"] == pytest.approx(rows["host_overhead"]["value"]["median"] * batch)
+
+
+def test_the_full_loops_rate_counts_from_its_first_steps_record_and_a_save_is_timed():
+  records = [{"step": 10, "split": "startup", "time": 100.0}]  # steps_per_call 10: the first record is at step 10
+  records += [{"step": s, "split": "train", "time": 100.0 + (s - 10) / 1000} for s in range(20, 230, 20)]
+  records += [{"step": 220, "split": "validation", "time": 105.0}]
+  rate, seconds, first, last = measures.full_loop_rate(records)
+  assert (first, last) == (10, 220) and rate == pytest.approx(1000) and seconds == pytest.approx(0.21)
+  for name in ("digits_mlp", "mnist_mlp", "mnist_cnn"):
+    t = measures.load(name).train
+    assert measures.window_steps(measures.load(name), 600) > t.checkpoint_every + t.steps_per_call
+
+
+def _fake_main(fail_first: bool, calls: list):
+  def run(args, env, timeout=900):
+    calls.append(args)
+    if fail_first and len(calls) == 1:
+      raise RuntimeError("bigmodel_jax.main failed: ['CUDNN_STATUS_EXECUTION_FAILED']")
+    workdir = Path(next(a for a in args if a.startswith("--workdir=")).split("=", 1)[1])
+    workdir.mkdir(parents=True)
+    workdir.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 20, "split": "validation", "time": 1010.0, "loss": 1.5},
+        {"step": 40, "split": "validation", "time": 1020.0, "loss": 1.4})))
+    return 1000.0
+  return run
+
+
+def test_a_failed_nanogpt_run_on_a_gpu_is_launched_once_more_in_the_einsum_form(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(measures, "_main", _fake_main(True, calls))
+  monkeypatch.setattr(measures, "_on_gpu", lambda: True)
+  row = measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert len(calls) == 2 and "--config.model.attention=einsum" in calls[1]
+  assert "--config.model.attention=einsum" not in calls[0] and row["value"]["median"] == 20.0
+  assert "einsum form" in row["notes"] and "CUDNN_STATUS_EXECUTION_FAILED" in row["notes"]
+  calls.clear()  # a run that succeeds is launched once
+  monkeypatch.setattr(measures, "_main", _fake_main(False, calls))
+  row = measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert len(calls) == 1 and "einsum" not in row["notes"]
+
+
+def test_a_failed_nanogpt_run_off_a_gpu_is_not_retried(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(measures, "_main", _fake_main(True, calls))
+  monkeypatch.setattr(measures, "_on_gpu", lambda: False)
+  with pytest.raises(RuntimeError, match="CUDNN"):
+    measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert len(calls) == 1
+
+
+def test_benchmarks_not_begun_when_the_budget_is_spent_are_listed_and_the_rest_kept(tmp_path):
+  now = [0.0]
+  def bench(row_name, seconds):
+    def fn():
+      now[0] += seconds
+      return [harness.row(row_name, "c", "m", "u", "f", [1.0])]
+    return fn
+  data, out = {"rows": [], "unmeasured": []}, tmp_path / "suite.json"
+  harness.run_benchmarks({"a": bench("a", 6), "b": bench("b", 6), "c": bench("c", 6)}, data, out, budget_s=10,
+                         started=0.0, clock=lambda: now[0])
+  written = json.loads(out.read_text())
+  assert [r["benchmark"] for r in written["rows"]] == ["a", "b"]  # b began at 6 s < 10 s
+  assert written["unmeasured"] == ["c: not measured: the suite's budget_s ran out (12 s of 10 s spent before it began)"]
+
+
+def test_a_spent_budget_skips_every_benchmark_and_the_exit_status_says_so(tmp_path):
+  data, stdout = run_suite(tmp_path, "gpu", "lm_throughput,host_overhead", "--budget_s=0", status=3)
+  assert data["rows"] == [] and data["budget_s"] == 0
+  assert [u.split(":")[0] for u in data["unmeasured"]] == ["lm_throughput", "host_overhead"]
+  assert all("the suite's budget_s ran out" in u for u in data["unmeasured"]) and "skipped" in stdout
 
 
 def test_unknown_benchmark_is_one_line(tmp_path):
