@@ -163,18 +163,48 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 def max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
              padding="VALID") -> jax.Array:
-  """nnx.max_pool's values. Windows that tile the input (strides == window, no padding) are a reshape and a max:
-  on XLA:CPU the seed CNN's train step ran 1.8x faster than with reduce_window, whose gradient (select_and_scatter)
-  is slow there (benchmarks/NOTES.md). The values are the same; the gradient of a window whose maximum is tied
-  (common: a ReLU of a constant background) is shared by the tied elements instead of given to one, the same total:
-  so a CNN trains slightly differently from runs made with reduce_window. Other windows (ResNet's overlapping
-  3x3 / 2) are nnx.max_pool's."""
+  """nnx.max_pool, values and gradients. Windows that tile the input (strides == window, no padding) are a reshape
+  and a max, with reduce_window's gradient written out (`_tiled_max_pool`): on XLA:CPU the seed CNN's train step ran
+  1.8x faster than with reduce_window, whose gradient (select_and_scatter) is slow there, and the written-out
+  gradient (a window's first maximum takes it, as select_and_scatter gives it) another ~0.9 ms of a ~7.7 ms step
+  faster than jax's own for a max, which shares a tied window's gradient (benchmarks/NOTES.md). It has no
+  forward-mode derivative (jax.jvp). Other windows (ResNet's overlapping 3x3 / 2) are nnx.max_pool's."""
   strides = tuple(strides or window)
   if strides != tuple(window) or padding != "VALID":
     return nnx.max_pool(x_BxHxWxC, window_shape=tuple(window), strides=strides, padding=padding)
+  (_, h, w, _), (kh, kw) = x_BxHxWxC.shape, window
+  return _tiled_max_pool(x_BxHxWxC[:, :h - h % kh, :w - w % kw], (kh, kw))  # VALID: a partial edge window dropped
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int]) -> jax.Array:
   (b, h, w, c), (kh, kw) = x_BxHxWxC.shape, window
-  x = x_BxHxWxC[:, :h - h % kh, :w - w % kw]  # VALID: a partial window at the edge is dropped
-  return x.reshape(b, h // kh, kh, w // kw, kw, c).max(axis=(2, 4))
+  return x_BxHxWxC.reshape(b, h // kh, kh, w // kw, kw, c).max(axis=(2, 4))
+
+
+def _tiled_max_pool_fwd(x, window):
+  y = _tiled_max_pool(x, window)
+  return y, (x, y)
+
+
+def _tiled_max_pool_bwd(window, residuals, g):
+  """Each window's gradient to its first maximum in row-major order, as reduce_window's (select_and_scatter with
+  >=, as PyTorch's max_pool2d): elementwise selects, no reduction (jax's rule for a max divides among ties)."""
+  x, y = residuals
+  (b, h, w, c), (kh, kw) = x.shape, window
+  equal = x.reshape(b, h // kh, kh, w // kw, kw, c) == y[:, :, None, :, None]
+  seen, rows = None, []
+  for i in range(kh):
+    row = []
+    for j in range(kw):
+      here = equal[:, :, i, :, j]
+      row.append(jnp.where(here if seen is None else here & ~seen, g, jnp.zeros_like(g)))
+      seen = here if seen is None else seen | here
+    rows.append(jnp.stack(row, axis=3))
+  return (jnp.stack(rows, axis=2).reshape(b, h, w, c),)
+
+
+_tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
 
 
 IM2COL_MAX_TAPS = 72  # kernel taps x input channels up to which conv_general_dilated is a matmul on XLA:CPU (0: never)

@@ -120,31 +120,34 @@ def test_unknown_model_field_is_a_user_error():
 
 
 @pytest.mark.parametrize("shape,window,strides", [((3, 26, 26, 4), (2, 2), None), ((2, 11, 9, 3), (2, 2), (2, 2)),
-                                                  ((2, 9, 9, 2), (3, 3), (2, 2))])
-def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides):
+                                                  ((2, 9, 9, 2), (3, 3), (2, 2)), ((2, 9, 7, 2), (3, 3), None),
+                                                  ((2, 6, 6, 3), (2, 3), None)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_nnx_max_pool_in_values_and_gradients(shape, window, strides, ties):
   """The reshape form (tiling windows, odd edges dropped as VALID does) and the fallback (overlapping windows)
-  give nnx.max_pool's values exactly, and its gradients where a window has no tie (random floats)."""
+  give nnx.max_pool's values and gradients exactly: with ties too (inputs rounded to a few values, as a ReLU of a
+  constant background ties a window), whose gradient goes to the window's first maximum as reduce_window's does."""
   from bigmodel_jax.models.layers import max_pool
-  x = jax.numpy.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  x = jax.numpy.asarray(np.maximum(np.round(x), 0) if ties else x)
   ours = lambda x: max_pool(x, window, strides)
   theirs = lambda x: nnx.max_pool(x, window_shape=window, strides=strides or window)
   np.testing.assert_array_equal(ours(x), theirs(x))
   weights = np.random.default_rng(1).normal(size=theirs(x).shape).astype(np.float32)
   grad = lambda f: jax.grad(lambda x: (f(x) * weights).sum())(x)
   np.testing.assert_array_equal(grad(ours), grad(theirs))
+  if ties:
+    assert (np.asarray(grad(ours)) == 0).mean() > (np.asarray(x) == 0).mean() / 2  # ties were there to break
 
 
-def test_max_pool_gives_a_tied_windows_gradient_the_same_total():
-  """A constant input ties every window: reduce_window gives the whole gradient to one element, the reshape form
-  shares it; per window the sum is the same."""
+def test_max_pool_gradient_in_bfloat16_and_under_vmap():
+  """The written-out gradient keeps the input's dtype and batches (vmap) like reduce_window's."""
   from bigmodel_jax.models.layers import max_pool
-  x = jax.numpy.ones((2, 6, 4, 3))
-  weights = np.random.default_rng(1).normal(size=(2, 3, 2, 3)).astype(np.float32)
-  ours = jax.grad(lambda x: (max_pool(x, (2, 2)) * weights).sum())(x)
-  theirs = jax.grad(lambda x: (nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)) * weights).sum())(x)
-  window_sums = lambda g: np.asarray(g).reshape(2, 3, 2, 2, 2, 3).sum(axis=(2, 4))
-  np.testing.assert_allclose(window_sums(ours), window_sums(theirs), rtol=1e-6)
-  np.testing.assert_allclose(window_sums(ours), weights, rtol=1e-6)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8, 8, 4)).astype(jax.numpy.bfloat16)
+  ours = jax.vmap(jax.grad(lambda x: max_pool(x, (2, 2)).astype(jax.numpy.float32).sum()))(x)
+  theirs = jax.vmap(jax.grad(lambda x: nnx.max_pool(x, (2, 2), (2, 2)).astype(jax.numpy.float32).sum()))(x)
+  assert ours.dtype == jax.numpy.bfloat16
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
 
 
 @pytest.mark.parametrize("x_shape, kernel_shape, k", [((4, 3, 8), (8, 24), 1), ((5, 24), (24, 6), 1),
