@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite in one short slot on a lent GPU machine, which reaches no network: what it needs travels with the
-# checkout in .gpu/ (ignored by git, ~15 MB).
+# checkout in .gpu/ (ignored by git, ~18 MB).
 #
 #   here:   bash benchmarks/gpu_slot.sh stage        # wheels and data into .gpu/ (needs PyPI and the data once)
 #   there:  device run: command "bash benchmarks/gpu_slot.sh run", carry [".gpu"], timeout_s 560
@@ -32,8 +32,9 @@ EOF
 case "${1:-}" in
   stage)
     PY=${PYTHON:-python3}
-    rm -rf "$STAGE" && mkdir -p "$STAGE/wheels" "$STAGE/mnist"
-    mapfile -t reqs < <(requirements "$PY")
+    listed=$(requirements "$PY")  # a failure here stops the script (a process substitution's would not)
+    mapfile -t reqs <<<"$listed"
+    new="$STAGE.new" && rm -rf "$new" && mkdir -p "$new/wheels" "$new/mnist"  # the old staging stays until done
     picked=()
     for name in "${WHEELS[@]}"; do
       match=$(printf '%s\n' "${reqs[@]}" | grep -i -E "^${name//[-_]/[-_]}([<>=!~ ]|$)" || true)
@@ -41,7 +42,7 @@ case "${1:-}" in
     done
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_28_x86_64 -d "$STAGE/wheels" "${picked[@]}"
+        --platform manylinux_2_28_x86_64 -d "$new/wheels" "${picked[@]}"
     # MNIST from this machine's data dir (a run of any MNIST config fetches it), gzipped; tiny Shakespeare
     mnist="${BIGMODEL_JAX_DATA_DIR:-$HOME/.cache/bigmodel_jax/data}/mnist"
     for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
@@ -49,18 +50,20 @@ case "${1:-}" in
         echo "gpu_slot stage: $mnist/$f is missing: run an MNIST config once here (it fetches MNIST), then stage" >&2
         exit 2
       fi
-      gzip -c "$mnist/$f" > "$STAGE/mnist/$f.gz"
+      gzip -c "$mnist/$f" > "$new/mnist/$f.gz"
     done
-    if [[ -f "$TEXT" ]]; then cp "$TEXT" "$STAGE/input.txt"; else
+    if [[ -f "$TEXT" ]]; then cp "$TEXT" "$new/input.txt"; else
       echo "gpu_slot stage: no $TEXT: the language-model rows will be listed as not measured" >&2; fi
+    rm -rf "$STAGE" && mv "$new" "$STAGE"
     ls "$STAGE/wheels"; du -sh "$STAGE"
     ;;
   run)
     shift
     PY=${PYTHON:-python3}
-    OUT=${OUT:?gpu_slot run: \$OUT (the device run\'s output folder) is not set}
+    [[ -n "${OUT:-}" ]] || { echo "gpu_slot run: \$OUT (the device run's output folder) is not set" >&2; exit 2; }
     [[ -d "$STAGE/wheels" ]] || { echo "gpu_slot run: no $STAGE/wheels: stage here, carry $STAGE" >&2; exit 2; }
-    mapfile -t reqs < <(requirements "$PY")
+    listed=$(requirements "$PY")
+    mapfile -t reqs <<<"$listed"
     "$PY" -m pip install -q --no-index --find-links "$STAGE/wheels" "${reqs[@]}" 2>&1 | tail -20
     export BIGMODEL_JAX_DATA_DIR=${BIGMODEL_JAX_DATA_DIR:-/tmp/bigmodel_jax_data}
     mkdir -p "$BIGMODEL_JAX_DATA_DIR/mnist"

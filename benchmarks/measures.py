@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def host_overhead(name: str, steps: int, repeats: int, images: bool = False) -> 
   if images:
     rows.append(harness.row("images_per_s", name, "full train loop images/s", "images/s",
                             f"the full loop's steps/s (the host_overhead row's rounds) x batch size {batch}",
-                            [r * batch for r in full_rates], compile_s=compile_s, target="report",
+                            [r * batch for r in full_rates], target="report",
                             notes=f"{steps} steps, evaluations outside the window; the wall clock to accuracy: "
                                   "time_to_accuracy's row"))
   return rows
@@ -202,8 +203,16 @@ def _main(args: list[str], env: dict, timeout: float = 900) -> float:
   proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", *args, "--config.train.progress_bar=false"],
                         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
-    raise RuntimeError(f"bigmodel_jax.main {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    error = RuntimeError(f"bigmodel_jax.main {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    error.stderr = proc.stderr
+    raise error
   return launched
+
+
+def _cudnn_failed(error: Exception) -> bool:
+  """A run's failure names cuDNN outside its log lines (absl's "I1206 ..." lines name the attention taken)."""
+  lines = getattr(error, "stderr", str(error)).splitlines()
+  return any("cudnn" in l.lower() for l in lines if not re.match(r"[IWE]\d{4} ", l))
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -372,13 +381,15 @@ def time_to_loss(name: str, text: str, target: float, overrides: tuple[str, ...]
     try:
       launched = _main([*args, f"--workdir={workdir}"], env, timeout=limit)
     except RuntimeError as e:
-      attention = load(name, text).model.get("attention", "auto")
-      if not _on_gpu() or attention not in ("auto", "cudnn"):
+      if not _on_gpu() or not _cudnn_failed(e):  # an OOM, a NaN stop, a data error: no retry
         raise
       workdir = Path(tmp) / "run_einsum"  # a fresh run, not a resume of the failed one
-      launched = _main([*args, f"--workdir={workdir}", "--config.model.attention=einsum"], env,
-                       timeout=max(deadline - time.time(), 1))
-      retried = f"; the run with attention {attention} failed ({str(e)[-160:]}): this is the einsum form's, run again"
+      try:
+        launched = _main([*args, f"--workdir={workdir}", "--config.model.attention=einsum"], env,
+                         timeout=max(deadline - time.time(), 1))
+      except (RuntimeError, subprocess.TimeoutExpired) as again:
+        raise RuntimeError(f"{e}; then in the einsum form: {again}") from None
+      retried = f"; the run failed in cuDNN's attention ({str(e)[-160:]}): this is the einsum form's, run again"
     records = _records(workdir)
   validation = [r for r in records if r["split"] == "validation"]
   reached = next((r for r in validation if r["loss"] <= target), None)

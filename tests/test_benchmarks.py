@@ -88,11 +88,16 @@ def test_the_full_loops_rate_counts_from_its_first_steps_record_and_a_save_is_ti
     assert measures.window_steps(measures.load(name), 600) > t.checkpoint_every + t.steps_per_call
 
 
-def _fake_main(fail_first: bool, calls: list):
+INFO = "I1206 09:00:00.000000 1 attention.py:95] config.model.attention auto: cuDNN flash attention\n"
+
+
+def _fake_main(fail_first: bool, calls: list, stderr: str = INFO + "error: CUDNN_STATUS_EXECUTION_FAILED\n"):
   def run(args, env, timeout=900):
     calls.append(args)
     if fail_first and len(calls) == 1:
-      raise RuntimeError("bigmodel_jax.main failed: ['CUDNN_STATUS_EXECUTION_FAILED']")
+      error = RuntimeError(f"bigmodel_jax.main failed: {stderr.splitlines()[-1:]}")
+      error.stderr = stderr
+      raise error
     workdir = Path(next(a for a in args if a.startswith("--workdir=")).split("=", 1)[1])
     workdir.mkdir(parents=True)
     workdir.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
@@ -114,6 +119,16 @@ def test_a_failed_nanogpt_run_on_a_gpu_is_launched_once_more_in_the_einsum_form(
   monkeypatch.setattr(measures, "_main", _fake_main(False, calls))
   row = measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
   assert len(calls) == 1 and "einsum" not in row["notes"]
+
+
+def test_a_nanogpt_run_failing_elsewhere_than_cudnn_is_not_retried(monkeypatch, tmp_path):
+  """An out-of-memory (its log naming the cuDNN attention it took) is not cuDNN's failure: no second launch."""
+  calls = []
+  monkeypatch.setattr(measures, "_main", _fake_main(True, calls, INFO + "error: RESOURCE_EXHAUSTED: out of memory\n"))
+  monkeypatch.setattr(measures, "_on_gpu", lambda: True)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert len(calls) == 1
 
 
 def test_a_failed_nanogpt_run_off_a_gpu_is_not_retried(monkeypatch, tmp_path):
