@@ -1,6 +1,6 @@
 """The benchmark harness: every benchmark of a suite, one table, a JSON of the rows, RESULTS.md from it.
 
-    python -m benchmarks.run --suite=cpu                      # ~6 min on 2 CPU cores
+    python -m benchmarks.run --suite=cpu                      # ~7.5 min on 2 CPU cores
     python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json --text=shared/data/tinyshakespeare/input.txt
     python -m benchmarks.run --import_results=gpu.json        # that JSON into results/ and RESULTS.md
     python -m benchmarks.run --suite=cpu --size=tiny --only=host_overhead   # seconds: checks the pieces
@@ -48,7 +48,7 @@ _OUT = flags.DEFINE_string("out", "", "Where the JSON goes (default benchmarks/r
                            "RESULTS.md is rewritten).")
 _ONLY = flags.DEFINE_list("only", [], "Run only these benchmarks of the suite (names as in the table).")
 _TEXT = flags.DEFINE_string("text", "", "tiny Shakespeare's input.txt for the language-model rows (default: the "
-                            "shared copy beside the checkout where there is one, else fetched).")
+                            "shared copy beside the checkout where there is one; else those rows are not measured).")
 _IMPORT = flags.DEFINE_string("import_results", "", "A suite's JSON written elsewhere (--out on a GPU machine): "
                               "copied into benchmarks/results/ and RESULTS.md rewritten; nothing is run.")
 _REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (default: 3 full, 2 tiny).")
