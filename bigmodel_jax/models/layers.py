@@ -169,7 +169,8 @@ def max_pool(x_BxHxWxC: jax.Array, window: tuple[int, int], strides: tuple[int, 
   gradient (a window's first maximum takes it, as select_and_scatter gives it) another ~0.9 ms of a ~7.7 ms step
   faster than jax's own for a max, which shares a tied window's gradient (benchmarks/NOTES.md). It has no
   forward-mode derivative (jax.jvp), and a window holding a NaN passes no gradient on (reduce_window's passes it to
-  an element selected by >= comparisons, which NaN fails; the loss is NaN then either way). Other windows (ResNet's overlapping 3x3 / 2) are nnx.max_pool's."""
+  an element selected by >= comparisons, which NaN fails; the loss is NaN then either way). Other windows (ResNet's
+  overlapping 3x3 / 2) are nnx.max_pool's."""
   strides = tuple(strides or window)
   if strides != tuple(window) or padding != "VALID":
     return nnx.max_pool(x_BxHxWxC, window_shape=tuple(window), strides=strides, padding=padding)

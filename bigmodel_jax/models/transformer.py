@@ -1,17 +1,18 @@
 """Transformer blocks shared by a decoder-only LM (`gpt`) and the encoders of models/encoder.py (`encoder_classifier`,
 `encoder_mlm`).
 
-Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP,
-learned or rotary positions, attention by config.model.attention (models/attention.py: einsum, cudnn, or auto,
-the default: cuDNN's flash attention on an NVIDIA GPU with bfloat16 compute, einsum elsewhere). Options for weights
-converted from other codebases (bigmodel_jax.convert), each default leaving the model as it was: `norm="post"` (BERT's LN(x + Dropout(Attention(x))) blocks, no final
-LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's approximation), `embed_norm` (a LayerNorm
-after the embeddings), `type_vocab_size` (BERT's token-type table; every token has type 0) and
-`attention_dropout_rate` (nanoGPT's dropout on the attention probabilities). Every parameter carries logical
-axis names (`out_sharding` metadata, read with `nnx.get_partition_spec`), so a rules table can map them onto mesh
-axes without model code mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads, head_dim,
-mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention probabilities get dropout
-only with attention_dropout_rate > 0, in training, always through the einsum form (cuDNN's kernel here has none).
+Pre-LayerNorm residual blocks: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x))), GELU MLP, learned or
+rotary positions, attention by config.model.attention (models/attention.py: einsum, cudnn, or auto, the default:
+cuDNN's flash attention on an NVIDIA GPU with bfloat16 compute, einsum elsewhere). Options for weights converted
+from other codebases (bigmodel_jax.convert), each default leaving the model as it was: `norm="post"` (BERT's LN(x +
+Dropout(Attention(x))) blocks, no final LayerNorm), `layer_norm_eps`, `gelu="exact"` (erf; "tanh" is GPT-2's
+approximation), `embed_norm` (a LayerNorm after the embeddings), `type_vocab_size` (BERT's token-type table; every
+token has type 0) and `attention_dropout_rate` (nanoGPT's dropout on the attention probabilities). Every parameter
+carries logical axis names (`out_sharding` metadata, read with `nnx.get_partition_spec`), so a rules table can map
+them onto mesh axes without model code mentioning devices (parallel.RULES does). Logical axes: vocab, embed, heads,
+head_dim, mlp, positions, and layers (the leading axis of scanned blocks' parameters). Attention probabilities get
+dropout only with attention_dropout_rate > 0, in training, always through the einsum form (cuDNN's kernel here has
+none).
 
 Depth: `remat` recomputes each block in the backward pass instead of keeping its activations (a
 REMAT_POLICIES name), and `scan_layers` stores the blocks stacked (parameters `trunk.blocks.attn.qkv.kernel`
@@ -34,7 +35,7 @@ from flax import nnx
 
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import MODELS, require_positive
-from bigmodel_jax.models.attention import ATTENTIONS, attend, attention  # noqa: F401 (attention: re-exported)
+from bigmodel_jax.models.attention import ATTENTIONS, attend
 from bigmodel_jax.registry import Registry
 from bigmodel_jax.models.layers import LINEAR_OUTPUT, Dropout, ExampleRngs, fold_in, linear_dot_general, own_dtype
 

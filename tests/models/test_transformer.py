@@ -502,7 +502,7 @@ def test_bad_model_fields_are_user_errors(cls, fields, needles):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_written_out_attention_equals_the_fused_one(causal):
-  from bigmodel_jax.models.transformer import attention
+  from bigmodel_jax.models.attention import attention
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(3, 9, 2, 8)), jnp.float32) for _ in range(3))
   mask = None if causal else jnp.asarray(rng.random((3, 1, 1, 9)) < 0.7).at[:, :, :, 0].set(True)
