@@ -100,10 +100,49 @@ def suite(name: str, size: str, text: str, repeats: int) -> dict:
   }
 
 
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def imported(path: Path) -> dict:
+  """A full-size suite's JSON, checked before anything is written: results/ only ever holds whole full-size runs
+  of a known suite, which RESULTS.md can be rendered from (a bad file would break every later import)."""
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    fail(f"--import_results: cannot read {path} as JSON ({getattr(e, 'strerror', None) or e})")
+  if not isinstance(data, dict) or data.get("suite") not in ("cpu", "gpu"):
+    fail(f"--import_results: {path} is not a suite's JSON (its 'suite' must be cpu or gpu): give the file a "
+         "benchmarks.run --out wrote")
+  if data.get("size") != "full":
+    fail(f"--import_results: {path} holds a {data.get('size')!r}-size run; only a full-size run goes into "
+         f"benchmarks/results/ (the {data['suite']} suite without --size=tiny)")
+  if not isinstance(data.get("rows"), list) or not isinstance(data.get("unmeasured", []), list):
+    fail(f"--import_results: {path} has no list of rows")
+  try:  # what RESULTS.md renders from it
+    "".join(harness.table(data["rows"], formulas=True)) + harness.describe(data["context"])
+    str(data["date"]) + str(data["command"])
+  except (KeyError, TypeError, AttributeError) as e:
+    fail(f"--import_results: {path} is not a benchmarks.run JSON (missing or malformed {e}); nothing was written")
+  return data
+
+
+def writable(out: Path) -> None:
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+      pass
+  except OSError as e:
+    fail(f"--out: cannot write {out} ({e.strerror or e}); give a writable path")
+  if out.is_dir():
+    fail(f"--out: {out} is a directory; give a file path")
+
+
 def main(argv):
   del argv
   if _IMPORT.value:  # a suite run elsewhere (the GPU machine's $OUT): into results/ and RESULTS.md
-    data = json.loads(Path(_IMPORT.value).read_text())
+    data = imported(Path(_IMPORT.value))
     harness.write_json(harness.RESULTS_DIR / f"{data['suite']}.json", data)
     print(f"written: {harness.write_results_md()}")
     return
@@ -113,12 +152,11 @@ def main(argv):
   benchmarks = suite(name, size, text, repeats)
   unknown = [b for b in _ONLY.value if b not in benchmarks]
   if unknown:
-    print(f"error: --only: {', '.join(unknown)} not in the {name} suite; valid: {', '.join(benchmarks)}",
-          file=sys.stderr)
-    sys.exit(2)
+    fail(f"--only: {', '.join(unknown)} not in the {name} suite; valid: {', '.join(benchmarks)}")
   complete = size == "full" and not _ONLY.value  # only a whole full-size run replaces results/<suite>.json
   out = Path(_OUT.value) if _OUT.value else (harness.RESULTS_DIR / f"{name}.json" if complete else
                                              Path(tempfile.gettempdir()) / f"benchmarks-{name}-{size}.json")
+  writable(out)  # before anything is measured: a run must not end in a path it cannot write
   ctx = harness.context()
   print(harness.describe(ctx), flush=True)
   now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -185,3 +185,33 @@ def test_a_benchmark_that_cannot_run_is_listed_and_the_exit_status_says_so(tmp_p
   data = json.loads(out.read_text())  # written all the same, with the rows that did run
   assert [r["benchmark"] for r in data["rows"]] == ["lm_throughput"]
   assert len(data["unmeasured"]) == 1 and data["unmeasured"][0].startswith("nanogpt_shakespeare_char: failed")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{bad", "cannot read"), ("[1, 2]", "is not a suite's JSON"), ('{"suite": "../../x", "size": "full"}', "cpu or gpu"),
+    ('{"suite": "gpu", "size": "tiny", "rows": []}', "'tiny'-size run"),
+    ('{"suite": "gpu", "size": "full", "rows": "x"}', "no list of rows"),
+    ('{"suite": "gpu", "size": "full", "rows": [{"benchmark": "b"}]}', "not a benchmarks.run JSON")])
+def test_a_bad_import_is_refused_in_one_line(tmp_path, capsys, text, says):
+  from benchmarks import run
+  bad = tmp_path / "gpu.json"
+  bad.write_text(text)
+  with pytest.raises(SystemExit) as exit_:
+    run.imported(bad)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: --import_results:") and says in err, err
+
+
+def test_a_tiny_import_writes_nothing_and_an_unwritable_out_is_refused_before_measuring(tmp_path):
+  before = {p: p.read_bytes() for p in [*harness.RESULTS_DIR.glob("*.json"), harness.RESULTS_MD] if p.exists()}
+  tiny = tmp_path / "gpu.json"
+  tiny.write_text(json.dumps({"suite": "gpu", "size": "tiny", "rows": [], "unmeasured": []}))
+  for flags, says in [([f"--import_results={tiny}"], "error: --import_results:"),
+                      (["--suite=cpu", "--size=tiny", "--only=vs_pytorch", f"--out={tmp_path}"], "error: --out:")]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(says), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+  assert {p: p.read_bytes() for p in before} == before and sorted(harness.RESULTS_DIR.glob("*.json")) == sorted(
+      p for p in before if p.suffix == ".json")
