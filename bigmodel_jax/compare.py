@@ -176,9 +176,13 @@ def plot(runs: list[RunRecords], path: Path) -> Path:
     if ax.get_lines():
       ax.legend(fontsize=8)
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+  except OSError as e:
+    raise UserError(f"--out: cannot write {path} ({e.strerror or e}); give a writable path") from None
+  finally:
+    plt.close(fig)
   return path
 
 
@@ -190,6 +194,8 @@ def compare(paths: list[str], out: str = "compare.png") -> list[str]:
   target = Path(out)
   if target.is_dir() or not target.suffix:  # a directory to put compare.png in
     target = target / "compare.png"
+  if target.suffix.lower() not in (".png", ".pdf", ".svg"):
+    raise UserError(f"--out={out}: the curves are written as .png, .pdf or .svg (or give a directory)")
   lines = ["runs:", *(f"  {r.label}: {r.path}" for r in runs)]
   lines += config_section(runs) + metrics_section(runs) + params_section(runs)
   lines.append(f"curves: {plot(runs, target)}")

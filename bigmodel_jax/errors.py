@@ -2,6 +2,8 @@
 their own absl flags (sweep.py, convert.py) end the same way through `fail` and `parse_flags` here."""
 
 import sys
+import tempfile
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -75,6 +77,22 @@ def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:
           else "no checkpoint was committed yet")
   return (f"{path}: no space left on device; {last}; free some space (or use a --workdir on another disk) and "
           "launch the same command again")
+
+
+def writable_directory(path, flag: str = "--workdir") -> None:
+  """Refuses (UserError, one line) an empty path or a directory that cannot be made or written, before anything runs
+  in it ('' would be the current directory)."""
+  if not str(path).strip():
+    raise UserError(f"{flag} is empty; give a directory")
+  path = Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag}: {path} exists and is not a directory")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check."):
+      pass
+  except OSError as e:
+    raise UserError(f"{flag}: cannot write in {path} ({e.strerror or e}); give a writable directory") from None
 
 
 def fail(message: str, code: int = 2):

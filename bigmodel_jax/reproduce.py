@@ -28,8 +28,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from bigmodel_jax.errors import UserError, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, flag_value, load_config,
-                                       load_registry, missing_field)
+                                       load_registry, missing_field, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
@@ -107,12 +108,29 @@ class Interrupted(Exception):
   """The tool was stopped (Ctrl-C, SIGTERM) while a run was going; the run saved its checkpoint."""
 
 
+def run_flags(argv: list[str]) -> list[str]:
+  """A seed's command-line flags as its record keeps them (its workdir aside)."""
+  return [a for a in argv[3:] if not a.startswith("--workdir=")]
+
+
+def other_settings(argv: list[str], workdir: Path) -> str:
+  """The flags a finished run in `workdir` was made with, where they are not `argv`'s ("" otherwise)."""
+  record_path = workdir / "reproduce.json"
+  if not (workdir / "final_metrics.json").is_file() or not record_path.is_file():
+    return ""
+  try:
+    made = json.loads(record_path.read_text()).get("flags")
+  except (OSError, ValueError, AttributeError):
+    return ""  # run_seed reads it again and says what is wrong
+  return " ".join(made) if isinstance(made, list) and made != run_flags(argv) else ""
+
+
 def run_seed(argv: list[str], workdir: Path) -> dict:
   """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
   "error" when the run failed or was made with other flags."""
   record_path = workdir / "reproduce.json"
   record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_s": 0.0, "launches": 0}
-  command, flags = shell(argv), [a for a in argv[3:] if not a.startswith("--workdir=")]
+  command, flags = shell(argv), run_flags(argv)
   if (workdir / "final_metrics.json").is_file():
     if record.get("flags", flags) != flags:
       return {**record, "error": f"it was run with {' '.join(record['flags'])}, not {' '.join(flags)}; "
@@ -285,10 +303,26 @@ def main(argv: list[str]) -> int:
     raise BadInput("--workdir is required (where the runs and the report go)")
   selected = entries if "all" in args.names else [by_name[n] for n in dict.fromkeys(args.names)]
   for r in selected:
-    missing = missing_field(load_config(r.config), overrides)
+    config = load_config(r.config)
+    missing = missing_field(config, overrides)
     if missing:
       raise BadInput(f"--override={missing}: {r.config} (reproduction {r.name!r}) has no such config field")
+    wrong = wrong_type(config, overrides)
+    if wrong:
+      raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")
   workdir = Path(args.workdir).expanduser().resolve()
+  for r in selected:  # before anything runs: a finished seed made with other settings would be an ERROR row
+    for seed in (r.seeds[:args.seeds] if args.seeds else r.seeds):
+      seed_dir = workdir / r.name / f"seed_{seed}"
+      other = other_settings(seed_command(r, seed, seed_dir, overrides), seed_dir)
+      if other:
+        raise BadInput(f"--workdir: {seed_dir} holds a finished run made with {other}; use another --workdir "
+                       "for other settings (its report row is kept)")
+  if not args.dry_run:
+    try:
+      writable_directory(workdir)
+    except UserError as e:
+      raise BadInput(str(e)) from None
   backend_cache = []
   def backend():
     if not backend_cache:

@@ -155,6 +155,23 @@ def check_entry(r: Reproduction, path: Path) -> None:
       bad(f"split 'best' holds the selection metric train.best_metric={best_metric!r}, not {t.metric!r}")
 
 
+def wrong_type(config, overrides: dict) -> str:
+  """The first override 'key=value' whose value main's command line would refuse for the field's type: a number
+  field given something that is not a number, a bool field something that is not true or false ("" if none)."""
+  from bigmodel_jax.config import get_field
+  for key, value in overrides.items():
+    old, text = get_field(config, key), str(value).strip()
+    try:
+      if isinstance(old, bool):
+        if text.lower() not in ("true", "false", "t", "f", "1", "0", "yes", "no"):
+          return f"{key}={value}: a bool field (true or false)"
+      elif isinstance(old, (int, float)):
+        float(text)
+    except ValueError:
+      return f"{key}={value}: a {type(old).__name__} field"
+  return ""
+
+
 def missing_field(config, overrides: dict) -> str:
   """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
   from bigmodel_jax.config import get_field

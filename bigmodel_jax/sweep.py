@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from bigmodel_jax.errors import UserError, fail, parse_flags
+from bigmodel_jax.errors import UserError, fail, parse_flags, writable_directory
 from bigmodel_jax.registry import Registry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per trial, manifest, results.")
@@ -155,6 +155,8 @@ def run(args: list[str]) -> int:
   from bigmodel_jax.sweeps.manifest import Manifest
   if _WORKDIR.value is None:
     raise UserError("--workdir is required (where the trials, the manifest and the results go)")
+  if not _WORKDIR.value.strip():  # Path("") is the current directory
+    raise UserError("--workdir is empty; give the directory for the trials, the manifest and the results")
   workdir = Path(_WORKDIR.value)
   if len(args) > 1:
     raise UserError(f"unexpected arguments {args[1:]}; give one sweep file, then flags like --parallel=2")
@@ -176,6 +178,7 @@ def run(args: list[str]) -> int:
       print(f"{trial.name}: python {' '.join(launch_spec(sweep, trial, workdir)['argv'])}")
     return 0
   executor = EXECUTORS.get(_EXECUTOR.value)(_PARALLEL.value, _RAY_ADDRESS.value)  # e.g. Ray missing or unreachable
+  writable_directory(workdir)
   lock = manifest.lock()
   try:
     todo = manifest.sync(sweep)

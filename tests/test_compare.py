@@ -79,7 +79,9 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
   assert not (tmp_path / "compare.png").exists()
   for argv, message in (([str(a)], "error: compare needs at least two runs, got 1; usage: "),
                         ([str(a), str(tmp / "nope")], f"error: RUN: {tmp / 'nope'} does not exist"),
-                        ([str(a), str(a), "--bogus"], "error: unrecognized arguments: --bogus; usage: ")):
+                        ([str(a), str(a), "--bogus"], "error: unrecognized arguments: --bogus; usage: "),
+                        ([str(a), str(a), f"--out={tmp_path / 'curves.txt'}"], "error: --out="),
+                        ([str(a), str(a), "--out=/proc/nope/curves.png"], "error: --out: cannot write")):
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1

@@ -65,12 +65,28 @@ def test_relaunch_skips_finished_runs_and_readme_prints_the_table(card, reproduc
   assert table.stdout.strip() in (card / "report.md").read_text()
 
 
-def test_other_flags_on_a_finished_run_are_an_error_not_a_result(card, reproduce, tmp_path):
+def test_other_flags_on_a_finished_run_are_refused_and_its_row_is_kept(card, reproduce, tmp_path):
   workdir = shutil.copytree(card, tmp_path / "card")
+  before = (workdir / "report.json").read_text()
   proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}", "--override=train.num_epochs=5")
-  assert proc.returncode == 1
-  entry = json.loads((workdir / "report.json").read_text())["reproductions"]["linear_regression"]
-  assert entry["status"] == "ERROR" and "use another --workdir" in entry["reason"], entry
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+  assert "holds a finished run made with" in proc.stderr and "use another --workdir" in proc.stderr
+  assert (workdir / "report.json").read_text() == before  # the PASS row stays
+
+
+@pytest.mark.parametrize("override, says", [("optimizer.learning_rate=abc", "a float field"),
+                                            ("train.progress_bar=maybe", "a bool field")])
+def test_an_override_of_the_wrong_type_is_refused_before_anything_runs(reproduce, tmp_path, override, says):
+  proc = reproduce("linear_regression", f"--workdir={tmp_path / 'w'}", f"--override={override}")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: --override={override}: {says}") and not (tmp_path / "w").exists()
+
+
+def test_an_unwritable_workdir_is_refused_before_anything_runs(reproduce, tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = reproduce("linear_regression", f"--workdir={tmp_path / 'file' / 'w'}")
+  assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir: cannot write in"), proc.stderr[-2000:]
+  assert "running" not in proc.stdout
 
 
 def test_report_card_fail_skipped_error_merged_with_earlier_results(card, reproduce, tmp_path):

@@ -349,3 +349,15 @@ def test_bad_input_on_the_command_line_is_one_line_and_runs_nothing(sweep_env, t
   proc = run_sweep(sweep_env, write(tmp_path / "ok.py", GOOD), f"--workdir={tmp_path / 'out'}", "--executor=slurm")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       "error: --executor: unknown executor 'slurm'; valid: local, ray"]
+
+
+def test_an_empty_or_unwritable_workdir_is_refused_before_anything_runs(sweep_env, tmp_path):
+  grid = write(tmp_path / "grid.py", FIXED.replace("configs/", f"{ROOT}/configs/") + "def sweep():\n  yield {'seed': 0}\n")
+  (tmp_path / "file").write_text("")
+  here = tmp_path / "cwd"
+  here.mkdir()
+  for workdir, says in (("", "error: --workdir is empty"), (tmp_path / "file" / "w", "error: --workdir: cannot write")):
+    proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.sweep", str(grid), f"--workdir={workdir}"], cwd=here,
+                          env=sweep_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert proc.stderr.startswith(says) and not list(here.iterdir())  # nothing written where it was launched
