@@ -310,10 +310,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _read_body(self) -> bytes:
     length = self._body_length()
+    body = b""
     try:
-      body = self.rfile.read(length)
+      while len(body) < length:  # a read that times out keeps what had arrived, for the message
+        chunk = self.rfile.read1(length - len(body))
+        if not chunk:
+          break
+        body += chunk
     except TimeoutError:
-      body = b""
+      pass
     if len(body) < length:
       raise BadRequest(f"body: {len(body)} bytes arrived, Content-Length said {length}")
     return body

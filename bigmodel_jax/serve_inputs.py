@@ -73,6 +73,9 @@ class InputDecoder:
     if "inputs" not in body:
       raise BadRequest(f"inputs: missing; send {{\"inputs\": [example, ...]}} (fields given: "
                        f"{', '.join(sorted(body)) or 'none'})")
+    unknown = sorted(set(body) - {"inputs"} - set(IGNORED_FIELDS))
+    if unknown:  # a misspelt field would otherwise be dropped without a word
+      raise BadRequest(f"{unknown[0]}: unknown field; /v1/predict takes inputs")
     inputs = body["inputs"]
     if not isinstance(inputs, list):
       raise BadRequest(f"inputs: must be a list of examples, got {_json_type(inputs)}")

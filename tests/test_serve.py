@@ -138,6 +138,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
       (b"\xff\xfe", 400, "body: not UTF-8"),
       ([1, 2], 400, "body: must be a JSON object"),
       ({"input": good}, 400, "inputs: missing"),
+      ({"inputs": good, "normalise": True}, 400, "normalise: unknown field; /v1/predict takes inputs"),
       ({"inputs": "x"}, 400, "inputs: must be a list"),
       ({"inputs": []}, 400, "inputs: empty"),
       ({"inputs": [[1, 2, 3]]}, 400, "inputs[0]: shape [3], expected [8, 8, 1]"),
