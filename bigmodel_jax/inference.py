@@ -80,12 +80,15 @@ class Inference:
 
   def restore(self, step: int):
     from bigmodel_jax.train import restore_checked
-    return restore_checked(self, step)
+    state, data_state, meta = restore_checked(self, step)
+    model_card.check(self.workdir, self.card, (meta or {}).get("model_card_sha256"), step)  # what it is built on
+    return state, data_state, meta
 
-  def restore_step(self, step: int | None = None):
-    """(step, state) of checkpoint `step` (default: the latest), with one-line errors for a missing or damaged one."""
+  def restore_step(self, step: int | None = None, flag: str = "--checkpoint_step"):
+    """(step, state) of checkpoint `step` (default: the latest), with one-line errors for a missing or damaged one
+    (naming `flag` as the way to pick another)."""
     from bigmodel_jax.evaluate import restore_for_eval
-    return restore_for_eval(self, step)
+    return restore_for_eval(self, step, flag)
 
   def close(self) -> None:
     self.checkpointer.close()

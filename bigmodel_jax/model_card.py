@@ -11,6 +11,7 @@ A workdir from before it gets one computed once from its dataset (a log line say
 exported and served model in jax.numpy, on the same constants.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def describe(dataset, task, config) -> dict:
 
 def write(workdir: Path, card: dict) -> None:
   runinfo.write_text_atomic(Path(workdir) / FILE, json.dumps(card, indent=2) + "\n")
+
+
+def sha256(card: dict) -> str:
+  """The digest of what the card says the model takes and gives (chars_per_token, a measurement, aside), in a
+  canonical form: each checkpoint's meta records it, so a model.json changed after training (by hand, say) is caught
+  before export, serve, sample or quantize build a model on it (check())."""
+  kept = {k: v for k, v in card.items() if k != "chars_per_token"}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def check(workdir: Path, card: dict, recorded: str | None, step: int) -> None:
+  """Refuses a card whose digest is not the one checkpoint `step` recorded (None: a checkpoint from before the
+  record, or one the card did not come with: nothing to check)."""
+  if recorded and sha256(card) != recorded:
+    raise UserError(f"{Path(workdir) / FILE} is not the model card checkpoint step {step} was trained with (changed "
+                    "since); put back the original, or delete it and it is rebuilt from the run's dataset")
 
 
 def read(workdir: Path) -> dict | None:

@@ -220,6 +220,7 @@ def _train(run: Run) -> dict:
     logging.info("%s", line)
   layout = run.steps.layout
   state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
+  card = model_card.describe(run.dataset, run.task, config)  # its digest goes into each checkpoint's meta
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
     init = run.init_source.record() if run.init_source and start_step == 0 else None
     runinfo.write_run_records(run.workdir, config, write_config=not run.legacy, init=init)
@@ -228,7 +229,7 @@ def _train(run: Run) -> dict:
     if run.save_tokenizer:
       run.dataset.tokenizer.save(run.workdir / "tokenizer")
     fingerprint.record(run.workdir, run.dataset, start_step)
-    model_card.write(run.workdir, model_card.describe(run.dataset, run.task, config))  # rebuilds it without data
+    model_card.write(run.workdir, card)  # rebuilds it without data
     run.writer.drop_after(start_step)  # records of steps a killed run did after its last checkpoint
   batches = feed.make_feed(run)  # batches sent from the host, or (data.on_device) gathered on the device
   logging.info("training %s on %s: steps %d -> %d (%d per epoch), global batch %d, %d devices",
@@ -275,8 +276,10 @@ def _train(run: Run) -> dict:
       run.writer.write(w[-1][0], "train", summary)
       progress.report(w[-1][0], summary, summary["steps_per_s"])
 
+  card_sha256 = model_card.sha256(card)
+
   def save(step):
-    meta = {"step": step, "epoch": step / run.steps_per_epoch}
+    meta = {"step": step, "epoch": step / run.steps_per_epoch, "model_card_sha256": card_sha256}
     if selection is not None:
       meta["selection"] = selection.record()
     best = selection is not None and selection.best_step == step

@@ -195,6 +195,27 @@ def test_bad_export_requests_are_one_line(cli, digits_run, tmp_path):
     assert "delete it and it is rebuilt" in lines[0]
 
 
+@pytest.mark.parametrize("field, value", [("preprocessing.scale", 255.0), ("class_names", list("abcdefghij"))])
+def test_a_model_card_changed_after_training_is_refused_before_a_model_is_built_on_it(cli, digits_run, tmp_path,
+                                                                                     field, value):
+  copy = Path(shutil.copytree(digits_run, tmp_path / "copy", ignore=shutil.ignore_patterns("export", "predict_step*",
+                                                                                            "quantized")))
+  original = (copy / model_card.FILE).read_text()
+  card = json.loads(original)
+  section, _, key = field.rpartition(".")
+  (card[section] if section else card)[key] = value
+  (copy / model_card.FILE).write_text(json.dumps(card))
+  for mode in ("export", "quantize"):
+    proc = cli(f"--workdir={copy}", f"--mode={mode}", f"--output_dir={tmp_path / 'out'}")
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {copy / model_card.FILE} is not the model card checkpoint step "), lines
+  assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing exported or quantized
+  (copy / model_card.FILE).write_text(json.dumps(json.loads(original)))  # the same card, other whitespace: accepted
+  proc = cli(f"--workdir={copy}", "--mode=export", f"--output_dir={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 ONNX_CONVERTS = ("mnist_cnn", "fashion_mnist_vit", "spam_transformer")  # ResNet: jax2onnx 0.13.0 fails on nnx.conv padding
 
 
