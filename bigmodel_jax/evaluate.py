@@ -107,7 +107,9 @@ def loggable(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
-def restore_for_eval(run, checkpoint_step: int | None):
+def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint_step"):
+  """(step, state) of checkpoint `checkpoint_step` (default: the latest); a damaged one is one line naming the
+  intact steps and the flag (`flag`) that picks one."""
   step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
@@ -115,7 +117,7 @@ def restore_for_eval(run, checkpoint_step: int | None):
     state, _, _ = run.restore(step)
   except DamagedCheckpointError as e:
     intact = run.checkpointer.intact_steps()
-    use = (f"intact steps: {', '.join(map(str, intact))}; pass --checkpoint_step={intact[-1]} to use one" if intact
+    use = (f"intact steps: {', '.join(map(str, intact))}; pass {flag}={intact[-1]} to use one" if intact
            else "no step is intact")
     raise UserError(f"{e}; {use} (or put back an intact copy of step {step})") from None
   return step, state

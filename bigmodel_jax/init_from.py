@@ -92,7 +92,7 @@ def load_source(config, workdir: Path):
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:
-    step, state = model.restore_step(None if i.step < 0 else i.step)
+    step, state = model.restore_step(None if i.step < 0 else i.step, flag="--config.init.step")
   except UserError as e:
     raise UserError(f"config.init.step: {e}") from None
   return model, step, state

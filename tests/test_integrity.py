@@ -60,6 +60,10 @@ def test_eval_refuses_a_damaged_latest_step_and_evaluates_an_intact_one(cli, tra
   assert_one_error(explicit, "checkpoints/80 is damaged", "--checkpoint_step=60")
   assert checkpoint_files(workdir) == files  # eval moves nothing
 
+  init = cli(SMOKE, f"--workdir={tmp_path / 'new'}", f"--config.init.workdir={workdir}")  # the latest, damaged
+  assert_one_error(init, "config.init.step: ", "checkpoints/80 is damaged", "pass --config.init.step=60 to use one")
+  assert checkpoint_files(workdir) == files
+
   older = cli(SMOKE, "--mode=eval", "--checkpoint_step=60", f"--workdir={workdir}")
   assert older.returncode == 0, error_lines(older.stderr)
   result = json.loads(older.stdout)
