@@ -157,11 +157,16 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path = RESULTS_MD) -
            "synchronised before the clock is read; ratios are per-round ratios of A and B measured alternately in",
            "one process. Formulas, per row, are in the last column.", ""]
   for file in sorted(results_dir.glob("*.json")):
-    data = json.loads(file.read_text())
-    lines += [f"## {data['suite']} suite ({data['size']} size), {data['date']}", "", describe(data["context"]), "",
-              f"`{data['command']}`", ""]
-    lines += table(data["rows"], formulas=True) + [""]
-    if data.get("unmeasured"):
-      lines += ["Not measured in this run: " + "; ".join(data["unmeasured"]) + ".", ""]
+    lines += section(json.loads(file.read_text()))
   path.write_text("\n".join(lines))
   return path
+
+
+def section(data: dict) -> list[str]:
+  """RESULTS.md's lines for one suite's JSON."""
+  lines = [f"## {data['suite']} suite ({data['size']} size), {data['date']}", "", describe(data["context"]), "",
+           f"`{data['command']}`", ""]
+  lines += table(data["rows"], formulas=True) + [""]
+  if data.get("unmeasured"):
+    lines += ["Not measured in this run: " + "; ".join(data["unmeasured"]) + ".", ""]
+  return lines

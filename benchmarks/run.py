@@ -116,13 +116,13 @@ def imported(path: Path) -> dict:
     fail(f"--import_results: {path} is not a suite's JSON (its 'suite' must be cpu or gpu): give the file a "
          "benchmarks.run --out wrote")
   if data.get("size") != "full":
-    fail(f"--import_results: {path} holds a {data.get('size')!r}-size run; only a full-size run goes into "
-         f"benchmarks/results/ (the {data['suite']} suite without --size=tiny)")
+    fail(f"--import_results: {path} holds a {data['size']!r}-size run; only a full-size run goes into benchmarks/"
+         f"results/ (the {data['suite']} suite without --size=tiny)" if "size" in data else
+         f"--import_results: {path} has no 'size'; give the file a benchmarks.run --out wrote")
   if not isinstance(data.get("rows"), list) or not isinstance(data.get("unmeasured", []), list):
     fail(f"--import_results: {path} has no list of rows")
-  try:  # what RESULTS.md renders from it
-    "".join(harness.table(data["rows"], formulas=True)) + harness.describe(data["context"])
-    str(data["date"]) + str(data["command"])
+  try:
+    harness.section(data)  # what RESULTS.md renders from it
   except (KeyError, TypeError, AttributeError) as e:
     fail(f"--import_results: {path} is not a benchmarks.run JSON (missing or malformed {e}); nothing was written")
   return data

@@ -9,6 +9,7 @@ a file, or a directory to put compare.png in; default ./compare.png). Bad input:
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -192,10 +193,13 @@ def compare(paths: list[str], out: str = "compare.png") -> list[str]:
     raise UserError(f"compare needs at least two runs, got {len(paths)}; usage: {USAGE}")
   runs = [RunRecords(label(i), Path(p)) for i, p in enumerate(paths)]
   target = Path(out)
-  if target.is_dir() or not target.suffix:  # a directory to put compare.png in
+  if target.is_dir() or not target.suffix or out.endswith(("/", os.sep)):  # a directory to put compare.png in
     target = target / "compare.png"
-  if target.suffix.lower() not in (".png", ".pdf", ".svg"):
-    raise UserError(f"--out={out}: the curves are written as .png, .pdf or .svg (or give a directory)")
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  formats = FigureCanvasAgg.get_supported_filetypes()
+  if target.suffix.lower().lstrip(".") not in formats:
+    raise UserError(f"--out={out}: the curves are a picture: end the file name in .{', .'.join(formats)} (or give a "
+                    "directory)")
   lines = ["runs:", *(f"  {r.label}: {r.path}" for r in runs)]
   lines += config_section(runs) + metrics_section(runs) + params_section(runs)
   lines.append(f"curves: {plot(runs, target)}")

@@ -132,9 +132,10 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
   record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_s": 0.0, "launches": 0}
   command, flags = shell(argv), run_flags(argv)
   if (workdir / "final_metrics.json").is_file():
-    if record.get("flags", flags) != flags:
-      return {**record, "error": f"it was run with {' '.join(record['flags'])}, not {' '.join(flags)}; "
-                                 "use another --workdir for other settings"}
+    other = other_settings(argv, workdir)  # main() refuses these up front; a record changed since lands here
+    if other:
+      return {**record, "error": f"it was run with {other}, not {' '.join(flags)}; use another --workdir for other "
+                                 "settings"}
     return record
   workdir.mkdir(parents=True, exist_ok=True)
   log = workdir / "reproduce.log"
@@ -317,7 +318,7 @@ def main(argv: list[str]) -> int:
       other = other_settings(seed_command(r, seed, seed_dir, overrides), seed_dir)
       if other:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run made with {other}; use another --workdir "
-                       "for other settings (its report row is kept)")
+                       "for other settings")
   if not args.dry_run:
     try:
       writable_directory(workdir)

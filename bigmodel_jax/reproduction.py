@@ -163,12 +163,14 @@ def wrong_type(config, overrides: dict) -> str:
     old, text = get_field(config, key), str(value).strip()
     try:
       if isinstance(old, bool):
-        if text.lower() not in ("true", "false", "t", "f", "1", "0", "yes", "no"):
+        if text.lower() not in ("true", "false", "t", "f", "1", "0"):  # absl's boolean parser
           return f"{key}={value}: a bool field (true or false)"
-      elif isinstance(old, (int, float)):
+      elif isinstance(old, int):
+        int(text)
+      elif isinstance(old, float):
         float(text)
     except ValueError:
-      return f"{key}={value}: a {type(old).__name__} field"
+      return f"{key}={value}: {'an int' if isinstance(old, int) else 'a float'} field"
   return ""
 
 

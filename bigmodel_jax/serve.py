@@ -310,18 +310,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _read_body(self) -> bytes:
     length = self._body_length()
-    body = b""
-    try:
-      while len(body) < length:  # a read that times out keeps what had arrived, for the message
-        chunk = self.rfile.read1(length - len(body))
-        if not chunk:
-          break
+    body = bytearray()
+    try:  # chunk by chunk: a read that times out keeps what had arrived, for the message
+      while len(body) < length and (chunk := self.rfile.read1(length - len(body))):
         body += chunk
     except TimeoutError:
       pass
     if len(body) < length:
       raise BadRequest(f"body: {len(body)} bytes arrived, Content-Length said {length}")
-    return body
+    return bytes(body)
 
   def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
     data = (json.dumps(payload) + "\n").encode()

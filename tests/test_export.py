@@ -296,3 +296,19 @@ def test_a_gan_is_not_exported_and_says_why(tmp_path):
   model = inference.Inference(config, tmp_path, {}, dataset, None, None, None)
   with pytest.raises(Exception, match="a GAN .* is not exported: its use is sampling images"):
     export.export(model, None)
+
+
+def test_a_step_saved_under_an_earlier_card_names_the_steps_saved_under_this_one(cli, digits_run, tmp_path):
+  copy = Path(shutil.copytree(digits_run, tmp_path / "copy", ignore=shutil.ignore_patterns("export", "predict_step*",
+                                                                                            "quantized")))
+  old = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+  resumed = cli("--config=configs/digits_mlp.py:smoke", f"--workdir={copy}", "--config.train.num_epochs=4",
+                "--config.data.normalize=standardize", "--config.train.allow_config_change=true")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  new = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) > old[-1])
+  proc = cli(f"--workdir={copy}", "--mode=export", f"--checkpoint_step={old[-1]}", f"--output_dir={tmp_path / 'o'}")
+  lines = error_lines(proc.stderr)
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert f"checkpoint step {old[-1]} was saved under another" in lines[0], lines
+  assert lines[0].endswith(f"use a step saved under this one: {', '.join(map(str, new))}"), lines
+  assert cli(f"--workdir={copy}", "--mode=export", f"--output_dir={tmp_path / 'o'}").returncode == 0

@@ -75,7 +75,8 @@ def test_other_flags_on_a_finished_run_are_refused_and_its_row_is_kept(card, rep
 
 
 @pytest.mark.parametrize("override, says", [("optimizer.learning_rate=abc", "a float field"),
-                                            ("train.progress_bar=maybe", "a bool field")])
+                                            ("train.num_epochs=1e3", "an int field"),
+                                            ("train.progress_bar=yes", "a bool field")])
 def test_an_override_of_the_wrong_type_is_refused_before_anything_runs(reproduce, tmp_path, override, says):
   proc = reproduce("linear_regression", f"--workdir={tmp_path / 'w'}", f"--override={override}")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]

@@ -352,7 +352,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_runs_nothing(sweep_env, t
 
 
 def test_an_empty_or_unwritable_workdir_is_refused_before_anything_runs(sweep_env, tmp_path):
-  grid = write(tmp_path / "grid.py", FIXED.replace("configs/", f"{ROOT}/configs/") + "def sweep():\n  yield {'seed': 0}\n")
+  base = FIXED.replace("configs/", f"{ROOT}/configs/")  # found from any directory
+  grid = write(tmp_path / "grid.py", base + "def sweep():\n  yield {'seed': 0}\n")
   (tmp_path / "file").write_text("")
   here = tmp_path / "cwd"
   here.mkdir()
