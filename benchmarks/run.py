@@ -39,7 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the runs it s
 from absl import app, flags  # noqa: E402
 
 from benchmarks import harness, measures, vs_pytorch  # noqa: E402
-from bigmodel_jax.errors import UserError  # noqa: E402
+from bigmodel_jax.errors import UserError, writable_directory  # noqa: E402
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", ["cpu", "gpu"], "Which benchmarks: the CPU suite or the one-GPU suite.")
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "tiny"], "tiny: every piece at a seconds-long size (a check, "
@@ -129,14 +129,12 @@ def imported(path: Path) -> dict:
 
 
 def writable(out: Path) -> None:
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
-      pass
-  except OSError as e:
-    fail(f"--out: cannot write {out} ({e.strerror or e}); give a writable path")
   if out.is_dir():
     fail(f"--out: {out} is a directory; give a file path")
+  try:
+    writable_directory(out.parent, "--out", f"{out.name} ", "give a writable path")
+  except UserError as e:
+    fail(str(e))
 
 
 def main(argv):

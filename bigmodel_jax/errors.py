@@ -79,9 +79,11 @@ def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:
           "launch the same command again")
 
 
-def writable_directory(path, flag: str = "--workdir") -> None:
-  """Refuses (UserError, one line) an empty path or a directory that cannot be made or written, before anything runs
-  in it ('' would be the current directory)."""
+def writable_directory(path, flag: str = "--workdir", what: str = "",
+                       fix: str = "give a writable directory") -> None:
+  """Refuses (UserError, one line naming `flag`, then `fix`) an empty path or a directory that cannot be made or
+  written, before anything runs in it ('' would be the current directory). `what`: what goes there, for the
+  message."""
   if not str(path).strip():
     raise UserError(f"{flag} is empty; give a directory")
   path = Path(path)
@@ -92,7 +94,7 @@ def writable_directory(path, flag: str = "--workdir") -> None:
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check."):
       pass
   except OSError as e:
-    raise UserError(f"{flag}: cannot write in {path} ({e.strerror or e}); give a writable directory") from None
+    raise UserError(f"{flag}: cannot write {what}in {path} ({e.strerror or e}); {fix}") from None
 
 
 def fail(message: str, code: int = 2):

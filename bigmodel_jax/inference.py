@@ -82,7 +82,7 @@ class Inference:
   def restore(self, step: int):
     from bigmodel_jax.train import restore_checked
     state, data_state, meta = restore_checked(self, step)
-    model_card.check(self.workdir, self.card, (meta or {}).get("model_card_sha256"), step, self.card_digests())
+    model_card.check(self.workdir, self.card, (meta or {}).get("model_card_sha256"), step, self.card_digests)
     return state, data_state, meta
 
   def card_digests(self) -> dict[int, str | None]:

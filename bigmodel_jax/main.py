@@ -236,16 +236,10 @@ def outputs() -> Path | None:
 
 def output_dir(workdir: Path) -> Path | None:
   """--output_dir, created; without it the workdir, which must then be writable (said before anything runs)."""
-  import tempfile
   target = Path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir
-  try:
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=target):
-      pass
-  except OSError as e:
-    flag = "--output_dir" if _OUTPUT_DIR.value else "--workdir"
-    raise UserError(f"{flag}: cannot write --mode={_MODE.value}'s outputs into {target} ({e.strerror}); pass "
-                    "--output_dir=DIR for them (the checkpoints are only read)") from None
+  errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
+                            f"--mode={_MODE.value}'s outputs ",
+                            "pass --output_dir=DIR for them (the checkpoints are only read)")
   return target.absolute() if _OUTPUT_DIR.value else None
 
 

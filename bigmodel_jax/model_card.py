@@ -86,14 +86,14 @@ def sha256(card: dict) -> str:
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-def check(workdir: Path, card: dict, recorded: str | None, step: int, digests: dict) -> None:
+def check(workdir: Path, card: dict, recorded: str | None, step: int, digests) -> None:
   """Refuses a card whose digest is not the one checkpoint `step` recorded (None: a checkpoint from before the
-  record, or one the card did not come with: nothing to check). `digests`: every kept step's recorded digest, to
-  name the steps saved under this card (after a resume that changed the data or preprocessing, the newer ones)."""
+  record, or one the card did not come with: nothing to check). `digests()`: every kept step's recorded digest, read
+  on a mismatch to name the steps saved under this card (after a resume that changed the data or preprocessing)."""
   now = sha256(card)
   if not recorded or now == recorded:
     return
-  path, matching = Path(workdir) / FILE, [s for s, d in sorted(digests.items()) if d == now]
+  path, matching = Path(workdir) / FILE, [s for s, d in sorted(digests().items()) if d == now]
   if matching:
     raise UserError(f"checkpoint step {step} was saved under another {path} than the one there now (a resume that "
                     "changed the data or its preprocessing?); use a step saved under this one: "

@@ -108,6 +108,11 @@ class Interrupted(Exception):
   """The tool was stopped (Ctrl-C, SIGTERM) while a run was going; the run saved its checkpoint."""
 
 
+def seed_dirs(r: Reproduction, workdir: Path, num_seeds: int | None) -> list[tuple[int, Path]]:
+  """(seed, its run's workdir) of the seeds that run (--seeds=N: the first N)."""
+  return [(seed, workdir / r.name / f"seed_{seed}") for seed in (r.seeds[:num_seeds] if num_seeds else r.seeds)]
+
+
 def run_flags(argv: list[str]) -> list[str]:
   """A seed's command-line flags as its record keeps them (its workdir aside)."""
   return [a for a in argv[3:] if not a.startswith("--workdir=")]
@@ -185,7 +190,6 @@ def metric_value(final: dict, target: Target) -> float:
 def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | None, backend,
               dry_run: bool = False) -> dict:
   """Runs `r`'s seeds (or says why not) and judges its targets -> its report entry."""
-  seeds = r.seeds[:num_seeds] if num_seeds else r.seeds
   entry = {"name": r.name, "config": r.config, "overrides": {**r.overrides, **overrides}, "source": r.source,
            "needs": list(r.needs), "note": r.note, "seeds_declared": len(r.seeds),
            "targets": [{"split": t.split, "metric": t.metric, "label": t.label, "bound": t.bound} for t in r.targets],
@@ -195,8 +199,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     print(f"{r.name}: SKIPPED: {reason}; {hint}", flush=True)
     return {**entry, "status": "SKIPPED", "reason": reason, "hint": hint}
   errors = {}  # message -> seeds
-  for seed in seeds:
-    seed_dir = workdir / r.name / f"seed_{seed}"
+  for seed, seed_dir in seed_dirs(r, workdir, num_seeds):
     argv = seed_command(r, seed, seed_dir, overrides)
     if dry_run:
       print(shell(argv), flush=True)
@@ -313,8 +316,7 @@ def main(argv: list[str]) -> int:
       raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")
   workdir = Path(args.workdir).expanduser().resolve()
   for r in selected:  # before anything runs: a finished seed made with other settings would be an ERROR row
-    for seed in (r.seeds[:args.seeds] if args.seeds else r.seeds):
-      seed_dir = workdir / r.name / f"seed_{seed}"
+    for seed, seed_dir in seed_dirs(r, workdir, args.seeds):
       other = other_settings(seed_command(r, seed, seed_dir, overrides), seed_dir)
       if other:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run made with {other}; use another --workdir "
