@@ -10,6 +10,7 @@ evaluate.Selection, decides which step that is; ties and all). Each step carries
 written before orbax commits the step and checked before every restore: a damaged step is never read as if intact.
 """
 
+import json
 import os
 import sys
 import tempfile
@@ -192,6 +193,16 @@ class Checkpointer:
   def item_file(self, step: int, item: str) -> Path:
     """The file a JSON item (data, meta) of `step` is stored in."""
     return self.directory / str(step) / item / "metadata"
+
+  def meta_values(self, key: str) -> dict:
+    """{step: its meta's `key`} for every kept step (None: unreadable, or saved before that key was recorded)."""
+    out = {}
+    for step in self.all_steps():
+      try:
+        out[step] = json.loads(self.item_file(step, "meta").read_text()).get(key)
+      except (OSError, ValueError, AttributeError):
+        out[step] = None
+    return out
 
   def restore(self, step: int, target) -> tuple:
     """-> (state, data_state, meta); `target` holds ShapeDtypeStructs with the *current* shardings."""

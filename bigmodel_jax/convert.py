@@ -170,6 +170,7 @@ def hf_to_run(model: str, src: Path, workdir: Path, seq_len: int | None, data_pa
   from bigmodel_jax import config as config_lib, init_from, model_card, parallel, runinfo, train
   from bigmodel_jax.checkpoint import Checkpointer
   from bigmodel_jax.inference import SCHEDULE_STEPS
+  from bigmodel_jax.run_config import RECORD_KEY, defining_fields
   from bigmodel_jax.tasks import get_task
   src, workdir = src.expanduser().absolute(), target_dir(Path(workdir), "--workdir")
   hf, tensors, tokenizer = read_hf_dir(model, src)
@@ -204,7 +205,8 @@ def hf_to_run(model: str, src: Path, workdir: Path, seq_len: int | None, data_pa
     state = init_from.apply(steps.init(), init_from.Source(src, 0, "", values, sorted(params), []))
     checkpointer = Checkpointer(staging / "checkpoints", keep=config.train.keep_checkpoints, async_save=False)
     try:
-      checkpointer.save(0, steps.layout.plain(state), {"next_index": 0}, {"step": 0, "epoch": 0.0})
+      checkpointer.save(0, steps.layout.plain(state), {"next_index": 0}, {"step": 0, "epoch": 0.0,
+                      "model_card_sha256": model_card.sha256(card), RECORD_KEY: defining_fields(config)})
     finally:
       checkpointer.close()
     runinfo.write_run_records(staging, config)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import runinfo
+from bigmodel_jax import run_config, runinfo
 from bigmodel_jax.data import pipeline
 from bigmodel_jax.errors import DamagedCheckpointError, UserError
 
@@ -114,12 +114,14 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
   try:
-    state, _, _ = run.restore(step)
+    state, _, meta = run.restore(step)
   except DamagedCheckpointError as e:
     intact = run.checkpointer.intact_steps()
     use = (f"intact steps: {', '.join(map(str, intact))}; pass {flag}={intact[-1]} to use one" if intact
            else "no step is intact")
     raise UserError(f"{e}; {use} (or put back an intact copy of step {step})") from None
+  run_config.check_recorded(run.workdir, run.config, (meta or {}).get(run_config.RECORD_KEY), step,
+                            lambda: run.checkpointer.meta_values(run_config.RECORD_KEY))
   return step, state
 
 

@@ -12,7 +12,6 @@ KV cache (an LSTM's carry), the pieces sample.generate is made of.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -82,18 +81,9 @@ class Inference:
   def restore(self, step: int):
     from bigmodel_jax.train import restore_checked
     state, data_state, meta = restore_checked(self, step)
-    model_card.check(self.workdir, self.card, (meta or {}).get("model_card_sha256"), step, self.card_digests)
+    model_card.check(self.workdir, self.card, (meta or {}).get("model_card_sha256"), step,
+                     lambda: self.checkpointer.meta_values("model_card_sha256"))
     return state, data_state, meta
-
-  def card_digests(self) -> dict[int, str | None]:
-    """Each kept step's model-card digest, from its meta (None: unreadable, or saved before digests)."""
-    out = {}
-    for step in self.checkpointer.all_steps():
-      try:
-        out[step] = json.loads(self.checkpointer.item_file(step, "meta").read_text()).get("model_card_sha256")
-      except (OSError, ValueError, AttributeError):
-        out[step] = None
-    return out
 
   def restore_step(self, step: int | None = None, flag: str = "--checkpoint_step"):
     """(step, state) of checkpoint `step` (default: the latest), with one-line errors for a missing or damaged one

@@ -111,6 +111,8 @@ def config_error(e: Exception, argv: list[str]) -> str:
     return f"--config: {path}: {lines_of(text)[-1]}"
   if isinstance(e, SyntaxError):
     return f"--config: {path}, line {e.lineno}: syntax error ({e.msg})"
+  if isinstance(e, IsADirectoryError) or Path(path).is_dir():
+    return f"--config: {path} is a directory; name a config file in it, e.g. --config=configs/mnist_cnn.py"
   if isinstance(e, OSError) and "Failed loading config file" in text:
     return f"--config: cannot read config file {path!r} (no such file?); pass a path like configs/mnist_cnn.py"
   if isinstance(e, AttributeError) and "get_config" in text:
@@ -312,7 +314,7 @@ def main(argv):
   except NonFiniteLossError as e:
     fail(str(e), code=3)
   except UserError as e:
-    fail(str(e), cause=e.__cause__)
+    fail(from_run_config(str(e), workdir), cause=e.__cause__)
   except train.Preempted as e:
     signum, message = e.args
     fail(message, code=128 + signum)
@@ -332,6 +334,19 @@ def main(argv):
       print(sample.SEPARATOR.join(result["texts"]), flush=True)
     return
   print(json.dumps(_without_matrices(result), indent=2), flush=True)
+
+
+def from_run_config(message: str, workdir: Path) -> str:
+  """An error about a config field that a mode on a checkpoint read from the workdir's config.json (every field
+  but the runtime ones) names that file: the fix goes there, not on the command line."""
+  from bigmodel_jax import argv as argv_lib
+  from bigmodel_jax.config import is_runtime_field
+  field = re.match(r"config\.([\w.]+): ", message)
+  file = workdir / "config.json"
+  if (_MODE.value == "train" or not field or is_runtime_field(field.group(1)) or not file.is_file()
+      or field.group(1) in argv_lib.overridden_fields(sys.argv)):  # set on the command line, not read from the file
+    return message
+  return f"{file}: {message}"
 
 
 def _without_matrices(record):

@@ -121,3 +121,45 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
   return diffs
+
+
+# Fields that shape only how a run trains, not what its checkpoints compute (evaluations read the validation split
+# by its own seed): a resume may change them without changing what an earlier step evaluates to.
+TRAINING_ONLY_FIELDS = ("seed", "optimizer.", "optimizers.", "schedule.", "data.batch_size", "data.shuffle",
+                        "data.drop_remainder", "data.augment.", "data.train_fraction", "data.path", "train.")
+RECORD_KEY = "config"  # a checkpoint meta's record of defining_fields()
+
+
+def defining_fields(config) -> dict:
+  """The flattened fields a checkpoint's outputs depend on besides its arrays: the model, the task, the data's
+  splits and preprocessing, train.dtype (runtime and training-only fields aside). Each save records them, so a
+  config.json edited after training is caught before a mode on a checkpoint computes anything with it
+  (check_recorded)."""
+  flat = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  training_only = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in TRAINING_ONLY_FIELDS)
+  return {k: v for k, v in flat.items()
+          if k == "train.dtype" or not (config_lib.is_runtime_field(k) or training_only(k))}
+
+
+def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records) -> None:
+  """Refuses to use checkpoint `step` with a config whose defining_fields() differ from those it recorded (None: a
+  step saved before the record: nothing to check). `records()`: every kept step's record, read on a mismatch to name
+  the steps saved under this config (after a resume with train.allow_config_change)."""
+  if not isinstance(recorded, dict):
+    return
+  now = defining_fields(config)  # a field added since the record (at the default that reproduces it) or removed since
+  differs = lambda record: sorted(k for k in set(record) & set(now) if record[k] != now[k])  # is not compared
+  diffs = differs(recorded)
+  if not diffs:
+    return
+  key, file = diffs[0], Path(workdir) / "config.json"
+  file = file if file.is_file() else "--config"  # a workdir written by hand, described by --config
+  was, now_is = recorded[key], now[key]
+  more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+  matching = [s for s, r in sorted(records().items()) if isinstance(r, dict) and not differs(r)]
+  if matching:
+    raise UserError(f"checkpoint step {step} was saved with {key}={was!r}{more}, but {file} says {now_is!r} (a resume "
+                    "with train.allow_config_change?); use a step saved under this config: "
+                    f"{', '.join(map(str, matching))}")
+  raise UserError(f"{file}: {key} is {now_is!r}, but checkpoint step {step} was trained with {was!r}{more} (changed "
+                  "since); put the trained value back (run_info.jsonl has each launch's command)")

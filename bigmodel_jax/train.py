@@ -20,8 +20,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
-from bigmodel_jax import (distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, runinfo,
-                          speed)
+from bigmodel_jax import (distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, run_config,
+                          runinfo, speed)
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, feed, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, UserError
@@ -276,10 +276,11 @@ def _train(run: Run) -> dict:
       run.writer.write(w[-1][0], "train", summary)
       progress.report(w[-1][0], summary, summary["steps_per_s"])
 
-  card_sha256 = model_card.sha256(card)
+  card_sha256, defining = model_card.sha256(card), run_config.defining_fields(config)
 
   def save(step):
-    meta = {"step": step, "epoch": step / run.steps_per_epoch, "model_card_sha256": card_sha256}
+    meta = {"step": step, "epoch": step / run.steps_per_epoch, "model_card_sha256": card_sha256,
+            run_config.RECORD_KEY: defining}
     if selection is not None:
       meta["selection"] = selection.record()
     best = selection is not None and selection.best_step == step

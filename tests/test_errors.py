@@ -89,6 +89,8 @@ BAD_INPUTS = [
                  ["config.schedule.warmup_steps", "80 training steps"], id="warmup-longer-than-run"),
     pytest.param(["--config=configs/mnist_cnn.py:smoke", "--config.data.name=digits"],
                  ["config.model", "'cnn'", "(8, 8, 1)"], id="model-does-not-fit-input"),
+    pytest.param([SMOKE, "--config.model.hidden_sizes=(64,0)"], ["config.model.hidden_sizes", "each entry", ">= 1"],
+                 id="zero-width-layer"),
     pytest.param([SMOKE, "--config.model.name=cnn"],
                  ["config.model.hidden_sizes", "model_config('cnn')"], id="switch-model-on-command-line"),
     pytest.param([SMOKE, "--checkpoint_step=3"], ["--checkpoint_step", "modes on a checkpoint (eval, predict"], id="checkpoint-step-in-train"),
@@ -229,10 +231,14 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
     ("def get_config(arg=None):\n  x = = 3\n", ["line 2", "syntax error"]),
     ("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'seed': 0})\n",
      ["config.data: missing", "base_config()"]),
-], ids=["syntax-error", "missing-sections"])
+    (None, ["is a directory", "name a config file in it"]),
+], ids=["syntax-error", "missing-sections", "a-directory"])
 def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
   path = tmp_path / "my_config.py"
-  path.write_text(source)
+  if source is None:
+    path.mkdir()
+  else:
+    path.write_text(source)
   assert_one_error(cli(f"--config={path}", f"--workdir={tmp_path / 'work'}"), *needles)
 
 

@@ -2,12 +2,13 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from bigmodel_jax import plots, runinfo
-from conftest import tensorboard_scalars, trained_run
+from conftest import error_lines, tensorboard_scalars, trained_run
 
 SMOKE = "--config=configs/digits_mlp.py:smoke"
 
@@ -33,6 +34,58 @@ def test_eval_an_earlier_checkpoint(cli, trained):
   assert json.loads((trained / f"eval_step{steps[0]}.json").read_text())["step"] == steps[0]
   missing = cli(SMOKE, f"--workdir={trained}", "--mode=eval", "--checkpoint_step=12345")
   assert missing.returncode == 2 and "checkpoint step 12345 not found" in missing.stderr
+
+
+def edited_copy(trained, tmp_path, **fields):
+  """A copy of the run whose config.json has `fields` ("section__key": value) changed by hand."""
+  copy = shutil.copytree(trained, tmp_path / "copy", ignore=shutil.ignore_patterns("eval_step*", "predict_step*"))
+  config = json.loads((copy / "config.json").read_text())
+  for field, value in fields.items():
+    section, key = field.split("__")
+    config[section][key] = value
+  (copy / "config.json").write_text(json.dumps(config, indent=2))
+  return copy
+
+
+def test_a_config_json_changed_after_training_is_refused_before_anything_is_computed(cli, trained, tmp_path):
+  copy = edited_copy(trained, tmp_path, model__activation="gelu", data__normalize="none")
+  for mode in ("eval", "predict", "export"):
+    proc = cli(f"--workdir={copy}", f"--mode={mode}", "--output_dir=" + str(tmp_path / "out"))
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {copy / 'config.json'}: data.normalize is 'none', but checkpoint step "), lines
+    assert "trained with 'unit' (and 1 more field(s)) (changed since)" in lines[0], lines
+  written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.stat().st_size]
+  assert not written  # no metrics, predictions or export
+
+
+def test_an_invalid_value_in_config_json_names_the_file(cli, trained, tmp_path):
+  copy = edited_copy(trained, tmp_path, model__activation="foo")
+  lines = error_lines(cli(f"--workdir={copy}", "--mode=eval").stderr)
+  assert len(lines) == 1 and lines[0].startswith(f"error: {copy / 'config.json'}: config.model.activation: "), lines
+
+
+def test_a_config_json_changed_only_where_training_reads_it_still_evaluates(cli, trained, tmp_path):
+  copy = edited_copy(trained, tmp_path, optimizer__learning_rate=0.5, data__batch_size=7, train__num_epochs=9)
+  final = json.loads((trained / "final_metrics.json").read_text())
+  proc = cli(f"--workdir={copy}", "--mode=eval")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((copy / f"eval_step{final['step']}.json").read_text())["test"] == final["test"]
+
+
+def test_a_step_saved_under_an_earlier_config_names_the_steps_saved_under_this_one(cli, trained, tmp_path):
+  copy = edited_copy(trained, tmp_path)
+  old = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+  resumed = cli(SMOKE, f"--workdir={copy}", "--config.train.num_epochs=4", "--config.task.label_smoothing=0.1",
+                "--config.train.allow_config_change=true")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  new = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) > old[-1])
+  proc = cli(f"--workdir={copy}", "--mode=eval", f"--checkpoint_step={old[-1]}")
+  lines = error_lines(proc.stderr)
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(f"error: checkpoint step {old[-1]} was saved with task.label_smoothing=0.0, but "), lines
+  assert lines[0].endswith(f"use a step saved under this config: {', '.join(map(str, new))}"), lines
+  assert cli(f"--workdir={copy}", "--mode=eval", f"--checkpoint_step={new[-1]}").returncode == 0
 
 
 def test_predict_writes_predictions_and_pictures(cli, trained):

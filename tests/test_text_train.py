@@ -200,12 +200,15 @@ def test_a_math_field_in_sample_mode_is_one_line(cli, gpt_run):
 
 
 @pytest.mark.parametrize("content,needles", [
-    (None, ["config.data.path", "no file"]),
+    (None, ["config.data.path", "does not exist"]),
     ("", ["config.data.path", "is empty"]),
-], ids=["missing-file", "empty-file"])
+    ("/", ["config.data.path", "is a directory, not a file"]),
+], ids=["missing-file", "empty-file", "directory"])
 def test_bad_data_path_is_one_line(cli, tmp_path, content, needles):
   path = tmp_path / "corpus.txt"
-  if content is not None:
+  if content == "/":
+    path.mkdir()
+  elif content is not None:
     path.write_text(content)
   proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--config.data.path={path}",
              f"--workdir={tmp_path / 'work'}")

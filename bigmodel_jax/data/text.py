@@ -57,7 +57,8 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
   if path:
     file = Path(path).expanduser()
     if not file.is_file():
-      raise UserError(f"config.data.path: no file {file}; give the path of a text file (a trained run's file "
+      what = "is a directory, not a file" if file.is_dir() else "does not exist"
+      raise UserError(f"config.data.path: {file} {what}; give the path of a text file (a trained run's file "
                       "moved? pass --config.data.path=NEW: its data fingerprint checks it is the same text), "
                       "or leave config.data.path empty to fetch tiny Shakespeare")
     try:

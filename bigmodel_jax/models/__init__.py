@@ -21,11 +21,13 @@ for _name, _fn in {"relu": nnx.relu, "gelu": nnx.gelu, "tanh": nnx.tanh, "sigmoi
   ACTIVATIONS.register(_name)(_fn)
 
 
-def require_positive(**fields: int) -> None:
-  """Size fields of config.model (layers, widths, heads, ...) must be >= 1."""
+def require_positive(**fields) -> None:
+  """Size fields of config.model (layers, widths, heads, ...; each entry of a list of sizes) must be >= 1."""
   for name, value in fields.items():
-    if not isinstance(value, int) or value < 1:
-      raise UserError(f"config.model.{name}: must be an integer >= 1, got {value!r}")
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        each = "each entry " if isinstance(value, (list, tuple)) else ""
+        raise UserError(f"config.model.{name}: {each}must be an integer >= 1, got {value!r}")
 
 
 def activation(name: str):

@@ -5,7 +5,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from bigmodel_jax.models import MODELS, activation as get_activation
+from bigmodel_jax.models import MODELS, activation as get_activation, require_positive
 from bigmodel_jax.models.layers import Dropout, conv_general_dilated, max_pool
 
 
@@ -21,6 +21,7 @@ class CNN(nnx.Module):
                conv_features: Sequence[int] = (32, 64, 64), kernel_size: int = 3, pool_after: int = 2,
                dense_features: Sequence[int] = (64,), activation: str = "relu", dropout_rate: float = 0.0,
                padding: str = "VALID"):
+    require_positive(conv_features=conv_features, kernel_size=kernel_size, dense_features=dense_features)
     self.act = get_activation(activation)
     self.pool_after = pool_after
     h, w, c = input_shape

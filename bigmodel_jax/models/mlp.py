@@ -6,7 +6,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from bigmodel_jax.models import MODELS, activation as get_activation
+from bigmodel_jax.models import MODELS, activation as get_activation, require_positive
 from bigmodel_jax.models.layers import Dropout
 
 
@@ -16,6 +16,7 @@ class MLP(nnx.Module):
 
   def __init__(self, *, input_shape: Sequence[int], num_outputs: int, rngs: nnx.Rngs,
                hidden_sizes: Sequence[int] = (512, 512), activation: str = "relu", dropout_rate: float = 0.0):
+    require_positive(hidden_sizes=hidden_sizes)
     self.act = get_activation(activation)
     sizes = [math.prod(input_shape), *hidden_sizes]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
