@@ -38,15 +38,20 @@ class RunRecords:
     final = path / "final_metrics.json"
     try:
       self.final = json.loads(final.read_text()) if final.exists() else None
-    except json.JSONDecodeError:
-      raise UserError(f"RUN: {final} is not valid JSON") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      self.final = []
+    if self.final is not None and not isinstance(self.final, dict):
+      raise UserError(f"RUN: {final} is not a JSON object of metrics (damaged?); relaunch the run's command: a "
+                      "finished run evaluates again and rewrites it")
     self.records = []
     if (path / "metrics.jsonl").exists():
-      for line in (path / "metrics.jsonl").read_text().splitlines():
+      for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
-          self.records.append(json.loads(line))
+          record = json.loads(line)
         except json.JSONDecodeError:
-          pass  # a line cut short by a kill
+          continue  # a line cut short by a kill
+        if isinstance(record, dict) and "split" in record and isinstance(record.get("step"), int):
+          self.records.append(record)
 
   @property
   def last_step(self) -> int | None:

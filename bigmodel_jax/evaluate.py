@@ -3,10 +3,13 @@
 import csv
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from bigmodel_jax import run_config, runinfo
 from bigmodel_jax.data import pipeline
@@ -100,6 +103,57 @@ def evaluate_split(run, state, split: str) -> dict:
       sums = run.steps.zero_sums(batch)
     sums = run.steps.eval_step(state, batch, sums)
   return run.task.finalize(jax.device_get(sums), split)
+
+
+def final_metrics(run, state, evaluated: dict, selection) -> dict:
+  """final_metrics.json: every evaluator on the final state (also under its split's name), the best validation
+  value with its step and the test metrics of that checkpoint, the parameters' fingerprint."""
+  final_step = int(jax.device_get(state.step))
+  evals = {}
+  for e in run.evaluators:  # an evaluator that did not run at the final step (a resumed, finished run) runs now
+    step, metrics = evaluated.get(e.name, (None, None))
+    evals[e.name] = metrics if step == final_step else evaluate_split(run, state, e.split)
+  final = {"step": final_step}
+  for e in reversed(run.evaluators):  # the first evaluator of a split names it
+    final[e.split] = evals[e.name]
+  final["evals"] = evals
+  if selection is not None and selection.best_step is not None:
+    best = {"eval": selection.eval, "metric": selection.metric, "mode": selection.mode,
+            "value": selection.best_value, "step": selection.best_step}
+    reported = [e for e in run.evaluators if e.name != selection.eval]
+    if selection.best_step == final_step:
+      best.update({e.name: evals[e.name] for e in reported})
+    elif selection.best_step in run.checkpointer.all_steps():  # the 'best' checkpoint, kept by the checkpointer
+      run.checkpointer.wait()
+      best_state, _, _ = run.restore(selection.best_step)
+      best.update({e.name: evaluate_split(run, best_state, e.split) for e in reported})
+    else:
+      logging.warning("the best step %d has no checkpoint in %s (deleted?): final_metrics.json's best has no %s "
+                      "metrics", selection.best_step, run.checkpointer.directory, "/".join(e.name for e in reported))
+    final["best"], final["best_step"] = best, selection.best_step
+  final["stopped_early"] = bool(selection is not None and selection.stop)
+  final["params_sha256"] = runinfo.fingerprint(state.params)
+  final["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+  if hasattr(run.steps.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
+    final["coefficients"] = nnx.merge(run.steps.graphdef, *runinfo.to_host((state.params, state.model_state)))\
+        .coefficients()
+  return final
+
+
+def set_aside_final(workdir: Path) -> None:
+  """A finished run trained further (relaunched with more steps): its final_metrics.json no longer describes the
+  run (compare, sweeps and reproductions take it as the run's result) until training ends and writes a new one;
+  the old one is kept as final_metrics_step<N>.json."""
+  path = Path(workdir) / "final_metrics.json"
+  if not path.is_file():
+    return
+  try:
+    step = json.loads(path.read_text()).get("step", "earlier")
+  except (OSError, ValueError, AttributeError):
+    step = "earlier"
+  target = runinfo.unused_path(path.with_name(f"final_metrics_step{step}.json"))
+  os.replace(path, target)
+  logging.info("the run trains on past its earlier end: its final_metrics.json moved to %s", target.name)
 
 
 def loggable(metrics: dict) -> dict:

@@ -2,7 +2,8 @@
 
   params.npz    every array the model needs, by name: each quantized weight NAME as int8 plus NAME.scale (float32,
                 one per output channel, broadcastable to NAME), every other array as the float32 of the checkpoint
-  report.json   the step; the task's metrics before and after on config.quantize.split; weight bytes before and
+  report.json   the step and the digest of its checkpoint's files (export and serve refuse int8 weights made from
+                another checkpoint of that step); the task's metrics before and after on config.quantize.split; weight bytes before and
                 after; examples/s (tokens/s for language models) of the jitted predict (prefill) function, float
                 and int8, measured alternately in one process on this machine
 
@@ -32,6 +33,7 @@ import os
 import shutil
 import statistics
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -125,13 +127,33 @@ def load(model, step: int) -> tuple[dict[str, np.ndarray], object]:
   params, report = where / "params.npz", where / "report.json"
   if not (params.is_file() and report.is_file()):
     raise UserError(f"{MISSING}no quantized model in {where}; run --mode=quantize first")
-  made_from = json.loads(report.read_text()).get("step")
+  again = f"run --mode=quantize --checkpoint_step={step} again"
+  try:
+    made = json.loads(report.read_text())
+    made_from = made.get("step")
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    raise UserError(f"{MISSING}{report} is not a readable quantization report (damaged?); {again}") from None
   if made_from != step:
     raise UserError(f"{MISSING}the quantized model in {where} is of step {made_from}, not of step {step}; run "
                     f"--mode=quantize --checkpoint_step={step} first")
-  with np.load(params) as npz:
-    variables = {k: npz[k] for k in npz.files}
+  if made.get("checkpoint_sha256") not in (None, checkpoint_digest(model, step)):  # None: a report from before
+    raise UserError(f"{MISSING}the quantized model in {where} was made from another checkpoint step {step} than "
+                    f"the one in {model.checkpointer.directory} now (retrained since?); {again}")
+  try:
+    with np.load(params) as npz:
+      variables = {k: npz[k] for k in npz.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise UserError(f"{MISSING}{params} cannot be read ({type(e).__name__}); {again}") from None
   return variables, model_function(model)
+
+
+def checkpoint_digest(model, step: int) -> str | None:
+  """The digest of checkpoint `step`'s files (its digest.json), which ties a quantization to the weights it read."""
+  from bigmodel_jax import integrity
+  try:
+    return json.loads((model.checkpointer.directory / str(step) / integrity.FILE).read_text()).get("sha256")
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    return None
 
 
 # --- --mode=quantize
@@ -162,7 +184,7 @@ def quantize(model, checkpoint_step: int | None) -> dict:
       "float32_arrays_kept": len(floats) - len(names)}
   weights["quantized_ratio"] = weights["quantized_float_bytes"] / max(weights["quantized_int8_bytes"], 1)
   report = {
-      "step": step, "task": config.task.name, "model": model.card["model"], "split": split,
+      "step": step, "checkpoint_sha256": checkpoint_digest(model, step), "task": config.task.name, "model": model.card["model"], "split": split,
       "scheme": "symmetric per-channel int8 weights (scale = max|w|/127), float activations",
       "min_size": config.quantize.min_size, "float": before, "int8": after,
       "change": {k: after[k] - before[k] for k in before if isinstance(before[k], (int, float))},

@@ -118,10 +118,17 @@ def run_flags(argv: list[str]) -> list[str]:
   return [a for a in argv[3:] if not a.startswith("--workdir=")]
 
 
+def finished(workdir: Path) -> dict | None:
+  """The run's final_metrics.json, or None while it has none that reads as one (cut short, damaged: a relaunch of
+  the finished run evaluates it again and rewrites it)."""
+  from bigmodel_jax.sweeps.trials import read_json
+  return read_json(workdir / "final_metrics.json")
+
+
 def other_settings(argv: list[str], workdir: Path) -> str:
   """The flags a finished run in `workdir` was made with, where they are not `argv`'s ("" otherwise)."""
   record_path = workdir / "reproduce.json"
-  if not (workdir / "final_metrics.json").is_file() or not record_path.is_file():
+  if not finished(workdir) or not record_path.is_file():
     return ""
   try:
     made = json.loads(record_path.read_text()).get("flags")
@@ -133,10 +140,11 @@ def other_settings(argv: list[str], workdir: Path) -> str:
 def run_seed(argv: list[str], workdir: Path) -> dict:
   """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
   "error" when the run failed or was made with other flags."""
+  from bigmodel_jax.sweeps.trials import read_json
   record_path = workdir / "reproduce.json"
-  record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_s": 0.0, "launches": 0}
+  record = read_json(record_path) or {"wall_s": 0.0, "launches": 0}  # none yet, or one cut short: counted afresh
   command, flags = shell(argv), run_flags(argv)
-  if (workdir / "final_metrics.json").is_file():
+  if finished(workdir):
     other = other_settings(argv, workdir)  # main() refuses these up front; a record changed since lands here
     if other:
       return {**record, "error": f"it was run with {other}, not {' '.join(flags)}; use another --workdir for other "
@@ -158,8 +166,8 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
       proc.wait()
       raise Interrupted(130) from None
     finally:
-      record = {"command": command, "flags": flags, "wall_s": record["wall_s"] + time.time() - start,
-                "launches": record["launches"] + 1, "returncode": proc.returncode}
+      record = {"command": command, "flags": flags, "wall_s": record.get("wall_s", 0.0) + time.time() - start,
+                "launches": record.get("launches", 0) + 1, "returncode": proc.returncode}
       from bigmodel_jax.runinfo import write_text_atomic
       write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
   return {**record, "error": f"exit {proc.returncode}: {error_line(log, offset)}"} if proc.returncode else record
@@ -204,7 +212,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     if dry_run:
       print(shell(argv), flush=True)
       continue
-    done = (seed_dir / "final_metrics.json").is_file()
+    done = finished(seed_dir)
     print(f"{r.name} seed {seed}: {'finished earlier' if done else 'running'} ({seed_dir})", flush=True)
     record = run_seed(argv, seed_dir)
     run = {"seed": seed, "workdir": str(seed_dir.relative_to(workdir)), "command": record.get("command"),
@@ -212,7 +220,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     if "error" in record:
       run["error"] = record["error"]
     else:
-      final = json.loads((seed_dir / "final_metrics.json").read_text())
+      final = finished(seed_dir) or {}
       run.update(step=final.get("step"), params_sha256=final.get("params_sha256"))
       for t in r.targets:
         try:

@@ -141,11 +141,13 @@ def defining_fields(config) -> dict:
           if k == "train.dtype" or not (config_lib.is_runtime_field(k) or training_only(k))}
 
 
-def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records) -> None:
+def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records=None) -> None:
   """Refuses to use checkpoint `step` with a config whose defining_fields() differ from those it recorded (None: a
   step saved before the record: nothing to check). `records()`: every kept step's record, read on a mismatch to name
-  the steps saved under this config (after a resume with train.allow_config_change)."""
-  if not isinstance(recorded, dict):
+  the steps saved under this config (after a resume with train.allow_config_change); None: a training launch about
+  to resume from `step` (config.json edited or deleted, or checkpoints copied from another run), unless its config
+  allows changes (train.allow_config_change)."""
+  if not isinstance(recorded, dict) or (records is None and config.train.allow_config_change):
     return
   now = defining_fields(config)  # a field added since the record (at the default that reproduces it) or removed since
   differs = lambda record: sorted(k for k in set(record) & set(now) if record[k] != now[k])  # is not compared
@@ -156,6 +158,10 @@ def check_recorded(workdir: Path, config, recorded: dict | None, step: int, reco
   file = file if file.is_file() else "--config"  # a workdir written by hand, described by --config
   was, now_is = recorded[key], now[key]
   more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+  if records is None:
+    raise UserError(f"--config: {key} is {now_is!r}, but checkpoint step {step} in {workdir} was trained with "
+                    f"{was!r}{more}; relaunch with its own config (run_info.jsonl has each launch's command), use a "
+                    "new --workdir, or pass --config.train.allow_config_change=true to continue it anyway")
   matching = [s for s, r in sorted(records().items()) if isinstance(r, dict) and not differs(r)]
   if matching:
     raise UserError(f"checkpoint step {step} was saved with {key}={was!r}{more}, but {file} says {now_is!r} (a resume "

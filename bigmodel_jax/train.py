@@ -16,7 +16,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
 import bigmodel_jax
@@ -188,6 +187,7 @@ def restore_or_init(run: Run):
     state = run.steps.init()
     return (init_from.apply(state, run.init_source) if run.init_source else state), None, {}
   state, data_state, meta = run.restore(step)
+  run_config.check_recorded(run.workdir, run.config, (meta or {}).get(run_config.RECORD_KEY), step)
   pipeline.check_position(data_state, step, run.checkpointer.item_file(step, "data"))  # before anything trains
   run.checkpointer.set_aside(damaged, step)
   logging.info("resumed from checkpoint at step %d", step)
@@ -276,11 +276,10 @@ def _train(run: Run) -> dict:
       run.writer.write(w[-1][0], "train", summary)
       progress.report(w[-1][0], summary, summary["steps_per_s"])
 
-  card_sha256, defining = model_card.sha256(card), run_config.defining_fields(config)
+  recorded = {"model_card_sha256": model_card.sha256(card), run_config.RECORD_KEY: run_config.defining_fields(config)}
 
   def save(step):
-    meta = {"step": step, "epoch": step / run.steps_per_epoch, "model_card_sha256": card_sha256,
-            run_config.RECORD_KEY: defining}
+    meta = {"step": step, "epoch": step / run.steps_per_epoch, **recorded}
     if selection is not None:
       meta["selection"] = selection.record()
     best = selection is not None and selection.best_step == step
@@ -299,6 +298,8 @@ def _train(run: Run) -> dict:
 
   stopped = selection is not None and selection.stop  # a relaunch of a run that stopped early trains no more
   end = start_step if stopped else run.total_steps
+  if chief and start_step < end:
+    evaluate.set_aside_final(run.workdir)
   step = start_step
   try:
     sizes, s = set(), step  # the call lengths the loop will use (a function of the step alone): their functions
@@ -357,42 +358,10 @@ def _train(run: Run) -> dict:
     progress.close()
 
   state = layout.plain(state)
-  final = final_metrics(run, state, evaluated, selection)
+  final = evaluate.final_metrics(run, state, evaluated, selection)
   if chief:
     runinfo.write_text_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
   run.writer.finish(final)
-  return final
-
-
-def final_metrics(run: Run, state, evaluated: dict, selection) -> dict:
-  """final_metrics.json: every evaluator on the final state (also under its split's name), the best validation
-  value with its step and the test metrics of that checkpoint, the parameters' fingerprint."""
-  final_step = int(jax.device_get(state.step))
-  evals = {}
-  for e in run.evaluators:  # an evaluator that did not run at the final step (a resumed, finished run) runs now
-    step, metrics = evaluated.get(e.name, (None, None))
-    evals[e.name] = metrics if step == final_step else evaluate.evaluate_split(run, state, e.split)
-  final = {"step": final_step}
-  for e in reversed(run.evaluators):  # the first evaluator of a split names it
-    final[e.split] = evals[e.name]
-  final["evals"] = evals
-  if selection is not None and selection.best_step is not None:
-    best = {"eval": selection.eval, "metric": selection.metric, "mode": selection.mode,
-            "value": selection.best_value, "step": selection.best_step}
-    reported = [e for e in run.evaluators if e.name != selection.eval]
-    if selection.best_step == final_step:
-      best.update({e.name: evals[e.name] for e in reported})
-    elif selection.best_step in run.checkpointer.all_steps():  # the 'best' checkpoint, kept by the checkpointer
-      run.checkpointer.wait()
-      best_state, _, _ = run.restore(selection.best_step)
-      best.update({e.name: evaluate.evaluate_split(run, best_state, e.split) for e in reported})
-    final["best"], final["best_step"] = best, selection.best_step
-  final["stopped_early"] = bool(selection is not None and selection.stop)
-  final["params_sha256"] = runinfo.fingerprint(state.params)
-  final["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-  if hasattr(run.steps.model(state), "coefficients"):  # read from whole host copies (FSDP across hosts)
-    final["coefficients"] = nnx.merge(run.steps.graphdef, *runinfo.to_host((state.params, state.model_state)))\
-        .coefficients()
   return final
 
 

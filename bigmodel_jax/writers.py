@@ -2,6 +2,7 @@
 (or log lines off a TTY)."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,13 @@ def _step_of(line: str) -> float:
 
 def _open_records(path: Path):
   try:
-    return open(path, "a")
+    f = open(path, "a")
+    if f.tell():  # a last line cut short by a kill: the next record starts a line of its own
+      with open(path, "rb") as tail:
+        tail.seek(-1, os.SEEK_END)
+        if tail.read(1) != b"\n":
+          f.write("\n")
+    return f
   except OSError as e:  # a directory, or no permission, where metrics.jsonl goes
     raise UserError(f"{path}: cannot be opened for appending metrics ({e.strerror}); move it away or fix its "
                     "permissions") from None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,3 +86,9 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+  damaged = tmp_path / "damaged"
+  shutil.copytree(a, damaged)
+  (damaged / "final_metrics.json").write_text("[]")
+  assert compare.main([str(a), str(damaged), f"--out={tmp_path / 'c.png'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: RUN: {damaged / 'final_metrics.json'} is not a JSON object") and err.count("\n") == 1

@@ -255,6 +255,24 @@ def test_failure_before_the_first_checkpoint_does_not_lock_the_workdir(cli, tmp_
   assert fixed.returncode == 0, error_lines(fixed.stderr)
 
 
+@pytest.mark.parametrize("how", ["config.json edited, relaunched from it", "config.json deleted"])
+def test_a_resume_with_a_config_its_checkpoint_was_not_trained_with_is_refused(cli, trained, tmp_path, how):
+  workdir = Path(shutil.copytree(trained, tmp_path / "work"))
+  final, files = (workdir / "final_metrics.json").read_bytes(), checkpoint_files(workdir)
+  if how == "config.json deleted":
+    (workdir / "config.json").unlink()
+    args = [SMOKE, "--config.model.activation=gelu"]
+  else:
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"]["activation"] = "gelu"
+    (workdir / "config.json").write_text(json.dumps(config))
+    args = [f"--config={workdir / 'config.json'}"]
+  proc = cli(*args, f"--workdir={workdir}")
+  assert_one_error(proc, "--config: model.activation is 'gelu', but checkpoint step 80", "trained with 'relu'",
+                   "allow_config_change")
+  assert (workdir / "final_metrics.json").read_bytes() == final and checkpoint_files(workdir) == files
+
+
 def test_model_change_with_allow_config_change_leaves_the_run_intact(cli, trained, tmp_path):
   workdir = Path(shutil.copytree(trained, tmp_path / "work"))
   saved_config, files = (workdir / "config.json").read_bytes(), checkpoint_files(workdir)

@@ -88,6 +88,20 @@ def test_a_step_saved_under_an_earlier_config_names_the_steps_saved_under_this_o
   assert cli(f"--workdir={copy}", "--mode=eval", f"--checkpoint_step={new[-1]}").returncode == 0
 
 
+def test_a_finished_run_trained_further_sets_its_old_final_metrics_aside(cli, trained, tmp_path):
+  copy = edited_copy(trained, tmp_path)
+  old = (copy / "final_metrics.json").read_text()
+  (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text()[:-30])  # a last line cut short by a kill
+  proc = cli(SMOKE, f"--workdir={copy}", "--config.train.num_epochs=3", "--config.train.allow_config_change=true")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (copy / f"final_metrics_step{json.loads(old)['step']}.json").read_text() == old
+  assert json.loads((copy / "final_metrics.json").read_text())["step"] == 120
+  assert cli(f"--workdir={copy}", "--mode=eval").returncode == 0
+  (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text()[:-30])
+  assert cli(f"--workdir={copy}", "--mode=eval").returncode == 0  # appends after the cut line, not onto it
+  assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["split"] == "eval"
+
+
 def test_predict_writes_predictions_and_pictures(cli, trained):
   final = json.loads((trained / "final_metrics.json").read_text())
   proc = cli(SMOKE, f"--workdir={trained}", "--mode=predict")

@@ -2,6 +2,7 @@
 predictions through quantize.load, the quantized export, and the one-line refusals."""
 
 import json
+import shutil
 import types
 
 import jax
@@ -95,6 +96,24 @@ def test_no_quantized_model_is_one_line(cli, trained, report, tmp_path):
 def test_quantized_model_of_another_step_refused(model, report):
   with pytest.raises(UserError, match=f"of step {report['step']}, not of step 1; run --mode=quantize"):
     quantize.load(model, 1)
+
+
+def test_a_quantized_model_of_a_checkpoint_retrained_since_is_refused(cli, trained, report, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("checkpoints", "final_metrics.json", "export"))
+  retrained = cli(SMOKE, f"--workdir={copy}", "--config.optimizer.learning_rate=1e-4",
+                  "--config.train.allow_config_change=true")
+  assert retrained.returncode == 0, retrained.stderr[-2000:]
+  for mode in ("export", "serve"):
+    proc = cli(f"--workdir={copy}", f"--mode={mode}", f"--config.{mode}.quantized=true", "--config.serve.port=0")
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"was made from another checkpoint step {report['step']}" in lines[0] and "--mode=quantize" in lines[0]
+  (copy / "quantized" / "params.npz").write_bytes(b"PK\x03\x04 cut short")
+  (copy / "quantized" / "report.json").write_text(json.dumps({**json.loads(
+      (copy / "quantized" / "report.json").read_text()), "checkpoint_sha256": None}))
+  lines = error_lines(cli(f"--workdir={copy}", "--mode=export", "--config.export.quantized=true").stderr)
+  assert len(lines) == 1 and "params.npz cannot be read" in lines[0], lines
 
 
 def test_gan_refused():

@@ -362,3 +362,13 @@ def test_an_empty_or_unwritable_workdir_is_refused_before_anything_runs(sweep_en
                           env=sweep_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
     assert proc.stderr.startswith(says) and not list(here.iterdir())  # nothing written where it was launched
+
+
+@pytest.mark.parametrize("content", [None, b"", b'{"step": 80, "test": {"acc', b"[]", b"\xff\xfe binary"])
+def test_a_trial_without_a_readable_final_metrics_json_is_not_done(tmp_path, content):
+  from bigmodel_jax.sweeps import trials
+  if content is not None:
+    (tmp_path / trials.FINAL).write_bytes(content)
+  assert not trials.is_done(tmp_path) and trials.read_json(tmp_path / trials.FINAL) is None
+  (tmp_path / trials.FINAL).write_text('{"step": 80}')
+  assert trials.is_done(tmp_path)

@@ -44,10 +44,13 @@ def launch_spec(sweep: Sweep, trial: Trial, workdir: Path) -> dict:
 
 
 def read_json(path: Path) -> dict | None:
+  """A JSON object's file, or None: missing, unreadable, cut short, or not an object (a trial whose
+  final_metrics.json is damaged is not done: relaunched, its finished run evaluates again and rewrites it)."""
   try:
-    return json.loads(Path(path).read_text())
-  except (OSError, json.JSONDecodeError):
+    value = json.loads(Path(path).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return None
+  return value if isinstance(value, dict) else None
 
 
 def read_record(directory: Path) -> dict:
@@ -55,7 +58,7 @@ def read_record(directory: Path) -> dict:
 
 
 def is_done(directory: Path) -> bool:
-  return (Path(directory) / FINAL).is_file()
+  return bool(read_json(Path(directory) / FINAL))
 
 
 def selection(final: dict, metric: str, mode: str) -> tuple[float | None, float | None, int | None]:
