@@ -194,10 +194,11 @@ class Checkpointer:
     """The file a JSON item (data, meta) of `step` is stored in."""
     return self.directory / str(step) / item / "metadata"
 
-  def meta_values(self, key: str) -> dict:
-    """{step: its meta's `key`} for every kept step (None: unreadable, or saved before that key was recorded)."""
+  def meta_values(self, key: str, steps=None) -> dict:
+    """{step: its meta's `key`} for `steps` (default: every kept step); None: unreadable, or saved before that key
+    was recorded."""
     out = {}
-    for step in self.all_steps():
+    for step in self.all_steps() if steps is None else steps:
       try:
         out[step] = json.loads(self.item_file(step, "meta").read_text()).get(key)
       except (OSError, ValueError, AttributeError):

@@ -23,6 +23,7 @@ RUNTIME_FIELDS = ("data.data_dir", "data.num_threads", "data.prefetch", "data.on
                   "evals.", "eval.",  # when and where the run is evaluated, not what it trains
                   # the layout, not the math: a checkpoint restores onto any mesh (resharded on restore)
                   "mesh.", "parallel.", "train.grad_accum_steps", "train.steps_per_call", "model.remat",
+                  "model.attention",  # the attention kernel (einsum, cuDNN's), not its math
                   "init.")  # read only while the workdir has no checkpoint; never again once it resumes
 
 
@@ -379,9 +380,10 @@ def validate_fields(config, training: bool = True) -> None:
 MOVED_FIELDS = {"train.eval_every": "config.evals.<name>.every (e.g. c.evals.validation.every = 250)"}
 
 
-def is_runtime_field(key: str) -> bool:
-  """A dotted field that changes how a run is operated, not what it computes (RUNTIME_FIELDS)."""
-  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RUNTIME_FIELDS)
+def is_runtime_field(key: str, fields: tuple = RUNTIME_FIELDS) -> bool:
+  """A dotted field that changes how a run is operated, not what it computes: one of `fields` (a field, or a section
+  ending in '.')."""
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -161,21 +161,24 @@ def loggable(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
-def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint_step"):
+def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint_step", check_config: bool = True):
   """(step, state) of checkpoint `checkpoint_step` (default: the latest); a damaged one is one line naming the
-  intact steps and the flag (`flag`) that picks one."""
+  intact steps and the flag (`flag`) that picks one. `check_config`: refuse a config that differs from the one the
+  step recorded in a field that decides what it computes (run_config.check_recorded), before anything is read."""
   step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
+  if check_config:
+    key = run_config.RECORD_KEY
+    run_config.check_recorded(run.workdir, run.config, run.checkpointer.meta_values(key, [step])[step], step,
+                              lambda: run.checkpointer.meta_values(key), flag)
   try:
-    state, _, meta = run.restore(step)
+    state, _, _ = run.restore(step)
   except DamagedCheckpointError as e:
     intact = run.checkpointer.intact_steps()
     use = (f"intact steps: {', '.join(map(str, intact))}; pass {flag}={intact[-1]} to use one" if intact
            else "no step is intact")
     raise UserError(f"{e}; {use} (or put back an intact copy of step {step})") from None
-  run_config.check_recorded(run.workdir, run.config, (meta or {}).get(run_config.RECORD_KEY), step,
-                            lambda: run.checkpointer.meta_values(run_config.RECORD_KEY))
   return step, state
 
 

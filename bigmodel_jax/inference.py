@@ -85,11 +85,11 @@ class Inference:
                      lambda: self.checkpointer.meta_values("model_card_sha256"))
     return state, data_state, meta
 
-  def restore_step(self, step: int | None = None, flag: str = "--checkpoint_step"):
+  def restore_step(self, step: int | None = None, flag: str = "--checkpoint_step", check_config: bool = True):
     """(step, state) of checkpoint `step` (default: the latest), with one-line errors for a missing or damaged one
     (naming `flag` as the way to pick another)."""
     from bigmodel_jax.evaluate import restore_for_eval
-    return restore_for_eval(self, step, flag)
+    return restore_for_eval(self, step, flag, check_config)
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -92,7 +92,8 @@ def load_source(config, workdir: Path):
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:
-    step, state = model.restore_step(None if i.step < 0 else i.step, flag="--config.init.step")
+    # only its arrays are taken (their shapes are checked): not the source's task or data fields, so not checked
+    step, state = model.restore_step(None if i.step < 0 else i.step, flag="--config.init.step", check_config=False)
   except UserError as e:
     raise UserError(f"config.init.step: {e}") from None
   return model, step, state

@@ -88,7 +88,8 @@ def config_error(e: Exception, argv: list[str]) -> str:
   """One line for anything config_flags raises while loading the file or applying an override."""
   text = " ".join(str(a) for a in e.args) if e.args else repr(e)
   text = text.replace("\\n", "\n").replace("\\'", "'")
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?").split(":")[0]
+  from bigmodel_jax import argv as argv_lib
+  path = (argv_lib.flag_value(argv, "config") or "?").split(":")[0]
   suggestion = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", text, re.S)
   if suggestion:
     field, close = suggestion.groups()
@@ -281,6 +282,7 @@ def main(argv):
     fail("--output_dir is for the modes on a checkpoint (eval, predict, sample, export, quantize); training writes into its --workdir")
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
     fail("--checkpoint_step is for the modes on a checkpoint (eval, predict, sample, export, serve, quantize); training always resumes from the latest checkpoint")
+  built = False  # the run's own config has been validated and its model built (later errors are not about it)
   try:
     config = resolve_config(workdir)  # first: a typo fails at once, not after waiting for the other processes
     # before anything below touches a JAX backend (validate counts devices)
@@ -297,6 +299,7 @@ def main(argv):
       raise UserError(f"--workdir: no checkpoints in {workdir}; train first (--mode=train) or fix the path")
     elif _MODE.value in ("eval", "predict"):  # these read the dataset's splits
       run = train.build_run(config, workdir, for_training=False, output_dir=output_dir(workdir))
+      built = True
       try:
         result = {"eval": evaluate.eval_only, "predict": evaluate.predict}[_MODE.value](run, _CHECKPOINT_STEP.value)
       finally:
@@ -306,6 +309,7 @@ def main(argv):
       import importlib
       from bigmodel_jax import inference
       model = inference.Inference.load(config, workdir, output_dir(workdir))
+      built = True
       try:  # sample.sample, export.export, serve.serve, quantize.quantize
         entry = getattr(importlib.import_module(f"bigmodel_jax.{_MODE.value}"), _MODE.value)
         result = entry(model, _CHECKPOINT_STEP.value)
@@ -314,7 +318,7 @@ def main(argv):
   except NonFiniteLossError as e:
     fail(str(e), code=3)
   except UserError as e:
-    fail(from_run_config(str(e), workdir), cause=e.__cause__)
+    fail(str(e) if built else from_run_config(str(e), workdir), cause=e.__cause__)
   except train.Preempted as e:
     signum, message = e.args
     fail(message, code=128 + signum)
@@ -337,14 +341,14 @@ def main(argv):
 
 
 def from_run_config(message: str, workdir: Path) -> str:
-  """An error about a config field that a mode on a checkpoint read from the workdir's config.json (every field
-  but the runtime ones) names that file: the fix goes there, not on the command line."""
+  """An error about a config field that a mode on a checkpoint read from the workdir's config.json names that file:
+  every field but those set on the command line, and the runtime ones a --config file gives."""
   from bigmodel_jax import argv as argv_lib
   from bigmodel_jax.config import is_runtime_field
   field = re.match(r"config\.([\w.]+): ", message)
   file = workdir / "config.json"
-  if (_MODE.value == "train" or not field or is_runtime_field(field.group(1)) or not file.is_file()
-      or field.group(1) in argv_lib.overridden_fields(sys.argv)):  # set on the command line, not read from the file
+  if (_MODE.value == "train" or not field or not file.is_file() or field.group(1) in argv_lib.overridden_fields(sys.argv)
+      or (is_runtime_field(field.group(1)) and argv_lib.flag_value(sys.argv, "config") is not None)):
     return message
   return f"{file}: {message}"
 

@@ -124,9 +124,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 # Fields that shape only how a run trains, not what its checkpoints compute (evaluations read the validation split
-# by its own seed): a resume may change them without changing what an earlier step evaluates to.
+# by its own seed; dropout is off): a resume may change them without changing what an earlier step evaluates to.
+# data.train_fraction too, unless the inputs are standardized by the statistics of the training split it cuts.
 TRAINING_ONLY_FIELDS = ("seed", "optimizer.", "optimizers.", "schedule.", "data.batch_size", "data.shuffle",
-                        "data.drop_remainder", "data.augment.", "data.train_fraction", "data.path", "train.")
+                        "data.drop_remainder", "data.augment.", "data.path", "train.", "model.dropout_rate",
+                        "model.attention_dropout_rate", "task.d_steps")
 RECORD_KEY = "config"  # a checkpoint meta's record of defining_fields()
 
 
@@ -136,12 +138,13 @@ def defining_fields(config) -> dict:
   config.json edited after training is caught before a mode on a checkpoint computes anything with it
   (check_recorded)."""
   flat = config_lib.flatten(json.loads(config.to_json_best_effort()))
-  training_only = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in TRAINING_ONLY_FIELDS)
-  return {k: v for k, v in flat.items()
-          if k == "train.dtype" or not (config_lib.is_runtime_field(k) or training_only(k))}
+  skipped = TRAINING_ONLY_FIELDS + (() if flat.get("data.normalize") == "standardize" else ("data.train_fraction",))
+  return {k: v for k, v in flat.items() if k == "train.dtype"
+          or not (config_lib.is_runtime_field(k) or config_lib.is_runtime_field(k, skipped))}
 
 
-def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records=None) -> None:
+def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records=None,
+                   flag: str = "--checkpoint_step") -> None:
   """Refuses to use checkpoint `step` with a config whose defining_fields() differ from those it recorded (None: a
   step saved before the record: nothing to check). `records()`: every kept step's record, read on a mismatch to name
   the steps saved under this config (after a resume with train.allow_config_change); None: a training launch about
@@ -157,7 +160,7 @@ def check_recorded(workdir: Path, config, recorded: dict | None, step: int, reco
   key, file = diffs[0], Path(workdir) / "config.json"
   file = file if file.is_file() else "--config"  # a workdir written by hand, described by --config
   was, now_is = recorded[key], now[key]
-  more = f" (and {len(diffs) - 1} more field(s))" if len(diffs) > 1 else ""
+  more = f" (also {', '.join(diffs[1:4])}{', ...' if len(diffs) > 4 else ''} differ)" if len(diffs) > 1 else ""
   if records is None:
     raise UserError(f"--config: {key} is {now_is!r}, but checkpoint step {step} in {workdir} was trained with "
                     f"{was!r}{more}; relaunch with its own config (run_info.jsonl has each launch's command), use a "
@@ -166,6 +169,6 @@ def check_recorded(workdir: Path, config, recorded: dict | None, step: int, reco
   if matching:
     raise UserError(f"checkpoint step {step} was saved with {key}={was!r}{more}, but {file} says {now_is!r} (a resume "
                     "with train.allow_config_change?); use a step saved under this config: "
-                    f"{', '.join(map(str, matching))}")
+                    f"{', '.join(map(str, matching))} ({flag}=N)")
   raise UserError(f"{file}: {key} is {now_is!r}, but checkpoint step {step} was trained with {was!r}{more} (changed "
                   "since); put the trained value back (run_info.jsonl has each launch's command)")

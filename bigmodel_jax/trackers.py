@@ -26,6 +26,7 @@ from bigmodel_jax.errors import UserError
 from bigmodel_jax.registry import Registry
 
 STATE_FILE = "tracking.json"
+ORIGIN = "workdir"  # tracking.json's record of the workdir it was written in
 EXPERIMENT_ENV = "BIGMODEL_JAX_EXPERIMENT"  # set by sweeps for their trials
 DEFAULT_EXPERIMENT = "bigmodel_jax"
 # What an MLflow run gets of its workdir as artifacts at the end; checkpoints stay in the workdir (they can be
@@ -329,11 +330,27 @@ class WandB(Tracker):
 
 
 def read_state(workdir: Path) -> dict:
+  """tracking.json: each tracker's run and the last step it was sent per metric. {} (new tracker runs) where there is
+  none, where it is damaged, or where it is a copy's (cp -r of a run: the workdir it names still holds it, and the
+  tracker runs stay that run's); a moved workdir goes on with its runs."""
   path = Path(workdir) / STATE_FILE
   try:
-    return json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError):  # none yet, or a damaged one: new tracker runs
+    state = json.loads(path.read_text())
+  except FileNotFoundError:
     return {}
+  except (OSError, UnicodeDecodeError, ValueError):
+    state = None
+  def valid(entry) -> bool:  # {'run_id': ..., 'last_steps': {metric: step}}
+    steps = entry.get("last_steps", {}) if isinstance(entry, dict) else None
+    return isinstance(steps, dict) and all(isinstance(s, int) for s in steps.values())
+  if not isinstance(state, dict) or not all(valid(v) for k, v in state.items() if k != ORIGIN):
+    logging.warning("%s is damaged: the trackers start new runs", path)
+    return {}
+  origin = Path(state[ORIGIN]) / STATE_FILE if isinstance(state.get(ORIGIN), str) else path
+  if origin.is_file() and not os.path.samefile(origin, path):
+    logging.warning("%s is a copy of %s: the trackers start new runs (that run keeps its own)", path, origin)
+    return {}
+  return state
 
 
 def _summary_writer():

@@ -120,7 +120,7 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
       raise UserError(f"--config.{field}: --mode={mode} uses the run as it was trained ({key}="
                       f"{before.get(key, '<absent>')!r} in {workdir / 'config.json'}); here only fields that do "
                       "not change what it computed can be set (sample.*, predict.*, evals.*, data.eval_batch_size, "
-                      "mesh.*); to train another variant, use --mode=train with a new --workdir")
+                      "mesh.*, model.attention, ...); to train another variant, use --mode=train with a new --workdir")
   movable = lambda k: config_lib.is_runtime_field(k) or (k == "data.path" and path_is_guarded(workdir))
   ignored = sorted(k for k in set(before) | set(after) if differs(k) and not movable(k))
   if ignored:

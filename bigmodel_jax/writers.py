@@ -125,7 +125,8 @@ class MetricsWriter:
 
   def _save_state(self) -> None:
     if self._state:
-      runinfo.write_text_atomic(self.workdir / trackers.STATE_FILE, json.dumps(self._state, indent=2) + "\n")
+      state = {trackers.ORIGIN: str(self.workdir.absolute()), **self._state}  # a copy of the workdir tells itself
+      runinfo.write_text_atomic(self.workdir / trackers.STATE_FILE, json.dumps(state, indent=2) + "\n")
 
   def _call(self, name: str, method, *args) -> bool:
     try:

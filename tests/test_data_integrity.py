@@ -131,6 +131,15 @@ def test_an_edited_tokenizer_with_the_same_vocabulary_size_is_one_line_for_sampl
 
 
 @needs_tiny
+@pytest.mark.parametrize("record", ['{"data": 5}', '{"tokenizer": [1]}', '{"data": {"data.path": 3}}', "[]", "{"])
+def test_a_damaged_fingerprint_is_one_line_naming_it(cli, lm, tmp_path, record):
+  workdir, _ = copy_run(lm, tmp_path)
+  (workdir / fingerprint.FILE).write_text(record)
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=eval"), str(workdir / fingerprint.FILE), "cannot be read",
+                   "delete it to record")
+
+
+@needs_tiny
 def test_a_workdir_without_a_fingerprint_gets_one_at_its_next_training_launch(cli, lm, tmp_path):
   workdir, text = copy_run(lm, tmp_path)
   (workdir / fingerprint.FILE).unlink()  # as written before fingerprints

@@ -54,23 +54,38 @@ def test_a_config_json_changed_after_training_is_refused_before_anything_is_comp
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"error: {copy / 'config.json'}: data.normalize is 'none', but checkpoint step "), lines
-    assert "trained with 'unit' (and 1 more field(s)) (changed since)" in lines[0], lines
+    assert "trained with 'unit' (also model.activation differ) (changed since)" in lines[0], lines
   written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.stat().st_size]
   assert not written  # no metrics, predictions or export
 
 
-def test_an_invalid_value_in_config_json_names_the_file(cli, trained, tmp_path):
-  copy = edited_copy(trained, tmp_path, model__activation="foo")
+@pytest.mark.parametrize("field, value", [("model__activation", "foo"), ("data__eval_batch_size", 0)])
+def test_an_invalid_value_in_config_json_names_the_file(cli, trained, tmp_path, field, value):
+  copy = edited_copy(trained, tmp_path, **{field: value})
   lines = error_lines(cli(f"--workdir={copy}", "--mode=eval").stderr)
-  assert len(lines) == 1 and lines[0].startswith(f"error: {copy / 'config.json'}: config.model.activation: "), lines
+  said = f"error: {copy / 'config.json'}: config.{field.replace('__', '.')}: "
+  assert len(lines) == 1 and lines[0].startswith(said), lines
 
 
 def test_a_config_json_changed_only_where_training_reads_it_still_evaluates(cli, trained, tmp_path):
-  copy = edited_copy(trained, tmp_path, optimizer__learning_rate=0.5, data__batch_size=7, train__num_epochs=9)
+  copy = edited_copy(trained, tmp_path, optimizer__learning_rate=0.5, data__batch_size=7, train__num_epochs=9,
+                     model__dropout_rate=0.5, data__train_fraction=0.5)
   final = json.loads((trained / "final_metrics.json").read_text())
   proc = cli(f"--workdir={copy}", "--mode=eval")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads((copy / f"eval_step{final['step']}.json").read_text())["test"] == final["test"]
+
+
+def test_what_a_checkpoint_records_of_its_config():
+  from bigmodel_jax import run_config
+  from conftest import load_config
+  gpt = run_config.defining_fields(load_config("shakespeare_char_gpt", "smoke"))
+  assert {"model.num_layers", "model.gelu", "task.name", "data.seq_len", "train.dtype"} <= gpt.keys()
+  assert not {"model.attention", "model.dropout_rate", "optimizer.learning_rate", "train.num_steps", "seed"} & gpt.keys()
+  mlp = load_config("digits_mlp", "smoke")
+  assert "data.train_fraction" not in run_config.defining_fields(mlp)
+  mlp.data.normalize = "standardize"  # the statistics come from the training split train_fraction cuts
+  assert run_config.defining_fields(mlp)["data.train_fraction"] == 1.0
 
 
 def test_a_step_saved_under_an_earlier_config_names_the_steps_saved_under_this_one(cli, trained, tmp_path):
@@ -84,7 +99,7 @@ def test_a_step_saved_under_an_earlier_config_names_the_steps_saved_under_this_o
   lines = error_lines(proc.stderr)
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
   assert lines[0].startswith(f"error: checkpoint step {old[-1]} was saved with task.label_smoothing=0.0, but "), lines
-  assert lines[0].endswith(f"use a step saved under this config: {', '.join(map(str, new))}"), lines
+  assert lines[0].endswith(f"use a step saved under this config: {', '.join(map(str, new))} (--checkpoint_step=N)")
   assert cli(f"--workdir={copy}", "--mode=eval", f"--checkpoint_step={new[-1]}").returncode == 0
 
 

@@ -298,7 +298,7 @@ def test_a_gan_is_not_exported_and_says_why(tmp_path):
     export.export(model, None)
 
 
-def test_a_step_saved_under_an_earlier_card_names_the_steps_saved_under_this_one(cli, digits_run, tmp_path):
+def test_a_step_saved_under_an_earlier_preprocessing_names_the_steps_saved_under_this_one(cli, digits_run, tmp_path):
   copy = Path(shutil.copytree(digits_run, tmp_path / "copy", ignore=shutil.ignore_patterns("export", "predict_step*",
                                                                                             "quantized")))
   old = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
@@ -309,6 +309,7 @@ def test_a_step_saved_under_an_earlier_card_names_the_steps_saved_under_this_one
   proc = cli(f"--workdir={copy}", "--mode=export", f"--checkpoint_step={old[-1]}", f"--output_dir={tmp_path / 'o'}")
   lines = error_lines(proc.stderr)
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-  assert f"checkpoint step {old[-1]} was saved under another" in lines[0], lines
-  assert lines[0].endswith(f"use a step saved under this one: {', '.join(map(str, new))}"), lines
+  # the config record is checked first (before the state is read); it names the field that changed
+  assert f"checkpoint step {old[-1]} was saved with data.normalize='unit'" in lines[0], lines
+  assert lines[0].endswith(f"use a step saved under this config: {', '.join(map(str, new))} (--checkpoint_step=N)")
   assert cli(f"--workdir={copy}", "--mode=export", f"--output_dir={tmp_path / 'o'}").returncode == 0

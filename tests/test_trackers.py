@@ -142,6 +142,31 @@ def test_a_tracker_added_later_gets_the_earlier_records(tracked, tmp_path):
   assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [10, 20, 30]
 
 
+def test_a_copied_workdir_starts_its_own_tracker_run_and_a_moved_one_goes_on_with_its_own(tracked, tmp_path):
+  config = tracked_config(tracked[-1], "mlflow", experiment="copied")
+
+  def launch(workdir, after, step):
+    workdir.mkdir(exist_ok=True)
+    writer = MetricsWriter(workdir, True, config)
+    writer.drop_after(after)
+    writer.write(step, "train", {"loss": 1.0 / step})
+    writer.close()
+    return json.loads((workdir / trackers.STATE_FILE).read_text())["mlflow"]["run_id"]
+
+  original = launch(tmp_path / "a", 0, 10)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")  # a fork of the run: its metrics are not the original's
+  copied = launch(tmp_path / "b", 10, 20)
+  assert copied != original
+  shutil.move(tmp_path / "b", tmp_path / "c")  # moved: the same run goes on
+  assert launch(tmp_path / "c", 20, 30) == copied
+  client, _ = mlflow_run(config)
+  assert [m.step for m in client.get_metric_history(original, "train/loss")] == [10]
+  assert [m.step for m in client.get_metric_history(copied, "train/loss")] == [10, 20, 30]
+  for damaged in ("{", "[]", '{"mlflow": {"last_steps": {"train/loss": "x"}}}'):
+    (tmp_path / "c" / trackers.STATE_FILE).write_text(damaged)
+    assert trackers.read_state(tmp_path / "c") == {}
+
+
 def test_a_tracker_that_fails_mid_run_warns_once_and_training_records_go_on(tracked, tmp_path, caplog):
   config = tracked_config(tracked[-1], "tensorboard,mlflow", experiment="fails")
   writer = MetricsWriter(tmp_path, True, config)

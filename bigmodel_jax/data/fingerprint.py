@@ -111,6 +111,9 @@ def _read(path: Path) -> dict:
     record = json.loads(path.read_text())
     if not isinstance(record, dict):
       raise ValueError("not a JSON object")
+    data, tokenizer = record.get("data", {}), record.get("tokenizer", {})
+    if not (isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) and isinstance(tokenizer, dict)):
+      raise ValueError("its data or tokenizer entry is not what this version writes")
     return record
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({e}); restore it, or delete it to record the data the next training "

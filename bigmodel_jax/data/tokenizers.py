@@ -345,8 +345,11 @@ def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Seque
   reached a checkpoint left there; `None` keeps it in memory). Else the one saved in `directory`, which must
   match the config: eval, sampling and resume use the ids the checkpoints were trained with."""
   if not create:
-    if directory is None or not (Path(directory) / JSON_FILE).exists():
-      raise UserError(f"no tokenizer in {directory}; train first (--mode=train)")
+    if directory is None:
+      raise UserError("no tokenizer directory given; train first (--mode=train)")
+    if not (Path(directory) / JSON_FILE).exists():  # only asked for where the run has checkpoints
+      raise UserError(f"{Path(directory) / JSON_FILE} is missing, but the run's checkpoints were trained with its ids; "
+                      "put back the run's tokenizer files, or train anew in a new --workdir")
     tokenizer = load_tokenizer(directory)
     _check_matches(tokenizer, tokenizer_config, Path(directory) / JSON_FILE)
     return tokenizer
