@@ -125,8 +125,15 @@ def final_metrics(run, state, evaluated: dict, selection) -> dict:
       best.update({e.name: evals[e.name] for e in reported})
     elif selection.best_step in run.checkpointer.all_steps():  # the 'best' checkpoint, kept by the checkpointer
       run.checkpointer.wait()
-      best_state, _, _ = run.restore(selection.best_step)
-      best.update({e.name: evaluate_split(run, best_state, e.split) for e in reported})
+      recorded = run.checkpointer.meta_values(run_config.RECORD_KEY, [selection.best_step])[selection.best_step]
+      now = run_config.defining_fields(run.config)
+      changed = run_config.differences(recorded, now) if isinstance(recorded, dict) else []
+      if changed:  # saved before a resume that changed what a step computes: not evaluated under today's config
+        logging.warning("the best step %d was saved under another config (%s differ): final_metrics.json's best has "
+                        "no %s metrics", selection.best_step, ", ".join(changed), "/".join(e.name for e in reported))
+      else:
+        best_state, _, _ = run.restore(selection.best_step)
+        best.update({e.name: evaluate_split(run, best_state, e.split) for e in reported})
     else:
       logging.warning("the best step %d has no checkpoint in %s (deleted?): final_metrics.json's best has no %s "
                       "metrics", selection.best_step, run.checkpointer.directory, "/".join(e.name for e in reported))

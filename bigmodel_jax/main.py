@@ -350,6 +350,12 @@ def from_run_config(message: str, workdir: Path) -> str:
   if (_MODE.value == "train" or not field or not file.is_file() or field.group(1) in argv_lib.overridden_fields(sys.argv)
       or (is_runtime_field(field.group(1)) and argv_lib.flag_value(sys.argv, "config") is not None)):
     return message
+  try:  # a field of the run's own config (not of another run it reads, such as a GAN's classifier)
+    section = json.loads(file.read_text())
+    for part in field.group(1).split("."):
+      section = section[part]
+  except (OSError, ValueError, KeyError, TypeError):
+    return message
   return f"{file}: {message}"
 
 

@@ -143,6 +143,12 @@ def defining_fields(config) -> dict:
           or not (config_lib.is_runtime_field(k) or config_lib.is_runtime_field(k, skipped))}
 
 
+def differences(recorded: dict, now: dict) -> list[str]:
+  """The fields whose values differ between a step's record and defining_fields() now (a field added since the
+  record, at the default that reproduces it, or removed since, is not compared)."""
+  return sorted(k for k in set(recorded) & set(now) if recorded[k] != now[k])
+
+
 def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records=None,
                    flag: str = "--checkpoint_step") -> None:
   """Refuses to use checkpoint `step` with a config whose defining_fields() differ from those it recorded (None: a
@@ -152,8 +158,8 @@ def check_recorded(workdir: Path, config, recorded: dict | None, step: int, reco
   allows changes (train.allow_config_change)."""
   if not isinstance(recorded, dict) or (records is None and config.train.allow_config_change):
     return
-  now = defining_fields(config)  # a field added since the record (at the default that reproduces it) or removed since
-  differs = lambda record: sorted(k for k in set(record) & set(now) if record[k] != now[k])  # is not compared
+  now = defining_fields(config)
+  differs = lambda record: differences(record, now)
   diffs = differs(recorded)
   if not diffs:
     return

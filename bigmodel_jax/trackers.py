@@ -346,11 +346,25 @@ def read_state(workdir: Path) -> dict:
   if not isinstance(state, dict) or not all(valid(v) for k, v in state.items() if k != ORIGIN):
     logging.warning("%s is damaged: the trackers start new runs", path)
     return {}
-  origin = Path(state[ORIGIN]) / STATE_FILE if isinstance(state.get(ORIGIN), str) else path
-  if origin.is_file() and not os.path.samefile(origin, path):
-    logging.warning("%s is a copy of %s: the trackers start new runs (that run keeps its own)", path, origin)
+  if isinstance(state.get(ORIGIN), str) and _copied_from(Path(state[ORIGIN]) / STATE_FILE, path, state):
+    logging.warning("%s is a copy of %s: the trackers start new runs (that run keeps its own)", path,
+                    Path(state[ORIGIN]) / STATE_FILE)
     return {}
   return state
+
+
+def _copied_from(origin: Path, path: Path, state: dict) -> bool:
+  """Whether tracking.json `path` is a copy of `origin` (the one in the workdir it names): another file that holds
+  the same tracker runs. A moved workdir (nothing left there), a symlinked one (the same file), or a new run at the
+  old path (other runs) is not."""
+  try:
+    if not origin.is_file() or os.path.samefile(origin, path):
+      return False
+    theirs = json.loads(origin.read_text())
+  except (OSError, ValueError):
+    return False
+  run_ids = lambda s: {v.get("run_id") for k, v in s.items() if isinstance(v, dict)} - {None}
+  return isinstance(theirs, dict) and bool(run_ids(state) & run_ids(theirs))
 
 
 def _summary_writer():

@@ -94,6 +94,8 @@ def test_a_step_saved_under_an_earlier_config_names_the_steps_saved_under_this_o
   resumed = cli(SMOKE, f"--workdir={copy}", "--config.train.num_epochs=4", "--config.task.label_smoothing=0.1",
                 "--config.train.allow_config_change=true")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
+  # the permission was that launch's: a relaunch from config.json does not inherit it
+  assert json.loads((copy / "config.json").read_text())["train"]["allow_config_change"] is False
   new = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) > old[-1])
   proc = cli(f"--workdir={copy}", "--mode=eval", f"--checkpoint_step={old[-1]}")
   lines = error_lines(proc.stderr)

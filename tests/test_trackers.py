@@ -157,7 +157,8 @@ def test_a_copied_workdir_starts_its_own_tracker_run_and_a_moved_one_goes_on_wit
   shutil.copytree(tmp_path / "a", tmp_path / "b")  # a fork of the run: its metrics are not the original's
   copied = launch(tmp_path / "b", 10, 20)
   assert copied != original
-  shutil.move(tmp_path / "b", tmp_path / "c")  # moved: the same run goes on
+  shutil.move(tmp_path / "b", tmp_path / "c")  # moved: the same run goes on, even once another run uses "b"
+  assert launch(tmp_path / "b", 0, 10) not in (original, copied)
   assert launch(tmp_path / "c", 20, 30) == copied
   client, _ = mlflow_run(config)
   assert [m.step for m in client.get_metric_history(original, "train/loss")] == [10]

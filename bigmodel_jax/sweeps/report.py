@@ -54,7 +54,8 @@ def rows(workdir: Path, data: dict) -> list[Row]:
     if final is not None:
       status, (value, test, step) = "done", trials_lib.selection(final, metric, mode)
     else:  # an unfinished trial: its latest validation value, for the CSV only
-      status, test = entry["status"], None
+      # a trial recorded as done whose final_metrics.json no longer reads: unfinished (a sweep launch reruns it)
+      status, test = "incomplete" if entry["status"] == "done" else entry["status"], None
       value, step = (curve[-1][1], curve[-1][0]) if curve else (None, None)
     out.append(Row(name, status, entry.get("in_sweep", True), entry.get("overrides", {}), value, test, step,
                    final or {}, entry.get("wall_s", 0.0), entry.get("error", ""), curve))
