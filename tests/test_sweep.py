@@ -248,6 +248,10 @@ def test_report_groups_over_seeds_and_selects_on_validation_only(tmp_path):
   assert table == ["| 0.01 | 0.96 ± 0.014 | 0.81 ± 0.014 | 2 |", "| 0.1 | 0.91 ± 0.014 | 0.99 ± 0 | 2 |"]
   assert "**Best**: lr=0.01: validation accuracy 0.96 ± 0.014 (n=2); test accuracy 0.81 ± 0.014." in md
   assert {p.name for p in paths} >= {"results.csv", "results.md", "accuracy_vs_lr.png", "validation_curves.png"}
+  (tmp_path / "lr=0.1,seed=1" / "final_metrics.json").write_text("[]")  # damaged since the manifest said done
+  report.write(tmp_path, data)
+  md = (tmp_path / "results.md").read_text()
+  assert "| 0.1 | 0.9 | 0.99 | 1 |" in md and "`lr=0.1,seed=1` (incomplete)" in md, md
 
 
 # --- real sweeps
