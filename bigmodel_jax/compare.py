@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bigmodel_jax import config as config_lib
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.sweeps.trials import read_json
 from bigmodel_jax.trackers import final_values
 
 USAGE = "python -m bigmodel_jax.compare RUN_A RUN_B [...] [--out=PATH]"
@@ -36,11 +37,8 @@ class RunRecords:
                       f"bigmodel_jax.main run{hint}")
     self.config = config_lib.flatten(config)
     final = path / "final_metrics.json"
-    try:
-      self.final = json.loads(final.read_text()) if final.exists() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-      self.final = []
-    if self.final is not None and not isinstance(self.final, dict):
+    self.final = read_json(final)
+    if self.final is None and final.exists():
       raise UserError(f"RUN: {final} is not a JSON object of metrics (damaged?); relaunch the run's command: a "
                       "finished run evaluates again and rewrites it")
     self.records = []

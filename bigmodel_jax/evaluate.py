@@ -125,9 +125,8 @@ def final_metrics(run, state, evaluated: dict, selection) -> dict:
       best.update({e.name: evals[e.name] for e in reported})
     elif selection.best_step in run.checkpointer.all_steps():  # the 'best' checkpoint, kept by the checkpointer
       run.checkpointer.wait()
-      recorded = run.checkpointer.meta_values(run_config.RECORD_KEY, [selection.best_step])[selection.best_step]
-      now = run_config.defining_fields(run.config)
-      changed = run_config.differences(recorded, now) if isinstance(recorded, dict) else []
+      recorded = run_config.recorded(run.checkpointer, selection.best_step)
+      changed = run_config.differences(recorded, run_config.defining_fields(run.config)) if recorded else []
       if changed:  # saved before a resume that changed what a step computes: not evaluated under today's config
         logging.warning("the best step %d was saved under another config (%s differ): final_metrics.json's best has "
                         "no %s metrics", selection.best_step, ", ".join(changed), "/".join(e.name for e in reported))
@@ -176,9 +175,7 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint
   if step is None:
     raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
   if check_config:
-    key = run_config.RECORD_KEY
-    run_config.check_recorded(run.workdir, run.config, run.checkpointer.meta_values(key, [step])[step], step,
-                              lambda: run.checkpointer.meta_values(key), flag)
+    run_config.check_recorded(run, step, flag)
   try:
     state, _, _ = run.restore(step)
   except DamagedCheckpointError as e:

@@ -45,6 +45,14 @@ def write(step_dir: Path) -> dict:
   return record
 
 
+def recorded_sha256(step_dir: Path) -> str | None:
+  """The digest of a step's files, as its digest.json records it (None: none, or unreadable)."""
+  try:
+    return json.loads((Path(step_dir) / FILE).read_text()).get("sha256")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def verify(step_dir: Path) -> bool:
   """True: every item file matches the digest; False: there is no digest (a step written before digests).
   Raises Mismatch naming the first differing file (changed, missing, or not in the digest)."""

@@ -3,9 +3,9 @@
   params.npz    every array the model needs, by name: each quantized weight NAME as int8 plus NAME.scale (float32,
                 one per output channel, broadcastable to NAME), every other array as the float32 of the checkpoint
   report.json   the step and the digest of its checkpoint's files (export and serve refuse int8 weights made from
-                another checkpoint of that step); the task's metrics before and after on config.quantize.split; weight bytes before and
-                after; examples/s (tokens/s for language models) of the jitted predict (prefill) function, float
-                and int8, measured alternately in one process on this machine
+                another checkpoint of that step); the task's metrics before and after on config.quantize.split;
+                weight bytes before and after; examples/s (tokens/s for language models) of the jitted predict
+                (prefill) function, float and int8, measured alternately in one process on this machine
 
 The scheme: symmetric per-channel int8, weight only (activations stay in the compute dtype). scale = max|w| / 127
 per channel, int8 = round(w / scale):
@@ -148,12 +148,9 @@ def load(model, step: int) -> tuple[dict[str, np.ndarray], object]:
 
 
 def checkpoint_digest(model, step: int) -> str | None:
-  """The digest of checkpoint `step`'s files (its digest.json), which ties a quantization to the weights it read."""
+  """The digest of checkpoint `step`'s files, which ties a quantization to the weights it read."""
   from bigmodel_jax import integrity
-  try:
-    return json.loads((model.checkpointer.directory / str(step) / integrity.FILE).read_text()).get("sha256")
-  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-    return None
+  return integrity.recorded_sha256(model.checkpointer.directory / str(step))
 
 
 # --- --mode=quantize
@@ -184,7 +181,8 @@ def quantize(model, checkpoint_step: int | None) -> dict:
       "float32_arrays_kept": len(floats) - len(names)}
   weights["quantized_ratio"] = weights["quantized_float_bytes"] / max(weights["quantized_int8_bytes"], 1)
   report = {
-      "step": step, "checkpoint_sha256": checkpoint_digest(model, step), "task": config.task.name, "model": model.card["model"], "split": split,
+      "step": step, "checkpoint_sha256": checkpoint_digest(model, step), "task": config.task.name,
+      "model": model.card["model"], "split": split,
       "scheme": "symmetric per-channel int8 weights (scale = max|w|/127), float activations",
       "min_size": config.quantize.min_size, "float": before, "int8": after,
       "change": {k: after[k] - before[k] for k in before if isinstance(before[k], (int, float))},

@@ -149,29 +149,35 @@ def differences(recorded: dict, now: dict) -> list[str]:
   return sorted(k for k in set(recorded) & set(now) if recorded[k] != now[k])
 
 
-def check_recorded(workdir: Path, config, recorded: dict | None, step: int, records=None,
-                   flag: str = "--checkpoint_step") -> None:
-  """Refuses to use checkpoint `step` with a config whose defining_fields() differ from those it recorded (None: a
-  step saved before the record: nothing to check). `records()`: every kept step's record, read on a mismatch to name
-  the steps saved under this config (after a resume with train.allow_config_change); None: a training launch about
-  to resume from `step` (config.json edited or deleted, or checkpoints copied from another run), unless its config
-  allows changes (train.allow_config_change)."""
-  if not isinstance(recorded, dict) or (records is None and config.train.allow_config_change):
+def recorded(checkpointer, step: int) -> dict | None:
+  """Checkpoint `step`'s record of defining_fields() (None: unreadable, or saved before the record)."""
+  record = checkpointer.meta_values(RECORD_KEY, [step])[step]
+  return record if isinstance(record, dict) else None
+
+
+def check_recorded(run, step: int, flag: str = "--checkpoint_step", training: bool = False) -> None:
+  """Refuses to use checkpoint `step` of `run` (a train.Run or inference.Inference) with a config whose
+  defining_fields() differ from those the step recorded (a step saved before the record: nothing to check), in one
+  line naming the field: where a kept step was saved under this config (after a resume with
+  train.allow_config_change), naming those steps and `flag`. `training`: a launch about to resume from `step`
+  (config.json edited or deleted, or checkpoints copied from another run), unless it allows changes."""
+  workdir, config, record = run.workdir, run.config, recorded(run.checkpointer, step)
+  if record is None or (training and config.train.allow_config_change):
     return
   now = defining_fields(config)
-  differs = lambda record: differences(record, now)
-  diffs = differs(recorded)
+  diffs = differences(record, now)
   if not diffs:
     return
   key, file = diffs[0], Path(workdir) / "config.json"
   file = file if file.is_file() else "--config"  # a workdir written by hand, described by --config
-  was, now_is = recorded[key], now[key]
+  was, now_is = record[key], now[key]
   more = f" (also {', '.join(diffs[1:4])}{', ...' if len(diffs) > 4 else ''} differ)" if len(diffs) > 1 else ""
-  if records is None:
+  if training:
     raise UserError(f"--config: {key} is {now_is!r}, but checkpoint step {step} in {workdir} was trained with "
                     f"{was!r}{more}; relaunch with its own config (run_info.jsonl has each launch's command), use a "
                     "new --workdir, or pass --config.train.allow_config_change=true to continue it anyway")
-  matching = [s for s, r in sorted(records().items()) if isinstance(r, dict) and not differs(r)]
+  matching = [s for s, r in sorted(run.checkpointer.meta_values(RECORD_KEY).items())
+              if isinstance(r, dict) and not differences(r, now)]
   if matching:
     raise UserError(f"checkpoint step {step} was saved with {key}={was!r}{more}, but {file} says {now_is!r} (a resume "
                     "with train.allow_config_change?); use a step saved under this config: "

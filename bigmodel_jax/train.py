@@ -186,8 +186,7 @@ def restore_or_init(run: Run):
                  f"{run.init_source.workdir} step {run.init_source.step}" if run.init_source else "scratch")
     state = run.steps.init()
     return (init_from.apply(state, run.init_source) if run.init_source else state), None, {}
-  run_config.check_recorded(run.workdir, run.config, run.checkpointer.meta_values(run_config.RECORD_KEY, [step])[step],
-                            step)
+  run_config.check_recorded(run, step, training=True)  # before the state is read
   state, data_state, meta = run.restore(step)
   pipeline.check_position(data_state, step, run.checkpointer.item_file(step, "data"))  # before anything trains
   run.checkpointer.set_aside(damaged, step)
