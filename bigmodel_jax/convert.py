@@ -169,6 +169,7 @@ def run_config(model: str, fields: dict, tokenizer, seq_len: int, data_path: str
 def hf_to_run(model: str, src: Path, workdir: Path, seq_len: int | None, data_path: str = "") -> dict:
   from bigmodel_jax import config as config_lib, init_from, model_card, parallel, runinfo, train
   from bigmodel_jax.checkpoint import Checkpointer
+  from bigmodel_jax.data import fingerprint
   from bigmodel_jax.inference import SCHEDULE_STEPS
   from bigmodel_jax.run_config import RECORD_KEY, defining_fields
   from bigmodel_jax.tasks import get_task
@@ -206,7 +207,8 @@ def hf_to_run(model: str, src: Path, workdir: Path, seq_len: int | None, data_pa
     checkpointer = Checkpointer(staging / "checkpoints", keep=config.train.keep_checkpoints, async_save=False)
     try:
       checkpointer.save(0, steps.layout.plain(state), {"next_index": 0}, {"step": 0, "epoch": 0.0,
-                      "model_card_sha256": model_card.sha256(card), RECORD_KEY: defining_fields(config)})
+                      "model_card_sha256": model_card.sha256(card), RECORD_KEY: defining_fields(config),
+                      **fingerprint.checkpoint_record(dataset)})
     finally:
       checkpointer.close()
     runinfo.write_run_records(staging, config)

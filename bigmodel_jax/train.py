@@ -68,6 +68,7 @@ class Run:
 def restore_checked(run, step: int):
   """run.checkpointer's step restored onto run.steps' layout; a vocabulary that does not match is blamed on the
   workdir's tokenizer files (run: a Run or an inference.Inference)."""
+  fingerprint.check_checkpoint(run, step)  # a checkpoint copied from a run with another text of as many ids
   try:
     return run.checkpointer.restore(step, run.steps.layout.restore_target)
   except ModelMismatchError as e:
@@ -276,7 +277,8 @@ def _train(run: Run) -> dict:
       run.writer.write(w[-1][0], "train", summary)
       progress.report(w[-1][0], summary, summary["steps_per_s"])
 
-  recorded = {"model_card_sha256": model_card.sha256(card), run_config.RECORD_KEY: run_config.defining_fields(config)}
+  recorded = {"model_card_sha256": model_card.sha256(card), run_config.RECORD_KEY: run_config.defining_fields(config),
+              **fingerprint.checkpoint_record(run.dataset)}
 
   def save(step):
     meta = {"step": step, "epoch": step / run.steps_per_epoch, **recorded}

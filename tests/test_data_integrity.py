@@ -131,6 +131,31 @@ def test_an_edited_tokenizer_with_the_same_vocabulary_size_is_one_line_for_sampl
 
 
 @needs_tiny
+def test_checkpoints_copied_from_a_run_with_another_tokenizer_of_as_many_ids_are_refused(cli, lm, tmp_path):
+  """Run B's own data_fingerprint.json matches its text and tokenizer; the checkpoints are run A's, whose ids mean
+  other characters (each checkpoint records its tokenizer's digest)."""
+  text = TINY.read_text()
+  assert "z" in text and "~" not in text
+  other = tmp_path / "other.txt"
+  other.write_text(text.replace("z", "~"))  # as many distinct characters, another vocabulary
+  workdir = tmp_path / "b"
+  ok(cli(*GPT, f"--config.data.path={other}", f"--workdir={workdir}", timeout=300))
+  shutil.rmtree(workdir / "checkpoints")
+  shutil.copytree(lm / "checkpoints", workdir / "checkpoints")
+  before = checkpoint_files(workdir)
+  for mode in ("eval", "sample", "export"):
+    proc = cli(f"--workdir={workdir}", f"--mode={mode}")
+    assert_one_error(proc, "checkpoint step 20", "another tokenizer than", str(workdir / "tokenizer"),
+                     "allow_data_change=true")
+  proc = cli(*GPT, "--config.train.num_steps=30", f"--config.data.path={other}", f"--workdir={workdir}",
+             "--config.train.allow_config_change=true")
+  assert_one_error(proc, "checkpoint step 20", "another tokenizer than")  # a resume too, before anything trains
+  assert checkpoint_files(workdir) == before and not (workdir / "export").exists()
+  proc = ok(cli(f"--workdir={workdir}", "--mode=eval", "--config.train.allow_data_change=true"))
+  assert "another tokenizer than" in proc.stderr and "allow_data_change is set" in proc.stderr
+
+
+@needs_tiny
 @pytest.mark.parametrize("record", ['{"data": 5}', '{"tokenizer": [1]}', '{"data": {"data.path": 3}}', "[]", "{"])
 def test_a_damaged_fingerprint_is_one_line_naming_it(cli, lm, tmp_path, record):
   workdir, _ = copy_run(lm, tmp_path)
