@@ -83,10 +83,10 @@ def write_run_records(workdir: Path, config, write_config: bool = True, init: di
   """config.json (the resolved config; `write_config` False keeps the one there) and one provenance line per
   launch in run_info.jsonl (`init`: where a fresh run's initial weights came from, init_from.Source.record)."""
   workdir.mkdir(parents=True, exist_ok=True)
-  if write_config:  # train.allow_config_change is a permission for the launch that gave it, not a property of the
-    # run: a relaunch from --config=RUN/config.json must not inherit it
+  if write_config:  # train.allow_config_change and allow_data_change are permissions for the launch that gave them,
+    # not properties of the run: a relaunch, eval or sample from RUN/config.json must not inherit them
     record = json.loads(config.to_json_best_effort())
-    record["train"]["allow_config_change"] = False
+    record["train"]["allow_config_change"] = record["train"]["allow_data_change"] = False
     write_text_atomic(workdir / "config.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
   with open(workdir / "run_info.jsonl", "a") as f:
     f.write(json.dumps({**provenance(), **({"init": init} if init else {})}) + "\n")

@@ -114,6 +114,10 @@ def test_allow_data_change_goes_on_and_records_the_new_data(cli, lm, tmp_path):
   assert [(e["since_step"], e["until_step"]) for e in record["earlier"]] == [(0, 20)]
   assert record["earlier"][0]["data"]["data.path"]["sha256"] == fetch.sha256_of(TINY)
   ok(cli(f"--workdir={workdir}", "--mode=eval"))  # from now on this is the run's data
+  # the permission was the launch's: config.json does not hand it on to the next launch
+  assert json.loads((workdir / "config.json").read_text())["train"]["allow_data_change"] is False
+  text.write_text(TINY.read_text())
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=eval"), str(text), "not the data this run trained on")
 
 
 @needs_tiny
