@@ -101,6 +101,13 @@ class Inference:
     flat, _ = jax.tree_util.tree_flatten_with_path({"params": state.params, "model_state": state.model_state})
     return {leaf_name(path): np.asarray(jax.device_get(jax.random.key_data(x) if is_key(x) else x)) for path, x in flat}
 
+  def variable_shapes(self) -> dict[str, tuple[int, ...]]:
+    """The shape of every array variables() gives, by name (an RNG key's: its raw data's)."""
+    abstract = self.steps.abstract_state
+    flat, _ = jax.tree_util.tree_flatten_with_path({"params": abstract.params, "model_state": abstract.model_state})
+    return {leaf_name(path): tuple(jax.eval_shape(jax.random.key_data, a).shape if is_key(a) else a.shape)
+            for path, a in flat}
+
   def model_function(self):
     """variables (as variables() names them) -> the NNX model holding them, inside a trace."""
     abstract = self.steps.abstract_state

@@ -144,7 +144,32 @@ def load(model, step: int) -> tuple[dict[str, np.ndarray], object]:
       variables = {k: npz[k] for k in npz.files}
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise UserError(f"{MISSING}{params} cannot be read ({type(e).__name__}); {again}") from None
+  problem = _not_the_models(variables, model.variable_shapes())
+  if problem:
+    raise UserError(f"{MISSING}{params} does not hold this model's arrays ({problem}); {again}")
   return variables, model_function(model)
+
+
+def _not_the_models(variables: dict, wanted: dict) -> str | None:
+  """What in a params.npz does not fit the model's variables (names and shapes, NAME.scale broadcast), or None."""
+  names = {n[:-len(SCALE)] if n.endswith(SCALE) else n for n in variables}
+  if missing := sorted(set(wanted) - names):
+    return f"no {missing[0]}"
+  if extra := sorted(names - set(wanted)):
+    return f"{extra[0]}, which the model has not"
+  for name, shape in wanted.items():
+    if name not in variables:
+      return f"{name + SCALE} without {name}"
+    value, scale = variables[name], variables.get(name + SCALE)
+    if (value.dtype == np.int8) != (scale is not None):
+      return f"{name} is {value.dtype} {'without' if scale is None else 'with'} {name + SCALE}"
+    try:
+      got = value.shape if scale is None else np.broadcast_shapes(value.shape, scale.shape)
+    except ValueError:
+      got = f"{value.shape} with scales {scale.shape}"
+    if got != shape:
+      return f"{name} is {got}, the model's {shape}"
+  return None
 
 
 def checkpoint_digest(model, step: int) -> str | None:

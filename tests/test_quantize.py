@@ -4,6 +4,7 @@ predictions through quantize.load, the quantized export, and the one-line refusa
 import json
 import shutil
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -114,6 +115,29 @@ def test_a_quantized_model_of_a_checkpoint_retrained_since_is_refused(cli, train
       (copy / "quantized" / "report.json").read_text()), "checkpoint_sha256": None}))
   lines = error_lines(cli(f"--workdir={copy}", "--mode=export", "--config.export.quantized=true").stderr)
   assert len(lines) == 1 and "params.npz cannot be read" in lines[0], lines
+
+
+@pytest.mark.parametrize("damage", ["drop", "extra", "shape", "scale"])
+def test_a_params_npz_with_other_arrays_is_one_line(cli, trained, report, tmp_path, damage):
+  copy = Path(shutil.copytree(trained, tmp_path / "copy"))
+  path = copy / "quantized" / "params.npz"
+  with np.load(path) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  name = "params/hidden/0/kernel"
+  if damage == "drop":
+    del arrays[name + quantize.SCALE]
+    needle = f"{name}.scale"  # unscaled int8 would be read as the float weights
+  elif damage == "extra":
+    arrays["params/hidden/9/kernel"], needle = arrays[name], "params/hidden/9/kernel, which the model has not"
+  elif damage == "shape":
+    arrays[name], needle = arrays[name][:-1], f"{name} is"
+  else:
+    arrays[name + quantize.SCALE], needle = arrays[name + quantize.SCALE][..., :2], f"{name} is"
+  np.savez(path, **arrays)
+  proc = cli(f"--workdir={copy}", "--mode=export", "--config.export.quantized=true")
+  lines = error_lines(proc.stderr)
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert "does not hold this model's arrays" in lines[0] and needle in lines[0] and "--mode=quantize" in lines[0]
 
 
 def test_gan_refused():
