@@ -227,6 +227,22 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
     assert path.read_bytes() == blob
 
 
+@pytest.mark.parametrize("record", ["[]", '{"init_timestamp_nsecs": "yesterday"}'])
+def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, record):
+  """orbax reads every step's _CHECKPOINT_METADATA when the checkpoints open: one damaged by hand is named, with
+  the step to move away (not the whole directory), and nothing is deleted."""
+  workdir = Path(shutil.copytree(trained, tmp_path / "work"))
+  oldest = min(step_dirs(workdir))
+  file = workdir / "checkpoints" / str(oldest) / "_CHECKPOINT_METADATA"
+  file.write_text(record)
+  before = checkpoint_files(workdir)
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=eval"), str(file), f"move checkpoint step {oldest} out of")
+  assert checkpoint_files(workdir) == before
+  shutil.move(file.parent, tmp_path / "aside")
+  proc = cli(f"--workdir={workdir}", "--mode=eval")
+  assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == 80, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("source,needles", [
     ("def get_config(arg=None):\n  x = = 3\n", ["line 2", "syntax error"]),
     ("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'seed': 0})\n",
