@@ -334,6 +334,12 @@ def main(argv: list[str]) -> int:
       writable_directory(workdir)
     except UserError as e:
       raise BadInput(str(e)) from None
+    if (workdir / "report.json").is_file():  # merged into at the end: damaged, it would be found after every seed ran
+      try:
+        read_report(workdir / "report.json")
+      except BadInput as e:
+        raise BadInput(f"{e}; restore it, or move it away (a launch naming the reproductions it held rewrites their "
+                       "rows, finished runs read back without training)") from None
   backend_cache = []
   def backend():
     if not backend_cache:

@@ -90,6 +90,17 @@ def test_an_unwritable_workdir_is_refused_before_anything_runs(reproduce, tmp_pa
   assert "running" not in proc.stdout
 
 
+@pytest.mark.parametrize("damage", ["{", '{"reproductions": []}'])
+def test_a_damaged_report_json_is_refused_before_anything_runs(card, reproduce, tmp_path, damage):
+  workdir = shutil.copytree(card, tmp_path / "card")
+  (workdir / "report.json").write_text(damage)
+  shutil.rmtree(workdir / "linear_regression" / "seed_0")  # a seed that would otherwise train first
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}")
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: {workdir / 'report.json'}: not a") and "move it away" in proc.stderr
+  assert not (workdir / "linear_regression" / "seed_0").exists() and (workdir / "report.json").read_text() == damage
+
+
 def test_report_card_fail_skipped_error_merged_with_earlier_results(card, reproduce, tmp_path):
   path = registry(tmp_path, """
       Reproduction("out_of_reach", "configs/linear_regression.py",
