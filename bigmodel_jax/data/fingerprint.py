@@ -7,7 +7,7 @@ ours (digits, diabetes, synthetic_linear, TFDS), of the loaded arrays or texts; 
 
 It is written when a run first trains. A resume with config.train.allow_data_change records the data it goes on
 with (the earlier record kept under "earlier"); a workdir from before fingerprints gets one at its next training
-launch (eval, predict and sample record nothing). Each checkpoint's meta records its tokenizer's digest too
+launch (eval, predict and sample record nothing). Each checkpoint's meta records its tokenizer's fingerprint too
 (check_checkpoint), which catches checkpoints copied in from a run whose text has as many characters.
 """
 
@@ -184,29 +184,31 @@ def record(workdir: Path, dataset, start_step: int) -> None:
   write_text_atomic(path, json.dumps({**now, "since_step": start_step}, indent=2) + "\n")
 
 
-# Each checkpoint's meta also records its tokenizer's digest: data_fingerprint.json speaks for the workdir, and a
-# checkpoint copied in from another run with the same number of ids (another text's characters) would restore and
+# Each checkpoint's meta also records its tokenizer's fingerprint: data_fingerprint.json speaks for the workdir, and
+# a checkpoint copied in from another run with the same number of ids (another text's characters) would restore and
 # evaluate to numbers that mean nothing, with exit 0.
-TOKENIZER_KEY = "tokenizer_sha256"
+TOKENIZER_KEY = "tokenizer"
 
 
 def checkpoint_record(dataset) -> dict:
   """What each checkpoint's meta records of the tokenizer it was trained with (nothing for a model without one)."""
-  return {} if dataset.tokenizer is None else {TOKENIZER_KEY: tokenizer_fingerprint(dataset.tokenizer)["sha256"]}
+  return {} if dataset.tokenizer is None else {TOKENIZER_KEY: tokenizer_fingerprint(dataset.tokenizer)}
 
 
 def check_checkpoint(run, step: int) -> None:
   """Before checkpoint `step` of `run` (a train.Run or inference.Inference) is restored: the tokenizer loaded now
-  must be the one the step recorded (a step saved before the record: nothing to check); allow_data_change goes on
-  with a warning."""
+  must be the one the step recorded (a step saved before the record: nothing to check; another vocabulary size is
+  said by the restore, with the shapes it does not fit); allow_data_change goes on with a warning."""
   if run.dataset.tokenizer is None:
     return
   recorded = run.checkpointer.meta_values(TOKENIZER_KEY, [step])[step]
-  if recorded is None or recorded == checkpoint_record(run.dataset)[TOKENIZER_KEY]:
+  now = tokenizer_fingerprint(run.dataset.tokenizer)
+  if not isinstance(recorded, dict) or recorded.get("vocab_size") != now["vocab_size"] \
+      or recorded.get("sha256") == now["sha256"]:
     return
   problem = (f"checkpoint step {step} in {run.workdir} was trained with another tokenizer than "
-             f"{Path(run.workdir) / 'tokenizer' / 'tokenizer.json'} (the same {run.dataset.tokenizer.vocab_size} ids, "
-             "another vocabulary: copied from another run?)")
+             f"{Path(run.workdir) / 'tokenizer' / 'tokenizer.json'} (the same {now['vocab_size']} ids, another "
+             "vocabulary: copied from another run?)")
   if run.config.train.get("allow_data_change", False):
     logging.warning("%s; going on with it, as config.train.allow_data_change is set", problem)
     return
