@@ -117,6 +117,8 @@ def sweep():
                                             # one key order for every trial: first seen first
                                             "hidden_sizes=8,learning_rate=0.0001,trackers=tensorboard,mlflow"]
   assert sweep.metric == "accuracy" and sweep.mode == "max"  # the base config's selection
+  loss = spec.load(write(tmp_path / "l.py", FIXED + "metric = 'loss'\ndef sweep():\n  yield {'seed': 0}\n"))
+  assert loss.mode == "min"  # a metric without a mode: its own direction, not the base config's max
   assert sweep.config.train.num_steps == 300  # the fixed overrides are applied
   assert spec.format_value((8,)) == "(8,)" and spec.format_value(False) == "false"
 
@@ -128,6 +130,8 @@ def sweep():
     ("metric = 'bleu'\ndef sweep():\n  yield {'seed': 0}\n",
      "metric 'bleu' is not produced by the evaluators of task 'classification'; valid: accuracy"),
     ("mode = 'up'\ndef sweep():\n  yield {'seed': 0}\n", "mode must be 'max' or 'min'"),
+    ("metric, mode = 'loss', 'max'\ndef sweep():\n  yield {'seed': 0}\n",
+     "mode 'max' would select the worst loss (it is better lower); set mode = 'min'"),
     ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
     ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
     ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
@@ -137,7 +141,7 @@ def sweep():
     ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
     ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
     ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
-], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "type", "section", "num-trials", "same-config",
+], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "same-config",
         "bool-for-int", "none", "invalid-value", "select-on-test"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:

@@ -299,7 +299,10 @@ def _check_search(fn: Callable, sweep: Sweep, keys: list[str], module) -> None:
 
 
 def _check_metric(sweep: Sweep) -> None:
-  from bigmodel_jax.tasks import TASKS
+  """The metric is the task's; a mode not given is the metric's own direction (else the base config's)."""
+  from bigmodel_jax.tasks import TASKS, metric_mode
+  if sweep.mode is None:
+    sweep.mode = metric_mode(sweep.metric) or sweep.config.train.best_mode
   if sweep.mode not in ("max", "min"):
     raise UserError(f"{sweep.path}: mode must be 'max' or 'min', got {sweep.mode!r}")
   task = sweep.config.task.name
@@ -309,6 +312,9 @@ def _check_metric(sweep: Sweep) -> None:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"{sweep.path}: metric {sweep.metric!r} is not produced by the evaluators of task {task!r}{hint}; "
                     f"valid: {', '.join(names)}")
+  if metric_mode(sweep.metric) not in (None, sweep.mode):
+    raise UserError(f"{sweep.path}: mode {sweep.mode!r} would select the worst {sweep.metric} (it is better "
+                    f"{'lower' if sweep.mode == 'max' else 'higher'}); set mode = {metric_mode(sweep.metric)!r}")
 
 
 def load(path: str | Path, variant: str = "") -> Sweep:
@@ -336,8 +342,7 @@ def load(path: str | Path, variant: str = "") -> Sweep:
   grid, search = _generators(module, path, variant)
   sweep = Sweep(path=path, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), name=path.stem, variant=variant,
                 base=base, base_file=base_file, base_variant=base_variant, overrides=fixed, config=config,
-                metric=getattr(module, "metric", config.train.best_metric),
-                mode=getattr(module, "mode", config.train.best_mode), labels={},
+                metric=getattr(module, "metric", config.train.best_metric), mode=getattr(module, "mode", None), labels={},
                 resources=getattr(module, "resources", None) or {"cpu": 1}, asha=getattr(module, "asha", None))
   _check_metric(sweep)
   if not isinstance(sweep.resources, dict) or not all(isinstance(v, (int, float)) for v in sweep.resources.values()):

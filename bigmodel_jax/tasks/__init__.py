@@ -21,6 +21,16 @@ from bigmodel_jax.registry import Registry, import_submodules
 
 TASKS: Registry = Registry("task", "config.task.name")
 
+# Which way each metric is better, where its name says so (a class fraction's best depends on the question):
+# a selection in the other direction picks the worst checkpoint or trial, with exit 0.
+LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "bits_per_char", "frechet_distance", "real_frechet_distance")
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "f1", "r2", "classifier_score", "real_classifier_score")
+
+
+def metric_mode(metric: str) -> str | None:
+  """'min' or 'max': the mode that selects the best value of `metric` (None: its name does not say)."""
+  return "min" if metric in LOWER_IS_BETTER else "max" if metric in HIGHER_IS_BETTER else None
+
 
 def require_padding_0(dataset, task: str) -> None:
   """Text rows are padded with the tokenizer's pad id, and the encoders (and masked LM selection) take id 0 as
