@@ -27,8 +27,8 @@ WITH_FAILING = GOOD + '  yield {"data.batch_size": 5000}  # a valid config that 
 WITH_ADDED = GOOD + '  yield {"optimizer.learning_rate": 1e-2, "seed": 0}\n'
 SEARCH = 'import optuna\n' + FIXED + '''metric, mode = "accuracy", "max"
 num_trials = 4
-def sampler():
-  return optuna.samplers.RandomSampler(seed=0)
+def sampler(asked):
+  return optuna.samplers.RandomSampler(seed=asked)
 def search(trial):
   return {"optimizer.learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
 '''
@@ -343,7 +343,28 @@ def test_a_search_stopped_by_sigterm_resumes(sweep_env, tmp_path):
   assert any(launches(d) == 2 for d in stopped)  # resumed from its own checkpoint
   for t in study.trials:  # each trial's value is its run's validation selection
     assert t.value == final(workdir / t.user_attrs["name"])["best"]["value"]
+  assert len({t.params["learning_rate"] for t in study.trials}) == 4  # the continued study asked new settings
   assert len(results(workdir)) == 4
+
+
+@pytest.mark.parametrize("sampler", ["", "def sampler():\n  return optuna.samplers.RandomSampler(seed=0)\n",
+                                     "def sampler(asked):\n  return optuna.samplers.RandomSampler(seed=asked)\n"],
+                         ids=["default", "fixed-seed", "seeded-by-count"])
+def test_a_continued_search_asks_new_settings(tmp_path, sampler):
+  """A sampler seeded as at the study's start asked the first launch's trials again: the report then counted the
+  repeats as more runs of one setting."""
+  from bigmodel_jax.sweeps.search import Search
+  sweep = spec.load(write(tmp_path / "s.py", "import optuna\n" + FIXED + "num_trials = 4\n" + sampler +
+                          "def search(trial):\n  return {'optimizer.learning_rate': "
+                          "trial.suggest_float('learning_rate', 1e-3, 1e-2, log=True)}\n"))
+  asked = []
+  for _ in range(2):  # two launches of the same command, two trials each
+    search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+    for _ in range(2):
+      trial = search._ask()
+      search.tell(trial, "failed")
+      asked.append(trial.overrides["optimizer.learning_rate"])
+  assert len(set(asked)) == 4, asked
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_runs_nothing(sweep_env, tmp_path):

@@ -6,6 +6,7 @@ Optuna journal in the workdir (optuna.journal), so running the command again con
 stopped or killed sweep left running are resumed from their own checkpoints first, then new ones are asked.
 """
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -26,9 +27,26 @@ class Search:
     self.optuna, self.sweep, self.workdir, self.manifest = optuna, sweep, Path(workdir), manifest
     workdir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
-    sampler = sweep.sampler() if sweep.sampler else optuna.samplers.TPESampler(seed=0)
-    self.study = optuna.create_study(storage=storage, study_name=sweep.name, sampler=sampler, load_if_exists=True,
+    self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
                                      direction="maximize" if sweep.mode == "max" else "minimize")
+    self.study.sampler = self._sampler(len(self.study.trials))
+
+  def _sampler(self, asked: int):
+    """A sampler whose draws continue the study: one seeded as at the study's start would ask the trials of the
+    first launch again, and the report would count those repeats as more runs of one setting. The default is TPE
+    seeded with the number of trials asked before this launch; sampler(asked) gets that number; a sampler() without
+    it is reseeded at random when the study goes on."""
+    if self.sweep.sampler is None:
+      return self.optuna.samplers.TPESampler(seed=asked)
+    try:
+      inspect.signature(self.sweep.sampler).bind(asked)
+      takes_count = True
+    except TypeError:
+      takes_count = False
+    sampler = self.sweep.sampler(asked) if takes_count else self.sweep.sampler()
+    if asked and not takes_count:
+      sampler.reseed_rng()
+    return sampler
 
   def trials(self) -> Iterator[Trial]:
     """Trials left running by an earlier sweep (resumed), then new ones until the study has num_trials."""
