@@ -61,6 +61,8 @@ NO_EFFECT = [
     ("optimizer.nesterov", lambda c: c.optimizer.name != "sgd", lambda c: f"{c.optimizer.name} takes no nesterov (sgd does)"),
     ("data.tokenizer.vocab_size", lambda c: c.data.tokenizer.name != "sentencepiece",
      lambda c: f"the {c.data.tokenizer.name} tokenizer's vocabulary is its characters or bytes (sentencepiece's is sized)"),
+    ("train.num_epochs", lambda c: c.train.num_steps > 0,
+     lambda c: f"train.num_steps={c.train.num_steps} sets the run's length (num_steps > 0 overrides num_epochs)"),
 ]
 
 
@@ -77,13 +79,22 @@ def resolve_overrides(config, overridden: list[str]) -> list[str]:
                  f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
                  f"{config.train.num_epochs} epoch(s)")
     config.train.num_steps = -1
-  for field, idle, why in NO_EFFECT:
-    if field in overridden and idle(config):
-      notes.append(f"--config.{field} has no effect: {why(config)}")
+  notes += [f"--config.{field} has no effect: {why}" for field, why in idle_fields(config, overridden).items()
+            if not (config.optimizers and field.startswith("optimizer."))]
   if config.optimizers and any(f.startswith("optimizer.") for f in overridden):
     notes.append("--config.optimizer.* has no effect: this config trains with the named config.optimizers "
                  f"({', '.join(config.optimizers)}); set --config.optimizers.<name>.<field>")
   return notes
+
+
+def idle_fields(config, overridden: list[str]) -> dict[str, str]:
+  """{field given: why it has no effect in `config`} (NO_EFFECT; config.optimizer.* beside named config.optimizers):
+  main says them, and a sweep refuses two trials that differ only in them."""
+  out = {field: why(config) for field, idle, why in NO_EFFECT if field in overridden and idle(config)}
+  if config.optimizers:
+    out.update({f: f"this config trains with the named config.optimizers ({', '.join(config.optimizers)})"
+                for f in overridden if f.startswith("optimizer.")})
+  return out
 
 
 @functools.cache

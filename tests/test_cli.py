@@ -128,6 +128,10 @@ def test_a_field_that_has_no_effect_is_said():
   assert len(notes) == 3 and all("has no effect" in n for n in notes)
   gan = load("mnist_dcgan", "smoke")
   assert any("named config.optimizers" in n for n in cli_lib.resolve_overrides(gan, ["optimizer.learning_rate"]))
+  config = load("digits_mlp", "smoke")
+  config.train.num_steps = 100  # both given: num_steps wins, and num_epochs (unlike alone) changes nothing
+  both = cli_lib.resolve_overrides(config, ["train.num_steps", "train.num_epochs"])
+  assert len(both) == 1 and both[0].startswith("--config.train.num_epochs has no effect: train.num_steps=100 sets")
 
 
 def test_num_epochs_on_the_command_line_beats_a_variants_num_steps():
@@ -136,8 +140,8 @@ def test_num_epochs_on_the_command_line_beats_a_variants_num_steps():
   notes = cli_lib.resolve_overrides(config, ["train.num_epochs"])
   assert config.train.num_steps == -1 and len(notes) == 1 and "train.num_steps=100" in notes[0]
   config = load("mnist_cnn", "smoke")
-  assert cli_lib.resolve_overrides(config, ["train.num_epochs", "train.num_steps"]) == []
-  assert config.train.num_steps == 100
+  notes = cli_lib.resolve_overrides(config, ["train.num_epochs", "train.num_steps"])  # both: num_steps wins, said
+  assert config.train.num_steps == 100 and len(notes) == 1 and "train.num_epochs has no effect" in notes[0]
 
 
 from conftest import TINY_SHAKESPEARE as TINY  # noqa: E402

@@ -135,14 +135,18 @@ def sweep():
     ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
     ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
     ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
+    ("def sweep():\n  yield {'optimizer.momentum': 0.0}\n  yield {'optimizer.momentum': 0.9}\n",
+     "trials 0 and 1 are the same (base; optimizer.momentum has no effect: adam takes no momentum"),
+    ("def sweep():\n  yield {'train.num_epochs': 1}\n  yield {'train.num_epochs': 5}\n",
+     "are the same (base; train.num_epochs has no effect: train.num_steps=300 sets the run's"),
     ("def sweep():\n  yield {'seed': 0, 'optimizer.learning_rate': 1}\n"
      "  yield {'optimizer.learning_rate': 1.0, 'seed': 0}\n", "trials 0 and 1 are the same (seed=0,learning_rate=1.0)"),
     ("def sweep():\n  yield {'train.num_steps': True}\n", "train.num_steps=True: configs/digits_mlp.py has int"),
     ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
     ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
     ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
-], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "same-config",
-        "bool-for-int", "none", "invalid-value", "select-on-test"])
+], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials",
+        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "none", "invalid-value", "select-on-test"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
     spec.load(write(tmp_path / "s.py", FIXED + body))

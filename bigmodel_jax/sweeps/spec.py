@@ -220,6 +220,18 @@ def canonical(config, overrides: dict) -> dict:
           if check_override(trial, k, overrides[k], [], "") is None}
 
 
+def trial_config(sweep: "Sweep", overrides: dict) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """(the config main runs a trial with: the base, the fixed overrides, the trial's, resolved as main resolves a
+  command line; {field of the trial's: why it has no effect there})."""
+  from bigmodel_jax import cli
+  config = copy.deepcopy(sweep.config)
+  for key, value in overrides.items():
+    check_override(config, key, value, [], "")
+  given = [*sweep.overrides, *overrides]
+  cli.resolve_overrides(config, given)
+  return config, {k: why for k, why in cli.idle_fields(config, given).items() if k in overrides}
+
+
 def _listed(lines: list[str]) -> str:
   more = len(lines) - MAX_LISTED
   return "\n".join(lines[:MAX_LISTED] + ([f"... and {more} more"] if more > 0 else []))
@@ -267,10 +279,13 @@ def _grid(fn: Callable, sweep: Sweep, keys: list[str]) -> list[Trial]:
   trials = [Trial(trial_name(item, sweep.labels), item) for item in items]
   first, duplicates = {}, []
   for i, trial in enumerate(trials):
-    if trial.name in first:
-      duplicates.append(f"{path}: trials {first[trial.name]} and {i} are the same ({trial.name}); remove one, or "
-                        "tell them apart (e.g. with seeds(n))")
-    first.setdefault(trial.name, i)
+    idle = trial_config(sweep, trial.overrides)[1]  # fields with no effect: the same run as a trial without them
+    same = trial_name({k: v for k, v in trial.overrides.items() if k not in idle}, sweep.labels)
+    if same in first:
+      why = f"; {'; '.join(f'{k} has no effect: {w}' for k, w in idle.items())}" if idle else ""
+      duplicates.append(f"{path}: trials {first[same]} and {i} are the same ({same}{why}); "
+                        "remove one, or tell them apart (e.g. with seeds(n))")
+    first.setdefault(same, i)
   if duplicates:
     raise UserError(_listed(duplicates))
   return trials
