@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -302,6 +303,28 @@ def test_running_again_skips_finished_trials_runs_added_ones_keeps_removed_ones(
   assert rows["batch_size=5000"]["in_sweep"] == "False" and rows["batch_size=5000"]["status"] == "failed"
   assert rows["learning_rate=0.01,seed=0"]["status"] == "done" and len(rows) == 6
   assert run_sweep(sweep_env, "--report", f"--workdir={workdir}").returncode == 0
+
+
+def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tmp_path):
+  """A done trial is skipped and reported: one whose run had another config (the base config edited since, or the
+  manifest moved away and another sweep file launched there) would be reported under settings it never ran."""
+  folder, workdir, _ = grid
+  copy = Path(shutil.copytree(workdir, tmp_path / "out"))
+  sweep = spec.load(folder / "grid.py")
+  Manifest.open(copy, sweep).sync(sweep)  # as it ran: nothing differs
+  config = json.loads((copy / "learning_rate=0.003,seed=1" / "config.json").read_text())
+  config["model"]["hidden_sizes"] = [4]  # what an edit of the base file between launches makes of a later trial
+  (copy / "learning_rate=0.003,seed=1" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=r"trial learning_rate=0\.003,seed=1 finished with another config than .* "
+                                      r"\(model\.hidden_sizes: \[4\] -> \[128, 128\]\).*move .* away to run it again"):
+    Manifest.open(copy, sweep).sync(sweep)
+  shutil.rmtree(copy / "learning_rate=0.003,seed=1")
+  (copy / "manifest.json").unlink()  # moved away; another sweep file (more steps) launched in the same workdir
+  longer = spec.load(write(tmp_path / "grid.py", (folder / "grid.py").read_text().replace('"train.num_steps": 300',
+                                                                                           '"train.num_steps": 2000')))
+  with pytest.raises(UserError, match=r"finished with another config .*\(train\.num_steps: 300 -> 2000\)"):
+    Manifest.open(copy, longer).sync(longer)
+  assert not (copy / "manifest.json").exists()  # refused before anything is written
 
 
 def test_a_killed_sweep_resumes_bit_identical(grid, sweep_env, tmp_path):

@@ -29,6 +29,19 @@ def identity(sweep: Sweep) -> dict:
   return {"kind": sweep.kind, "base": sweep.base, "overrides": _jsonable(sweep.overrides)}
 
 
+def other_config(sweep: Sweep, directory: Path, overrides: dict) -> list[str]:
+  """How the config a trial's directory ran with (its config.json) differs from the one `sweep` gives it now
+  (runtime fields aside); [] where it cannot tell (no readable config.json)."""
+  from bigmodel_jax import run_config
+  from bigmodel_jax.sweeps.spec import trial_config
+  try:
+    saved = run_config.load(Path(directory) / "config.json", "")
+  except UserError:
+    return []
+  config, _ = trial_config(sweep, overrides)
+  return run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+
+
 class Manifest:
   def __init__(self, workdir: Path, data: dict):
     self.workdir, self.data = Path(workdir), data
@@ -98,6 +111,14 @@ class Manifest:
         entry["status"] = "done"
       elif entry["status"] == "done":  # its directory was removed or replaced: run it again
         entry["status"] = "pending"
+    for name, entry in self.trials.items():  # a done trial is skipped: it must be the run this sweep would make
+      diffs = other_config(sweep, self.workdir / name, entry.get("overrides") or {}) if (
+          entry["status"] == "done" and entry.get("in_sweep")) else []
+      if diffs:
+        more = f"; ... ({len(diffs)} fields)" if len(diffs) > 3 else ""
+        raise UserError(f"--workdir: trial {name} finished with another config than {sweep.path} gives it now "
+                        f"({'; '.join(diffs[:3])}{more}): the base config or the sweep changed since; use another "
+                        f"--workdir, or move {self.workdir / name} away to run it again")
     self.save()
     return [t for t in sweep.trials or [] if self.trials[t.name]["status"] in RUN_AGAIN]
 
