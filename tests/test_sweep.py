@@ -122,6 +122,23 @@ def sweep():
   assert loss.mode == "min"  # a metric without a mode: its own direction, not the base config's max
   assert sweep.config.train.num_steps == 300  # the fixed overrides are applied
   assert spec.format_value((8,)) == "(8,)" and spec.format_value(False) == "false"
+  assert spec.format_value(("hidden.*",)) == "('hidden.*',)"  # unquoted, config_flags could not parse it
+
+
+def test_a_trials_command_line_is_what_main_parses(tmp_path):
+  """A trial's command, parsed by main (--print_config), gives the trial's values (a tuple of strings was written
+  unquoted: --dry_run passed and every trial failed)."""
+  from bigmodel_jax.sweeps import trials
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'optimizer.frozen': ('hidden.*',), "
+                          "'model.hidden_sizes': (16, 8), 'optimizer.nesterov': True, 'optimizer.name': 'sgd'}\n"))
+  argv = trials.command(sweep, sweep.trials[0], tmp_path / "t")
+  proc = subprocess.run([sys.executable, *argv, "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  fields = {line.split()[1]: line.split("=", 1)[1].split("#")[0].strip() for line in proc.stdout.splitlines()
+            if line.startswith("* ")}
+  assert fields["optimizer.frozen"] == "['hidden.*']" and fields["model.hidden_sizes"] == "[16, 8]"
+  assert fields["optimizer.nesterov"] == "True" and fields["optimizer.name"] == "'sgd'"
 
 
 @pytest.mark.parametrize("body, message", [

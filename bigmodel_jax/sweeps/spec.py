@@ -82,9 +82,8 @@ def format_value(value) -> str:
   """A value as --config.<key>=<value> reads it (config_flags parses it by the field's type)."""
   if isinstance(value, bool):
     return "true" if value else "false"
-  if isinstance(value, (list, tuple)):
-    inner = ", ".join(format_value(v) for v in value)
-    return f"({inner},)" if len(value) == 1 else f"({inner})"
+  if isinstance(value, (list, tuple)):  # a Python literal: config_flags reads a tuple's elements so (strings quoted)
+    return repr(tuple(plain(value)))
   return value if isinstance(value, str) else repr(value)
 
 
