@@ -344,6 +344,28 @@ def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tm
   assert not (copy / "manifest.json").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list"])
+def test_a_hand_damaged_manifest_is_one_line(grid, tmp_path, edit):
+  folder, workdir, _ = grid
+  copy = Path(shutil.copytree(workdir, tmp_path / "out"))
+  data = json.loads((copy / "manifest.json").read_text())
+  if edit == "no-metric":
+    del data["metric"]
+  elif edit == "no-trials":
+    del data["trials"]
+  elif edit == "trial-a-string":
+    data["trials"]["learning_rate=0.001,seed=0"] = "done"
+  else:
+    data["identity"] = ["grid"]
+  (copy / "manifest.json").write_text(json.dumps(data))
+  sweep = spec.load(folder / "grid.py")
+  with pytest.raises(UserError, match=r"manifest.json: not a sweep manifest this version reads .* move it away"):
+    Manifest.load(copy)  # --report
+  if edit != "no-metric":  # a launch records the metric from the sweep file
+    with pytest.raises(UserError, match=r"manifest.json: not a sweep manifest this version reads"):
+      Manifest.open(copy, sweep)
+
+
 def test_a_killed_sweep_resumes_bit_identical(grid, sweep_env, tmp_path):
   _, reference, _ = grid
   workdir = tmp_path / "out"

@@ -42,6 +42,24 @@ def other_config(sweep: Sweep, directory: Path, overrides: dict) -> list[str]:
   return run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
 
 
+def _checked(data: dict, path: Path, for_report: bool) -> dict:
+  """A manifest's contents, if they have the shape this version writes (a hand edit is one line, not a traceback);
+  `for_report`: also the metric and mode a report ranks by (a launch records them from the sweep file)."""
+  trials = data.get("trials")
+  problem = None
+  if not isinstance(trials, dict) or not all(isinstance(e, dict) and isinstance(e.get("status"), str)
+                                             and isinstance(e.get("overrides", {}), dict) for e in trials.values()):
+    problem = "its trials are not objects with a status"
+  elif not isinstance(data.get("identity", {}), dict):
+    problem = "its identity is not an object"
+  elif for_report and not (isinstance(data.get("metric"), str) and data.get("mode") in ("max", "min")):
+    problem = "no metric and mode"
+  if problem:
+    raise UserError(f"{path}: not a sweep manifest this version reads ({problem}); restore it, or move it away and "
+                    "launch the sweep file again (finished trials are found in their directories)")
+  return data
+
+
 class Manifest:
   def __init__(self, workdir: Path, data: dict):
     self.workdir, self.data = Path(workdir), data
@@ -55,7 +73,7 @@ class Manifest:
     data = trials_lib.read_json(Path(workdir) / MANIFEST)
     if data is None:
       raise UserError(f"--workdir: no sweep in {workdir} (no readable {MANIFEST}); run a sweep file there first")
-    return cls(workdir, data)
+    return cls(workdir, _checked(data, Path(workdir) / MANIFEST, for_report=True))
 
   @classmethod
   def open(cls, workdir: Path, sweep: Sweep) -> "Manifest":
@@ -72,7 +90,7 @@ class Manifest:
     data = trials_lib.read_json(path)
     if data is None:
       raise UserError(f"--workdir: {path} is not valid JSON; move it away (the trials' directories are intact)")
-    held, wanted = data.get("identity", {}), identity(sweep)
+    held, wanted = _checked(data, path, for_report=False).get("identity", {}), identity(sweep)
     if held != wanted:
       diffs = "; ".join(f"{k}: {held.get(k)!r} here, {wanted[k]!r} in {sweep.path}" for k in wanted
                         if held.get(k) != wanted[k])
