@@ -43,7 +43,12 @@ class RunRecords:
                       "finished run evaluates again and rewrites it")
     self.records = []
     if (path / "metrics.jsonl").exists():
-      for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
+      try:
+        text = (path / "metrics.jsonl").read_text(errors="replace")
+      except OSError as e:
+        raise UserError(f"RUN: {path / 'metrics.jsonl'} cannot be read ({e.strerror or e}); restore it or move it "
+                        "away") from None
+      for line in text.splitlines():
         try:
           record = json.loads(line)
         except json.JSONDecodeError:
@@ -127,7 +132,7 @@ def params_section(runs: list[RunRecords]) -> list[str]:
   missing = []
   for r in runs:
     sha = (r.final or {}).get("params_sha256")
-    if sha:
+    if isinstance(sha, str) and sha:  # a hand-edited number or list is no digest
       groups.setdefault(sha, []).append(r.label)
     else:
       missing.append(r.label)
@@ -195,6 +200,8 @@ def compare(paths: list[str], out: str = "compare.png") -> list[str]:
   if len(paths) < 2:
     raise UserError(f"compare needs at least two runs, got {len(paths)}; usage: {USAGE}")
   runs = [RunRecords(label(i), Path(p)) for i, p in enumerate(paths)]
+  if not out:
+    raise UserError("--out: empty; give a file for the curves (compare.png) or a directory to put it in")
   target = Path(out)
   if target.is_dir() or not target.suffix or out.endswith(("/", os.sep)):  # a directory to put compare.png in
     target = target / "compare.png"

@@ -82,7 +82,8 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
                         ([str(a), str(tmp / "nope")], f"error: RUN: {tmp / 'nope'} does not exist"),
                         ([str(a), str(a), "--bogus"], "error: unrecognized arguments: --bogus; usage: "),
                         ([str(a), str(a), f"--out={tmp_path / 'curves.txt'}"], "error: --out="),
-                        ([str(a), str(a), "--out=/proc/nope/curves.png"], "error: --out: cannot write")):
+                        ([str(a), str(a), "--out=/proc/nope/curves.png"], "error: --out: cannot write"),
+                        ([str(a), str(a), "--out="], "error: --out: empty")):  # was ./compare.png
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
@@ -92,3 +93,12 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
   assert compare.main([str(a), str(damaged), f"--out={tmp_path / 'c.png'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: RUN: {damaged / 'final_metrics.json'} is not a JSON object") and err.count("\n") == 1
+  (damaged / "final_metrics.json").write_text(json.dumps({**json.loads((a / "final_metrics.json").read_text()),
+                                                          "params_sha256": 5}))  # a hand edit: no digest
+  lines = compare.compare([str(a), str(damaged)], str(tmp_path / "c.png"))
+  assert "parameters of B: unknown (no params_sha256: training has not finished)" in lines
+  (damaged / "metrics.jsonl").unlink()
+  (damaged / "metrics.jsonl").mkdir()
+  assert compare.main([str(a), str(damaged), f"--out={tmp_path / 'c.png'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: RUN: {damaged / 'metrics.jsonl'} cannot be read") and err.count("\n") == 1
