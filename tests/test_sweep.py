@@ -433,6 +433,22 @@ def test_a_continued_search_asks_new_settings(tmp_path, sampler):
   assert len(set(asked)) == 4, asked
 
 
+def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):
+  """search(trial) giving a bad override stops the sweep (one line); the fixed file's relaunch asks a trial in its
+  place, so the study can still reach num_trials (the refused one counted: '1/2 done' and exit 1 forever)."""
+  from bigmodel_jax.sweeps.search import Search
+  body = ("num_trials = 2\ndef search(trial):\n  key = 'optimizer.learning_rate' if trial.number == 0 else {!r}\n"
+          "  return {{key: trial.suggest_float('learning_rate', 1e-3, 1e-2, log=True)}}\n")
+  broken = spec.load(write(tmp_path / "s.py", FIXED + body.format("optimizer.learning_rat")))
+  search = Search(broken, tmp_path / "out", Manifest.open(tmp_path / "out", broken))
+  search.tell(search._ask(), "failed")  # trial 0 ran (and failed)
+  with pytest.raises(UserError, match="trial 1: 'optimizer.learning_rat' is not a field"):
+    search._ask()
+  fixed = spec.load(write(tmp_path / "s.py", FIXED + body.format("optimizer.learning_rate")))
+  again = list(Search(fixed, tmp_path / "out", Manifest.open(tmp_path / "out", fixed)).trials())
+  assert [t.number for t in again] == [2]
+
+
 def test_bad_input_on_the_command_line_is_one_line_and_runs_nothing(sweep_env, tmp_path):
   path = write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'optimizer.learning_rat': 1e-3}\n")
   proc = run_sweep(sweep_env, path, f"--workdir={tmp_path / 'out'}")

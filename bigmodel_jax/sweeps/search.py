@@ -63,7 +63,9 @@ class Search:
         self.tell(trial, "done")
         continue
       yield trial
-    while len(self.study.trials) < self.sweep.num_trials:
+    # trials that were run count: one whose search(trial) failed or was refused (a bug in the sweep file, fixed
+    # before the relaunch) or that was never named is asked again, so the study can still reach num_trials
+    while sum("name" in t.user_attrs for t in self.study.get_trials(deepcopy=False)) < self.sweep.num_trials:
       yield self._ask()
 
   def _ask(self) -> Trial:
