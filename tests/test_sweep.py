@@ -153,6 +153,8 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
     ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
     ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
+    ("num_trials = 2\ndef search(trial):\n  return {'seed': 0}\ndef sweep():\n  yield {'seed': 0}\n",
+     "defines both sweep() and search(); keep one"),
     ("def sweep():\n  yield {'optimizer.momentum': 0.0}\n  yield {'optimizer.momentum': 0.9}\n",
      "trials 0 and 1 are the same (base; optimizer.momentum has no effect: adam takes no momentum"),
     ("def sweep():\n  yield {'train.num_epochs': 1}\n  yield {'train.num_epochs': 5}\n",
@@ -163,7 +165,7 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
     ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
     ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
-], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials",
+], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "both",
         "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "none", "invalid-value", "select-on-test"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:

@@ -249,6 +249,9 @@ def _generators(module, path: Path, variant: str) -> tuple[Callable | None, Call
   if grid is None and search is None:
     raise UserError(f"{path}: no sweep() generator of override dicts (or search(trial) with num_trials); define "
                     "one, e.g. def sweep(): yield {'optimizer.learning_rate': 1e-3}")
+  if grid is not None and search is not None:  # one of them would be ignored without a word
+    raise UserError(f"{path}: defines both sweep{suffix}() and search{suffix}(); keep one (or name them apart: "
+                    "sweep_<name>() / search_<name>(), picked by --sweep=<name>)")
   return grid, (search if grid is None else None)
 
 
