@@ -24,28 +24,38 @@ from bigmodel_jax.errors import UserError
 SEPARATOR = "\n\n=====\n\n"  # between samples, printed and saved
 
 
-def filter_logits(logits_BxV, *, temperature: float, top_k: int, top_p: float):
-  """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
+def filter_logits(logits_BxV, *, temperature, top_k, top_p):
+  """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf. temperature, top_k and top_p
+  may be traced (one compilation serves every value): top_k filters where 0 < top_k < V (the k-th largest value,
+  ties kept, from one descending sort), top_p where it is below 1 (generate passes inf for 1: no filter)."""
   logits = logits_BxV.astype(jnp.float32) / temperature
-  if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
-    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+  vocab = logits.shape[-1]
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  use_k = (top_k > 0) & (top_k < vocab)
+  kth = jax.lax.dynamic_slice_in_dim(sorted_logits, jnp.clip(top_k - 1, 0, vocab - 1), 1, axis=-1)
+  logits = jnp.where(use_k & (logits < kth), -jnp.inf, logits)
+  sorted_logits = jnp.where(use_k & (sorted_logits < kth), -jnp.inf, sorted_logits)  # still sorted: the top-k kept
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+  cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def next_token(logits_BxV, key, *, temperature: float, top_k: int, top_p: float, banned_ids: tuple = ()):
+def next_token(logits_BxV, key, knobs=None, *, greedy: bool, banned_ids: tuple = ()):
+  """knobs: (temperature, top_k, top_p) as sampling_knobs gives them (traced); greedy: temperature 0 (static)."""
   if banned_ids:  # padding / unknown: ids that decode to no text
     logits_BxV = logits_BxV.at[..., jnp.asarray(banned_ids)].set(-jnp.inf)
-  if temperature == 0:
+  if greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  temperature, top_k, top_p = knobs
   filtered = filter_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def sampling_knobs(temperature: float, top_k: int, top_p: float):
+  """The traced sampling settings: float32 temperature, int32 top_k (0: off), float32 top_p (1 or more: inf, off)."""
+  return (jnp.float32(temperature), jnp.int32(min(int(top_k), 2 ** 31 - 1)),
+          jnp.float32(top_p if top_p < 1.0 else jnp.inf))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -56,13 +66,13 @@ def _prefill(graphdef, state, tokens_BxT):
 
 
 @partial(jax.jit, static_argnums=0)
-def _sample_one(settings, logits_BxV, key):
+def _sample_one(settings, knobs, logits_BxV, key):
   key, sub = jax.random.split(key)
-  return next_token(logits_BxV, sub, **dict(settings)), key
+  return next_token(logits_BxV, sub, knobs, **dict(settings)), key
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
-def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, out_pos, count):
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4, 8))
+def _decode(graphdef, settings, knobs, state, cache, logits_BxV, index, key, out_BxN, out_pos, count):
   """Samples `count` tokens into out_BxN[:, out_pos:], feeding each back through the cache (one position each)."""
 
   def body(i, carry):
@@ -70,13 +80,19 @@ def _decode(graphdef, settings, state, cache, logits_BxV, index, key, out_BxN, o
     # themselves (nnx.RNN's scan) refuse parameters traced outside this loop
     state, cache, logits, out, key = carry
     key, sub = jax.random.split(key)
-    token = next_token(logits, sub, **dict(settings))
+    token = next_token(logits, sub, knobs, **dict(settings))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, out_pos + i))
     logits, cache = nnx.merge(graphdef, state).extend(token[:, None], cache, index + i)
     return state, cache, logits[:, -1], out, key
 
   _, cache, logits, out, key = jax.lax.fori_loop(0, count, body, (state, cache, logits_BxV, out_BxN, key))
   return cache, logits, out, key
+
+
+def attended(model: nnx.Module, context: int | None = None) -> int | None:
+  """How many tokens generate() lets `model` attend to: its max_len capped by `context`; None: no limit (LSTM).
+  A longer prompt is cut to its last this-many tokens (as nanoGPT's sampling does)."""
+  return min(model.max_len, context or model.max_len) if model.max_len else None
 
 
 CHUNK = 64  # tokens decoded per device call: streamed as they come, one compiled shape whatever num_tokens is
@@ -93,13 +109,11 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   with each chunk of at most CHUNK new tokens as soon as it is drawn (to stream them).
   """
   graphdef, state = nnx.split(model)
-  if model.max_len:
-    max_len = min(model.max_len, context or model.max_len)
-  else:  # no position limit (LSTM): one pass
-    max_len = len(prompt_ids) + num_tokens
+  max_len = attended(model, context) or len(prompt_ids) + num_tokens  # no position limit (LSTM): one pass
   refill = max(1, max_len // 2)
-  settings = tuple(sorted(dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                               banned_ids=tuple(int(i) for i in banned_ids)).items()))
+  # static (a compilation each): greedy or not, the banned ids; traced: temperature, top_k, top_p
+  settings = (("banned_ids", tuple(int(i) for i in banned_ids)), ("greedy", temperature == 0))
+  knobs = sampling_knobs(temperature, top_k, top_p)
   if len(prompt_ids) > max_len:
     logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), max_len)
   history = np.asarray(prompt_ids, np.int32)[-max_len:]
@@ -120,7 +134,7 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
 
   while done < num_tokens:
     if index == max_len:  # context full: draw the next token from it, then restart from the most recent tokens
-      token, key = _sample_one(settings, logits, key)
+      token, key = _sample_one(settings, knobs, logits, key)
       emit(np.asarray(token)[:, None])
       done += 1
       if done == num_tokens:
@@ -129,7 +143,8 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
       logits, cache = _prefill(graphdef, state, jnp.asarray(recent))
       index = refill
     count = min(num_tokens - done, max_len - index, CHUNK)
-    cache, logits, chunk, key = _decode(graphdef, settings, state, cache, logits, index, key, chunk, 0, count)
+    cache, logits, chunk, key = _decode(graphdef, settings, knobs, state, cache, logits, index, key, chunk, 0,
+                                       count)
     emit(np.asarray(chunk)[:, :count])
     done, index = done + count, index + count
   return np.concatenate(out, 1) if out else np.zeros((num_samples, 0), np.int32)

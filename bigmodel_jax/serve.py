@@ -22,8 +22,8 @@ being received: a lone client never waits), pads them to a bucket (powers
 of two up to max_batch), runs the model once, and hands each request its rows. Every bucket is compiled at
 start-up, so no request ever waits for a compilation. max_batch=1 runs each request alone.
 Completions run one at a time (a lock): sample.generate decodes with a KV cache over the whole context for one
-prompt; concurrent completions wait their turn. Each new prompt length and each new sampling setting
-(temperature / top_k / top_p) compiles once, on first use.
+prompt; concurrent completions wait their turn. Each new prompt length compiles once, on first use; temperature,
+top_k and top_p are arguments of the compiled functions (greedy decoding, temperature 0, is one more compilation).
 
 SIGTERM or Ctrl-C: stop accepting, let requests in flight finish, return {"step", "served"} (exit 0).
 A second signal while draining ends the process at once.

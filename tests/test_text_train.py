@@ -10,10 +10,13 @@ import shutil
 import signal
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
+from bigmodel_jax import inference, run_config, sample as sampling
 from conftest import TINY_SHAKESPEARE, wait_for_checkpoint
 
 TINY = TINY_SHAKESPEARE
@@ -148,6 +151,46 @@ def test_sample_is_deterministic_for_a_seed(cli, gpt_run, sampled):
   assert (gpt_run / "samples" / "step300_seed1.txt").read_text() == other + "\n"
   assert (gpt_run / "samples" / "step300_seed0.txt").read_text() == sampled + "\n"  # kept under its own name
   assert (gpt_run / "samples" / "step300_seed0_2.txt").read_text() == sampled + "\n"  # the repeat, not overwritten
+
+
+def filter_before_traced_settings(logits, temperature, top_k, top_p):
+  """sample.filter_logits as it was with static settings (lax.top_k with a static k): the reference."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k and top_k < logits.shape[-1]:
+    logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][..., -1:], -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    cutoff = jnp.min(jnp.where(jnp.cumsum(probs, axis=-1) - probs < top_p, sorted_logits, jnp.inf), -1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def test_traced_sampling_settings_filter_and_draw_exactly_as_the_static_ones():
+  logits = (np.random.default_rng(0).standard_normal((4, 67)) * 3).astype(np.float32)
+  logits[:, :2], logits[2] = -np.inf, np.round(logits[2])  # banned ids; ties
+  logits[1, 10:20] = logits[1, 30]  # ties at the k-th value are kept
+  static = jax.jit(filter_before_traced_settings, static_argnums=(1, 2, 3))  # jitted, as it ran: XLA's x / t differs
+  traced = jax.jit(lambda x, knobs: sampling.filter_logits(x, temperature=knobs[0], top_k=knobs[1], top_p=knobs[2]))
+  draw = jax.jit(lambda x, key, knobs: sampling.next_token(x, key, knobs, greedy=False))
+  for t, k, p in [(0.8, 0, 1.0), (1.0, 1, 1.0), (0.7, 66, 1.0), (1.0, 67, 1.0), (1.0, 500, 1.0), (1.3, 0, 0.3),
+                  (0.5, 10, 0.8), (2.0, 3, 0.95), (1.0, 2 ** 31 - 1, 0.5), (1.0, 0, 0.999999999)]:
+    want, knobs = static(logits, t, k, p), sampling.sampling_knobs(t, k, p)
+    np.testing.assert_array_equal(traced(logits, knobs), want, err_msg=str((t, k, p)))
+    for key in jax.random.split(jax.random.PRNGKey(k), 5):
+      np.testing.assert_array_equal(draw(logits, key, knobs), jax.random.categorical(key, want, axis=-1))
+  assert traced._cache_size() == 1 and draw._cache_size() == 1  # one compilation for every setting
+
+
+@needs_tiny
+def test_new_sampling_settings_compile_nothing_new(gpt_run):
+  model = inference.Inference.load(run_config.get_config(str(gpt_run / "config.json")), gpt_run)
+  lm, ids = model.steps.model(model.restore_step()[1]), model.dataset.tokenizer.encode("ROMEO:", strict=True)
+  model.close()
+  compiled = lambda: [f._cache_size() for f in (sampling._decode, sampling._sample_one, sampling._prefill)]
+  counts = [(sampling.generate(lm, ids, 40, temperature=t, top_k=k, top_p=p, context=32), compiled())[1]  # refills
+            for t, k, p in [(0.8, 0, 1.0), (0.5, 0, 1.0), (1.0, 10, 1.0), (1.3, 0, 0.9), (0.9, 3, 0.5)]]
+  assert counts == counts[:1] * 5, counts
 
 
 @needs_tiny
