@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import errors, runinfo
+from bigmodel_jax import errors, inference, runinfo
 from bigmodel_jax.models import attention
 from bigmodel_jax.errors import UserError
 
@@ -60,9 +60,7 @@ def export(model, checkpoint_step: int | None) -> dict:
   """Writes RUN/export/ (or --output_dir/export/) -> {'step', 'directory', 'files'}."""
   e = model.config.export
   targets = platforms(e.platforms)
-  if model.config.task.name == "adversarial":
-    raise UserError("--mode=export: a GAN (task adversarial) is not exported: its use is sampling images from noise "
-                    "(--mode=sample); export covers classifiers, regressors and language models")
+  inference.check_deployable(model.config, "export")
   step, state = model.restore_step(checkpoint_step)
   variables, forward = model.variables(state), None
   if e.quantized:

@@ -43,6 +43,25 @@ def is_key(x) -> bool:
   return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+NOT_DEPLOYED = {  # task -> (the model, what it is for instead)
+    "adversarial": ("a GAN (task adversarial)", "its use is sampling images from noise (--mode=sample)"),
+    "masked_language_modeling": (
+        "a masked language model (task masked_language_modeling)",
+        "it is pretraining; fine-tune a classifier from it (config.init.workdir=this run, as "
+        "configs/spam_bert_finetune.py does) and deploy that run")}
+DEPLOY_MODES = {"serve": ("served", "serving"), "export": ("exported", "export"),
+                "quantize": ("quantized", "quantization")}
+
+
+def check_deployable(config, mode: str) -> None:
+  """--mode=serve / export / quantize: one line for a model they do not cover (a GAN, a masked language model),
+  saying what it is for."""
+  if config.task.name in NOT_DEPLOYED:
+    (model, use), (done, noun) = NOT_DEPLOYED[config.task.name], DEPLOY_MODES[mode]
+    raise UserError(f"--mode={mode}: {model} is not {done}: {use}; {noun} covers classifiers, regressors and "
+                    "language models that predict the next token")
+
+
 @dataclasses.dataclass
 class Inference:
   """What eval-free uses of a checkpoint need; quacks like train.Run for sample.sample and restore_for_eval."""

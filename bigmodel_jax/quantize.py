@@ -44,7 +44,7 @@ from flax import nnx
 
 from bigmodel_jax import runinfo
 from bigmodel_jax.errors import UserError
-from bigmodel_jax.inference import leaf_name
+from bigmodel_jax.inference import check_deployable, leaf_name
 
 SCALE = ".scale"  # NAME.scale: the float32 scales of the int8 array NAME
 MIN_SECONDS = 0.2  # each speed measurement calls the function until this much time has passed
@@ -184,9 +184,7 @@ def checkpoint_digest(model, step: int) -> str | None:
 def quantize(model, checkpoint_step: int | None) -> dict:
   """Writes RUN/quantized/ (params.npz, report.json) -> the report (also logged)."""
   config = model.config
-  if config.task.name == "adversarial":
-    raise UserError("--mode=quantize: a GAN (task adversarial) is not quantized; quantization covers classifiers, "
-                    "regressors and language models")
+  check_deployable(config, "quantize")
   if not (isinstance(config.quantize.repeats, int) and config.quantize.repeats >= 1):
     raise UserError(f"config.quantize.repeats: must be an integer >= 1, got {config.quantize.repeats!r}")
   step, state = model.restore_step(checkpoint_step)

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import errors
+from bigmodel_jax import errors, inference
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.serve_batch import Batcher, buckets
 from bigmodel_jax.serve_inputs import BadRequest, InputDecoder, completion_request, parse_json
@@ -277,8 +277,7 @@ def serve(model, checkpoint_step: int | None) -> dict:
   """--mode=serve: serves until SIGTERM / SIGINT, then -> {'step', 'served', ...}."""
   s = model.config.serve
   check_config(s)
-  if model.config.task.name == "adversarial":
-    raise UserError("--mode=serve: a GAN (task adversarial) is not served; it samples images (--mode=sample)")
+  inference.check_deployable(model.config, "serve")
   step, state, variables, model_function = _load(model, checkpoint_step)
   service = Service(model, step, state, variables, model_function, bool(s.quantized))
   handler = type("BoundHandler", (Handler,), {"service": service})

@@ -298,6 +298,17 @@ def test_a_gan_is_not_exported_and_says_why(tmp_path):
     export.export(model, None)
 
 
+@pytest.mark.parametrize("mode", ["serve", "export", "quantize"])
+def test_a_masked_language_model_is_not_deployed_and_says_what_it_is_for(mode):
+  """Was: served with /v1/completions answering 500, exported and quantized into a traceback (no extend())."""
+  import types
+  from bigmodel_jax import quantize, serve
+  model = types.SimpleNamespace(config=load_config("spam_bert_pretrain", "smoke"))  # refused before anything is read
+  with pytest.raises(Exception, match=rf"^--mode={mode}: a masked language model \(task masked_language_modeling\) "
+                     r"is not \w+: it is pretraining; fine-tune a classifier from it \(config.init.workdir"):
+    {"serve": serve.serve, "export": export.export, "quantize": quantize.quantize}[mode](model, None)
+
+
 def test_a_step_saved_under_an_earlier_preprocessing_names_the_steps_saved_under_this_one(cli, digits_run, tmp_path):
   copy = Path(shutil.copytree(digits_run, tmp_path / "copy", ignore=shutil.ignore_patterns("export", "predict_step*",
                                                                                             "quantized")))
