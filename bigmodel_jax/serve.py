@@ -1,9 +1,11 @@
 """--mode=serve --workdir=RUN: the trained model behind HTTP (JSON in, JSON out).
 
   POST /v1/predict      {"inputs": [example, ...]}  -> {"predictions": [{"label", "class", "probabilities"}], ...}
-                        (regression: [{"value"}]); what an example is: bigmodel_jax/serve_inputs.py
+                        (regression: [{"value"}]); what an example is: bigmodel_jax/serve_inputs.py. An example whose
+                        output is not finite (a regressor given 3e38) is a 422 naming it, never a 200 with NaN
   POST /v1/completions  language models: {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"}
-                        -> {"completion": text, "tokens": n, ...}
+                        -> {"completion": text, "tokens": n, "prompt_tokens", "prompt_tokens_used", ...}: a prompt
+                        longer than the context is cut to its last `context` tokens, as --mode=sample does
   GET  /healthz         {"status": "ok", "requests", "batches", "examples", ...}: liveness and counters
   GET  /v1/models       the model's signature: model.json, step, task, input shape/dtype, labels, quantized
 
@@ -130,6 +132,13 @@ class Service:
       with self.lock:
         self.receiving -= 1
     out = self.batcher.predict(inputs)
+    finite = np.ones(len(inputs), bool)
+    for v in out.values():  # an overflow (a regressor given 3e38) would be a 200 with a non-number in it
+      if np.asarray(v).dtype.kind == "f":
+        finite &= np.isfinite(np.asarray(v, np.float64).reshape(len(inputs), -1)).all(1)
+    if not finite.all():
+      raise BadRequest(f"inputs[{int(np.argmin(finite))}]: the model's output is not finite for it (an input far "
+                       "outside what it was trained on?); nothing was predicted", 422)
     if "probability" in out:
       names = self.card.get("class_names") or [str(i) for i in range(out["probability"].shape[1])]
       rows = [{"label": names[int(p)], "class": int(p),
@@ -144,6 +153,7 @@ class Service:
       raise BadRequest(f"/v1/completions: a {self.card['task']} model does not generate text; use POST /v1/predict")
     from bigmodel_jax import sample
     r = completion_request(body, self.tokenizer, self.model.config.sample, self.model.config.serve.max_tokens)
+    context = sample.attended(self.lm, self.card["input_shape"][0])  # a longer prompt: its last `context` tokens
     with self.completion_lock:
       start = time.perf_counter()
       tokens = sample.generate(self.lm, r["prompt_ids"], r["num_tokens"], temperature=r["temperature"],
@@ -152,7 +162,9 @@ class Service:
       seconds = time.perf_counter() - start
     self.count("completions")
     return {"model": self.card["model"], "step": self.step, "completion": self.tokenizer.decode(tokens[0]),
-            "tokens": int(tokens.shape[1]), "prompt_tokens": len(r["prompt_ids"]), "seconds": round(seconds, 4)}
+            "tokens": int(tokens.shape[1]), "prompt_tokens": len(r["prompt_ids"]),
+            "prompt_tokens_used": min(len(r["prompt_ids"]), context or len(r["prompt_ids"])),
+            "seconds": round(seconds, 4)}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -240,7 +252,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     return bytes(body)
 
   def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
-    data = (json.dumps(payload) + "\n").encode()
+    data = (json.dumps(payload, allow_nan=False) + "\n").encode()  # NaN / Infinity are no JSON: a 500 instead
     self.close_connection = True
     try:
       self.send_response(status)

@@ -19,6 +19,7 @@ import pytest
 from conftest import TINY_SHAKESPEARE, load_config, trained_run
 
 DIGITS = "--config=configs/digits_mlp.py:smoke"
+LINEAR = "--config=configs/linear_regression.py:smoke"
 GPT = "--config=configs/shakespeare_char_gpt.py:smoke"
 
 
@@ -246,6 +247,11 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
                                                                "temperature": 0})
     assert status == 200 and reply["tokens"] == 40, reply
     assert "ROMEO:" + reply["completion"] == sampled.stdout.rstrip("\n")
+    assert reply["prompt_tokens"] == reply["prompt_tokens_used"] == 6
+    text = "ROMEO:\n" + "But soft, what light through yonder window breaks? " * 2  # 109 characters: over 32
+    cut, same = (server.request("POST", "/v1/completions", {"prompt": p, "max_tokens": 5, "temperature": 0})[1]
+                 for p in (text, text[-32:]))  # what was used: the last 32 tokens (a character each)
+    assert (cut["prompt_tokens"], cut["prompt_tokens_used"]) == (109, 32) and same["completion"] == cut["completion"]
     status, drawn = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "seed": 3,
                                                                "temperature": 1.0, "top_k": 10, "top_p": 0.9})
     assert status == 200 and drawn["tokens"] == 30
@@ -274,6 +280,19 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
     assert status == 400 and "use POST /v1/completions" in reply["error"]
     signature = server.request("GET", "/v1/models")[1]
     assert signature["task"] == "language_modeling" and signature["context"] == 32
+    assert server.request("GET", "/healthz")[1]["internal_errors"] == 0
+  finally:
+    assert server.stop() == 0, server.output[-3000:]
+
+
+def test_a_non_finite_regression_output_is_a_422_naming_the_example(cli, tmp_path_factory):
+  """Was: a 200 with {"value": Infinity}, which is not JSON."""
+  server = Server(cli, trained_run(cli, tmp_path_factory, "linear", LINEAR))
+  try:
+    status, reply = server.request("POST", "/v1/predict", {"inputs": [[1.0], [2.0]]})
+    assert status == 200 and all(np.isfinite(p["value"]) for p in reply["predictions"]), reply
+    status, reply = server.request("POST", "/v1/predict", {"inputs": [[1.0], [3e38]]})
+    assert status == 422 and reply["error"].startswith("inputs[1]: the model's output is not finite"), reply
     assert server.request("GET", "/healthz")[1]["internal_errors"] == 0
   finally:
     assert server.stop() == 0, server.output[-3000:]
