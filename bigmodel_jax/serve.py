@@ -13,16 +13,19 @@ The server is the standard library's http.server.ThreadingHTTPServer: no new dep
 connection is plenty when every request ends in one shared model call. What makes it survive real clients is
 here, not in a framework: bodies are read only after their Content-Length is checked (411 without one, 413 over
 config.serve.max_body_bytes, answered before a client waiting on `Expect: 100-continue` sends anything), every
-socket has a timeout (a stalled client holds one thread for at most SOCKET_TIMEOUT_S), every response closes its
-connection (no idle keep-alive threads; HTTP/1.1 so curl's 100-continue works), every error (including the
-ones http.server makes itself: a bad request line, an unknown method) is JSON, and an exception in a handler is
-a 500 with one line while the server goes on.
+socket has a timeout (a stalled client holds one thread for at most SOCKET_TIMEOUT_S) and a body must arrive
+within SOCKET_TIMEOUT_S in all however it trickles (408), every response closes its connection (no idle
+keep-alive threads; HTTP/1.1 so curl's 100-continue works), every error (including the ones http.server makes
+itself: a bad request line, which it would answer as HTTP/0.9 with no status line, is an HTTP/1.1 400; a method
+it does not know, a 501; OPTIONS, a 405 with Allow) is JSON, and an exception in a handler is a 500 with one
+line while the server goes on.
 
 Batching: /v1/predict requests go onto a queue; one worker thread takes up to config.serve.max_batch examples,
-waiting at most config.serve.batch_timeout_ms for more after the first (and only while other predict requests are
-being received: a lone client never waits), pads them to a bucket (powers
-of two up to max_batch), runs the model once, and hands each request its rows. Every bucket is compiled at
-start-up, so no request ever waits for a compilation. max_batch=1 runs each request alone.
+waiting at most config.serve.batch_timeout_ms for more after the first, and only while other predict requests
+are being decoded (their bodies arrived: a lone client, or a stalled upload, never holds a batch), pads them to
+a bucket (powers of two up to max_batch; bigmodel_jax/serve_batch.py), runs the model once, and hands each
+request its rows. Every bucket is compiled at start-up, so no request ever waits for a compilation. max_batch=1
+runs each request alone.
 Completions run one at a time (a lock): sample.generate decodes with a KV cache over the whole context for one
 prompt; concurrent completions wait their turn. Each new prompt length compiles once, on first use; temperature,
 top_k and top_p are arguments of the compiled functions (greedy decoding, temperature 0, is one more compilation).
@@ -83,7 +86,7 @@ class Service:
     self.is_lm = model.dataset.is_token_stream
     self.counts = {"requests": 0, "served": 0, "errors": 0, "internal_errors": 0, "completions": 0}
     self.in_flight, self.lock, self.completion_lock = 0, threading.Lock(), threading.Lock()
-    self.receiving = 0  # /v1/predict requests read and checked but not yet queued: the batcher's hint
+    self.receiving = 0  # /v1/predict requests whose body has arrived, being decoded: the batcher's hint
     self.batcher = None
     if self.is_lm:
       self.lm = model_function(variables) if model_function else model.steps.model(state)
@@ -124,10 +127,11 @@ class Service:
   def predict(self, read_body) -> dict:
     if self.is_lm:
       raise BadRequest("/v1/predict: a language model has no per-example prediction; use POST /v1/completions")
+    body = read_body()  # not counted while it arrives: a stalled upload would hold every batch for its timeout
     with self.lock:
       self.receiving += 1
     try:
-      inputs = self.decode(read_body())
+      inputs = self.decode(parse_json(body))
     finally:
       with self.lock:
         self.receiving -= 1
@@ -193,6 +197,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
   do_DELETE = lambda self: self._dispatch("DELETE")
   do_PATCH = lambda self: self._dispatch("PATCH")
   do_HEAD = lambda self: self._dispatch("HEAD")
+  do_OPTIONS = lambda self: self._dispatch("OPTIONS")  # a 405 naming the method to use, with Allow
 
   def _dispatch(self, method: str) -> None:
     service = self.service
@@ -210,7 +215,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       elif path == "/v1/models":
         reply = service.signature()
       elif path == "/v1/predict":
-        reply = service.predict(lambda: parse_json(self._read_body()))
+        reply = service.predict(self._read_body)
       else:
         reply = service.complete(parse_json(self._read_body()))
       self._reply(200, reply)
@@ -241,12 +246,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _read_body(self) -> bytes:
     length = self._body_length()
-    body = bytearray()
-    try:  # chunk by chunk: a read that times out keeps what had arrived, for the message
-      while len(body) < length and (chunk := self.rfile.read1(length - len(body))):
+    body, deadline, late = bytearray(), time.monotonic() + SOCKET_TIMEOUT_S, False
+    try:  # chunk by chunk, SOCKET_TIMEOUT_S in all (each read would reset a per-read timeout: a byte every few
+      # seconds would hold the thread for ever); a read that times out keeps what had arrived, for the message
+      while len(body) < length:
+        if (left := deadline - time.monotonic()) <= 0:
+          raise TimeoutError
+        self.connection.settimeout(left)
+        if not (chunk := self.rfile.read1(length - len(body))):
+          break
         body += chunk
     except TimeoutError:
-      pass
+      late = True
+    finally:
+      self.connection.settimeout(self.timeout)  # the reply's own
+    if late:
+      raise BadRequest(f"body: {len(body)} of Content-Length {length} bytes arrived in {SOCKET_TIMEOUT_S} s; send "
+                       f"the whole body within {SOCKET_TIMEOUT_S} s", 408)
     if len(body) < length:
       raise BadRequest(f"body: {len(body)} bytes arrived, Content-Length said {length}")
     return bytes(body)
@@ -254,6 +270,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
   def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
     data = (json.dumps(payload, allow_nan=False) + "\n").encode()  # NaN / Infinity are no JSON: a 500 instead
     self.close_connection = True
+    if self.request_version == "HTTP/0.9":  # http.server's guess for a request line it cannot read: no status line
+      self.request_version = self.protocol_version
     try:
       self.send_response(status)
       self.send_header("Content-Type", "application/json")

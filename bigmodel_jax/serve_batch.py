@@ -24,8 +24,8 @@ class _Job:
 
 class Batcher:
   """One worker thread running `call(bucket, inputs)` on the queued requests' examples, max_batch at a time.
-  It waits for more only while `coming()` (predict requests still being received) is not 0: a lone client does
-  not pay the timeout."""
+  It waits for more only while `coming()` (predict requests whose bodies have arrived, being decoded) is not 0: a
+  lone client, or a stalled upload, does not hold a batch for the timeout."""
 
   def __init__(self, call, max_batch: int, timeout_s: float, coming=lambda: 1):
     self.call, self.max_batch, self.timeout_s, self.coming = call, max_batch, timeout_s, coming

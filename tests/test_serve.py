@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import re
+import select
 import signal
 import socket
 import threading
@@ -80,17 +81,10 @@ def digits_test():
   return load_dataset(load_config("digits_mlp", "smoke").data).test
 
 
-def png(pixels_HxW: np.ndarray) -> str:
+def png(pixels: np.ndarray, mode: str = "L") -> str:
   from PIL import Image
   buffer = io.BytesIO()
-  Image.fromarray(pixels_HxW.astype(np.uint8), "L").save(buffer, format="PNG")
-  return base64.b64encode(buffer.getvalue()).decode()
-
-
-def rgba_png() -> str:
-  from PIL import Image
-  buffer = io.BytesIO()
-  Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(buffer, format="PNG")
+  Image.fromarray(pixels.astype(np.uint8), mode).save(buffer, format="PNG")
   return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -161,7 +155,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
       ({"inputs": good * 33}, 400, "inputs: 33 examples; at most config.serve.max_batch=32"),
       ({"inputs": [[[[17]] * 8] * 8]}, 400, "inputs[0]: pixel value 17 out of range 0..16"),  # digits' 0..16
       (b'{"inputs": [' + json.dumps([[[10 ** 400]] * 8] * 8).encode() + b"]}", 400, "inputs[0]: a value is out of range"),
-      ({"inputs": [rgba_png()]}, 400, "inputs[0]: PNG mode RGBA has transparency"),
+      ({"inputs": [png(np.zeros((8, 8, 4)), "RGBA")]}, 400, "inputs[0]: PNG mode RGBA has transparency"),
   ]
   for body, status, text in cases:
     got, reply = digits_server.request("POST", "/v1/predict", body)
@@ -188,9 +182,6 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
     reply = json.loads(response.read())
     conn.close()
     assert response.status == status and text in reply["error"], (method, path, headers, response.status, reply)
-  with socket.create_connection((digits_server.host, digits_server.port), timeout=30) as s:  # not HTTP at all
-    s.sendall(b"\x16\x03\x01 hello TLS\r\n\r\n")
-    assert b"error" in s.recv(4096)
   health = digits_server.request("GET", "/healthz")[1]
   assert health["status"] == "ok" and health["internal_errors"] == 0
   assert health["errors"] >= len(cases) + len(protocol)
@@ -283,6 +274,65 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
     assert server.request("GET", "/healthz")[1]["internal_errors"] == 0
   finally:
     assert server.stop() == 0, server.output[-3000:]
+
+
+def raw_exchange(address, data: bytes, trickle: bytes = b"", every_s: float = 0) -> tuple[str, bytes, float]:
+  """(status line, the whole reply, seconds) for `data` sent on a raw socket, then `trickle` a byte every_s apart."""
+  with socket.create_connection(address, timeout=30) as s:
+    start, reply = time.monotonic(), b""
+    s.sendall(data)
+    for i in range(len(trickle)):
+      if select.select([s], [], [], every_s)[0]:  # the server answered (and closed) before the end
+        break
+      s.sendall(trickle[i:i + 1])
+    while chunk := s.recv(65536):
+      reply += chunk
+  return reply.split(b"\r\n", 1)[0].decode(), reply, time.monotonic() - start
+
+
+def test_a_garbage_request_line_gets_a_status_line_and_options_a_405_with_allow(digits_server):
+  """Was: http.server answered an unreadable request line as HTTP/0.9 (the JSON body alone), OPTIONS a 501."""
+  for line, status in [(b"garbage", "400 Bad Request"), (b"\x16\x03\x01 hello TLS", "400 Bad Request"),
+                       (b"OPTIONS /v1/predict HTTP/1.1", "405 Method Not Allowed"),
+                       (b"BREW /healthz HTTP/1.1", "501 Not Implemented")]:  # the README says: unknown methods 501
+    got, reply, _ = raw_exchange((digits_server.host, digits_server.port), line + b"\r\nHost: x\r\n\r\n")
+    assert got == f"HTTP/1.1 {status}" and b"Content-Type: application/json" in reply, (line, reply)
+    assert b'{"error": ' in reply and (b"\r\nAllow: POST\r\n" in reply) == line.startswith(b"OPTIONS"), reply
+
+
+@pytest.fixture
+def inprocess_server(digits_run, monkeypatch):
+  """(host, port) of the digits run served in this process, SOCKET_TIMEOUT_S 2 s, batch_timeout_ms 4000."""
+  from bigmodel_jax import inference, run_config, serve
+  monkeypatch.setattr(serve, "SOCKET_TIMEOUT_S", 2)
+  config = run_config.get_config(str(digits_run / "config.json"))
+  config.serve.batch_timeout_ms = 4000
+  model = inference.Inference.load(config, digits_run)
+  step, state = model.restore_step()
+  service = serve.Service(model, step, state, model.variables(state), None, False)
+  server = serve.Server(("127.0.0.1", 0), type("Bound", (serve.Handler,), {"service": service, "timeout": 2}))
+  threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  yield server.server_address[:2]
+  server.shutdown(), server.server_close(), service.batcher.stop(), model.close()
+
+
+def test_a_trickled_body_gets_a_408_within_the_socket_timeout(inprocess_server):
+  """Was: each byte reset the socket's timeout, so a byte every 0.4 s held the thread for as long as it came."""
+  status, reply, seconds = raw_exchange(inprocess_server, b"POST /v1/predict HTTP/1.1\r\nContent-Length: 20\r\n\r\n",
+                                        b" " * 20, every_s=0.4)  # 8 s in all, each byte well within 2 s
+  assert status == "HTTP/1.1 408 Request Timeout" and b"in 2 s; send the whole body" in reply and seconds < 4, reply
+
+
+def test_a_stalled_upload_does_not_hold_other_predict_requests_for_the_batch_timeout(inprocess_server, digits_test):
+  """Was: the batcher waited (up to batch_timeout_ms) while any body was still arriving, a stalled one included."""
+  body = json.dumps({"inputs": digits_test["inputs"][:2].tolist()}).encode()
+  with socket.create_connection(inprocess_server, timeout=30) as stalled:
+    stalled.sendall(f"POST /v1/predict HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    time.sleep(0.2)  # its handler is reading the body
+    status, reply, seconds = raw_exchange(inprocess_server, f"POST /v1/predict HTTP/1.1\r\nContent-Length: "
+                                          f"{len(body)}\r\n\r\n".encode() + body)
+  assert status == "HTTP/1.1 200 OK" and b'"predictions"' in reply, reply
+  assert seconds < 1.0, seconds  # not the 2 s until the stalled body times out, nor the 4 s batch timeout
 
 
 def test_a_non_finite_regression_output_is_a_422_naming_the_example(cli, tmp_path_factory):
