@@ -129,21 +129,23 @@ def metrics_section(runs: list[RunRecords]) -> list[str]:
 def params_section(runs: list[RunRecords]) -> list[str]:
   """Bit-identical final parameters share a params_sha256."""
   groups: dict[str, list[str]] = {}
-  missing = []
+  missing, damaged = [], []
   for r in runs:
     sha = (r.final or {}).get("params_sha256")
-    if isinstance(sha, str) and sha:  # a hand-edited number or list is no digest
+    if isinstance(sha, str) and sha:
       groups.setdefault(sha, []).append(r.label)
-    else:
-      missing.append(r.label)
+    else:  # a number or a list (a hand edit) is no digest
+      (missing if sha is None else damaged).append(r.label)
   lines = []
-  if len(groups) == 1 and not missing:
+  if len(groups) == 1 and not missing and not damaged:
     lines.append(f"parameters: bit-identical (params_sha256 {next(iter(groups))[:12]}...)")
   elif groups:
     same = "; ".join(f"{' = '.join(g)} ({sha[:12]}...)" for sha, g in groups.items())
     lines.append(f"parameters: {'all different' if all(len(g) == 1 for g in groups.values()) else 'differ'}: {same}")
   if missing:
     lines.append(f"parameters of {', '.join(missing)}: unknown (no params_sha256: training has not finished)")
+  if damaged:
+    lines.append(f"parameters of {', '.join(damaged)}: unknown (final_metrics.json's params_sha256 is not a digest)")
   return lines
 
 

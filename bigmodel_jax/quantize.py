@@ -163,8 +163,9 @@ def _not_the_models(variables: dict, wanted: dict) -> str | None:
     value, scale = variables[name], variables.get(name + SCALE)
     if (value.dtype == np.int8) != (scale is not None):
       return f"{name} is {value.dtype} {'without' if scale is None else 'with'} {name + SCALE}"
-    try:
-      got = value.shape if scale is None else np.broadcast_shapes(value.shape, scale.shape)
+    try:  # the array is the weight's shape, and its scales broadcast over it without growing it
+      got = value.shape if scale is None or np.broadcast_shapes(value.shape, scale.shape) == value.shape else \
+          f"{value.shape} with scales {scale.shape}"
     except ValueError:
       got = f"{value.shape} with scales {scale.shape}"
     if got != shape:

@@ -67,6 +67,11 @@ def read_report(path: Path) -> dict:
   if not isinstance(report, dict) or not isinstance(report.get("reproductions"), dict):
     from bigmodel_jax.reproduction import BadInput
     raise BadInput(f"{path}: not a report card (no 'reproductions'); give WORKDIR/report.json")
+  try:  # every field the card's tables read, there and of the right kind (a hand edit: one line, not a traceback)
+    markdown_report({"updated": "", **report})
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    from bigmodel_jax.reproduction import BadInput
+    raise BadInput(f"{path}: not a report card this version reads (a reproduction's {type(e).__name__}: {e})") from None
   return report
 
 

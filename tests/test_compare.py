@@ -96,7 +96,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
   (damaged / "final_metrics.json").write_text(json.dumps({**json.loads((a / "final_metrics.json").read_text()),
                                                           "params_sha256": 5}))  # a hand edit: no digest
   lines = compare.compare([str(a), str(damaged)], str(tmp_path / "c.png"))
-  assert "parameters of B: unknown (no params_sha256: training has not finished)" in lines
+  assert "parameters of B: unknown (final_metrics.json's params_sha256 is not a digest)" in lines
   (damaged / "metrics.jsonl").unlink()
   (damaged / "metrics.jsonl").mkdir()
   assert compare.main([str(a), str(damaged), f"--out={tmp_path / 'c.png'}"]) == 2

@@ -117,7 +117,7 @@ def test_a_quantized_model_of_a_checkpoint_retrained_since_is_refused(cli, train
   assert len(lines) == 1 and "params.npz cannot be read" in lines[0], lines
 
 
-@pytest.mark.parametrize("damage", ["drop", "extra", "shape", "scale"])
+@pytest.mark.parametrize("damage", ["drop", "extra", "shape", "scale", "reshaped"])
 def test_a_params_npz_with_other_arrays_is_one_line(cli, trained, report, tmp_path, damage):
   copy = Path(shutil.copytree(trained, tmp_path / "copy"))
   path = copy / "quantized" / "params.npz"
@@ -131,8 +131,12 @@ def test_a_params_npz_with_other_arrays_is_one_line(cli, trained, report, tmp_pa
     arrays["params/hidden/9/kernel"], needle = arrays[name], "params/hidden/9/kernel, which the model has not"
   elif damage == "shape":
     arrays[name], needle = arrays[name][:-1], f"{name} is"
-  else:
+  elif damage == "scale":
     arrays[name + quantize.SCALE], needle = arrays[name + quantize.SCALE][..., :2], f"{name} is"
+  else:  # a (1, out) array whose (in, 1) scales would broadcast it back to the kernel's shape
+    kernel, scale = arrays[name], arrays[name + quantize.SCALE]
+    arrays[name], arrays[name + quantize.SCALE] = kernel[:1], np.ones((kernel.shape[0], 1), np.float32)
+    needle = f"{name} is (1, {kernel.shape[1]}) with scales"
   np.savez(path, **arrays)
   proc = cli(f"--workdir={copy}", "--mode=export", "--config.export.quantized=true")
   lines = error_lines(proc.stderr)

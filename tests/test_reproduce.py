@@ -90,7 +90,7 @@ def test_an_unwritable_workdir_is_refused_before_anything_runs(reproduce, tmp_pa
   assert "running" not in proc.stdout
 
 
-@pytest.mark.parametrize("damage", ["{", '{"reproductions": []}'])
+@pytest.mark.parametrize("damage", ["{", '{"reproductions": []}', '{"reproductions": {"other": {"name": "other"}}}'])
 def test_a_damaged_report_json_is_refused_before_anything_runs(card, reproduce, tmp_path, damage):
   workdir = shutil.copytree(card, tmp_path / "card")
   (workdir / "report.json").write_text(damage)

@@ -338,6 +338,12 @@ def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tm
                                       r"\(model\.hidden_sizes: \[4\] -> \[128, 128\]\).*move .* away to run it again"):
     Manifest.open(copy, sweep).sync(sweep)
   shutil.rmtree(copy / "learning_rate=0.003,seed=1")
+  config = json.loads((copy / "learning_rate=0.003,seed=0" / "config.json").read_text())
+  config["init"]["workdir"] = "/elsewhere/pretrained"  # started from other weights (a runtime field of a run)
+  (copy / "learning_rate=0.003,seed=0" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=r"trial learning_rate=0\.003,seed=0 .*\(init\.workdir: '/elsewhere/pretrained'"):
+    Manifest.open(copy, sweep).sync(sweep)
+  shutil.rmtree(copy / "learning_rate=0.003,seed=0")
   (copy / "manifest.json").unlink()  # moved away; another sweep file (more steps) launched in the same workdir
   longer = spec.load(write(tmp_path / "grid.py", (folder / "grid.py").read_text().replace('"train.num_steps": 300',
                                                                                            '"train.num_steps": 2000')))
@@ -346,7 +352,8 @@ def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tm
   assert not (copy / "manifest.json").exists()  # refused before anything is written
 
 
-@pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list"])
+@pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list", "no-overrides",
+                                  "labels-a-number"])
 def test_a_hand_damaged_manifest_is_one_line(grid, tmp_path, edit):
   folder, workdir, _ = grid
   copy = Path(shutil.copytree(workdir, tmp_path / "out"))
@@ -357,13 +364,18 @@ def test_a_hand_damaged_manifest_is_one_line(grid, tmp_path, edit):
     del data["trials"]
   elif edit == "trial-a-string":
     data["trials"]["learning_rate=0.001,seed=0"] = "done"
+  elif edit == "no-overrides":  # --report would group every trial as one setting
+    for entry in data["trials"].values():
+      entry.pop("overrides")
+  elif edit == "labels-a-number":
+    data["labels"] = 5
   else:
     data["identity"] = ["grid"]
   (copy / "manifest.json").write_text(json.dumps(data))
   sweep = spec.load(folder / "grid.py")
   with pytest.raises(UserError, match=r"manifest.json: not a sweep manifest this version reads .* move it away"):
     Manifest.load(copy)  # --report
-  if edit != "no-metric":  # a launch records the metric from the sweep file
+  if edit not in ("no-metric", "labels-a-number"):  # a launch records these from the sweep file
     with pytest.raises(UserError, match=r"manifest.json: not a sweep manifest this version reads"):
       Manifest.open(copy, sweep)
 
@@ -433,6 +445,20 @@ def test_a_continued_search_asks_new_settings(tmp_path, sampler):
       search.tell(trial, "failed")
       asked.append(trial.overrides["optimizer.learning_rate"])
   assert len(set(asked)) == 4, asked
+
+
+def test_a_study_that_optimizes_the_other_way_is_refused(tmp_path):
+  """A study keeps the direction it was created with (optuna ignores another on load): one made maximizing loss
+  (before a sweep's metric set its own direction) would go on steering towards the worst trials."""
+  import optuna
+  from bigmodel_jax.sweeps.search import JOURNAL, Search
+  sweep = spec.load(write(tmp_path / "s.py", "metric = 'loss'\nnum_trials = 2\n" + FIXED +
+                          "def search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"))
+  (tmp_path / "out").mkdir()
+  optuna.create_study(storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+      str(tmp_path / "out" / JOURNAL))), study_name="s", direction="maximize")
+  with pytest.raises(UserError, match=r"holds a search that maximizes loss, but .*s.py asks to minimize it"):
+    Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
 
 
 def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):

@@ -39,7 +39,9 @@ def other_config(sweep: Sweep, directory: Path, overrides: dict) -> list[str]:
   except UserError:
     return []
   config, _ = trial_config(sweep, overrides)
-  return run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+  now = json.loads(config.to_json_best_effort())
+  # where a trial starts from and a GAN's evaluation count too, though a run may change them on resume
+  return run_config.config_differences(saved, now) + run_config.config_differences(saved, now, ("init.", "eval."))
 
 
 def _checked(data: dict, path: Path, for_report: bool) -> dict:
@@ -47,11 +49,14 @@ def _checked(data: dict, path: Path, for_report: bool) -> dict:
   `for_report`: also the metric and mode a report ranks by (a launch records them from the sweep file)."""
   trials = data.get("trials")
   problem = None
+  labels = data.get("labels", {})
   if not isinstance(trials, dict) or not all(isinstance(e, dict) and isinstance(e.get("status"), str)
-                                             and isinstance(e.get("overrides", {}), dict) for e in trials.values()):
-    problem = "its trials are not objects with a status"
+                                             and isinstance(e.get("overrides"), dict) for e in trials.values()):
+    problem = "its trials are not objects with a status and overrides"
   elif not isinstance(data.get("identity", {}), dict):
     problem = "its identity is not an object"
+  elif not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
+    problem = "its labels are not names"
   elif for_report and not (isinstance(data.get("metric"), str) and data.get("mode") in ("max", "min")):
     problem = "no metric and mode"
   if problem:

@@ -27,8 +27,12 @@ class Search:
     self.optuna, self.sweep, self.workdir, self.manifest = optuna, sweep, Path(workdir), manifest
     workdir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
-    self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
-                                     direction="maximize" if sweep.mode == "max" else "minimize")
+    direction = "maximize" if sweep.mode == "max" else "minimize"
+    self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True, direction=direction)
+    if self.study.direction.name.lower() != direction:  # a study keeps the direction it was created with
+      raise UserError(f"--workdir: {workdir / JOURNAL} holds a search that {self.study.direction.name.lower()}s "
+                      f"{sweep.metric}, but {sweep.path} asks to {direction} it (mode changed since?); use another "
+                      "--workdir")
     self.study.sampler = self._sampler(len(self.study.trials))
 
   def _sampler(self, asked: int):

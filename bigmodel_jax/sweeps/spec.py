@@ -48,7 +48,7 @@ class Sweep:
   trials: list[Trial] | None = None  # a grid
   search: Callable | None = None  # or a define-by-run Optuna search: trial -> overrides
   num_trials: int = 0
-  sampler: Callable | None = None  # () -> an optuna sampler
+  sampler: Callable | None = None  # (asked) or () -> an optuna sampler (search.Search._sampler)
   resources: dict = dataclasses.field(default_factory=lambda: {"cpu": 1})  # per trial, for Ray
   asha: dict | None = None  # Ray: ASHAScheduler arguments (grace_period, max_t, reduction_factor)
 
