@@ -12,8 +12,9 @@ A sweep file names a base config and yields override dicts (Kauldron-style gener
 
 or an Optuna search instead of a grid: `search(trial)` returning the overrides of one trial (define-by-run) with
 `num_trials`. Optional: `metric` / `mode` (selection on the validation split; default the base config's
-train.best_metric, and the metric's own direction, else the base config's best_mode), `resources` and `asha` (Ray executor). The modules: spec (loading and checking a
-sweep file), trials (one trial's process and records), manifest, local / ray_tune (executors), search, report.
+train.best_metric, and the metric's own direction, else the base config's best_mode), `resources` and `asha` (Ray
+executor). The modules: spec (loading and checking a sweep file), trials (one trial's process and records),
+manifest, local / ray_tune (executors), search, report.
 This package's own namespace holds only the helpers below, so sweep files import it cheaply.
 """
 
