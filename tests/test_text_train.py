@@ -166,7 +166,7 @@ def filter_before_traced_settings(logits, temperature, top_k, top_p):
   return logits
 
 
-def test_traced_sampling_settings_filter_and_draw_exactly_as_the_static_ones():
+def test_traced_sampling_settings_keep_what_the_static_ones_kept():
   logits = (np.random.default_rng(0).standard_normal((4, 67)) * 3).astype(np.float32)
   logits[:, :2], logits[2] = -np.inf, np.round(logits[2])  # banned ids; ties
   logits[1, 10:20] = logits[1, 30]  # ties at the k-th value are kept
@@ -176,9 +176,11 @@ def test_traced_sampling_settings_filter_and_draw_exactly_as_the_static_ones():
   for t, k, p in [(0.8, 0, 1.0), (1.0, 1, 1.0), (0.7, 66, 1.0), (1.0, 67, 1.0), (1.0, 500, 1.0), (1.3, 0, 0.3),
                   (0.5, 10, 0.8), (2.0, 3, 0.95), (1.0, 2 ** 31 - 1, 0.5), (1.0, 0, 0.999999999)]:
     want, knobs = static(logits, t, k, p), sampling.sampling_knobs(t, k, p)
-    np.testing.assert_array_equal(traced(logits, knobs), want, err_msg=str((t, k, p)))
+    got = traced(logits, knobs)  # the same tokens kept; values to float32 rounding (a constant divisor may be
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=str((t, k, p)))  # a reciprocal)
+    np.testing.assert_allclose(got, want, rtol=2 ** -22, atol=0, err_msg=str((t, k, p)))
     for key in jax.random.split(jax.random.PRNGKey(k), 5):
-      np.testing.assert_array_equal(draw(logits, key, knobs), jax.random.categorical(key, want, axis=-1))
+      np.testing.assert_array_equal(draw(logits, key, knobs), jax.random.categorical(key, got, axis=-1))
   assert traced._cache_size() == 1 and draw._cache_size() == 1  # one compilation for every setting
 
 
