@@ -261,9 +261,10 @@ def test_top_k_1_and_tiny_top_p_are_greedy(models):
   argmax = np.asarray(jnp.argmax(logits, -1))
   for seed in (0, 1):
     key = jax.random.key(seed)
-    np.testing.assert_array_equal(sample.next_token(logits, key, temperature=1.0, top_k=1, top_p=1.0), argmax)
-    np.testing.assert_array_equal(sample.next_token(logits, key, temperature=1.0, top_k=0, top_p=1e-6), argmax)
-    assert not np.array_equal(sample.next_token(logits, key, temperature=1.0, top_k=0, top_p=1.0), argmax)
+    draw = lambda t, k, p: sample.next_token(logits, key, sample.sampling_knobs(t, k, p), greedy=False)
+    np.testing.assert_array_equal(draw(1.0, 1, 1.0), argmax)
+    np.testing.assert_array_equal(draw(1.0, 0, 1e-6), argmax)
+    assert not np.array_equal(draw(1.0, 0, 1.0), argmax)
   # through generate too: top_k=1 at temperature 1 decodes exactly as greedy
   model = models["rotary"]
   prompt = tokens((4,), seed=6)
