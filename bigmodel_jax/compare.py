@@ -121,7 +121,10 @@ def metrics_section(runs: list[RunRecords]) -> list[str]:
       row.append(show(v.get(k)))
       if i:
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (first, v.get(k)))
-        row.append(f"{v[k] - first:+.4g}" if numeric else "")
+        # best/* of runs that select on different metrics or evaluators are not the same measure
+        same = not k.startswith("best/") or all(values[0].get(f"best/{f}") == v.get(f"best/{f}")
+                                                for f in ("metric", "eval", "mode"))
+        row.append(f"{v[k] - first:+.4g}" if numeric and same else "")
     rows.append(row)
   return ["metrics (final_metrics.json):", *lines, *("  " + line for line in table(header, rows))]
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,18 @@ def test_two_runs_that_differ_in_seed(runs, tmp_path, capsys):
   assert "parameters: all different" in out
   png = tmp_path / "compare.png"
   assert f"curves: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_values_selected_on_different_metrics_get_no_difference(runs, tmp_path):
+  _, (a, b, _) = runs
+  other = Path(shutil.copytree(b, tmp_path / "b"))
+  final = json.loads((other / "final_metrics.json").read_text())
+  final["best"].update(metric="loss", mode="min", value=0.3)  # as a run selecting on validation loss records it
+  (other / "final_metrics.json").write_text(json.dumps(final))
+  lines = compare.compare([str(a), str(other)], str(tmp_path / "x.png"))
+  best = next(line.split() for line in lines if line.split()[:1] == ["best/value"])
+  test = next(line.split() for line in lines if line.split()[:1] == ["test/accuracy"])
+  assert len(best) == 3 and len(test) == 4  # name, A, B (no B-A: accuracy against a loss); name, A, B, B-A
 
 
 def test_same_config_twice_is_bit_identical(runs, tmp_path):
