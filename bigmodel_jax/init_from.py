@@ -124,7 +124,7 @@ def prepare(config, steps, workdir: Path) -> Source | None:
     if action != "load":
       kept.append(d)
       continue
-    skip = f"--config.init.rules='(\"{d.rsplit('.', 1)[0]}.*=skip\",)'"
+    skip = f"--config.init.rules='(\"{d.rsplit('.', 1)[0]}=skip\",)'"  # a prefix: it and what is under it
     if name not in source:
       raise UserError(f"config.init.workdir: {d} of the new model is not in {model.workdir} step {step}; skip it "
                       f"with {skip} (rules apply in order) or fix config.model")

@@ -179,6 +179,19 @@ def make_steps(config, dataset: Dataset, task, mesh, total_steps: int, check_tra
   return steps
 
 
+def keep_recorded_init(run: Run, start_step: int) -> None:
+  """config.init says where a run's step 0 came from: a resume trains on from its own checkpoints whatever init.*
+  it is given, so config.json keeps the recorded one (a fork of RUN/config.json would start from other weights)."""
+  from bigmodel_jax.workdir import saved_config
+  saved = saved_config(run.workdir) if start_step > 0 and not run.legacy else None
+  if saved is None or not isinstance(saved.get("init"), dict) or saved["init"] == run.config.init.to_dict():
+    return
+  logging.warning("config.init.* differs from %s's, which records where step 0 came from; this run resumes from "
+                  "step %d and keeps that record", run.workdir / "config.json", start_step)
+  with run.config.unlocked():
+    run.config.init.update(saved["init"])
+
+
 def restore_or_init(run: Run):
   """The newest intact checkpoint of the workdir if there is one, else a fresh state. -> (state, data_state, meta)."""
   step, damaged = run.checkpointer.newest_intact()  # damaged newer steps: moved aside once this one restores
@@ -223,6 +236,7 @@ def _train(run: Run) -> dict:
   state = layout.place(state)  # the train step's layout; eval and checkpoints take layout.plain(state)
   card = model_card.describe(run.dataset, run.task, config)  # its digest goes into each checkpoint's meta
   if chief:  # only now: a failed restore must not overwrite the config the checkpoints belong to
+    keep_recorded_init(run, start_step)
     init = run.init_source.record() if run.init_source and start_step == 0 else None
     runinfo.write_run_records(run.workdir, config, write_config=not run.legacy, init=init)
     if init:

@@ -115,3 +115,8 @@ def test_linear_probe_keeps_frozen_weights_and_resumes_without_the_source(cli, s
       assert np.array_equal(last[name], src[name]) and np.array_equal(early[name], src[name]), name
     else:  # the head: its own initialisation, trained
       assert not np.array_equal(early[name], src[name]) and not np.array_equal(last[name], early[name]), name
+  # another init.workdir on a resume changes nothing it trains, nor the record a fork of config.json starts from
+  elsewhere = [a.replace(str(copy), str(tmp_path / "elsewhere")) for a in args]
+  proc = cli(*elsewhere, "--config.train.num_steps=8", "--config.train.allow_config_change=true")
+  assert proc.returncode == 0 and "keeps that record" in proc.stderr, proc.stderr[-2000:]
+  assert json.loads((probe / "config.json").read_text())["init"]["workdir"] == str(copy)
