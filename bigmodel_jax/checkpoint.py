@@ -12,6 +12,7 @@ written before orbax commits the step and checked before every restore: a damage
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -62,7 +63,7 @@ class Checkpointer:
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     except Exception as e:  # orbax reads every step's metadata on open
-      step_file = _unreadable_step_metadata(self.directory)
+      step_file = integrity.unreadable_step_metadata(self.directory)
       if step_file is not None:  # one step's file, damaged by hand: the other steps are fine
         raise UserError(f"{step_file} cannot be read ({_short(e)}); move checkpoint step {step_file.parent.name} "
                         f"out of {self.directory} (or put back an intact copy of it)") from None
@@ -237,6 +238,12 @@ class Checkpointer:
           captured.seek(0)
           f.write(captured.read().decode(errors="replace"))
           traceback.print_exception(e, file=f)
+        mismatched = re.findall(r"^(\S+):$", str(e), re.M) if "structures do not match" in str(e) else []
+        if mismatched and all(p.startswith("opt_state") for p in mismatched):  # the parameters' shapes were checked
+          raise UserError(f"checkpoint {self.directory / str(step)} holds the state of another optimizer than the "
+                          f"config builds ({mismatched[0]}); a run goes on only with the optimizer it trained with: "
+                          "revert optimizer.name / optimizer.frozen / config.optimizers, or start a new --workdir "
+                          f"from its weights with --config.init.workdir={self.directory.parent}") from None
         raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
                         "move that step directory away to resume from an earlier one, or use a new --workdir") from None
       _restore_stderr(saved_stderr, captured)
@@ -314,29 +321,6 @@ def _param_shapes(tree) -> dict[str, tuple]:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     out[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
   return out
-
-
-def _unreadable_step_metadata(directory: Path) -> Path | None:
-  """The first step's _CHECKPOINT_METADATA (orbax's own record, read for every step when a manager opens) that does
-  not read as orbax reads it, or None."""
-  try:
-    from orbax.checkpoint._src.metadata import step_metadata_serialization
-  except ImportError:  # moved in another orbax: only a file that is not a JSON object is found
-    step_metadata_serialization = None
-  steps = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-  for file in (p / "_CHECKPOINT_METADATA" for p in steps):
-    try:
-      record = json.loads(file.read_text())
-    except (OSError, ValueError):
-      continue  # absent or not JSON: orbax reads the step without it
-    try:
-      if not isinstance(record, dict):
-        raise ValueError
-      if step_metadata_serialization is not None:
-        step_metadata_serialization.deserialize(record)
-    except Exception:
-      return file
-  return None
 
 
 def _short(e: Exception) -> str:

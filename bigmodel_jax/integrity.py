@@ -4,7 +4,8 @@ Orbax reads back whatever bytes are on disk: a flipped bit in a parameter shard 
 loss of 1e26, a resume that trains on from garbage). The digest is written while the step is still orbax's
 temporary directory, after every process has written its files and before the rename that commits it, so each
 committed step carries its digest (a kill leaves no step without one) and retention only ever deletes an older step
-after a newer one is committed with its digest. Restores check it first.
+after a newer one is committed with its digest. Restores check it first. Orbax's own per-step record, which it
+reads for every step when the checkpoints open, is checked when that fails (unreadable_step_metadata).
 """
 
 import hashlib
@@ -78,3 +79,26 @@ def verify(step_dir: Path) -> bool:
     more = f" (and {len(problems) - 1} more file{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     raise Mismatch(problems[0] + more)
   return True
+
+
+def unreadable_step_metadata(directory: Path) -> Path | None:
+  """The first step's _CHECKPOINT_METADATA (orbax's own record, read for every step when a manager opens) that does
+  not read as orbax reads it, or None."""
+  try:
+    from orbax.checkpoint._src.metadata import step_metadata_serialization
+  except ImportError:  # moved in another orbax: only a file that is not a JSON object is found
+    step_metadata_serialization = None
+  steps = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+  for file in (p / "_CHECKPOINT_METADATA" for p in steps):
+    try:
+      record = json.loads(file.read_text())
+    except (OSError, ValueError):
+      continue  # absent or not JSON: orbax reads the step without it
+    try:
+      if not isinstance(record, dict):
+        raise ValueError
+      if step_metadata_serialization is not None:
+        step_metadata_serialization.deserialize(record)
+    except Exception:
+      return file
+  return None

@@ -229,6 +229,18 @@ def test_corrupt_checkpoint_is_one_line_and_not_deleted(cli, trained, tmp_path):
     assert path.read_bytes() == blob
 
 
+def test_a_resume_with_another_optimizer_names_it_and_keeps_the_checkpoints(cli, trained, tmp_path):
+  """optimizer fields may change on a resume, but not the optimizer's state: it was 'cannot be read, move that step
+  away', and every step failed alike."""
+  workdir = Path(shutil.copytree(trained, tmp_path / "work"))
+  before = checkpoint_files(workdir)
+  proc = cli(SMOKE, f"--workdir={workdir}", "--config.optimizer.name=sgd", "--config.train.num_epochs=3",
+             "--config.train.allow_config_change=true")
+  assert_one_error(proc, "holds the state of another optimizer than the config builds (opt_state.",
+                   "revert optimizer.name", f"--config.init.workdir={workdir}")
+  assert checkpoint_files(workdir) == before
+
+
 @pytest.mark.parametrize("record", ["[]", '{"init_timestamp_nsecs": "yesterday"}'])
 def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, record):
   """orbax reads every step's _CHECKPOINT_METADATA when the checkpoints open: one damaged by hand is named, with
