@@ -113,6 +113,7 @@ class Tracker(abc.ABC):
 
   def __init__(self, config, workdir: Path):
     self.config, self.workdir = config, Path(workdir)
+    self.purge_after = None  # training (re)starts after this step (set by MetricsWriter.drop_after)
 
   @classmethod
   def check_installed(cls, name: str) -> None:
@@ -158,8 +159,9 @@ class TensorBoard(Tracker):
 
   def _writer(self, record):
     run = f"eval_step{record['step']}" if record["split"] == "eval" else ""
-    if run not in self._writers:
-      self._writers[run] = self._make(str(self.workdir / "tensorboard" / run), flush_secs=self.FLUSH_SECONDS)
+    if run not in self._writers:  # a training launch (re)starting after step N: events of a killed launch past N
+      purge = {"purge_step": self.purge_after + 1} if run == "" and self.purge_after is not None else {}  # hidden
+      self._writers[run] = self._make(str(self.workdir / "tensorboard" / run), flush_secs=self.FLUSH_SECONDS, **purge)
     return self._writers[run]
 
   def write(self, records):

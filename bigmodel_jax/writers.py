@@ -95,6 +95,8 @@ class MetricsWriter:
                       "run goes on with a new one") from None
     runinfo.write_text_atomic(path, "".join(line for line in text.splitlines(keepends=True) if _step_of(line) <= step))
     self._jsonl = _open_records(path)
+    for tracker in self._active.values():  # TensorBoard hides the events a killed launch wrote past `step`
+      tracker.purge_after = step
     previous = trackers.read_state(self.workdir)
     for name, tracker in list(self._pending.items()):
       self._start(name, tracker, previous.get(name, {}))
@@ -116,11 +118,11 @@ class MetricsWriter:
     for name, tracker in list(self._active.items()):
       if tracker.resumes:
         last = self._state[name]["last_steps"]
-        new = [r for r in records if r["step"] > last.get(trackers.metric_key(r), -1)]
+        new = [r for r in records if r["step"] > last.get(_sent_key(r), -1)]
       else:
         new = [] if replay else records
       if new and self._call(name, tracker.write, new) and tracker.resumes:
-        last.update({trackers.metric_key(r): r["step"] for r in new})
+        last.update({_sent_key(r): r["step"] for r in new})
     self._save_state()
 
   def _save_state(self) -> None:
@@ -208,3 +210,10 @@ class _AboveBar:
 
   def flush(self) -> None:
     sys.stderr.flush()
+
+
+def _sent_key(record: dict) -> str:
+  """What a resuming tracker's last sent step is kept under: the metric key, and for --mode=eval's records (of any
+  checkpoint, in any order) also their step, so an eval of an earlier step is sent too."""
+  key = trackers.metric_key(record)
+  return f"{key}@{record['step']}" if record["split"] == "eval" else key

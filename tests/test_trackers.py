@@ -142,6 +142,44 @@ def test_a_tracker_added_later_gets_the_earlier_records(tracked, tmp_path):
   assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [10, 20, 30]
 
 
+def test_an_eval_of_an_earlier_step_is_sent_and_tensorboard_hides_a_killed_launchs_redone_steps(tracked, tmp_path):
+  """--mode=eval of step 10 after step 20's: its line reaches MLflow on the next training launch (it was skipped, as
+  older than the last eval sent). A relaunch after step 20 marks TensorBoard's events past it as purged (they were
+  shown twice beside the redone ones)."""
+  from tensorboardX.proto import event_pb2
+  config = tracked_config(tracked[-1], "tensorboard,mlflow", experiment="evals_any_order")
+  def eval_line(step, accuracy):  # what --mode=eval --checkpoint_step=<step> appends (it starts no tracker)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": step, "split": "eval", "time": 1.0, "eval": "test", "accuracy": accuracy}) + "\n")
+
+  writer = MetricsWriter(tmp_path, True, config)
+  writer.drop_after(0)
+  for step, split, metrics in records(10, 20, 30):
+    writer.write(step, split, metrics)
+  writer.close()
+  eval_line(20, 0.9)
+  writer = MetricsWriter(tmp_path, True, config)
+  writer.drop_after(30)  # a relaunch of the finished run: sends eval@20
+  writer.close()
+  eval_line(10, 0.8)
+  writer = MetricsWriter(tmp_path, True, config)
+  writer.drop_after(20)  # a relaunch resuming from step 20: step 30 is redone
+  writer.write(30, "train", {"loss": 0.5})
+  writer.close()
+  client, runs = mlflow_run(config)
+  history = client.get_metric_history(runs[0].info.run_id, "eval/test/accuracy")
+  assert sorted((m.step, m.value) for m in history) == [(10, 0.8), (20, 0.9)]
+  newest = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+  data, pos, purges = newest.read_bytes(), 0, []
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 16 + length
+    if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+      purges.append(event.step)
+  assert purges == [21]
+
+
 def test_a_copied_workdir_starts_its_own_tracker_run_and_a_moved_one_goes_on_with_its_own(tracked, tmp_path):
   config = tracked_config(tracked[-1], "mlflow", experiment="copied")
 
