@@ -375,7 +375,8 @@ def validate_fields(config, training: bool = True) -> None:
   _check(t.best_metric in metric_names, "train.best_metric",
          f"{t.best_metric!r} is not an eval metric of task {config.task.name!r}; valid: {', '.join(metric_names)}")
   mode = metric_mode(t.best_metric)  # the other way selects the worst checkpoint
-  _check(mode in (None, t.best_mode), "train.best_mode", f"{t.best_mode!r} selects the worst {t.best_metric}; set {mode}")
+  _check(mode in (None, t.best_mode), "train.best_mode",
+         f"{t.best_mode!r} selects the worst {t.best_metric}; set {mode}")
 
 
 # Fields that are gone, and where their meaning went: a config file still setting one is told so.

@@ -359,7 +359,8 @@ def load(path: str | Path, variant: str = "") -> Sweep:
   grid, search = _generators(module, path, variant)
   sweep = Sweep(path=path, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), name=path.stem, variant=variant,
                 base=base, base_file=base_file, base_variant=base_variant, overrides=fixed, config=config,
-                metric=getattr(module, "metric", config.train.best_metric), mode=getattr(module, "mode", None), labels={},
+                metric=getattr(module, "metric", config.train.best_metric), mode=getattr(module, "mode", None),
+                labels={},
                 resources=getattr(module, "resources", None) or {"cpu": 1}, asha=getattr(module, "asha", None))
   _check_metric(sweep)
   if not isinstance(sweep.resources, dict) or not all(isinstance(v, (int, float)) for v in sweep.resources.values()):
