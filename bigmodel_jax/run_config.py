@@ -111,13 +111,13 @@ def with_defaults(saved: dict) -> dict:
   return merge(base, saved)
 
 
-def config_differences(saved: dict, current: dict, runtime_too: tuple[str, ...] = ()) -> list[str]:
-  """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside);
-  `runtime_too`: only the runtime fields under these prefixes."""
+def config_differences(saved: dict, current: dict, counted: tuple[str, ...] = ()) -> list[str]:
+  """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside, but for
+  those under the `counted` prefixes)."""
   a, b = config_lib.flatten(saved), config_lib.flatten(current)
   diffs = []
   for key in sorted(set(a) | set(b)):
-    if config_lib.is_runtime_field(key) != bool(runtime_too) or (runtime_too and not key.startswith(runtime_too)):
+    if config_lib.is_runtime_field(key) and not key.startswith(counted):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -39,9 +39,8 @@ def other_config(sweep: Sweep, directory: Path, overrides: dict) -> list[str]:
   except UserError:
     return []
   config, _ = trial_config(sweep, overrides)
-  now = json.loads(config.to_json_best_effort())
   # where a trial starts from and a GAN's evaluation count too, though a run may change them on resume
-  return run_config.config_differences(saved, now) + run_config.config_differences(saved, now, ("init.", "eval."))
+  return run_config.config_differences(saved, json.loads(config.to_json_best_effort()), counted=("init.", "eval."))
 
 
 def _checked(data: dict, path: Path, for_report: bool) -> dict:
