@@ -165,8 +165,13 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
     ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
     ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
+    ("def sweep():\n  yield {'train.log_every': 5}\n",
+     "train.log_every is also in the fixed overrides (train.log_every=50); set it in one place"),
+    ("num_trials = 2\ndef search(trial):\n  return {'train.log_every': trial.suggest_int('e', 5, 20)}\n",
+     "search(trial): train.log_every is also in the fixed overrides"),
 ], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "both",
-        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "none", "invalid-value", "select-on-test"])
+        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "none", "invalid-value", "select-on-test",
+        "fixed-too", "fixed-too-search"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
     spec.load(write(tmp_path / "s.py", FIXED + body))

@@ -255,6 +255,12 @@ def _generators(module, path: Path, variant: str) -> tuple[Callable | None, Call
   return grid, (search if grid is None else None)
 
 
+def _fixed_too(sweep: Sweep, overrides: dict) -> list[str]:
+  """A trial's field that the fixed overrides also set (the trial's value would silently replace the fixed one)."""
+  return [f"{k} is also in the fixed overrides ({k}={sweep.overrides[k]!r}); set it in one place"
+          for k in overrides if k in sweep.overrides]
+
+
 def _grid(fn: Callable, sweep: Sweep, keys: list[str]) -> list[Trial]:
   path, fname = sweep.path, f"{fn.__name__}()"
   try:
@@ -271,7 +277,7 @@ def _grid(fn: Callable, sweep: Sweep, keys: list[str]) -> list[Trial]:
   bad = []
   for i, item in enumerate(items):
     bad += [f"{path}: trial {i} ({', '.join(f'{k}={v!r}' for k, v in item.items())}): {p}"
-                 for p in problems(sweep.config, item, keys, sweep.base)]
+                 for p in problems(sweep.config, item, keys, sweep.base) + _fixed_too(sweep, item)]
   if bad:
     raise UserError(_listed(bad))
   order = list(dict.fromkeys(k for item in items for k in item))  # one key order for every trial's name
@@ -306,6 +312,7 @@ def _check_search(fn: Callable, sweep: Sweep, keys: list[str], module) -> None:
   except Exception as e:
     raise UserError(f"{sweep.path}: {fn.__name__}(trial) failed {where(e)}") from e
   bad = problems(sweep.config, overrides, keys, sweep.base)
+  bad += _fixed_too(sweep, overrides) if isinstance(overrides, dict) else []
   if bad:
     raise UserError(_listed([f"{sweep.path}: {fn.__name__}(trial): {p}" for p in bad]))
   sweep.labels = {k: label_of(k, sweep.config) for k in overrides}
