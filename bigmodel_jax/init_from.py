@@ -134,7 +134,18 @@ def prepare(config, steps, workdir: Path) -> Source | None:
                       "or make config.model match")
     values[name] = source[name].astype(leaf.dtype)
     loaded.append(d)
+  trained = set().union(*(_true_names(o.mask) for o in steps.optimizers.values()))
+  random_frozen = [d for name, d in names.items() if name.startswith("params/") and d in kept and d not in trained]
+  if random_frozen:
+    listed = ", ".join(random_frozen[:4]) + (", ..." if len(random_frozen) > 4 else "")
+    raise UserError(f"config.init.rules: {listed} not loaded but frozen (optimizer frozen patterns) would never "
+                    "leave its random initialisation; load what is frozen, or do not freeze it")
   return Source(model.workdir, step, params_sha256(model.workdir, step, state), values, loaded, kept)
+
+
+def _true_names(mask) -> set[str]:
+  """The dotted names where an optimizer's ownership mask is True (the parameters it updates)."""
+  return {leaf_name(path).replace("/", ".") for path, owned in jax.tree_util.tree_flatten_with_path(mask)[0] if owned}
 
 
 def params_sha256(workdir: Path, step: int, state) -> str:

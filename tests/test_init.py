@@ -71,6 +71,9 @@ def test_bad_init_is_one_line_before_anything_is_written(source, tmp_path):
   frozen = load_config("digits_mlp", "smoke")
   frozen.optimizer.frozen = ("trunk.*",)
   cases.append((frozen, "config.optimizer.frozen: 'trunk.*' matches no parameter"))
+  swapped = config_from(source, rules=("head.*=skip",))  # the head left random, and frozen: it would never train
+  swapped.optimizer.frozen = ("head.*",)
+  cases.append((swapped, "config.init.rules: head.bias, head.kernel not loaded but frozen"))
   for config, message in cases:
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("*", r"\*")):
       train.build_run(config, new)
