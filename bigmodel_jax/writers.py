@@ -57,6 +57,7 @@ class MetricsWriter:
     if not enabled:
       return
     self.workdir = Path(workdir)
+    self._created = not (self.workdir / "metrics.jsonl").exists()  # removed at close if nothing was written
     self._jsonl = _open_records(self.workdir / "metrics.jsonl")
     self._pending = {name: trackers.TRACKERS.get(name)(config, self.workdir)
                      for name in (trackers.names(config) if config is not None else ["tensorboard"])}
@@ -155,7 +156,10 @@ class MetricsWriter:
   def close(self) -> None:
     if not self.enabled:
       return
+    empty = self._created and not self._jsonl.tell()  # e.g. --mode=predict, which has no metrics
     self._jsonl.close()
+    if empty:
+      Path(self._jsonl.name).unlink(missing_ok=True)
     status = "finished" if self._finished else _stop_reason(sys.exc_info()[1])
     for name, tracker in list(self._active.items()):
       self._call(name, tracker.close, status)

@@ -55,8 +55,7 @@ def test_a_config_json_changed_after_training_is_refused_before_anything_is_comp
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"error: {copy / 'config.json'}: data.normalize is 'none', but checkpoint step "), lines
     assert "trained with 'unit' (also model.activation differ) (changed since)" in lines[0], lines
-  written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.stat().st_size]
-  assert not written  # no metrics, predictions or export
+  assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # no metrics, predictions or export
 
 
 @pytest.mark.parametrize("field, value", [("model__activation", "foo"), ("data__eval_batch_size", 0)])
@@ -133,6 +132,14 @@ def test_predict_writes_predictions_and_pictures(cli, trained):
   assert all(int(r["prediction"]) == int(np.argmax(p)) for r, p in zip(rows, probs))
   for picture in ("test_images.png", "confusion_matrix.png"):
     assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_into_an_output_dir_leaves_only_its_predictions(cli, trained, tmp_path):
+  proc = cli(f"--workdir={trained}", "--mode=predict", "--config.predict.num_images=4",
+             f"--output_dir={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  step = json.loads((trained / "final_metrics.json").read_text())["step"]
+  assert [p.name for p in (tmp_path / "out").iterdir()] == [f"predict_step{step}"]  # no empty metrics.jsonl beside
 
 
 def test_eval_scalars_go_to_their_own_tensorboard_run(cli, trained):
