@@ -137,6 +137,23 @@ def other_settings(argv: list[str], workdir: Path) -> str:
   return " ".join(made) if isinstance(made, list) and made != run_flags(argv) else ""
 
 
+def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
+  """How the config.json of a finished run in `workdir` differs from the config r.config gives now, in the fields
+  its flags do not set (other_settings compares those): an edited config file ("" if none, or no config.json)."""
+  from bigmodel_jax import cli, run_config
+  if not finished(workdir):
+    return ""
+  try:
+    saved = run_config.load(workdir / "config.json", "")
+  except UserError:
+    return ""
+  given = [*r.overrides, *overrides, "seed"]
+  config = load_config(r.config)
+  cli.resolve_overrides(config, given)  # as main resolves the same flags
+  diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+  return "; ".join(d for d in diffs if d.partition(":")[0] not in given)
+
+
 def run_seed(argv: list[str], workdir: Path) -> dict:
   """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
   "error" when the run failed or was made with other flags."""
@@ -217,6 +234,9 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     record = run_seed(argv, seed_dir)
     run = {"seed": seed, "workdir": str(seed_dir.relative_to(workdir)), "command": record.get("command"),
            "wall_s": record.get("wall_s"), "launches": record.get("launches"), "values": {}}
+    changed = "error" not in record and other_config(r, seed_dir, overrides)
+    if changed:  # the config file was edited while the seeds ran: one row holds one config
+      record["error"] = f"its config.json is not the config {r.config} gives now ({changed}); move it away"
     if "error" in record:
       run["error"] = record["error"]
     else:
@@ -329,6 +349,10 @@ def main(argv: list[str]) -> int:
       if other:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run made with {other}; use another --workdir "
                        "for other settings")
+      changed = other_config(r, seed_dir, overrides)
+      if changed:
+        raise BadInput(f"--workdir: {seed_dir} holds a finished run of another config than {r.config} gives now "
+                       f"({changed}); use another --workdir, or move {seed_dir} away to run that seed again")
   if not args.dry_run:
     try:
       writable_directory(workdir)

@@ -161,3 +161,19 @@ def test_bad_registry_entry_is_one_line(reproduce, tmp_path, entry, needle):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   (line,) = error_lines(proc.stderr)
   assert line.startswith("error: ") and needle in line, line
+
+
+def test_a_finished_seed_of_an_edited_config_file_is_refused_not_averaged(reproduce, tmp_path):
+  config = tmp_path / "linear.py"
+  shutil.copy(ROOT / "configs" / "linear_regression.py", config)
+  path = registry(tmp_path, f"""
+      Reproduction("linear", "{config}", (Target("coefficients", "weights.0.0", "~ 3.0 ± 0.5"),), "a test",
+                   seeds=(0, 1), overrides={{"train.num_epochs": 20}}),
+  """)
+  workdir = tmp_path / "w"
+  assert reproduce("linear", f"--registry={path}", f"--workdir={workdir}", "--seeds=1").returncode == 0
+  config.write_text(config.read_text().replace("learning_rate = 0.1", "learning_rate = 0.05"))
+  proc = reproduce("linear", f"--registry={path}", f"--workdir={workdir}")  # seed 1 would run the edited file
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stdout[-2000:] + proc.stderr
+  assert "holds a finished run of another config" in proc.stderr and "optimizer.learning_rate: 0.1 -> 0.05" in proc.stderr
+  assert not (workdir / "linear" / "seed_1").exists()
