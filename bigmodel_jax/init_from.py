@@ -116,6 +116,11 @@ def prepare(config, steps, workdir: Path) -> Source | None:
       some = ", ".join(list(dict.fromkeys(d for d in names.values()))[:4])
       raise UserError(f"config.init.rules: {pattern}={action} matches no parameter of the new model (its names: "
                       f"{some}, ...); fix the pattern or drop the rule")
+    first = {d: next((p, a) for p, a in rules if matches(p, d)) for d in names.values() if matches(pattern, d)}
+    other = next((rule for rule in first.values() if rule[1] != action), None)
+    if (pattern, action) not in first.values() and other:  # every name it matches is decided by an earlier rule
+      raise UserError(f"config.init.rules: {pattern}={action} decides nothing: each parameter it matches is decided "
+                      f"by an earlier rule ({other[0]}={other[1]}; the first rule that matches decides); put it before")
   unmatched = "skip" if any(a == "load" for _, a in rules) else "load"  # load rules choose; skip rules only exclude
   values, loaded, kept = {}, [], []
   for name, leaf in wanted.items():

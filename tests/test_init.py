@@ -67,7 +67,10 @@ def test_bad_init_is_one_line_before_anything_is_written(source, tmp_path):
   cases = [(config_from(no_checkpoints), "config.init.workdir: no checkpoints in"),
            (config_from(source, rules=("trunk.*=load",)), "config.init.rules: trunk.*=load matches no parameter"),
            (config_from(source, step=12345), "config.init.step: "),
-           (config_from(source, rules=("hidden.*=keep",)), "is not 'PATTERN=load' or 'PATTERN=skip'")]
+           (config_from(source, rules=("hidden.*=keep",)), "is not 'PATTERN=load' or 'PATTERN=skip'"),
+           (config_from(source, rules=("hidden.*=load", "hidden.0.*=skip")),  # hidden.0 would load, said nothing
+            "config.init.rules: hidden.0.*=skip decides nothing: each parameter it matches is decided by an earlier "
+            "rule")]
   frozen = load_config("digits_mlp", "smoke")
   frozen.optimizer.frozen = ("trunk.*",)
   cases.append((frozen, "config.optimizer.frozen: 'trunk.*' matches no parameter"))
