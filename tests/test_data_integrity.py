@@ -160,7 +160,9 @@ def test_checkpoints_copied_from_a_run_with_another_tokenizer_of_as_many_ids_are
 
 
 @needs_tiny
-@pytest.mark.parametrize("record", ['{"data": 5}', '{"tokenizer": [1]}', '{"data": {"data.path": 3}}', "[]", "{"])
+@pytest.mark.parametrize("record", ['{"data": 5}', '{"tokenizer": [1]}', '{"data": {"data.path": 3}}', "[]", "{",
+                                    '{"data": {"data.path": {"path": "input.txt"}}}',  # its sha256 deleted
+                                    '{"data": {"data.path": {"sha256": 7}}}', '{"earlier": 5}'])
 def test_a_damaged_fingerprint_is_one_line_naming_it(cli, lm, tmp_path, record):
   workdir, _ = copy_run(lm, tmp_path)
   (workdir / fingerprint.FILE).write_text(record)

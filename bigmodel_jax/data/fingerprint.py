@@ -113,8 +113,10 @@ def _read(path: Path) -> dict:
     if not isinstance(record, dict):
       raise ValueError("not a JSON object")
     data, tokenizer = record.get("data", {}), record.get("tokenizer", {})
-    if not (isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) and isinstance(tokenizer, dict)):
-      raise ValueError("its data or tokenizer entry is not what this version writes")
+    if not (isinstance(data, dict) and all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                                           and isinstance(v.get("path", ""), str) for v in data.values())
+            and isinstance(tokenizer, dict) and isinstance(record.get("earlier", []), list)):
+      raise ValueError("its data, tokenizer or earlier entry is not what this version writes")
     return record
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({e}); restore it, or delete it to record the data the next training "
