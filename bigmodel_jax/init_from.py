@@ -155,12 +155,10 @@ def _true_names(mask) -> set[str]:
 
 def params_sha256(workdir: Path, step: int, state) -> str:
   """The source's parameter fingerprint: its final_metrics.json's where that is this step's, else computed."""
-  try:
-    final = json.loads((workdir / "final_metrics.json").read_text())
-    if final.get("step") == step and final.get("params_sha256"):
-      return final["params_sha256"]
-  except (OSError, ValueError):
-    pass
+  from bigmodel_jax.sweeps.trials import read_json
+  final = read_json(workdir / "final_metrics.json") or {}  # damaged (not an object): computed
+  if final.get("step") == step and isinstance(final.get("params_sha256"), str) and final["params_sha256"]:
+    return final["params_sha256"]
   return runinfo.fingerprint(state.params)
 
 

@@ -126,3 +126,12 @@ def test_linear_probe_keeps_frozen_weights_and_resumes_without_the_source(cli, s
   proc = cli(*elsewhere, "--config.train.num_steps=8", "--config.train.allow_config_change=true")
   assert proc.returncode == 0 and "keeps that record" in proc.stderr, proc.stderr[-2000:]
   assert json.loads((probe / "config.json").read_text())["init"]["workdir"] == str(copy)
+
+
+@pytest.mark.parametrize("final", ["[]", '{"step": 80, "params_sha256": 5}'])
+def test_a_damaged_final_metrics_of_the_source_is_fingerprinted_from_its_weights(source, tmp_path, final):
+  expected = json.loads((source / "final_metrics.json").read_text())["params_sha256"]
+  damaged = shutil.copytree(source, tmp_path / "source")
+  (damaged / "final_metrics.json").write_text(final)
+  run, _ = fresh_state(config_from(damaged), tmp_path / "new")
+  assert run.init_source.params_sha256 == expected
