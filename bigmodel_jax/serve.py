@@ -13,12 +13,12 @@ The server is the standard library's http.server.ThreadingHTTPServer: no new dep
 connection is plenty when every request ends in one shared model call. What makes it survive real clients is
 here, not in a framework: bodies are read only after their Content-Length is checked (411 without one, 413 over
 config.serve.max_body_bytes, answered before a client waiting on `Expect: 100-continue` sends anything), every
-socket has a timeout (a stalled client holds one thread for at most SOCKET_TIMEOUT_S) and a body must arrive
-within SOCKET_TIMEOUT_S in all however it trickles (408), every response closes its connection (no idle
-keep-alive threads; HTTP/1.1 so curl's 100-continue works), every error (including the ones http.server makes
-itself: a bad request line, which it would answer as HTTP/0.9 with no status line, is an HTTP/1.1 400; a method
-it does not know, a 501; OPTIONS, a 405 with Allow) is JSON, and an exception in a handler is a 500 with one
-line while the server goes on.
+socket has a timeout (a stalled client holds one thread for at most SOCKET_TIMEOUT_S), the request line with
+its headers, then the body, must each arrive within SOCKET_TIMEOUT_S in all however they trickle (408), every
+response closes its connection (no idle keep-alive threads; HTTP/1.1 so curl's 100-continue works), every error
+(including http.server's own: a bad request line, which it would answer as HTTP/0.9 with no status line, is an
+HTTP/1.1 400; a method it does not know, a 501; OPTIONS, a 405 with Allow) is JSON, and an exception in a handler
+is a 500 with one line while the server goes on.
 
 Batching: /v1/predict requests go onto a queue; one worker thread takes up to config.serve.max_batch examples,
 waiting at most config.serve.batch_timeout_ms for more after the first, and only while other predict requests
@@ -36,6 +36,7 @@ A second signal while draining ends the process at once.
 
 import errno
 import http.server
+import io
 import json
 import math
 import os
@@ -171,11 +172,63 @@ class Service:
             "seconds": round(seconds, 4)}
 
 
+class HeadTimeout(Exception):
+  """The request line and headers did not all arrive by their deadline (a 408)."""
+
+
+class _Clock(io.RawIOBase):
+  """A connection's reads, under one deadline in all while `deadline` is set (the request head): the socket's timeout
+  restarts with every byte, so a head trickled a byte every few seconds (slowloris) would hold a thread for ever."""
+
+  def __init__(self, raw, sock):
+    self.raw, self.sock, self.deadline = raw, sock, None
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    if self.deadline is None:
+      return self.raw.readinto(buffer)
+    if (left := self.deadline - time.monotonic()) <= 0:
+      raise HeadTimeout
+    self.sock.settimeout(left)
+    try:
+      return self.raw.readinto(buffer)
+    except TimeoutError:
+      raise HeadTimeout from None
+
+  def close(self) -> None:
+    self.raw.close()
+    super().close()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"  # for Expect: 100-continue; every response still closes its connection
   timeout = SOCKET_TIMEOUT_S
   server_version = "bigmodel_jax"
   service: Service = None  # set on the subclass serve() makes
+
+  def setup(self):
+    super().setup()
+    self.clock = _Clock(self.rfile.detach(), self.connection)
+    self.rfile = io.BufferedReader(self.clock)
+
+  def handle_one_request(self):
+    self.command, self.request_version, self.requestline = None, self.protocol_version, ""  # until parsed
+    self.clock.deadline = time.monotonic() + SOCKET_TIMEOUT_S
+    try:
+      super().handle_one_request()
+    except HeadTimeout:
+      self.connection.settimeout(self.timeout)  # the reply's own
+      self._reply(408, {"error": f"request line and headers: not all arrived in {SOCKET_TIMEOUT_S} s; send them "
+                                 f"within {SOCKET_TIMEOUT_S} s"})
+
+  def parse_request(self):
+    try:
+      return super().parse_request()
+    finally:  # the head is in: the body has its own deadline (_read_body)
+      self.clock.deadline = None
+      self.connection.settimeout(self.timeout)
 
   def log_message(self, format, *args):  # http.server writes every request to stderr; keep that quiet
     logging.debug("serve: %s %s", self.address_string(), format % args)
