@@ -10,6 +10,8 @@
                       function for onnxruntime, inputs "inputs", outputs in signature.json (else its "onnx" says why)
   signature.json      names, shapes, dtypes, preprocessing, labels / vocabulary, versions and date
 
+A token id outside 0..vocab_size-1 gives its row NaN logits (a text classifier: NaN probabilities, prediction -1).
+
 Using it, with neither this package nor flax installed:
   import jax, numpy as np
   exported = jax.export.deserialize(open("export/predict.jaxexport", "rb").read())

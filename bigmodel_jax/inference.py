@@ -153,13 +153,25 @@ class Inference:
 
     def predict(variables, raw_BxI):
       inputs = cast_floats(model_card.apply(pre, raw_BxI, jnp), dtype)
-      return task.predict(task.outputs(model(variables), {"inputs": inputs}))
+      out = task.predict(task.outputs(model(variables), {"inputs": inputs}))
+      if not pre["token_ids"]:
+        return out
+      ok = self.in_vocab(raw_BxI)  # else NaN probabilities and class -1, never another text's answer
+      return {k: jnp.where(ok.reshape(-1, *[1] * (v.ndim - 1)), v, jnp.nan if v.dtype.kind == "f" else -1)
+              for k, v in out.items()}
     return predict
+
+  def in_vocab(self, ids):
+    """Per example (row of `ids`), whether its token ids are all in 0..vocab_size-1: the embedding's gather takes -1
+    as the last row (a wrong answer that looks right) and gives NaN past the end; callers answer NaN instead."""
+    ids = ids.reshape(ids.shape[0], -1)
+    return ((ids >= 0) & (ids < self.dataset.vocab_size)).all(axis=1)
 
   def lm_functions(self, model_function=None):
     """(prefill, decode) of a language model:
       prefill(variables, tokens_BxT) -> (next-token logits B x V, cache)    the prompt, in one pass
-      decode(variables, cache, tokens_B, index) -> (logits B x V, cache)    one token at position `index`"""
+      decode(variables, cache, tokens_B, index) -> (logits B x V, cache)    one token at position `index`
+    A row with a token id outside 0..vocab_size-1 has NaN logits (in_vocab)."""
     if not self.dataset.is_token_stream:
       raise UserError("prefill/decode are for language models; this run classifies or regresses (predict)")
     model = model_function or self.model_function()
@@ -167,12 +179,12 @@ class Inference:
     def prefill(variables, tokens_BxT):
       m = model(variables)
       logits, cache = m.extend(tokens_BxT, m.init_cache(tokens_BxT.shape[0]), 0)
-      return logits[:, -1].astype(jnp.float32), cache
+      return jnp.where(self.in_vocab(tokens_BxT)[:, None], logits[:, -1].astype(jnp.float32), jnp.nan), cache
 
     def decode(variables, cache, tokens_B, index):
       m = model(variables)
       logits, cache = m.extend(tokens_B[:, None], cache, index)
-      logits = logits[:, -1].astype(jnp.float32)
+      logits = jnp.where(self.in_vocab(tokens_B)[:, None], logits[:, -1].astype(jnp.float32), jnp.nan)
       if getattr(m, "max_len", None):  # a position outside the cache would be clamped silently: NaN logits instead
         logits = jnp.where((index >= 0) & (index < m.max_len), logits, jnp.nan)
       return logits, cache

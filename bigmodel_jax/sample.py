@@ -118,6 +118,10 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
     logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), max_len)
   history = np.asarray(prompt_ids, np.int32)[-max_len:]
   logits, cache = _prefill(graphdef, state, jnp.tile(jnp.asarray(history)[None], (num_samples, 1)))
+  vocab, ids = logits.shape[-1], np.asarray(prompt_ids)
+  if (bad := ids[(ids < 0) | (ids >= vocab)]).size:  # the embedding would take -1 as its last row, NaN past the end
+    raise UserError(f"prompt: token id {int(bad[0])} is outside the model's vocabulary 0..{vocab - 1} "
+                    f"(vocab_size {vocab})")
   index = len(history)
   chunk = jnp.zeros((num_samples, CHUNK), jnp.int32)
   key = jax.random.PRNGKey(seed)

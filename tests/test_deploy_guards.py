@@ -2,6 +2,10 @@
 
 import time
 
+import jax
+import numpy as np
+import pytest
+
 from test_serve import digits_run, inprocess_server, raw_exchange  # noqa: F401 (fixtures)
 
 
@@ -16,3 +20,64 @@ def test_a_trickled_request_head_gets_a_408_within_the_socket_timeout(inprocess_
   start = time.monotonic()  # the server is free for the next client
   status, reply, _ = raw_exchange(inprocess_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
   assert status == "HTTP/1.1 200 OK" and time.monotonic() - start < 1, reply
+
+
+def untrained(name: str, tmp_path, **overrides):
+  """(Inference, variables) of config `name` with untrained weights on a tiny text set (a classifier's or an LM's)."""
+  from bigmodel_jax import inference, model_card, parallel, train
+  from bigmodel_jax.data import Dataset, corpus
+  from bigmodel_jax.tasks import get_task
+  from conftest import load_config
+  from test_export import text_dataset
+  config = load_config(name)
+  for key, value in dict(num_layers=1, embed_dim=16, num_heads=2, **overrides).items():
+    config.model[key] = value
+  config.data.seq_len = 16
+  dataset = text_dataset()
+  if name != "spam_transformer":
+    ids = dataset.tokenizer.encode("Before we proceed any further, hear me speak. " * 8)
+    dataset = Dataset("lines", train={"tokens": ids}, test=None, validation=corpus.windows(ids, 16), kind="lm",
+                      tokenizer=dataset.tokenizer, vocab_size=dataset.tokenizer.vocab_size)
+  task = get_task(config, dataset)
+  steps = train.make_steps(config, dataset, task, parallel.make_mesh(config.mesh, jax.devices()[:1]),
+                           inference.SCHEDULE_STEPS, check_train_step=False)
+  model = inference.Inference(config, tmp_path, model_card.describe(dataset, task, config), dataset, task, steps, None)
+  return model, model.variables(steps.init())
+
+
+def test_exported_token_models_answer_nan_for_ids_outside_the_vocabulary(tmp_path):
+  """Was: the embedding's gather took id -1 as the last row (a confident answer for another text) and ids past the end
+  as NaN rows, which a classifier answered as class 0; the artifacts now give NaN (class -1) for that example alone."""
+  from bigmodel_jax import export
+  load = lambda name: jax.export.deserialize((tmp_path / name / "export" / f"{name}.jaxexport").read_bytes())
+  model, variables = untrained("spam_transformer", tmp_path / "predict", max_len=17)
+  vocab = model.dataset.vocab_size
+  export.write(model, 0, variables)
+  for bad in (-1, vocab, vocab + 7):
+    raw = model.dataset.test["inputs"][:2].copy()
+    raw[0, 3] = bad
+    out = {k: np.asarray(v) for k, v in load("predict").call(variables, raw).items()}
+    assert out["prediction"][0] == -1 and np.isnan(out["probability"][0]).all(), (bad, out)
+    assert out["prediction"][1] >= 0 and np.isfinite(out["probability"][1]).all()
+  model, variables = untrained("shakespeare_char_gpt", tmp_path / "lm")
+  export.write(model, 0, variables)
+  (tmp_path / "prefill").symlink_to(tmp_path / "lm"), (tmp_path / "decode").symlink_to(tmp_path / "lm")
+  for bad in (-1, vocab):
+    logits, _ = load("prefill").call(variables, np.asarray([[1, 2, 3], [1, bad, 3]], np.int32))
+    assert np.isfinite(logits[0]).all() and np.isnan(logits[1]).all(), bad
+    _, cache = load("prefill").call(variables, np.asarray([[1, 2, 3], [1, 2, 3]], np.int32))
+    logits, _ = load("decode").call(variables, cache, np.asarray([bad, 4], np.int32), np.int32(3))
+    assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all(), bad
+
+
+def test_generate_refuses_prompt_ids_outside_the_vocabulary_in_one_line(tmp_path):
+  """Was: -1 was read as the last token and an id past the end gave NaN logits, from which greedy decoding drew id 0."""
+  from bigmodel_jax import sample
+  from bigmodel_jax.errors import UserError
+  model, variables = untrained("shakespeare_char_gpt", tmp_path)
+  lm, vocab = model.steps.model(model.steps.init()), model.dataset.vocab_size
+  assert sample.generate(lm, np.asarray([1, 2, vocab - 1]), 3, temperature=0).shape == (1, 3)
+  for bad in (-1, vocab):
+    with pytest.raises(UserError, match=rf"^prompt: token id {bad} is outside the model's vocabulary "
+                                        rf"0\.\.{vocab - 1} \(vocab_size {vocab}\)$"):
+      sample.generate(lm, np.asarray([1, bad, 3]), 3, temperature=0)
