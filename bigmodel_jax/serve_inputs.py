@@ -7,7 +7,8 @@ answers it as a 4xx with {"error": that line}. Nothing here touches JAX: it runs
                    image / tabular: nested lists of numbers of shape input_shape, values as the dataset gives them
                    (uint8 pixels as integers 0..255; digits' are 0..16), or for images a base64 PNG of exactly the
                    model's height x width (grayscale or RGB, converted to the model's channels; never resized);
-                   its 0..255 pixels are scaled to the dataset's range (digits: 0..16)
+                   its 0..255 pixels are scaled to the dataset's range (digits: 0..16). A pixel outside that
+                   range is a 422 naming it; a tabular model's range is not known (its values go as they are)
                    text: a string, tokenized with the run's own tokenizer and padded/cut to the trained length
   /v1/completions  {"prompt": str, "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
 """
@@ -119,6 +120,10 @@ class InputDecoder:
       raise BadRequest(f"inputs[{i}]: shape {list(a.shape)}, expected {list(self.shape)} (model.json's input_shape)")
     if not np.isfinite(a).all():
       raise BadRequest(f"inputs[{i}]: values must be finite (no NaN or infinity)")
+    if self.kind == "image" and (a.min() < 0 or a.max() > self.scale):  # what training saw: 0..scale (a 422: well
+      bad = a[(a < 0) | (a > self.scale)][0]  # formed, outside the data; before the dtype's wider range is named)
+      raise BadRequest(f"inputs[{i}]: pixel value {bad:g} out of range 0..{self.scale:g} (this dataset's pixel range, "
+                       "model.json's preprocessing.scale)", 422)
     if np.issubdtype(self.dtype, np.integer):
       info = np.iinfo(self.dtype)
       if (a != np.round(a)).any():
@@ -128,10 +133,6 @@ class InputDecoder:
         raise BadRequest(f"inputs[{i}]: value {bad:g} out of range {info.min}..{info.max} ({self.dtype.name})")
     elif np.abs(a).max() > np.finfo(self.dtype).max:
       raise BadRequest(f"inputs[{i}]: value out of {self.dtype.name} range")
-    if self.kind == "image" and (a.min() < 0 or a.max() > self.scale):  # what training saw: 0..scale
-      bad = a[(a < 0) | (a > self.scale)][0]
-      raise BadRequest(f"inputs[{i}]: pixel value {bad:g} out of range 0..{self.scale:g} (this dataset's pixel range, "
-                       "model.json's preprocessing.scale)")
     return a.astype(self.dtype)
 
   def _png(self, i: int, text: str) -> np.ndarray:

@@ -145,15 +145,16 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
       (b'{"inputs": [NaN]}', 400, "body: NaN is not a number"),
       (b'{"inputs": [' + json.dumps([[[1e999]] * 8] * 8).replace("Infinity", "1e999").encode() + b"]}", 400,
        "inputs[0]: values must be finite"),
-      ({"inputs": [[[[300]] * 8] * 8]}, 400, "inputs[0]: value 300 out of range 0..255 (uint8)"),
-      ({"inputs": [[[[-1]] * 8] * 8]}, 400, "inputs[0]: value -1 out of range"),
+      ({"inputs": [[[[255]] * 8] * 8]}, 422, "inputs[0]: pixel value 255 out of range 0..16"),  # digits' 0..16
+      ({"inputs": [[[[300]] * 8] * 8]}, 422, "inputs[0]: pixel value 300 out of range 0..16"),  # not 0..255 (uint8)
+      ({"inputs": [[[[-1]] * 8] * 8]}, 422, "inputs[0]: pixel value -1 out of range 0..16"),
       ({"inputs": [[[[1.5]] * 8] * 8]}, 400, "inputs[0]: values must be integers"),
       ({"inputs": ["not base64!"]}, 400, "inputs[0]: not valid base64"),
       ({"inputs": [base64.b64encode(b"GIF89a....").decode()]}, 400, "inputs[0]: not a PNG"),
       ({"inputs": [base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()]}, 400, "inputs[0]: unreadable PNG"),
       ({"inputs": [png(np.zeros((16, 16)))]}, 400, "inputs[0]: PNG is 16x16 (width x height), the model takes 8x8"),
       ({"inputs": good * 33}, 400, "inputs: 33 examples; at most config.serve.max_batch=32"),
-      ({"inputs": [[[[17]] * 8] * 8]}, 400, "inputs[0]: pixel value 17 out of range 0..16"),  # digits' 0..16
+      ({"inputs": [[[[17]] * 8] * 8]}, 422, "inputs[0]: pixel value 17 out of range 0..16"),
       (b'{"inputs": [' + json.dumps([[[10 ** 400]] * 8] * 8).encode() + b"]}", 400, "inputs[0]: a value is out of range"),
       ({"inputs": [png(np.zeros((8, 8, 4)), "RGBA")]}, 400, "inputs[0]: PNG mode RGBA has transparency"),
   ]
