@@ -114,7 +114,8 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
     extra = {"class_names": card.get("class_names", [])}
     if model.dataset.tokenizer is not None:  # a text classifier: ids of text padded / cut to input_shape[0]
       extra["tokenizer"] = {**_tokenizer(model), "seq_len": card["input_shape"][0],
-                            "padding": "id 0 after the text; longer texts keep their first seq_len ids"}
+                            "padding": f"id {model.dataset.tokenizer.pad_id} (pad_id) after the text; longer texts "
+                                       "keep their first seq_len ids"}
     onnx = write_onnx(model.predict_function(forward), variables, raw, sorted(out_specs), staging / "predict.onnx")
   if model.dataset.tokenizer is not None:
     model.dataset.tokenizer.save(staging / "tokenizer")

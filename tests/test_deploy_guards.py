@@ -81,3 +81,14 @@ def test_generate_refuses_prompt_ids_outside_the_vocabulary_in_one_line(tmp_path
     with pytest.raises(UserError, match=rf"^prompt: token id {bad} is outside the model's vocabulary "
                                         rf"0\.\.{vocab - 1} \(vocab_size {vocab}\)$"):
       sample.generate(lm, np.asarray([1, bad, 3]), 3, temperature=0)
+
+
+def test_a_text_classifiers_signature_names_its_tokenizers_own_padding_id(tmp_path):
+  """Was: 'id 0 after the text' whatever the tokenizer: gpt2_bpe pads with <|endoftext|> (id 0 is '!')."""
+  import json
+  from bigmodel_jax import export
+  model, variables = untrained("spam_transformer", tmp_path, max_len=17)
+  model.dataset.tokenizer.pad_id = 5  # as gpt2_bpe's is not 0
+  export.write(model, 0, variables)
+  signature = json.loads((tmp_path / "export" / "signature.json").read_text())
+  assert signature["tokenizer"]["padding"].startswith("id 5 (pad_id) after the text"), signature["tokenizer"]
