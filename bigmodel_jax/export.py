@@ -116,7 +116,9 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
       extra["tokenizer"] = {**_tokenizer(model), "seq_len": card["input_shape"][0],
                             "padding": f"id {model.dataset.tokenizer.pad_id} (pad_id) after the text; longer texts "
                                        "keep their first seq_len ids"}
-    onnx = write_onnx(model.predict_function(forward), variables, raw, sorted(out_specs), staging / "predict.onnx")
+    high = model.dataset.vocab_size - 1 if model.dataset.tokenizer is not None else 16  # test ids within the vocab
+    onnx = write_onnx(model.predict_function(forward), variables, raw, sorted(out_specs), staging / "predict.onnx",
+                      high)
   if model.dataset.tokenizer is not None:
     model.dataset.tokenizer.save(staging / "tokenizer")
   for name, exp in exported.items():
@@ -135,8 +137,9 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
   return {"step": step, "directory": str(final), "files": files, "onnx": onnx}
 
 
-def write_onnx(predict, variables: dict, raw_spec, output_names: list[str], path: Path) -> str:
-  """predict(variables, raw) as an ONNX graph with the variables as constants -> what signature.json says of it."""
+def write_onnx(predict, variables: dict, raw_spec, output_names: list[str], path: Path, high: int = 16) -> str:
+  """predict(variables, raw) as an ONNX graph with the variables as constants -> what signature.json says of it.
+  `high`: the largest value of integer test inputs (a text classifier's: its vocabulary's last id)."""
   try:
     from jax2onnx import to_onnx
   except ImportError:
@@ -154,14 +157,14 @@ def write_onnx(predict, variables: dict, raw_spec, output_names: list[str], path
   finally:
     for n, level in zip(noisy, levels):
       n.setLevel(level)
-  problem = _check_onnx(proto.SerializeToString(), predict, variables, raw_spec, output_names)
+  problem = _check_onnx(proto.SerializeToString(), predict, variables, raw_spec, output_names, high)
   if problem:
     return f"not written: {problem}"
   path.write_bytes(proto.SerializeToString())
   return f"{path.name}: input 'inputs' (raw examples, as predict.jaxexport), outputs {', '.join(output_names)}"
 
 
-def _check_onnx(data: bytes, predict, variables: dict, raw_spec, output_names: list[str]) -> str | None:
+def _check_onnx(data: bytes, predict, variables: dict, raw_spec, output_names: list[str], high: int) -> str | None:
   """None if onnxruntime runs the graph and agrees with jax on a few examples, else what went wrong."""
   try:
     import onnxruntime
@@ -170,7 +173,7 @@ def _check_onnx(data: bytes, predict, variables: dict, raw_spec, output_names: l
   shape = (3, *raw_spec.shape[1:])
   rng = np.random.default_rng(0)
   if np.issubdtype(raw_spec.dtype, np.integer):
-    raw = rng.integers(0, min(np.iinfo(raw_spec.dtype).max, 16) + 1, shape).astype(raw_spec.dtype)
+    raw = rng.integers(0, min(np.iinfo(raw_spec.dtype).max, high) + 1, shape).astype(raw_spec.dtype)
   else:
     raw = rng.standard_normal(shape).astype(raw_spec.dtype)
   try:

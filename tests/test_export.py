@@ -219,10 +219,11 @@ def test_a_model_card_changed_after_training_is_refused_before_a_model_is_built_
 ONNX_CONVERTS = ("mnist_cnn", "fashion_mnist_vit", "spam_transformer")  # ResNet: jax2onnx 0.13.0 fails on nnx.conv padding
 
 
-def text_dataset() -> Dataset:
+def text_dataset(lines=None) -> Dataset:
   """A small real text-classification set: lines of tiny Shakespeare's opening labelled by who speaks them."""
-  lines = ["Before we proceed any further, hear me speak.", "Speak, speak.", "You are all resolved rather to die",
-           "Resolved. resolved.", "First, you know Caius Marcius is chief enemy", "We know't, we know't."] * 4
+  lines = lines or ["Before we proceed any further, hear me speak.", "Speak, speak.",
+                    "You are all resolved rather to die", "Resolved. resolved.",
+                    "First, you know Caius Marcius is chief enemy", "We know't, we know't."] * 4
   tokenizer = tokenizers.CharTokenizer.build(lines)
   arrays = {"inputs": tokenizer.encode_batch(lines, 16), "targets": np.arange(len(lines), dtype=np.int32) % 2}
   return Dataset("lines", train=arrays, test=arrays, validation=arrays, kind="text", num_classes=2,
