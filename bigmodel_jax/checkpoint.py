@@ -60,15 +60,25 @@ class Checkpointer:
         async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digest))
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    except Exception as e:  # orbax reads every step's metadata on open
-      step_file = integrity.unreadable_step_metadata(self.directory)
-      if step_file is not None:  # one step's file, damaged by hand: the other steps are fine
-        raise UserError(f"{step_file} cannot be read ({_short(e)}); move checkpoint step {step_file.parent.name} "
-                        f"out of {self.directory} (or put back an intact copy of it)") from None
-      raise UserError(f"checkpoint directory {self.directory} cannot be read ({_short(e)}); "
-                      "move it away or use a new --workdir") from None
+    for attempt in range(3):
+      try:
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        break
+      except Exception as e:  # orbax reads every step's metadata on open
+        # a step deleted while orbax read it: the retention of a training running beside this eval, not damage
+        missing = Path(e.filename or "/") if isinstance(e, FileNotFoundError) else self.directory
+        gone = missing != self.directory and missing.is_relative_to(self.directory)
+        if gone and attempt < 2:
+          continue
+        if gone:
+          raise UserError(f"checkpoint directory {self.directory} changed while it was being read ({_short(e)}; the "
+                          "retention of a training running in this workdir?); run again") from None
+        step_file = integrity.unreadable_step_metadata(self.directory)
+        if step_file is not None:  # one step's file, damaged by hand: the other steps are fine
+          raise UserError(f"{step_file} cannot be read ({_short(e)}); move checkpoint step {step_file.parent.name} "
+                          f"out of {self.directory} (or put back an intact copy of it)") from None
+        raise UserError(f"checkpoint directory {self.directory} cannot be read ({_short(e)}); "
+                        "move it away or use a new --workdir") from None
 
   def latest_step(self) -> int | None:
     self._join()

@@ -187,3 +187,33 @@ def test_tensorstore_callbacks_into_a_closed_loop_print_nothing_once_a_checkpoin
                                capture_output=True, text=True, timeout=120) for hook in ("none", "hook")}
   assert runs["none"].stderr.count("RuntimeError: Event loop is closed") >= 1  # the case is real here
   assert "Event loop is closed" not in runs["hook"].stderr and "Traceback" not in runs["hook"].stderr
+
+
+def test_a_step_deleted_while_the_checkpoints_open_is_read_again_not_called_damaged(tmp_path, monkeypatch):
+  """An eval beside a training: its retention deletes a step while orbax reads every step's metadata on open."""
+  import errno
+
+  import pytest
+
+  from bigmodel_jax import checkpoint
+  from bigmodel_jax.errors import UserError
+  ckpt = Checkpointer(tmp_path, keep=2)
+  for step in (10, 20):
+    save(ckpt, step)
+  ckpt.close()
+  real, calls = checkpoint.ocp.CheckpointManager, []
+
+  def racing(directory, *args, vanish=1, **kwargs):  # the first `vanish` opens find step 10 gone mid-read
+    calls.append(directory)
+    if len(calls) <= vanish:
+      raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "10"))
+    return real(directory, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", racing)
+  ckpt = Checkpointer(tmp_path, keep=2)
+  assert ckpt.all_steps() == [10, 20] and len(calls) == 2
+  ckpt.close()
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda *a, **k: racing(*a, vanish=99, **k))
+  with pytest.raises(UserError, match="changed while it was being read.*run again") as e:
+    Checkpointer(tmp_path, keep=2)
+  assert "move it away" not in str(e.value)
