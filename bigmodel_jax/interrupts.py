@@ -27,6 +27,9 @@ def _handler(signum, _frame):  # runs only if the watcher thread has not ended t
 
 
 _exiting = threading.Lock()  # the watcher thread and the Python-level handler may both see one signal
+# where the line goes: a copy of stderr made at install, as fd 2 itself may be captured just then (a checkpoint
+# restore points it at a file while orbax reads, checkpoint._redirect_stderr), which would swallow the line
+_stderr = 2
 
 
 def _exit(signum: int) -> None:
@@ -36,7 +39,7 @@ def _exit(signum: int) -> None:
   name = signal.Signals(signum).name
   what = f"stopped {PHASE}" if mode == "train" else f"--mode={mode} stopped; its outputs may be incomplete"
   try:
-    os.write(2, f"error: {name}: {what}\n".encode())
+    os.write(_stderr, f"error: {name}: {what}\n".encode())
   finally:
     os._exit(128 + signum)
 
@@ -58,10 +61,14 @@ _installed = False
 def install() -> None:
   """From the main thread, first thing (bigmodel_jax/__init__.py for python -m bigmodel_jax.main, run() for the
   console script): every later handler (the training loop's) replaces this one."""
-  global _installed
+  global _installed, _stderr
   if _installed or threading.current_thread() is not threading.main_thread():
     return
   _installed = True
+  try:
+    _stderr = os.dup(2)
+  except OSError:  # no stderr at all
+    pass
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   for signum in SIGNALS:

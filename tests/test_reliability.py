@@ -72,6 +72,23 @@ def test_a_signal_during_start_up_exits_at_once_with_its_code(cli, tmp_path, sig
   assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_a_signal_while_a_restore_captures_stderr_still_says_why_it_stopped(signum):
+  """A checkpoint restore points fd 2 at a file while orbax reads (a resume, an eval, the best step's test metrics):
+  a Ctrl-C or SIGTERM then exited with its code and no line at all."""
+  script = ("import os, signal, tempfile, time\n"
+            "from bigmodel_jax import interrupts, checkpoint\n"
+            "interrupts.install()\n"
+            "with tempfile.TemporaryFile() as f:\n"
+            "  checkpoint._redirect_stderr(f.fileno())\n"
+            f"  os.kill(os.getpid(), {int(signum)})\n"
+            "  time.sleep(30)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 128 + signum
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {signal.Signals(signum).name}: stopped")
+
+
 def test_two_ctrl_c_during_training_save_first_then_exit(cli, tmp_path):
   workdir = tmp_path / "run"
   proc = cli(*SMOKE, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
