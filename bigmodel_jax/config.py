@@ -240,7 +240,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("seed", lambda v: v >= 0, "must be >= 0"),
+    ("seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
     ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
     ("data.train_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]: the share of the training split to train on"),
     ("task.mask_rate", lambda v: 0 < v < 1, "must be in (0, 1): the share of tokens masked (BERT: 0.15)"),

@@ -85,6 +85,8 @@ BAD_INPUTS = [
     pytest.param([SMOKE, "--config.optimiser.learning_rate=1e-3"],
                  ["--config.optimiser.learning_rate", "did you mean 'optimizer'"], id="misspelled-section"),
     pytest.param([SMOKE, "--config.seed=-1"], ["config.seed", ">= 0"], id="negative-seed"),
+    pytest.param([SMOKE, "--config.seed=18446744073709551616"], ["config.seed", "below 2**63"],
+                 id="seed-too-large"),  # was blamed on config.model (an OverflowError in its init)
     pytest.param([SMOKE, "--config.schedule.name=warmup_cosine", "--config.schedule.warmup_steps=1000"],
                  ["config.schedule.warmup_steps", "80 training steps"], id="warmup-longer-than-run"),
     pytest.param(["--config=configs/mnist_cnn.py:smoke", "--config.data.name=digits"],
