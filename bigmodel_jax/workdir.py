@@ -56,7 +56,9 @@ def check_workdir(workdir: Path, config) -> None:
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
     return
-  diffs = [d for d in run_config.config_differences(saved, json.loads(config.to_json_best_effort()))
+  t = config.train  # with early stopping, the selection evaluator's cadence decides where training stops
+  counted = (f"evals.{t.best_eval}.",) if t.best_eval and t.early_stopping.patience > 0 else ()
+  diffs = [d for d in run_config.config_differences(saved, json.loads(config.to_json_best_effort()), counted)
            if not (d.startswith("data.path:") and path_is_guarded(workdir))]
   if diffs:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "

@@ -106,6 +106,22 @@ def test_selection_resumes_bit_exact(tmp_path):
     assert resumed[key] == whole[key], key
 
 
+def test_a_resume_that_moves_the_early_stopping_evaluations_is_refused(tmp_path):
+  """With early stopping, the validation evaluator's cadence decides where training stops: a relaunch that changed
+  it went on to another final model (exit 0), as if evals.* only said when to report."""
+  from bigmodel_jax.errors import UserError
+  for patience in (3, 0):
+    config = digits_config(num_steps=40, checkpoint_every=20)
+    config.train.early_stopping.patience, config.evals.validation.every = patience, 10
+    train.train_and_evaluate(config, tmp_path / str(patience))
+    config.evals.validation.every = 20
+    if patience:
+      with pytest.raises(UserError, match=r"\(evals\.validation\.every: 10 -> 20\); use a new --workdir"):
+        train.train_and_evaluate(config, tmp_path / str(patience))
+    else:  # without early stopping, when to evaluate is the launch's choice
+      assert train.train_and_evaluate(config, tmp_path / str(patience))["step"] == 40
+
+
 def test_a_workdir_from_before_validation_splits_resumes_as_it_was(tmp_path):
   def legacy(config):  # what the code did before validation splits, in today's fields
     config.data.validation_fraction, config.train.best_eval = 0.0, ""
