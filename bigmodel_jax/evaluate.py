@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -76,9 +77,9 @@ class Selection:
     return selection
 
   def update(self, step: int, metrics: dict) -> None:
-    value = float(metrics[self.metric])
-    better = (self.best_value is None or
-              (value > self.best_value + self.min_delta if self.mode == "max" else value < self.best_value - self.min_delta))
+    value = float(metrics[self.metric])  # NaN is never best (nothing would compare better after it)
+    better = not math.isnan(value) and (self.best_value is None or math.isnan(self.best_value) or (
+        value > self.best_value + self.min_delta if self.mode == "max" else value < self.best_value - self.min_delta))
     if better:
       self.best_value, self.best_step, self.stale = value, step, 0
     else:

@@ -154,3 +154,18 @@ def test_a_config_file_setting_a_moved_field_is_refused(tmp_path):
   config.train.eval_every = 5  # a config file written before evaluators
   with pytest.raises(UserError, match=r"config.train.eval_every: not a config field \(it moved to config.evals"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_nan_validation_value_is_never_the_best(mode):
+  """Was: a NaN on the first evaluation became the best for good (no value compares better than NaN), so early
+  stopping stopped `patience` evaluations later and the best checkpoint was the NaN one."""
+  from bigmodel_jax.evaluate import Selection
+  selection = Selection("validation", "metric", mode, patience=2)
+  worse, better = (0.5, 0.7) if mode == "max" else (0.7, 0.5)
+  for step, value in [(10, float("nan")), (20, worse), (30, float("nan")), (40, better)]:
+    selection.update(step, {"metric": value})
+  assert (selection.best_step, selection.best_value, selection.stale, selection.stop) == (40, better, 0, False)
+  restored = Selection("validation", "metric", mode, patience=2, best_value=float("nan"), best_step=10)  # saved before
+  restored.update(20, {"metric": worse})
+  assert restored.best_step == 20
