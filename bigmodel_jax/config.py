@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
       compilation_cache=True,  # JAX's persistent compilation cache ($BIGMODEL_JAX_CACHE_DIR)
       dtype="float32",  # compute dtype: float32 | bfloat16 (parameters and optimizer state stay float32)
       grad_accum_steps=1,  # split each batch into k microbatches run in turn: same update, ~1/k activation memory
-      steps_per_call=1,  # train steps per dispatch (a lax.scan over k batches): less host work per step, same numbers
+      steps_per_call=1,  # train steps per dispatch (a lax.scan over k batches): less host work per step, same math
       trackers="tensorboard",  # where metrics go besides metrics.jsonl: comma-separated tensorboard | mlflow | wandb
       tracking=dict(
           experiment="",  # MLflow experiment / W&B group; "": $BIGMODEL_JAX_EXPERIMENT or bigmodel_jax
