@@ -349,6 +349,12 @@ def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tm
   with pytest.raises(UserError, match=r"trial learning_rate=0\.003,seed=0 .*\(init\.workdir: '/elsewhere/pretrained'"):
     Manifest.open(copy, sweep).sync(sweep)
   shutil.rmtree(copy / "learning_rate=0.003,seed=0")
+  config = json.loads((copy / "learning_rate=0.001,seed=1" / "config.json").read_text())
+  config["evals"]["validation"]["every"] = 50  # validated at other steps: its best was chosen among others
+  (copy / "learning_rate=0.001,seed=1" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=r"trial learning_rate=0\.001,seed=1 .*\(evals\.validation\.every: 50 -> 100"):
+    Manifest.open(copy, sweep).sync(sweep)
+  shutil.rmtree(copy / "learning_rate=0.001,seed=1")
   (copy / "manifest.json").unlink()  # moved away; another sweep file (more steps) launched in the same workdir
   longer = spec.load(write(tmp_path / "grid.py", (folder / "grid.py").read_text().replace('"train.num_steps": 300',
                                                                                            '"train.num_steps": 2000')))
