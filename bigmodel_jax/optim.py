@@ -167,11 +167,15 @@ def _get(registry: Registry, name: str, field: str):
     raise UserError(str(e).replace(registry.field, field, 1)) from None
 
 
-def _schedule(o, s, total_steps: int, sched_field: str) -> optax.Schedule:
+def _schedule(o, s, total_steps: int, sched_field: str, per_step: int = 1) -> optax.Schedule:
+  """The schedule over the optimizer's own updates: `per_step` per training step (a GAN's d_steps), so its
+  warmup and its decay both span the training steps the config gives."""
   if s.name in ("warmup_cosine", "linear") and s.warmup_steps >= total_steps:
     raise UserError(f"config.{sched_field}.warmup_steps: {s.warmup_steps} is not below the run's {total_steps} "
                     "training steps; shorten the warmup or train longer")
-  return _get(SCHEDULES, s.name, f"config.{sched_field}.name")(o.learning_rate, s, total_steps)
+  if per_step != 1:
+    s = ml_collections.ConfigDict({**s.to_dict(), "warmup_steps": s.warmup_steps * per_step})
+  return _get(SCHEDULES, s.name, f"config.{sched_field}.name")(o.learning_rate, s, total_steps * per_step)
 
 
 def _transformation(o, schedule, field: str) -> optax.GradientTransformation:
@@ -271,7 +275,7 @@ def make_optimizers(config, total_steps: int, abstract_params, required: tuple[s
   for opt_name, (o, s, field) in named.items():
     sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
     per_step = (updates_per_step or {}).get(opt_name, 1)
-    schedule = _schedule(o, s, total_steps * per_step, sched_field)
+    schedule = _schedule(o, s, total_steps, sched_field, per_step)
     tx = _transformation(o, schedule, field)
     mask = masks[opt_name]
     if not all(jax.tree.leaves(mask)):  # the state covers only this optimizer's parameters

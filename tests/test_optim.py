@@ -160,6 +160,23 @@ def test_warmup_schedule_reaches_the_optimizer():
   assert steps[WARMUP] == pytest.approx(LR, rel=1e-5)
 
 
+def test_an_optimizer_stepping_several_times_per_step_warms_up_and_decays_over_the_same_steps():
+  """A GAN's discriminator steps d_steps times per training step: its schedule is indexed by its own update count,
+  so both its warmup and its decay are stretched d times (warmup_steps counts training steps, as for the generator)."""
+  c = base_config()
+  schedule = dict(name="warmup_cosine", warmup_steps=WARMUP, end_factor=END)
+  c.optimizers = {n: optim.section_config(params=n, learning_rate=LR, schedule=schedule) for n in ("g", "d")}
+  params = {n: {"kernel": jax.ShapeDtypeStruct((2, 2), jnp.float32)} for n in ("g", "d")}
+  opts = optim.make_optimizers(c, TOTAL, params, updates_per_step={"d": 3})
+  g, d = opts["g"].schedule, opts["d"].schedule
+  for step in (0, WARMUP // 2, WARMUP, WARMUP + 7, TOTAL // 2, TOTAL):
+    assert float(d(3 * step)) == pytest.approx(float(g(step)), rel=1e-5, abs=1e-9), step
+  assert float(d(3 * (WARMUP // 2))) == pytest.approx(LR / 2, rel=1e-5)  # mid-warmup in training steps
+  c.optimizers.d.schedule.warmup_steps = TOTAL + 5  # longer than the run in training steps: refused
+  with pytest.raises(optim.UserError, match="optimizers.d.schedule.warmup_steps"):
+    optim.make_optimizers(c, TOTAL, params, updates_per_step={"d": 3})
+
+
 def test_grad_clip_norm_bounds_the_update():
   c = make_config(name="sgd", grad_clip_norm=1.0)
   c.optimizer.learning_rate = 1.0
