@@ -9,7 +9,9 @@ def classification_metrics(confusion_TxP: np.ndarray) -> dict[str, float]:
   """Accuracy and macro precision/recall/F1 from a confusion matrix (rows = true, cols = predicted).
 
   Classes with no predictions (or no examples) count as 0 precision (recall), as scikit-learn's
-  zero_division=0 does, and still count in the macro mean.
+  zero_division=0 does, and still count in the macro mean. A class with neither (absent from a small split and
+  never predicted) is left out of it, as scikit-learn's default labels (those of y_true and y_pred) leave it:
+  counted as 0, it would put a perfect classifier's macro F1 below 1.
   """
   cm = np.asarray(confusion_TxP, dtype=np.float64)
   tp = np.diag(cm)
@@ -18,12 +20,13 @@ def classification_metrics(confusion_TxP: np.ndarray) -> dict[str, float]:
   recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
   denom = precision + recall
   f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-  total = cm.sum()
+  total, seen = cm.sum(), (predicted + actual) > 0
+  macro = lambda x: float(x[seen].mean()) if seen.any() else 0.0
   return {
       "accuracy": float(tp.sum() / total) if total else 0.0,
-      "precision": float(precision.mean()),
-      "recall": float(recall.mean()),
-      "f1": float(f1.mean()),
+      "precision": macro(precision),
+      "recall": macro(recall),
+      "f1": macro(f1),
   }
 
 

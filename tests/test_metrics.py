@@ -45,6 +45,19 @@ def test_classification_metrics_match_sklearn():
   assert got["accuracy"] == pytest.approx(16 / 27)  # a hand check of the reference itself
 
 
+def test_a_class_absent_from_the_split_and_never_predicted_is_left_out_of_the_macro_means():
+  """A small validation split may lack a class: a perfect classifier there has macro F1 1 (scikit-learn's default
+  labels, those seen in y_true or y_pred), not (C - 1) / C."""
+  perfect = np.diag([3, 2, 0, 4]).astype(float)
+  got = metrics.classification_metrics(perfect)
+  assert got == pytest.approx({"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0})
+  confusion = np.array([[5, 1, 0, 0], [0, 7, 0, 1], [0, 0, 0, 0], [1, 2, 0, 3]])  # class 2: no example, no prediction
+  y_true, y_pred = expand(confusion)
+  precision, recall, f1, _ = skm.precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+  got = metrics.classification_metrics(confusion)
+  assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision, recall, f1), abs=1e-12)
+
+
 def test_regression_metrics_match_numpy_and_sklearn():
   rng = np.random.default_rng(0)
   y = rng.normal(3.0, 2.0, size=200)
