@@ -184,3 +184,22 @@ def test_d_steps_stretch_the_discriminators_schedule(classifier_dir):
   _, state = train_steps(config, steps, steps=2)
   counts = {int(x) for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state["discriminator"]) if "count" in str(p)}
   assert counts == {4}
+
+
+def test_a_classifier_config_and_cache_relative_to_the_working_directory(cache_dir, tmp_path, monkeypatch):
+  """The quality classifier trains in a process started in the checkout: a classifier config file, a cache
+  directory and a data dir given relative to the user's directory are those of the user's directory."""
+  from bigmodel_jax.data import load_dataset
+  from bigmodel_jax.tasks import adversarial
+  source = (train.Path(__file__).parents[1] / "configs" / "digits_mlp.py").read_text()
+  (tmp_path / "my_classifier.py").write_text(source + "\n\n_full = get_config\n\n\ndef get_config(variant=''):\n"
+                                             "  return _full('smoke')\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv(adversarial.CLASSIFIER_CACHE_ENV, "cache")
+  monkeypatch.setenv("BIGMODEL_JAX_CACHE_DIR", str(cache_dir))
+  config = gan_config()
+  config.eval.classifier_config, config.data.data_dir = "my_classifier.py", "data"
+  workdir = adversarial._cached_classifier(config, load_dataset(config.data))
+  assert workdir == tmp_path / "cache" / "my_classifier_digits"
+  assert (workdir / "final_metrics.json").is_file()
+  assert json.loads((workdir / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "data")

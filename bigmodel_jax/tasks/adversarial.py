@@ -246,6 +246,7 @@ class Classifier:
 
 def _cached_classifier(config, dataset) -> Path:
   """The workdir of config.eval.classifier_config trained on this dataset: trained once, then reused."""
+  from bigmodel_jax.data import fetch
   if jax.process_count() > 1:
     raise UserError("config.eval.classifier_workdir: a multi-process GAN run needs a trained classifier; train one "
                     "first (e.g. configs/mnist_cnn.py) and name its workdir")
@@ -254,7 +255,10 @@ def _cached_classifier(config, dataset) -> Path:
   if not path.is_file():
     raise UserError(f"config.eval.classifier_config: no config file {path}; name one (configs/mnist_cnn.py) or "
                     "give config.eval.classifier_workdir")
+  # absolute: the classifier trains in a process started in the checkout, not in this one's directory
+  path = path.absolute()
   cache = Path(os.environ.get(CLASSIFIER_CACHE_ENV) or Path.home() / ".cache" / "bigmodel_jax" / "classifiers")
+  cache, data_dir = cache.absolute(), fetch.data_dir(config.data.data_dir).absolute()
   workdir = cache / f"{path.stem}_{dataset.name}"
   if (workdir / "final_metrics.json").exists():
     return workdir
@@ -264,7 +268,7 @@ def _cached_classifier(config, dataset) -> Path:
     if not (workdir / "final_metrics.json").exists():
       logging.info("training the GAN's quality classifier once: %s on %s -> %s", path, dataset.name, workdir)
       cmd = [sys.executable, "-m", "bigmodel_jax.main", f"--config={path}", f"--workdir={workdir}",
-             f"--config.data.name={dataset.name}", f"--config.data.data_dir={config.data.data_dir}",
+             f"--config.data.name={dataset.name}", f"--config.data.data_dir={data_dir}",
              "--config.train.progress_bar=false"]
       # one plain process beside this one: not part of a launcher's job, not holding the accelerator's memory
       env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}
