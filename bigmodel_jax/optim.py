@@ -50,7 +50,7 @@ def _linear(lr, s, total_steps):
 
 # --- weight decay by parameter role (the last name of a parameter's path), the same in every layout
 DECAYED = ("kernel",)  # dense, conv, attention and LSTM weight matrices, however they are stacked
-EMBEDDINGS = ("embedding", "pos_embed", "cls")  # token / position embeddings, learned prefix vectors
+EMBEDDINGS = ("embedding", "pos_embed", "type_embed", "cls")  # token / position / token-type embeddings, prefix vectors
 # everything else (biases, LayerNorm/BatchNorm scales, ...) is never decayed
 
 

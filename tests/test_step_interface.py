@@ -30,6 +30,7 @@ def test_decay_roles():
   assert decays("trunk.blocks.0.attn.qkv.kernel") and decays("convs.1.kernel")
   assert not decays("trunk.blocks.attn.qkv.bias") and not decays("trunk.ln_f.scale") and not decays("head.bias")
   assert not decays("trunk.embed.embedding") and decays("trunk.embed.embedding", decay_embeddings=True)
+  assert decays("trunk.type_embed", decay_embeddings=True) and not decays("trunk.type_embed")  # BERT's token types
   assert not decays("bn1.mean")
 
 
