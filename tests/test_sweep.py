@@ -285,6 +285,12 @@ def test_report_groups_over_seeds_and_selects_on_validation_only(tmp_path):
   report.write(tmp_path, data)
   md = (tmp_path / "results.md").read_text()
   assert "| 0.1 | 0.9 | 0.99 | 1 |" in md and "`lr=0.1,seed=1` (incomplete)" in md, md
+  record = json.loads((tmp_path / "lr=0.01,seed=1" / "final_metrics.json").read_text())
+  del record["best"]["test"]  # the best step's checkpoint was deleted: validation from 2 seeds, test from 1
+  (tmp_path / "lr=0.01,seed=1" / "final_metrics.json").write_text(json.dumps(record))
+  report.write(tmp_path, data)
+  md = (tmp_path / "results.md").read_text()
+  assert "| 0.01 | 0.96 ± 0.014 | 0.8 (n=1) | 2 |" in md and "test accuracy 0.8 (n=1)." in md, md
 
 
 # --- real sweeps

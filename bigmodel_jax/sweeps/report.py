@@ -122,6 +122,12 @@ def _mean_std(mean: float, std: float) -> str:
   return f"{mean:.4g} ± {std:.2g}" if math.isfinite(std) else f"{mean:.4g}"
 
 
+def _test(group: Group, n: int) -> str:
+  """The test mean ± std, with its own count where fewer seeds have one (a best checkpoint deleted, say)."""
+  tm, ts, tn = group.stats("test")
+  return _mean_std(tm, ts) + (f" (n={tn})" if tn != n and math.isfinite(tm) else "")
+
+
 def _cell(value) -> str:
   return format_value(value).replace("|", "\\|")
 
@@ -147,16 +153,16 @@ def write_markdown(path: Path, rows: list[Row], data: dict, plots: list[Path]) -
       (["note"] if removed else [])
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for g in ranked:
-    (vm, vs, n), (tm, ts, _) = g.stats("value"), g.stats("test")
+    vm, vs, n = g.stats("value")
     cells = [_cell(g.overrides[k]) if k in g.overrides else "–" for k in keys] + \
-        [_mean_std(vm, vs), _mean_std(tm, ts), str(n)] + (["" if g.in_sweep else "not in the current sweep"]
+        [_mean_std(vm, vs), _test(g, n), str(n)] + (["" if g.in_sweep else "not in the current sweep"]
                                                            if removed else [])
     lines.append("| " + " | ".join(cells) + " |")
   best = next((g for g in ranked if g.in_sweep), None)
   if best is not None:
-    (vm, vs, n), (tm, ts, _) = best.stats("value"), best.stats("test")
+    vm, vs, n = best.stats("value")
     lines += ["", f"**Best**: {_described(best.overrides, labels)}: validation {metric} {_mean_std(vm, vs)} (n={n}); "
-              f"test {metric} {_mean_std(tm, ts)}."]
+              f"test {metric} {_test(best, n)}."]
   failed = [r for r in rows if r.status == "failed"]
   if failed:
     lines += ["", "Failed trials:", *(f"- `{r.name}`: {r.error or 'no error line (see its stderr.log)'}"
