@@ -169,3 +169,17 @@ def test_a_nan_validation_value_is_never_the_best(mode):
   restored = Selection("validation", "metric", mode, patience=2, best_value=float("nan"), best_step=10)  # saved before
   restored.update(20, {"metric": worse})
   assert restored.best_step == 20
+
+
+def test_a_gan_resume_with_another_quality_classifier_is_refused(tmp_path):
+  """The best classifier_score is chosen across evaluations: a relaunch scoring with another classifier (eval.* is
+  a runtime field elsewhere) compared two classifiers' scores and kept the 'best' with exit 0."""
+  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.workdir import check_workdir
+  config = load_config("mnist_dcgan", "smoke")
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())  # as a launch writes it
+  check_workdir(tmp_path, config)  # the same config: goes on
+  config.eval.classifier_workdir = str(tmp_path / "another_classifier")
+  with pytest.raises(UserError, match=r"\(eval\.classifier_workdir: '' -> '.*another_classifier'\)"):
+    check_workdir(tmp_path, config)
