@@ -264,7 +264,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.num_tokens", lambda v: 0 < v <= 1_000_000,  # sample.MAX_TOKENS
      "must be > 0 and at most 1000000 per call (how many tokens to generate; for more, sample again with the "
      "text as the prompt)"),
-    ("sample.temperature", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = always the most likely token)"),
+    ("sample.temperature", lambda v: v == 0 or 1e-4 <= v < math.inf, "must be 0 (greedy) or at least 1e-4"),
     ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
     ("sample.seed", lambda v: v >= 0, "must be >= 0"),

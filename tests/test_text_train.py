@@ -217,7 +217,9 @@ def test_predict_on_the_lm_points_to_sample(cli, gpt_run):
 @pytest.mark.parametrize("overrides,needles", [
     (["--config.sample.prompt=ROMEO: €"], ["config.sample.prompt", "'€'", "not in the tokenizer's vocabulary"]),
     (["--config.sample.num_tokens=0"], ["config.sample.num_tokens", "> 0"]),
-], ids=["prompt-outside-vocabulary", "zero-tokens"])
+    # logits / 1e-40 overflow to inf: every token with a positive logit tied, the lowest id drawn each time (exit 0)
+    (["--config.sample.temperature=1e-40"], ["config.sample.temperature", "0 (greedy) or at least 1e-4", "1e-40"]),
+], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits"])
 def test_bad_sample_settings_are_one_line(cli, gpt_run, overrides, needles):
   before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
   line = assert_one_error(cli(*GPT, f"--workdir={gpt_run}", "--mode=sample", *overrides), *needles)
