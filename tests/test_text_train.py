@@ -219,7 +219,8 @@ def test_predict_on_the_lm_points_to_sample(cli, gpt_run):
     (["--config.sample.num_tokens=0"], ["config.sample.num_tokens", "> 0"]),
     # logits / 1e-40 overflow to inf: every token with a positive logit tied, the lowest id drawn each time (exit 0)
     (["--config.sample.temperature=1e-40"], ["config.sample.temperature", "0 (greedy) or at least 1e-4", "1e-40"]),
-], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits"])
+    (["--config.sample.seed=9223372036854775808"], ["config.sample.seed", "below 2**63"]),  # was an OverflowError
+], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits", "seed-too-large"])
 def test_bad_sample_settings_are_one_line(cli, gpt_run, overrides, needles):
   before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
   line = assert_one_error(cli(*GPT, f"--workdir={gpt_run}", "--mode=sample", *overrides), *needles)
