@@ -106,7 +106,8 @@ class Steps:
 
     Microbatch i of grad_accum_steps takes rows i, i+k, ... (each device keeps its own rows), run in turn by
     lax.scan inside the one step, so steps, schedules and checkpoints do not change with k; each microbatch's
-    mean is weighted by its real rows (mask), so padding never counts however the batch is split.
+    mean is weighted by what it is a mean over (the task's weight: its real rows, a masked LM's selected tokens),
+    so padding never counts and the update is the whole batch's however the batch is split.
     """
     params = state.params
     model_state = state.model_state if model_state is None else model_state
@@ -138,14 +139,14 @@ class Steps:
       def body(carry, microbatch):
         sums, model_state = carry
         g, model_state, metrics = one(model_state, microbatch)
-        rows = microbatch["mask"].sum()
+        rows = self.task.weight(microbatch)
         return (jax.tree.map(lambda acc, x: acc + rows * x, sums, (g, metrics)), model_state), None
 
       ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, model_state), micro)
-      rows = jnp.maximum(batch["mask"].sum(), 1.0)
+      rows = jnp.maximum(self.task.weight(batch), 1.0)
       grads, metrics = jax.tree.map(lambda x: x / rows, (grads, metrics))
     # pmap: a weighted mean over the replicas (jit's arrays already span the global batch)
-    grads, metrics = self.layout.mean_over_replicas((grads, metrics), batch["mask"].sum())
+    grads, metrics = self.layout.mean_over_replicas((grads, metrics), self.task.weight(batch))
     return grads, self.layout.sync_model_state(model_state), metrics
 
   def apply_gradients(self, state: TrainState, grads, model_state=None, *, wrt: str | None = None):

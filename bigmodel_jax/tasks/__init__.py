@@ -57,6 +57,11 @@ class Task(abc.ABC):
   def output_shape(self, input_shape) -> tuple[int, ...]:
     """The model output shape per example this task needs (checked before training)."""
 
+  def weight(self, batch):
+    """What a (micro)batch's mean loss and metrics are means over, counted: its real rows. Microbatches and pmap
+    replicas are averaged weighted by it, so the update is the whole batch's mean however the batch is split."""
+    return batch["mask"].sum()
+
   def outputs(self, model, batch, *, train: bool = False, rngs=None):
     return model(batch["inputs"], train=train, rngs=rngs).astype(jnp.float32)
 

@@ -57,8 +57,7 @@ class MaskedLanguageModeling(Task):
     def one(tokens_L, key):
       k_order, k_kind, k_token = jax.random.split(key, 3)
       real = tokens_L != 0
-      n = real.sum()
-      count = jnp.where(n > 0, jnp.clip(jnp.round(n * self.mask_rate), 1, p), 0)
+      count = self._count(real.sum(), length)
       # real tokens in a random order first (padding scores -1): the first `count` are the selection
       _, positions = jax.lax.top_k(jnp.where(real, jax.random.uniform(k_order, (length,)), -1.0), p)
       selected = jnp.arange(p) < count
@@ -70,6 +69,18 @@ class MaskedLanguageModeling(Task):
       return inputs, positions, selected, original
 
     return jax.vmap(one)(tokens_BxL, keys_Bx2)
+
+  def _count(self, real_tokens, length: int):
+    """How many positions an example with `real_tokens` of `length` has selected: round(mask_rate x real_tokens),
+    at least 1 and at most ceil(mask_rate x length); none without real tokens."""
+    p = max(1, math.ceil(self.mask_rate * length))
+    return jnp.where(real_tokens > 0, jnp.clip(jnp.round(real_tokens * self.mask_rate), 1, p), 0)
+
+  def weight(self, batch):
+    """The selected positions of the real rows (what the loss is a mean over; rows of unequal length select
+    unequal numbers), known from the inputs alone."""
+    inputs = batch["inputs"]
+    return (self._count((inputs != 0).sum(1), inputs.shape[1]) * batch["mask"]).sum()
 
   def _sums(self, model, batch, keys, *, train, rngs=None):
     inputs, positions, selected, targets = self.corrupt(batch["inputs"].astype(jnp.int32), keys)

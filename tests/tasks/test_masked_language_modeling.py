@@ -219,3 +219,31 @@ def test_bad_mask_rate_padding_and_fraction_are_one_line(tokenizer):
   assert stream.take_train_fraction(0.033).num_examples("train") == 33  # one window of 32 + 1
   with pytest.raises(UserError, match="config.data.train_fraction: 0.03 .* keeps 30, fewer than one window"):
     stream.take_train_fraction(0.03)
+
+
+@pytest.mark.parametrize("devices, strategy, k", [(1, "jit", 4), (8, "pmap", 2)])
+def test_the_update_is_the_whole_batchs_however_it_is_split(tokenizer, devices, strategy, k):
+  """Rows of unequal length select unequal numbers of tokens: split into microbatches or over pmap replicas, the
+  update is still the mean over the whole batch's selected tokens (it was the mean of each part's own mean)."""
+  from bigmodel_jax import parallel, train
+  rows = padded_rows(tokenizer, 16, seed=2)
+  split = {"inputs": rows, "targets": np.zeros(len(rows), np.int32)}
+  data = Dataset("docs", split, None, "text", tokenizer=tokenizer, vocab_size=tokenizer.vocab_size, validation=split)
+  c = base_config()
+  c.model = model_config("encoder_mlm", num_layers=1, num_heads=2, embed_dim=16, max_len=L + 1, dropout_rate=0.0)
+  c.task.name, c.data.batch_size, c.data.seq_len = "masked_language_modeling", len(rows), L
+  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "sgd", 0.5, "constant"
+  batch = {"inputs": rows, "targets": split["targets"], "mask": np.ones(len(rows), np.float32)}
+
+  def one_step(devices):
+    mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:devices])
+    steps = train.make_steps(c, data, MaskedLanguageModeling(c, data), mesh, total_steps=10)
+    state, metrics = steps.train_step(steps.layout.place(steps.init()), steps.layout.train_batch(batch))
+    return float(metrics["loss"]), steps.layout.plain(state)
+
+  loss, whole = one_step(1)
+  c.parallel.strategy, c.train.grad_accum_steps = strategy, k
+  split_loss, parts = one_step(devices)
+  assert split_loss == pytest.approx(loss, rel=1e-6)
+  for a, b in zip(jax.tree.leaves(parts.params), jax.tree.leaves(whole.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
