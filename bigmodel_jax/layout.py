@@ -168,6 +168,9 @@ class PmapLayout(Layout):
                       f"{mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; set config.mesh.fsdp=1 and "
                       "config.mesh.tensor=1, or use strategy 'jit'")
     super().__init__(mesh, abstract_state, logical_specs, rules)
+    if self.batch_shards != mesh.size:  # pmap gives each device its own rows whatever the rule: checked by that rule
+      raise UserError(f"config.parallel.rules.batch: 'pmap' splits the batch over the data axis, but the rule is "
+                      f"{','.join(self.rules['batch'])!r}; set it to 'data,fsdp' (the default), or use strategy 'jit'")
     self.devices = list(mesh.devices.flat)
     self._stacked = NamedSharding(Mesh(np.array(self.devices), (DATA_AXIS,)), P(DATA_AXIS))
     n = len(self.devices)

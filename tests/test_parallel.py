@@ -281,6 +281,10 @@ def test_pmap_needs_a_pure_data_mesh():
   with pytest.raises(UserError, match=r"config.parallel.strategy: 'pmap' is pure data parallel, but the mesh has "
                                       r"fsdp=8"):
     stepper_for(config, 8, fsdp=8)
+  config.parallel.rules = dict(parallel.RULES, batch="")  # pmap splits it anyway: batch 32 over 3 devices crashed
+  with pytest.raises(UserError, match=r"config.parallel.rules.batch: 'pmap' splits the batch over the data axis, but "
+                                      r"the rule is ''; set it to 'data,fsdp'"):
+    stepper_for(config, 3)
 
 
 @needs_tiny
