@@ -20,6 +20,7 @@ from flax import nnx
 
 from bigmodel_jax import runinfo
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.models.layers import seed_key
 
 SEPARATOR = "\n\n=====\n\n"  # between samples, printed and saved
 
@@ -124,7 +125,7 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
                     f"(vocab_size {vocab})")
   index = len(history)
   chunk = jnp.zeros((num_samples, CHUNK), jnp.int32)
-  key = jax.random.PRNGKey(seed)
+  key = seed_key(seed)
   out = []  # host chunks of drawn tokens
   tail = np.zeros((num_samples, 0), np.int32)  # the last max_len of them, for a refill
   done = 0

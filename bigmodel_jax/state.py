@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from bigmodel_jax import layout, optim
-from bigmodel_jax.models.layers import ExampleRngs
+from bigmodel_jax.models.layers import ExampleRngs, seed_key
 from bigmodel_jax.registry import Registry
 
 DTYPES: Registry = Registry("compute dtype", "config.train.dtype")
@@ -71,11 +71,11 @@ class Steps:
     self.optimizers = optimizers = make_optimizers(abstract_params)
 
     def init() -> TrainState:
-      model = make_model(nnx.Rngs(params=jax.random.fold_in(jax.random.PRNGKey(seed), 0)))
+      model = make_model(nnx.Rngs(params=jax.random.fold_in(seed_key(seed), 0)))
       _, params, model_state = nnx.split(model, nnx.Param, ...)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                         opt_state={name: o.tx.init(params) for name, o in optimizers.items()},
-                        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+                        rng=jax.random.fold_in(seed_key(seed), 1))
 
     self.abstract_state = jax.eval_shape(init)
     example = {"inputs": jax.ShapeDtypeStruct((1, *input_shape), input_dtype),

@@ -26,6 +26,14 @@ def is_single_key(key) -> bool:
   return key.ndim == (0 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 1)
 
 
+def seed_key(seed: int) -> jax.Array:
+  """jax.random.PRNGKey(seed) for any seed below 2**63: without jax_enable_x64, PRNGKey keeps only a seed's low 32
+  bits (seed 2**32 + 5 made seed 5's key: the same initial weights, dropout and samples); the high bits are folded in.
+  The very key PRNGKey gives below 2**32."""
+  key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+  return key if seed < 2 ** 32 else jax.random.fold_in(key, seed >> 32)
+
+
 def fold_in(key, i):
   """fold_in for one key or one key per example."""
   return jax.random.fold_in(key, i) if is_single_key(key) else jax.vmap(jax.random.fold_in, (0, None))(key, i)

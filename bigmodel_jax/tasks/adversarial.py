@@ -32,6 +32,7 @@ from flax import nnx
 
 from bigmodel_jax import metrics, runinfo
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.models.layers import seed_key
 from bigmodel_jax.tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ lives beside the package
@@ -177,7 +178,7 @@ class Adversarial(Task):
     """config.sample.num_samples images from noise seeded by config.sample.seed -> PNG files and one .npy."""
     from bigmodel_jax import plots
     s = run.config.sample
-    keys = jax.random.split(jax.random.PRNGKey(s.seed), s.num_samples)
+    keys = jax.random.split(seed_key(s.seed), s.num_samples)
     images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)))
     out = {"step": step, "num_images": len(images)}
     if jax.process_index() == 0:

@@ -20,6 +20,7 @@ from flax import nnx
 from bigmodel_jax import sample
 from bigmodel_jax.data.tokenizers import CharTokenizer
 from bigmodel_jax.errors import UserError
+from bigmodel_jax.models.layers import seed_key
 from bigmodel_jax.models.rnn import LSTMLM
 from bigmodel_jax.models.transformer import GPT, EncoderClassifier
 
@@ -281,6 +282,15 @@ def test_same_seed_same_tokens_other_seed_other_tokens(models):
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert not np.array_equal(a[0], a[1])  # the samples of one call differ from each other too
+
+
+def test_seeds_2_to_the_32_apart_sample_other_tokens(models):
+  """Without x64, jax.random.PRNGKey keeps a seed's low 32 bits: seed 2**32 + 3 sampled seed 3's very tokens."""
+  np.testing.assert_array_equal(seed_key(3), jax.random.PRNGKey(3))  # below 2**32: the key it always was
+  model = models["learned"]
+  prompt = tokens((4,), seed=7)
+  a, b = (sample.generate(model, prompt, 10, num_samples=3, temperature=1.0, seed=s) for s in (3, 2 ** 32 + 3))
+  assert not np.array_equal(a, b)
 
 
 def test_filter_logits_keeps_the_top_k_and_the_nucleus():
