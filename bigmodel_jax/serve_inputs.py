@@ -220,7 +220,7 @@ def completion_request(body: dict, tokenizer, defaults, max_tokens: int) -> dict
          "temperature": _number(body, "temperature", defaults.temperature, 0.0, 1e4),
          "top_k": _integer(body, "top_k", defaults.top_k, 0, 2 ** 31 - 1),
          "top_p": _number(body, "top_p", defaults.top_p, 0.0, 1.0),
-         "seed": _integer(body, "seed", defaults.seed, 0, 2 ** 31 - 1)}
+         "seed": _integer(body, "seed", defaults.seed, 0, 2 ** 63 - 1)}  # as config.sample.seed
   if 0 < out["temperature"] < MIN_TEMPERATURE:  # logits / t overflow to inf: no distribution is left
     raise BadRequest(f"temperature: {out['temperature']:g} is below {MIN_TEMPERATURE:g}; use 0 for greedy decoding")
   if out["top_p"] <= 0:

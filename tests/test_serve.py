@@ -250,6 +250,9 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
     again = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "seed": 3,
                                                         "temperature": 1.0, "top_k": 10, "top_p": 0.9})[1]
     assert again["completion"] == drawn["completion"]  # the seed decides
+    far = server.request("POST", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "seed": 2 ** 32 + 3,
+                                                      "temperature": 1.0, "top_k": 10, "top_p": 0.9})
+    assert far[0] == 200 and far[1]["completion"] != drawn["completion"], far  # as config.sample.seed: up to 2**63
     cases = [({"prompt": ""}, "prompt: empty"), ({"max_tokens": 5}, "prompt: missing"),
              ({"prompt": 7}, "prompt: must be a string"),
              ({"prompt": "ROMEO\u00e9"}, "prompt: '\u00e9' is not in the tokenizer's vocabulary"),
@@ -263,7 +266,7 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
              ({"prompt": "A", "top_k": 1.5}, "top_k: must be an integer"),
              ({"prompt": "A", "top_p": 0}, "top_p: 0.0 must be in (0, 1]"),
              ({"prompt": "A", "top_p": 2}, "top_p: 2 out of range"),
-             ({"prompt": "A", "seed": -1}, "seed: -1 out of range"),
+             ({"prompt": "A", "seed": -1}, "seed: -1 out of range"), ({"prompt": "A", "seed": 2 ** 63}, "seed: "),
              ({"prompt": "A", "stream": True}, "stream: unknown field")]
     for body, text in cases:
       status, reply = server.request("POST", "/v1/completions", body)
