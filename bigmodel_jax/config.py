@@ -268,6 +268,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
     ("sample.seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
+    ("eval.seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),
     ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.steps_per_call", lambda v: v >= 1, "must be >= 1 (1 = one step per dispatch)"),

@@ -203,3 +203,29 @@ def test_a_classifier_config_and_cache_relative_to_the_working_directory(cache_d
   assert workdir == tmp_path / "cache" / "my_classifier_digits"
   assert (workdir / "final_metrics.json").is_file()
   assert json.loads((workdir / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "data")
+
+
+def test_eval_seeds_2_to_the_32_apart_draw_other_noise_and_2_to_the_63_is_one_line():
+  """config.eval.seed went to jax.random.PRNGKey as it was: 2**32 + 3 drew seed 3's evaluation noise (the same
+  classifier score, though a resume refuses it as another eval.*), -5 seed 2**32 - 5's, and 2**63 ended the
+  first evaluation in an OverflowError traceback; it is bounded like config.seed and keyed by seed_key."""
+  import types
+  from bigmodel_jax import config as config_lib
+  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.tasks.adversarial import Adversarial
+  data = types.SimpleNamespace(name="digits", is_image=True, num_classes=10)
+  model = types.SimpleNamespace(noise=lambda keys: jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys))
+  index = np.arange(4)
+
+  def with_seed(seed):
+    config = gan_config()
+    config.eval.seed = seed
+    return config
+
+  noise = lambda seed: np.asarray(Adversarial(with_seed(seed), data).fixed_noise(model, index))
+  before = np.asarray(model.noise(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3), index.astype(np.uint32))))
+  np.testing.assert_array_equal(noise(3), before)  # below 2**32: the noise it always was
+  assert not np.array_equal(noise(3), noise(2 ** 32 + 3))
+  for bad in (-5, 2 ** 63):
+    with pytest.raises(UserError, match=r"config\.eval\.seed: must be >= 0 and below 2\*\*63"):
+      config_lib.validate_fields(with_seed(bad))

@@ -115,7 +115,7 @@ class Adversarial(Task):
   # --- evaluation: generated images for fixed noise, one per test example
 
   def fixed_noise(self, model, index_B):
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(self.eval_seed), index_B.astype(jnp.uint32))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(seed_key(self.eval_seed), index_B.astype(jnp.uint32))
     return model.noise(keys)
 
   def generated(self, model, index_B):
