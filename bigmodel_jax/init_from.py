@@ -143,8 +143,9 @@ def prepare(config, steps, workdir: Path) -> Source | None:
   random_frozen = [d for name, d in names.items() if name.startswith("params/") and d in kept and d not in trained]
   if random_frozen:
     listed = ", ".join(random_frozen[:4]) + (", ..." if len(random_frozen) > 4 else "")
-    raise UserError(f"config.init.rules: {listed} not loaded but frozen (optimizer frozen patterns) would never "
-                    "leave its random initialisation; load what is frozen, or do not freeze it")
+    frozen = "config.optimizers.<name>.frozen" if config.optimizers else "config.optimizer.frozen"
+    raise UserError(f"config.init.rules: {listed} not loaded but frozen ({frozen}) would never leave its random "
+                    "initialisation; load what is frozen, or do not freeze it")
   return Source(model.workdir, step, params_sha256(model.workdir, step, state), values, loaded, kept)
 
 
