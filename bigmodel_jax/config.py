@@ -240,7 +240,8 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
+    *((f, lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)")
+      for f in ("seed", "sample.seed", "eval.seed")),
     ("data.validation_fraction", lambda v: 0 <= v < 1, "must be in (0, 1), or 0 for no validation split"),
     ("data.train_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]: the share of the training split to train on"),
     ("task.mask_rate", lambda v: 0 < v < 1, "must be in (0, 1): the share of tokens masked (BERT: 0.15)"),
@@ -267,8 +268,6 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.temperature", lambda v: v == 0 or 1e-4 <= v < math.inf, "must be 0 (greedy) or at least 1e-4"),
     ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
-    ("sample.seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
-    ("eval.seed", lambda v: 0 <= v < 2**63, "must be >= 0 and below 2**63 (a PRNG key's 64-bit seed)"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),
     ("train.grad_accum_steps", lambda v: v >= 1, "must be >= 1"),
     ("train.steps_per_call", lambda v: v >= 1, "must be >= 1 (1 = one step per dispatch)"),
