@@ -1,5 +1,6 @@
 """Training metrics between log steps: fetched a few calls late, checked finite, summarized per log window."""
 
+import math
 import time
 
 import jax
@@ -78,6 +79,8 @@ def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int
   for k in keys:  # the rate in force at the window's end, not its average
     if k.split("/")[-1] == "learning_rate":
       out[k] = float(fetched[-1][1][k])
+  if "perplexity" in out and "loss" in out:  # exp of the mean loss, as an eval's (not the mean of each part's exp)
+    out["perplexity"] = math.exp(min(out["loss"], 700.0))
   out["steps_per_s"] = len(fetched) / seconds if seconds > 0 else 0.0
   out["examples_per_s"] = out["steps_per_s"] * global_batch
   if tokens_per_example:  # text: token positions per second (padding included for classifiers)

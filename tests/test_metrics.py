@@ -104,3 +104,13 @@ def test_classification_eval_ignores_padding_rows(classification):
   assert (confusion == skm.confusion_matrix(targets[:4], pred, labels=range(10))).all()
   for key in ("loss", "accuracy", "precision", "recall", "f1"):
     assert padded[key] == pytest.approx(real[key], rel=1e-6), key
+
+
+def test_a_logged_train_perplexity_is_exp_of_the_windows_mean_loss():
+  """Was: the mean of each step's exp(loss) (and within a step, of each microbatch's or pmap replica's), which is
+  not the perplexity of the mean loss that the same record logs beside it."""
+  from bigmodel_jax.train_metrics import summarize
+  steps = [(1, {"loss": 1.0, "perplexity": np.exp(1.0)}), (2, {"loss": 3.0, "perplexity": np.exp(3.0)})]
+  out = summarize(steps, seconds=1.0, global_batch=4)
+  assert out["loss"] == 2.0 and out["perplexity"] == pytest.approx(np.exp(2.0), rel=1e-12)
+  assert summarize([(1, {"loss": 0.5, "accuracy": 0.25})], 1.0, 4).keys() >= {"loss", "accuracy"}  # no perplexity
