@@ -3,7 +3,9 @@ SIGKILL, the same first losses on 8 devices (data, FSDP, pmap) as on one, bf16 a
 one-line errors for a broken GAN config."""
 
 import json
+import shutil
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -200,9 +202,16 @@ def test_a_classifier_config_and_cache_relative_to_the_working_directory(cache_d
   config = gan_config()
   config.eval.classifier_config, config.data.data_dir = "my_classifier.py", "data"
   workdir = adversarial._cached_classifier(config, load_dataset(config.data))
-  assert workdir == tmp_path / "cache" / "my_classifier_digits"
+  assert workdir == tmp_path / "cache" / adversarial.cache_name(tmp_path / "my_classifier.py", "digits")
+  assert workdir.name.startswith("my_classifier_digits_")
   assert (workdir / "final_metrics.json").is_file()
   assert json.loads((workdir / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "data")
+  # another file of the same name, or the file edited, is another classifier (was: the cached one, silently)
+  (tmp_path / "elsewhere").mkdir()
+  (tmp_path / "elsewhere" / "my_classifier.py").write_text(source.replace("128", "64"))
+  assert adversarial.cache_name(tmp_path / "elsewhere" / "my_classifier.py", "digits") != workdir.name
+  assert adversarial.cache_name(Path(shutil.copy(tmp_path / "my_classifier.py", tmp_path / "elsewhere")),
+                                "digits") == workdir.name  # the same contents: the same classifier
 
 
 def test_eval_seeds_2_to_the_32_apart_draw_other_noise_and_2_to_the_63_is_one_line():

@@ -8,7 +8,7 @@ accumulation, every layout and exact resume hold as for any model. Noise is draw
 
 Quality, on the same footing at every eval: for each test image i, the generator's image for a fixed
 noise vector z_i (keyed by i and config.eval.seed) is scored by a classifier that is a normal run of this
-codebase (config.eval.classifier_workdir; trained once from config.eval.classifier_config and cached when
+codebase (config.eval.classifier_workdir; trained once from config.eval.classifier_config, cached by its contents, when
 empty):
   classifier_score      exp E_x[KL(p(y|x) || p(y))] over generated images (the Inception Score formula;
                         10 is the maximum for 10 classes), and real_classifier_score for the real test images;
@@ -19,6 +19,7 @@ empty):
 """
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -245,6 +246,12 @@ class Classifier:
       run.close()
 
 
+def cache_name(path: Path, dataset: str) -> str:
+  """'mnist_cnn_mnist_<8 hex>': the classifier of this config file's contents on this dataset (another file of the
+  same name, or the file edited, is another classifier, trained once in turn)."""
+  return f"{path.stem}_{dataset}_{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
+
+
 def _cached_classifier(config, dataset) -> Path:
   """The workdir of config.eval.classifier_config trained on this dataset: trained once, then reused."""
   from bigmodel_jax.data import fetch
@@ -260,7 +267,7 @@ def _cached_classifier(config, dataset) -> Path:
   path = path.absolute()
   cache = Path(os.environ.get(CLASSIFIER_CACHE_ENV) or Path.home() / ".cache" / "bigmodel_jax" / "classifiers")
   cache, data_dir = cache.absolute(), fetch.data_dir(config.data.data_dir).absolute()
-  workdir = cache / f"{path.stem}_{dataset.name}"
+  workdir = cache / cache_name(path, dataset.name)
   if (workdir / "final_metrics.json").exists():
     return workdir
   cache.mkdir(parents=True, exist_ok=True)
