@@ -232,7 +232,8 @@ def test_eval_seeds_2_to_the_32_apart_draw_other_noise_and_2_to_the_63_is_one_li
     return config
 
   noise = lambda seed: np.asarray(Adversarial(with_seed(seed), data).fixed_noise(model, index))
-  before = np.asarray(model.noise(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3), index.astype(np.uint32))))
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(3), index.astype(np.uint32))
+  before = np.asarray(model.noise(keys))
   np.testing.assert_array_equal(noise(3), before)  # below 2**32: the noise it always was
   assert not np.array_equal(noise(3), noise(2 ** 32 + 3))
   for bad in (-5, 2 ** 63):
