@@ -51,7 +51,8 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
   """Karpathy's 1,115,394-character Shakespeare (char-rnn); nanoGPT's split: first 90% train, last 10% validation
   (what nanoGPT reports as val loss). It has no test split.
 
-  `config.data.path` reads any text file instead (the same 90/10 split).
+  `config.data.path` reads any text file instead, its last config.data.validation_fraction (0.1: the same 90/10
+  split) as validation.
   """
   path = _option(data_config, "path", "")
   if path:
@@ -76,6 +77,13 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
                        f"pass --config.data.path=/path/to/input.txt, or put input.txt (from {TINY_SHAKESPEARE_URL}) "
                        "in that directory, or use --config.data.name=shakespeare_plays (works offline)")
     text = (directory / "input.txt").read_text(encoding="utf-8")
+  if path:  # a user's text: its last data.validation_fraction is validation (0.1: the same 90/10 split)
+    fraction = _option(data_config, "validation_fraction", 0.1)
+    if not 0 < fraction < 1:
+      raise UserError(f"config.data.validation_fraction: {fraction}; a text file (config.data.path) needs a "
+                      "validation split, its last validation_fraction: pick one in (0, 1), e.g. 0.1")
+    k = int(len(text) * (1 - fraction))
+    return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
   k = int(len(text) * 0.9)
   return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
 

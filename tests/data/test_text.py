@@ -70,6 +70,18 @@ def test_tiny_shakespeare_from_data_path_has_nanogpt_split(tmp_path):
   assert not (tmp_path / "tiny_shakespeare").exists()  # a user file needs no fetch
 
 
+@pytest.mark.parametrize("fraction, n_val", [(0.1, 100), (0.25, 250), (0.0, None)])
+def test_data_path_text_holds_out_validation_fraction(tmp_path, fraction, n_val):
+  file = tmp_path / "corpus.txt"
+  file.write_text("abcdefghij" * 100)
+  load = lambda: DATASETS.get("tiny_shakespeare")(tmp_path, data_config(path=str(file), validation_fraction=fraction))
+  if n_val is None:  # no validation split: refused in one line (was silently the 90/10 split)
+    with pytest.raises(UserError, match=r"config\.data\.validation_fraction: 0\.0; a text file"):
+      load()
+    return
+  corpus = load()
+  assert corpus.train[0] + corpus.validation[0] == file.read_text() and len(corpus.validation[0]) == n_val
+
 @pytest.mark.parametrize("content", [None, "", " \n\t\n"])
 def test_tiny_shakespeare_missing_or_empty_data_path_is_a_user_error(tmp_path, content):
   file = tmp_path / "corpus.txt"
