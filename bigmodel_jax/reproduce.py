@@ -150,7 +150,7 @@ def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
   given = [*r.overrides, *overrides, "seed"]
   config = load_config(r.config)
   cli.resolve_overrides(config, given)  # as main resolves the same flags
-  diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()), ("init.", "evals.", "eval."))
+  diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()), run_config.RESULT_FIELDS)
   return "; ".join(d for d in diffs if d.partition(":")[0] not in given)
 
 

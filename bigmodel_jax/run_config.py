@@ -111,6 +111,11 @@ def with_defaults(saved: dict) -> dict:
   return merge(base, saved)
 
 
+# runtime fields that a finished run's result depends on all the same: where its step 0 came from, when it was
+# validated (the steps its best is chosen from), a GAN's quality classifier (compared by sweeps and reproduce)
+RESULT_FIELDS = ("init.", "evals.", "eval.")
+
+
 def config_differences(saved: dict, current: dict, counted: tuple[str, ...] = ()) -> list[str]:
   """Fields whose values differ between a workdir's saved config and the new one (runtime fields aside, but for
   those under the `counted` prefixes)."""

@@ -58,8 +58,8 @@ def check_workdir(workdir: Path, config) -> None:
     return
   t = config.train  # with early stopping, the selection evaluator's cadence decides where training stops
   counted = (f"evals.{t.best_eval}.",) if t.best_eval and t.early_stopping.patience > 0 else ()
-  if config.task.name == "adversarial":  # the GAN's quality classifier: its scores are compared across the run
-    counted += ("eval.",)
+  from bigmodel_jax.tasks import TASKS
+  counted += TASKS.get(config.task.name).scored_by  # a GAN's quality classifier
   diffs = [d for d in run_config.config_differences(saved, json.loads(config.to_json_best_effort()), counted)
            if not (d.startswith("data.path:") and path_is_guarded(workdir))]
   if diffs:

@@ -39,10 +39,7 @@ def other_config(sweep: Sweep, directory: Path, overrides: dict) -> list[str]:
   except UserError:
     return []
   config, _ = trial_config(sweep, overrides)
-  # where a trial starts from, when it is validated (the steps its best is chosen from) and a GAN's evaluation count
-  # too, though a run may change them on resume
-  return run_config.config_differences(saved, json.loads(config.to_json_best_effort()),
-                                       counted=("init.", "evals.", "eval."))
+  return run_config.config_differences(saved, json.loads(config.to_json_best_effort()), run_config.RESULT_FIELDS)
 
 
 def _checked(data: dict, path: Path, for_report: bool) -> dict:

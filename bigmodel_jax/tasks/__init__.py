@@ -49,6 +49,9 @@ class Task(abc.ABC):
   # how many times each optimizer steps per train step (a GAN's d_steps); its schedule spans them
   updates_per_step: dict[str, int] = {}
   num_outputs: int = 0
+  # runtime config prefixes its evaluation depends on (a GAN: eval.*, its quality classifier): a resume may not
+  # change them, as its metrics are compared across the run
+  scored_by: tuple[str, ...] = ()
 
   def setup(self) -> None:
     """What the task needs beyond its config, once the run's inputs are checked (the GAN's quality classifier)."""

@@ -51,6 +51,7 @@ class Adversarial(Task):
                   "class_fraction_min", "class_fraction_max")
   optimizers = ("generator", "discriminator")
   num_outputs = 1
+  scored_by = ("eval.",)
 
   def __init__(self, config, dataset):
     if not dataset.is_image:
