@@ -30,7 +30,7 @@ import optax
 from flax import nnx, struct
 
 from bigmodel_jax import layout, optim
-from bigmodel_jax.models.layers import ExampleRngs, seed_key
+from bigmodel_jax.models.layers import ExampleRngs, real_rows, seed_key
 from bigmodel_jax.registry import Registry
 
 DTYPES: Registry = Registry("compute dtype", "config.train.dtype")
@@ -121,7 +121,8 @@ class Steps:
         # fresh Variables in this trace (tree.map rebuilds them), so BatchNorm may update its statistics
         model = nnx.merge(self.graphdef, cast_floats(p, self.compute_dtype), jax.tree.map(lambda x: x, model_state))
         inputs = {**microbatch, "inputs": cast_floats(microbatch["inputs"], self.compute_dtype)}
-        loss, metrics = loss_fn(model, inputs, ExampleRngs(example_keys(key, microbatch["row"])))
+        with real_rows(microbatch["mask"]):  # BatchNorm's statistics leave padding rows out
+          loss, metrics = loss_fn(model, inputs, ExampleRngs(example_keys(key, microbatch["row"])))
         return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
       (_, (metrics, new_model_state)), g = jax.value_and_grad(f, has_aux=True)(params)

@@ -8,6 +8,8 @@ is one array, and under pmap the layout names its replica axis (layout.replica_a
 moments are averaged across devices.
 """
 
+import contextlib
+import contextvars
 import math
 import zlib
 from functools import partial
@@ -85,11 +87,27 @@ class Dropout(nnx.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
 
 
+_REAL_ROWS: contextvars.ContextVar = contextvars.ContextVar("real_rows", default=None)
+
+
+@contextlib.contextmanager
+def real_rows(mask_B):
+  """While a train step traces its loss: which rows of the (micro)batch are real examples (1) and which are
+  padding (0, the last batch of an epoch with data.drop_remainder=false), for BatchNorm's statistics."""
+  token = _REAL_ROWS.set(mask_B)
+  try:
+    yield
+  finally:
+    _REAL_ROWS.reset(token)
+
+
 class BatchNorm(nnx.BatchNorm):
-  """nnx.BatchNorm over every example of the global batch, on any layout; running averages in eval.
+  """nnx.BatchNorm over every real example of the global batch, on any layout; running averages in eval.
 
   The running mean and variance are nnx.BatchStat variables: part of the train state's model_state,
-  checkpointed and restored like the parameters.
+  checkpointed and restored like the parameters. Padding rows (`real_rows`) count in neither the batch's
+  statistics nor the running averages; under pmap each replica's sums are added up before dividing, so replicas
+  with fewer real rows (or none) weigh what they hold.
   """
 
   def __init__(self, num_features: int, *, rngs: nnx.Rngs, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
@@ -101,7 +119,30 @@ class BatchNorm(nnx.BatchNorm):
     axis = layout.replica_axis()  # None under jit; the pmap axis while the layout traces a step
     if self.axis_name != axis:  # (set only when it changes: a module built outside a trace may be called in one)
       self.axis_name = axis
-    return super().__call__(x, use_running_average=not train)
+    rows = _REAL_ROWS.get()
+    if not train or rows is None:
+      return super().__call__(x, use_running_average=not train)
+    if rows.shape != x.shape[:1]:
+      raise ValueError(f"BatchNorm: {rows.shape[0]} rows are marked real or padding, but its input is {x.shape}")
+    real = jnp.broadcast_to(rows.reshape(-1, *[1] * (x.ndim - 1)) > 0, x.shape)
+    if axis is None:  # one array spans the global batch: nnx.BatchNorm's own masked statistics
+      return super().__call__(x, use_running_average=False, mask=real)
+    return self._across_replicas(x, real, axis)
+
+  def _across_replicas(self, x, real, axis):
+    """Training under pmap: nnx.BatchNorm would average the replicas' masked means with equal weights."""
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    sums = jnp.stack([jnp.where(real, x32, 0).sum(axes), jnp.where(real, x32 * x32, 0).sum(axes),
+                      real.sum(axes).astype(x32.dtype)])
+    total, total_sq, n = jax.lax.psum(sums, axis)
+    mean = total / jnp.maximum(n, 1.0)
+    var = jnp.maximum(0.0, total_sq / jnp.maximum(n, 1.0) - mean * mean)
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
+    return y.astype(x.dtype)
 
 
 def own_dtype(arrays, *, dtype=None, inexact=True):

@@ -15,7 +15,8 @@ from bigmodel_jax.config import model_config
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models import build_model
 from conftest import error_lines, load_config
-from test_parallel import stepper_for, train_steps
+from bigmodel_jax.data import pipeline
+from test_parallel import dataset_for, stepper_for, train_steps
 
 STEPS = 3
 # float32 has ~1e-7 relative precision; a depth-8 net's activations and its batch statistics pass ~10 reductions
@@ -154,6 +155,39 @@ def test_batch_statistics_are_the_same_on_every_layout(resnet_reference, layout)
   assert got.keys() == ref.keys()
   for name in ref:  # each device saw 4 of the 32 rows; the statistics are still the whole batch's
     np.testing.assert_allclose(got[name], ref[name], rtol=RTOL, atol=1e-6, err_msg=name)
+
+
+def padded_step(config, stepper, garbage: float):
+  """One train step on the run's first batch with its last 13 of 32 rows made padding (as the last batch of an
+  epoch with data.drop_remainder=false) holding `garbage` -> (loss, plain state)."""
+  batch = next(iter(pipeline.train_dataset(dataset_for(config), config.data, seed=config.seed, num_steps=1)))
+  mask, inputs = batch["mask"].copy(), batch["inputs"].copy()
+  mask[19:], inputs[19:] = 0.0, garbage
+  state, metrics = stepper.train_step(stepper.layout.place(stepper.init()),
+                                      stepper.layout.train_batch({**batch, "mask": mask, "inputs": inputs}))
+  return float(metrics["loss"]), stepper.layout.plain(state)
+
+
+def test_padding_rows_count_in_no_batch_statistic():
+  """Padding rows left out of BatchNorm's statistics and running averages: what they hold changes nothing (the same
+  program on other values, bit for bit), and pmap, where replicas 5-7 hold only padding and replica 4 three real
+  rows of four, gives jit's step (each replica's sums added before dividing; equal-weight means of the replicas'
+  own statistics were off, and NaN for a replica without a real row)."""
+  config = resnet_config()
+  stepper = stepper_for(config, 1)
+  (loss, state), (loss_other, state_other) = padded_step(config, stepper, 0.0), padded_step(config, stepper, 50.0)
+  assert loss == loss_other
+  for a, b in zip(jax.tree.leaves((state.params, state.model_state)),
+                  jax.tree.leaves((state_other.params, state_other.model_state))):
+    np.testing.assert_array_equal(a, b)
+  config.parallel.strategy = "pmap"
+  loss_pmap, state_pmap = padded_step(config, stepper_for(config, 8), 50.0)
+  np.testing.assert_allclose(loss_pmap, loss, rtol=RTOL)
+  ref, got = batch_stats(state), batch_stats(state_pmap)
+  for name in ref:
+    np.testing.assert_allclose(got[name], ref[name], rtol=RTOL, atol=1e-6, err_msg=name)
+  # (not the parameters: a convolution's bias before BatchNorm has a gradient of ~0, whose sign Adam's first step
+  # turns into +-learning_rate)
 
 
 def vit_config(**fields):
