@@ -59,8 +59,10 @@ def check_workdir(workdir: Path, config) -> None:
   t = config.train  # with early stopping, the selection evaluator's cadence decides where training stops
   counted = (f"evals.{t.best_eval}.",) if t.best_eval and t.early_stopping.patience > 0 else ()
   from bigmodel_jax.tasks import TASKS
-  counted += TASKS.get(config.task.name).scored_by  # a GAN's quality classifier
-  diffs = [d for d in run_config.config_differences(saved, json.loads(config.to_json_best_effort()), counted)
+  task = TASKS.get(config.task.name)
+  counted += task.scored_by  # a GAN's quality classifier
+  current = task.as_compared(json.loads(config.to_json_best_effort()))
+  diffs = [d for d in run_config.config_differences(task.as_compared(saved), current, counted)
            if not (d.startswith("data.path:") and path_is_guarded(workdir))]
   if diffs:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "

@@ -183,3 +183,24 @@ def test_a_gan_resume_with_another_quality_classifier_is_refused(tmp_path):
   config.eval.classifier_workdir = str(tmp_path / "another_classifier")
   with pytest.raises(UserError, match=r"\(eval\.classifier_workdir: '' -> '.*another_classifier'\)"):
     check_workdir(tmp_path, config)
+
+
+def test_a_gan_resume_names_its_classifier_by_the_directory_not_the_string(tmp_path, monkeypatch):
+  """eval.classifier_workdir was compared as a string: the same classifier given relative then absolute, with a
+  trailing slash or through a symlink was refused as another; a different directory still is."""
+  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.workdir import check_workdir
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs" / "clf").mkdir(parents=True)
+  (tmp_path / "link").symlink_to(tmp_path / "runs")
+  config = load_config("mnist_dcgan", "smoke")
+  config.eval.classifier_workdir = "runs/clf"
+  gan = tmp_path / "gan"
+  (gan / "checkpoints" / "10").mkdir(parents=True)
+  (gan / "config.json").write_text(config.to_json_best_effort())
+  for same in (str(tmp_path / "runs" / "clf"), "runs/clf/", "./runs//clf", str(tmp_path / "link" / "clf")):
+    config.eval.classifier_workdir = same
+    check_workdir(gan, config)
+  config.eval.classifier_workdir = "runs/other"
+  with pytest.raises(UserError, match=r"eval\.classifier_workdir: '.*runs/clf' -> '.*runs/other'"):
+    check_workdir(gan, config)

@@ -53,6 +53,11 @@ class Task(abc.ABC):
   # change them, as its metrics are compared across the run
   scored_by: tuple[str, ...] = ()
 
+  @staticmethod
+  def as_compared(config: dict) -> dict:
+    """A saved or new config (a dict) as a resume compares its scored_by fields (the GAN: paths resolved)."""
+    return config
+
   def setup(self) -> None:
     """What the task needs beyond its config, once the run's inputs are checked (the GAN's quality classifier)."""
 

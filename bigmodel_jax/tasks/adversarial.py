@@ -69,6 +69,14 @@ class Adversarial(Task):
     self.config, self.dataset = config, dataset
     self._classifier = None
 
+  @staticmethod
+  def as_compared(config: dict) -> dict:
+    """The classifier's workdir given relative or absolute, with a trailing slash or through a symlink is one
+    directory (a relative one is resolved against this process's directory, as Classifier.load reads it)."""
+    if not (workdir := config.get("eval", {}).get("classifier_workdir")):
+      return config
+    return {**config, "eval": {**config["eval"], "classifier_workdir": os.path.realpath(workdir)}}
+
   def setup(self) -> None:
     self._classifier = Classifier.load(self.config, self.dataset)
 
