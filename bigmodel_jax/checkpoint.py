@@ -28,7 +28,7 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigmodel_jax import distributed, integrity
-from bigmodel_jax.errors import DamagedCheckpointError, ModelMismatchError, UserError
+from bigmodel_jax.errors import CheckpointGoneError, DamagedCheckpointError, ModelMismatchError, UserError
 
 BEST = "best_step"  # the metric orbax keeps the best checkpoint by
 DAMAGED = "damaged"  # checkpoints/damaged/<step>: where a resume moves damaged steps aside (never deletes them)
@@ -88,6 +88,11 @@ class Checkpointer:
     self._join()
     return list(self._manager.all_steps())
 
+  def reload(self) -> None:
+    """The steps on disk now (another process's saves and retention since this one listed them)."""
+    self._join()
+    self._manager.reload()
+
   def save(self, step: int, state, data_state: dict, meta: dict, best: bool = False) -> None:
     """Starts an async save (donation-safe: the caller may donate `state`'s arrays once this returns). `best`: this
     step is the run's new best (kept, with the latest `keep`, until a later best). In the background: returns once
@@ -140,8 +145,7 @@ class Checkpointer:
         self._checked[step] = integrity.verify(step_dir)
       except integrity.Mismatch as e:
         if not step_dir.is_dir():  # e.g. a training's retention deleted it while an eval beside it was reading it
-          raise UserError(f"checkpoint {step_dir} disappeared while it was being read (the retention of a training "
-                          "running in this workdir?); run again") from None
+          raise CheckpointGoneError(step_dir) from None
         raise DamagedCheckpointError(f"checkpoint {step_dir} is damaged: {e}", step, str(e)) from None
       if not self._checked[step]:
         logging.warning("checkpoint step %d has no %s (written before checkpoints had digests): restoring it "
@@ -254,6 +258,8 @@ class Checkpointer:
                           f"config builds ({mismatched[0]}); a run goes on only with the optimizer it trained with: "
                           "revert optimizer.name / optimizer.frozen / config.optimizers, or start a new --workdir "
                           f"from its weights with --config.init.workdir={self.directory.parent}") from None
+        if not (self.directory / str(step)).is_dir():
+          raise CheckpointGoneError(self.directory / str(step)) from None
         raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({_short(e)}; details in {log}); "
                         "move that step directory away to resume from an earlier one, or use a new --workdir") from None
       _restore_stderr(saved_stderr, captured)

@@ -22,6 +22,14 @@ class ModelMismatchError(UserError):
     self.diffs = diffs
 
 
+class CheckpointGoneError(UserError):
+  """A checkpoint step deleted while it was being read: the retention of a training running beside an eval."""
+
+  def __init__(self, step_dir: Path):
+    super().__init__(f"checkpoint {step_dir} disappeared while it was being read (the retention of a training "
+                     "running in this workdir?); run again")
+
+
 class DamagedCheckpointError(UserError):
   """A checkpoint step's files differ from the digest written when it was saved. `detail`: which file and how."""
 

@@ -217,3 +217,37 @@ def test_a_step_deleted_while_the_checkpoints_open_is_read_again_not_called_dama
   with pytest.raises(UserError, match="changed while it was being read.*run again") as e:
     Checkpointer(tmp_path, keep=2)
   assert "move it away" not in str(e.value)
+
+
+def test_an_eval_beside_a_training_with_keep_1_reads_the_new_latest_step(tmp_path):
+  """The training's retention (keep=1) deletes the latest step between the eval's listing and its read: the eval
+  takes the newest step then (was: 'disappeared while it was being read ... run again'), a bounded number of times."""
+  import types
+
+  import pytest
+
+  from bigmodel_jax import evaluate
+  from bigmodel_jax.errors import UserError
+  trainer = Checkpointer(tmp_path, keep=1, async_save=False)
+  save(trainer, 10)
+  reader = Checkpointer(tmp_path, keep=1)  # the eval's view: step 10, listed
+  target = {"w": jnp.zeros((2,), jnp.float32)}
+  run = types.SimpleNamespace(checkpointer=reader, restore=lambda step: reader.restore(step, target))
+  real_restore = reader.restore
+
+  def racing(step, target, saves=[20]):  # the training commits its next step (deleting this one) as it is read
+    if saves:
+      save(trainer, saves.pop(0))
+    return real_restore(step, target)
+
+  reader.restore = racing
+  step, state = evaluate.restore_for_eval(run, None, check_config=False)
+  assert step == 20 and float(state["w"][0]) == 20
+  reader.restore = lambda step, target: racing(step, target, saves=[step + 10])  # the training outruns every read
+  with pytest.raises(UserError, match=r"checkpoint .*disappeared while it was being read"):
+    evaluate.restore_for_eval(run, None, check_config=False)
+  with pytest.raises(UserError, match=r"disappeared"):  # a step asked for by --checkpoint_step is not swapped
+    reader.reload()
+    evaluate.restore_for_eval(run, reader.latest_step(), check_config=False)
+  trainer.close()
+  reader.close()
