@@ -133,6 +133,9 @@ class Tracker(abc.ABC):
   def finish(self, final: dict) -> None:
     """final_metrics.json, once training and the final evaluations are done."""
 
+  def mark_discarded(self, first: int, last: int) -> None:
+    """The run holds values a killed launch sent for steps first..last, which a resumed launch redoes."""
+
   @abc.abstractmethod
   def close(self, status: str) -> None:
     """status: finished, failed (an error) or killed (SIGTERM/Ctrl-C: a relaunch continues)."""
@@ -289,6 +292,11 @@ class MLflow(Tracker):
         self.client.log_artifacts(self.run_id, str(path), name)
       elif path.is_file():
         self.client.log_artifact(self.run_id, str(path))
+
+  def mark_discarded(self, first, last):
+    # MLflow cannot delete a metric's values per step (no client or store API): tag `discarded_steps` names them
+    earlier = self.client.get_run(self.run_id).data.tags.get("discarded_steps")
+    self.client.set_tag(self.run_id, "discarded_steps", "; ".join(filter(None, (earlier, f"{first}-{last}")))[-5000:])
 
   def close(self, status):
     self.client.set_terminated(self.run_id, status=self.STATUS[status])

@@ -68,7 +68,7 @@ class MetricsWriter:
       if not tracker.resumes:
         self._start(name, tracker, {})
 
-  def _start(self, name: str, tracker, previous: dict) -> None:
+  def _start(self, name: str, tracker, previous: dict, after: int | None = None) -> None:
     tracker.check_installed(name)
     try:
       state, continued = tracker.start(previous)
@@ -80,6 +80,9 @@ class MetricsWriter:
     self._active[name] = tracker
     if tracker.resumes:
       self._state[name] = {**state, "last_steps": previous.get("last_steps", {}) if continued else {}}
+      sent = max(self._state[name]["last_steps"].values(), default=-1)
+      if after is not None and sent > after:  # values a killed launch sent past the step this launch resumes from
+        self._call(name, tracker.mark_discarded, after + 1, sent)
 
   def drop_after(self, step: int) -> None:
     """Training (re)starts after `step`: records past it are removed (a resumed run redoes those steps), so the
@@ -100,7 +103,7 @@ class MetricsWriter:
       tracker.purge_after = step
     previous = trackers.read_state(self.workdir)
     for name, tracker in list(self._pending.items()):
-      self._start(name, tracker, previous.get(name, {}))
+      self._start(name, tracker, previous.get(name, {}), after=step)
     if self._state:
       self._send([json.loads(line) for line in path.read_text().splitlines()], replay=True)
 

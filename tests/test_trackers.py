@@ -264,3 +264,26 @@ def test_eval_mode_and_other_processes_start_no_tracker_runs(tmp_path):
   (tmp_path / "predict").mkdir()
   MetricsWriter(tmp_path / "predict", True, config).close()  # --mode=predict/sample: nothing to write
   assert not (tmp_path / "predict" / "tensorboard").exists()
+
+
+def test_a_resume_tags_the_mlflow_steps_a_killed_launch_sent(tracked, tmp_path):
+  """A killed launch sent steps 20 and 30; the resume from step 10 redoes them (metrics.jsonl and TensorBoard drop
+  the killed launch's). MLflow cannot delete a metric's values per step: the run's tag `discarded_steps` names the
+  steps whose values are the killed launch's (was: nothing said so), once per resume that finds such values."""
+  config = tracked_config(tracked[-1], "mlflow", experiment="discarded")
+  writer = MetricsWriter(tmp_path, True, config)
+  writer.drop_after(0)
+  for step, split, metrics in records(10, 20, 30):
+    writer.write(step, split, metrics)
+  writer.close()  # killed after step 30's record, its last checkpoint step 10
+  for resumed in (10, 20, 30):  # the second resume is killed again after step 30; the third finds nothing beyond
+    writer = MetricsWriter(tmp_path, True, config)
+    writer.drop_after(resumed)
+    for step in (20, 30):
+      if step > resumed:
+        writer.write(step, "train", {"loss": 0.5})
+    writer.close()
+  client, runs = mlflow_run(config)
+  assert len(runs) == 1 and runs[0].data.tags["discarded_steps"] == "11-30; 21-30"
+  jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in jsonl] == [(10, 0.1), (20, 0.5), (30, 0.5)]
