@@ -528,3 +528,27 @@ def test_a_trial_without_a_readable_final_metrics_json_is_not_done(tmp_path, con
   assert not trials.is_done(tmp_path) and trials.read_json(tmp_path / trials.FINAL) is None
   (tmp_path / trials.FINAL).write_text('{"step": 80}')
   assert trials.is_done(tmp_path)
+
+
+def test_reordering_a_sweeps_axes_keeps_its_trials_names(tmp_path):
+  """Trial names follow the overrides' key order: a sweep file whose axes were swapped named every trial anew
+  ('seed=0,learning_rate=0.001'), so a relaunch ran its finished trials again. A trial the workdir holds is the
+  same by its overrides and keeps the name it was given; a new workdir names trials as the file orders them."""
+  from bigmodel_jax.sweeps import trials
+  axes = '{"optimizer.learning_rate": [1e-3, 3e-3]}, seeds(2)'
+  first = spec.load(write(tmp_path / "s.py", GOOD))
+  Manifest.open(tmp_path / "out", first).sync(first)
+  (tmp_path / "out" / "learning_rate=0.001,seed=1").mkdir()
+  (tmp_path / "out" / "learning_rate=0.001,seed=1" / trials.FINAL).write_text('{"step": 300}')
+  swap = lambda n: GOOD.replace(axes, f'seeds({n}), {{"optimizer.learning_rate": [1e-3, 3e-3]}}')
+  swapped = spec.load(write(tmp_path / "s.py", swap(2)))
+  assert swapped.trials[0].name == "seed=0,learning_rate=0.001"  # as the file orders them
+  manifest = Manifest.open(tmp_path / "out", swapped)
+  todo = manifest.sync(swapped)
+  assert sorted(manifest.trials) == sorted(t.name for t in first.trials)  # no trial renamed, none added
+  assert "learning_rate=0.001,seed=1" not in [t.name for t in todo] and len(todo) == 3
+  assert all(e["in_sweep"] for e in manifest.trials.values())
+  added = spec.load(write(tmp_path / "s.py", swap(3)))
+  Manifest.open(tmp_path / "out", added)
+  names = [t.name for t in added.trials]
+  assert "seed=2,learning_rate=0.001" in names and "learning_rate=0.001,seed=0" in names

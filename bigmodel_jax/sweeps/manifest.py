@@ -4,6 +4,7 @@ A workdir belongs to one sweep: one base config with one set of fixed overrides.
 (trials added run next time; removed ones stay, marked as not in the current sweep); another base is refused.
 """
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -98,7 +99,20 @@ class Manifest:
       diffs = "; ".join(f"{k}: {held.get(k)!r} here, {wanted[k]!r} in {sweep.path}" for k in wanted
                         if held.get(k) != wanted[k])
       raise UserError(f"--workdir: {workdir} holds a different sweep ({diffs}); use another --workdir")
-    return cls(workdir, data)
+    manifest = cls(workdir, data)
+    manifest.keep_names(sweep)
+    return manifest
+
+  def keep_names(self, sweep: Sweep) -> None:
+    """A grid's trial that this workdir holds under another name (the same overrides in another key order: the
+    sweep's axes reordered, or other labels) keeps that name, so it is found done rather than run again. A trial
+    is the same by its overrides, whatever their order; its name is the one it was first given."""
+    if sweep.trials is None:
+      return
+    key = lambda overrides: json.dumps(_jsonable(overrides), sort_keys=True)
+    held, names = {key(e["overrides"]): name for name, e in self.trials.items()}, {t.name for t in sweep.trials}
+    sweep.trials = [dataclasses.replace(t, name=held[key(t.overrides)])
+                    if held.get(key(t.overrides)) not in (None, *names) else t for t in sweep.trials]
 
   def lock(self):
     """One sweep process per workdir (an flock the OS drops when the process dies)."""
