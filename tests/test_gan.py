@@ -239,3 +239,32 @@ def test_eval_seeds_2_to_the_32_apart_draw_other_noise_and_2_to_the_63_is_one_li
   for bad in (-5, 2 ** 63):
     with pytest.raises(UserError, match=r"config\.eval\.seed: must be >= 0 and below 2\*\*63"):
       config_lib.validate_fields(with_seed(bad))
+
+
+def test_a_resume_scored_by_another_classifier_than_the_first_launchs_is_refused(tmp_path):
+  """With eval.classifier_workdir "" the classifier is the cache entry of its config file's contents: that file
+  edited between a launch and its resume (or a classifier run retrained in place) scored the resume with another
+  classifier under the same config, mixing two classifiers' scores in one history. The first launch records its
+  classifier's weights; a resume with others is refused (allow_config_change goes on, with a warning). The cache
+  directory alone ($BIGMODEL_JAX_CLASSIFIER_DIR) moving is not refused: the same contents train the same weights."""
+  import types
+  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.tasks import adversarial
+  config = gan_config()
+  params = {"w": np.arange(6, dtype=np.float32)}
+  first = adversarial.Classifier(None, params, {}, [0.0], [1.0], 1.0)
+  first.workdir, first.field = tmp_path / "cacheA" / "digits_mlp_digits_1", "config.eval.classifier_config"
+  adversarial.check_scored_by(tmp_path, first, config)  # a new run: recorded
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  moved = adversarial.Classifier(None, {"w": np.arange(6, dtype=np.float32)}, {}, [0.0], [1.0], 1.0)
+  moved.workdir, moved.field = tmp_path / "cacheB" / "digits_mlp_digits_1", first.field
+  adversarial.check_scored_by(tmp_path, moved, config)  # the same weights from another cache: goes on
+  edited = adversarial.Classifier(None, {"w": np.arange(6, dtype=np.float32) + 1}, {}, [0.0], [1.0], 1.0)
+  edited.workdir, edited.field = tmp_path / "cacheB" / "digits_mlp_digits_2", first.field
+  with pytest.raises(UserError, match=r"^config\.eval\.classifier_config: .* was scored by another quality "
+                                      r"classifier \(.*cacheB/digits_mlp_digits_1, weights \w{12}\) than "
+                                      r".*digits_mlp_digits_2 .*allow_config_change=true"):
+    adversarial.check_scored_by(tmp_path, edited, config)
+  config.train.allow_config_change = True
+  adversarial.check_scored_by(tmp_path, edited, config)
+  assert json.loads((tmp_path / adversarial.SCORED_BY).read_text())["params_sha256"] == edited.sha256

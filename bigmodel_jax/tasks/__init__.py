@@ -58,8 +58,9 @@ class Task(abc.ABC):
     """A saved or new config (a dict) as a resume compares its scored_by fields (the GAN: paths resolved)."""
     return config
 
-  def setup(self) -> None:
-    """What the task needs beyond its config, once the run's inputs are checked (the GAN's quality classifier)."""
+  def setup(self, workdir=None) -> None:
+    """What the task needs beyond its config, once the run's inputs and `workdir` are checked (the GAN's quality
+    classifier, checked against the one the workdir's evaluations were scored by)."""
 
   @abc.abstractmethod
   def output_shape(self, input_shape) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ empty):
 
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from bigmodel_jax.tasks import TASKS, Task
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ lives beside the package
 CLASSIFIER_CACHE_ENV = "BIGMODEL_JAX_CLASSIFIER_DIR"
+SCORED_BY = "quality_classifier.json"  # in a GAN's workdir: the classifier its evaluations are scored by
 
 
 def to_unit(images):
@@ -77,8 +79,10 @@ class Adversarial(Task):
       return config
     return {**config, "eval": {**config["eval"], "classifier_workdir": os.path.realpath(workdir)}}
 
-  def setup(self) -> None:
+  def setup(self, workdir=None) -> None:
     self._classifier = Classifier.load(self.config, self.dataset)
+    if workdir is not None:
+      check_scored_by(Path(workdir), self._classifier, self.config)
 
   @property
   def classifier(self) -> "Classifier":
@@ -207,6 +211,9 @@ class Classifier:
   def __init__(self, graphdef, params, model_state, mean, std, scale):
     self.graphdef, self.params, self.model_state = graphdef, params, model_state  # host arrays: constants in a jit
     self.mean, self.std, self.scale = (np.asarray(a, np.float32) for a in (mean, std, scale))
+    leaves = jax.tree.leaves((params, model_state, self.mean, self.std, self.scale))
+    self.sha256 = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in leaves)).hexdigest()
+    self.workdir, self.field = None, "config.eval.classifier_workdir"  # where it was loaded from (Classifier.load)
 
   def __call__(self, images01_BxHxWxC):
     model = nnx.merge(self.graphdef, self.params, self.model_state)
@@ -250,9 +257,36 @@ class Classifier:
       mean, std = (pre["mean"], pre["std"]) if pre["normalize"] == "standardize" else (np.zeros(1), np.ones(1))
       scale = 1.0 if pre["normalize"] != "none" else pre["scale"]
       logging.info("GAN quality classifier: %s (%s on %s)", workdir, c.model.name, run.dataset.name)
-      return cls(run.steps.graphdef, params, model_state, mean, std, scale)
+      classifier = cls(run.steps.graphdef, params, model_state, mean, std, scale)
+      classifier.workdir, classifier.field = workdir.absolute(), field
+      return classifier
     finally:
       run.close()
+
+
+def check_scored_by(workdir: Path, classifier: Classifier, config) -> None:
+  """A GAN run's evaluations are scored by one classifier (SCORED_BY: its weights' sha256, recorded by the first
+  launch): a resume scored by another -- its config file edited since (another cache entry), its run retrained in
+  place -- would mix two classifiers' scores in one history, and select its best across them."""
+  from bigmodel_jax.workdir import has_checkpoints
+  path, record = workdir / SCORED_BY, {"workdir": str(classifier.workdir), "params_sha256": classifier.sha256}
+  try:
+    held = json.loads(path.read_text())
+  except (OSError, ValueError):
+    held = None
+  if isinstance(held, dict) and held.get("params_sha256") != classifier.sha256 and has_checkpoints(workdir):
+    problem = (f"{classifier.field}: {workdir} was scored by another quality classifier ({held.get('workdir')}, "
+               f"weights {str(held.get('params_sha256'))[:12]}) than {classifier.workdir} (weights "
+               f"{classifier.sha256[:12]}): its config file edited or its run retrained since")
+    if not config.train.allow_config_change:
+      raise UserError(f"{problem}; put that classifier back, use a new --workdir, or pass "
+                      "--config.train.allow_config_change=true to go on with this one")
+    logging.warning("%s; going on with it (train.allow_config_change)", problem)
+  if held != record and jax.process_index() == 0:
+    try:
+      runinfo.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    except OSError as e:  # e.g. --mode=eval on a read-only workdir
+      logging.warning("cannot record the GAN's quality classifier in %s (%s)", path, e.strerror)
 
 
 def cache_name(path: Path, dataset: str) -> str:
