@@ -27,7 +27,7 @@ from bigmodel_jax.errors import ModelMismatchError, UserError
 from bigmodel_jax.models import build_model
 from bigmodel_jax.state import Steps
 from bigmodel_jax.tasks import get_task
-from bigmodel_jax.train_metrics import TrainMetrics, check_finite, summarize
+from bigmodel_jax.train_metrics import TrainMetrics, check_finite, crosses, summarize
 from bigmodel_jax.writers import MetricsWriter, Progress
 from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpoints, lock_workdir
 
@@ -273,6 +273,7 @@ def _train(run: Run) -> dict:
                        for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
+  train_metrics.resume(meta.get("train_window"))  # a preempted launch's unfinished log window
   add_rates = speed.run_rates(config, run.dataset, run.steps.abstract_state.params)  # MFU, images/s
   evaluated: dict[str, tuple[int, dict]] = {}  # evaluator name -> (step, metrics) of its latest evaluation
 
@@ -283,9 +284,12 @@ def _train(run: Run) -> dict:
     logging.info("step %d %s: %s", step, e.name, _brief(metrics))
     return metrics
 
-  def log(keep=0):
-    for w, seconds in train_metrics.read(t.log_every, keep):  # several windows before an eval, a save, the end
+  def log(keep=0, hold=False):  # hold: a preemption's unfinished window goes into its checkpoint, not a record
+    windows = train_metrics.read(t.log_every, keep)  # several windows before an eval, a save, the end
+    for i, (w, seconds) in enumerate(windows):
       check_finite(w, run.checkpointer)  # a window is recorded only if finite, and the ones before it are
+      if hold and i == len(windows) - 1:
+        return train_metrics.held(w)
       summary = add_rates(summarize(w, seconds, config.data.batch_size,
                                     run.dataset.input_shape[0] if run.dataset.is_text else 0))
       run.writer.write(w[-1][0], "train", summary)
@@ -294,8 +298,8 @@ def _train(run: Run) -> dict:
   recorded = {"model_card_sha256": model_card.sha256(card), run_config.RECORD_KEY: run_config.defining_fields(config),
               **fingerprint.checkpoint_record(run.dataset)}
 
-  def save(step):
-    meta = {"step": step, "epoch": step / run.steps_per_epoch, **recorded}
+  def save(step, held=None):
+    meta = {"step": step, "epoch": step / run.steps_per_epoch, **recorded, **({"train_window": held} if held else {})}
     if selection is not None:
       meta["selection"] = selection.record()
     best = selection is not None and selection.best_step == step
@@ -344,7 +348,9 @@ def _train(run: Run) -> dict:
       if multi and not preempted and multihost_utils.reached_preemption_sync_point(call):
         preempted.append(interrupted[0] if interrupted else signal.SIGTERM)
       if due or step % t.checkpoint_every == 0 or preempted:
-        log()  # every pending call; also checks the loss is finite before anything is saved
+        # every pending call; also checks the loss is finite before anything is saved
+        held = log(hold=bool(preempted and not due and step % t.checkpoint_every  # its window goes on after step:
+                             and not crosses(step, step + call_length(step), t.log_every)))  # the next call's
         plain = layout.plain(state)
         chosen = next((e for e in due if selection is not None and e.name == selection.eval), None)
         if chosen is not None:  # first: an early stop makes every evaluator run at this step
@@ -357,7 +363,7 @@ def _train(run: Run) -> dict:
         for e in (run.evaluators if stopped else due):
           if e is not chosen:
             run_evaluator(e, step, plain)
-        save(step)  # kept as 'best' if the validation evaluator just improved
+        save(step, held)  # kept as 'best' if the validation evaluator just improved
         train_metrics.window_start = time.perf_counter()  # throughput excludes eval and checkpoint time
       if stopped:
         break

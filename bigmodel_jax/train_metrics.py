@@ -24,12 +24,25 @@ class TrainMetrics:
     """A call's metrics: of step `step`, or (steps > 1) of steps step-steps+1 .. step, stacked."""
     self.pending.append((step, steps, metrics))
 
+  def held(self, window: list[tuple[int, dict]]) -> dict:
+    """A log window cut short by a preemption, as a checkpoint keeps it (JSON): resume() puts it back, so the
+    record at the window's log step averages the same steps as an uninterrupted run's."""
+    keys = window[-1][1].keys()
+    return {"steps": [s for s, _ in window], "dtypes": {k: str(np.asarray(window[-1][1][k]).dtype) for k in keys},
+            "metrics": {k: [np.asarray(m[k]).item() for _, m in window] for k in keys}}
+
+  def resume(self, held: dict | None) -> None:
+    """The held window of the checkpoint a run resumes from, before its new steps (same dtypes: same means)."""
+    if held and held["steps"]:  # one call of its steps: a window is split only where a call crosses a log step
+      self.add(held["steps"][-1], {k: np.asarray(v, held["dtypes"][k]) for k, v in held["metrics"].items()},
+               len(held["steps"]))
+
   def window_closed(self, log_every: int) -> bool:
     """Whether the call IN_FLIGHT calls back was the first after a log step (s - 1 divisible by log_every): the
     windows up to that step can be read by fetch(log_every, keep=IN_FLIGHT)."""
     if len(self.pending) <= self.IN_FLIGHT:  # nothing before it (the run's first call, or just after a full fetch)
       return False
-    return _crosses(self.pending[-self.IN_FLIGHT - 1][0], self.pending[-self.IN_FLIGHT][0], log_every)
+    return crosses(self.pending[-self.IN_FLIGHT - 1][0], self.pending[-self.IN_FLIGHT][0], log_every)
 
   def fetch(self, log_every: int, keep: int = 0) -> list[list[tuple[int, dict]]]:
     """The pending calls' metrics on the host but those of the newest `keep` calls: one (step, metrics) per step,
@@ -38,7 +51,7 @@ class TrainMetrics:
     self.pending = self.pending[-keep:] if keep else []
     windows, previous = [], None
     for step, n, metrics in jax.device_get(ready):
-      if not windows or _crosses(previous, step, log_every):
+      if not windows or crosses(previous, step, log_every):
         windows.append([])
       windows[-1].extend([(step, metrics)] if n == 1 else
                          [(step - n + 1 + i, {k: v[i] for k, v in metrics.items()}) for i in range(n)])
@@ -56,7 +69,7 @@ class TrainMetrics:
     return [(w, per_step * len(w)) for w in windows]
 
 
-def _crosses(previous: int, step: int, log_every: int) -> bool:
+def crosses(previous: int, step: int, log_every: int) -> bool:
   """Whether a call ending at `step`, after one ending at `previous`, holds a log step."""
   return (step - 1) // log_every > (previous - 1) // log_every
 

@@ -114,3 +114,27 @@ def test_log_windows_end_at_log_steps_though_read_calls_late(per_call):
   # log steps (s - 1 divisible by 3): 4, 7, 10, 13; a window ends with the call before a log step's call
   assert steps == ([[1, 2, 3], [4, 5, 6], [7, 8], [9], [10, 11, 12], [13]] if per_call == 1 else
                    [[1, 2], [3, 4, 5, 6], [7, 8], [9, 10, 11, 12]])
+
+
+def test_a_log_window_held_by_a_preemption_goes_on_after_the_resume():
+  """A window cut short by SIGTERM is kept in the checkpoint (JSON) and put back by the resumed run: its record
+  averages the same float32 values of the same steps, and the window still ends with the call before a log step."""
+  import json
+  from bigmodel_jax.train_metrics import TrainMetrics, summarize
+  values = np.random.default_rng(0).random(12, dtype=np.float32)
+  def calls(metrics, ends):
+    for end in ends:
+      metrics.add(end, {"loss": values[end - 2:end], "lr": np.arange(2, dtype=np.int32)}, 2)
+  whole, first, second = TrainMetrics(), TrainMetrics(), TrainMetrics()
+  calls(whole, [2, 4, 6, 8, 10, 12])
+  calls(first, [2, 4, 6])
+  windows = first.fetch(5)  # log steps 6, 11: windows [1..4], [5..10], [11, 12]
+  assert [s for s, _ in windows[-1]] == [5, 6]
+  second.resume(json.loads(json.dumps(first.held(windows[-1]))))
+  calls(second, [8, 10, 12])
+  expected = whole.fetch(5)[1:]
+  resumed = second.fetch(5)
+  steps = lambda windows: [[s for s, _ in w] for w in windows]
+  assert steps(resumed) == steps(expected) == [[5, 6, 7, 8, 9, 10], [11, 12]]
+  assert [summarize(w, 1.0, 1) for w in resumed] == [summarize(w, 1.0, 1) for w in expected]
+  assert all(np.asarray(m["lr"]).dtype == np.int32 for w in resumed for _, m in w)
