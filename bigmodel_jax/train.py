@@ -289,7 +289,7 @@ def _train(run: Run) -> dict:
     for i, (w, seconds) in enumerate(windows):
       check_finite(w, run.checkpointer)  # a window is recorded only if finite, and the ones before it are
       if hold and i == len(windows) - 1:
-        return train_metrics.held(w)
+        return train_metrics.held(w, seconds)
       summary = add_rates(summarize(w, seconds, config.data.batch_size,
                                     run.dataset.input_shape[0] if run.dataset.is_text else 0))
       run.writer.write(w[-1][0], "train", summary)

@@ -19,23 +19,25 @@ class TrainMetrics:
   def __init__(self):
     self.pending: list[tuple[int, int, dict]] = []  # (last step, steps, metrics) of each train call
     self.window_start = time.perf_counter()
+    self.carried = (0, 0.0)  # (steps, seconds) of a held window put back by resume(): timed by the launch that ran them
 
   def add(self, step: int, metrics: dict, steps: int = 1) -> None:
     """A call's metrics: of step `step`, or (steps > 1) of steps step-steps+1 .. step, stacked."""
     self.pending.append((step, steps, metrics))
 
-  def held(self, window: list[tuple[int, dict]]) -> dict:
+  def held(self, window: list[tuple[int, dict]], seconds: float) -> dict:
     """A log window cut short by a preemption, as a checkpoint keeps it (JSON): resume() puts it back, so the
-    record at the window's log step averages the same steps as an uninterrupted run's."""
+    record at the window's log step averages the same steps as an uninterrupted run's (its rates: their seconds)."""
     keys = window[-1][1].keys()
     return {"steps": [s for s, _ in window], "dtypes": {k: str(np.asarray(window[-1][1][k]).dtype) for k in keys},
-            "metrics": {k: [np.asarray(m[k]).item() for _, m in window] for k in keys}}
+            "metrics": {k: [np.asarray(m[k]).item() for _, m in window] for k in keys}, "seconds": seconds}
 
   def resume(self, held: dict | None) -> None:
     """The held window of the checkpoint a run resumes from, before its new steps (same dtypes: same means)."""
     if held and held["steps"]:  # one call of its steps: a window is split only where a call crosses a log step
       self.add(held["steps"][-1], {k: np.asarray(v, held["dtypes"][k]) for k, v in held["metrics"].items()},
                len(held["steps"]))
+      self.carried = (len(held["steps"]), float(held.get("seconds", 0.0)))
 
   def window_closed(self, log_every: int) -> bool:
     """Whether the call IN_FLIGHT calls back was the first after a log step (s - 1 divisible by log_every): the
@@ -59,14 +61,16 @@ class TrainMetrics:
     return windows
 
   def read(self, log_every: int, keep: int = 0) -> list[tuple[list[tuple[int, dict]], float]]:
-    """fetch()'s windows, each with its seconds: the time since the last read, shared out by steps."""
+    """fetch()'s windows, each with its seconds: the time since the last read, shared out by the steps this launch
+    ran (a held window's steps bring their own seconds)."""
     windows = self.fetch(log_every, keep)
     if not windows:
       return []
     now = time.perf_counter()
-    per_step = (now - self.window_start) / sum(len(w) for w in windows)
+    (carried, carried_s), self.carried = self.carried, (0, 0.0)
+    per_step = (now - self.window_start) / max(sum(len(w) for w in windows) - carried, 1)
     self.window_start = now
-    return [(w, per_step * len(w)) for w in windows]
+    return [(w, per_step * (len(w) - carried * (i == 0)) + carried_s * (i == 0)) for i, w in enumerate(windows)]
 
 
 def crosses(previous: int, step: int, log_every: int) -> bool:

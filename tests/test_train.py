@@ -130,8 +130,14 @@ def test_a_log_window_held_by_a_preemption_goes_on_after_the_resume():
   calls(first, [2, 4, 6])
   windows = first.fetch(5)  # log steps 6, 11: windows [1..4], [5..10], [11, 12]
   assert [s for s, _ in windows[-1]] == [5, 6]
-  second.resume(json.loads(json.dumps(first.held(windows[-1]))))
+  held = json.loads(json.dumps(first.held(windows[-1], 2.0)))  # steps 5 and 6 took 2 s
+  second.resume(held)
   calls(second, [8, 10, 12])
+  timed = TrainMetrics()
+  timed.resume(held)
+  calls(timed, [8, 10, 12])
+  timed.window_start -= 6.0  # steps 7-12 took 6 s here: window 5-10 took 2 + 4 s (not 6 s for 4 + 2 steps)
+  assert [seconds for _, seconds in timed.read(5)] == pytest.approx([6.0, 2.0], rel=0.01)
   expected = whole.fetch(5)[1:]
   resumed = second.fetch(5)
   steps = lambda windows: [[s for s, _ in w] for w in windows]
