@@ -29,11 +29,18 @@ modes:
              python -m bigmodel_jax.main --workdir=runs/smoke --mode=eval
   predict  test-split predictions: predictions.csv and pictures (misclassified examples first)
              python -m bigmodel_jax.main --workdir=runs/smoke --mode=predict --config.predict.num_images=49
-  sample   language models: text generated from a checkpoint with a KV cache
+  sample   language models: text generated from a checkpoint with a KV cache (GANs: images)
              python -m bigmodel_jax.main --workdir=runs/gpt --mode=sample --config.sample.prompt="ROMEO:"
+  export   RUN/export/: params.npz, jax.export functions and signature.json, runnable without this package
+             python -m bigmodel_jax.main --workdir=runs/smoke --mode=export
+  serve    the model behind HTTP: POST /v1/predict, /v1/completions for language models (config.serve)
+             python -m bigmodel_jax.main --workdir=runs/smoke --mode=serve --config.serve.port=8000
+  quantize int8 weights into RUN/quantized/ with a before/after report (config.quantize)
+             python -m bigmodel_jax.main --workdir=runs/smoke --mode=quantize
 
-eval, predict and sample start from the workdir's config.json: --config is not needed, and their own fields
-(sample.*, predict.*, evals.*, data.eval_batch_size, ...) are overridden directly; what the run computed is not.
+the modes other than train start from the workdir's config.json: --config is not needed, and their own fields
+(sample.*, predict.*, evals.*, serve.*, data.eval_batch_size, ...) are overridden directly; what the run computed
+is not.
 
 finding things out:
   --list_configs                  the experiments in configs/ with their descriptions and variants

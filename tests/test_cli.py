@@ -49,7 +49,7 @@ def digits_run(cli, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
 def test_help_exits_0_and_names_every_mode(cli, flag):
   proc = ok(cli(flag))
-  for mode in ("train", "eval", "predict", "sample"):
+  for mode in ("train", "eval", "predict", "sample", "export", "serve", "quantize"):  # every --mode value
     assert f"  {mode} " in proc.stdout, mode
     assert f"--mode={mode}" in proc.stdout or mode == "train"
   assert "--print_config" in proc.stdout and "--list_configs" in proc.stdout
