@@ -184,8 +184,10 @@ def keep_recorded_init(run: Run, start_step: int) -> None:
   it is given, so config.json keeps the recorded one (a fork of RUN/config.json would start from other weights)."""
   from bigmodel_jax.workdir import saved_config
   saved = saved_config(run.workdir) if start_step > 0 and not run.legacy else None
-  if saved is None or not isinstance(saved.get("init"), dict) or saved["init"] == run.config.init.to_dict():
+  if saved is None or not isinstance(saved.get("init"), dict):
     return
+  if run_config.as_config_values(saved["init"]) == run_config.as_config_values(run.config.init.to_dict()):
+    return  # the same record: config.json's lists are the config's tuples
   logging.warning("config.init.* differs from %s's, which records where step 0 came from; this run resumes from "
                   "step %d and keeps that record", run.workdir / "config.json", start_step)
   with run.config.unlocked():

@@ -136,3 +136,19 @@ def test_a_damaged_final_metrics_of_the_source_is_fingerprinted_from_its_weights
   (damaged / "final_metrics.json").write_text(final)
   run, _ = fresh_state(config_from(damaged), tmp_path / "new")
   assert run.init_source.params_sha256 == expected
+
+
+@pytest.mark.parametrize("rules", [(), ("head.*=skip",)])
+def test_a_resume_with_the_recorded_init_says_nothing(tmp_path, monkeypatch, rules):
+  """config.json's JSON lists against the config's tuples: the same init.* is not 'differs' (a plain relaunch of
+  an interrupted run warned that its init differed, every time)."""
+  config = config_from(tmp_path / "source", rules=rules)
+  (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+  warnings = []
+  monkeypatch.setattr(train.logging, "warning", lambda *args: warnings.append(args))
+  run = type("R", (), {"workdir": tmp_path, "config": config, "legacy": False})()
+  train.keep_recorded_init(run, 5)
+  assert warnings == [] and tuple(config.init.rules) == rules
+  config.init.workdir = str(tmp_path / "elsewhere")  # a real difference still warns, and keeps the record
+  train.keep_recorded_init(run, 5)
+  assert len(warnings) == 1 and config.init.workdir == str(tmp_path / "source")
