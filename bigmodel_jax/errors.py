@@ -105,6 +105,18 @@ def writable_directory(path, flag: str = "--workdir", what: str = "",
     raise UserError(f"{flag}: cannot write {what}in {path} ({e.strerror or e}); {fix}") from None
 
 
+WORKDIR_RECORDS = {"a training run": "config.json", "a sweep": "manifest.json", "reproductions": "report.json"}
+
+
+def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
+  """A training run, a sweep and reproductions each own their workdir (a sweep's trials and a reproduction's seeds
+  are runs in its subdirectories): one holding another kind's record is refused rather than mixed into."""
+  path = Path(path)
+  for other, record in WORKDIR_RECORDS.items():
+    if other != kind and (path / record).is_file() and not (path / WORKDIR_RECORDS[kind]).is_file():
+      raise UserError(f"{flag}: {path} holds {other} ({record}), not {kind}; use another {flag}")
+
+
 def fail(message: str, code: int = 2):
   """Each line of `message` as 'error: ...' on stderr, then exit `code` (2: bad input)."""
   for line in message.splitlines():

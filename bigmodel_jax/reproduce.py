@@ -13,8 +13,7 @@ card: target against the mean over seeds (± std, n, each seed's value) and PASS
 SKIPPED (no GPU, or data to fetch with its host unreachable) or ERROR (a run failed: its error line), merged
 with the earlier results of other reproductions in that workdir (a skip keeps an earlier result).
 Exit status: 0 when every reproduction run passed or was skipped, 1 when one failed or errored, 2 bad input;
-after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command resumes it) and the tool exits 130/143.
-"""
+after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command resumes it) and the tool exits 130/143."""
 
 import argparse
 import json
@@ -28,7 +27,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from bigmodel_jax.errors import UserError, writable_directory
+from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, flag_value, load_config,
                                        load_registry, missing_field, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
@@ -356,6 +355,7 @@ def main(argv: list[str]) -> int:
   if not args.dry_run:
     try:
       writable_directory(workdir)
+      refuse_other_workdir(workdir, "reproductions")  # a run's workdir, or a sweep's
     except UserError as e:
       raise BadInput(str(e)) from None
     if (workdir / "report.json").is_file():  # merged into at the end: damaged, it would be found after every seed ran

@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import logging
 
 from bigmodel_jax import config as config_lib, run_config
-from bigmodel_jax.errors import UserError
+from bigmodel_jax.errors import UserError, refuse_other_workdir
 
 
 def has_checkpoints(workdir: Path) -> bool:
@@ -53,6 +53,7 @@ def check_workdir(workdir: Path, config) -> None:
   """A workdir with checkpoints belongs to one config: refuse to continue it with a different one."""
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir: {workdir} exists and is not a directory")
+  refuse_other_workdir(workdir, "a training run")
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
     return

@@ -315,3 +315,12 @@ def test_model_change_with_allow_config_change_leaves_the_run_intact(cli, traine
   assert checkpoint_files(workdir) == files
   again = cli(SMOKE, f"--workdir={workdir}")  # the original command still continues the run
   assert again.returncode == 0 and json.loads(again.stdout)["step"] == 80
+
+
+@pytest.mark.parametrize("record, kind", [("manifest.json", "a sweep"), ("report.json", "reproductions")])
+def test_training_into_a_sweeps_or_reproductions_workdir_is_refused(cli, tmp_path, record, kind):
+  """A run launched on the sweep's directory rather than a trial's would mix its records into the sweep's."""
+  (tmp_path / record).write_text("{}")
+  proc = cli(SMOKE, f"--workdir={tmp_path}")
+  assert_one_error(proc, f"--workdir: {tmp_path} holds {kind} ({record}), not a training run")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [record]

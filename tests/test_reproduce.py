@@ -178,3 +178,12 @@ def test_a_finished_seed_of_an_edited_config_file_is_refused_not_averaged(reprod
   assert "holds a finished run of another config" in proc.stderr
   assert "optimizer.learning_rate: 0.1 -> 0.05" in proc.stderr
   assert not (workdir / "linear" / "seed_1").exists()
+
+
+def test_a_training_runs_workdir_is_refused_before_anything_runs(reproduce, tmp_path):
+  """--workdir=runs/mnist_cnn (a run, not a place for reproductions) would mix seeds and a report into the run."""
+  (tmp_path / "config.json").write_text("{}")
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={tmp_path}")
+  assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: --workdir: {tmp_path} holds a training run (config.json)")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
