@@ -19,11 +19,16 @@ import threading
 from pathlib import Path
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from bigmodel_jax import distributed, errors
 from bigmodel_jax.errors import TRACEBACK_ENV, NonFiniteLossError, UserError
 
+# config_flags logs its own warning for a get_config that returned None, before flags are parsed (absl adds a line
+# of its own then); load_config says it in the error line instead.
+std_logging.getLogger("absl").addFilter(
+    lambda record: not (record.pathname.endswith("config_flags.py") and "returned None" in record.getMessage()))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mnist_cnn.py or configs/mnist_cnn.py:smoke.",
     lock_config=True)
@@ -205,11 +210,13 @@ def load_config():
   """The config --config names (a file, or a config.json), or None."""
   try:
     config = _CONFIG.value  # config_flags loads the file lazily; a failed load raises on first use
-    if config is not None:
-      config.keys()
-    elif _CONFIG.present:  # the file loaded, but its get_config returned None
-      path = config_flags.get_config_filename(flags.FLAGS["config"])
-      fail(f"--config: get_config() in {path} returned None; it must return a ConfigDict")
+    if config is not None and type(config).__module__.startswith("ml_collections.config_flags"):
+      config.keys()  # a file that failed to load: config_flags' stand-in raises the error on first use
+    if (config is not None or _CONFIG.present) and not isinstance(config, ml_collections.ConfigDict):
+      path = config_flags.get_config_filename(flags.FLAGS["config"])  # loaded, but get_config returned no config
+      got = "None" if config is None else f"an object of type {type(config).__name__}"
+      fail(f"--config: get_config() in {path} returned {got}; it must return a ConfigDict "
+           "(start from bigmodel_jax.config.base_config())")
   except Exception as e:
     fail(config_error(e.__cause__ or e, sys.argv))
   return config

@@ -264,7 +264,10 @@ def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, 
     ("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'seed': 0})\n",
      ["config.data: missing", "base_config()"]),
     (None, ["is a directory", "name a config file in it"]),
-], ids=["syntax-error", "missing-sections", "a-directory"])
+    ("def get_config(arg=None):\n  return {'seed': 0}\n",
+     ["get_config() in", "returned an object of type dict", "a ConfigDict"]),
+    ("def get_config(arg=None):\n  pass\n", ["get_config() in", "returned None", "a ConfigDict"]),
+], ids=["syntax-error", "missing-sections", "a-directory", "returns-a-dict", "returns-none"])
 def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
   path = tmp_path / "my_config.py"
   if source is None:
