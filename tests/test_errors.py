@@ -267,7 +267,9 @@ def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, 
     ("def get_config(arg=None):\n  return {'seed': 0}\n",
      ["get_config() in", "returned an object of type dict", "a ConfigDict"]),
     ("def get_config(arg=None):\n  pass\n", ["get_config() in", "returned None", "a ConfigDict"]),
-], ids=["syntax-error", "missing-sections", "a-directory", "returns-a-dict", "returns-none"])
+    ("def get_config(arg=None):\n  steps = 10\n  return int('ten')\n",
+     ["my_config.py, line 3: ValueError: invalid literal for int()"]),
+], ids=["syntax-error", "missing-sections", "a-directory", "returns-a-dict", "returns-none", "raises"])
 def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
   path = tmp_path / "my_config.py"
   if source is None:
