@@ -150,7 +150,8 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("mode = 'up'\ndef sweep():\n  yield {'seed': 0}\n", "mode must be 'max' or 'min'"),
     ("metric, mode = 'loss', 'max'\ndef sweep():\n  yield {'seed': 0}\n",
      "mode 'max' would select the worst loss (it is better lower); set mode = 'min'"),
-    ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n", "model.hidden_sizes='wide': Could not override"),
+    ("def sweep():\n  yield {'model.hidden_sizes': 'wide'}\n",
+     "model.hidden_sizes='wide': configs/digits_mlp.py has tuple (128, 128) there; give a value of that type"),
     ("def sweep():\n  yield {'train': 3}\n", "'train' is a section of configs/digits_mlp.py"),
     ("def search(trial):\n  return {'seed': 0}\n", "a search needs num_trials"),
     ("num_trials = 2\ndef search(trial):\n  return {'seed': 0}\ndef sweep():\n  yield {'seed': 0}\n",
@@ -162,6 +163,8 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("def sweep():\n  yield {'seed': 0, 'optimizer.learning_rate': 1}\n"
      "  yield {'optimizer.learning_rate': 1.0, 'seed': 0}\n", "trials 0 and 1 are the same (seed=0,learning_rate=1.0)"),
     ("def sweep():\n  yield {'train.num_steps': True}\n", "train.num_steps=True: configs/digits_mlp.py has int"),
+    ("def sweep():\n  yield {'train.num_steps': 2.5}\n",
+     "train.num_steps=2.5: configs/digits_mlp.py has int 300 there; give a value of that type"),
     ("def sweep():\n  yield {'optimizer.learning_rate': None}\n", "optimizer.learning_rate=None"),
     ("def sweep():\n  yield {'data.normalize': 'bogus'}\n", "config.data.normalize: must be none, unit or"),
     ("def sweep():\n  yield {'train.best_eval': 'test'}\n", "config.train.best_eval: evaluator 'test'"),
@@ -170,7 +173,7 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("num_trials = 2\ndef search(trial):\n  return {'train.log_every': trial.suggest_int('e', 5, 20)}\n",
      "search(trial): train.log_every is also in the fixed overrides"),
 ], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "both",
-        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "none", "invalid-value", "select-on-test",
+        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "float-for-int", "none", "invalid-value", "select-on-test",
         "fixed-too", "fixed-too-search"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:

@@ -191,8 +191,8 @@ def check_override(config, key, value, keys: list[str], base: str) -> str | None
     return f"{key}={value!r}: {base} has {type(old).__name__} {old!r} there; give a value of that type"
   try:  # ml_collections checks the type (and converts int -> float, list -> tuple)
     section[leaf] = value
-  except (TypeError, ValueError) as e:
-    return f"{key}={value!r}: {str(e).splitlines()[0]}"
+  except (TypeError, ValueError):  # ml_collections' 'Could not override field ... cannot be casted'
+    return f"{key}={value!r}: {base} has {type(old).__name__} {old!r} there; give a value of that type"
   return None
 
 
