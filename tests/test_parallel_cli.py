@@ -28,11 +28,18 @@ def test_eight_devices_match_one(cli, tmp_path):
   assert "mesh data=1 x fsdp=1 x tensor=1 over 1 device " in one.stderr
   a, b = train_records(tmp_path / "one"), train_records(tmp_path / "eight")
   assert [r["step"] for r in a] == [r["step"] for r in b]
-  for x, y in zip(a, b):  # same data, same init: only the reduction order differs
-    assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"]))
+  # Same data, same init: only the reduction order differs. The first window (steps 1-4) is a few float32
+  # roundings apart (measured 1e-7). After that Adam turns a rounding difference in a near-zero gradient into a
+  # sign flip of a whole learning-rate-sized step, so the runs drift chaotically: under
+  # --xla_cpu_max_isa=SSE4_2 (another summation order, as another CPU has) the 1-device run moved off by 4.8e-5
+  # relative from step 60 and its test loss by 6e-5 (the old bounds were 1e-5 and 1e-4). A batch split or
+  # gradient gone wrong moves the batch loss by > 1e-2 from the first window on.
+  assert abs(a[0]["loss"] - b[0]["loss"]) <= 1e-5 * max(1.0, abs(a[0]["loss"]))
+  for x, y in zip(a, b):
+    assert abs(x["loss"] - y["loss"]) <= 1e-3 * max(1.0, abs(x["loss"])), (x["step"], x["loss"], y["loss"])
   fa, fb = (json.loads((tmp_path / d / "final_metrics.json").read_text()) for d in ("one", "eight"))
   fa, fb = fa["test"], fb["test"]
-  assert abs(fa["loss"] - fb["loss"]) < 1e-4 and abs(fa["accuracy"] - fb["accuracy"]) <= 1 / 359
+  assert abs(fa["loss"] - fb["loss"]) < 1e-3 and abs(fa["accuracy"] - fb["accuracy"]) <= 3 / 359  # a few flips
 
 
 def test_data_parallel_run_resumes_as_fsdp_and_evaluates_on_one_device(cli, tmp_path):
