@@ -125,24 +125,30 @@ class BatchNorm(nnx.BatchNorm):
     if rows.shape != x.shape[:1]:
       raise ValueError(f"BatchNorm: {rows.shape[0]} rows are marked real or padding, but its input is {x.shape}")
     real = jnp.broadcast_to(rows.reshape(-1, *[1] * (x.ndim - 1)) > 0, x.shape)
-    if axis is None:  # one array spans the global batch: nnx.BatchNorm's own masked statistics
-      return super().__call__(x, use_running_average=False, mask=real)
-    return self._across_replicas(x, real, axis)
+    return self._masked(x, real, axis)
 
-  def _across_replicas(self, x, real, axis):
-    """Training under pmap: nnx.BatchNorm would average the replicas' masked means with equal weights."""
+  def _masked(self, x, real, axis):
+    """Training on the real rows: their sums (added over the replicas under pmap; nnx.BatchNorm would average the
+    replicas' means with equal weights) divided by their count. Without a real row (a microbatch of padding only
+    under grad accumulation) the running averages are kept and the output stays finite (nnx's masked mean: NaN)."""
     axes = tuple(range(x.ndim - 1))
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    # the dtype nnx.BatchNorm returns: its input's and variables' common one (or its own dtype)
+    own = [a for a in (x, self.mean[...], self.var[...], scale, bias) if a is not None]
+    dtype = self.dtype or jnp.result_type(*own)
+    x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
     sums = jnp.stack([jnp.where(real, x32, 0).sum(axes), jnp.where(real, x32 * x32, 0).sum(axes),
                       real.sum(axes).astype(x32.dtype)])
-    total, total_sq, n = jax.lax.psum(sums, axis)
+    total, total_sq, n = sums if axis is None else jax.lax.psum(sums, axis)
     mean = total / jnp.maximum(n, 1.0)
     var = jnp.maximum(0.0, total_sq / jnp.maximum(n, 1.0) - mean * mean)
     m = self.momentum
-    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
-    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
-    return y.astype(x.dtype)
+    self.mean[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * self.mean[...] + (1 - m) * mean, self.mean[...]))
+    self.var[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * self.var[...] + (1 - m) * var, self.var[...]))
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale if scale is not None else y
+    return (y + bias if bias is not None else y).astype(dtype)
 
 
 def own_dtype(arrays, *, dtype=None, inexact=True):

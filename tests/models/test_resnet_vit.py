@@ -190,6 +190,27 @@ def test_padding_rows_count_in_no_batch_statistic():
   # turns into +-learning_rate)
 
 
+def test_a_microbatch_of_padding_only_keeps_the_running_averages():
+  """grad_accum_steps=4 on a last batch with 2 real rows: microbatches 2 and 3 (rows 2, 6, ... and 3, 7, ...) hold
+  padding only. They keep the running averages and add nothing (nnx's masked mean over no row was NaN, which went
+  into the running averages and, times the loss's zero weight, into every gradient): the step is grad_accum_steps=2's,
+  whose two microbatches hold the same real rows."""
+  results = []
+  for k in (2, 4):
+    config = resnet_config()
+    config.train.grad_accum_steps = k
+    batch = next(iter(pipeline.train_dataset(dataset_for(config), config.data, seed=config.seed, num_steps=1)))
+    batch = {**batch, "mask": np.where(np.arange(len(batch["mask"])) < 2, batch["mask"], 0.0).astype(np.float32)}
+    stepper = stepper_for(config, 1)
+    state, metrics = stepper.train_step(stepper.layout.place(stepper.init()), stepper.layout.train_batch(batch))
+    results.append((float(metrics["loss"]), batch_stats(stepper.layout.plain(state))))
+  (loss2, ref), (loss4, got) = results
+  assert np.isfinite(loss4)
+  np.testing.assert_allclose(loss4, loss2, rtol=RTOL)
+  for name in ref:
+    np.testing.assert_allclose(got[name], ref[name], rtol=RTOL, atol=1e-6, err_msg=name)
+
+
 def vit_config(**fields):
   c = load_config("digits_mlp", "smoke")
   c.model = model_config("vit", patch_size=4, num_layers=2, num_heads=2, embed_dim=32, **fields)  # 4 patches + [CLS]
