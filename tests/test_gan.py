@@ -268,3 +268,24 @@ def test_a_resume_scored_by_another_classifier_than_the_first_launchs_is_refused
   config.train.allow_config_change = True
   adversarial.check_scored_by(tmp_path, edited, config)
   assert json.loads((tmp_path / adversarial.SCORED_BY).read_text())["params_sha256"] == edited.sha256
+
+
+def test_an_eval_with_another_classifier_leaves_the_recorded_one(tmp_path, monkeypatch):
+  """--mode=eval (build_run for_training=False) reads the workdir: with allow_config_change and another classifier
+  it went on, and overwrote the record, so the training's next launch with its own classifier was refused (and one
+  with the eval's was not)."""
+  from bigmodel_jax.tasks import adversarial
+  config = gan_config()
+  trained = adversarial.Classifier(None, {"w": np.arange(6, dtype=np.float32)}, {}, [0.0], [1.0], 1.0)
+  other = adversarial.Classifier(None, {"w": np.arange(6, dtype=np.float32) + 1}, {}, [0.0], [1.0], 1.0)
+  for c in (trained, other):
+    c.workdir = tmp_path / "clf"
+  adversarial.check_scored_by(tmp_path, trained, config)  # the first launch's record
+  recorded = (tmp_path / adversarial.SCORED_BY).read_text()
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  monkeypatch.setattr(adversarial.Classifier, "load", classmethod(lambda cls, config, dataset: other))
+  monkeypatch.setattr(train, "Checkpointer", lambda *a, **k: None)  # the fake step holds no checkpoint
+  config.train.allow_config_change = True
+  train.build_run(config, tmp_path, for_training=False)
+  assert (tmp_path / adversarial.SCORED_BY).read_text() == recorded

@@ -58,9 +58,10 @@ class Task(abc.ABC):
     """A saved or new config (a dict) as a resume compares its scored_by fields (the GAN: paths resolved)."""
     return config
 
-  def setup(self, workdir=None) -> None:
+  def setup(self, workdir=None, training: bool = True) -> None:
     """What the task needs beyond its config, once the run's inputs and `workdir` are checked (the GAN's quality
-    classifier, checked against the one the workdir's evaluations were scored by)."""
+    classifier, checked against the one the workdir's evaluations were scored by; recorded there only if
+    `training`: eval and predict read the workdir)."""
 
   @abc.abstractmethod
   def output_shape(self, input_shape) -> tuple[int, ...]:

@@ -79,10 +79,10 @@ class Adversarial(Task):
       return config
     return {**config, "eval": {**config["eval"], "classifier_workdir": os.path.realpath(workdir)}}
 
-  def setup(self, workdir=None) -> None:
+  def setup(self, workdir=None, training: bool = True) -> None:
     self._classifier = Classifier.load(self.config, self.dataset)
     if workdir is not None:
-      check_scored_by(Path(workdir), self._classifier, self.config)
+      check_scored_by(Path(workdir), self._classifier, self.config, record=training)
 
   @property
   def classifier(self) -> "Classifier":
@@ -264,12 +264,14 @@ class Classifier:
       run.close()
 
 
-def check_scored_by(workdir: Path, classifier: Classifier, config) -> None:
+def check_scored_by(workdir: Path, classifier: Classifier, config, record: bool = True) -> None:
   """A GAN run's evaluations are scored by one classifier (SCORED_BY: its weights' sha256, recorded by the first
   launch): a resume scored by another -- its config file edited since (another cache entry), its run retrained in
-  place -- would mix two classifiers' scores in one history, and select its best across them."""
+  place -- would mix two classifiers' scores in one history, and select its best across them. Only training
+  `record`s it: an eval or predict (allow_config_change: with another classifier) reads the workdir and must not
+  make its classifier the one the run's next launch is checked against."""
   from bigmodel_jax.workdir import has_checkpoints
-  path, record = workdir / SCORED_BY, {"workdir": str(classifier.workdir), "params_sha256": classifier.sha256}
+  path, new = workdir / SCORED_BY, {"workdir": str(classifier.workdir), "params_sha256": classifier.sha256}
   try:
     held = json.loads(path.read_text())
   except (OSError, ValueError):
@@ -282,10 +284,10 @@ def check_scored_by(workdir: Path, classifier: Classifier, config) -> None:
       raise UserError(f"{problem}; put that classifier back, use a new --workdir, or pass "
                       "--config.train.allow_config_change=true to go on with this one")
     logging.warning("%s; going on with it (train.allow_config_change)", problem)
-  if held != record and jax.process_index() == 0:
+  if record and held != new and jax.process_index() == 0:
     try:
-      runinfo.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
-    except OSError as e:  # e.g. --mode=eval on a read-only workdir
+      runinfo.write_text_atomic(path, json.dumps(new, indent=2) + "\n")
+    except OSError as e:  # e.g. a workdir made read-only
       logging.warning("cannot record the GAN's quality classifier in %s (%s)", path, e.strerror)
 
 
