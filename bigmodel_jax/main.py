@@ -180,7 +180,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       fail(f"--config: {argv_lib.flag_value(sys.argv, 'config')}: {variant.group(1).strip()}")
     if "Traceback" in str(e):  # an exception inside the config file: its last line says what, its frame where
       path = (argv_lib.flag_value(argv, "config") or "").split(":")[0]
-      at = [n for f, n in re.findall(r'File "([^"]+)", line (\d+)', str(e)) if path and Path(f).absolute() == Path(path).absolute()]
+      at = [n for f, n in re.findall(r'File "([^"]+)", line (\d+)', str(e))
+            if path and Path(f).absolute() == Path(path).absolute()]
       fail(f"{lines[0].split(': Error whilst')[0]}{f', line {at[-1]}' if at else ''}: {lines[-1]}")
     fail(f"{lines[0]}; see --helpfull")
   except Exception as e:  # config_flags raises KeyError/AttributeError/OSError/... from the config file

@@ -133,7 +133,8 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   refused = distributed.chief_decides(refused)  # the others stop too, rather than wait for process 0 in a collective
   if refused:
     raise UserError(refused)
-  task.setup(workdir, for_training)  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
+  # e.g. the GAN's quality classifier: only once the config and the workdir are known good
+  task.setup(workdir, for_training)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer,
              MetricsWriter(output_dir or workdir, chief, config), total_steps, steps_per_epoch, evaluators, lock,

@@ -173,8 +173,8 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("num_trials = 2\ndef search(trial):\n  return {'train.log_every': trial.suggest_int('e', 5, 20)}\n",
      "search(trial): train.log_every is also in the fixed overrides"),
 ], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "both",
-        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "float-for-int", "none", "invalid-value", "select-on-test",
-        "fixed-too", "fixed-too-search"])
+        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "float-for-int", "none", "invalid-value",
+        "select-on-test", "fixed-too", "fixed-too-search"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
     spec.load(write(tmp_path / "s.py", FIXED + body))
