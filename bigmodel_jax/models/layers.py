@@ -130,7 +130,7 @@ class BatchNorm(nnx.BatchNorm):
   def _masked(self, x, real, axis):
     """Training on the real rows: their sums (added over the replicas under pmap; nnx.BatchNorm would average the
     replicas' means with equal weights) divided by their count. Without a real row (a microbatch of padding only
-    under grad accumulation) the running averages are kept and the output stays finite (nnx's masked mean: NaN)."""
+    under grad accumulation) the running averages are kept, and normalise it (nnx's masked mean: NaN)."""
     axes = tuple(range(x.ndim - 1))
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
@@ -141,11 +141,14 @@ class BatchNorm(nnx.BatchNorm):
     sums = jnp.stack([jnp.where(real, x32, 0).sum(axes), jnp.where(real, x32 * x32, 0).sum(axes),
                       real.sum(axes).astype(x32.dtype)])
     total, total_sq, n = sums if axis is None else jax.lax.psum(sums, axis)
-    mean = total / jnp.maximum(n, 1.0)
-    var = jnp.maximum(0.0, total_sq / jnp.maximum(n, 1.0) - mean * mean)
+    running_mean, running_var = self.mean[...], self.var[...]
+    # no real row: the running averages, kept as they are and normalising with their usual scale (a variance of
+    # 0 would multiply each layer's activations by 1/sqrt(epsilon), to inf through a deep net: NaN gradients)
+    mean = jnp.where(n > 0, total / jnp.maximum(n, 1.0), running_mean)
+    var = jnp.where(n > 0, jnp.maximum(0.0, total_sq / jnp.maximum(n, 1.0) - mean * mean), running_var)
     m = self.momentum
-    self.mean[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * self.mean[...] + (1 - m) * mean, self.mean[...]))
-    self.var[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * self.var[...] + (1 - m) * var, self.var[...]))
+    self.mean[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * running_mean + (1 - m) * mean, running_mean))
+    self.var[...] = jax.lax.stop_gradient(jnp.where(n > 0, m * running_var + (1 - m) * var, running_var))
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
     y = y * scale if scale is not None else y
     return (y + bias if bias is not None else y).astype(dtype)

@@ -211,6 +211,26 @@ def test_a_microbatch_of_padding_only_keeps_the_running_averages():
     np.testing.assert_allclose(got[name], ref[name], rtol=RTOL, atol=1e-6, err_msg=name)
 
 
+def test_batchnorm_without_a_real_row_normalises_with_its_running_averages():
+  """A call whose rows are all padding: the running averages stay and normalise it, as in eval, so the output keeps
+  its scale (a variance of 0 multiplied it by 1/sqrt(epsilon) per layer: inf through a deep net, then NaN)."""
+  from bigmodel_jax.models.layers import BatchNorm, real_rows
+  bn = BatchNorm(3, rngs=nnx.Rngs(0))
+  bn.mean[...], bn.var[...] = np.array([1.0, -2.0, 0.5], np.float32), np.array([4.0, 0.25, 1.0], np.float32)
+  x = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)
+  expected = np.asarray(bn(x, train=False))
+
+  @nnx.jit
+  def padding_only(bn, x):
+    with real_rows(np.zeros(4, np.float32)):
+      return bn(x, train=True), bn.mean[...], bn.var[...]
+
+  y, mean, var = padding_only(bn, x)
+  np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(mean, [1.0, -2.0, 0.5])
+  np.testing.assert_array_equal(var, [4.0, 0.25, 1.0])
+
+
 def vit_config(**fields):
   c = load_config("digits_mlp", "smoke")
   c.model = model_config("vit", patch_size=4, num_layers=2, num_heads=2, embed_dim=32, **fields)  # 4 patches + [CLS]
