@@ -296,7 +296,10 @@ class MLflow(Tracker):
   def mark_discarded(self, first, last):
     # MLflow cannot delete a metric's values per step (no client or store API): tag `discarded_steps` names them
     earlier = self.client.get_run(self.run_id).data.tags.get("discarded_steps")
-    self.client.set_tag(self.run_id, "discarded_steps", "; ".join(filter(None, (earlier, f"{first}-{last}")))[-5000:])
+    ranges = [*filter(None, (earlier or "").split("; ")), f"{first}-{last}"]
+    while len("; ".join(ranges)) > 5000:  # MLflow's tag value limit: the oldest whole ranges go
+      ranges.pop(0)
+    self.client.set_tag(self.run_id, "discarded_steps", "; ".join(ranges))
 
   def close(self, status):
     self.client.set_terminated(self.run_id, status=self.STATUS[status])
