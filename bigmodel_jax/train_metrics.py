@@ -91,8 +91,8 @@ def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) ->
 
 
 def summarize(fetched: list[tuple[int, dict]], seconds: float, global_batch: int, tokens_per_example: int = 0) -> dict:
-  keys = fetched[-1][1].keys()
-  out = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+  keys = fetched[-1][1].keys()  # (a held window from before an allow_config_change resume may lack some)
+  out = {k: float(np.mean([m[k] for _, m in fetched if k in m])) for k in keys}
   for k in keys:  # the rate in force at the window's end, not its average
     if k.split("/")[-1] == "learning_rate":
       out[k] = float(fetched[-1][1][k])

@@ -144,3 +144,7 @@ def test_a_log_window_held_by_a_preemption_goes_on_after_the_resume():
   assert steps(resumed) == steps(expected) == [[5, 6, 7, 8, 9, 10], [11, 12]]
   assert [summarize(w, 1.0, 1) for w in resumed] == [summarize(w, 1.0, 1) for w in expected]
   assert all(np.asarray(m["lr"]).dtype == np.int32 for w in resumed for _, m in w)
+  changed = TrainMetrics()  # a resume whose config adds a metric (allow_config_change): the held steps lack it
+  changed.resume(held)
+  changed.add(8, {"loss": values[6:8], "lr": np.arange(2, dtype=np.int32), "new": np.ones(2, np.float32)}, 2)
+  assert summarize(changed.fetch(5)[0], 1.0, 1)["new"] == 1.0
