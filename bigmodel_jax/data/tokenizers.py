@@ -28,8 +28,9 @@ SPM_FILE = "spm.model"
 PAD_ID = 0
 UNK_ID = 1
 MASK_PIECE = "[MASK]"  # sentencepiece's masked-LM piece (tokenizer.mask_token): a user-defined symbol, id 3
-# config.data.tokenizer.name -> build(tokenizer_config, train_texts, all_texts): a new tokenizer. char takes its
-# vocabulary from all texts (as nanoGPT's shakespeare_char does), sentencepiece learns from the train texts only.
+# config.data.tokenizer.name -> build(tokenizer_config, train_texts, all_texts): a new tokenizer, learnt from the
+# train texts only (char: their characters; a held-out character is unk). all_texts is kept for registered builders'
+# signature; corpus.tokenize passes the train texts there too: nothing held out shapes a vocabulary.
 TOKENIZERS: Registry = Registry("tokenizer", "config.data.tokenizer.name")
 
 
@@ -265,7 +266,7 @@ def _training_error(message: str, vocab_size: int) -> UserError:
   return UserError(f"config.data.tokenizer: sentencepiece training failed: {message.splitlines()[0]}")
 
 
-TOKENIZERS.register("char")(lambda c, train_texts, all_texts: CharTokenizer.build(all_texts))
+TOKENIZERS.register("char")(lambda c, train_texts, all_texts: CharTokenizer.build(train_texts))
 TOKENIZERS.register("byte")(lambda c, train_texts, all_texts: ByteTokenizer())
 TOKENIZERS.register("sentencepiece")(
     lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,

@@ -53,7 +53,7 @@ def spm_tokenizers(docs):
 def any_tokenizer(request, spm_tokenizers, docs):
   if request.param in spm_tokenizers:
     return spm_tokenizers[request.param]
-  return tokenizers.build_tokenizer(tokenizer_config(request.param), [docs[0]], [docs[0] + UNICODE])
+  return tokenizers.build_tokenizer(tokenizer_config(request.param), [docs[0] + UNICODE], [docs[0] + UNICODE])
 
 
 def test_char_vocabulary_is_pad_unk_then_sorted_characters():
@@ -196,7 +196,7 @@ def test_save_and_load_give_identical_encodings(any_tokenizer, docs, tmp_path):
 
 def test_get_tokenizer_builds_saves_then_reuses(tmp_path):
   config = tokenizer_config("char")
-  built = get_tokenizer(config, ["abc"], ["abc", "xyz"], tmp_path, create=True)
+  built = get_tokenizer(config, ["abcxyz"], ["abcxyz"], tmp_path, create=True)
   assert built.chars == "abcxyz" and (tmp_path / "tokenizer.json").exists()
   # Later runs (eval, resume) get the saved vocabulary even if the texts they see differ.
   again = get_tokenizer(config, ["abc"], ["abc"], tmp_path, create=False)
@@ -267,3 +267,18 @@ def test_load_errors_name_the_file_and_say_what_to_do(how, kind, expected, spm_t
 def test_load_missing_tokenizer(tmp_path):
   with pytest.raises(UserError, match=r"tokenizer\.json not found; train first \(--mode=train\), or check --workdir$"):
     load_tokenizer(tmp_path)
+
+
+def test_held_out_text_never_shapes_the_vocabulary():
+  """A character only validation or test text has is not in the vocabulary (it encodes as unk): the test split's
+  content decides nothing of the model, not even its vocabulary size."""
+  from bigmodel_jax.data import TextCorpus, corpus
+  text = TextCorpus("t", train=["abcab"], test=["abz"], train_labels=np.array([0]), test_labels=np.array([1]),
+                    class_names=("a", "b"), validation=["aby"], validation_labels=np.array([1]))
+  config = ConfigDict(dict(tokenizer=tokenizer_config("char"), seq_len=4))
+  dataset = corpus.tokenize(text, config, None, create_tokenizer=True)
+  assert dataset.tokenizer.chars == "abc" and dataset.vocab_size == 5
+  assert dataset.test["inputs"].tolist() == [[2, 3, 1, 0]] and dataset.validation["inputs"][0, 2] == 1
+  lm = corpus.tokenize(TextCorpus("t", train=["abcabc"], test=["abzab"], validation=["abyab"]),
+                       ConfigDict(dict(tokenizer=tokenizer_config("char"), seq_len=2)), None, create_tokenizer=True)
+  assert lm.tokenizer.chars == "abc"
