@@ -1,8 +1,9 @@
 """Tokenizers by name (`config.data.tokenizer.name`): char, byte, sentencepiece (unigram or BPE), and gpt2_bpe /
 bert_wordpiece (GPT-2's and BERT's, converted with their weights: data/bpe.py, data/wordpiece.py).
 
-Every tokenizer maps text to int32 ids with 0 = padding (gpt2_bpe: <|endoftext|>, its `pad_id`) (models derive padding masks from it) and is saved
-into a run's workdir as tokenizer.json (+ spm.model), so eval, sampling and resume use the very same ids.
+Every tokenizer maps text to int32 ids with 0 = padding (gpt2_bpe: <|endoftext|>, its `pad_id`) (models derive
+padding masks from it) and is saved into a run's workdir as tokenizer.json (+ spm.model), so eval, sampling and
+resume use the very same ids.
 """
 
 import abc
