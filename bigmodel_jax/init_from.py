@@ -72,7 +72,7 @@ def tokenizer_dir(config) -> Path | None:
   return directory if (directory / "tokenizer.json").is_file() else None
 
 
-def load_source(config, workdir: Path):
+def load_source(config, workdir: Path, dataset=None):
   """(Inference of the source run, restored step, state), each way it can fail one line naming config.init."""
   from bigmodel_jax import config as config_lib
   from bigmodel_jax.inference import Inference
@@ -89,6 +89,8 @@ def load_source(config, workdir: Path):
     raise UserError(f"{field}: no checkpoints in {source}; train that run first or name another workdir")
   saved = run_config.load(source / "config.json", "name another workdir", f"{field}: ")
   source_config = ml_collections.ConfigDict(run_config.as_config_values(saved))
+  if dataset is not None:
+    check_held_out(dataset, source_config, source)
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:
@@ -99,12 +101,34 @@ def load_source(config, workdir: Path):
   return model, step, state
 
 
-def prepare(config, steps, workdir: Path) -> Source | None:
-  """config.init read and checked against the new run's model (steps.abstract_state); None without init.workdir."""
+def check_held_out(dataset, source_config, source: Path) -> None:
+  """A source run trained on this run's data must have held out at least its validation examples: validation is a
+  fixed seeded slice of the training split (a text file's last share), so a smaller share left some of this run's
+  validation examples in the source's training split, and selection would score examples its weights have seen."""
+  theirs = source_config.data.get("validation_fraction", 0.0)
+  if not dataset.held_out or theirs >= dataset.held_out:
+    return
+  try:
+    data = json.loads((source / "data_fingerprint.json").read_text()).get("data", {})
+  except (OSError, ValueError, AttributeError):
+    data = None  # an older run: its config's data fields say what it read
+  digests = lambda d: sorted(str(v.get("sha256")) for v in d.values() if isinstance(v, dict))
+  same = (digests(data) == digests(dataset.fingerprint) if isinstance(data, dict) and data else
+          (source_config.data.get("name"), source_config.data.get("path", "")) == (dataset.name, ""))
+  if same:
+    raise UserError(f"config.init.workdir: {source} trained on {dataset.name} holding out data.validation_fraction="
+                    f"{theirs}, less than this run's {dataset.held_out}: its weights have seen some of this run's "
+                    f"validation examples; set --config.data.validation_fraction={theirs}, or start from a run that "
+                    f"held out at least {dataset.held_out}")
+
+
+def prepare(config, steps, workdir: Path, dataset=None) -> Source | None:
+  """config.init read and checked against the new run's model (steps.abstract_state) and, given the run's
+  `dataset`, its validation split (check_held_out); None without init.workdir."""
   if not config.init.workdir:
     return None
   rules = parse_rules(config.init.rules)
-  model, step, state = load_source(config, workdir)
+  model, step, state = load_source(config, workdir, dataset)
   try:
     source = model.variables(state)
   finally:

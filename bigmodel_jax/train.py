@@ -119,7 +119,8 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   steps = make_steps(config, dataset, task, parallel.make_mesh(config.mesh), total_steps, check_train_step=for_training)
   # another run's weights (config.init), checked before anything is written; a resume never reads them
-  init_source = init_from.prepare(config, steps, workdir) if for_training and not has_checkpoints(workdir) else None
+  fresh = for_training and not has_checkpoints(workdir)
+  init_source = init_from.prepare(config, steps, workdir, dataset) if fresh else None
   chief = jax.process_index() == 0
   refused, lock = "", None
   if chief:

@@ -78,10 +78,17 @@ def test_bad_init_is_one_line_before_anything_is_written(source, tmp_path):
   swapped = config_from(source, rules=("head.*=skip",))  # the head left random, and frozen: it would never train
   swapped.optimizer.frozen = ("head.*",)
   cases.append((swapped, "config.init.rules: head.bias, head.kernel not loaded but frozen (config.optimizer.frozen)"))
+  wider = config_from(source)  # the source held out 10% of digits' training split; its weights saw the rest
+  wider.data.validation_fraction = 0.2
+  cases.append((wider, "holding out data.validation_fraction=0.1, less than this run's 0.2: its weights have seen"))
   for config, message in cases:
     with pytest.raises(UserError, match=re.escape(message)):
       train.build_run(config, new)
     assert not new.exists()
+  narrower = config_from(source)  # 5%: a subset of the source's validation slice, never trained on by it
+  narrower.data.validation_fraction = 0.05
+  run, _ = fresh_state(narrower, new)
+  assert run.init_source is not None
 
 
 def test_shape_mismatch_and_missing_source_are_one_line(cli, source, tmp_path):

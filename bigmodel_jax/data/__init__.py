@@ -44,6 +44,7 @@ class Dataset:
   test_texts: Sequence[str] = ()  # raw text of each test example (text classification), for predictions.csv
   validation: dict[str, np.ndarray] | None = None
   fingerprint: dict = dataclasses.field(default_factory=dict)  # the files or arrays it came from (fingerprint.py)
+  held_out: float = 0.0  # the share of the loaded training split held out here as validation (0: published, none)
 
   @property
   def eval_splits(self) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ class Dataset:
                       f"examples of {self.name} leaves {len(train)} to train on and {len(val)} to validate on; "
                       "pick a fraction that leaves both non-empty")
     return dataclasses.replace(self, train={k: v[train] for k, v in self.train.items()},
-                               validation={k: v[val] for k, v in self.train.items()})
+                               validation={k: v[val] for k, v in self.train.items()}, held_out=fraction)
 
   def take_train_fraction(self, fraction: float) -> "Dataset":
     """The training split cut to a fixed seeded `fraction` of its examples (a token stream: its first `fraction`)."""
@@ -128,6 +129,7 @@ class TextCorpus:
   class_names: tuple[str, ...] = ()
   validation: list[str] | None = None  # the published validation split, else held out by hold_out_validation
   validation_labels: np.ndarray | None = None
+  held_out: float = 0.0  # as Dataset.held_out (a text file's last data.validation_fraction included)
 
   def hold_out_validation(self, fraction: float) -> "TextCorpus":
     """A fixed seeded `fraction` of the training examples (documents) as the validation split; a language-model
@@ -137,7 +139,7 @@ class TextCorpus:
     if self.train_labels is None and len(self.train) == 1:
       text = self.train[0]
       k = int(len(text) * (1 - fraction))
-      return dataclasses.replace(self, train=[text[:k]], validation=[text[k:]])
+      return dataclasses.replace(self, train=[text[:k]], validation=[text[k:]], held_out=fraction)
     train, val = seeded_split(len(self.train), fraction, VALIDATION_SEED)
     if len(train) == 0 or len(val) == 0:
       raise UserError(f"config.data.validation_fraction: {fraction} of the {len(self.train)} training examples of "
@@ -146,7 +148,7 @@ class TextCorpus:
     labels = self.train_labels
     return dataclasses.replace(self, train=[self.train[i] for i in train], validation=[self.train[i] for i in val],
                                train_labels=None if labels is None else labels[train],
-                               validation_labels=None if labels is None else labels[val])
+                               validation_labels=None if labels is None else labels[val], held_out=fraction)
 
 
 def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenizer: bool = True) -> Dataset:
@@ -166,13 +168,14 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
       loaded = DATASETS.get(name)(root, data_config)
   digests = fingerprint.of_loaded(loaded, files)
   loaded = loaded.hold_out_validation(data_config.get("validation_fraction", 0.0))
+  held_out = loaded.held_out
   if data_config.get("as_corpus", False):
     loaded = as_corpus(loaded)
   if isinstance(loaded, TextCorpus):
     from bigmodel_jax.data import corpus
     loaded = corpus.tokenize(loaded, data_config, tokenizer_dir, create_tokenizer)
   loaded = loaded.take_train_fraction(data_config.get("train_fraction", 1.0))  # the tokenizer learnt from all of it
-  loaded.fingerprint = digests
+  loaded.fingerprint, loaded.held_out = digests, held_out
   return loaded
 
 

@@ -83,7 +83,7 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
       raise UserError(f"config.data.validation_fraction: {fraction}; a text file (config.data.path) needs a "
                       "validation split, its last validation_fraction: pick one in (0, 1), e.g. 0.1")
     k = int(len(text) * (1 - fraction))
-    return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
+    return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]], held_out=fraction)
   k = int(len(text) * 0.9)
   return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
 
