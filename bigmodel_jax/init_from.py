@@ -90,7 +90,7 @@ def load_source(config, workdir: Path, dataset=None):
   saved = run_config.load(source / "config.json", "name another workdir", f"{field}: ")
   source_config = ml_collections.ConfigDict(run_config.as_config_values(saved))
   if dataset is not None:
-    check_held_out(dataset, source_config, source)
+    check_held_out(dataset, config.data, source_config, source)
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:
@@ -101,7 +101,7 @@ def load_source(config, workdir: Path, dataset=None):
   return model, step, state
 
 
-def check_held_out(dataset, source_config, source: Path) -> None:
+def check_held_out(dataset, data_config, source_config, source: Path) -> None:
   """A source run trained on this run's data must have held out at least its validation examples: validation is a
   fixed seeded slice of the training split (a text file's last share), so a smaller share left some of this run's
   validation examples in the source's training split, and selection would score examples its weights have seen."""
@@ -114,7 +114,7 @@ def check_held_out(dataset, source_config, source: Path) -> None:
     data = None  # an older run: its config's data fields say what it read
   digests = lambda d: sorted(str(v.get("sha256")) for v in d.values() if isinstance(v, dict))
   same = (digests(data) == digests(dataset.fingerprint) if isinstance(data, dict) and data else
-          (source_config.data.get("name"), source_config.data.get("path", "")) == (dataset.name, ""))
+          all(source_config.data.get(k, "") == data_config.get(k, "") for k in ("name", "path")))
   if same:
     raise UserError(f"config.init.workdir: {source} trained on {dataset.name} holding out data.validation_fraction="
                     f"{theirs}, less than this run's {dataset.held_out}: its weights have seen some of this run's "
