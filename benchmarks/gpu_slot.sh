@@ -10,8 +10,9 @@
 # lacks ml_collections, grain and tensorboardX. `run` installs this project's declared dependencies (pyproject.toml,
 # less jax, whose CUDA build the image has, and TFDS, which only tfds: datasets need) from what is installed there
 # and the staged wheels, without an index: pip keeps an installed version that is in our range, takes a staged wheel
-# where it is not, and names what is missing if neither. Then the suite, its JSON to $OUT (benchmarks/run.py;
-# extra arguments are passed to it, e.g. --only=lm_throughput or --size=tiny to check the slot's pieces).
+# where it is not, and names what is missing if neither. Then the suite, its JSON to $OUT/gpu.json and its output
+# to $OUT/run.log (benchmarks/run.py; extra arguments are passed to it, e.g. --only=lm_throughput or --size=tiny to
+# check the slot's pieces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
@@ -75,7 +76,10 @@ case "${1:-}" in
     "$PY" -m pip list 2>/dev/null | grep -i -E "^(jax|jaxlib|jax-cuda|flax|optax|orbax|grain|numpy) " || true
     text=()
     [[ -f "$STAGE/input.txt" ]] && text=(--text="$STAGE/input.txt")
-    exec "$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@"
+    # the suite's whole output also into $OUT/run.log, which comes back with the JSON: a failure's traceback, and
+    # the training logs, outlive the device reply's last 12,000 characters; the exit status stays the suite's
+    PYTHONUNBUFFERED=1 "$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@" 2>&1 \
+        | tee "$OUT/run.log"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_slot.sh stage | run [benchmarks.run flags]" >&2

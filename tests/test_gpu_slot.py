@@ -1,0 +1,66 @@
+"""benchmarks/gpu_slot.sh run, the GPU slot's one command, with a stand-in Python: what it installs from, the data it
+unpacks, the arguments the suite gets, and that the suite's output and exit status come back ($OUT/run.log)."""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ "$1" == "-" ]]; then exec {real} -; fi  # the script's requirements(): pyproject.toml read by a real Python
+[[ "$1" == "-m" ]] || exit 90
+case "$2" in
+  pip) echo "$*" >> "$CALLS"; [[ "$3" == list ]] && echo "jax 0.11.2"; exit 0 ;;
+  benchmarks.run) echo "suite: ${{*:3}} PYTHONPATH=$PYTHONPATH DATA=$BIGMODEL_JAX_DATA_DIR"
+                  echo "a traceback" >&2; echo '{{}}' > "$OUT/gpu.json"; exit 3 ;;
+esac
+exit 91
+"""
+
+
+def slot(tmp_path):
+  repo = tmp_path / "repo"
+  (repo / "benchmarks").mkdir(parents=True)
+  shutil.copy(ROOT / "benchmarks" / "gpu_slot.sh", repo / "benchmarks")
+  shutil.copy(ROOT / "pyproject.toml", repo)
+  (repo / ".gpu" / "wheels").mkdir(parents=True)
+  (repo / ".gpu" / "mnist").mkdir()
+  (repo / ".gpu" / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"labels"))
+  (repo / ".gpu" / "input.txt").write_text("ROMEO:\n")
+  python = tmp_path / "python"
+  python.write_text(FAKE_PYTHON.format(real=sys.executable))
+  python.chmod(0o755)
+  out = tmp_path / "out"
+  out.mkdir()
+  env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(tmp_path / "calls"),
+         "BIGMODEL_JAX_DATA_DIR": str(tmp_path / "data"), "PATH": os.environ["PATH"]}
+  return repo, out, env
+
+
+def test_the_slot_runs_the_suite_with_its_data_and_keeps_its_output_and_status(tmp_path):
+  repo, out, env = slot(tmp_path)
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run", "--size=tiny"], env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr  # the suite's own status: some benchmark not measured
+  pip = (tmp_path / "calls").read_text().splitlines()
+  install = next(c for c in pip if c.startswith("-m pip install"))
+  assert "--no-index --find-links .gpu/wheels" in install and "flax>=" in install and "grain>=" in install
+  assert " jax" not in install and "tensorflow-datasets" not in install  # the image's CUDA jax is kept
+  assert (tmp_path / "data" / "mnist" / "train-labels-idx1-ubyte").read_bytes() == b"labels"
+  log = (out / "run.log").read_text()
+  assert f"suite: --suite=gpu --out={out}/gpu.json --text=.gpu/input.txt --size=tiny PYTHONPATH={repo}" in log
+  assert "a traceback" in log and (out / "gpu.json").exists() and (out / "nvidia-smi.txt").exists()
+
+
+def test_the_slot_without_out_or_staged_wheels_is_refused_in_one_line(tmp_path):
+  repo, out, env = slot(tmp_path)
+  script = ["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"]
+  proc = subprocess.run(script, env={k: v for k, v in env.items() if k != "OUT"}, capture_output=True, text=True)
+  assert proc.returncode == 2 and "$OUT" in proc.stderr
+  shutil.rmtree(repo / ".gpu" / "wheels")
+  proc = subprocess.run(script, env=env, capture_output=True, text=True)
+  assert proc.returncode == 2 and "no .gpu/wheels" in proc.stderr and not (out / "run.log").exists()
