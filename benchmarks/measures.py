@@ -203,6 +203,10 @@ def _main(args: list[str], env: dict, timeout: float = 900) -> float:
   proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", *args, "--config.train.progress_bar=false"],
                         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0:
+    # its traceback into our output (gpu_slot.sh keeps that in $OUT/run.log): absl's INFO lines left out
+    told = [l for l in proc.stderr.splitlines() if not re.match(r"I\d{4} ", l)][-80:]
+    print(f"bigmodel_jax.main {' '.join(args)} failed (status {proc.returncode}); its stderr ends:\n"
+          + "\n".join(told), file=sys.stderr, flush=True)
     error = RuntimeError(f"bigmodel_jax.main {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
     error.stderr = proc.stderr
     raise error

@@ -219,3 +219,15 @@ def test_a_tiny_import_writes_nothing_and_an_unwritable_out_is_refused_before_me
     assert "Traceback" not in proc.stderr
   after = {p: p.read_bytes() for p in [*harness.RESULTS_DIR.glob("*.json"), harness.RESULTS_MD] if p.exists()}
   assert after == before
+
+
+
+def test_a_failed_launch_prints_its_stderr_less_absl_info_lines(monkeypatch, capsys):
+  stderr = "I1206 09:00:00.000000 1 train.py:1] step 250\nTraceback (most recent call last):\n  File \"x.py\"\n" \
+           "jaxlib.XlaRuntimeError: INTERNAL: cuDNN failed\n"
+  monkeypatch.setattr(measures.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", stderr))
+  with pytest.raises(RuntimeError, match="INTERNAL: cuDNN failed") as raised:
+    measures._main(["--config=configs/x.py"], {})
+  assert raised.value.stderr == stderr  # whole, for time_to_loss's cuDNN check
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and "INTERNAL: cuDNN failed" in err and "step 250" not in err
