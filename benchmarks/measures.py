@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -298,12 +299,22 @@ def lm_throughput(size: str, steps: int, repeats: int = 3, dtype: str = "") -> d
   except Exception as e:
     if "cudnn" not in attention.TAKEN:
       raise
+    print("lm_throughput: the step with cuDNN's attention failed; measuring it again in the einsum form",
+          file=sys.stderr, flush=True)
+    traceback.print_exc()
     try:
       row = _lm_throughput(size, steps, repeats, "einsum", dtype)
     except Exception:
       raise e from None
-    row["notes"] += f"; cuDNN's attention failed ({type(e).__name__}: {str(e)[:120]}), measured in the einsum form"
+    row["notes"] += f"; cuDNN's attention failed ({type(e).__name__}: {_gist(e)}), measured in the einsum form"
     return row
+
+
+def _gist(e: Exception, limit: int = 240) -> str:
+  """An error's reason in one line: its message's last line, the end of it where long (a trace-time failure comes
+  wrapped in a UserError whose own words come first and the cause last; XLA's messages end in the cause too)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+  return lines[-1] if len(lines[-1]) <= limit else "..." + lines[-1][-limit:]
 
 
 def _lm_throughput(size: str, steps: int, repeats: int, attention: str, dtype: str = "") -> dict:

@@ -221,6 +221,45 @@ def test_a_tiny_import_writes_nothing_and_an_unwritable_out_is_refused_before_me
   assert after == before
 
 
+@pytest.fixture
+def a_fake_gpu(monkeypatch):
+  """attend() sees an H100 and cuDNN's attention answers with XLA's form, or raises as a broken cuDNN would;
+  speed.py knows the device's peak (the GPU branch of lm_throughput, on this CPU)."""
+  import types
+  import jax
+  from bigmodel_jax import speed
+  from bigmodel_jax.models import attention as attention_lib
+  real, broken = jax.nn.dot_product_attention, []
+
+  def cudnn(q, k, v, *args, implementation=None, **kwargs):
+    assert implementation == "cudnn" and q.dtype == k.dtype == v.dtype == jax.numpy.bfloat16
+    if broken:
+      raise RuntimeError("INTERNAL: cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+    return real(q, k, v, *args, implementation="xla", **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn)
+  monkeypatch.setattr(attention_lib, "_device", lambda: types.SimpleNamespace(
+      platform="gpu", client=types.SimpleNamespace(platform_version="cuda 13000"), compute_capability="9.0"))
+  monkeypatch.setattr(speed, "peak_flops", lambda kind, dtype: 989e12 if dtype == "bfloat16" else None)
+  layers, heads, dim, window, _, vocab, dtype = measures.LM_SIZES["tiny"]
+  monkeypatch.setitem(measures.LM_SIZES, "tiny", (layers, heads, dim, window, 8, vocab, dtype))  # 8 devices here
+  return broken
+
+
+def test_lm_throughput_on_a_gpu_takes_cudnn_and_says_so(a_fake_gpu):
+  row = measures.lm_throughput("tiny", 2, repeats=1, dtype="bfloat16")
+  well_formed(row)
+  assert "attention cudnn" in row["notes"] and "dense bfloat16 peak (7.91e+03 TFLOP/s)" in row["notes"]  # 8 x 989
+  assert row["meets"] is None  # only GPT-2 124M is held to the MFU target
+
+
+def test_lm_throughput_where_cudnn_fails_is_measured_in_the_einsum_form_naming_the_cause(a_fake_gpu, capsys):
+  a_fake_gpu.append(True)
+  row = measures.lm_throughput("tiny", 2, repeats=1, dtype="bfloat16")
+  well_formed(row)
+  assert "attention einsum" in row["notes"] and "measured in the einsum form" in row["notes"]
+  assert "CUDNN_STATUS_EXECUTION_FAILED" in row["notes"]  # the cause, not only the wrapping error's first words
+  assert "CUDNN_STATUS_EXECUTION_FAILED" in capsys.readouterr().err  # its traceback, for gpu_slot.sh's run.log
+
 
 def test_a_failed_launch_prints_its_stderr_less_absl_info_lines(monkeypatch, capsys):
   stderr = "I1206 09:00:00.000000 1 train.py:1] step 250\nTraceback (most recent call last):\n  File \"x.py\"\n" \
