@@ -220,8 +220,15 @@ def _cudnn_failed(error: Exception) -> bool:
   return any("cudnn" in l.lower() for l in lines if not re.match(r"[IWE]\d{4} ", l))
 
 
-def _records(workdir: Path) -> list[dict]:
-  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _records(workdir: Path, partial: bool = False) -> list[dict]:
+  """metrics.jsonl's records; `partial`: of a run that was killed, whose last line may be cut short (left out)."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  if partial and lines:
+    try:
+      json.loads(lines[-1])
+    except ValueError:
+      lines.pop()
+  return [json.loads(l) for l in lines]
 
 
 def time_to_first_step(name: str, repeats: int) -> list[dict]:
@@ -383,7 +390,8 @@ def time_to_loss(name: str, text: str, target: float, overrides: tuple[str, ...]
   """Wall clock from launching the run (bigmodel_jax.main with `overrides`) to its first validation loss <= target,
   evaluations included. On a GPU, a run that fails (not one that times out) with attention "auto" or "cudnn" (cuDNN's
   kernel, never run here before) is launched once more in the einsum form, within the first launch's time limit, and
-  the row says so: a short GPU slot still gives the recipe's number. A run that succeeds is launched once."""
+  the row says so: a short GPU slot still gives the recipe's number. A run that succeeds is launched once; one
+  stopped at the time limit after an evaluation is measured from what its metrics.jsonl holds by then."""
   if not text:
     raise Unavailable("tiny Shakespeare is not on this machine: pass --text=input.txt")
   file, _, variant = name.partition(":")
@@ -394,18 +402,18 @@ def time_to_loss(name: str, text: str, target: float, overrides: tuple[str, ...]
     env, deadline = {"BIGMODEL_JAX_CACHE_DIR": str(Path(tmp) / "cache")}, time.time() + limit
     workdir = Path(tmp) / "run"
     try:
-      launched = _main([*args, f"--workdir={workdir}"], env, timeout=limit)
+      launched, stopped = _launch_within(args, workdir, env, limit)
     except RuntimeError as e:
       if not _on_gpu() or not _cudnn_failed(e):  # an OOM, a NaN stop, a data error: no retry
         raise
       workdir = Path(tmp) / "run_einsum"  # a fresh run, not a resume of the failed one
       try:
-        launched = _main([*args, f"--workdir={workdir}", "--config.model.attention=einsum"], env,
-                         timeout=max(deadline - time.time(), 1))
+        launched, stopped = _launch_within([*args, "--config.model.attention=einsum"], workdir, env,
+                                           max(deadline - time.time(), 1))
       except (RuntimeError, subprocess.TimeoutExpired) as again:
         raise RuntimeError(f"{e}; then in the einsum form: {again}") from None
       retried = f"; the run failed in cuDNN's attention ({str(e)[-160:]}): this is the einsum form's, run again"
-    records = _records(workdir)
+    records = _records(workdir, partial=bool(stopped))
   validation = [r for r in records if r["split"] == "validation"]
   reached = next((r for r in validation if r["loss"] <= target), None)
   best = min(r["loss"] for r in validation)
@@ -416,4 +424,19 @@ def time_to_loss(name: str, text: str, target: float, overrides: tuple[str, ...]
                      target="<= 60 s", meets=reached is not None and value <= 60,
                      notes=f"best validation loss {best:.4f}" + ("" if reached else " (target not reached: the value "
                                                                   "is the whole run)")
-                     + (f"; {' '.join(overrides)}" if overrides else "") + retried)
+                     + (f"; {' '.join(overrides)}" if overrides else "") + retried + stopped)
+
+
+def _launch_within(args: list[str], workdir: Path, env: dict, limit: float) -> tuple[float, str]:
+  """_main in `workdir` for at most `limit` seconds. A run stopped at the limit after at least one validation record
+  still counts (its records are flushed one by one): -> (launch time, a note saying where it was stopped, or "")."""
+  launched = time.time()
+  try:
+    return _main([*args, f"--workdir={workdir}"], env, timeout=limit), ""
+  except subprocess.TimeoutExpired:
+    records = _records(workdir, partial=True) if (workdir / "metrics.jsonl").is_file() else []
+    if not any(r["split"] == "validation" for r in records):
+      raise
+    print(f"bigmodel_jax.main {' '.join(args)}: stopped at its {limit:.0f} s limit", file=sys.stderr, flush=True)
+    return launched, (f"; the run was stopped at its {limit:.0f} s limit after step "
+                      f"{max(r['step'] for r in records)} (the value is from the records it wrote by then)")

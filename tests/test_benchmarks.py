@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,23 @@ def test_a_nanogpt_run_failing_elsewhere_than_cudnn_is_not_retried(monkeypatch, 
     measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
   assert len(calls) == 1
 
+
+def test_a_nanogpt_run_stopped_at_the_time_limit_counts_what_it_evaluated_by_then(monkeypatch, tmp_path):
+  def run(args, env, timeout=900):
+    workdir = Path(next(a for a in args if a.startswith("--workdir=")).split("=", 1)[1])
+    workdir.mkdir(parents=True)
+    records = [{"step": 250, "split": "validation", "time": time.time() + 30, "loss": 1.6},
+               {"step": 500, "split": "validation", "time": time.time() + 90, "loss": 1.45}]
+    workdir.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5')
+    raise subprocess.TimeoutExpired(args, timeout)
+  monkeypatch.setattr(measures, "_main", run)
+  row = measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert row["value"]["median"] == pytest.approx(90, abs=5) and row["meets"] is False  # 1.45 reached at ~90 s
+  assert "stopped at its 480 s limit after step 500" in row["notes"]
+  monkeypatch.setattr(measures, "_main", lambda args, env, timeout=900: (_ for _ in ()).throw(
+      subprocess.TimeoutExpired(args, timeout)))  # nothing evaluated before the limit: still a failure
+  with pytest.raises(subprocess.TimeoutExpired):
+    measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
 
 def test_a_failed_nanogpt_run_off_a_gpu_is_not_retried(monkeypatch, tmp_path):
   calls = []
