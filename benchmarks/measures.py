@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks import harness
 from bigmodel_jax import speed
+from bigmodel_jax.errors import TRACEBACK_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -399,7 +400,10 @@ def time_to_loss(name: str, text: str, target: float, overrides: tuple[str, ...]
           *overrides]
   limit, retried = 480, ""  # inside one device command's 10 minutes, a retry included
   with tempfile.TemporaryDirectory() as tmp:
-    env, deadline = {"BIGMODEL_JAX_CACHE_DIR": str(Path(tmp) / "cache")}, time.time() + limit
+    # a failure's whole traceback, not main's one line: its frames name cuDNN's code where it failed there (the
+    # retry's cue; jax's own checks, e.g. of the head size, need not say "cuDNN"), and run.log keeps it
+    env = {"BIGMODEL_JAX_CACHE_DIR": str(Path(tmp) / "cache"), TRACEBACK_ENV: "1"}
+    deadline = time.time() + limit
     workdir = Path(tmp) / "run"
     try:
       launched, stopped = _launch_within(args, workdir, env, limit)

@@ -122,6 +122,24 @@ def test_a_failed_nanogpt_run_on_a_gpu_is_launched_once_more_in_the_einsum_form(
   assert len(calls) == 1 and "einsum" not in row["notes"]
 
 
+def test_a_nanogpt_run_prints_its_whole_traceback_where_it_fails(monkeypatch, tmp_path):
+  """main's one-line error would hide a cuDNN failure whose message does not say cuDNN (e.g. jax's head-size check):
+  the traceback's frames do."""
+  envs = []
+  monkeypatch.setattr(measures, "_main", lambda args, env, timeout=900: envs.append(env) or 1000.0)
+  monkeypatch.setattr(measures, "_records", lambda workdir, partial=False: [
+      {"step": 20, "split": "validation", "time": 1010.0, "loss": 1.4}])
+  measures.time_to_loss("shakespeare_char_gpt:smoke", str(tmp_path / "input.txt"), 1.47)
+  assert envs[0]["BIGMODEL_JAX_TRACEBACK"] == "1"
+  stderr = ('Traceback (most recent call last):\n  File "jax/_src/cudnn/fused_attention_stablehlo.py", line 384\n'
+            "NotImplementedError: The head dim must be <= 128 and a multiple of 8, but got 160.\n"
+            "error: config.model: 'gpt' on tiny_shakespeare inputs of shape (256,) failed at "
+            "bigmodel_jax/models/attention.py:101 in attend (NotImplementedError: The head dim must be <= 128)\n")
+  error = RuntimeError("failed")
+  error.stderr = stderr
+  assert measures._cudnn_failed(error)
+
+
 def test_a_nanogpt_run_failing_elsewhere_than_cudnn_is_not_retried(monkeypatch, tmp_path):
   """An out-of-memory (its log naming the cuDNN attention it took) is not cuDNN's failure: no second launch."""
   calls = []
