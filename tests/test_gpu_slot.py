@@ -14,7 +14,9 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "$1" == "-" ]]; then exec {real} -; fi  # the script's requirements(): pyproject.toml read by a real Python
 [[ "$1" == "-m" ]] || exit 90
 case "$2" in
-  pip) echo "$*" >> "$CALLS"; [[ "$3" == list ]] && echo "jax 0.11.2"; exit 0 ;;
+  pip) echo "$*" >> "$CALLS"; [[ "$3" == list ]] && echo "jax 0.11.2"
+       if [[ -n "${{PIP_FAILS:-}}" && "$*" == *find-links* ]]; then echo "no version of tqdm>=4.66" >&2; exit 1; fi
+       exit 0 ;;
   benchmarks.run) echo "suite: ${{*:3}} PYTHONPATH=$PYTHONPATH DATA=$BIGMODEL_JAX_DATA_DIR"
                   echo "a traceback" >&2; echo '{{}}' > "$OUT/gpu.json"; exit 3 ;;
 esac
@@ -54,6 +56,18 @@ def test_the_slot_runs_the_suite_with_its_data_and_keeps_its_output_and_status(t
   log = (out / "run.log").read_text()
   assert f"suite: --suite=gpu --out={out}/gpu.json --text=.gpu/input.txt --size=tiny PYTHONPATH={repo}" in log
   assert "a traceback" in log and (out / "gpu.json").exists() and (out / "nvidia-smi.txt").exists()
+
+
+def test_an_install_that_cannot_meet_every_range_still_runs_the_suite(tmp_path):
+  """An image with an older tqdm (say) than our ranges: the staged wheels alone, and the suite runs anyway."""
+  repo, out, env = slot(tmp_path)
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"], env={**env, "PIP_FAILS": "1"},
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr
+  assert "no version of tqdm>=4.66" in proc.stdout + proc.stderr and "going on" in proc.stderr
+  installs = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("-m pip install")]
+  assert len(installs) == 2 and "--no-deps" in installs[1]
+  assert "suite: --suite=gpu" in (out / "run.log").read_text()
 
 
 def test_the_slot_without_out_or_staged_wheels_is_refused_in_one_line(tmp_path):
