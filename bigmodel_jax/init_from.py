@@ -89,8 +89,6 @@ def load_source(config, workdir: Path, dataset=None):
     raise UserError(f"{field}: no checkpoints in {source}; train that run first or name another workdir")
   saved = run_config.load(source / "config.json", "name another workdir", f"{field}: ")
   source_config = ml_collections.ConfigDict(run_config.as_config_values(saved))
-  if dataset is not None:
-    check_held_out(dataset, config.data, source_config, source)
   config_lib.fit_mesh(source_config)  # read on this machine's devices, whatever mesh it trained on
   model = Inference.load(source_config, source)
   try:
@@ -98,6 +96,12 @@ def load_source(config, workdir: Path, dataset=None):
     step, state = model.restore_step(None if i.step < 0 else i.step, flag="--config.init.step", check_config=False)
   except UserError as e:
     raise UserError(f"config.init.step: {e}") from None
+  if dataset is not None and step > 0:  # step 0 (a converted Hugging Face model's) has trained on nothing here
+    try:
+      check_held_out(dataset, config.data, source_config, source)
+    except UserError:
+      model.close()
+      raise
   return model, step, state
 
 

@@ -349,3 +349,25 @@ def test_a_failed_conversion_removes_the_parents_it_made(tmp_path):
   assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
   staged(tmp_path / "kept" / "a" / "target", lambda staging: (staging / "done").write_text("x"))
   assert (tmp_path / "kept" / "a" / "target" / "done").is_file()
+
+
+def test_converted_run_on_its_data_path_takes_any_validation_fraction(hf_dirs, convert, tmp_path):
+  """A converted run (hf-to-run --data_path) records its text file and validation_fraction 0.1 but trained on
+  none of it: fine-tuning it on that file holding out more is no leak, not config.init's held-out refusal."""
+  import ml_collections
+  from bigmodel_jax import run_config, train
+  text = tmp_path / "input.txt"
+  text.write_text(corpus(8000, seed=4))
+  converted = tmp_path / "converted"
+  proc = convert("hf-to-run", "--model=gpt2", f"--src={hf_dirs['gpt2']}", f"--workdir={converted}",
+                 f"--data_path={text}", "--seq_len=32")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = ml_collections.ConfigDict(run_config.as_config_values(run_config.load(converted / "config.json", "")))
+  config.init.workdir, config.data.validation_fraction = str(converted), 0.2
+  config.data.batch_size = 8
+  run = train.build_run(config, tmp_path / "tuned")
+  try:
+    assert run.init_source is not None and run.init_source.step == 0
+  finally:
+    run.checkpointer.close()
+    run.lock.close()
