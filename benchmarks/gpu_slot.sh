@@ -70,7 +70,8 @@ case "${1:-}" in
     if ! "$PY" -m pip install -q --no-index --find-links "$STAGE/wheels" "${reqs[@]}" > "$OUT/pip.log" 2>&1; then
       tail -20 "$OUT/pip.log"
       echo "gpu_slot run: pip cannot meet every declared range offline (above); the staged wheels alone, going on" >&2
-      "$PY" -m pip install -q --no-index --no-deps "$STAGE"/wheels/*.whl >> "$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
+      "$PY" -m pip install -q --no-index --no-deps "$STAGE"/wheels/*.whl >> "$OUT/pip.log" 2>&1 \
+        || tail -5 "$OUT/pip.log"
     fi
     export BIGMODEL_JAX_DATA_DIR=${BIGMODEL_JAX_DATA_DIR:-/tmp/bigmodel_jax_data}
     mkdir -p "$BIGMODEL_JAX_DATA_DIR/mnist"
