@@ -293,19 +293,3 @@ def test_digits_are_sklearns_load_digits_read_without_importing_it(digits):
   np.testing.assert_array_equal(both[order], theirs[their_order])
   np.testing.assert_array_equal(labels[order], d.target[their_order])
   assert np.abs(d.images - d.images.astype(np.uint8)).max() == 0  # integer values 0..16: the uint8 cast loses nothing
-
-
-def test_diabetes_features_carry_no_statistics_of_the_test_rows(tmp_path):
-  """Its features are the raw measurements (not scikit-learn's scaling by all 442 rows); standardize scales every
-  split by the mean and std of the rows trained on."""
-  from sklearn.datasets import load_diabetes
-  data = base_config().data
-  data.update(name="diabetes", normalize="standardize", data_dir=str(tmp_path))
-  dataset = load_dataset(data)
-  raw = load_diabetes(scaled=False).data.astype(np.float32)
-  rows = {x.tobytes() for x in raw}
-  assert all(x.tobytes() in rows for s in ("train", "validation", "test") for x in dataset.split(s)["inputs"])
-  mean, std = pipeline.train_statistics(dataset)
-  np.testing.assert_allclose(mean, dataset.train["inputs"].mean(0), rtol=1e-5)
-  batch = next(pipeline.eval_batches(dataset, "test", data))
-  np.testing.assert_allclose(batch["inputs"][0], (dataset.test["inputs"][0] - mean) / std, rtol=1e-5)
