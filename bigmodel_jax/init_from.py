@@ -109,13 +109,18 @@ def check_held_out(dataset, data_config, source_config, source: Path) -> None:
   """A source run trained on this run's data must have held out at least its validation examples: validation is a
   fixed seeded slice of the training split (a text file's last share), so a smaller share left some of this run's
   validation examples in the source's training split, and selection would score examples its weights have seen."""
-  theirs = source_config.data.get("validation_fraction", 0.0)
-  if not dataset.held_out or theirs >= dataset.held_out:
+  if not dataset.held_out:
     return
   try:
-    data = json.loads((source / "data_fingerprint.json").read_text()).get("data", {})
-  except (OSError, ValueError, AttributeError):
-    data = None  # an older run: its config's data fields say what it read
+    record = json.loads((source / "data_fingerprint.json").read_text())
+  except (OSError, ValueError):
+    record = None
+  record = record if isinstance(record, dict) else {}
+  data, theirs = record.get("data"), record.get("held_out")  # what it read, and the share it held out
+  if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):  # an older run: its config says
+    theirs = source_config.data.get("validation_fraction", 0.0)
+  if theirs >= dataset.held_out:
+    return
   digests = lambda d: sorted(str(v.get("sha256")) for v in d.values() if isinstance(v, dict))
   same = (digests(data) == digests(dataset.fingerprint) if isinstance(data, dict) and data else
           all(source_config.data.get(k, "") == data_config.get(k, "") for k in ("name", "path")))

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,18 @@ def test_bad_init_is_one_line_before_anything_is_written(source, tmp_path):
   narrower = config_from(source)  # 5%: a subset of the source's validation slice, never trained on by it
   narrower.data.validation_fraction = 0.05
   run, _ = fresh_state(narrower, new)
+  assert run.init_source is not None
+
+
+def test_the_held_out_share_a_source_recorded_is_the_one_checked(source, tmp_path):
+  """data_fingerprint.json records the share of the data a run held out (tiny_shakespeare's fixed 10%, whatever
+  data.validation_fraction says): that share, not the config field, is compared with the new run's."""
+  copy = Path(shutil.copytree(source, tmp_path / "source"))
+  assert json.loads((copy / "data_fingerprint.json").read_text())["held_out"] == 0.1
+  saved = json.loads((copy / "config.json").read_text())
+  saved["data"]["validation_fraction"] = 0.0  # as a loader that ignores the field would leave it
+  (copy / "config.json").write_text(json.dumps(saved))
+  run, _ = fresh_state(config_from(copy), tmp_path / "new")
   assert run.init_source is not None
 
 

@@ -44,7 +44,7 @@ class Dataset:
   test_texts: Sequence[str] = ()  # raw text of each test example (text classification), for predictions.csv
   validation: dict[str, np.ndarray] | None = None
   fingerprint: dict = dataclasses.field(default_factory=dict)  # the files or arrays it came from (fingerprint.py)
-  held_out: float = 0.0  # the share of the loaded training split held out here as validation (0: published, none)
+  held_out: float = 0.0  # the share of the loaded training data held out as validation (0: a published split, none)
 
   @property
   def eval_splits(self) -> tuple[str, ...]:

@@ -100,8 +100,8 @@ def current(dataset) -> dict:
   """The fingerprint of what this launch reads: the data (absent when only a tokenizer was loaded, for sampling)
   and the tokenizer."""
   out = {"format": FORMAT, "dataset": dataset.name}
-  if dataset.fingerprint:
-    out["data"] = dataset.fingerprint
+  if dataset.fingerprint:  # (and the share of it held out as validation: what config.init checks)
+    out["data"], out["held_out"] = dataset.fingerprint, dataset.held_out
   if dataset.tokenizer is not None:
     out["tokenizer"] = tokenizer_fingerprint(dataset.tokenizer)
   return out

@@ -85,7 +85,7 @@ def tiny_shakespeare(root: Path, data_config=None) -> TextCorpus:
     k = int(len(text) * (1 - fraction))
     return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]], held_out=fraction)
   k = int(len(text) * 0.9)
-  return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]])
+  return TextCorpus("tiny_shakespeare", train=[text[:k]], test=None, validation=[text[k:]], held_out=0.1)
 
 
 @DATASETS.register("shakespeare_plays")
