@@ -24,6 +24,7 @@ import ml_collections
 from absl import logging
 
 from bigmodel_jax import run_config, runinfo
+from bigmodel_jax.data import fingerprint
 from bigmodel_jax.config_checks import parse_rules
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.inference import is_key, leaf_name
@@ -112,7 +113,7 @@ def check_held_out(dataset, data_config, source_config, source: Path) -> None:
   if not dataset.held_out:
     return
   try:
-    record = json.loads((source / "data_fingerprint.json").read_text())
+    record = json.loads((source / fingerprint.FILE).read_text())
   except (OSError, ValueError):
     record = None
   record = record if isinstance(record, dict) else {}

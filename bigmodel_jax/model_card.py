@@ -159,7 +159,7 @@ def language_model_card(workdir: Path, config) -> dict:
   """The card of a language-model run from its tokenizer files and config.data.seq_len (bits per character, which
   needs the text, is then measured per token)."""
   from bigmodel_jax.data import tokenizers
-  tokenizer = tokenizers.get_tokenizer(config.data.tokenizer, (), (), Path(workdir) / "tokenizer", create=False)
+  tokenizer = tokenizers.get_tokenizer(config.data.tokenizer, (), Path(workdir) / "tokenizer", create=False)
   return {"format": FORMAT, "dataset": config.data.name, "kind": "lm", "task": config.task.name,
           "model": config.model.name, "input_shape": [int(config.data.seq_len)], "input_dtype": "int32",
           "num_outputs": tokenizer.vocab_size, "num_classes": 0, "class_names": [], "vocab_size": tokenizer.vocab_size,
@@ -174,7 +174,7 @@ def described_dataset(card: dict, workdir: Path, data_config):
   from bigmodel_jax.data import Dataset, corpus, tokenizers
   tokenizer = None
   if card.get("tokenizer"):
-    tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, (), (), Path(workdir) / card["tokenizer"], create=False)
+    tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, (), Path(workdir) / card["tokenizer"], create=False)
   shape, dtype = tuple(card["input_shape"]), np.dtype(card["input_dtype"])
   # the tokenizer's own size: edited tokenizer files then fail the checkpoint's shapes, named as theirs
   common = dict(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size if tokenizer else card.get("vocab_size", 0),

@@ -13,8 +13,7 @@ DOCUMENT_SEPARATOR = "\n\n"  # between documents (plays) of a language-modelling
 def tokenize(corpus: TextCorpus, data_config, tokenizer_dir: Path | None, create_tokenizer: bool) -> Dataset:
   held_out = {name: getattr(corpus, name) for name in ("validation", "test") if getattr(corpus, name) is not None}
   # learnt from the training split only (validation and test never shape the vocabulary, nor its size)
-  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, corpus.train, corpus.train, tokenizer_dir,
-                                       create_tokenizer)
+  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer, corpus.train, tokenizer_dir, create_tokenizer)
   seq_len = data_config.seq_len
   common = dict(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
   if corpus.train_labels is None:

@@ -29,9 +29,8 @@ SPM_FILE = "spm.model"
 PAD_ID = 0
 UNK_ID = 1
 MASK_PIECE = "[MASK]"  # sentencepiece's masked-LM piece (tokenizer.mask_token): a user-defined symbol, id 3
-# config.data.tokenizer.name -> build(tokenizer_config, train_texts, all_texts): a new tokenizer, learnt from the
-# train texts only (char: their characters; a held-out character is unk). all_texts is kept for registered builders'
-# signature; corpus.tokenize passes the train texts there too: nothing held out shapes a vocabulary.
+# config.data.tokenizer.name -> build(tokenizer_config, train_texts): a new tokenizer, learnt from the training
+# split's texts only (char: their characters; a held-out character is unk): nothing held out shapes a vocabulary.
 TOKENIZERS: Registry = Registry("tokenizer", "config.data.tokenizer.name")
 
 
@@ -267,14 +266,14 @@ def _training_error(message: str, vocab_size: int) -> UserError:
   return UserError(f"config.data.tokenizer: sentencepiece training failed: {message.splitlines()[0]}")
 
 
-TOKENIZERS.register("char")(lambda c, train_texts, all_texts: CharTokenizer.build(train_texts))
-TOKENIZERS.register("byte")(lambda c, train_texts, all_texts: ByteTokenizer())
+TOKENIZERS.register("char")(lambda c, train_texts: CharTokenizer.build(train_texts))
+TOKENIZERS.register("byte")(lambda c, train_texts: ByteTokenizer())
 TOKENIZERS.register("sentencepiece")(
-    lambda c, train_texts, all_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,
+    lambda c, train_texts: SentencePieceTokenizer.train(train_texts, c.vocab_size, c.model_type,
                                                                    c.get("mask_token", False)))
 # converted with Hugging Face weights (bigmodel_jax.convert), not learnt: data/bpe.py and data/wordpiece.py
 for _name, _model in (("gpt2_bpe", "gpt2"), ("bert_wordpiece", "bert")):
-  TOKENIZERS.register(_name)(lambda c, train_texts, all_texts, name=_name, model=_model: _not_learnt(name, model))
+  TOKENIZERS.register(_name)(lambda c, train_texts, name=_name, model=_model: _not_learnt(name, model))
 
 
 def _not_learnt(name: str, model: str):
@@ -289,9 +288,9 @@ def _converted(name: str):
   return {"gpt2_bpe": bpe, "bert_wordpiece": wordpiece}[name]
 
 
-def build_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str]) -> Tokenizer:
+def build_tokenizer(tokenizer_config, train_texts: Sequence[str]) -> Tokenizer:
   """A new tokenizer of config.data.tokenizer.name (TOKENIZERS)."""
-  return TOKENIZERS.get(tokenizer_config.name)(tokenizer_config, train_texts, all_texts)
+  return TOKENIZERS.get(tokenizer_config.name)(tokenizer_config, train_texts)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -341,8 +340,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
   return tokenizer
 
 
-def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Sequence[str], directory: Path | None,
-                  create: bool) -> Tokenizer:
+def get_tokenizer(tokenizer_config, train_texts: Sequence[str], directory: Path | None, create: bool) -> Tokenizer:
   """`create`: a new tokenizer built from the texts, saved into `directory` (replacing what a run that never
   reached a checkpoint left there; `None` keeps it in memory). Else the one saved in `directory`, which must
   match the config: eval, sampling and resume use the ids the checkpoints were trained with."""
@@ -356,7 +354,7 @@ def get_tokenizer(tokenizer_config, train_texts: Sequence[str], all_texts: Seque
     _check_matches(tokenizer, tokenizer_config, Path(directory) / JSON_FILE)
     return tokenizer
   start = time.perf_counter()
-  tokenizer = build_tokenizer(tokenizer_config, train_texts, all_texts)
+  tokenizer = build_tokenizer(tokenizer_config, train_texts)
   seconds = time.perf_counter() - start  # said at the default verbosity only when it took a while (subword training)
   logging.log(logging.INFO if seconds > 1 else logging.DEBUG, "built a %s tokenizer (%d ids) in %.1f s",
               tokenizer.name, tokenizer.vocab_size, seconds)

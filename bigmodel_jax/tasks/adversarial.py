@@ -211,8 +211,7 @@ class Classifier:
   def __init__(self, graphdef, params, model_state, mean, std, scale):
     self.graphdef, self.params, self.model_state = graphdef, params, model_state  # host arrays: constants in a jit
     self.mean, self.std, self.scale = (np.asarray(a, np.float32) for a in (mean, std, scale))
-    leaves = jax.tree.leaves((params, model_state, self.mean, self.std, self.scale))
-    self.sha256 = hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in leaves)).hexdigest()
+    self.sha256 = runinfo.fingerprint((params, model_state, self.mean, self.std, self.scale))
     self.workdir, self.field = None, "config.eval.classifier_workdir"  # where it was loaded from (Classifier.load)
 
   def __call__(self, images01_BxHxWxC):

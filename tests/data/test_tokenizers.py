@@ -45,7 +45,7 @@ def docs() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def spm_tokenizers(docs):
   """{model_type: tokenizer} trained on the docstrings with 500 pieces."""
-  return {t: get_tokenizer(tokenizer_config(model_type=t), [docs[0]], docs, None, create=True)
+  return {t: get_tokenizer(tokenizer_config(model_type=t), [docs[0]], None, create=True)
           for t in ("unigram", "bpe")}
 
 
@@ -53,7 +53,7 @@ def spm_tokenizers(docs):
 def any_tokenizer(request, spm_tokenizers, docs):
   if request.param in spm_tokenizers:
     return spm_tokenizers[request.param]
-  return tokenizers.build_tokenizer(tokenizer_config(request.param), [docs[0] + UNICODE], [docs[0] + UNICODE])
+  return tokenizers.build_tokenizer(tokenizer_config(request.param), [docs[0] + UNICODE])
 
 
 def test_char_vocabulary_is_pad_unk_then_sorted_characters():
@@ -78,7 +78,7 @@ def test_char_round_trips_unicode_and_skips_padding():
 def test_char_vocabulary_of_tiny_shakespeare_matches_nanogpt():
   text = SHAKESPEARE.read_text()
   n = int(len(text) * 0.9)
-  tok = tokenizers.build_tokenizer(tokenizer_config("char"), [text[:n]], [text[:n], text[n:]])
+  tok = tokenizers.build_tokenizer(tokenizer_config("char"), [text[:n]])
   assert tok.vocab_size == 65 + 2
   ids = tok.encode(text)
   assert (ids >= 2).all() and tok.decode(ids) == text
@@ -150,14 +150,14 @@ def test_sentencepiece_encodes_lines_as_the_whole_text(spm_tokenizers, docs):
 
 def test_sentencepiece_training_is_deterministic_and_quiet(docs, spm_tokenizers, capfd):
   capfd.readouterr()
-  again = tokenizers.build_tokenizer(tokenizer_config(model_type="unigram"), [docs[0]], docs)
+  again = tokenizers.build_tokenizer(tokenizer_config(model_type="unigram"), [docs[0]])
   assert capfd.readouterr().err == ""  # sentencepiece's training log silenced
   assert again.model == spm_tokenizers["unigram"].model
   assert again.encode(docs[1]).tolist() == spm_tokenizers["unigram"].encode(docs[1]).tolist()
 
 
 def test_sentencepiece_learns_from_train_texts_only(docs):
-  tok = tokenizers.build_tokenizer(tokenizer_config(vocab_size=120), [docs[0]], [docs[0] + "☃"])
+  tok = tokenizers.build_tokenizer(tokenizer_config(vocab_size=120), [docs[0]])
   assert tok.encode("☃").tolist() == [tokenizers.UNK_ID]
   assert tok.decode(tok.encode("a☃b")) == "a\ufffdb"
 
@@ -172,11 +172,11 @@ def test_sentencepiece_strict_lists_unknown_characters(spm_tokenizers):
 def test_sentencepiece_vocab_size_errors_name_the_config_field():
   text = ["the quick brown fox jumps over the lazy dog\n" * 30]
   with pytest.raises(UserError, match=r"config\.data\.tokenizer\.vocab_size=500 .*at most \d+"):
-    tokenizers.build_tokenizer(tokenizer_config(vocab_size=500), text, text)
+    tokenizers.build_tokenizer(tokenizer_config(vocab_size=500), text)
   with pytest.raises(UserError, match=r"config\.data\.tokenizer\.vocab_size=10 .*at least \d+"):
-    tokenizers.build_tokenizer(tokenizer_config(vocab_size=10), text, text)
+    tokenizers.build_tokenizer(tokenizer_config(vocab_size=10), text)
   with pytest.raises(UserError, match="no training text"):
-    tokenizers.build_tokenizer(tokenizer_config(), [""], [""])
+    tokenizers.build_tokenizer(tokenizer_config(), [""])
 
 
 def test_save_and_load_give_identical_encodings(any_tokenizer, docs, tmp_path):
@@ -196,29 +196,29 @@ def test_save_and_load_give_identical_encodings(any_tokenizer, docs, tmp_path):
 
 def test_get_tokenizer_builds_saves_then_reuses(tmp_path):
   config = tokenizer_config("char")
-  built = get_tokenizer(config, ["abcxyz"], ["abcxyz"], tmp_path, create=True)
+  built = get_tokenizer(config, ["abcxyz"], tmp_path, create=True)
   assert built.chars == "abcxyz" and (tmp_path / "tokenizer.json").exists()
   # Later runs (eval, resume) get the saved vocabulary even if the texts they see differ.
-  again = get_tokenizer(config, ["abc"], ["abc"], tmp_path, create=False)
+  again = get_tokenizer(config, ["abc"], tmp_path, create=False)
   assert again.chars == "abcxyz"
-  assert get_tokenizer(config, ["abc"], ["abc"], None, create=True).chars == "abc"
+  assert get_tokenizer(config, ["abc"], None, create=True).chars == "abc"
   # A new build (a first training run: no checkpoint yet) replaces what an earlier failed attempt left.
-  assert get_tokenizer(config, ["ab"], ["ab"], tmp_path, create=True).chars == "ab"
-  assert get_tokenizer(config, ["abc"], ["abc"], tmp_path, create=False).chars == "ab"
+  assert get_tokenizer(config, ["ab"], tmp_path, create=True).chars == "ab"
+  assert get_tokenizer(config, ["abc"], tmp_path, create=False).chars == "ab"
 
 
 def test_get_tokenizer_errors(spm_tokenizers, tmp_path):
   with pytest.raises(UserError, match=r"none/tokenizer\.json is missing, but the run's checkpoints .* put back"):
-    get_tokenizer(tokenizer_config("char"), ["abc"], ["abc"], tmp_path / "none", create=False)
-  get_tokenizer(tokenizer_config("byte"), ["abc"], ["abc"], tmp_path / "byte", create=True)
+    get_tokenizer(tokenizer_config("char"), ["abc"], tmp_path / "none", create=False)
+  get_tokenizer(tokenizer_config("byte"), ["abc"], tmp_path / "byte", create=True)
   with pytest.raises(UserError, match=r"byte/tokenizer\.json is a byte tokenizer but config\.data\.tokenizer\.name "
                                       r"is char; use a new --workdir"):
-    get_tokenizer(tokenizer_config("char"), ["abc"], ["abc"], tmp_path / "byte", create=False)
+    get_tokenizer(tokenizer_config("char"), ["abc"], tmp_path / "byte", create=False)
   spm_tokenizers["unigram"].save(tmp_path / "spm")
   with pytest.raises(UserError, match=r"with vocab_size 500 but config\.data\.tokenizer\.vocab_size is 8000"):
-    get_tokenizer(tokenizer_config(vocab_size=8000), ["abc"], ["abc"], tmp_path / "spm", create=False)
+    get_tokenizer(tokenizer_config(vocab_size=8000), ["abc"], tmp_path / "spm", create=False)
   with pytest.raises(UserError, match=r"with model_type unigram but config\.data\.tokenizer\.model_type is bpe"):
-    get_tokenizer(tokenizer_config(model_type="bpe"), ["abc"], ["abc"], tmp_path / "spm", create=False)
+    get_tokenizer(tokenizer_config(model_type="bpe"), ["abc"], tmp_path / "spm", create=False)
 
 
 def corrupt(directory: Path, how: str) -> None:
