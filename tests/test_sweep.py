@@ -231,8 +231,12 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path):
     Manifest.open(tmp_path / "out", other)
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.json").write_text("{}")
-  with pytest.raises(UserError, match="holds a training run, not a sweep"):
+  with pytest.raises(UserError, match=r"holds a training run \(config.json\), not a sweep"):
     Manifest.open(tmp_path / "run", first)
+  (tmp_path / "reproductions").mkdir()
+  (tmp_path / "reproductions" / "report.json").write_text("{}")
+  with pytest.raises(UserError, match=r"holds reproductions \(report.json\), not a sweep; use another --workdir"):
+    Manifest.open(tmp_path / "reproductions", first)
 
 
 def test_an_unreachable_ray_address_fails_within_seconds():

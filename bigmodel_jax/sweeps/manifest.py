@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from bigmodel_jax.errors import UserError
+from bigmodel_jax.errors import UserError, refuse_other_workdir
 from bigmodel_jax.sweeps import trials as trials_lib
 from bigmodel_jax.sweeps.spec import Sweep, Trial
 
@@ -82,14 +82,15 @@ class Manifest:
   @classmethod
   def open(cls, workdir: Path, sweep: Sweep) -> "Manifest":
     """The workdir's manifest for `sweep` (a new one for a new workdir). Refuses a workdir holding another
-    sweep or a single training run. Writes nothing."""
+    sweep, a single training run or reproductions. Writes nothing."""
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
       raise UserError(f"--workdir: {workdir} exists and is not a directory")
     path = workdir / MANIFEST
     if not path.exists():
-      if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
-        raise UserError(f"--workdir: {workdir} holds a training run, not a sweep; use another --workdir")
+      refuse_other_workdir(workdir, "a sweep")  # a run's config.json, reproductions' report.json
+      if (workdir / "checkpoints").exists():
+        raise UserError(f"--workdir: {workdir} holds a training run (checkpoints), not a sweep; use another --workdir")
       return cls(workdir, {"identity": identity(sweep), "trials": {}})
     data = trials_lib.read_json(path)
     if data is None:
