@@ -335,9 +335,9 @@ def main(argv: list[str]) -> int:
   selected = entries if "all" in args.names else [by_name[n] for n in dict.fromkeys(args.names)]
   for r in selected:
     config = load_config(r.config)
-    missing = missing_field(config, overrides)
+    missing, hint = missing_field(config, overrides)
     if missing:
-      raise BadInput(f"--override={missing}: {r.config} (reproduction {r.name!r}) has no such config field")
+      raise BadInput(f"--override={missing}: {r.config} (reproduction {r.name!r}) has no such config field{hint}")
     wrong = wrong_type(config, overrides)
     if wrong:
       raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")

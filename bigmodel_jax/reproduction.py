@@ -142,9 +142,9 @@ def check_entry(r: Reproduction, path: Path) -> None:
     config = load_config(r.config)
   except Exception as e:
     bad(f"config {r.config!r}: {type(e).__name__}: {e}")
-  missing = missing_field(config, r.overrides)
+  missing, hint = missing_field(config, r.overrides)
   if missing:
-    bad(f"override {missing}: {r.config} has no such config field")
+    bad(f"override {missing}: {r.config} has no such config field{hint}")
   from bigmodel_jax.tasks import TASKS
   metric_names = TASKS.get(config.task.name).metric_names
   for t in r.targets:
@@ -174,12 +174,19 @@ def wrong_type(config, overrides: dict) -> str:
   return ""
 
 
-def missing_field(config, overrides: dict) -> str:
-  """The first override 'key=value' whose key is not a field of `config` ("" if none)."""
+def missing_field(config, overrides: dict) -> tuple[str, str]:
+  """The first override 'key=value' whose key is not a field of `config`, and ' (did you mean ...?)' naming the
+  closest field beside it ("", "" if every key is a field)."""
+  import difflib
   from bigmodel_jax.config import get_field
   for key, value in overrides.items():
     try:
       get_field(config, key)
-    except (KeyError, AttributeError):
-      return f"{key}={value}"
-  return ""
+    except (KeyError, AttributeError, TypeError):  # TypeError: a key below a value (lr.x)
+      parts, node = key.split("."), config
+      while len(parts) > 1 and hasattr(node, "keys") and parts[0] in node.keys():
+        node, parts = node[parts[0]], parts[1:]
+      close = difflib.get_close_matches(parts[0], list(node.keys()) if hasattr(node, "keys") else [], n=1)
+      where = key[:len(key) - len(".".join(parts))]
+      return f"{key}={value}", f" (did you mean {where + close[0]!r}?)" if close else ""
+  return "", ""

@@ -83,6 +83,20 @@ def test_an_override_of_the_wrong_type_is_refused_before_anything_runs(reproduce
   assert proc.stderr.startswith(f"error: --override={override}: {says}") and not (tmp_path / "w").exists()
 
 
+def test_an_override_of_no_field_names_the_closest_one(reproduce, tmp_path):
+  from bigmodel_jax.reproduction import load_config, missing_field
+  config = load_config("configs/linear_regression.py")
+  assert missing_field(config, {"optimizer.learning_rate": 0.1}) == ("", "")
+  assert missing_field(config, {"train.num_epoch": 5}) == ("train.num_epoch=5", " (did you mean 'train.num_epochs'?)")
+  assert missing_field(config, {"optimiser.learning_rate": 1}) == ("optimiser.learning_rate=1",
+                                                                   " (did you mean 'optimizer'?)")
+  assert missing_field(config, {"optimizer.learning_rate.x": 1}) == ("optimizer.learning_rate.x=1", "")  # below a value
+  proc = reproduce("linear_regression", f"--workdir={tmp_path / 'w'}", "--override=optimizer.learnin_rate=0.1")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.strip().endswith("has no such config field (did you mean 'optimizer.learning_rate'?)")
+  assert not (tmp_path / "w").exists()
+
+
 def test_an_unwritable_workdir_is_refused_before_anything_runs(reproduce, tmp_path):
   (tmp_path / "file").write_text("")
   proc = reproduce("linear_regression", f"--workdir={tmp_path / 'file' / 'w'}")
