@@ -289,7 +289,8 @@ def main(argv):
   from bigmodel_jax import config as config_lib, evaluate, sample, train
   workdir = Path(_WORKDIR.value)
   if _MODE.value == "train" and _OUTPUT_DIR.value is not None:
-    fail("--output_dir is for the modes on a checkpoint (eval, predict, sample, export, quantize); training writes into its --workdir")
+    fail("--output_dir is for the modes on a checkpoint (eval, predict, sample, export, serve, quantize); training "
+         "writes into its --workdir")
   if _MODE.value == "train" and _CHECKPOINT_STEP.value is not None:
     fail("--checkpoint_step is for the modes on a checkpoint (eval, predict, sample, export, serve, quantize); training always resumes from the latest checkpoint")
   built = False  # the run's own config has been validated and its model built (later errors are not about it)
