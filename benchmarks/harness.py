@@ -85,15 +85,23 @@ def run_benchmarks(benchmarks: dict, data: dict, out: Path, unavailable: tuple =
   to `out` after every one, so a run cut short keeps what it measured. One that raises an `unavailable` exception
   (no data, GPU or PyTorch here) or fails loses only its own rows: data["unmeasured"] says why. With `budget_s`, a
   benchmark not yet begun when clock() - started >= budget_s is not started (listed as not measured): a suite
-  that must fit a short GPU slot gives back what it measured instead of being killed mid-row."""
+  that must fit a short GPU slot gives back what it measured instead of being killed mid-row.
+
+  A hard crash (a segfault, an XLA check failure, an OOM kill) cannot be caught here: so data["running"] names
+  the benchmark under way, written before it begins, and data["finished"] lists those that ended (measured,
+  listed or skipped); a process that dies leaves both in `out`, and benchmarks.run --continue_from_out goes on."""
+  finished = data.setdefault("finished", [])
   for benchmark, fn in benchmarks.items():
     elapsed = clock() - started
     if budget_s is not None and elapsed >= budget_s:
       data["unmeasured"].append(f"{benchmark}: not measured: the suite's budget_s ran out ({elapsed:.0f} s of "
                                 f"{budget_s:g} s spent before it began)")
       print(f"{benchmark}: skipped (the suite's budget_s ran out)", flush=True)
+      finished.append(benchmark)
       write_json(out, data)
       continue
+    data["running"] = benchmark
+    write_json(out, data)
     start = clock()
     try:
       made = fn()
@@ -108,6 +116,8 @@ def run_benchmarks(benchmarks: dict, data: dict, out: Path, unavailable: tuple =
       made = [r for group in made for r in (group if isinstance(group, list) else [group])]
       data["rows"] += made
       print("\n".join(table(made)[2:]) + f"   [{clock() - start:.0f} s]", flush=True)
+    del data["running"]
+    finished.append(benchmark)
     write_json(out, data)
 
 
@@ -167,6 +177,8 @@ def section(data: dict) -> list[str]:
   lines = [f"## {data['suite']} suite ({data['size']} size), {data['date']}", "", describe(data["context"]), "",
            f"`{data['command']}`", ""]
   lines += table(data["rows"], formulas=True) + [""]
-  if data.get("unmeasured"):
-    lines += ["Not measured in this run: " + "; ".join(data["unmeasured"]) + ".", ""]
+  unmeasured = data.get("unmeasured", []) + ([f"{data['running']}: the process died during it (not continued)"]
+                                             if data.get("running") else [])  # a suite whose last try crashed
+  if unmeasured:
+    lines += ["Not measured in this run: " + "; ".join(unmeasured) + ".", ""]
   return lines

@@ -4,6 +4,7 @@
     python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json --text=shared/data/tinyshakespeare/input.txt
     python -m benchmarks.run --import_results=gpu.json        # that JSON into results/ and RESULTS.md
     python -m benchmarks.run --suite=cpu --size=tiny --only=host_overhead   # seconds: checks the pieces
+    python -m benchmarks.run --suite=gpu --out=$OUT/gpu.json --continue_from_out --previous_status=139  # after a crash
 
 Each row states the machine, device kind and count, versions, the config, the formula, the median with min-max
 of repeated measurements (warm-up excluded, compile time apart, device work synchronised before the clock is
@@ -17,6 +18,15 @@ otherwise) stops starting benchmarks once that many seconds have passed since th
 are listed as not measured (the suite's budget_s ran out), the rows measured are kept. Targets: issue "Speed measured
 against peers and the hardware"; NOTES.md says what was changed, predicted and measured.
 
+A hard crash in one benchmark (a segfault, an XLA check failure, an OOM kill) cannot be caught in the process it
+kills, and would lose the benchmarks after it for that slot. So before each benchmark the JSON names it ("running"),
+and it records the wall-clock start of the suite ("started_unix"), the benchmarks chosen ("benchmarks") and those
+that ended ("finished"). --continue_from_out goes on from the JSON at --out, in a new process: its rows and
+not-measured entries are kept, the benchmark that was running is listed as not measured (the process died during
+it; --previous_status, the status the shell saw, says how), every benchmark that ended is skipped, and the rest run
+under the same budget_s, counted from the first process's start. A JSON of another suite, size or --only, or one
+that cannot be continued, is refused (exit 2). benchmarks/gpu_slot.sh run does this after a crash, twice at most.
+
 The GPU suite runs nanoGPT's shakespeare_char first (the full 5000 steps), then GPT-2 124M throughput, then the
 seed CNN (the full loop's images/s and host overhead, then wall clock to 99% test accuracy); at --size=tiny its
 language-model rows compute in bfloat16 as the full size does, so a CPU checks the same code path. The GPU machine
@@ -27,12 +37,14 @@ has no network: give it tiny Shakespeare (--text=...) and, for the CNN, a data d
 import datetime
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 STARTED = time.monotonic()  # the suite's budget counts from here: imports and JAX's start-up included
+STARTED_UNIX = time.time()  # the same moment on the wall clock, in the JSON: a continuation's budget counts from it
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the runs it starts need GPU memory too
 
@@ -55,6 +67,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 0, "Alternating rounds per ratio (def
 _BUDGET = flags.DEFINE_float("budget_s", None, "Seconds the suite may take: no benchmark starts after them (the rest "
                              "are listed as not measured). Default: 450 for the full --suite=gpu, else none; "
                              "negative: none.")
+_CONTINUE = flags.DEFINE_bool("continue_from_out", False, "Continue the suite whose JSON --out holds, after its "
+                               "process died: its rows kept, the benchmark it died in listed as not measured, the "
+                               "ones not begun run within its budget_s, counted from its start.")
+_PREVIOUS = flags.DEFINE_integer("previous_status", None, "With --continue_from_out: the exit status the shell saw "
+                                 "when the earlier process ended (128+N, or -N: signal N), named in the reason.")
 GPU_BUDGET_S = 450  # of an 8-minute slot: the check does not predict a benchmark's length, the last begun finishes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +145,48 @@ def imported(path: Path) -> dict:
   return data
 
 
+def died(status: int | None) -> str:
+  """Why the benchmark a process was running is not measured, from the status the shell saw."""
+  if status is None:
+    return "the process ended while it ran (its exit status was not passed)"
+  number = status - 128 if status > 128 else -status if status < 0 else None
+  try:
+    name = f", {signal.Signals(number).name}" if number else ""
+  except ValueError:
+    name = ""
+  return f"the process died during it (exit status {status}" + (f": signal {number}{name})" if number else ")")
+
+
+def continued(out: Path, name: str, size: str, only: list[str], benchmarks: dict, status: int | None) -> dict:
+  """The JSON at --out, checked to be this suite's and size's, made ready to go on: the benchmark it was running
+  listed as not measured, so that it is skipped (run again, it would most likely crash again)."""
+  try:
+    data = json.loads(out.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    fail(f"--continue_from_out: cannot read {out} as JSON ({getattr(e, 'strerror', None) or e})")
+  if not isinstance(data, dict) or (data.get("suite"), data.get("size")) != (name, size):
+    held = f"the {data.get('suite')} suite at {data.get('size')} size" if isinstance(data, dict) else "no suite"
+    fail(f"--continue_from_out: {out} holds {held}, not --suite={name} --size={size}: continue a run with the "
+         "flags it was started with")
+  plan = data.get("benchmarks")
+  try:
+    harness.section(data)  # what RESULTS.md renders from it, once imported
+    whole = (isinstance(data["rows"], list) and isinstance(data["unmeasured"], list)
+             and isinstance(data["finished"], list) and isinstance(data["started_unix"], (int, float))
+             and isinstance(plan, list) and set(plan) <= set(benchmarks))
+  except (KeyError, TypeError, AttributeError):
+    whole = False
+  if not whole:
+    fail(f"--continue_from_out: {out} was not written by a benchmarks.run that can be continued (its rows, "
+         "unmeasured, finished, started_unix or benchmarks of this suite are missing or malformed)")
+  if only and set(only) != set(plan):
+    fail(f"--continue_from_out: {out} is a run of --only={','.join(plan)}; give the same --only, or none")
+  if data.get("running"):
+    data["unmeasured"].append(f"{data['running']}: not measured: {died(status)}")
+    data["finished"].append(data.pop("running"))
+  return data
+
+
 def writable(out: Path) -> None:
   if out.is_dir():
     fail(f"--out: {out} is a directory; give a file path")
@@ -155,16 +214,31 @@ def main(argv):
   out = Path(_OUT.value) if _OUT.value else (harness.RESULTS_DIR / f"{name}.json" if complete else
                                              Path(tempfile.gettempdir()) / f"benchmarks-{name}-{size}.json")
   writable(out)  # before anything is measured: a run must not end in a path it cannot write
-  ctx = harness.context()
-  print(harness.describe(ctx), flush=True)
-  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  data = {"suite": name, "size": size, "date": now, "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
-          "context": ctx, "rows": [], "unmeasured": []}
-  budget = _BUDGET.value if _BUDGET.value is not None else (GPU_BUDGET_S if name == "gpu" and size == "full" else None)
+  if _PREVIOUS.value is not None and not _CONTINUE.value:
+    fail("--previous_status: only with --continue_from_out (the status of the process whose JSON it continues)")
+  command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+  if _CONTINUE.value:  # a process that died mid-suite: its JSON, its budget, the benchmarks it did not end
+    data = continued(out, name, size, _ONLY.value, benchmarks, _PREVIOUS.value)
+    data.setdefault("continuations", []).append(command)
+    budget = data.get("budget_s") if _BUDGET.value is None else _BUDGET.value
+    started = STARTED - (STARTED_UNIX - data["started_unix"])  # on the monotonic clock: the first process's start
+    chosen = {b: benchmarks[b] for b in data["benchmarks"] if b not in data["finished"]}
+    harness.write_json(out, data)  # the benchmark it died in is listed, whatever happens next
+    print(harness.describe(data["context"]) + f"\ncontinuing {out}: {', '.join(chosen) or 'nothing'} left to run",
+          flush=True)
+  else:
+    ctx = harness.context()
+    print(harness.describe(ctx), flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    chosen = {b: fn for b, fn in benchmarks.items() if not _ONLY.value or b in _ONLY.value}
+    data = {"suite": name, "size": size, "date": now, "command": command, "context": ctx, "rows": [],
+            "unmeasured": [], "started_unix": STARTED_UNIX, "benchmarks": list(chosen), "finished": []}
+    budget = _BUDGET.value if _BUDGET.value is not None else (GPU_BUDGET_S if name == "gpu" and size == "full"
+                                                              else None)
+    started = STARTED
   budget = budget if budget is not None and budget >= 0 else None
   data["budget_s"] = budget
-  chosen = {b: fn for b, fn in benchmarks.items() if not _ONLY.value or b in _ONLY.value}
-  harness.run_benchmarks(chosen, data, out, (measures.Unavailable, UserError), budget, STARTED)
+  harness.run_benchmarks(chosen, data, out, (measures.Unavailable, UserError), budget, started)
   print("\n" + "\n".join(harness.table(data["rows"])))
   print(f"\nrows: {out}")
   if complete and not _OUT.value:

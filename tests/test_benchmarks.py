@@ -306,3 +306,123 @@ def test_a_failed_launch_prints_its_stderr_less_absl_info_lines(monkeypatch, cap
   assert raised.value.stderr == stderr  # whole, for time_to_loss's cuDNN check
   err = capsys.readouterr().err
   assert "Traceback (most recent call last)" in err and "INTERNAL: cuDNN failed" in err and "step 250" not in err
+
+
+def test_the_json_names_the_benchmark_running_and_those_that_ended(tmp_path):
+  """What a continuation reads after a hard crash: written before each benchmark begins."""
+  out, seen = tmp_path / "suite.json", []
+  def bench(name):
+    def fn():
+      seen.append(json.loads(out.read_text())["running"])
+      return [harness.row(name, "c", "m", "u", "f", [1.0])]
+    return fn
+  data = {"rows": [], "unmeasured": []}
+  harness.run_benchmarks({"a": bench("a"), "b": lambda: 1 / 0, "c": bench("c")}, data, out)
+  written = json.loads(out.read_text())
+  assert seen == ["a", "c"] and "running" not in written and written["finished"] == ["a", "b", "c"]
+  written.update(running="d", suite="gpu", size="full", date="d", command="c", context=CONTEXT)  # its last try died
+  assert "b: failed (ZeroDivisionError: division by zero); d: the process died during it (not continued)." in (
+      "\n".join(harness.section(written)))
+
+
+def _running(out: Path) -> str:
+  try:
+    return json.loads(out.read_text()).get("running", "")
+  except (OSError, ValueError):  # not written yet
+    return ""
+
+
+def test_a_suite_killed_during_a_benchmark_is_continued_from_its_json(tmp_path):
+  """A hard crash (here SIGKILL, as the OOM killer sends) is not caught in the process it ends: the JSON names the
+  benchmark it died in; --continue_from_out keeps the rows, lists that one as not measured and runs the rest."""
+  out = tmp_path / "cpu.json"
+  flags = [sys.executable, "-m", "benchmarks.run", "--suite=cpu", "--size=tiny", f"--out={out}",
+           "--only=input_pipeline,checkpoint_stall,lm_throughput", f"--text={small_text(tmp_path / 'input.txt')}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(flags, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 300
+    while _running(out) != "checkpoint_stall":  # input_pipeline measured, checkpoint_stall begun
+      assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+      time.sleep(0.02)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed = json.loads(out.read_text())
+  assert killed["running"] == "checkpoint_stall" and killed["finished"] == ["input_pipeline"]
+  assert [r["benchmark"] for r in killed["rows"]] == ["input_pipeline"]
+  go_on = subprocess.run(flags + ["--continue_from_out", "--previous_status=137"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert go_on.returncode == 3, go_on.stderr[-3000:]  # one benchmark not measured
+  data = json.loads(out.read_text())
+  assert data["rows"][0] == killed["rows"][0] and [r["benchmark"] for r in data["rows"]] == [
+      "input_pipeline", "lm_throughput"]
+  assert data["unmeasured"] == [
+      "checkpoint_stall: not measured: the process died during it (exit status 137: signal 9, SIGKILL)"]
+  assert "running" not in data and data["finished"] == ["input_pipeline", "checkpoint_stall", "lm_throughput"]
+  assert data["started_unix"] == killed["started_unix"] and data["command"] == killed["command"]
+  assert data["continuations"] == ["python -m benchmarks.run " + " ".join(flags[3:] + [
+      "--continue_from_out", "--previous_status=137"])]
+  refused = subprocess.run(flags[:4] + ["--size=full", f"--out={out}", "--continue_from_out"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+  assert refused.stderr.strip().splitlines()[-1] == (
+      f"error: --continue_from_out: {out} holds the cpu suite at tiny size, not --suite=cpu --size=full: continue a "
+      "run with the flags it was started with")
+  assert json.loads(out.read_text()) == data  # untouched
+
+
+CONTEXT = {"machine": {"host": "h", "cpu": "c", "cores": 2}, "device": {"backend": "gpu", "kind": "H100", "count": 1},
+           "versions": {"jax": "0"}}
+
+
+def a_died_json(path: Path, **changes) -> Path:
+  """A gpu tiny suite's JSON as a process killed during lm_throughput leaves it."""
+  data = {"suite": "gpu", "size": "tiny", "date": "d", "command": "c", "context": CONTEXT, "rows": [],
+          "unmeasured": [], "started_unix": time.time() - 100, "budget_s": 50.0,
+          "benchmarks": ["lm_throughput", "host_overhead"], "finished": [], "running": "lm_throughput", **changes}
+  path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+  return path
+
+
+def test_a_continuation_keeps_the_budget_counted_from_the_first_start(tmp_path):
+  """100 s since the first process began, of a 50 s budget: the rest is listed, not run (no JAX work here)."""
+  out = a_died_json(tmp_path / "gpu.json")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite=gpu", "--size=tiny", f"--out={out}",
+                         "--continue_from_out"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["rows"] == [] and data["budget_s"] == 50 and data["finished"] == ["lm_throughput", "host_overhead"]
+  died, skipped = data["unmeasured"]
+  assert died == "lm_throughput: not measured: the process ended while it ran (its exit status was not passed)"
+  assert skipped.startswith("host_overhead: not measured: the suite's budget_s ran out (10") and "of 50 s" in skipped
+
+
+@pytest.mark.parametrize("suite, size, only, changes, says", [
+    ("cpu", "tiny", [], {}, "holds the gpu suite at tiny size, not --suite=cpu --size=tiny"),
+    ("gpu", "full", [], {}, "holds the gpu suite at tiny size, not --suite=gpu --size=full"),
+    ("gpu", "tiny", [], {"started_unix": None}, "was not written by a benchmarks.run that can be continued"),
+    ("gpu", "tiny", [], {"benchmarks": ["warp_drive"]}, "was not written by a benchmarks.run that can be continued"),
+    ("gpu", "tiny", [], {"context": None}, "was not written by a benchmarks.run that can be continued"),
+    ("gpu", "tiny", ["lm_throughput"], {}, "is a run of --only=lm_throughput,host_overhead; give the same --only"),
+    ("gpu", "tiny", [], {"suite": None}, "holds the None suite at tiny size")])
+def test_a_continuation_of_another_runs_json_is_refused_in_one_line(tmp_path, capsys, suite, size, only, changes,
+                                                                    says):
+  from benchmarks import run
+  out = a_died_json(tmp_path / "gpu.json", **changes)
+  with pytest.raises(SystemExit) as exit_:
+    run.continued(out, suite, size, only, run.suite(suite, size, "", 1), 139)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(f"error: --continue_from_out: {out} ") and says in err, err
+  with pytest.raises(SystemExit):  # not JSON at all
+    run.continued(tmp_path / "missing.json", "gpu", "tiny", [], run.suite("gpu", "tiny", "", 1), None)
+  assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_reason_names_the_signal_the_shell_saw():
+  from benchmarks import run
+  assert run.died(139) == "the process died during it (exit status 139: signal 11, SIGSEGV)"
+  assert run.died(134).endswith("signal 6, SIGABRT)") and run.died(-9).endswith("signal 9, SIGKILL)")
+  assert run.died(1) == "the process died during it (exit status 1)"
