@@ -13,12 +13,23 @@
 # where it is not, and names what is missing if neither. Then the suite, its JSON to $OUT/gpu.json and its output
 # to $OUT/run.log (benchmarks/run.py; extra arguments are passed to it, e.g. --only=lm_throughput or --size=tiny to
 # check the slot's pieces).
+#
+# A hard crash in one benchmark (a segfault, an XLA check failure, an OOM kill) ends the suite's process; the rows
+# before it are in the JSON, which names the benchmark it died in ("running"). When the suite ends with a status
+# other than 0 (all measured) or 3 (some not measured) and its JSON says a benchmark was running, `run` starts it
+# again with --continue_from_out (twice at most, within the budget_s counted from the first start; run.log gets
+# every try): the rest are measured and the crashed one is listed as not measured. The exit status is the last
+# try's: 3 when anything was not measured, a crash's (e.g. 139) when the last try crashed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
 # for Python 3.12, manylinux x86_64 (the image's); versions from our ranges, as the newest stack resolves them
 WHEELS=(flax optax orbax-checkpoint ml_collections grain array_record portpicker tensorboardX)
 TEXT=../shared/data/tinyshakespeare/input.txt
+
+running() {  # the benchmark the suite's JSON says was running when its process ended; nothing if none or no JSON
+  "$1" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("running") or "")' "$2" 2>/dev/null || true
+}
 
 requirements() {  # pyproject.toml's dependencies, less jax and TFDS (its lazy import is for tfds: datasets only)
   "$1" - <<'EOF'
@@ -85,8 +96,22 @@ case "${1:-}" in
     [[ -f "$STAGE/input.txt" ]] && text=(--text="$STAGE/input.txt")
     # the suite's whole output also into $OUT/run.log, which comes back with the JSON: a failure's traceback, and
     # the training logs, outlive the device reply's last 12,000 characters; the exit status stays the suite's
-    PYTHONUNBUFFERED=1 "$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@" 2>&1 \
-        | tee "$OUT/run.log"
+    # (PIPESTATUS: the suite's, not tee's)
+    suite=("$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@")
+    : > "$OUT/run.log"
+    status=0
+    PYTHONUNBUFFERED=1 "${suite[@]}" 2>&1 | tee -a "$OUT/run.log" || status=${PIPESTATUS[0]}
+    for try in 1 2; do  # a crash: the rest of the suite from its JSON, the crashed benchmark listed as not measured
+      [[ $status != 0 && $status != 3 ]] || break
+      died=$(running "$PY" "$OUT/gpu.json")
+      [[ -n "$died" ]] || break  # it died before or between benchmarks: nothing to continue from
+      echo "gpu_slot run: the suite's process ended with status $status during $died; continuing from" \
+           "$OUT/gpu.json (try $try of 2)" | tee -a "$OUT/run.log" >&2
+      previous=$status && status=0
+      PYTHONUNBUFFERED=1 "${suite[@]}" --continue_from_out --previous_status="$previous" 2>&1 \
+          | tee -a "$OUT/run.log" || status=${PIPESTATUS[0]}
+    done
+    exit "$status"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_slot.sh stage | run [benchmarks.run flags]" >&2

@@ -1,5 +1,6 @@
 """benchmarks/gpu_slot.sh run, the GPU slot's one command, with a stand-in Python: what it installs from, the data it
-unpacks, the arguments the suite gets, and that the suite's output and exit status come back ($OUT/run.log)."""
+unpacks, the arguments the suite gets, that the suite's output and exit status come back ($OUT/run.log), and that a
+suite whose process is killed during a benchmark is continued from its JSON."""
 
 import gzip
 import os
@@ -11,14 +12,17 @@ from pathlib import Path
 from conftest import ROOT
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-if [[ "$1" == "-" ]]; then exec {real} -; fi  # the script's requirements(): pyproject.toml read by a real Python
+if [[ "$1" == "-" || "$1" == "-c" ]]; then exec {real} "$@"; fi  # requirements() and running(): a real Python
 [[ "$1" == "-m" ]] || exit 90
 case "$2" in
   pip) echo "$*" >> "$CALLS"; [[ "$3" == list ]] && echo "jax 0.11.2"
        if [[ -n "${{PIP_FAILS:-}}" && "$*" == *find-links* ]]; then echo "no version of tqdm>=4.66" >&2; exit 1; fi
        exit 0 ;;
   benchmarks.run) echo "suite: ${{*:3}} PYTHONPATH=$PYTHONPATH DATA=$BIGMODEL_JAX_DATA_DIR"
-                  echo "a traceback" >&2; echo '{{}}' > "$OUT/gpu.json"; exit 3 ;;
+                  echo "a traceback" >&2; echo "${{*:3}}" >> "$CALLS.suite"
+                  if (( $(wc -l < "$CALLS.suite") <= ${{CRASHES:-0}} )); then  # killed as the OOM killer kills
+                    echo '{{"running": "lm_throughput"}}' > "$OUT/gpu.json"; kill -9 $$; fi
+                  echo '{{}}' > "$OUT/gpu.json"; exit "${{STATUS:-3}}" ;;
 esac
 exit 91
 """
@@ -78,3 +82,28 @@ def test_the_slot_without_out_or_staged_wheels_is_refused_in_one_line(tmp_path):
   shutil.rmtree(repo / ".gpu" / "wheels")
   proc = subprocess.run(script, env=env, capture_output=True, text=True)
   assert proc.returncode == 2 and "no .gpu/wheels" in proc.stderr and not (out / "run.log").exists()
+
+
+def test_a_suite_killed_during_a_benchmark_is_continued_from_its_json_twice_at_most(tmp_path):
+  repo, out, env = slot(tmp_path)
+  script = ["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run", "--size=tiny"]
+  proc = subprocess.run(script, env={**env, "CRASHES": "1"}, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr  # the continuation's: the killed benchmark is not measured
+  first, again = (tmp_path / "calls.suite").read_text().splitlines()
+  assert again == first + " --continue_from_out --previous_status=137"
+  log = (out / "run.log").read_text()  # both tries, and why the second began
+  assert log.count("suite: --suite=gpu") == 2 and "a traceback" in log
+  assert "status 137 during lm_throughput; continuing from" in log and "(try 1 of 2)" in proc.stderr
+  (tmp_path / "calls.suite").unlink()
+  proc = subprocess.run(script, env={**env, "CRASHES": "9"}, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 137 and len((tmp_path / "calls.suite").read_text().splitlines()) == 3  # 1 + 2 tries
+  assert "(try 2 of 2)" in proc.stderr and "(try 3" not in proc.stderr
+
+
+def test_a_suite_failing_outside_a_benchmark_is_not_continued(tmp_path):
+  """No benchmark running in the JSON (a failure before or between benchmarks): nothing to continue; its status."""
+  repo, out, env = slot(tmp_path)
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"], env={**env, "STATUS": "1"},
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1 and len((tmp_path / "calls.suite").read_text().splitlines()) == 1
+  assert "continuing" not in (out / "run.log").read_text()
