@@ -26,6 +26,17 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def die_with_parent() -> None:
+  """A subprocess's preexec_fn: on Linux, the kernel kills it when the process that started it dies (a benchmark's
+  crash must not leave its training run using the GPU beside the suite's continuation); elsewhere nothing."""
+  import ctypes
+  import signal
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (AttributeError, OSError):
+    pass
+
+
 def context() -> dict:
   """Machine, devices and versions: stated in every row."""
   from importlib.metadata import version

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -426,3 +427,28 @@ def test_the_reason_names_the_signal_the_shell_saw():
   assert run.died(139) == "the process died during it (exit status 139: signal 11, SIGSEGV)"
   assert run.died(134).endswith("signal 6, SIGABRT)") and run.died(-9).endswith("signal 9, SIGKILL)")
   assert run.died(1) == "the process died during it (exit status 1)"
+
+
+def test_a_launch_dies_with_the_suite_that_started_it(tmp_path):
+  """measures._main's launches take harness.die_with_parent: a suite killed mid-launch (then continued by
+  gpu_slot.sh) leaves no training run behind it."""
+  parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      import subprocess, sys, time
+      from benchmarks import harness
+      child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                               preexec_fn=harness.die_with_parent)
+      print(child.pid, flush=True)
+      time.sleep(120)
+      """)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  child = int(parent.stdout.readline())
+  parent.kill()
+  parent.wait()
+  def alive():
+    try:
+      return Path(f"/proc/{child}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+      return False
+  deadline = time.time() + 10
+  while alive() and time.time() < deadline:
+    time.sleep(0.05)
+  assert not alive()
