@@ -31,6 +31,29 @@ running() {  # the benchmark the suite's JSON says was running when its process 
   "$1" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("running") or "")' "$2" 2>/dev/null || true
 }
 
+unmet() {  # the staged wheels ($2) whose package the image lacks, or holds at a version outside our range ($3...):
+  # the fallback installs only these, so the image's in-range flax, optax, ... (built for its jax) are kept
+  "$1" - "${@:2}" <<'EOF'
+import re, sys
+from importlib import metadata
+from pathlib import Path
+try:
+  from packaging.requirements import Requirement
+except ImportError:
+  from pip._vendor.packaging.requirements import Requirement
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+ranges = {norm(r.name): r.specifier for r in map(Requirement, sys.argv[2:])}
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+  name = norm(wheel.name.split("-")[0])
+  try:
+    held = metadata.version(name)
+  except metadata.PackageNotFoundError:
+    held = None
+  if held is None or not ranges.get(name, Requirement(name).specifier).contains(held, prereleases=True):
+    print(wheel)
+EOF
+}
+
 requirements() {  # pyproject.toml's dependencies, less jax and TFDS (its lazy import is for tfds: datasets only)
   "$1" - <<'EOF'
 import re, tomllib
@@ -80,9 +103,13 @@ case "${1:-}" in
     # then the staged wheels alone, without their dependencies, and the suite tries with what the image has
     if ! "$PY" -m pip install -q --no-index --find-links "$STAGE/wheels" "${reqs[@]}" > "$OUT/pip.log" 2>&1; then
       tail -20 "$OUT/pip.log"
-      echo "gpu_slot run: pip cannot meet every declared range offline (above); the staged wheels alone, going on" >&2
-      "$PY" -m pip install -q --no-index --no-deps "$STAGE"/wheels/*.whl >> "$OUT/pip.log" 2>&1 \
-        || tail -5 "$OUT/pip.log"
+      echo "gpu_slot run: pip cannot meet every declared range offline (above); the staged wheels the image lacks" \
+           "(or holds outside our ranges) alone, going on" >&2
+      listed=$(unmet "$PY" "$STAGE/wheels" "${reqs[@]}")
+      mapfile -t wheels <<<"$listed"
+      if [[ -n "${wheels[*]}" ]]; then
+        "$PY" -m pip install -q --no-index --no-deps "${wheels[@]}" >> "$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
+      fi
     fi
     export BIGMODEL_JAX_DATA_DIR=${BIGMODEL_JAX_DATA_DIR:-/tmp/bigmodel_jax_data}
     mkdir -p "$BIGMODEL_JAX_DATA_DIR/mnist"

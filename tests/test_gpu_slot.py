@@ -63,14 +63,23 @@ def test_the_slot_runs_the_suite_with_its_data_and_keeps_its_output_and_status(t
 
 
 def test_an_install_that_cannot_meet_every_range_still_runs_the_suite(tmp_path):
-  """An image with an older tqdm (say) than our ranges: the staged wheels alone, and the suite runs anyway."""
+  """An image with an older tqdm (say) than our ranges: the staged wheels the image lacks (or holds outside our
+  ranges) alone, and the suite runs anyway; the image's in-range packages are kept."""
   repo, out, env = slot(tmp_path)
+  import flax
+  for wheel in (f"flax-{flax.__version__}-py3-none-any.whl", "flax-0.1.0-py3-none-any.whl",
+                "absent_from_the_image-1.0-py3-none-any.whl", "tqdm-999.0-py3-none-any.whl"):
+    (repo / ".gpu" / "wheels" / wheel).write_bytes(b"")
+  pyproject = repo / "pyproject.toml"  # the image's tqdm (this venv's) below the range
+  pyproject.write_text(pyproject.read_text().replace('"tqdm>=4.66"', '"tqdm>=999"'))
   proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"], env={**env, "PIP_FAILS": "1"},
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 3, proc.stderr
   assert "no version of tqdm>=4.66" in proc.stdout + proc.stderr and "going on" in proc.stderr
   installs = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("-m pip install")]
   assert len(installs) == 2 and "--no-deps" in installs[1]
+  assert "absent_from_the_image-1.0" in installs[1] and "tqdm-999.0" in installs[1]
+  assert "flax" not in installs[1]  # this venv's flax is in our range
   assert "suite: --suite=gpu" in (out / "run.log").read_text()
 
 
