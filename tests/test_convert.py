@@ -267,7 +267,39 @@ def one_error(proc) -> str:
   return lines[0]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(hf_dirs, runs, convert, tmp_path):
+BATCH = """
+import json, os, sys
+from pathlib import Path
+from absl import flags
+from bigmodel_jax import convert, errors
+convert.define_flags()
+argvs, made, watched = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+results = []
+for argv in argvs:
+  flags.FLAGS.unparse_flags()
+  try:
+    convert.run(flags.FLAGS(["convert", *argv])[1:])
+    message = None
+  except errors.UserError as e:
+    message = str(e)
+  except Exception as e:
+    message = f"not a UserError: {type(e).__name__}: {e}"
+  results.append((message, made.exists(), sorted(str(p.relative_to(watched)) for p in watched.rglob("*"))))
+print(json.dumps(results))
+"""
+
+
+def in_one_process(cache_dir: Path, argvs: list[list[str]], made: Path, watched: Path) -> list[tuple]:
+  """Each command line through convert.run (the command's body; the command's one-line exit is tested apart) in
+  one process: (its UserError's message or None, whether `made` exists after it, `watched`'s files after it).
+  Twenty launches of the command would spend ~45 s importing."""
+  proc = subprocess.run([sys.executable, "-c", BATCH, json.dumps(argvs), str(made), str(watched)], cwd=ROOT,
+                        env=env(cache_dir), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(hf_dirs, runs, convert, cache_dir, tmp_path):
   import shutil
   def copy(name, model="gpt2", **config):
     shutil.copytree(hf_dirs[model], tmp_path / name)
@@ -320,15 +352,16 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_dirs, runs, convert, tmp_pa
            (("--model=gpt2", f"--src={prefix_space}"), "add_prefix_space=true"),
            ((*bert, f"--src={bpe_bert}"), "tokenizer.json: not a WordPiece tokenizer (model type 'BPE')"),
            ((*bert, f"--src={yes_lower}"), 'tokenizer_config.json: do_lower_case="yes" is not true or false')]
-  for args, expected in cases:
-    target = tmp_path / "new" / "target"  # its parent is made only once the conversion is staged
-    if not any(a.startswith("--workdir") for a in args):
-      args = (*args, f"--workdir={target}")
-    before = sorted(p.relative_to(runs["bert"]) for p in runs["bert"].rglob("*"))
-    line = one_error(convert("hf-to-run", *args))
-    assert expected in line, line
-    assert not (tmp_path / "new").exists(), line
-    assert sorted(p.relative_to(runs["bert"]) for p in runs["bert"].rglob("*")) == before
+  target = tmp_path / "new" / "target"  # its parent is made only once the conversion is staged
+  argvs = [["hf-to-run", *args, *([] if any(a.startswith("--workdir") for a in args) else [f"--workdir={target}"])]
+           for args, _ in cases]
+  before = sorted(str(p.relative_to(runs["bert"])) for p in runs["bert"].rglob("*"))
+  line = one_error(convert(*argvs[0]))  # the command itself: one line, exit 2
+  assert cases[0][1] in line and not (tmp_path / "new").exists(), line
+  for (_, expected), (message, made, listing) in zip(cases, in_one_process(cache_dir, argvs, tmp_path / "new",
+                                                                           runs["bert"]), strict=True):
+    assert message is not None and "\n" not in message and expected in message, (expected, message)
+    assert not made and listing == before, message  # nothing written, the run it would overwrite intact
   other = tmp_path / "cnn_run"
   other.mkdir()
   (other / "config.json").write_text(json.dumps({"model": {"name": "cnn"}}))
