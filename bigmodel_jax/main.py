@@ -248,11 +248,13 @@ def outputs() -> Path | None:
 
 
 def output_dir(workdir: Path) -> Path | None:
-  """--output_dir, created; without it the workdir, which must then be writable (said before anything runs)."""
+  """--output_dir, created; without it the workdir, which must then be writable (said before anything runs). serve
+  writes nothing (it only reads a quantized model there): a read-only workdir serves as it is."""
   target = Path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir
-  errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
-                            f"--mode={_MODE.value}'s outputs ",
-                            "pass --output_dir=DIR for them (the checkpoints are only read)")
+  if _MODE.value != "serve":
+    errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
+                              f"--mode={_MODE.value}'s outputs ",
+                              "pass --output_dir=DIR for them (the checkpoints are only read)")
   return target.absolute() if _OUTPUT_DIR.value else None
 
 

@@ -126,7 +126,9 @@ def load(model, step: int) -> tuple[dict[str, np.ndarray], object]:
   where = directory(model)
   params, report = where / "params.npz", where / "report.json"
   if not (params.is_file() and report.is_file()):
-    raise UserError(f"{MISSING}no quantized model in {where}; run --mode=quantize first")
+    made = model.workdir / "quantized"  # --output_dir's is read, never the workdir's: say where one is
+    copy = f", or copy {made} there" if made != where and (made / "report.json").is_file() else ""
+    raise UserError(f"{MISSING}no quantized model in {where}; run --mode=quantize first{copy}")
   again = f"run --mode=quantize --checkpoint_step={step} again"
   try:
     made = json.loads(report.read_text())

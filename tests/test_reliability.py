@@ -195,17 +195,20 @@ def _mount(*args) -> bool:
 @pytest.fixture
 def read_only(trained, tmp_path):
   """`trained`, seen through a read-only bind mount (or with its write bits cleared, for a non-root user)."""
-  target = tmp_path / "ro"
+  yield from _read_only_view(trained, tmp_path / "ro")
+
+
+def _read_only_view(source: Path, target: Path):
   target.mkdir()
   if os.geteuid() == 0:
-    if not (_mount("--bind", str(trained), str(target)) and _mount("-o", "remount,bind,ro", str(target))):
+    if not (_mount("--bind", str(source), str(target)) and _mount("-o", "remount,bind,ro", str(target))):
       subprocess.run(["umount", str(target)], capture_output=True)
       pytest.skip("cannot make a read-only bind mount here")
     yield target
     subprocess.run(["umount", str(target)], capture_output=True)
   else:
     shutil.rmtree(target)
-    shutil.copytree(trained, target)
+    shutil.copytree(source, target)
     for p in [target, *target.rglob("*")]:
       p.chmod(p.stat().st_mode & ~0o222)
     yield target
@@ -231,6 +234,40 @@ def test_eval_on_a_read_only_workdir_is_one_line_or_writes_elsewhere(cli, read_o
   else:  # predictions only: no metrics
     assert any(out.glob("predict_step*")) and not (out / "metrics.jsonl").exists()
   assert checkpoint_files(read_only) == before
+
+
+@pytest.fixture
+def quantized_read_only(cli, trained, tmp_path):
+  """A copy of `trained` quantized (quantized/ beside its checkpoints), then seen read-only."""
+  copy = copy_of(trained, tmp_path)
+  ok(cli(f"--workdir={copy}", "--mode=quantize", "--config.quantize.repeats=1"))
+  yield from _read_only_view(copy, tmp_path / "qro")
+
+
+def test_a_read_only_workdir_serves_its_quantized_model_and_export_says_where_it_is(cli, quantized_read_only, tmp_path):
+  """Was: serve, which writes nothing, refused a read-only workdir ('pass --output_dir'), and with --output_dir it
+  looked for quantized/ there only: 'no quantized model ...; run --mode=quantize first' of a workdir that has one."""
+  workdir, before = quantized_read_only, checkpoint_files(quantized_read_only)
+  proc = cli(f"--workdir={workdir}", "--mode=serve", "--config.serve.port=0", "--config.serve.quantized=true",
+             popen=True)
+  try:
+    lines = []
+    for line in proc.stdout:  # the log, then the line naming the port
+      lines.append(line)
+      if line.startswith("serving "):
+        break
+    assert lines and lines[-1].startswith("serving mlp (digits) step"), "".join(lines)[-3000:]
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+  out = tmp_path / "out"
+  assert_one_error(cli(f"--workdir={workdir}", "--mode=export", "--config.export.quantized=true",
+                       f"--output_dir={out}"), f"no quantized model in {out / 'quantized'}",
+                   f"run --mode=quantize first, or copy {workdir / 'quantized'} there")
+  shutil.copytree(workdir / "quantized", out / "quantized")
+  ok(cli(f"--workdir={workdir}", "--mode=export", "--config.export.quantized=true", f"--output_dir={out}"))
+  assert json.loads((out / "export" / "signature.json").read_text())["quantized"] is True
+  assert checkpoint_files(workdir) == before
 
 
 @pytest.fixture
