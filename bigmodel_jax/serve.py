@@ -30,8 +30,7 @@ Completions run one at a time (a lock): sample.generate decodes with a KV cache 
 prompt; concurrent completions wait their turn. Each new prompt length compiles once, on first use; temperature,
 top_k and top_p are arguments of the compiled functions (greedy decoding, temperature 0, is one more compilation).
 
-SIGTERM or Ctrl-C: stop accepting, let requests in flight finish, return {"step", "served"} (exit 0).
-A second signal while draining ends the process at once.
+SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, return {"step", "served"} (exit 0); again: exit now.
 """
 
 import errno
@@ -85,7 +84,7 @@ class Service:
     s = model.config.serve
     self.model, self.card, self.step, self.quantized = model, model.card, step, quantized
     self.is_lm = model.dataset.is_token_stream
-    self.counts = {"requests": 0, "served": 0, "errors": 0, "internal_errors": 0, "completions": 0}
+    self.counts = dict.fromkeys(("requests", "served", "errors", "internal_errors", "completions", "disconnected"), 0)
     self.in_flight, self.lock, self.completion_lock = 0, threading.Lock(), threading.Lock()
     self.receiving = 0  # /v1/predict requests whose body has arrived, being decoded: the batcher's hint
     self.batcher = None
@@ -222,6 +221,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.connection.settimeout(self.timeout)  # the reply's own
       self._reply(408, {"error": f"request line and headers: not all arrived in {SOCKET_TIMEOUT_S} s; send them "
                                  f"within {SOCKET_TIMEOUT_S} s"})
+    except ConnectionError:  # the client reset the connection: nobody to answer, and no traceback for it
+      self.close_connection = True
 
   def parse_request(self):
     try:
@@ -243,14 +244,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self._reply(e.status, {"error": str(e)})
       return False
     return super().handle_expect_100()
-
-  do_GET = lambda self: self._dispatch("GET")
-  do_POST = lambda self: self._dispatch("POST")
-  do_PUT = lambda self: self._dispatch("PUT")
-  do_DELETE = lambda self: self._dispatch("DELETE")
-  do_PATCH = lambda self: self._dispatch("PATCH")
-  do_HEAD = lambda self: self._dispatch("HEAD")
-  do_OPTIONS = lambda self: self._dispatch("OPTIONS")  # a 405 naming the method to use, with Allow
 
   def _dispatch(self, method: str) -> None:
     service = self.service
@@ -276,6 +269,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     except BadRequest as e:
       service.count("errors")
       self._reply(e.status, {"error": str(e)}, allow=ROUTES.get(path) if e.status == 405 else None)
+    except ConnectionError:  # the client went away mid-request (a reset while its body came): not our error
+      service.count("disconnected")
+      self.close_connection = True
     except Exception as e:  # a bug: one line for the client, the traceback in the log, and the server goes on
       logging.exception("serve: %s %s failed", method, path)
       service.count("internal_errors")
@@ -338,6 +334,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.flush()
     except OSError:  # the client went away; nothing to tell it
       pass
+
+
+for _method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):  # OPTIONS too: a 405 with Allow
+  setattr(Handler, f"do_{_method}", lambda self, method=_method: self._dispatch(method))
 
 
 class Server(http.server.ThreadingHTTPServer):

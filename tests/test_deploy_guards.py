@@ -1,13 +1,15 @@
 """--mode=serve against hostile or mistaken clients, and deployed artifacts against out-of-range inputs."""
 
 import importlib.util
+import socket
+import struct
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from test_serve import digits_run, inprocess_server, raw_exchange  # noqa: F401 (fixtures)
+from test_serve import Server, digits_run, inprocess_server, raw_exchange  # noqa: F401 (fixtures)
 
 
 def test_a_trickled_request_head_gets_a_408_within_the_socket_timeout(inprocess_server):
@@ -21,6 +23,34 @@ def test_a_trickled_request_head_gets_a_408_within_the_socket_timeout(inprocess_
   start = time.monotonic()  # the server is free for the next client
   status, reply, _ = raw_exchange(inprocess_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
   assert status == "HTTP/1.1 200 OK" and time.monotonic() - start < 1, reply
+
+
+def test_a_client_that_resets_its_connection_is_counted_not_an_internal_error(cli, digits_run):
+  """Was: a reset while the body came was counted in /healthz's internal_errors (a bug of the server's) with its
+  traceback logged, and one before the request line was read printed socketserver's traceback: a wall per client."""
+  server = Server(cli, digits_run)
+  try:
+    for head in (b"POST /v1/pre", b'POST /v1/predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"inputs": '):
+      for _ in range(3):
+        s = socket.create_connection((server.host, server.port), timeout=30)
+        s.sendall(head)
+        deadline = time.time() + 30
+        while head.endswith(b" ") and server.request("GET", "/healthz")[1]["in_flight"] < 1:  # reading its body
+          assert time.time() < deadline
+          time.sleep(0.02)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # an RST, not a FIN
+    deadline = time.time() + 30
+    while (health := server.request("GET", "/healthz")[1])["in_flight"]:
+      assert time.time() < deadline
+      time.sleep(0.02)
+    assert health["internal_errors"] == 0 and health["disconnected"] == 3, health
+    status, reply = server.request("POST", "/v1/predict", {"inputs": [[[[3]] * 8] * 8]})
+    assert status == 200 and len(reply["predictions"]) == 1, reply
+  finally:
+    assert server.stop() == 0, server.output[-3000:]
+  time.sleep(0.2)  # the last of its output
+  assert "Traceback" not in server.output and "Exception occurred" not in server.output, server.output[-3000:]
 
 
 def untrained(name: str, tmp_path, lines=None, **overrides):
