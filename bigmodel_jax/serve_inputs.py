@@ -136,6 +136,8 @@ class InputDecoder:
     return a.astype(self.dtype)
 
   def _png(self, i: int, text: str) -> np.ndarray:
+    if text.startswith("data:") and "," not in text:
+      raise BadRequest(f"inputs[{i}]: a data URI without its comma; send data:image/png;base64,<the PNG's base64>")
     try:
       data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
     except (binascii.Error, ValueError):

@@ -150,6 +150,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_lives_on(digits_se
       ({"inputs": [[[[-1]] * 8] * 8]}, 422, "inputs[0]: pixel value -1 out of range 0..16"),
       ({"inputs": [[[[1.5]] * 8] * 8]}, 400, "inputs[0]: values must be integers"),
       ({"inputs": ["not base64!"]}, 400, "inputs[0]: not valid base64"),
+      ({"inputs": ["data:image/png;base64"]}, 400, "inputs[0]: a data URI without its comma"),  # was: a 500
       ({"inputs": [base64.b64encode(b"GIF89a....").decode()]}, 400, "inputs[0]: not a PNG"),
       ({"inputs": [base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()]}, 400, "inputs[0]: unreadable PNG"),
       ({"inputs": [png(np.zeros((16, 16)))]}, 400, "inputs[0]: PNG is 16x16 (width x height), the model takes 8x8"),
