@@ -281,6 +281,28 @@ def test_completions_match_mode_sample_and_refuse_bad_fields(cli, gpt_run):
     assert server.stop() == 0, server.output[-3000:]
 
 
+def test_a_sentencepiece_lm_refuses_a_lone_surrogate_in_one_line_and_a_400(cli, tmp_path):
+  """Was: sentencepiece raised TypeError for a lone surrogate: a traceback for a --config.sample.prompt with a byte the
+  locale cannot decode (b'\\xff' -> '\\udcff'), an internal error (500) for a completion's "\\ud800"."""
+  if not TINY_SHAKESPEARE.is_file():
+    pytest.skip(f"no local tiny Shakespeare at {TINY_SHAKESPEARE}")
+  proc = cli(GPT, f"--workdir={tmp_path}", f"--config.data.path={TINY_SHAKESPEARE}",
+             "--config.data.tokenizer.name=sentencepiece", "--config.data.tokenizer.vocab_size=256")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  bad = cli(f"--workdir={tmp_path}", "--mode=sample", "--config.sample.prompt=A\udcff")  # argv bytes b"A\xff"
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+  assert bad.stderr.strip().splitlines()[-1] == ("error: config.sample.prompt: '\\udcff' is not in the tokenizer's "
+                                                 "vocabulary of 256 sentencepiece pieces")
+  server = Server(cli, tmp_path)
+  try:
+    status, reply = server.request("POST", "/v1/completions", b'{"prompt": "A\\ud800", "max_tokens": 3}')
+    assert status == 400 and reply["error"].startswith("prompt: '\\ud800' is not in the tokenizer's"), reply
+    assert server.request("POST", "/v1/completions", {"prompt": "ROMEO", "max_tokens": 3})[0] == 200
+    assert server.request("GET", "/healthz")[1]["internal_errors"] == 0
+  finally:
+    assert server.stop() == 0, server.output[-3000:]
+
+
 def raw_exchange(address, data: bytes, trickle: bytes = b"", every_s: float = 0) -> tuple[str, bytes, float]:
   """(status line, the whole reply, seconds) for `data` sent on a raw socket, then `trickle` a byte every_s apart."""
   with socket.create_connection(address, timeout=30) as s:

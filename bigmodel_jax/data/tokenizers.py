@@ -29,6 +29,8 @@ SPM_FILE = "spm.model"
 PAD_ID = 0
 UNK_ID = 1
 MASK_PIECE = "[MASK]"  # sentencepiece's masked-LM piece (tokenizer.mask_token): a user-defined symbol, id 3
+# A lone surrogate (JSON's "\ud800", a command line's undecodable byte) is no character; sentencepiece refuses it
+SURROGATE = re.compile("[\ud800-\udfff]")
 # config.data.tokenizer.name -> build(tokenizer_config, train_texts): a new tokenizer, learnt from the training
 # split's texts only (char: their characters; a held-out character is unk): nothing held out shapes a vocabulary.
 TOKENIZERS: Registry = Registry("tokenizer", "config.data.tokenizer.name")
@@ -218,7 +220,7 @@ class SentencePieceTokenizer(Tokenizer):
     # Lines are encoded separately (in parallel) and joined by the newline piece: the same ids as the whole
     # text, since '\n' is always a piece of its own, but BPE on one 5 M character string is 5x slower.
     chain = itertools.chain.from_iterable
-    lines = [text.split("\n") for text in texts]
+    lines = [SURROGATE.sub("\ufffd", text).split("\n") for text in texts]  # unknown, as the char tokenizer has it
     encoded = self._sp.encode(list(chain(lines)))
     # Every line's ids followed by a newline id, flat; each text then drops its last newline.
     flat = np.fromiter(chain(chain(zip(encoded, itertools.repeat([self._newline_id])))), np.int32)
@@ -229,9 +231,9 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
     ids = self._encode_many([text])[0]
-    if strict and (ids == UNK_ID).any():
-      pieces = self._sp.encode(text, return_type="proto").pieces  # unknown runs are one piece; list each char
-      unknown = dict.fromkeys(c for p in pieces if p.id == UNK_ID for c in p.surface)
+    if strict and (SURROGATE.search(text) or (ids == UNK_ID).any()):
+      pieces = self._sp.encode(SURROGATE.sub("\ufffd", text), return_type="proto").pieces  # unknown runs: one piece
+      unknown = dict.fromkeys(SURROGATE.findall(text) or (c for p in pieces if p.id == UNK_ID for c in p.surface))
       raise _unknown_error(list(unknown), f"tokenizer's vocabulary of {self.vocab_size} sentencepiece pieces")
     return ids
 

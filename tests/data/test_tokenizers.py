@@ -169,6 +169,16 @@ def test_sentencepiece_strict_lists_unknown_characters(spm_tokenizers):
   assert str(e.value) == "'☃', '☄' are not in the tokenizer's vocabulary of 500 sentencepiece pieces"
 
 
+def test_a_lone_surrogate_is_an_unknown_character_never_a_crash(any_tokenizer):
+  """Was: sentencepiece raised TypeError ('List elements must be str or bytes') for a lone surrogate, which JSON's
+  "\\ud800" and a command line's undecodable byte give: a traceback in --mode=sample, a 500 in --mode=serve."""
+  text = "ab\ud800c\udcff"
+  assert any_tokenizer.encode_batch([text, "ab"], 8).shape == (2, 8)
+  if any_tokenizer.name != "byte":  # bytes represent any text: strict never fails
+    with pytest.raises(UserError, match=r"^'\\ud800', '\\udcff' are not in the tokenizer's vocabulary"):
+      any_tokenizer.encode(text, strict=True)
+
+
 def test_sentencepiece_vocab_size_errors_name_the_config_field():
   text = ["the quick brown fox jumps over the lazy dog\n" * 30]
   with pytest.raises(UserError, match=r"config\.data\.tokenizer\.vocab_size=500 .*at most \d+"):
