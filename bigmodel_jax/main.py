@@ -251,6 +251,10 @@ def output_dir(workdir: Path) -> Path | None:
   """--output_dir, created; without it the workdir, which must then be writable (said before anything runs). serve
   writes nothing (it only reads a quantized model there): a read-only workdir serves as it is."""
   target = Path(_OUTPUT_DIR.value) if _OUTPUT_DIR.value else workdir
+  checkpoints = (workdir / "checkpoints").resolve()
+  if checkpoints == target.resolve() or checkpoints in target.resolve().parents:  # a file there damages a step
+    raise UserError(f"--output_dir: {target} is inside {workdir}'s checkpoints/, which hold only checkpoints; give a "
+                    "directory outside it")
   if _MODE.value != "serve":
     errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
                               f"--mode={_MODE.value}'s outputs ",

@@ -270,6 +270,20 @@ def test_a_read_only_workdir_serves_its_quantized_model_and_export_says_where_it
   assert checkpoint_files(workdir) == before
 
 
+@pytest.mark.parametrize("mode, inside", [("predict", "checkpoints/{latest}"), ("export", "checkpoints")])
+def test_an_output_dir_inside_the_checkpoints_is_refused_before_a_step_is_damaged(cli, trained, tmp_path, mode, inside):
+  """Was: --mode=predict --output_dir=RUN/checkpoints/<latest> wrote predict_step<N>/ into the step, which from then on
+  was refused as damaged ('... is not in its digest.json'); export put export/ among the steps."""
+  workdir = copy_of(trained, tmp_path)
+  before = checkpoint_files(workdir)
+  latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  out = workdir / inside.format(latest=latest)
+  assert_one_error(cli(f"--workdir={workdir}", f"--mode={mode}", f"--output_dir={out}"),
+                   f"--output_dir: {out} is inside {workdir}'s checkpoints/")
+  assert checkpoint_files(workdir) == before
+  ok(cli(f"--workdir={workdir}", "--mode=eval", f"--checkpoint_step={latest}"))
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   target = tmp_path / "disk"
