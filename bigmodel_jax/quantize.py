@@ -205,7 +205,11 @@ def quantize(model, checkpoint_step: int | None) -> dict:
       "quantized_arrays": len(names), "quantized_float_bytes": _bytes({n: floats[n] for n in names}),
       "quantized_int8_bytes": _bytes({k: int8[k] for n in names for k in (n, n + SCALE)}),
       "float32_arrays_kept": len(floats) - len(names)}
-  weights["quantized_ratio"] = weights["quantized_float_bytes"] / max(weights["quantized_int8_bytes"], 1)
+  weights["quantized_ratio"] = weights["quantized_float_bytes"] / weights["quantized_int8_bytes"] if names else None
+  if not names:  # say so, rather than a report whose "int8" model is the float one and a quantized_ratio of 0.0
+    logging.warning("nothing was quantized: no weight of this %s has config.quantize.min_size=%d values or more "
+                    "(lower it to quantize smaller ones); the int8 model is the float one", model.card["model"],
+                    config.quantize.min_size)
   report = {
       "step": step, "checkpoint_sha256": checkpoint_digest(model, step), "task": config.task.name,
       "model": model.card["model"], "split": split,

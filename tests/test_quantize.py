@@ -174,3 +174,14 @@ def test_char_gpt_quantizes_and_exports(cli, tmp_path):
   logits, _ = prefill.call(params, np.ones((2, 5), np.int32))
   vocab = json.loads((tmp_path / "export" / "signature.json").read_text())["vocab_size"]
   assert logits.shape == (2, vocab) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_model_with_nothing_to_quantize_says_so(cli, tmp_path_factory):
+  """Was: the linear regression's two scalars (under config.quantize.min_size) gave a report with no word that nothing
+  was quantized and a quantized_ratio of 0.0 (0 bytes over 0), and the "int8" model served as quantized."""
+  workdir = trained_run(cli, tmp_path_factory, "linear", "--config=configs/linear_regression.py:smoke")
+  proc = cli(f"--workdir={workdir}", "--mode=quantize", "--config.quantize.repeats=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout)
+  assert report["quantized"] == [] and report["weights"]["quantized_ratio"] is None, report["weights"]
+  assert "nothing was quantized: no weight of this linear has config.quantize.min_size=1024 values" in proc.stderr
