@@ -128,7 +128,11 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
                       f"{before.get(key, '<absent>')!r} in {workdir / 'config.json'}); here only fields that do "
                       "not change what it computed can be set (sample.*, predict.*, evals.*, data.eval_batch_size, "
                       "mesh.*, model.attention, ...); to train another variant, use --mode=train with a new --workdir")
-  movable = lambda k: config_lib.is_runtime_field(k) or (k == "data.path" and path_is_guarded(workdir))
+  given_here = lambda k: any(k == f or k.startswith(f + ".") for f in overridden)
+  # a runtime field of another model's (a GPT config's model.attention given for an LSTM run): not this run's
+  foreign = lambda k: k.startswith("model.") and k not in before and not given_here(k)
+  movable = lambda k: (config_lib.is_runtime_field(k) and not foreign(k)) or (k == "data.path" and
+                                                                              path_is_guarded(workdir))
   ignored = sorted(k for k in set(before) | set(after) if differs(k) and not movable(k))
   if ignored:
     logging.warning("--config differs from %s in %d field(s) (%s%s); --mode=%s uses the run's own values",

@@ -233,3 +233,15 @@ def test_an_empty_workdir_is_one_line(cli, value):
   before = sorted(p.name for p in ROOT.iterdir())
   assert_one_error(cli("--config=configs/digits_mlp.py:smoke", f"--workdir={value}"), "--workdir is empty")
   assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing trained into the current directory
+
+
+@pytest.mark.parametrize("mode", ["eval", "export"])
+def test_a_config_file_of_another_model_contributes_none_of_its_model_fields(cli, digits_run, tmp_path, mode):
+  """Was: a GPT config given for the MLP run moved its runtime model.attention onto the run, which was refused as
+  'config.model.attention: not a field of model 'mlp' ...; to change config.model.name, ...': a field nobody set."""
+  proc = ok(cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={digits_run}", f"--mode={mode}",
+                f"--output_dir={tmp_path}"))
+  assert "uses the run's own values" in proc.stderr, proc.stderr
+  assert_one_error(cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={digits_run}", f"--mode={mode}",
+                       "--config.model.attention=einsum", f"--output_dir={tmp_path}"),
+                   "config.model.attention: not a field of model 'mlp'")  # set on the command line: refused
