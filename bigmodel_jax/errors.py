@@ -105,6 +105,14 @@ def writable_directory(path, flag: str = "--workdir", what: str = "",
     raise UserError(f"{flag}: cannot write {what}in {path} ({e.strerror or e}); {fix}") from None
 
 
+def directory_name_free(path: Path, mode: str) -> None:
+  """Refuses (one line) `path`, where --mode=`mode` puts its outputs as a directory, held by a file: it would be
+  moved aside under a hidden name, and every later call would fail on it ('Not a directory')."""
+  if path.is_symlink() or (path.exists() and not path.is_dir()):
+    raise UserError(f"{path}: exists and is not a plain directory (a file or a link); --mode={mode} writes a "
+                    "directory there: move it away")
+
+
 WORKDIR_RECORDS = {"a training run": "config.json", "a sweep": "manifest.json", "reproductions": "report.json"}
 
 

@@ -63,6 +63,7 @@ def export(model, checkpoint_step: int | None) -> dict:
   e = model.config.export
   targets = platforms(e.platforms)
   inference.check_deployable(model.config, "export")
+  errors.directory_name_free(model.outputs / "export", "export")
   step, state = model.restore_step(checkpoint_step)
   variables, forward = model.variables(state), None
   if e.quantized:

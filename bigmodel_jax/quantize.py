@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from bigmodel_jax import runinfo
+from bigmodel_jax import errors, runinfo
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.inference import check_deployable, leaf_name
 
@@ -190,6 +190,7 @@ def quantize(model, checkpoint_step: int | None) -> dict:
   check_deployable(config, "quantize")
   if not (isinstance(config.quantize.repeats, int) and config.quantize.repeats >= 1):
     raise UserError(f"config.quantize.repeats: must be an integer >= 1, got {config.quantize.repeats!r}")
+  errors.directory_name_free(directory(model), "quantize")
   step, state = model.restore_step(checkpoint_step)
   split = config.quantize.split
   run = _with_data(model, split)

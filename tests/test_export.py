@@ -200,6 +200,22 @@ def test_bad_export_requests_are_one_line(cli, digits_run, tmp_path):
     assert "delete it and it is rebuilt" in lines[0]
 
 
+@pytest.mark.parametrize("mode, name", [("export", "export"), ("quantize", "quantized")])
+def test_an_output_name_held_by_a_file_is_one_line_and_the_file_stays(cli, digits_run, tmp_path, mode, name):
+  """Was: a file where export/ (quantized/) goes was moved to a hidden .export.old (.quantized.old) that the cleanup
+  (rmtree) could not delete, and every later call failed with '<dir>/export: Not a directory' naming neither."""
+  (tmp_path / name).write_text("my notes\n")
+  for _ in range(2):
+    proc = cli(f"--workdir={digits_run}", f"--mode={mode}", f"--output_dir={tmp_path}", "--config.quantize.repeats=1")
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        f"error: {tmp_path / name}: exists and is not a plain directory (a file or a link); --mode={mode} writes a "
+        "directory there: move it away"], proc.stderr[-3000:]
+  assert (tmp_path / name).read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+  (tmp_path / name).unlink()
+  assert cli(f"--workdir={digits_run}", f"--mode={mode}", f"--output_dir={tmp_path}",
+             "--config.quantize.repeats=1").returncode == 0
+
+
 @pytest.mark.parametrize("field, value", [("preprocessing.scale", 255.0), ("class_names", list("abcdefghij"))])
 def test_a_model_card_changed_after_training_is_refused_before_a_model_is_built_on_it(cli, digits_run, tmp_path,
                                                                                      field, value):
