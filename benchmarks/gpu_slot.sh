@@ -126,6 +126,7 @@ case "${1:-}" in
     # (PIPESTATUS: the suite's, not tee's)
     suite=("$PY" -m benchmarks.run --suite=gpu --out="$OUT/gpu.json" "${text[@]}" "$@")
     : > "$OUT/run.log"
+    rm -f "$OUT/gpu.json"  # an earlier run's ($OUT used twice) is not this one's to continue
     status=0
     PYTHONUNBUFFERED=1 "${suite[@]}" 2>&1 | tee -a "$OUT/run.log" || status=${PIPESTATUS[0]}
     for try in 1 2; do  # a crash: the rest of the suite from its JSON, the crashed benchmark listed as not measured

@@ -20,8 +20,10 @@ case "$2" in
        exit 0 ;;
   benchmarks.run) echo "suite: ${{*:3}} PYTHONPATH=$PYTHONPATH DATA=$BIGMODEL_JAX_DATA_DIR"
                   echo "a traceback" >&2; echo "${{*:3}}" >> "$CALLS.suite"
-                  if (( $(wc -l < "$CALLS.suite") <= ${{CRASHES:-0}} )); then  # killed as the OOM killer kills
-                    echo '{{"running": "lm_throughput"}}' > "$OUT/gpu.json"; kill -9 $$; fi
+                  if [[ -n "${{EARLY:-}}" ]]; then kill -11 $$; fi  # a crash before the JSON is first written
+                  tries=$(wc -l < "$CALLS.suite") names=(- lm_throughput host_overhead time_to_accuracy)
+                  if (( tries <= ${{CRASHES:-0}} )); then  # killed as the OOM killer kills, each try in the next one
+                    printf '{{"running": "%s"}}' "${{names[tries]}}" > "$OUT/gpu.json"; kill -9 $$; fi
                   echo '{{}}' > "$OUT/gpu.json"; exit "${{STATUS:-3}}" ;;
 esac
 exit 91
@@ -116,3 +118,14 @@ def test_a_suite_failing_outside_a_benchmark_is_not_continued(tmp_path):
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 1 and len((tmp_path / "calls.suite").read_text().splitlines()) == 1
   assert "continuing" not in (out / "run.log").read_text()
+
+
+def test_a_json_an_earlier_run_left_in_out_is_not_continued(tmp_path):
+  """$OUT used twice (a local check): a suite dying before it first writes its JSON does not continue the earlier
+  run's, whose rows would come back as this run's."""
+  repo, out, env = slot(tmp_path)
+  (out / "gpu.json").write_text('{"running": "nanogpt_shakespeare_char"}')
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"], env={**env, "EARLY": "1"},
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 139 and len((tmp_path / "calls.suite").read_text().splitlines()) == 1, proc.stderr
+  assert "continuing" not in (out / "run.log").read_text() and not (out / "gpu.json").exists()
