@@ -18,8 +18,9 @@
 # before it are in the JSON, which names the benchmark it died in ("running"). When the suite ends with a status
 # other than 0 (all measured) or 3 (some not measured) and its JSON says a benchmark was running, `run` starts it
 # again with --continue_from_out (twice at most, within the budget_s counted from the first start; run.log gets
-# every try): the rest are measured and the crashed one is listed as not measured. The exit status is the last
-# try's: 3 when anything was not measured, a crash's (e.g. 139) when the last try crashed too.
+# every try): the rest are measured and the crashed one is listed as not measured. A try that leaves the JSON as it
+# found it (it refused it) is not repeated. The exit status is the last try's: 3 when anything was not measured, a
+# crash's (e.g. 139) when the last try crashed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu
@@ -129,10 +130,13 @@ case "${1:-}" in
     rm -f "$OUT/gpu.json"  # an earlier run's ($OUT used twice) is not this one's to continue
     status=0
     PYTHONUNBUFFERED=1 "${suite[@]}" 2>&1 | tee -a "$OUT/run.log" || status=${PIPESTATUS[0]}
+    died=""
     for try in 1 2; do  # a crash: the rest of the suite from its JSON, the crashed benchmark listed as not measured
       [[ $status != 0 && $status != 3 ]] || break
-      died=$(running "$PY" "$OUT/gpu.json")
+      last=$died && died=$(running "$PY" "$OUT/gpu.json")
       [[ -n "$died" ]] || break  # it died before or between benchmarks: nothing to continue from
+      # the same one still running: the last try ended before it took the JSON on (it refused it): no use again
+      [[ "$died" != "$last" ]] || break
       echo "gpu_slot run: the suite's process ended with status $status during $died; continuing from" \
            "$OUT/gpu.json (try $try of 2)" | tee -a "$OUT/run.log" >&2
       previous=$status && status=0

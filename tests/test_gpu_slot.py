@@ -20,6 +20,7 @@ case "$2" in
        exit 0 ;;
   benchmarks.run) echo "suite: ${{*:3}} PYTHONPATH=$PYTHONPATH DATA=$BIGMODEL_JAX_DATA_DIR"
                   echo "a traceback" >&2; echo "${{*:3}}" >> "$CALLS.suite"
+                  if [[ -n "${{REFUSE:-}}" && "$*" == *--continue_from_out* ]]; then exit 2; fi  # JSON untouched
                   if [[ -n "${{EARLY:-}}" ]]; then kill -11 $$; fi  # a crash before the JSON is first written
                   tries=$(wc -l < "$CALLS.suite") names=(- lm_throughput host_overhead time_to_accuracy)
                   if (( tries <= ${{CRASHES:-0}} )); then  # killed as the OOM killer kills, each try in the next one
@@ -118,6 +119,15 @@ def test_a_suite_failing_outside_a_benchmark_is_not_continued(tmp_path):
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 1 and len((tmp_path / "calls.suite").read_text().splitlines()) == 1
   assert "continuing" not in (out / "run.log").read_text()
+
+
+def test_a_continuation_that_refuses_the_json_is_not_tried_again(tmp_path):
+  """A continuation that ends without touching the JSON (it refused it, exit 2) would do so again: one try only."""
+  repo, out, env = slot(tmp_path)
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"],
+                        env={**env, "CRASHES": "1", "REFUSE": "1"}, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and len((tmp_path / "calls.suite").read_text().splitlines()) == 2, proc.stderr
+  assert "(try 1 of 2)" in proc.stderr and "(try 2" not in proc.stderr
 
 
 def test_a_json_an_earlier_run_left_in_out_is_not_continued(tmp_path):
