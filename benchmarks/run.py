@@ -150,9 +150,11 @@ def died(status: int | None) -> str:
   if status is None:
     return "the process ended while it ran (its exit status was not passed)"
   number = status - 128 if status > 128 else -status if status < 0 else None
+  if number not in signal.valid_signals():  # an exit status above 128 that no signal gives (255: exit(-1))
+    number = None
   try:
     name = f", {signal.Signals(number).name}" if number else ""
-  except ValueError:
+  except ValueError:  # a real-time signal
     name = ""
   return f"the process died during it (exit status {status}" + (f": signal {number}{name})" if number else ")")
 

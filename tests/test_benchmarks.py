@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -427,6 +428,8 @@ def test_the_reason_names_the_signal_the_shell_saw():
   assert run.died(139) == "the process died during it (exit status 139: signal 11, SIGSEGV)"
   assert run.died(134).endswith("signal 6, SIGABRT)") and run.died(-9).endswith("signal 9, SIGKILL)")
   assert run.died(1) == "the process died during it (exit status 1)"
+  assert run.died(255) == "the process died during it (exit status 255)"  # no signal 127: exit(-1)
+  assert run.died(128 + signal.SIGRTMIN + 1).endswith(f"signal {signal.SIGRTMIN + 1})")
 
 
 def test_a_launch_dies_with_the_suite_that_started_it(tmp_path):
