@@ -86,6 +86,42 @@ def test_an_install_that_cannot_meet_every_range_still_runs_the_suite(tmp_path):
   assert "suite: --suite=gpu" in (out / "run.log").read_text()
 
 
+STRICT_PACKAGING = """
+from pip._vendor.packaging.requirements import Requirement as _Requirement
+from pip._vendor.packaging.specifiers import SpecifierSet
+from pip._vendor.packaging.version import Version
+
+class Strict(SpecifierSet):  # as packaging 22 to 24 (pip 24's): a version that is not PEP 440 raises
+  def contains(self, item, prereleases=None):
+    return super().contains(Version(item), prereleases=prereleases)
+
+class Requirement(_Requirement):
+  def __init__(self, text):
+    super().__init__(text)
+    self.specifier = Strict(str(self.specifier))
+"""
+
+
+def test_an_image_package_of_no_pep_440_version_does_not_end_the_slot(tmp_path):
+  """The fallback's unmet() on an image holding grain at a version packaging cannot parse (a source build's, say):
+  that staged wheel is installed, and the suite runs."""
+  repo, out, env = slot(tmp_path)
+  for wheel in ("grain-0.2.18-py3-none-any.whl", "absent_from_the_image-1.0-py3-none-any.whl"):
+    (repo / ".gpu" / "wheels" / wheel).write_bytes(b"")
+  site = tmp_path / "site"
+  (site / "packaging").mkdir(parents=True)
+  (site / "packaging" / "__init__.py").write_text("")
+  (site / "packaging" / "requirements.py").write_text(STRICT_PACKAGING)
+  (site / "grain-0.dist-info").mkdir()
+  (site / "grain-0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: grain\nVersion: 0.2.18-dev!\n")
+  proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"],
+                        env={**env, "PIP_FAILS": "1", "PYTHONPATH": str(site)}, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 3, proc.stderr
+  installs = [c for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("-m pip install")]
+  assert len(installs) == 2 and "grain-0.2.18" in installs[1] and "absent_from_the_image-1.0" in installs[1]
+  assert "suite: --suite=gpu" in (out / "run.log").read_text()
+
 def test_the_slot_without_out_or_staged_wheels_is_refused_in_one_line(tmp_path):
   repo, out, env = slot(tmp_path)
   script = ["bash", str(repo / "benchmarks" / "gpu_slot.sh"), "run"]
