@@ -268,31 +268,39 @@ def one_error(proc) -> str:
 
 
 BATCH = """
-import json, os, sys
+import json, os, sys, tempfile, warnings
 from pathlib import Path
 from absl import flags
 from bigmodel_jax import convert, errors
 convert.define_flags()
 argvs, made, watched = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-results = []
+results, stderr = [], os.dup(2)
 for argv in argvs:
   flags.FLAGS.unparse_flags()
-  try:
-    convert.run(flags.FLAGS(["convert", *argv])[1:])
-    message = None
-  except errors.UserError as e:
-    message = str(e)
-  except Exception as e:
-    message = f"not a UserError: {type(e).__name__}: {e}"
-  results.append((message, made.exists(), sorted(str(p.relative_to(watched)) for p in watched.rglob("*"))))
+  with tempfile.TemporaryFile("w+") as told, warnings.catch_warnings():  # each warning shown anew, as in a new process
+    sys.stderr.flush()
+    os.dup2(told.fileno(), 2)
+    try:
+      convert.run(flags.FLAGS(["convert", *argv])[1:])
+      message = None
+    except errors.UserError as e:
+      message = str(e)
+    except Exception as e:
+      message = f"not a UserError: {type(e).__name__}: {e}"
+    finally:
+      sys.stderr.flush()
+      os.dup2(stderr, 2)
+    told.seek(0)
+    results.append((message, made.exists(), sorted(str(p.relative_to(watched)) for p in watched.rglob("*")),
+                    told.read()))
 print(json.dumps(results))
 """
 
 
 def in_one_process(cache_dir: Path, argvs: list[list[str]], made: Path, watched: Path) -> list[tuple]:
   """Each command line through convert.run (the command's body; the command's one-line exit is tested apart) in
-  one process: (its UserError's message or None, whether `made` exists after it, `watched`'s files after it).
-  Twenty launches of the command would spend ~45 s importing."""
+  one process: (its UserError's message or None, whether `made` exists after it, `watched`'s files after it, what
+  it wrote to stderr). Twenty launches of the command would spend ~45 s importing."""
   proc = subprocess.run([sys.executable, "-c", BATCH, json.dumps(argvs), str(made), str(watched)], cwd=ROOT,
                         env=env(cache_dir), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -358,9 +366,10 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_dirs, runs, convert, cache_
   before = sorted(str(p.relative_to(runs["bert"])) for p in runs["bert"].rglob("*"))
   line = one_error(convert(*argvs[0]))  # the command itself: one line, exit 2
   assert cases[0][1] in line and not (tmp_path / "new").exists(), line
-  for (_, expected), (message, made, listing) in zip(cases, in_one_process(cache_dir, argvs, tmp_path / "new",
-                                                                           runs["bert"]), strict=True):
+  for (_, expected), (message, made, listing, told) in zip(cases, in_one_process(cache_dir, argvs, tmp_path / "new",
+                                                                                 runs["bert"]), strict=True):
     assert message is not None and "\n" not in message and expected in message, (expected, message)
+    assert error_lines(told) == [], (message, told[-2000:])  # the command's stderr: its one line, nothing else
     assert not made and listing == before, message  # nothing written, the run it would overwrite intact
   other = tmp_path / "cnn_run"
   other.mkdir()
