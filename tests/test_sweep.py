@@ -300,6 +300,41 @@ def test_report_groups_over_seeds_and_selects_on_validation_only(tmp_path):
   assert "| 0.01 | 0.96 ± 0.014 | 0.8 (n=1) | 2 |" in md and "test accuracy 0.8 (n=1)." in md, md
 
 
+def synthetic_sweep(workdir: Path, curves: dict) -> None:
+  """A finished grid's manifest and trial records: {trial name: [(step, validation accuracy), ...]} (the last the
+  best and final one), learning rate 0.1 for each, seeds 0, 1, ..."""
+  trials = {}
+  for seed, (name, curve) in enumerate(curves.items()):
+    (workdir / name).mkdir(parents=True)
+    step, value = curve[-1]
+    (workdir / name / "final_metrics.json").write_text(json.dumps({
+        "step": step, "validation": {"accuracy": value}, "test": {"accuracy": value}, "best_step": step,
+        "best": {"eval": "validation", "metric": "accuracy", "mode": "max", "value": value, "step": step,
+                 "test": {"accuracy": value}}}))
+    (workdir / name / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "split": "validation", "eval": "validation", "accuracy": v}) + "\n" for s, v in curve))
+    trials[name] = {"status": "done", "overrides": {"optimizer.learning_rate": 0.1, "seed": seed}, "in_sweep": True}
+  (workdir / "manifest.json").write_text(json.dumps({
+      "identity": {"kind": "grid", "base": "configs/x.py", "overrides": {}}, "name": "synthetic", "trials": trials,
+      "metric": "accuracy", "mode": "max", "eval": "validation", "labels": {"optimizer.learning_rate": "lr"}}))
+
+
+def test_a_report_reads_past_a_damaged_metrics_jsonl(sweep_env, tmp_path):
+  """A trial's metrics.jsonl with bytes that are not UTF-8 or a line that is JSON but no record (a hand edit, a bad
+  copy) ended --report (and a sweep's last step) in a UnicodeDecodeError / AttributeError traceback: the report
+  now skips what is not a record, and the trials' results are all there."""
+  synthetic_sweep(tmp_path, {"lr=0.1,seed=0": [(5, 0.5), (10, 0.9)], "lr=0.1,seed=1": [(5, 0.6), (10, 0.8)]})
+  with open(tmp_path / "lr=0.1,seed=0" / "metrics.jsonl", "ab") as f:
+    f.write(b"\xff\xfe\x00 not text\n")
+  with open(tmp_path / "lr=0.1,seed=1" / "metrics.jsonl", "a") as f:
+    f.write('[1, 2]\n7\n{"split": "validation", "accuracy": 0.1}\n{"step": "x", "eval": "validation"}\n')
+  proc = run_sweep(sweep_env, "--report", f"--workdir={tmp_path}", timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  md = (tmp_path / "results.md").read_text()
+  assert "| 0.1 | 0.85 ± 0.071 | 0.85 ± 0.071 | 2 |" in md, md
+  assert (tmp_path / "plots" / "validation_curves.png").stat().st_size > 1000
+
+
 # --- real sweeps
 
 

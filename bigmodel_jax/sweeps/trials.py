@@ -70,22 +70,28 @@ def selection(final: dict, metric: str, mode: str) -> tuple[float | None, float 
   return (final.get("validation") or {}).get(metric), (final.get("test") or {}).get(metric), final.get("step")
 
 
-def is_selection_record(record: dict, eval_name: str) -> bool:
-  """A metrics.jsonl line of the evaluator the run selects on (lines carry 'eval': its name)."""
-  return record.get("eval", record.get("split")) == eval_name
+def is_selection_record(record, eval_name: str) -> bool:
+  """A metrics.jsonl line of the evaluator the run selects on (lines carry 'eval': its name); not a line that is
+  no record (a hand edit)."""
+  return (isinstance(record, dict) and isinstance(record.get("step"), int)
+          and record.get("eval", record.get("split")) == eval_name)
 
 
 def read_metrics(directory: Path) -> list[dict]:
+  """The records of a trial's metrics.jsonl ([] when it cannot be read: missing, a directory); undecodable bytes
+  and lines that are no JSON object (cut short by a kill, a hand edit) are skipped."""
   records = []
   try:
-    lines = (Path(directory) / METRICS).read_text().splitlines()
+    lines = (Path(directory) / METRICS).read_bytes().decode(errors="replace").splitlines()
   except OSError:
     return records
   for line in lines:
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
-      pass  # a line cut short by a kill
+      continue  # a line cut short by a kill
+    if isinstance(record, dict):
+      records.append(record)
   return records
 
 
