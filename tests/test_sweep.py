@@ -335,6 +335,21 @@ def test_a_report_reads_past_a_damaged_metrics_jsonl(sweep_env, tmp_path):
   assert (tmp_path / "plots" / "validation_curves.png").stat().st_size > 1000
 
 
+def test_mode_eval_records_are_not_the_trials_validation_curve(tmp_path):
+  """`--mode=eval --checkpoint_step=20` on a trial appends {"split": "eval", "eval": "validation", "step": 20} to its
+  metrics.jsonl. The report took it for a training evaluation: the curve went back to step 20, and an unfinished
+  trial's latest validation value (results.csv) was that old checkpoint's. Now only the training's records count."""
+  synthetic_sweep(tmp_path, {"lr=0.1,seed=0": [(20, 0.5), (40, 0.7), (60, 0.9)]})
+  with open(tmp_path / "lr=0.1,seed=0" / "metrics.jsonl", "a") as f:
+    for name, split in (("test", "test"), ("validation", "validation")):
+      f.write(json.dumps({"step": 20, "split": "eval", "eval": name, "eval_split": split, "accuracy": 0.5}) + "\n")
+  (tmp_path / "lr=0.1,seed=0" / "final_metrics.json").unlink()  # stopped before its end: not finished
+  data = Manifest.load(tmp_path).data
+  data["trials"]["lr=0.1,seed=0"]["status"] = "interrupted"
+  (row,) = report.rows(tmp_path, data)
+  assert row.curve == [(20, 0.5), (40, 0.7), (60, 0.9)] and (row.step, row.value) == (60, 0.9), row
+
+
 # --- real sweeps
 
 

@@ -71,9 +71,9 @@ def selection(final: dict, metric: str, mode: str) -> tuple[float | None, float 
 
 
 def is_selection_record(record, eval_name: str) -> bool:
-  """A metrics.jsonl line of the evaluator the run selects on (lines carry 'eval': its name); not a line that is
-  no record (a hand edit)."""
-  return (isinstance(record, dict) and isinstance(record.get("step"), int)
+  """A training's metrics.jsonl line of the evaluator the run selects on (lines carry 'eval': its name); not a
+  --mode=eval line (split 'eval': any checkpoint, in any order), nor a line that is no record (a hand edit)."""
+  return (isinstance(record, dict) and isinstance(record.get("step"), int) and record.get("split") != "eval"
           and record.get("eval", record.get("split")) == eval_name)
 
 
