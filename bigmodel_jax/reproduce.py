@@ -125,7 +125,7 @@ def finished(workdir: Path) -> dict | None:
 
 
 def other_settings(argv: list[str], workdir: Path) -> str:
-  """The flags a finished run in `workdir` was made with, where they are not `argv`'s ("" otherwise)."""
+  """The flags a finished run in `workdir` was made with, where they are not `argv`'s in any order ("" otherwise)."""
   record_path = workdir / "reproduce.json"
   if not finished(workdir) or not record_path.is_file():
     return ""
@@ -133,7 +133,7 @@ def other_settings(argv: list[str], workdir: Path) -> str:
     made = json.loads(record_path.read_text()).get("flags")
   except (OSError, ValueError, AttributeError):
     return ""  # run_seed reads it again and says what is wrong
-  return " ".join(made) if isinstance(made, list) and made != run_flags(argv) else ""
+  return " ".join(made) if isinstance(made, list) and sorted(map(str, made)) != sorted(run_flags(argv)) else ""
 
 
 def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:

@@ -201,3 +201,15 @@ def test_a_training_runs_workdir_is_refused_before_anything_runs(reproduce, tmp_
   assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
   assert proc.stderr.startswith(f"error: --workdir: {tmp_path} holds a training run (config.json)")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_overrides_given_in_another_order_are_the_same_finished_run(tmp_path):
+  from bigmodel_jax.reproduce import other_settings
+  (tmp_path / "final_metrics.json").write_text(json.dumps({"step": 10}))
+  made = ["--config=configs/linear_regression.py", "--config.train.num_epochs=5",
+          "--config.optimizer.learning_rate=0.05", "--config.seed=0"]
+  (tmp_path / "reproduce.json").write_text(json.dumps({"flags": made}))
+  argv = [sys.executable, "-m", "bigmodel_jax.main", made[0], f"--workdir={tmp_path}", made[2], made[1], made[3]]
+  assert other_settings(argv, tmp_path) == ""
+  other = [*argv[:4], "--config.train.num_epochs=6", made[2], made[3]]
+  assert other_settings(other, tmp_path) == " ".join(made)
