@@ -15,6 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests check behaviour, not speed: XLA:CPU compiles their programs (in process and in every subprocess, which
+# inherit it) without LLVM's optimisation passes, the same HLO at less compile time (most tests are short runs
+# dominated by compiling). Tolerances hold either way: they come from dtypes and depths, not from one build's code.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 
@@ -54,12 +60,15 @@ def classifier_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cli(cache_dir, classifier_dir, tmp_path_factory):
   """cli(*args, timeout=...) runs `python -m bigmodel_jax.main *args` from the repo root in a subprocess
-  (session-scoped, so module-scoped fixtures can use it too)."""
+  (session-scoped, so module-scoped fixtures can use it too); optimized=True compiles with LLVM's optimisations, for
+  runs long enough that they cost more time than they save."""
   data_dir = tmp_path_factory.mktemp("data")
-  def run(*args, timeout: float = 120, env: dict | None = None, popen: bool = False):
+  def run(*args, timeout: float = 120, env: dict | None = None, popen: bool = False, optimized: bool = False):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
                 "BIGMODEL_JAX_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
                 "BIGMODEL_JAX_CLASSIFIER_DIR": str(classifier_dir), **(env or {})}
+    flags = full_env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").split()  # a test's own XLA_FLAGS, and ours
+    full_env["XLA_FLAGS"] = " ".join(flags if optimized else [*flags, TEST_XLA_FLAGS])
     cmd = [sys.executable, "-m", "bigmodel_jax.main", *args]
     if popen:
       return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

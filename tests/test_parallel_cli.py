@@ -20,8 +20,8 @@ def ok(proc):
 
 
 def test_eight_devices_match_one(cli, tmp_path):
-  one = ok(cli(*ARGS, f"--workdir={tmp_path / 'one'}"))
-  eight = ok(cli(*ARGS, f"--workdir={tmp_path / 'eight'}", env=EIGHT))
+  one = ok(cli(*ARGS, f"--workdir={tmp_path / 'one'}", optimized=True))
+  eight = ok(cli(*ARGS, f"--workdir={tmp_path / 'eight'}", env=EIGHT, optimized=True))  # 8 devices: long to run
   info = json.loads((tmp_path / "eight" / "run_info.jsonl").read_text().splitlines()[0])
   assert len(info["devices"]) == 8
   assert "mesh data=8 x fsdp=1 x tensor=1 over 8 devices" in eight.stderr
