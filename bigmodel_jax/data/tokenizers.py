@@ -231,10 +231,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
     ids = self._encode_many([text])[0]
-    if strict and (SURROGATE.search(text) or (ids == UNK_ID).any()):
-      pieces = self._sp.encode(SURROGATE.sub("\ufffd", text), return_type="proto").pieces  # unknown runs: one piece
-      unknown = dict.fromkeys(SURROGATE.findall(text) or (c for p in pieces if p.id == UNK_ID for c in p.surface))
-      raise _unknown_error(list(unknown), f"tokenizer's vocabulary of {self.vocab_size} sentencepiece pieces")
+    unknown = SURROGATE.findall(text) if strict else []  # surrogates first: no piece can hold one
+    if strict and not unknown and (ids == UNK_ID).any():
+      pieces = self._sp.encode(text, return_type="proto").pieces  # a run of unknown characters is one piece
+      unknown = [c for p in pieces if p.id == UNK_ID for c in p.surface]
+    if unknown:
+      raise _unknown_error(list(dict.fromkeys(unknown)),
+                           f"tokenizer's vocabulary of {self.vocab_size} sentencepiece pieces")
     return ids
 
   def decode(self, ids) -> str:
