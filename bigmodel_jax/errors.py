@@ -113,16 +113,25 @@ def directory_name_free(path: Path, mode: str) -> None:
                     "directory there: move it away")
 
 
-WORKDIR_RECORDS = {"a training run": "config.json", "a sweep": "manifest.json", "reproductions": "report.json"}
+# Each kind's records, its own first (a folder ends in '/'): a run's checkpoints mark it without its config.json too.
+WORKDIR_RECORDS = {"a training run": ("config.json", "checkpoints/"), "a sweep": ("manifest.json",),
+                   "reproductions": ("report.json",)}
+
+
+def _holds(path: Path, record: str) -> bool:
+  return (path / record).is_dir() if record.endswith("/") else (path / record).is_file()
 
 
 def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
   """A training run, a sweep and reproductions each own their workdir (a sweep's trials and a reproduction's seeds
   are runs in its subdirectories): one holding another kind's record is refused rather than mixed into."""
   path = Path(path)
-  for other, record in WORKDIR_RECORDS.items():
-    if other != kind and (path / record).is_file() and not (path / WORKDIR_RECORDS[kind]).is_file():
-      raise UserError(f"{flag}: {path} holds {other} ({record}), not {kind}; use another {flag}")
+  if _holds(path, WORKDIR_RECORDS[kind][0]):
+    return
+  for other, records in WORKDIR_RECORDS.items():
+    for record in records if other != kind else ():
+      if _holds(path, record):
+        raise UserError(f"{flag}: {path} holds {other} ({record.rstrip('/')}), not {kind}; use another {flag}")
 
 
 def fail(message: str, code: int = 2):

@@ -233,6 +233,10 @@ def test_a_workdir_holding_another_sweep_is_refused(tmp_path):
   (tmp_path / "run" / "config.json").write_text("{}")
   with pytest.raises(UserError, match=r"holds a training run \(config.json\), not a sweep"):
     Manifest.open(tmp_path / "run", first)
+  (tmp_path / "run" / "config.json").unlink()
+  (tmp_path / "run" / "checkpoints").mkdir()  # a run's checkpoints without its config.json: a run all the same
+  with pytest.raises(UserError, match=r"holds a training run \(checkpoints\), not a sweep"):
+    Manifest.open(tmp_path / "run", first)
   (tmp_path / "reproductions").mkdir()
   (tmp_path / "reproductions" / "report.json").write_text("{}")
   with pytest.raises(UserError, match=r"holds reproductions \(report.json\), not a sweep; use another --workdir"):

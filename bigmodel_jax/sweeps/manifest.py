@@ -88,9 +88,7 @@ class Manifest:
       raise UserError(f"--workdir: {workdir} exists and is not a directory")
     path = workdir / MANIFEST
     if not path.exists():
-      refuse_other_workdir(workdir, "a sweep")  # a run's config.json, reproductions' report.json
-      if (workdir / "checkpoints").exists():
-        raise UserError(f"--workdir: {workdir} holds a training run (checkpoints), not a sweep; use another --workdir")
+      refuse_other_workdir(workdir, "a sweep")  # a run's config.json or checkpoints, reproductions' report.json
       return cls(workdir, {"identity": identity(sweep), "trials": {}})
     data = trials_lib.read_json(path)
     if data is None:
