@@ -26,6 +26,7 @@ def gan_config():
 
 @pytest.fixture(scope="module")
 def reference(cli, tmp_path_factory):
+  """A run compiled with LLVM's optimisations: compare its parameters only with runs made with optimized=True."""
   workdir = tmp_path_factory.mktemp("gan")
   proc = cli(*ARGS, f"--workdir={workdir}", timeout=300, optimized=True)  # 240 steps: worth optimising
   assert proc.returncode == 0, proc.stderr[-3000:]
