@@ -70,6 +70,9 @@ NO_EFFECT = [
      lambda c: f"the {c.data.tokenizer.name} tokenizer's vocabulary is its characters or bytes (sentencepiece's is sized)"),
     ("train.num_epochs", lambda c: c.train.num_steps > 0,
      lambda c: f"train.num_steps={c.train.num_steps} sets the run's length (num_steps > 0 overrides num_epochs)"),
+    *((f"sample.{f}", lambda c: c.task.name == "adversarial",
+       lambda c: "a GAN samples config.sample.num_samples images from config.sample.seed's noise (no text)")
+      for f in ("prompt", "num_tokens", "temperature", "top_k", "top_p")),
 ]
 
 

@@ -232,7 +232,10 @@ def resolve_config(workdir: Path | None):
   from bigmodel_jax.workdir import use_run_config
   given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
-    return use_run_config(workdir, given, overridden, _MODE.value)
+    config = use_run_config(workdir, given, overridden, _MODE.value)
+    for field, why in cli.idle_fields(config, overridden).items():  # a field it takes, of no use to this run
+      logging.warning("--config.%s has no effect: %s", field, why)
+    return config
   if given is None:
     fail("--config is required (e.g. --config=configs/mnist_cnn.py; --list_configs lists them)")
   for note in cli.resolve_overrides(given, overridden):

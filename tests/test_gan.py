@@ -162,8 +162,10 @@ def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):
   assert proc.returncode == 0, proc.stderr[-2000:]
   grid = workdir / f"predict_step{final['step']}" / "samples.png"
   assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
-  proc = cli("--mode=sample", f"--workdir={workdir}", *ARGS, "--config.sample.num_samples=5")
+  proc = cli("--mode=sample", f"--workdir={workdir}", *ARGS, "--config.sample.num_samples=5",
+             "--config.sample.temperature=0.5")  # a language model's field: said to do nothing here
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--config.sample.temperature has no effect: a GAN samples config.sample.num_samples images" in proc.stderr
   directory = workdir / "samples" / f"step{final['step']}_seed0"
   assert len(list(directory.glob("*.png"))) == 5
   images = np.load(directory / "images.npy")
