@@ -286,10 +286,13 @@ def test_report_groups_over_seeds_and_selects_on_validation_only(tmp_path):
           {"step": s, "split": "validation", "eval": "validation", "accuracy": v * s / 10}) + "\n" for s in (5, 10)))
       data["trials"][name] = {"status": "done", "overrides": {"optimizer.learning_rate": lr, "seed": seed},
                               "in_sweep": True, "wall_s": 1.0, "error": ""}
+  shutil.copytree(tmp_path / "lr=0.1,seed=0", tmp_path / "005,lr=0.1,seed=0")  # a search asked it again
+  data["trials"]["005,lr=0.1,seed=0"] = {**data["trials"]["lr=0.1,seed=0"]}
   paths = report.write(tmp_path, data)
   md = (tmp_path / "results.md").read_text()
   table = [line for line in md.splitlines() if line.startswith("| 0.")]
-  assert table == ["| 0.01 | 0.96 ± 0.014 | 0.81 ± 0.014 | 2 |", "| 0.1 | 0.91 ± 0.014 | 0.99 ± 0 | 2 |"]
+  assert table == ["| 0.01 | 0.96 ± 0.014 | 0.81 ± 0.014 | 2 |", "| 0.1 | 0.91 ± 0.014 | 0.99 ± 0 | 2 |"]  # not n=3
+  assert "counted once): `005,lr=0.1,seed=0` (as `lr=0.1,seed=0`)" in md
   assert "**Best**: lr=0.01: validation accuracy 0.96 ± 0.014 (n=2); test accuracy 0.81 ± 0.014." in md
   assert {p.name for p in paths} >= {"results.csv", "results.md", "accuracy_vs_lr.png", "validation_curves.png"}
   (tmp_path / "lr=0.1,seed=1" / "final_metrics.json").write_text("[]")  # damaged since the manifest said done

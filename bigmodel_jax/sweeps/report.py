@@ -94,6 +94,7 @@ def write_csv(path: Path, rows: list[Row], data: dict) -> Path:
 class Group:
   overrides: dict  # without the seed
   rows: list
+  repeats: list = dataclasses.field(default_factory=list)  # finished again with a seed already in rows: not counted
 
   def stats(self, attr: str) -> tuple[float, float, int]:
     values = np.array([getattr(r, attr) for r in self.rows if _finite(getattr(r, attr))], dtype=float)
@@ -107,12 +108,16 @@ class Group:
 
 
 def groups(rows: list[Row], mode: str) -> list[Group]:
-  """Finished trials that differ only in their seed, together; best first by mean validation value."""
+  """Finished trials that differ only in their seed, together; best first by mean validation value. A trial of a
+  setting and seed already there (a search may ask one setting twice) is the same run again, bit for bit: it is
+  kept apart as a repeat, not counted as one more run (n would grow and the std shrink with no new evidence)."""
   by_key = {}
   for r in rows:
     if r.status == "done" and _finite(r.value):
       rest = {k: v for k, v in r.overrides.items() if k != SEED}  # trials removed from the sweep group apart
-      by_key.setdefault(json.dumps([rest, r.in_sweep], sort_keys=True), Group(rest, [])).rows.append(r)
+      group = by_key.setdefault(json.dumps([rest, r.in_sweep], sort_keys=True), Group(rest, []))
+      seen = any(o.overrides.get(SEED) == r.overrides.get(SEED) for o in group.rows)
+      (group.repeats if seen else group.rows).append(r)
   return sorted(by_key.values(), key=lambda g: g.stats("value")[0], reverse=mode == "max")
 
 
@@ -163,6 +168,11 @@ def write_markdown(path: Path, rows: list[Row], data: dict, plots: list[Path]) -
     vm, vs, n = best.stats("value")
     lines += ["", f"**Best**: {_described(best.overrides, labels)}: validation {metric} {_mean_std(vm, vs)} (n={n}); "
               f"test {metric} {_test(best, n)}."]
+  repeats = [(r, g) for g in ranked for r in g.repeats]
+  if repeats:
+    lines += ["", "Repeats of a setting and seed already run (the same run again, counted once): " + ", ".join(
+        f"`{r.name}` (as `{next(o.name for o in g.rows if o.overrides.get(SEED) == r.overrides.get(SEED))}`)"
+        for r, g in repeats)]
   failed = [r for r in rows if r.status == "failed"]
   if failed:
     lines += ["", "Failed trials:", *(f"- `{r.name}`: {r.error or 'no error line (see its stderr.log)'}"
