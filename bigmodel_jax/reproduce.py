@@ -28,8 +28,8 @@ import urllib.parse
 from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
-from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, flag_value, load_config,
-                                       load_registry, missing_field, wrong_type)
+from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, callers_path, flag_value,
+                                       load_config, load_registry, missing_field, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
@@ -308,7 +308,7 @@ def parse_overrides(items: list[str]) -> dict:
       raise BadInput(f"--override={item}: write FIELD=VALUE, e.g. --override=data.path=/data/input.txt")
     if key == "seed":
       raise BadInput(f"--override={item}: each run's seed comes from the registry's seeds (--seeds=N runs fewer)")
-    overrides[key] = value
+    overrides[key] = callers_path(key, value)
   return overrides
 
 

@@ -70,6 +70,16 @@ def parse_bound(bound: str) -> tuple[str, float, float]:
   return match[1], float(match[2]), float(match[3] or 0)
 
 
+# Fields naming a file or directory. A reproduction's runs start in the repo root (their configs' paths are the
+# registry's, relative to it): a relative path given in --override is the caller's, made absolute from its cwd.
+PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.classifier_workdir",
+                         "train.tracking.wandb_dir"})
+
+
+def callers_path(key: str, value: str) -> str:
+  return str(Path.cwd() / value) if key in PATH_FIELDS and value and not value.startswith(("/", "~")) else value
+
+
 def flag_value(value) -> str:
   """A config value as main's --config.a.b=VALUE text."""
   return str(value).lower() if isinstance(value, bool) else str(value)

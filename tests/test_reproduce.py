@@ -213,3 +213,14 @@ def test_overrides_given_in_another_order_are_the_same_finished_run(tmp_path):
   assert other_settings(argv, tmp_path) == ""
   other = [*argv[:4], "--config.train.num_epochs=6", made[2], made[3]]
   assert other_settings(other, tmp_path) == " ".join(made)
+
+
+def test_a_relative_path_in_an_override_is_the_callers(tmp_path, monkeypatch):
+  """Was: --override=data.path=input.txt, given in the caller's directory, was read from the repo root (the runs'
+  working directory): another file, or a missing one."""
+  from bigmodel_jax.reproduce import parse_overrides
+  monkeypatch.chdir(tmp_path)
+  overrides = parse_overrides(["data.path=texts/input.txt", "--config.init.workdir=../runs/pre",
+                               "data.data_dir=/data", "optimizer.learning_rate=0.1"])
+  assert overrides == {"data.path": str(tmp_path / "texts" / "input.txt"), "data.data_dir": "/data",
+                       "init.workdir": str(tmp_path / "../runs/pre"), "optimizer.learning_rate": "0.1"}
