@@ -59,11 +59,26 @@ def sampling_knobs(temperature: float, top_k: int, top_p: float):
           jnp.float32(top_p if top_p < 1.0 else jnp.inf))
 
 
-@partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, state, tokens_BxT):
-  model = nnx.merge(graphdef, state)
-  logits, cache = model.extend(tokens_BxT, model.init_cache(tokens_BxT.shape[0]), 0)
+@partial(jax.jit, static_argnums=(0, 1))
+def _init_cache(graphdef, batch_size, state):
+  return nnx.merge(graphdef, state).init_cache(batch_size)
+
+
+@partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _extend(graphdef, state, tokens_BxT, cache, index):
+  logits, cache = nnx.merge(graphdef, state).extend(tokens_BxT, cache, index)
   return logits[:, -1], cache
+
+
+def _prefill(graphdef, state, tokens_BxT):
+  """The tokens through the model into a new cache, in pieces of power-of-two lengths, longest first (300: 256, 32,
+  8, 4): whatever prompt lengths come (a server's clients), at most log2(context) + 1 shapes are compiled."""
+  cache, index = _init_cache(graphdef, tokens_BxT.shape[0], state), 0
+  for bit in reversed(range(tokens_BxT.shape[1].bit_length())):
+    if tokens_BxT.shape[1] & (1 << bit):
+      logits, cache = _extend(graphdef, state, tokens_BxT[:, index:index + (1 << bit)], cache, index)
+      index += 1 << bit
+  return logits, cache
 
 
 @partial(jax.jit, static_argnums=0)

@@ -189,7 +189,7 @@ def test_new_sampling_settings_compile_nothing_new(gpt_run):
   model = inference.Inference.load(run_config.get_config(str(gpt_run / "config.json")), gpt_run)
   lm, ids = model.steps.model(model.restore_step()[1]), model.dataset.tokenizer.encode("ROMEO:", strict=True)
   model.close()
-  compiled = lambda: [f._cache_size() for f in (sampling._decode, sampling._sample_one, sampling._prefill)]
+  compiled = lambda: [f._cache_size() for f in (sampling._decode, sampling._sample_one, sampling._extend)]
   counts = [(sampling.generate(lm, ids, 40, temperature=t, top_k=k, top_p=p, context=32), compiled())[1]  # refills
             for t, k, p in [(0.8, 0, 1.0), (0.5, 0, 1.0), (1.0, 10, 1.0), (1.3, 0, 0.9), (0.9, 3, 0.5)]]
   assert counts == counts[:1] * 5, counts
