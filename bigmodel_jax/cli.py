@@ -100,8 +100,15 @@ def resolve_overrides(config, overridden: list[str]) -> list[str]:
 def idle_fields(config, overridden: list[str]) -> dict[str, str]:
   """{field given: why it has no effect in `config`} (NO_EFFECT; config.optimizer.* beside named config.optimizers):
   main says them, and a sweep refuses two trials that differ only in them."""
-  out = {field: why(config) for field, idle, why in NO_EFFECT if field in overridden and idle(config)}
-  if config.optimizers:
+  def said(idle, why) -> str | None:
+    # a config missing the fields it reads (a mode on a hand-made workdir takes its --config file as it is): none
+    # said here, validation names what is missing
+    try:
+      return why(config) if idle(config) else None
+    except (AttributeError, KeyError):
+      return None
+  out = {field: note for field, idle, why in NO_EFFECT if field in overridden and (note := said(idle, why))}
+  if config.get("optimizers"):
     out.update({f: f"this config trains with the named config.optimizers ({', '.join(config.optimizers)})"
                 for f in overridden if f.startswith("optimizer.")})
   return out

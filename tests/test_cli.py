@@ -134,6 +134,12 @@ def test_a_field_that_has_no_effect_is_said():
   assert len(both) == 1 and both[0].startswith("--config.train.num_epochs has no effect: train.num_steps=100 sets")
 
 
+def test_no_effect_on_a_config_missing_sections_leaves_it_to_validation():
+  import ml_collections  # a --config of a hand-made workdir, read by a mode on a checkpoint: no traceback here
+  config = ml_collections.ConfigDict({"model": {"name": "mlp"}, "data": {"batch_size": 8}})
+  assert cli_lib.idle_fields(config, ["sample.prompt", "schedule.warmup_steps", "optimizer.momentum"]) == {}
+
+
 def test_num_epochs_on_the_command_line_beats_a_variants_num_steps():
   config = load("mnist_cnn", "smoke")
   config.train.num_epochs = 2
