@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, callers_path, flag_value,
-                                       load_config, load_registry, missing_field, wrong_type)
+                                       load_config, load_registry, missing_field, same_flags, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
@@ -133,7 +133,7 @@ def other_settings(argv: list[str], workdir: Path) -> str:
     made = json.loads(record_path.read_text()).get("flags")
   except (OSError, ValueError, AttributeError):
     return ""  # run_seed reads it again and says what is wrong
-  return " ".join(made) if isinstance(made, list) and sorted(map(str, made)) != sorted(run_flags(argv)) else ""
+  return " ".join(made) if isinstance(made, list) and not same_flags(made, run_flags(argv)) else ""
 
 
 def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:

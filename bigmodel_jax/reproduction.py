@@ -4,6 +4,7 @@ variant, overrides, metrics, bounds) before anything runs. The tool that runs th
 
 import dataclasses
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -76,8 +77,26 @@ PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.cla
                          "train.tracking.wandb_dir"})
 
 
-def callers_path(key: str, value: str) -> str:
-  return str(Path.cwd() / value) if key in PATH_FIELDS and value and not value.startswith(("/", "~")) else value
+def callers_path(key: str, value: str, base: Path | None = None) -> str:
+  """`value` of field `key`, a path made absolute from `base` (the cwd); '~' expanded (the shell leaves it in
+  --override=FIELD=~/x, and not every run expands it)."""
+  if key not in PATH_FIELDS or not value:
+    return value
+  path = Path(os.path.expanduser(value))
+  return str(path if path.is_absolute() else (base or Path.cwd()) / path)
+
+
+def flag_as_read(flag: str) -> str:
+  """A run's --config.FIELD=VALUE flag with a path as its run read it (a relative one from the repo root, where the
+  runs start): a seed recorded before callers_path, with data.path=texts/in.txt, is the same run as one given
+  ROOT/texts/in.txt now."""
+  key, sep, value = flag.removeprefix("--config.").partition("=")
+  return f"--config.{key}={callers_path(key, value, ROOT)}" if flag.startswith("--config.") and sep else flag
+
+
+def same_flags(made: list, flags: list[str]) -> bool:
+  """Whether a finished seed's recorded flags are `flags` in any order, a path as its run read it."""
+  return sorted(map(flag_as_read, map(str, made))) == sorted(map(flag_as_read, flags))
 
 
 def flag_value(value) -> str:

@@ -224,3 +224,30 @@ def test_a_relative_path_in_an_override_is_the_callers(tmp_path, monkeypatch):
                                "data.data_dir=/data", "optimizer.learning_rate=0.1"])
   assert overrides == {"data.path": str(tmp_path / "texts" / "input.txt"), "data.data_dir": "/data",
                        "init.workdir": str(tmp_path / "../runs/pre"), "optimizer.learning_rate": "0.1"}
+
+
+def test_a_seed_finished_with_a_relative_path_is_the_same_run_given_absolute(tmp_path, monkeypatch):
+  """A seed finished before paths were made absolute recorded data.path=texts/in.txt, which its run read from the
+  repo root: the same command given there now (ROOT/texts/in.txt) is that run, not one 'made with other settings'."""
+  from bigmodel_jax.reproduce import other_settings, parse_overrides
+  (tmp_path / "final_metrics.json").write_text(json.dumps({"step": 10}))
+  made = ["--config=configs/tiny_shakespeare.py", "--config.data.path=texts/in.txt", "--config.seed=0"]
+  (tmp_path / "reproduce.json").write_text(json.dumps({"flags": made}))
+  monkeypatch.chdir(ROOT)
+  path = parse_overrides(["data.path=texts/in.txt"])["data.path"]
+  argv = [sys.executable, "-m", "bigmodel_jax.main", made[0], f"--workdir={tmp_path}", f"--config.data.path={path}",
+          made[2]]
+  assert other_settings(argv, tmp_path) == ""
+  monkeypatch.chdir(tmp_path)  # the same words in another directory: another file
+  path = parse_overrides(["data.path=texts/in.txt"])["data.path"]
+  assert other_settings([*argv[:5], f"--config.data.path={path}", made[2]], tmp_path) == " ".join(made)
+
+
+def test_a_home_relative_path_in_an_override_is_expanded(monkeypatch, tmp_path):
+  """The shell leaves --override=FIELD=~/x as it is, and the runs read eval.classifier_workdir and
+  train.tracking.wandb_dir without expanding it (a directory named '~' in the repo root)."""
+  from bigmodel_jax.reproduce import parse_overrides
+  monkeypatch.setenv("HOME", str(tmp_path))
+  overrides = parse_overrides(["eval.classifier_workdir=~/cls", "train.tracking.wandb_dir=~/wandb"])
+  assert overrides == {"eval.classifier_workdir": str(tmp_path / "cls"),
+                       "train.tracking.wandb_dir": str(tmp_path / "wandb")}
