@@ -24,12 +24,11 @@ Batching: /v1/predict requests go onto a queue; one worker thread takes up to co
 waiting at most config.serve.batch_timeout_ms for more after the first, and only while other predict requests
 are being decoded (their bodies arrived: a lone client, or a stalled upload, never holds a batch), pads them to
 a bucket (powers of two up to max_batch; bigmodel_jax/serve_batch.py), runs the model once, and hands each
-request its rows. Every bucket is compiled at start-up, so no request ever waits for a compilation. max_batch=1
-runs each request alone.
-Completions run one at a time (a lock): sample.generate decodes with a KV cache over the whole context for one
-prompt; concurrent completions wait their turn. A prompt goes in as pieces of power-of-two lengths: at most
-log2(context) + 1 prefill shapes compile, each once; temperature, top_k and top_p are arguments of the compiled
-functions (greedy decoding, temperature 0, is one more compilation).
+request its rows. Every bucket is compiled at start-up: no request waits for a compilation. max_batch=1 runs each
+request alone. Completions run one at a time (a lock): sample.generate decodes with a KV cache over the whole
+context for one prompt; concurrent completions wait their turn. A prompt goes in as pieces of power-of-two lengths:
+at most log2(context) + 1 prefill shapes compile, each once; temperature, top_k and top_p are arguments of the
+compiled functions (greedy decoding, temperature 0, is one more compilation).
 
 SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, return {"step", "served"} (exit 0); again: exit now.
 """
