@@ -80,6 +80,9 @@ PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.cla
 def callers_path(key: str, value: str, base: Path | None = None) -> str:
   """`value` of field `key`, a path made absolute from `base` (the cwd); '~' expanded (the shell leaves it in
   --override=FIELD=~/x, and not every run expands it)."""
+  if key == "eval.classifier_config" and value:  # a config file: the caller's where it is one, else main finds it
+    path = (base or Path.cwd()) / os.path.expanduser(value)  # in the checkout (configs/mnist_cnn.py)
+    return str(path) if path.is_file() else value
   if key not in PATH_FIELDS or not value:
     return value
   path = Path(os.path.expanduser(value))

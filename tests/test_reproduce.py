@@ -224,6 +224,10 @@ def test_a_relative_path_in_an_override_is_the_callers(tmp_path, monkeypatch):
                                "data.data_dir=/data", "optimizer.learning_rate=0.1"])
   assert overrides == {"data.path": str(tmp_path / "texts" / "input.txt"), "data.data_dir": "/data",
                        "init.workdir": str(tmp_path / "../runs/pre"), "optimizer.learning_rate": "0.1"}
+  (tmp_path / "mine.py").write_text("")  # a classifier config of the caller's; the checkout's stays as main finds it
+  assert parse_overrides(["eval.classifier_config=mine.py"]) == {"eval.classifier_config": str(tmp_path / "mine.py")}
+  assert parse_overrides(["eval.classifier_config=configs/mnist_cnn.py"]) == {
+      "eval.classifier_config": "configs/mnist_cnn.py"}
 
 
 def test_a_seed_finished_with_a_relative_path_is_the_same_run_given_absolute(tmp_path, monkeypatch):
