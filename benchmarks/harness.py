@@ -26,15 +26,20 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def die_with_parent() -> None:
-  """A subprocess's preexec_fn: on Linux, the kernel kills it when the process that started it dies (a benchmark's
-  crash must not leave its training run using the GPU beside the suite's continuation); elsewhere nothing."""
-  import ctypes
-  import signal
-  try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (AttributeError, OSError):
-    pass
+def die_with(parent: int):
+  """-> a subprocess's preexec_fn (`parent`: os.getpid() of the process starting it): on Linux, the kernel kills the
+  child when its parent dies (a benchmark's crash must not leave its training run using the GPU beside the suite's
+  continuation); a parent that died already, between the fork and that request, ends it at once; elsewhere nothing."""
+  def preexec() -> None:
+    import ctypes
+    import signal
+    try:
+      ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+      return
+    if os.getppid() != parent:  # reparented: the parent was gone before the kernel was told
+      os._exit(1)
+  return preexec
 
 
 def context() -> dict:

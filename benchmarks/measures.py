@@ -204,7 +204,7 @@ def _main(args: list[str], env: dict, timeout: float = 900) -> float:
   launched = time.time()
   proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.main", *args, "--config.train.progress_bar=false"],
                         cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
-                        preexec_fn=harness.die_with_parent)  # a crash of the suite ends its training run too
+                        preexec_fn=harness.die_with(os.getpid()))  # a crash of the suite ends its run too
   if proc.returncode != 0:
     # its traceback into our output (gpu_slot.sh keeps that in $OUT/run.log): absl's INFO lines left out
     told = [l for l in proc.stderr.splitlines() if not re.match(r"I\d{4} ", l)][-80:]

@@ -433,13 +433,13 @@ def test_the_reason_names_the_signal_the_shell_saw():
 
 
 def test_a_launch_dies_with_the_suite_that_started_it(tmp_path):
-  """measures._main's launches take harness.die_with_parent: a suite killed mid-launch (then continued by
+  """measures._main's launches take harness.die_with(os.getpid()): a suite killed mid-launch (then continued by
   gpu_slot.sh) leaves no training run behind it."""
   parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-      import subprocess, sys, time
+      import os, subprocess, sys, time
       from benchmarks import harness
       child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                               preexec_fn=harness.die_with_parent)
+                               preexec_fn=harness.die_with(os.getpid()))
       print(child.pid, flush=True)
       time.sleep(120)
       """)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -455,3 +455,7 @@ def test_a_launch_dies_with_the_suite_that_started_it(tmp_path):
   while alive() and time.time() < deadline:
     time.sleep(0.05)
   assert not alive()
+  # a parent gone between the fork and the kernel's request (the child now another's): it never runs
+  orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            preexec_fn=harness.die_with(os.getpid() + 1_000_000))
+  assert orphan.wait(timeout=10) == 1
