@@ -72,7 +72,9 @@ def _extend(graphdef, state, tokens_BxT, cache, index):
 
 def _prefill(graphdef, state, tokens_BxT):
   """The tokens through the model into a new cache, in pieces of power-of-two lengths, longest first (300: 256, 32,
-  8, 4): whatever prompt lengths come (a server's clients), at most log2(context) + 1 shapes are compiled."""
+  8, 4): whatever prompt lengths come (a server's clients), at most log2(context) + 1 shapes are compiled. The
+  tokens are cut on the host (numpy): a device array's slices and tiles would each compile per prompt length."""
+  tokens_BxT = np.asarray(tokens_BxT, np.int32)
   cache, index = _init_cache(graphdef, tokens_BxT.shape[0], state), 0
   for bit in reversed(range(tokens_BxT.shape[1].bit_length())):
     if tokens_BxT.shape[1] & (1 << bit):
@@ -133,7 +135,7 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   if len(prompt_ids) > max_len:
     logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), max_len)
   history = np.asarray(prompt_ids, np.int32)[-max_len:]
-  logits, cache = _prefill(graphdef, state, jnp.tile(jnp.asarray(history)[None], (num_samples, 1)))
+  logits, cache = _prefill(graphdef, state, np.tile(history, (num_samples, 1)))
   vocab, ids = logits.shape[-1], np.asarray(prompt_ids)
   if (bad := ids[(ids < 0) | (ids >= vocab)]).size:  # the embedding would take -1 as its last row, NaN past the end
     raise UserError(f"prompt: token id {int(bad[0])} is outside the model's vocabulary 0..{vocab - 1} "
@@ -160,7 +162,7 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
       if done == num_tokens:
         break
       recent = np.concatenate([np.tile(history, (num_samples, 1)), tail], 1)[:, -refill:]
-      logits, cache = _prefill(graphdef, state, jnp.asarray(recent))
+      logits, cache = _prefill(graphdef, state, recent)
       index = refill
     count = min(num_tokens - done, max_len - index, CHUNK)
     cache, logits, chunk, key = _decode(graphdef, settings, knobs, state, cache, logits, index, key, chunk, 0,

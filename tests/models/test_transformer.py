@@ -235,18 +235,6 @@ def test_scanned_gpt_samples_the_same_tokens_as_the_looped_one(short_gpt):
                                 sample.generate(short_gpt, prompt, 21, **settings))
 
 
-@pytest.mark.parametrize("name", ["learned", "lstm"])
-def test_prompts_of_every_length_compile_a_few_prefill_shapes(models, name):
-  """Was: each new prompt length compiled a prefill of its own, without bound for an LSTM (a server's clients
-  choose the length). Now pieces of power-of-two lengths: 13 tokens are 8 + 4 + 1."""
-  model, before = models[name], sample._extend._cache_size()
-  for n in range(1, 14):
-    prompt = tokens((n,), seed=n)
-    np.testing.assert_array_equal(sample.generate(model, prompt, 2, temperature=0, banned_ids=(0, 1))[0],
-                                  naive_greedy(model, prompt, 2))
-  assert sample._extend._cache_size() - before <= 4  # lengths 8, 4, 2, 1 (some compiled by earlier tests)
-
-
 def test_lstm_greedy_generate_equals_naive_greedy(models):
   model = models["lstm"]
   prompt = tokens((4,), seed=4)
