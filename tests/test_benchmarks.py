@@ -455,7 +455,13 @@ def test_a_launch_dies_with_the_suite_that_started_it(tmp_path):
   while alive() and time.time() < deadline:
     time.sleep(0.05)
   assert not alive()
-  # a parent gone between the fork and the kernel's request (the child now another's): it never runs
-  orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                            preexec_fn=harness.die_with(os.getpid() + 1_000_000))
-  assert orphan.wait(timeout=10) == 1
+  # a parent gone between the fork and the kernel's request (the child now another's): it never runs. Launched
+  # from a process without JAX's threads (a preexec_fn forks: in this one that could deadlock)
+  orphan = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+      import os, subprocess, sys
+      from benchmarks import harness
+      child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                               preexec_fn=harness.die_with(os.getpid() + 1_000_000))
+      print(child.wait(timeout=10))
+      """)], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert orphan.stdout.strip() == "1", orphan.stderr[-2000:]
