@@ -89,17 +89,24 @@ def resolve_overrides(config, overridden: list[str]) -> list[str]:
                  f"{config.train.num_steps} (num_steps > 0 overrides num_epochs); training runs "
                  f"{config.train.num_epochs} epoch(s)")
     config.train.num_steps = -1
-  notes += [f"--config.{field} has no effect: {why}" for field, why in idle_fields(config, overridden).items()
-            if not (config.optimizers and field.startswith("optimizer."))]
-  if config.optimizers and any(f.startswith("optimizer.") for f in overridden):
+  return notes + idle_notes(config, overridden)
+
+
+def idle_notes(config, overridden: list[str]) -> list[str]:
+  """One line per field given that has no effect in `config` (config.optimizer.* beside named config.optimizers:
+  one line with where to set them), to log: training and the modes on a checkpoint say them alike."""
+  named = config.get("optimizers")
+  notes = [f"--config.{field} has no effect: {why}" for field, why in idle_fields(config, overridden).items()
+           if not (named and field.startswith("optimizer."))]
+  if named and any(f.startswith("optimizer.") for f in overridden):
     notes.append("--config.optimizer.* has no effect: this config trains with the named config.optimizers "
-                 f"({', '.join(config.optimizers)}); set --config.optimizers.<name>.<field>")
+                 f"({', '.join(named)}); set --config.optimizers.<name>.<field>")
   return notes
 
 
 def idle_fields(config, overridden: list[str]) -> dict[str, str]:
   """{field given: why it has no effect in `config`} (NO_EFFECT; config.optimizer.* beside named config.optimizers):
-  main says them, and a sweep refuses two trials that differ only in them."""
+  idle_notes says them, and a sweep refuses two trials that differ only in them."""
   def said(idle, why) -> str | None:
     # a config missing the fields it reads (a mode on a hand-made workdir takes its --config file as it is): none
     # said here, validation names what is missing

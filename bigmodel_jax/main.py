@@ -233,8 +233,8 @@ def resolve_config(workdir: Path | None):
   given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
     config = use_run_config(workdir, given, overridden, _MODE.value)
-    for field, why in cli.idle_fields(config, overridden).items():  # a field it takes, of no use to this run
-      logging.warning("--config.%s has no effect: %s", field, why)
+    for note in cli.idle_notes(config, overridden):  # a field it takes, of no use to this run
+      logging.warning("%s", note)
     return config
   if given is None:
     fail("--config is required (e.g. --config=configs/mnist_cnn.py; --list_configs lists them)")
