@@ -162,6 +162,10 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
      "are the same (base; train.num_epochs has no effect: train.num_steps=300 sets the run's"),
     ("def sweep():\n  yield {'seed': 0, 'optimizer.learning_rate': 1}\n"
      "  yield {'optimizer.learning_rate': 1.0, 'seed': 0}\n", "trials 0 and 1 are the same (seed=0,learning_rate=1.0)"),
+    ("def sweep():\n  yield {'optimizer.learning_rate': 3e-3}\n  yield {'optimizer.learning_rate': 3e-3, 'seed': 0}\n",
+     "trials 0 and 1 are the same (learning_rate=0.003 and learning_rate=0.003,seed=0 make one config"),
+    ("def sweep():\n  yield {'train.tracking.experiment': 'a/b'}\n  yield {'train.tracking.experiment': 'a_b'}\n",
+     "trials 0 and 1 differ but would share the directory experiment=a_b"),
     ("def sweep():\n  yield {'train.num_steps': True}\n", "train.num_steps=True: configs/digits_mlp.py has int"),
     ("def sweep():\n  yield {'train.num_steps': 2.5}\n",
      "train.num_steps=2.5: configs/digits_mlp.py has int 300 there; give a value of that type"),
@@ -173,8 +177,8 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
     ("num_trials = 2\ndef search(trial):\n  return {'train.log_every': trial.suggest_int('e', 5, 20)}\n",
      "search(trial): train.log_every is also in the fixed overrides"),
 ], ids=["no-sweep", "empty", "duplicate", "metric", "mode", "mode-direction", "type", "section", "num-trials", "both",
-        "no-effect", "epochs-with-steps", "same-config", "bool-for-int", "float-for-int", "none", "invalid-value",
-        "select-on-test", "fixed-too", "fixed-too-search"])
+        "no-effect", "epochs-with-steps", "same-config", "base-value", "one-directory", "bool-for-int", "float-for-int",
+        "none", "invalid-value", "select-on-test", "fixed-too", "fixed-too-search"])
 def test_bad_sweep_files(tmp_path, body, message):
   with pytest.raises(UserError, match="^" + str(tmp_path / "s.py") + ".*") as e:
     spec.load(write(tmp_path / "s.py", FIXED + body))

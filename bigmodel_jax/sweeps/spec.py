@@ -285,15 +285,26 @@ def _grid(fn: Callable, sweep: Sweep, keys: list[str]) -> list[Trial]:
   items = [{k: item[k] for k in order if k in item} for item in items]
   sweep.labels = {k: label_of(k, sweep.config) for item in items for k in item}
   trials = [Trial(trial_name(item, sweep.labels), item) for item in items]
-  first, duplicates = {}, []
+  first, named, duplicates = {}, {}, []
   for i, trial in enumerate(trials):
-    idle = trial_config(sweep, trial.overrides)[1]  # fields with no effect: the same run as a trial without them
+    # the config the trial runs, its fields with no effect put back: one run, whatever names it (a field set to the
+    # value it has anyway, such as seed=0 beside no seed, is the trial without it)
+    config, idle = trial_config(sweep, trial.overrides)
+    for k in idle:
+      check_override(config, k, config_lib.get_field(sweep.config, k), [], "")
     same = trial_name({k: v for k, v in trial.overrides.items() if k not in idle}, sweep.labels)
-    if same in first:
+    key = config.to_json_best_effort(sort_keys=True)
+    if key in first:
       why = f"; {'; '.join(f'{k} has no effect: {w}' for k, w in idle.items())}" if idle else ""
-      duplicates.append(f"{path}: trials {first[same]} and {i} are the same ({same}{why}); "
+      other = first[key][1]
+      shown = same if other == same else f"{other} and {same} make one config: a field set to the value it has anyway"
+      duplicates.append(f"{path}: trials {first[key][0]} and {i} are the same ({shown}{why}); "
                         "remove one, or tell them apart (e.g. with seeds(n))")
-    first.setdefault(same, i)
+    elif trial.name in named:  # values a directory name writes alike ('a/b' and 'a_b'): one directory for two runs
+      duplicates.append(f"{path}: trials {named[trial.name]} and {i} differ but would share the directory "
+                        f"{trial.name}; give values that differ in letters, digits or '._,=+-'")
+    first.setdefault(key, (i, same))
+    named.setdefault(trial.name, i)
   if duplicates:
     raise UserError(_listed(duplicates))
   return trials
