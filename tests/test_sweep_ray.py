@@ -73,3 +73,35 @@ def test_ray_tune_runs_the_trials_and_streams_their_validation_metrics(ray_addre
         if result["config"]["trial"]["name"] == d.name:
           reported.setdefault(result["step"], result["validation_accuracy"])
     assert list(reported.values()) == validation
+
+
+CLEANUP = """
+import json, sys, types
+from pathlib import Path
+from bigmodel_jax.sweeps import ray_tune, trials
+from bigmodel_jax.sweeps.ray_tune import TrialTrainable
+directory = Path(sys.argv[1])
+write_final = "import json, sys; json.dump(dict(step=5), open(sys.argv[1], 'w'))"
+spec = {"name": "t", "overrides": {}, "dir": str(directory), "env": {},
+        "argv": ["-c", write_final, str(directory / "final_metrics.json")]}
+trainable = types.SimpleNamespace(launch=trials.Launch(spec))
+trainable.launch.proc.wait()
+ray_tune.RECORD_WAIT_S, ended = 0.5, []
+callback = ray_tune._Events({"t": "t"}, types.SimpleNamespace(finished=lambda trial, end: ended.append(end["status"])),
+                            0.0, directory / ".stop")
+callback._ended(types.SimpleNamespace(config={"trial": spec}))  # Tune's end of the trial, before its worker's
+TrialTrainable.cleanup(trainable)
+print(json.dumps({"sweep": ended, "launches": trials.read_record(directory).get("launches")}))
+"""
+
+
+def test_a_trial_that_finished_before_the_scheduler_stopped_it_is_recorded_done(sweep_env, tmp_path):
+  """ASHA may stop a trial whose process has already ended (Tune reads its validation records after the fact), and
+  its worker, busy reporting them, records its end late: that end was never recorded, and the sweep marked the
+  finished trial 'pruned' (the summary line and exit status counted it unfinished; a search's study: pruned)."""
+  proc = subprocess.run([sys.executable, "-c", CLEANUP, str(tmp_path / "trial")], env={**sweep_env, **RAY_ENV},
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ended = json.loads(proc.stdout.splitlines()[-1])
+  assert ended["sweep"] == ["done"]  # its final_metrics.json is there: done, whatever its worker has recorded
+  assert ended["launches"] is not None and [(e["status"], e["exit_code"]) for e in ended["launches"]] == [("done", 0)]

@@ -93,9 +93,13 @@ class TrialTrainable(tune.Trainable):
     return {**self.last, "done": True}
 
   def cleanup(self):
-    if self.launch is not None and self.launch.proc.poll() is None:  # stopped by the scheduler (ASHA)
+    if self.launch is None:
+      return
+    if self.launch.proc.poll() is None:  # stopped by the scheduler (ASHA)
       self.launch.stop()
       self.launch.finish(self.launch.proc.wait(), status="pruned")
+    else:  # it ended while Tune still had its records to read (their step comes after its exit): as it ended
+      self.launch.finish(self.launch.proc.returncode)
 
 
 RECORD_WAIT_S = 15  # how long a stopped trial's worker may take to record its end
@@ -123,8 +127,9 @@ class _Events(tune.Callback):
     while end is None and not error and not self.stop_file.exists() and time.time() < deadline:
       time.sleep(POLL_S)
       end = self._last_launch(spec)
-    if end is None:  # a finished trial always records its end first: this one was stopped, or never launched
-      status = "failed" if error else ("pending" if self.stop_file.exists() else "pruned")
+    if end is None:  # not recorded yet: stopped, never launched, or finished while its worker was still reporting
+      status = "failed" if error else "done" if trials_lib.is_done(spec["dir"]) else (
+          "pending" if self.stop_file.exists() else "pruned")
       end = {"status": status, "exit_code": None, "error": error, "wall_s": 0.0}
     self.events.finished(self.by_name[spec["name"]], end)
 
