@@ -16,6 +16,7 @@ Exit status: 0 when every reproduction run passed or was skipped, 1 when one fai
 after Ctrl-C or SIGTERM the running seed saves a checkpoint (the same command resumes it) and the tool exits 130/143."""
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -156,7 +157,7 @@ def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
 def run_seed(argv: list[str], workdir: Path) -> dict:
   """Runs (or resumes) one seed; finished runs are not relaunched. -> its record (workdir/reproduce.json), with
   "error" when the run failed or was made with other flags."""
-  from bigmodel_jax.sweeps.trials import read_json
+  from bigmodel_jax.sweeps.trials import read_json, wait_for_lock, wrappers
   record_path = workdir / "reproduce.json"
   record = read_json(record_path) or {"wall_s": 0.0, "launches": 0}  # none yet, or one cut short: counted afresh
   command, flags = shell(argv), run_flags(argv)
@@ -169,9 +170,10 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   log = workdir / "reproduce.log"
   offset = log.stat().st_size if log.is_file() else 0
+  wait_for_lock(workdir)  # the run of a launch that was killed outright: it got SIGTERM (below) and may be saving
   start = time.time()
-  with open(log, "a") as out:
-    proc = subprocess.Popen(argv, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
+  with open(log, "a") as out:  # the run gets SIGTERM if this process dies (SIGKILL, OOM): it saves and stops
+    proc = subprocess.Popen(wrappers() + argv, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
       proc.wait()
     except Interrupted:
@@ -364,11 +366,7 @@ def main(argv: list[str]) -> int:
       except BadInput as e:
         raise BadInput(f"{e}; restore it, or move it away (a launch naming the reproductions it held rewrites their "
                        "rows, finished runs read back without training)") from None
-  backend_cache = []
-  def backend():
-    if not backend_cache:
-      backend_cache.append(accelerator())
-    return backend_cache[0]
+  backend = functools.cache(accelerator)  # asked once, when a reproduction needs it
 
   def on_sigterm(signum, frame):
     raise Interrupted(128 + signum)

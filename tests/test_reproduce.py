@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,30 @@ def test_a_home_relative_path_in_an_override_is_expanded(monkeypatch, tmp_path):
   overrides = parse_overrides(["eval.classifier_workdir=~/cls", "train.tracking.wandb_dir=~/wandb"])
   assert overrides == {"eval.classifier_workdir": str(tmp_path / "cls"),
                        "train.tracking.wandb_dir": str(tmp_path / "wandb")}
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="the parent-death signal is set by util-linux's setpriv")
+def test_a_seed_whose_tool_is_killed_outright_is_saved_and_resumed_by_the_relaunch(reproduce, cache_dir, tmp_path):
+  """The tool SIGKILLed (OOM, kill -9) while a seed trains: the run got no signal and trained on, orphaned, and the
+  relaunch that should resume it was an ERROR row (the workdir in use by that orphan)."""
+  path = registry(tmp_path, """
+      Reproduction("long_run", "configs/digits_mlp.py:smoke", (Target("test", "accuracy", ">= 0.5"),), "a test",
+                   overrides={"train.num_steps": 600, "train.checkpoint_every": 50}),
+  """)
+  workdir, env = tmp_path / "out", {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
+                                    "PYTHONPATH": str(ROOT)}
+  tool = subprocess.Popen([sys.executable, "-m", "bigmodel_jax.reproduce", "long_run", f"--registry={path}",
+                           f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  seed_dir = workdir / "long_run" / "seed_0"
+  deadline = time.time() + 240
+  while not (seed_dir / "checkpoints" / "50").exists():
+    assert tool.poll() is None and time.time() < deadline, (seed_dir / "reproduce.log").read_text()[-2000:]
+    time.sleep(0.05)
+  tool.kill()
+  tool.wait()
+  proc = reproduce("long_run", f"--registry={path}", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  log = (seed_dir / "reproduce.log").read_text()
+  assert "error: SIGTERM: saved a checkpoint" in log, log[-3000:]  # the orphan saved and stopped; then it resumed
+  assert len((seed_dir / "run_info.jsonl").read_text().splitlines()) == 2

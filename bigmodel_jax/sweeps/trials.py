@@ -158,9 +158,9 @@ def wait_for_lock(directory: Path, timeout: float = LOCK_WAIT_S) -> None:
         time.sleep(0.2)
 
 
-def _prefix(cpus: list[int] | None) -> list[str]:
+def wrappers(cpus: list[int] | None = None) -> list[str]:
   """Wrappers that exec the trial: pinned to `cpus` (taskset) and sent SIGTERM if its parent dies (setpriv), so
-  it checkpoints and stops instead of training on, orphaned, when the sweep (or a Ray worker) is killed."""
+  it checkpoints and stops instead of training on, orphaned, when the sweep (a Ray worker, reproduce) is killed."""
   prefix = []
   if cpus and shutil.which("taskset"):
     prefix += ["taskset", "-c", ",".join(map(str, cpus))]
@@ -187,7 +187,7 @@ class Launch:
       out.flush()
       err.flush()
       self.stderr_offset += len(stamp.encode())
-      self.proc = subprocess.Popen(_prefix(cpus) + argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+      self.proc = subprocess.Popen(wrappers(cpus) + argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                    env={**os.environ, **spec["env"], **(env or {})})
     if cpus and not shutil.which("taskset") and hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(self.proc.pid, cpus)  # before the interpreter has started any thread; they inherit it
