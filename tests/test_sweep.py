@@ -546,6 +546,19 @@ def test_a_study_that_optimizes_the_other_way_is_refused(tmp_path):
     Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
 
 
+def test_a_study_of_another_metric_is_refused(tmp_path):
+  """A study's values are its metric's: the sweep file's metric changed (accuracy -> f1, the same direction), the
+  sampler went on steering by accuracy and f1 values mixed in one study."""
+  from bigmodel_jax.sweeps.search import Search
+  body = FIXED + "num_trials = 2\ndef search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"
+  sweep = spec.load(write(tmp_path / "s.py", body))
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  search.tell(search._ask(), "failed")  # a trial asked and ended
+  sweep = spec.load(write(tmp_path / "s.py", "metric = 'f1'\n" + body))
+  with pytest.raises(UserError, match=r"holds a search of validation accuracy, but .*s.py asks for f1"):
+    Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+
+
 def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):
   """search(trial) giving a bad override stops the sweep (one line); the fixed file's relaunch asks a trial in its
   place, so the study can still reach num_trials (the refused one counted: '1/2 done' and exit 1 forever)."""

@@ -33,6 +33,11 @@ class Search:
       raise UserError(f"--workdir: {workdir / JOURNAL} holds a search that {self.study.direction.name.lower()}s "
                       f"{sweep.metric}, but {sweep.path} asks to {direction} it (mode changed since?); use another "
                       "--workdir")
+    held = self.study.user_attrs.get("metric", sweep.metric)  # its trials were told values of this metric
+    if held != sweep.metric:
+      raise UserError(f"--workdir: {workdir / JOURNAL} holds a search of validation {held}, but {sweep.path} asks for "
+                      f"{sweep.metric} (metric changed since?); its trials' values are {held}: use another --workdir")
+    self.study.set_user_attr("metric", sweep.metric)
     self.study.sampler = self._sampler(len(self.study.trials))
 
   def _sampler(self, asked: int):
