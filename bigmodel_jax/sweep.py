@@ -181,15 +181,15 @@ def run(args: list[str]) -> int:
   writable_directory(workdir)
   lock = manifest.lock()
   try:
+    search = None
+    if sweep.kind == "search":  # its study's trials, also those a lost manifest no longer lists
+      from bigmodel_jax.sweeps.search import Search
+      search = Search(sweep, workdir, manifest)
     todo = manifest.sync(sweep)
     total = len(sweep.trials) if sweep.trials is not None else sweep.num_trials
     done = sum(manifest.trials[t.name]["status"] == "done" for t in sweep.trials) if sweep.trials is not None else \
         sum(e["status"] == "done" for e in manifest.trials.values())
     progress = Progress(sweep.name, total, done, getattr(executor, "parallel", 1))
-    search = None
-    if sweep.kind == "search":
-      from bigmodel_jax.sweeps.search import Search
-      search = Search(sweep, workdir, manifest)
     progress.message(f"sweep {sweep.name}: {total} trials on {sweep.base}, {done} already done; "
                      f"{'an Optuna search' if search else f'{len(todo)} to run'} in {workdir}")
     signum = executor.run(sweep, workdir, search.trials() if search else iter(todo), events=Events(

@@ -559,6 +559,25 @@ def test_a_study_of_another_metric_is_refused(tmp_path):
     Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
 
 
+def test_a_search_whose_manifest_was_moved_away_finds_its_trials_again(tmp_path):
+  """'move it away and launch the sweep file again (finished trials are found in their directories)': a search's
+  were not (only a grid's are in its file): '0/N trials done', an empty results.md, and no trial ever run again."""
+  from bigmodel_jax.sweeps.search import Search
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + "num_trials = 2\n"
+                          "def search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"))
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  done, failed = search._ask(), search._ask()
+  (tmp_path / "out" / done.name).mkdir()
+  (tmp_path / "out" / done.name / "final_metrics.json").write_text('{"step": 1, "validation": {"accuracy": 0.5}}')
+  search.tell(done, "done")
+  search.tell(failed, "failed")
+  manifest = Manifest.open(tmp_path / "out", sweep)  # none on disk: a new one, as after `mv manifest.json ...`
+  Search(sweep, tmp_path / "out", manifest)  # as the sweep command does, before its sync
+  manifest.sync(sweep)
+  assert {n: (e["status"], e["overrides"]) for n, e in manifest.trials.items()} == {
+      done.name: ("done", done.overrides), failed.name: ("failed", failed.overrides)}
+
+
 def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):
   """search(trial) giving a bad override stops the sweep (one line); the fixed file's relaunch asks a trial in its
   place, so the study can still reach num_trials (the refused one counted: '1/2 done' and exit 1 forever)."""

@@ -39,6 +39,18 @@ class Search:
                       f"{sweep.metric} (metric changed since?); its trials' values are {held}: use another --workdir")
     self.study.set_user_attr("metric", sweep.metric)
     self.study.sampler = self._sampler(len(self.study.trials))
+    self._adopt()
+
+  def _adopt(self) -> None:
+    """The study's named trials that the manifest lacks (it was moved away or lost): back in it, as the study ended
+    them (the sweep's sync then finds the finished ones done on disk)."""
+    states = self.optuna.trial.TrialState
+    for frozen in self.study.get_trials(deepcopy=False):
+      name = frozen.user_attrs.get("name")
+      if name is not None and name not in self.manifest.trials:
+        self.manifest.add(Trial(name, {k: plain(v) for k, v in frozen.user_attrs["overrides"].items()}, frozen.number))
+        self.manifest.trials[name]["status"] = {states.FAIL: "failed", states.PRUNED: "pruned"}.get(frozen.state,
+                                                                                                  "interrupted")
 
   def _sampler(self, asked: int):
     """A sampler whose draws continue the study: one seeded as at the study's start would ask the trials of the
