@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,6 +140,29 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
             if line.startswith("* ")}
   assert fields["optimizer.frozen"] == "['hidden.*']" and fields["model.hidden_sizes"] == "[16, 8]"
   assert fields["optimizer.nesterov"] == "True" and fields["optimizer.name"] == "'sgd'"
+
+
+def test_a_runs_config_json_is_a_base_and_another_file_is_one_line(tmp_path):
+  """base = a run's config.json (a run's record is a config: main takes --config=RUN/config.json) was a traceback
+  wall ('NoneType' object has no attribute 'loader'), as was any base that is not a .py file."""
+  from bigmodel_jax.sweeps import trials
+  (tmp_path / "run").mkdir()
+  json_file = tmp_path / "run" / "config.json"
+  json_file.write_text(spec.load(write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {}\n")).config.to_json())
+  sweep = spec.load(write(tmp_path / "j.py", f"base = {str(json_file)!r}\ndef sweep():\n  yield {{'seed': 1}}\n"))
+  assert sweep.config.train.num_steps == 300 and sweep.config.data.name == "digits"
+  argv = trials.command(sweep, sweep.trials[0], tmp_path / "t")
+  proc = subprocess.run([sys.executable, *argv, "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  fields = {line.split()[1]: line.split("=", 1)[1].split("#")[0].strip() for line in proc.stdout.splitlines()
+            if line.startswith("* ")}
+  assert fields["seed"] == "1" and fields["train.num_steps"] == "300"
+  for base, message in [(f"{json_file}:smoke", "a config.json has no variants; set its fields in overrides"),
+                        (str(tmp_path / "s.py").replace(".py", ".txt"), "is neither a config file (.py) nor a run's")]:
+    Path(base.partition(":")[0]).touch()
+    with pytest.raises(UserError, match=f"^{tmp_path / 'b.py'}: base .*{re.escape(message)}"):
+      spec.load(write(tmp_path / "b.py", f"base = {base!r}\ndef sweep():\n  yield {{'seed': 1}}\n"))
 
 
 @pytest.mark.parametrize("body, message", [

@@ -144,7 +144,8 @@ def _import(path: Path):
 
 
 def _resolve_base(base: str, path: Path) -> tuple[Path, str]:
-  """base = 'configs/x.py[:variant]', relative to the current directory or to a folder above the sweep file."""
+  """base = 'configs/x.py[:variant]' or a run's config.json, relative to the current directory or to a folder above
+  the sweep file -> (the config file, its variant): a config.json is loaded as main loads it, through run_config.py."""
   file, _, variant = base.partition(":")
   candidates = [Path(file)] if Path(file).is_absolute() else [Path.cwd() / file] + [
       folder / file for folder in path.resolve().parents]
@@ -152,7 +153,12 @@ def _resolve_base(base: str, path: Path) -> tuple[Path, str]:
   if found is None:
     raise UserError(f"{path}: base config {file!r} not found (looked in the current directory and the folders "
                     "above the sweep file); set base = \"configs/<experiment>.py\"")
-  return found.resolve(), variant
+  if found.suffix not in (".py", ".json"):
+    raise UserError(f"{path}: base {file!r} is neither a config file (.py) nor a run's config.json")
+  if found.suffix == ".json" and variant:
+    raise UserError(f"{path}: base {base!r}: a config.json has no variants; set its fields in overrides")
+  from bigmodel_jax.argv import RUN_CONFIG_FILE
+  return (RUN_CONFIG_FILE, str(found.resolve())) if found.suffix == ".json" else (found.resolve(), variant)
 
 
 def _load_config(file: Path, variant: str, path: Path, base: str) -> ml_collections.ConfigDict:
@@ -376,9 +382,8 @@ def load(path: str | Path, variant: str = "") -> Sweep:
     section[leaf] = value
   grid, search = _generators(module, path, variant)
   sweep = Sweep(path=path, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), name=path.stem, variant=variant,
-                base=base, base_file=base_file, base_variant=base_variant, overrides=fixed, config=config,
+                base=base, base_file=base_file, base_variant=base_variant, overrides=fixed, config=config, labels={},
                 metric=getattr(module, "metric", config.train.best_metric), mode=getattr(module, "mode", None),
-                labels={},
                 resources=getattr(module, "resources", None) or {"cpu": 1}, asha=getattr(module, "asha", None))
   _check_metric(sweep)
   if not isinstance(sweep.resources, dict) or not all(isinstance(v, (int, float)) for v in sweep.resources.values()):
