@@ -245,6 +245,8 @@ def test_a_missing_base_config_or_sweep_file(tmp_path):
     spec.load(write(tmp_path / "s.py", "base = 'configs/nope.py'\ndef sweep():\n  yield {}\n"))
   with pytest.raises(UserError, match="cannot read sweep file"):
     spec.load(tmp_path / "absent.py")
+  with pytest.raises(UserError, match=r"cannot read sweep file .*manifest.json' \(no such file, or not a .py file"):
+    spec.load(write(tmp_path / "manifest.json", "{}"))  # a traceback wall ('NoneType' object has no 'loader')
   with pytest.raises(UserError, match=r"line 1: syntax error"):
     spec.load(write(tmp_path / "s.py", "base = (\n"))
 

@@ -127,10 +127,10 @@ def trial_name(overrides: dict, labels: dict, digits: int | None = None, prefix:
 
 
 def _import(path: Path):
-  if not path.is_file():
-    raise UserError(f"cannot read sweep file {str(path)!r} (no such file?); pass a path like "
+  spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path) if path.is_file() else None
+  if spec is None:  # no such file, or not a Python file (a sweep's manifest.json, say)
+    raise UserError(f"cannot read sweep file {str(path)!r} (no such file, or not a .py file?); pass a path like "
                     "experiments/sweeps/mnist_lr_width.py")
-  spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
