@@ -116,6 +116,8 @@ def load_registry(path: Path) -> list[Reproduction]:
     raise BadInput(f"no reproduction registry at {path}; experiments/ is not installed with the package: run from a "
                    "source checkout, or pass --registry=PATH")
   spec = importlib.util.spec_from_file_location("reproductions", path)
+  if spec is None:  # not a Python file (a report.json, say)
+    raise BadInput(f"--registry={path}: not a Python file; give a module like experiments/reproductions.py")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)

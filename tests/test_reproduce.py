@@ -283,3 +283,11 @@ def test_a_seed_whose_tool_is_killed_outright_is_saved_and_resumed_by_the_relaun
   log = (seed_dir / "reproduce.log").read_text()
   assert "error: SIGTERM: saved a checkpoint" in log, log[-3000:]  # the orphan saved and stopped; then it resumed
   assert len((seed_dir / "run_info.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
+  """--registry=WORKDIR/report.json (the card, not the registry) was a traceback wall ('NoneType' has no 'loader')."""
+  from bigmodel_jax.reproduction import BadInput, load_registry
+  (tmp_path / "report.json").write_text("{}")
+  with pytest.raises(BadInput, match=r"^--registry=.*report.json: not a Python file; give a module like "):
+    load_registry(tmp_path / "report.json")
