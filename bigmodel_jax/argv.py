@@ -36,8 +36,9 @@ def rewrite_argv(argv: list[str]) -> list[str]:
   config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""
   argv = list(argv)
   config = flag_value(argv, "config")
-  if config is not None and config.split(":")[0].endswith(".json"):
-    if ":" in config:
+  # a path ending in .json is the file whole (a workdir named by its time, runs/t08:45, has colons in it)
+  if config is not None and (config.endswith(".json") or config.rsplit(":", 1)[0].endswith(".json")):
+    if not config.endswith(".json"):
       raise UserError(f"--config: {config}: a config.json has no variants; override fields with --config.<field>=...")
     for i, arg in enumerate(argv):  # in place: config_flags takes overrides only after --config
       if arg == f"--config={config}":

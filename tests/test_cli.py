@@ -3,6 +3,7 @@ run used (eval / predict) without repeating its config, config.json as a config,
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -195,6 +196,17 @@ def test_config_json_as_config_reproduces_the_run(cli, digits_run, tmp_path):
   # and forked with an override
   ok(cli(f"--config={digits_run / 'config.json'}", "--config.seed=1", f"--workdir={tmp_path / 'seed1'}",
          "--print_config"))
+
+
+def test_a_config_json_in_a_path_with_colons_is_read_whole(cli, digits_run, tmp_path):
+  """A workdir named by its time (runs/t08:45) forked from its config.json: was 'cannot read config file
+  .../t' (the path cut at its first colon, as if the rest were a config file's variant)."""
+  run = tmp_path / "t08:45"
+  run.mkdir()
+  shutil.copy(digits_run / "config.json", run / "config.json")
+  proc = ok(cli(f"--config={run / 'config.json'}", "--config.seed=1", "--print_config"))
+  assert "* seed" in proc.stdout and "training steps: " in proc.stdout
+  assert_one_error(cli(f"--config={run / 'config.json'}:smoke", "--print_config"), "config.json has no variants")
 
 
 @pytest.mark.parametrize("args,needles", [
