@@ -126,6 +126,12 @@ def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
   """A training run, a sweep and reproductions each own their workdir (a sweep's trials and a reproduction's seeds
   are runs in its subdirectories): one holding another kind's record is refused rather than mixed into."""
   path = Path(path)
+  # runs/x/checkpoints (or a step in it), mistyped for runs/x: its files would read as damage to x's checkpoints
+  within = next((p for p in (path.resolve(), *path.resolve().parents) if p.name == "checkpoints" and
+                 _holds(p.parent, "config.json")), None)
+  if within is not None:
+    raise UserError(f"{flag}: {path} is {'' if within == path.resolve() else 'inside '}{within}, the checkpoints of the training run in {within.parent}, "
+                    f"which hold only its checkpoints; use another {flag}")
   if _holds(path, WORKDIR_RECORDS[kind][0]):
     return
   for other, records in WORKDIR_RECORDS.items():

@@ -329,3 +329,15 @@ def test_training_into_a_sweeps_or_reproductions_workdir_is_refused(cli, tmp_pat
   proc = cli(SMOKE, f"--workdir={tmp_path}")
   assert_one_error(proc, f"--workdir: {tmp_path} holds {kind} ({record}), not a training run")
   assert sorted(p.name for p in tmp_path.iterdir()) == [record]
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/80", "checkpoints/new"])
+def test_training_inside_a_runs_checkpoints_is_refused(cli, trained, tmp_path, inside):
+  """runs/x/checkpoints mistyped for runs/x: was trained into with exit 0, and a step directory given so gained files
+  its digest lacks, so run x's latest checkpoint then read as damaged."""
+  workdir = Path(shutil.copytree(trained, tmp_path / "work"))
+  files = checkpoint_files(workdir)
+  proc = cli(SMOKE, f"--workdir={workdir / inside}")
+  assert_one_error(proc, f"--workdir: {workdir / inside} is ", f"the checkpoints of the training run in {workdir}")
+  assert checkpoint_files(workdir) == files and sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+      "40", "80"]
