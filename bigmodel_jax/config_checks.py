@@ -14,7 +14,8 @@ def check_evals(config) -> None:
     _check(name not in RESERVED_EVAL_NAMES, f"evals.{name}",
            f"{name!r} names a field of final_metrics.json's 'best'; call the evaluator something else")
     _check(isinstance(e, ml_collections.ConfigDict) and set(e) == fields, f"evals.{name}",
-           f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got {e!r}")
+           f"must be dict({', '.join(f'{k}=...' for k in EVALUATOR)}), got "  # a ConfigDict's repr is YAML lines
+           f"{e.to_dict() if isinstance(e, ml_collections.ConfigDict) else e!r}")
     _check(e.split in EVAL_SPLITS, f"evals.{name}.split", f"must be one of {', '.join(EVAL_SPLITS)}, got {e.split!r}")
     _check(isinstance(e.every, int) and e.every >= -1, f"evals.{name}.every",
            f"must be N > 0 steps, -1 (each epoch) or 0 (the end only), got {e.every!r}")
