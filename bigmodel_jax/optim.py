@@ -138,17 +138,16 @@ def validate(config) -> None:
         raise UserError(f"config.{part}.{changed[0]}: unused, because this run has named optimizers "
                         f"({', '.join(named)}); set config.optimizers.<name>.{'schedule.' if part == 'schedule' else ''}"
                         f"{changed[0]} instead")
-  reference = section_config()
+  reference, build = section_config(), "build each named optimizer with bigmodel_jax.optim.section_config(...)"
+  for name, o in named.items():  # whole sections first: sections() reads each one's schedule
+    for field, keys in ((f"optimizers.{name}", reference), (f"optimizers.{name}.schedule", reference.schedule)):
+      section = o if keys is reference else o.schedule
+      if not isinstance(section, ml_collections.ConfigDict):
+        raise UserError(f"config.{field}: must be a section of fields, got {section!r}; {build}")
+      for key in keys:
+        if key not in section:
+          raise UserError(f"config.{field}.{key}: missing; {build}")
   for name, (o, s, field) in sections(config).items():
-    if field != "optimizer":
-      for key in reference:
-        if key not in o:
-          raise UserError(f"config.{field}.{key}: missing; build each named optimizer with "
-                          "bigmodel_jax.optim.section_config(...)")
-      for key in reference.schedule:
-        if key not in o.schedule:
-          raise UserError(f"config.{field}.schedule.{key}: missing; build each named optimizer with "
-                          "bigmodel_jax.optim.section_config(...)")
     sched_field = "schedule" if field == "optimizer" else f"{field}.schedule"
     for key, ok, message in _RANGES:
       if not ok(o[key]):

@@ -194,3 +194,16 @@ def test_grad_clip_norm_bounds_the_update():
   plain = make_optimizer(make_config(name="sgd"))
   unclipped, _ = plain.update(grads, plain.init(params), params)
   assert float(optax.global_norm(unclipped)) > 1e5
+
+
+@pytest.mark.parametrize("entry, message", [
+    (dict(name="adam"), "config.optimizers.g.b1: missing; build each named optimizer with"),
+    (5, "config.optimizers.g: must be a section of fields, got 5"),
+], ids=["incomplete", "not-a-section"])
+def test_a_named_optimizer_that_is_not_a_whole_section_is_one_error(entry, message):
+  """Was a KeyError/AttributeError traceback: each section's schedule was read before its fields were checked."""
+  config = base_config()
+  config.optimizers = dict(g=entry)
+  with pytest.raises(optim.UserError) as raised:
+    optim.validate(config)
+  assert str(raised.value).startswith(message), str(raised.value)
