@@ -338,9 +338,10 @@ def validate_fields(config, training: bool = True) -> None:
     check_unknown_fields(config)
   from bigmodel_jax.data import DATASETS
   from bigmodel_jax.models import model_kwargs
-  from bigmodel_jax import optim
+  from bigmodel_jax import config_checks, optim
   from bigmodel_jax.tasks import TASKS, metric_mode
 
+  config_checks.check_kinds(config)
   for path, ok, message in RANGES:
     value = get_field(config, path)
     _check(ok(value), path, f"{message}, got {value!r}")
@@ -367,7 +368,6 @@ def validate_fields(config, training: bool = True) -> None:
   if training:  # trackers start with training only; eval/predict of a run logged to MLflow need no mlflow
     from bigmodel_jax import trackers
     trackers.check(config)
-  from bigmodel_jax import config_checks
   config_checks.check_evals(config)
   config_checks.check_init(config)
   config_checks.check_on_device(config)

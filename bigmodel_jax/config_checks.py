@@ -5,6 +5,15 @@ import ml_collections
 from bigmodel_jax.config import _check
 
 
+def check_kinds(config) -> None:
+  """Each field of the kind of its default (a config file may set one to None: a traceback at its first use)."""
+  from bigmodel_jax.run_config import kind, wrong_kind
+  wrong = wrong_kind(config.to_dict())
+  if wrong:
+    field, value, default = wrong
+    _check(False, field, f"must be {kind(default)} like its default {default!r}, got {value!r}")
+
+
 def check_evals(config) -> None:
   """config.evals entries and the selection fields that read them (selection reads validation, never test)."""
   from bigmodel_jax.data import EVAL_SPLITS

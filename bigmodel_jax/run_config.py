@@ -41,22 +41,29 @@ def read(file: Path, saved: dict) -> dict:
       raise UserError(f"{file}: {key} is {saved[key]!r}, not a section of fields; restore it (run_info.jsonl has each "
                       "launch's command) or move the workdir away")
   completed = with_defaults(saved)
-  defaults = config_lib.flatten(config_lib.base_config().to_dict())
-  try:
-    defaults.update({f"model.{k}": v for k, v in config_lib.flatten(
-        config_lib.model_config(completed["model"]["name"]).to_dict()).items()})
-  except (KeyError, TypeError, UserError):
-    pass  # an unknown model name: validation names it
-  for key, value in config_lib.flatten(completed).items():
-    if key in defaults and not _same_kind(value, defaults[key]):
-      raise UserError(f"{file}: {key} is {value!r}, not a {_kind(defaults[key])} like its default "
-                      f"{defaults[key]!r}; fix the value (run_info.jsonl has each launch's command) or move the "
-                      "workdir away")
+  wrong = wrong_kind(completed)
+  if wrong:
+    key, value, default = wrong
+    raise UserError(f"{file}: {key} is {value!r}, not {kind(default)} like its default {default!r}; fix the value "
+                    "(run_info.jsonl has each launch's command) or move the workdir away")
   return completed
 
 
-def _kind(value) -> str:
-  return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), "list")
+def wrong_kind(config: dict) -> tuple[str, object, object] | None:
+  """The first field of `config` (a dict) whose value is not of its default's kind (a config.json's "thirty-two", a
+  config file's None): (field, value, default), or None."""
+  defaults = config_lib.flatten(config_lib.base_config().to_dict())
+  try:
+    defaults.update({f"model.{k}": v for k, v in config_lib.flatten(
+        config_lib.model_config(config["model"]["name"]).to_dict()).items()})
+  except (KeyError, TypeError, UserError):
+    pass  # an unknown model name: validation names it
+  return next(((key, value, defaults[key]) for key, value in config_lib.flatten(config).items()
+               if key in defaults and not _same_kind(value, defaults[key])), None)
+
+
+def kind(value) -> str:
+  return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), "a list")
 
 
 def _same_kind(value, default) -> bool:

@@ -272,8 +272,11 @@ def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, 
     ("from bigmodel_jax.config import base_config\ndef get_config(arg=None):\n  c = base_config()\n"
      "  c.evals.ema = dict(split='validation', every=-1, decay=0.9)\n  return c\n",
      ["config.evals.ema: must be dict(split=..., every=...), got {'decay': 0.9, 'every': -1, 'split': 'validation'}"]),
+    ("from bigmodel_jax.config import base_config\ndef get_config(arg=None):\n  c = base_config()\n"
+     "  c.train.num_steps = None\n  return c\n",
+     ["config.train.num_steps: must be an integer like its default -1, got None"]),
 ], ids=["syntax-error", "missing-sections", "a-directory", "returns-a-dict", "returns-none", "raises",
-        "evaluator-fields"])  # evaluator-fields: was the ConfigDict's YAML repr, one line per field
+        "evaluator-fields", "a-field-set-to-none"])  # a-field-set-to-none: was a TypeError traceback at its first use  # evaluator-fields: was the ConfigDict's YAML repr, one line per field
 def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
   path = tmp_path / "my_config.py"
   if source is None:
