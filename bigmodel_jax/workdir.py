@@ -53,6 +53,9 @@ def check_workdir(workdir: Path, config) -> None:
   """A workdir with checkpoints belongs to one config: refuse to continue it with a different one."""
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir: {workdir} exists and is not a directory")
+  if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():  # found at the first save
+    raise UserError(f"--workdir: {workdir / 'checkpoints'} is not a directory, but a run keeps its checkpoints "
+                    "there; move it away or use another --workdir")
   refuse_other_workdir(workdir, "a training run")
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:

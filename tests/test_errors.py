@@ -291,6 +291,15 @@ def test_workdir_that_is_a_file(cli, tmp_path):
   assert_one_error(cli(SMOKE, f"--workdir={tmp_path / 'file'}"), "--workdir", "not a directory")
 
 
+def test_a_checkpoints_file_in_the_workdir_is_refused_before_training(cli, tmp_path):
+  """Was found only at the first save, after training up to it: '.../checkpoints/40.orbax-checkpoint-tmp: Not a
+  directory', saying nothing of what to do."""
+  (tmp_path / "checkpoints").write_text("not a directory")
+  assert_one_error(cli(SMOKE, f"--workdir={tmp_path}"), f"--workdir: {tmp_path / 'checkpoints'} is not a directory",
+                   "move it away")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
 def test_failure_before_the_first_checkpoint_does_not_lock_the_workdir(cli, tmp_path):
   workdir = tmp_path / "work"
   proc = cli("--config=configs/linear_regression.py", "--config.optimizer.learning_rate=3", f"--workdir={workdir}")
