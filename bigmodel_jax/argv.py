@@ -2,6 +2,7 @@
 rewrite that loads a config.json (given as --config, or a workdir's own) through run_config.py. No heavy imports:
 a bad command line fails before jax loads."""
 
+import os
 import re
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def overridden_fields(argv: list[str]) -> list[str]:
 def rewrite_argv(argv: list[str]) -> list[str]:
   """--config=RUN/config.json, and no --config in eval/predict/sample (or --print_config) on a workdir with a
   config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""
-  argv = list(argv)
+  # --workdir=~/runs/x: the shell leaves a '~' after '=' as it is (a directory named '~' in the current one)
+  argv = [f"{a.split('=', 1)[0]}={os.path.expanduser(a.split('=', 1)[1])}" if a.startswith(("--workdir=~",
+          "--output_dir=~", "--config=~")) else a for a in argv]
   config = flag_value(argv, "config")
   # a path ending in .json is the file whole (a workdir named by its time, runs/t08:45, has colons in it)
   if config is not None and (config.endswith(".json") or config.rsplit(":", 1)[0].endswith(".json")):

@@ -198,6 +198,16 @@ def test_config_json_as_config_reproduces_the_run(cli, digits_run, tmp_path):
          "--print_config"))
 
 
+def test_a_tilde_after_the_equals_sign_is_the_home_directory(cli, digits_run):
+  """The shell leaves --workdir=~/x as it is: was a directory named '~' in the current one (a run there, or none)."""
+  home = digits_run.parent
+  proc = ok(cli(f"--workdir=~/{digits_run.name}", "--mode=eval", "--output_dir=~/tilde_out",
+                f"--config=~/{digits_run.name}/config.json", env={"HOME": str(home)}))
+  step = json.loads((digits_run / "final_metrics.json").read_text())["step"]
+  assert json.loads(proc.stdout)["step"] == step and (home / "tilde_out" / f"eval_step{step}.json").is_file()
+  assert not (ROOT / "~").exists()
+
+
 def test_a_config_json_in_a_path_with_colons_is_read_whole(cli, digits_run, tmp_path):
   """A workdir named by its time (runs/t08:45) forked from its config.json: was 'cannot read config file
   .../t' (the path cut at its first colon, as if the rest were a config file's variant)."""
