@@ -130,8 +130,8 @@ def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
   within = next((p for p in (path.resolve(), *path.resolve().parents) if p.name == "checkpoints" and
                  _holds(p.parent, "config.json")), None)
   if within is not None:
-    raise UserError(f"{flag}: {path} is {'' if within == path.resolve() else 'inside '}{within}, the checkpoints of the training run in {within.parent}, "
-                    f"which hold only its checkpoints; use another {flag}")
+    raise UserError(f"{flag}: {path} is {'' if within == path.resolve() else 'inside '}{within}, the checkpoints "
+                    f"of the training run in {within.parent}, which hold only its checkpoints; use another {flag}")
   if _holds(path, WORKDIR_RECORDS[kind][0]):
     return
   for other, records in WORKDIR_RECORDS.items():
