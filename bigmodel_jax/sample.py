@@ -174,18 +174,31 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
 
 class TextStream:
   """Decoded text of tokens arriving in chunks, written as it comes. A chunk is decoded with a few tokens before it
-  (a subword or a multi-byte character can span the boundary), keeping only what they add."""
+  (a subword or a multi-byte character can span the boundary), keeping only what they add; a character whose last
+  bytes have not come yet (U+FFFD at the end: a byte-level token can be part of one) waits for them, and `close`
+  writes what is left."""
 
-  OVERLAP = 8
+  OVERLAP, HELD = 8, 3  # tokens of context before a chunk; at most this many held back (a character's first bytes)
 
   def __init__(self, tokenizer, write):
-    self.tokenizer, self.write, self.ids = tokenizer, write, np.zeros((0,), np.int32)
+    self.tokenizer, self.write = tokenizer, write
+    self.ids, self.written = np.zeros((0,), np.int32), 0  # the last ids written (self.ids[:written]), then held ones
 
   def __call__(self, tokens_1xN: np.ndarray) -> None:
-    before = self.ids[-self.OVERLAP:]
-    self.ids = np.concatenate([before, tokens_1xN[0]])
-    head, whole = self.tokenizer.decode(before), self.tokenizer.decode(self.ids)
-    self.write(whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(tokens_1xN[0]))
+    self.ids = np.concatenate([self.ids, tokens_1xN[0]])
+    end, first = len(self.ids), max(self.written, len(self.ids) - self.HELD)
+    while end > first and self.tokenizer.decode(self.ids[:end]).endswith("\ufffd"):
+      end -= 1
+    self._write(end)
+
+  def close(self) -> None:
+    self._write(len(self.ids))
+
+  def _write(self, end: int) -> None:
+    head, whole = self.tokenizer.decode(self.ids[:self.written]), self.tokenizer.decode(self.ids[:end])
+    self.write(whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(self.ids[self.written:end]))
+    keep = max(0, end - self.OVERLAP)
+    self.ids, self.written = self.ids[keep:], end - keep
 
 
 def sample(run, checkpoint_step: int | None) -> dict:
@@ -224,6 +237,7 @@ def sample_text(run, model, step: int) -> dict:
                     context=dataset.input_shape[0], on_tokens=stream)  # later positions were never trained
   seconds = time.perf_counter() - start
   if stream is not None:
+    stream.close()
     print(flush=True)
   texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
   result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds, "streamed": stream is not None}

@@ -195,6 +195,23 @@ def test_new_sampling_settings_compile_nothing_new(gpt_run):
   assert counts == counts[:1] * 5, counts
 
 
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+def test_streamed_text_is_the_decoded_text_when_characters_span_chunks(chunk):
+  """A byte-level token can be part of a character: the streamed text waits for the character's last bytes. Was: a
+  character cut by a chunk boundary printed as two U+FFFD (a 32-token context decodes in pieces of 16 and 1), while
+  the saved sample had it right."""
+  from bigmodel_jax.data.tokenizers import ByteTokenizer
+  tokenizer = ByteTokenizer()
+  text = "a" * 63 + "\u00e9" + "b" * 10 + "\u65e5\u672c" * 20 + "x\U0001F600" * 9
+  ids = np.concatenate([tokenizer.encode(text), [0xFF + 1, 0xC3 + 1]])  # ending in an invalid and an unfinished byte
+  written = []
+  stream = sampling.TextStream(tokenizer, written.append)
+  for start in range(0, len(ids), chunk):
+    stream(ids[None, start:start + chunk])
+  stream.close()
+  assert "".join(written) == tokenizer.decode(ids) == text + "\ufffd\ufffd"
+
 @needs_tiny
 def test_eval_mode_on_the_lm_reproduces_final_metrics(cli, gpt_run):
   final = json.loads((gpt_run / "final_metrics.json").read_text())
