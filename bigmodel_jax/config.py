@@ -6,7 +6,6 @@ every field exists (and can be overridden from the command line) in every experi
 
 import difflib
 import inspect
-import math
 from typing import Any, Callable
 
 import ml_collections
@@ -265,7 +264,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("sample.num_tokens", lambda v: 0 < v <= 1_000_000,  # sample.MAX_TOKENS
      "must be > 0 and at most 1000000 per call (how many tokens to generate; for more, sample again with the "
      "text as the prompt)"),
-    ("sample.temperature", lambda v: v == 0 or 1e-4 <= v < math.inf, "must be 0 (greedy) or at least 1e-4"),
+    ("sample.temperature", lambda v: v == 0 or 1e-4 <= v <= 1e4, "must be 0 (greedy) or at least 1e-4 and at most 1e4"),
     ("sample.top_k", lambda v: v >= 0, "must be >= 0 (0 = no top-k filter)"),
     ("sample.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
     ("sample.num_samples", lambda v: v > 0, "must be > 0"),

@@ -236,8 +236,11 @@ def test_predict_on_the_lm_points_to_sample(cli, gpt_run):
     (["--config.sample.num_tokens=0"], ["config.sample.num_tokens", "> 0"]),
     # logits / 1e-40 overflow to inf: every token with a positive logit tied, the lowest id drawn each time (exit 0)
     (["--config.sample.temperature=1e-40"], ["config.sample.temperature", "0 (greedy) or at least 1e-4", "1e-40"]),
+    # float32(1e39) is inf: the banned ids' -inf / inf is NaN, drawn every time, and the sample was empty (exit 0)
+    (["--config.sample.temperature=1e39"], ["config.sample.temperature", "at most 1e4", "1e+39"]),
     (["--config.sample.seed=9223372036854775808"], ["config.sample.seed", "below 2**63"]),  # was an OverflowError
-], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits", "seed-too-large"])
+], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits", "temperature-past-float32",
+        "seed-too-large"])
 def test_bad_sample_settings_are_one_line(cli, gpt_run, overrides, needles):
   before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
   line = assert_one_error(cli(*GPT, f"--workdir={gpt_run}", "--mode=sample", *overrides), *needles)
