@@ -220,7 +220,7 @@ def completion_request(body: dict, tokenizer, defaults, max_tokens: int) -> dict
          "num_tokens": _integer(body, "max_tokens", min(64, max_tokens), 1, max_tokens,
                                 "config.serve.max_tokens"),
          "temperature": _number(body, "temperature", defaults.temperature, 0.0, 1e4),
-         "top_k": _integer(body, "top_k", defaults.top_k, 0, 2 ** 31 - 1),
+         "top_k": _integer(body, "top_k", defaults.top_k, 0, math.inf),  # as config.sample.top_k (over V: no filter)
          "top_p": _number(body, "top_p", defaults.top_p, 0.0, 1.0),
          "seed": _integer(body, "seed", defaults.seed, 0, 2 ** 63 - 1)}  # as config.sample.seed
   if 0 < out["temperature"] < MIN_TEMPERATURE:  # logits / t overflow to inf: no distribution is left
@@ -233,7 +233,7 @@ def completion_request(body: dict, tokenizer, defaults, max_tokens: int) -> dict
 MIN_TEMPERATURE = 1e-4  # float32 logits of a few tens divided by less than this would overflow
 
 
-def _integer(body: dict, name: str, default, low: int, high: int, limit: str = "") -> int:
+def _integer(body: dict, name: str, default, low: int, high: float, limit: str = "") -> int:
   value = body.get(name, default)
   if isinstance(value, float) and value.is_integer():
     value = int(value)

@@ -220,6 +220,17 @@ def test_input_decoder_for_text_and_tabular_models():
       decoder({"inputs": inputs})
 
 
+
+def test_a_completion_takes_every_top_k_config_sample_takes():
+  """Was: a run with config.sample.top_k over 2**31 - 1 (which --mode=sample takes: over the vocabulary, no filter)
+  answered every completion without a top_k 400, 'top_k: 3000000000 out of range', a field the client never sent."""
+  import ml_collections
+  from bigmodel_jax.data.tokenizers import CharTokenizer
+  from bigmodel_jax.serve_inputs import completion_request
+  defaults = ml_collections.ConfigDict(dict(temperature=0.8, top_k=3_000_000_000, top_p=1.0, seed=0))
+  assert completion_request({"prompt": "ab"}, CharTokenizer(" abc"), defaults, 64)["top_k"] == 3_000_000_000
+  assert completion_request({"prompt": "ab", "top_k": 2 ** 40}, CharTokenizer(" abc"), defaults, 64)["top_k"] == 2 ** 40
+
 @pytest.fixture(scope="module")
 def gpt_run(cli, tmp_path_factory):
   if not TINY_SHAKESPEARE.is_file():
