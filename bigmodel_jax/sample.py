@@ -202,10 +202,11 @@ class TextStream:
 
 
 def sample(run, checkpoint_step: int | None) -> dict:
-  """--mode=sample: restores the checkpoint and lets the task make its samples (text, images)."""
+  """--mode=sample: restores the checkpoint and lets the task make its samples (text, images), with the parameters in
+  the compute dtype (config.train.dtype) as evaluation, export and serve compute."""
   from bigmodel_jax.evaluate import restore_for_eval
   step, state = restore_for_eval(run, checkpoint_step)
-  return run.task.sample(run, run.steps.model(state), step)
+  return run.task.sample(run, run.steps.model(state, cast=True), step)
 
 
 def check_prompt(run) -> list[int]:

@@ -89,7 +89,7 @@ class Service:
     self.receiving = 0  # /v1/predict requests whose body has arrived, being decoded: the batcher's hint
     self.batcher = None
     if self.is_lm:
-      self.lm = model_function(variables) if model_function else model.steps.model(state)
+      self.lm = model_function(variables) if model_function else model.steps.model(state, cast=True)
       self.tokenizer = model.dataset.tokenizer
       return
     self.decode = InputDecoder(self.card, model.dataset.tokenizer, s.max_batch)

@@ -53,8 +53,9 @@ def test_a_client_that_resets_its_connection_is_counted_not_an_internal_error(cl
   assert "Traceback" not in server.output and "Exception occurred" not in server.output, server.output[-3000:]
 
 
-def untrained(name: str, tmp_path, lines=None, **overrides):
-  """(Inference, variables) of config `name` with untrained weights on a tiny text set (a classifier's or an LM's)."""
+def untrained(name: str, tmp_path, lines=None, dtype: str = "float32", **overrides):
+  """(Inference, variables) of config `name` with untrained weights on a tiny text set (a classifier's or an LM's),
+  computing in `dtype` (config.train.dtype)."""
   from bigmodel_jax import inference, model_card, parallel, train
   from bigmodel_jax.data import Dataset, corpus
   from bigmodel_jax.tasks import get_task
@@ -63,7 +64,7 @@ def untrained(name: str, tmp_path, lines=None, **overrides):
   config = load_config(name)
   for key, value in dict(num_layers=1, embed_dim=16, num_heads=2, **overrides).items():
     config.model[key] = value
-  config.data.seq_len = 16
+  config.data.seq_len, config.train.dtype = 16, dtype
   dataset = text_dataset(lines)
   if name != "spam_transformer":
     ids = dataset.tokenizer.encode("Before we proceed any further, hear me speak. " * 8)
@@ -113,6 +114,34 @@ def test_generate_refuses_prompt_ids_outside_the_vocabulary_in_one_line(tmp_path
                                         rf"0\.\.{vocab - 1} \(vocab_size {vocab}\)$"):
       sample.generate(lm, np.asarray([1, bad, 3]), 3, temperature=0)
 
+
+
+def test_sample_and_serve_decode_a_bfloat16_run_in_bfloat16_as_its_export(tmp_path, monkeypatch):
+  """Was: --mode=sample and serve's completions decoded with the float32 parameters whatever config.train.dtype, while
+  evaluation and the exported prefill/decode compute in it: a bfloat16 run's greedy text could differ from its
+  artifact's (3 of 40 prompts of a 6-step tiny Shakespeare GPT)."""
+  import jax.numpy as jnp
+  from bigmodel_jax import evaluate, sample, serve
+  model, variables = untrained("shakespeare_char_gpt", tmp_path, dtype="bfloat16")
+  state = model.steps.init()
+  monkeypatch.setattr(evaluate, "restore_for_eval", lambda run, step: (0, state))
+  handed = []
+  monkeypatch.setattr(model.task, "sample", lambda run, lm, step: handed.append(lm))
+  sample.sample(model, None)
+  service = serve.Service(model, 0, state, variables, None, False)
+  prefill, decode = (jax.jit(f) for f in model.lm_functions())
+  tokenizer = model.dataset.tokenizer
+  for lm in (handed[0], service.lm):
+    ids = tokenizer.encode("Speak, speak.")
+    logits, _ = lm.extend(jnp.asarray([ids]), lm.init_cache(1), 0)
+    assert logits.dtype == jnp.bfloat16, logits.dtype
+    expected, (last, cache) = [], prefill(variables, jnp.asarray([ids], jnp.int32))
+    for i in range(16 - len(ids)):  # the artifact's greedy tokens, within the 16-token context
+      expected.append(int(np.argmax(np.where(np.isin(np.arange(last.shape[-1]), tokenizer.special_ids), -np.inf,
+                                              np.asarray(last[0])))))
+      last, cache = decode(variables, cache, jnp.asarray(expected[-1:], jnp.int32), jnp.int32(len(ids) + i))
+    got = sample.generate(lm, ids, 16 - len(ids), temperature=0, banned_ids=tokenizer.special_ids, context=16)
+    assert got[0].tolist() == expected
 
 def test_a_text_classifiers_signature_names_its_tokenizers_own_padding_id(tmp_path):
   """Was: 'id 0 after the text' whatever the tokenizer: gpt2_bpe pads with <|endoftext|> (id 0 is '!')."""

@@ -193,7 +193,7 @@ class Adversarial(Task):
     from bigmodel_jax import plots
     s = run.config.sample
     keys = jax.random.split(seed_key(s.seed), s.num_samples)
-    images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)))
+    images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)), np.float32)
     out = {"step": step, "num_images": len(images)}
     if jax.process_index() == 0:
       directory = runinfo.unused_path(run.outputs / "samples" / f"step{step}_seed{s.seed}", make_dir=True)
