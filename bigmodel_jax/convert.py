@@ -8,8 +8,9 @@ hf-to-run reads what `save_pretrained` writes (config.json + model.safetensors, 
 tokenizer files beside it (GPT-2: vocab.json + merges.txt or tokenizer.json; BERT: vocab.txt or tokenizer.json),
 and makes RUN a run like any trained one: config.json (our config generated from theirs: hf_weights.py says what
 maps to what), the tokenizer in RUN/tokenizer/, model.json, and a checkpoint at step 0 written by the codebase's
-own Checkpointer from its own TrainState. So --mode=sample / export / serve / quantize work on it, and a
-fine-tuning run starts from it with --config.init.workdir=RUN (init_from.py; the new run takes RUN's tokenizer).
+own Checkpointer from its own TrainState. So --mode=eval works on it (a GPT-2 run's sample / export / serve /
+quantize too), and a fine-tuning run starts from it with --config.init.workdir=RUN (init_from.py; the new run takes
+RUN's tokenizer).
 RUN/hf_config.json keeps the model's own config.json, which run-to-hf writes back with our fields in it.
 
 run-to-hf writes a `gpt` run as GPT2LMHeadModel and an `encoder_mlm` run as BertForMaskedLM: config.json,

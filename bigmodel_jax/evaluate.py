@@ -211,9 +211,11 @@ def eval_only(run, checkpoint_step: int | None) -> dict:
 
 def predict(run, checkpoint_step: int | None) -> dict:
   """The task's predictions for the test split, written by the task (a CSV and pictures; a GAN: a sample grid)."""
-  if run.dataset.is_token_stream:
-    raise UserError("--mode=predict is for classifiers and regressors; a language model generates text with "
-                    "--mode=sample")
+  if run.dataset.is_token_stream:  # a language model's text, or a masked one's (a converted BERT's)
+    from bigmodel_jax.tasks import masked_language_modeling
+    use = masked_language_modeling.USE if run.config.task.name == "masked_language_modeling" else \
+        "a language model generates text with --mode=sample"
+    raise UserError(f"--mode=predict is for classifiers and regressors; {use}")
   run.dataset.split("test")  # predictions are for the test split
   step, state = restore_for_eval(run, checkpoint_step)
   outputs = []

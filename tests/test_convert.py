@@ -413,3 +413,18 @@ def test_converted_run_on_its_data_path_takes_any_validation_fraction(hf_dirs, c
   finally:
     run.checkpointer.close()
     run.lock.close()
+
+
+def test_a_converted_bert_says_what_it_is_for_in_sample_and_predict(hf_dirs, convert, cli, tmp_path):
+  """Was: --mode=sample said 'use --mode=predict', and --mode=predict (a text file: a token stream) 'a language model
+  generates text with --mode=sample': each sent the user to the other."""
+  from test_errors import assert_one_error
+  text = tmp_path / "input.txt"
+  text.write_text(corpus(3000, seed=5))
+  proc = convert("hf-to-run", "--model=bert", f"--src={hf_dirs['bert']}", f"--workdir={tmp_path / 'bert'}",
+                 f"--data_path={text}", "--seq_len=32")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for mode in ("sample", "predict"):
+    line = assert_one_error(cli(f"--workdir={tmp_path / 'bert'}", f"--mode={mode}"), f"--mode={mode} is for",
+                            "a masked language model is scored by --mode=eval", "config.init.workdir")
+    assert "use --mode=predict" not in line and "with --mode=sample" not in line, line

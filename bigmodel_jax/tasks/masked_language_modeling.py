@@ -20,6 +20,8 @@ from bigmodel_jax.errors import UserError
 from bigmodel_jax.tasks import TASKS, SupervisedTask, Task, require_padding_0
 
 EVAL_SEED = 0  # the evaluation selection: fold_in(PRNGKey(EVAL_SEED), index of the example in its split)
+USE = ("a masked language model is scored by --mode=eval (masked-token loss and accuracy), and fine-tuned by a "
+       "classifier with config.init.workdir")  # what --mode=predict and --mode=sample say instead
 
 
 @TASKS.register("masked_language_modeling")
@@ -108,6 +110,7 @@ class MaskedLanguageModeling(Task):
             "accuracy": float(sums["correct"] / max(float(sums["count"]), 1.0))}
 
   def predict_batch(self, model, batch):
-    raise UserError("--mode=predict is for classifiers and regressors; a masked language model is scored by "
-                    "--mode=eval (masked-token loss and accuracy), and fine-tuned by a classifier with "
-                    "config.init.workdir")
+    raise UserError(f"--mode=predict is for classifiers and regressors; {USE}")
+
+  def sample(self, run, model, step: int) -> dict:
+    raise UserError(f"--mode=sample is for generative models (language models, GANs); {USE}")
