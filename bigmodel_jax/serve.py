@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import errors, inference
+from bigmodel_jax import errors, inference, sample
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.serve_batch import Batcher, buckets
 from bigmodel_jax.serve_inputs import BadRequest, InputDecoder, completion_request, parse_json
@@ -121,7 +121,8 @@ class Service:
            "max_body_bytes": s.max_body_bytes,
            "endpoints": ["/v1/completions"] if self.is_lm else ["/v1/predict"], "card": c}
     if self.is_lm:
-      out.update(max_tokens=s.max_tokens, context=self.model.context(), vocab_size=c.get("vocab_size"))
+      out.update(max_tokens=s.max_tokens, vocab_size=c.get("vocab_size"),
+                 context=sample.attended(self.lm, c["input_shape"][0]))  # None: no limit (an LSTM)
     return out
 
   def predict(self, read_body) -> dict:
@@ -155,7 +156,6 @@ class Service:
   def complete(self, body: dict) -> dict:
     if not self.is_lm:
       raise BadRequest(f"/v1/completions: a {self.card['task']} model does not generate text; use POST /v1/predict")
-    from bigmodel_jax import sample
     r = completion_request(body, self.tokenizer, self.model.config.sample, self.model.config.serve.max_tokens)
     context = sample.attended(self.lm, self.card["input_shape"][0])  # a longer prompt: its last `context` tokens
     with self.completion_lock:

@@ -62,7 +62,8 @@ def untrained(name: str, tmp_path, lines=None, dtype: str = "float32", **overrid
   from conftest import load_config
   from test_export import text_dataset
   config = load_config(name)
-  for key, value in dict(num_layers=1, embed_dim=16, num_heads=2, **overrides).items():
+  heads = {"num_heads": 2} if "num_heads" in config.model else {}  # an LSTM has none
+  for key, value in dict(num_layers=1, embed_dim=16, **heads, **overrides).items():
     config.model[key] = value
   config.data.seq_len, config.train.dtype = 16, dtype
   dataset = text_dataset(lines)
@@ -142,6 +143,18 @@ def test_sample_and_serve_decode_a_bfloat16_run_in_bfloat16_as_its_export(tmp_pa
       last, cache = decode(variables, cache, jnp.asarray(expected[-1:], jnp.int32), jnp.int32(len(ids) + i))
     got = sample.generate(lm, ids, 16 - len(ids), temperature=0, banned_ids=tokenizer.special_ids, context=16)
     assert got[0].tolist() == expected
+
+
+@pytest.mark.parametrize("name, context", [("shakespeare_char_gpt", 16), ("shakespeare_lstm", None)])
+def test_models_context_is_what_completions_cut_a_prompt_to(name, context, tmp_path):
+  """Was: GET /v1/models said an LSTM's context was its training length (16) while completions gave it the whole
+  prompt (prompt_tokens_used 45): a client trimming its prompts to the context threw away what the model reads."""
+  from bigmodel_jax import serve
+  model, variables = untrained(name, tmp_path, hidden_size=16) if "lstm" in name else untrained(name, tmp_path)
+  service = serve.Service(model, 0, model.steps.init(), variables, None, False)
+  assert service.signature()["context"] == context
+  reply = service.complete({"prompt": "Before we proceed any further, hear me speak.", "max_tokens": 2})
+  assert (reply["prompt_tokens"], reply["prompt_tokens_used"]) == (45, context or 45), reply
 
 def test_a_text_classifiers_signature_names_its_tokenizers_own_padding_id(tmp_path):
   """Was: 'id 0 after the text' whatever the tokenizer: gpt2_bpe pads with <|endoftext|> (id 0 is '!')."""
