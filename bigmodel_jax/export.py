@@ -86,7 +86,8 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
   batch = jax.export.symbolic_shape("batch")[0]
   if model.dataset.is_token_stream:
     prefill, decode = model.lm_functions(forward)
-    batch, tokens = jax.export.symbolic_shape("batch, tokens", constraints=(f"tokens <= {model.context()}",))
+    limit = (f"tokens <= {model.context()}",) if model.context() else ()  # an LSTM: any prompt length
+    batch, tokens = jax.export.symbolic_shape("batch, tokens", constraints=limit)
     tokens_spec = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
     exported = {"prefill": jax.export.export(jax.jit(prefill), platforms=targets)(param_specs, tokens_spec)}
     _, cache_spec = jax.eval_shape(prefill, param_specs, tokens_spec)

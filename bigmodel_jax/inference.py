@@ -190,8 +190,8 @@ class Inference:
       return logits, cache
     return prefill, decode
 
-  def context(self) -> int:
-    """How many tokens a language model attends to: its trained sequence length (capped by its max_len)."""
-    seq_len = self.card["input_shape"][0]
+  def context(self) -> int | None:
+    """How many tokens a language model attends to: its trained sequence length (capped by its max_len); None: no
+    limit (an LSTM's carry reads any length, as sample.attended says)."""
     max_len = getattr(self.steps.model(self.steps.abstract_state), "max_len", None)
-    return min(seq_len, max_len) if max_len else seq_len
+    return min(self.card["input_shape"][0], max_len) if max_len else None

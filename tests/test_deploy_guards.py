@@ -156,6 +156,22 @@ def test_models_context_is_what_completions_cut_a_prompt_to(name, context, tmp_p
   reply = service.complete({"prompt": "Before we proceed any further, hear me speak.", "max_tokens": 2})
   assert (reply["prompt_tokens"], reply["prompt_tokens_used"]) == (45, context or 45), reply
 
+
+def test_an_exported_lstm_prefills_a_prompt_of_any_length_as_sampling_reads_it(tmp_path):
+  """Was: the LSTM's artifact refused a prompt over its training length (signature.json's context 16: its shape
+  check), which --mode=sample and completions read whole."""
+  import json
+  import jax.numpy as jnp
+  from bigmodel_jax import export
+  model, variables = untrained("shakespeare_lstm", tmp_path, hidden_size=16)
+  export.write(model, 0, variables)
+  assert json.loads((tmp_path / "export" / "signature.json").read_text())["context"] is None
+  prefill = jax.export.deserialize((tmp_path / "export" / "prefill.jaxexport").read_bytes())
+  ids = np.asarray([model.dataset.tokenizer.encode("Before we proceed any further, hear me speak.")], np.int32)
+  lm = model.steps.model(model.steps.init())
+  logits, _ = lm.extend(jnp.asarray(ids), lm.init_cache(1), 0)
+  np.testing.assert_allclose(np.asarray(prefill.call(variables, ids)[0]), np.asarray(logits[:, -1]), atol=1e-5)
+
 def test_a_text_classifiers_signature_names_its_tokenizers_own_padding_id(tmp_path):
   """Was: 'id 0 after the text' whatever the tokenizer: gpt2_bpe pads with <|endoftext|> (id 0 is '!')."""
   import json
