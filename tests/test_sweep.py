@@ -585,6 +585,21 @@ def test_a_study_of_another_metric_is_refused(tmp_path):
     Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
 
 
+def test_a_study_made_before_studies_recorded_their_metric_is_refused_another(tmp_path):
+  """A workdir from before the study recorded its metric: its manifest says which (accuracy); continued with f1,
+  it was not refused (the study went on with f1 values told beside accuracy ones)."""
+  import optuna
+  from bigmodel_jax.sweeps.search import JOURNAL, Search
+  body = FIXED + "num_trials = 2\ndef search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"
+  sweep = spec.load(write(tmp_path / "s.py", body))
+  Manifest.open(tmp_path / "out", sweep).sync(sweep)  # the manifest as the old code wrote it: metric accuracy
+  optuna.create_study(storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+      str(tmp_path / "out" / JOURNAL))), study_name=sweep.name, direction="maximize")  # no metric recorded
+  sweep = spec.load(write(tmp_path / "s.py", "metric = 'f1'\n" + body))
+  with pytest.raises(UserError, match=r"holds a search of validation accuracy, but .*s.py asks for f1"):
+    Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+
+
 def test_a_search_whose_manifest_was_moved_away_finds_its_trials_again(tmp_path):
   """'move it away and launch the sweep file again (finished trials are found in their directories)': a search's
   were not (only a grid's are in its file): '0/N trials done', an empty results.md, and no trial ever run again."""

@@ -33,7 +33,8 @@ class Search:
       raise UserError(f"--workdir: {workdir / JOURNAL} holds a search that {self.study.direction.name.lower()}s "
                       f"{sweep.metric}, but {sweep.path} asks to {direction} it (mode changed since?); use another "
                       "--workdir")
-    held = self.study.user_attrs.get("metric", sweep.metric)  # its trials were told values of this metric
+    # its trials were told values of this metric; a study from before it was recorded: the one its manifest names
+    held = self.study.user_attrs.get("metric") or manifest.data.get("metric") or sweep.metric
     if held != sweep.metric:
       raise UserError(f"--workdir: {workdir / JOURNAL} holds a search of validation {held}, but {sweep.path} asks for "
                       f"{sweep.metric} (metric changed since?); its trials' values are {held}: use another --workdir")
