@@ -168,9 +168,9 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
                                  "settings"}
     return record
   workdir.mkdir(parents=True, exist_ok=True)
-  log = workdir / "reproduce.log"
-  offset = log.stat().st_size if log.is_file() else 0
   wait_for_lock(workdir)  # the run of a launch that was killed outright: it got SIGTERM (below) and may be saving
+  log = workdir / "reproduce.log"  # this launch's part of it starts after what that run wrote while saving
+  offset = log.stat().st_size if log.is_file() else 0
   start = time.time()
   with open(log, "a") as out:  # the run gets SIGTERM if this process dies (SIGKILL, OOM): it saves and stops
     proc = subprocess.Popen(wrappers() + argv, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)

@@ -285,6 +285,30 @@ def test_a_seed_whose_tool_is_killed_outright_is_saved_and_resumed_by_the_relaun
   assert len((seed_dir / "run_info.jsonl").read_text().splitlines()) == 2
 
 
+HOLDER = """
+import fcntl, sys, time
+from pathlib import Path
+lock = open(Path(sys.argv[1]) / ".train.lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)
+with open(Path(sys.argv[1]) / "reproduce.log", "a") as log:
+  log.write("error: SIGTERM: saved a checkpoint at step 50; the same command resumes\\n")
+"""
+
+
+def test_the_error_of_a_relaunch_that_waited_is_its_own(tmp_path):
+  """The relaunch waits for the run of the killed launch, which writes its last lines into the same log as it saves:
+  those were read as this launch's, so a relaunch that failed without an error line (OOM-killed again, say) was an
+  ERROR row saying 'error: SIGTERM: saved a checkpoint'."""
+  from bigmodel_jax.reproduce import run_seed
+  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  record = run_seed([sys.executable, "-c", "import sys; print('Killed'); sys.exit(137)"], tmp_path)
+  holder.wait()
+  assert record["error"] == "exit 137: Killed"
+
+
 def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
   """--registry=WORKDIR/report.json (the card, not the registry) was a traceback wall ('NoneType' has no 'loader')."""
   from bigmodel_jax.reproduction import BadInput, load_registry
