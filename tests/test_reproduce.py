@@ -309,6 +309,16 @@ def test_the_error_of_a_relaunch_that_waited_is_its_own(tmp_path):
   assert record["error"] == "exit 137: Killed"
 
 
+def test_a_lock_file_that_is_a_directory_is_the_runs_one_line_error(tmp_path):
+  """Waiting for a killed launch's run opened .train.lock: a directory there was a traceback wall that ended the
+  tool (IsADirectoryError), where the run says what is wrong with it in one line, an ERROR row."""
+  from bigmodel_jax.reproduce import run_seed
+  (tmp_path / ".train.lock").mkdir()
+  record = run_seed([sys.executable, "-c", "import sys; print('error: .train.lock is a directory'); sys.exit(2)"],
+                    tmp_path)
+  assert record["error"] == "exit 2: error: .train.lock is a directory"
+
+
 def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
   """--registry=WORKDIR/report.json (the card, not the registry) was a traceback wall ('NoneType' has no 'loader')."""
   from bigmodel_jax.reproduction import BadInput, load_registry

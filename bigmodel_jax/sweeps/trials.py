@@ -146,7 +146,11 @@ def wait_for_lock(directory: Path, timeout: float = LOCK_WAIT_S) -> None:
   if not path.exists():
     return
   deadline = time.time() + timeout
-  with open(path, "a") as f:
+  try:
+    f = open(path, "a")
+  except OSError:  # a directory, say: main says in one line what is wrong with it
+    return
+  with f:
     while True:
       try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
