@@ -583,6 +583,10 @@ def test_a_study_of_another_metric_is_refused(tmp_path):
   sweep = spec.load(write(tmp_path / "s.py", "metric = 'f1'\n" + body))
   with pytest.raises(UserError, match=r"holds a search of validation accuracy, but .*s.py asks for f1"):
     Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  # a metric of the other direction too: said as a metric (was: 'holds a search that maximizes loss')
+  sweep = spec.load(write(tmp_path / "s.py", "metric = 'loss'\n" + body))
+  with pytest.raises(UserError, match=r"holds a search of validation accuracy, but .*s.py asks for loss"):
+    Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
 
 
 def test_a_study_made_before_studies_recorded_their_metric_is_refused_another(tmp_path):

@@ -29,15 +29,15 @@ class Search:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
     direction = "maximize" if sweep.mode == "max" else "minimize"
     self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True, direction=direction)
+    # its trials were told values of this metric; a study from before it was recorded: the one its manifest names
+    held = self.study.user_attrs.get("metric") or manifest.data.get("metric") or sweep.metric
+    if held != sweep.metric:  # first: another metric may have another direction (accuracy -> loss)
+      raise UserError(f"--workdir: {workdir / JOURNAL} holds a search of validation {held}, but {sweep.path} asks for "
+                      f"{sweep.metric} (metric changed since?); its trials' values are {held}: use another --workdir")
     if self.study.direction.name.lower() != direction:  # a study keeps the direction it was created with
       raise UserError(f"--workdir: {workdir / JOURNAL} holds a search that {self.study.direction.name.lower()}s "
                       f"{sweep.metric}, but {sweep.path} asks to {direction} it (mode changed since?); use another "
                       "--workdir")
-    # its trials were told values of this metric; a study from before it was recorded: the one its manifest names
-    held = self.study.user_attrs.get("metric") or manifest.data.get("metric") or sweep.metric
-    if held != sweep.metric:
-      raise UserError(f"--workdir: {workdir / JOURNAL} holds a search of validation {held}, but {sweep.path} asks for "
-                      f"{sweep.metric} (metric changed since?); its trials' values are {held}: use another --workdir")
     self.study.set_user_attr("metric", sweep.metric)
     self.study.sampler = self._sampler(len(self.study.trials))
     self._adopt()
