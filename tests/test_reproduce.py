@@ -264,7 +264,7 @@ def test_a_seed_whose_tool_is_killed_outright_is_saved_and_resumed_by_the_relaun
   relaunch that should resume it was an ERROR row (the workdir in use by that orphan)."""
   path = registry(tmp_path, """
       Reproduction("long_run", "configs/digits_mlp.py:smoke", (Target("test", "accuracy", ">= 0.5"),), "a test",
-                   overrides={"train.num_steps": 600, "train.checkpoint_every": 50}),
+                   overrides={"train.num_steps": 2000, "train.checkpoint_every": 50}),
   """)
   workdir, env = tmp_path / "out", {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir),
                                     "PYTHONPATH": str(ROOT)}
