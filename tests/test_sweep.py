@@ -126,6 +126,15 @@ def sweep():
   assert spec.format_value(("hidden.*",)) == "('hidden.*',)"  # unquoted, config_flags could not parse it
 
 
+def printed_fields(argv) -> dict[str, str]:
+  """{field: value} of the fields main's --print_config marks as changed, for a trial's command `argv`."""
+  proc = subprocess.run([sys.executable, *argv, "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return {line.split()[1]: line.split("=", 1)[1].split("#")[0].strip() for line in proc.stdout.splitlines()
+          if line.startswith("* ")}
+
+
 def test_a_trials_command_line_is_what_main_parses(tmp_path):
   """A trial's command, parsed by main (--print_config), gives the trial's values (a tuple of strings was written
   unquoted: --dry_run passed and every trial failed)."""
@@ -133,11 +142,7 @@ def test_a_trials_command_line_is_what_main_parses(tmp_path):
   sweep = spec.load(write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'optimizer.frozen': ('hidden.*',), "
                           "'model.hidden_sizes': (16, 8), 'optimizer.nesterov': True, 'optimizer.name': 'sgd'}\n"))
   argv = trials.command(sweep, sweep.trials[0], tmp_path / "t")
-  proc = subprocess.run([sys.executable, *argv, "--print_config"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  fields = {line.split()[1]: line.split("=", 1)[1].split("#")[0].strip() for line in proc.stdout.splitlines()
-            if line.startswith("* ")}
+  fields = printed_fields(argv)
   assert fields["optimizer.frozen"] == "['hidden.*']" and fields["model.hidden_sizes"] == "[16, 8]"
   assert fields["optimizer.nesterov"] == "True" and fields["optimizer.name"] == "'sgd'"
 
@@ -152,11 +157,7 @@ def test_a_runs_config_json_is_a_base_and_another_file_is_one_line(tmp_path):
   sweep = spec.load(write(tmp_path / "j.py", f"base = {str(json_file)!r}\ndef sweep():\n  yield {{'seed': 1}}\n"))
   assert sweep.config.train.num_steps == 300 and sweep.config.data.name == "digits"
   argv = trials.command(sweep, sweep.trials[0], tmp_path / "t")
-  proc = subprocess.run([sys.executable, *argv, "--print_config"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  fields = {line.split()[1]: line.split("=", 1)[1].split("#")[0].strip() for line in proc.stdout.splitlines()
-            if line.startswith("* ")}
+  fields = printed_fields(argv)
   assert fields["seed"] == "1" and fields["train.num_steps"] == "300"
   for base, message in [(f"{json_file}:smoke", "a config.json has no variants; set its fields in overrides"),
                         (str(tmp_path / "s.py").replace(".py", ".txt"), "is neither a config file (.py) nor a run's")]:
