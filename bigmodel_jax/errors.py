@@ -126,9 +126,10 @@ def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
   """A training run, a sweep and reproductions each own their workdir (a sweep's trials and a reproduction's seeds
   are runs in its subdirectories): one holding another kind's record is refused rather than mixed into."""
   path = Path(path)
-  # runs/x/checkpoints (or a step in it), mistyped for runs/x: its files would read as damage to x's checkpoints
+  # runs/x/checkpoints (or a step in it), mistyped for runs/x: its files would read as damage to x's checkpoints. A
+  # run is its config.json with its launch records: a config.json alone (copied out to edit) is no run's
   within = next((p for p in (path.resolve(), *path.resolve().parents) if p.name == "checkpoints" and
-                 _holds(p.parent, "config.json")), None)
+                 _holds(p.parent, "config.json") and _holds(p.parent, "run_info.jsonl")), None)
   if within is not None:
     raise UserError(f"{flag}: {path} is {'' if within == path.resolve() else 'inside '}{within}, the checkpoints "
                     f"of the training run in {within.parent}, which hold only its checkpoints; use another {flag}")

@@ -358,3 +358,15 @@ def test_training_inside_a_runs_checkpoints_is_refused(cli, trained, tmp_path, i
   assert_one_error(proc, f"--workdir: {workdir / inside} is ", f"the checkpoints of the training run in {workdir}")
   assert checkpoint_files(workdir) == files and sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
       "40", "80"]
+
+
+def test_a_workdir_under_checkpoints_beside_a_lone_config_json_is_not_a_runs(tmp_path):
+  """A config.json copied out of a run to edit (--config=config.json --workdir=checkpoints/fork) is no training run:
+  its folder's checkpoints/ holds workdirs, not a run's steps (was refused as 'inside .../checkpoints, the
+  checkpoints of the training run in ...')."""
+  from bigmodel_jax import errors
+  (tmp_path / "config.json").write_text("{}")
+  errors.refuse_other_workdir(tmp_path / "checkpoints" / "fork", "a training run")
+  (tmp_path / "run_info.jsonl").write_text("{}\n")
+  with pytest.raises(errors.UserError, match="the checkpoints of the training run in"):
+    errors.refuse_other_workdir(tmp_path / "checkpoints" / "fork", "a training run")
