@@ -39,9 +39,9 @@ def rewrite_argv(argv: list[str]) -> list[str]:
   argv = [f"{a.split('=', 1)[0]}={os.path.expanduser(a.split('=', 1)[1])}" if a.startswith(("--workdir=~",
           "--output_dir=~", "--config=~")) else a for a in argv]
   config = flag_value(argv, "config")
-  # a path ending in .json is the file whole (a workdir named by its time, runs/t08:45, has colons in it); a sweep's
-  # trial names run_config.py itself, with the config.json as its argument
-  if config is not None and not config.startswith(f"{RUN_CONFIG_FILE}:") and (
+  # a path ending in .json is the file whole (a workdir named by its time, runs/t08:45, has colons in it), unless it
+  # is a config file's argument (configs/x.py:params.json, or a sweep trial's run_config.py:RUN/config.json)
+  if config is not None and not config.split(":", 1)[0].endswith(".py") and (
       config.endswith(".json") or config.rsplit(":", 1)[0].endswith(".json")):
     if not config.endswith(".json"):
       raise UserError(f"--config: {config}: a config.json has no variants; override fields with --config.<field>=...")

@@ -219,6 +219,18 @@ def test_a_config_json_in_a_path_with_colons_is_read_whole(cli, digits_run, tmp_
   assert_one_error(cli(f"--config={run / 'config.json'}:smoke", "--print_config"), "config.json has no variants")
 
 
+def test_a_config_files_argument_ending_in_json_is_its_argument(cli, tmp_path):
+  """--config=x.py:params.json passes 'params.json' to get_config, as config_flags does: was read as a config.json
+  named 'x.py:params.json' ('cannot read ...')."""
+  (tmp_path / "params.json").write_text('{"seed": 7}')
+  (tmp_path / "x.py").write_text("import json\nfrom bigmodel_jax.config import base_config\n\n\n"
+                                 "def get_config(arg=None):\n  c = base_config()\n"
+                                 "  c.seed = json.loads(open(arg).read())['seed']\n  return c\n")
+  proc = ok(cli(f"--config={tmp_path / 'x.py'}:{tmp_path / 'params.json'}", "--print_config"))
+  assert any(line.startswith("* seed ") and line.split("=")[1].split("#")[0].strip() == "7"
+             for line in proc.stdout.splitlines()), proc.stdout
+
+
 @pytest.mark.parametrize("args,needles", [
     (["--config={run}/config.json:smoke"], ["config.json has no variants"]),
     (["--config={run}/final_metrics.json"], ["final_metrics.json", "not a run's config.json"]),
