@@ -297,9 +297,9 @@ def check_structure(config, reference=None, prefix: str = "") -> None:
   """Every section and field of base_config() must exist (config.model's fields depend on the model)."""
   reference = base_config() if reference is None else reference
   for key, value in reference.items():
-    if key not in config:
-      raise UserError(f"config.{prefix}{key}: missing; a config file should start from "
-                      "bigmodel_jax.config.base_config()")
+    if key not in config or isinstance(value, ml_collections.ConfigDict) and not hasattr(config[key], "items"):
+      raise UserError(f"config.{prefix}{key}: " + (f"must be a section of fields, got {config[key]!r}" if key in config
+                      else "missing; a config file should start from bigmodel_jax.config.base_config()"))
     if isinstance(value, ml_collections.ConfigDict) and key not in ("model", "evals"):  # their entries vary
       check_structure(config[key], value, f"{prefix}{key}.")
   if not prefix and "name" not in config.model:

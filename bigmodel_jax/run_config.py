@@ -58,6 +58,11 @@ def wrong_kind(config: dict) -> tuple[str, object, object] | None:
         config_lib.model_config(config["model"]["name"]).to_dict()).items()})
   except (KeyError, TypeError, UserError):
     pass  # an unknown model name: validation names it
+  named = config.get("optimizers")
+  if isinstance(named, dict) and named:  # each named optimizer's fields, of optim.section_config()'s kinds
+    from bigmodel_jax.optim import section_config
+    section = config_lib.flatten(section_config().to_dict())
+    defaults.update({f"optimizers.{name}.{k}": v for name in named for k, v in section.items()})
   return next(((key, value, defaults[key]) for key, value in config_lib.flatten(config).items()
                if key in defaults and not _same_kind(value, defaults[key])), None)
 

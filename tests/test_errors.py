@@ -259,7 +259,7 @@ def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, 
   assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == 80, proc.stderr[-2000:]
 
 
-# evaluator-fields: was the ConfigDict's YAML repr, one line per field; a-field-set-to-none: was a TypeError traceback
+# evaluator-fields: was the ConfigDict's YAML repr, one line per field; a-...-set-to-none: was a TypeError traceback
 @pytest.mark.parametrize("source,needles", [
     ("def get_config(arg=None):\n  x = = 3\n", ["line 2", "syntax error"]),
     ("import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'seed': 0})\n",
@@ -276,8 +276,13 @@ def test_a_steps_damaged_orbax_metadata_names_that_step(cli, trained, tmp_path, 
     ("from bigmodel_jax.config import base_config\ndef get_config(arg=None):\n  c = base_config()\n"
      "  c.train.num_steps = None\n  return c\n",
      ["config.train.num_steps: must be an integer like its default -1, got None"]),
+    ("from bigmodel_jax.config import base_config\ndef get_config(arg=None):\n  c = base_config()\n"
+     "  c.data.augment = None\n  return c\n", ["config.data.augment: must be a section of fields, got None"]),
+    ("from bigmodel_jax.config import base_config\nfrom bigmodel_jax.optim import section_config\n"
+     "def get_config(arg=None):\n  c = base_config()\n  c.optimizers.g = section_config(learning_rate=None)\n"
+     "  return c\n", ["config.optimizers.g.learning_rate: must be a number like its default 0.001, got None"]),
 ], ids=["syntax-error", "missing-sections", "a-directory", "returns-a-dict", "returns-none", "raises",
-        "evaluator-fields", "a-field-set-to-none"])
+        "evaluator-fields", "a-field-set-to-none", "a-section-set-to-none", "a-named-optimizers-field-set-to-none"])
 def test_broken_config_file_is_one_line(cli, tmp_path, source, needles):
   path = tmp_path / "my_config.py"
   if source is None:
