@@ -157,7 +157,7 @@ def run(args: list[str]) -> int:
     raise UserError("--workdir is required (where the trials, the manifest and the results go)")
   if not _WORKDIR.value.strip():  # Path("") is the current directory
     raise UserError("--workdir is empty; give the directory for the trials, the manifest and the results")
-  workdir = Path(_WORKDIR.value)
+  workdir = Path(_WORKDIR.value).expanduser()  # --workdir=~/x: the shell leaves a "~" after "=" as it is
   if len(args) > 1:
     raise UserError(f"unexpected arguments {args[1:]}; give one sweep file, then flags like --parallel=2")
   if not args:

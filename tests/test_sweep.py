@@ -698,3 +698,12 @@ def test_reordering_a_sweeps_axes_keeps_its_trials_names(tmp_path):
   Manifest.open(tmp_path / "out", added)
   names = [t.name for t in added.trials]
   assert "seed=2,learning_rate=0.001" in names and "learning_rate=0.001,seed=0" in names
+
+
+def test_a_tilde_after_the_equals_sign_is_the_home_directory(sweep_env, tmp_path):
+  """--workdir=~/sw, which the shell leaves as it is (as main, reproduce and convert read theirs): was a directory
+  named '~' in the current one."""
+  sweep = write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'seed': 0}\n")
+  proc = run_sweep({**sweep_env, "HOME": str(tmp_path)}, sweep, "--workdir=~/sw", "--dry_run")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"--workdir={tmp_path / 'sw'}/" in proc.stdout and not (ROOT / "~").exists(), proc.stdout
