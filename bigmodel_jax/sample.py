@@ -174,31 +174,44 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
 
 class TextStream:
   """Decoded text of tokens arriving in chunks, written as it comes. A chunk is decoded with a few tokens before it
-  (a subword or a multi-byte character can span the boundary), keeping only what they add; a character whose last
-  bytes have not come yet (U+FFFD at the end: a byte-level token can be part of one) waits for them, and `close`
-  writes what is left."""
+  (a subword or a multi-byte character can span the boundary), keeping only what they add; a U+FFFD at the end (a
+  byte-level token can end inside a character) waits for the next chunk, which may finish the character, and `close`
+  writes what is left. The tokens before a chunk start where a decoded prefix ends in a whole character: GPT-2's
+  byte-level tokens can each end inside one (bytes e6 97 | a5 e6 | 9c ac e8 | ...), so there may be none for a while."""
 
-  OVERLAP, HELD = 8, 3  # tokens of context before a chunk; at most this many held back (a character's first bytes)
+  OVERLAP = 8  # tokens of context before the tokens not yet written whole
 
   def __init__(self, tokenizer, write):
     self.tokenizer, self.write = tokenizer, write
-    self.ids, self.written = np.zeros((0,), np.int32), 0  # the last ids written (self.ids[:written]), then held ones
+    # self.ids[:written]: context, whose text is written; the text of self.ids[written:] is written up to `sent`
+    self.ids, self.written, self.sent = np.zeros((0,), np.int32), 0, 0
 
   def __call__(self, tokens_1xN: np.ndarray) -> None:
+    old = len(self.ids)
     self.ids = np.concatenate([self.ids, tokens_1xN[0]])
-    end, first = len(self.ids), max(self.written, len(self.ids) - self.HELD)
-    while end > first and self.tokenizer.decode(self.ids[:end]).endswith("\ufffd"):
-      end -= 1
-    self._write(end)
+    text = self._text(len(self.ids))
+    self._send(text, len(text) - text.endswith("\ufffd"))
+    for end in range(len(self.ids), max(old, self.written), -1):  # the last new boundary after a whole character
+      done = text if end == len(self.ids) else self._text(end)
+      if not done.endswith("\ufffd") and text.startswith(done):
+        keep = max(0, end - self.OVERLAP)
+        self.ids, self.written, self.sent = self.ids[keep:], end - keep, max(0, self.sent - len(done))
+        break
 
   def close(self) -> None:
-    self._write(len(self.ids))
+    text = self._text(len(self.ids))
+    self._send(text, len(text))
+    self.ids, self.written, self.sent = self.ids[-self.OVERLAP:], min(len(self.ids), self.OVERLAP), 0
 
-  def _write(self, end: int) -> None:
+  def _send(self, text: str, upto: int) -> None:
+    if upto > self.sent:
+      self.write(text[self.sent:upto])
+      self.sent = upto
+
+  def _text(self, end: int) -> str:
+    """The text that self.ids[written:end] add to the context's."""
     head, whole = self.tokenizer.decode(self.ids[:self.written]), self.tokenizer.decode(self.ids[:end])
-    self.write(whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(self.ids[self.written:end]))
-    keep = max(0, end - self.OVERLAP)
-    self.ids, self.written = self.ids[keep:], end - keep
+    return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(self.ids[self.written:end])
 
 
 def sample(run, checkpoint_step: int | None) -> dict:

@@ -212,6 +212,27 @@ def test_streamed_text_is_the_decoded_text_when_characters_span_chunks(chunk):
   stream.close()
   assert "".join(written) == tokenizer.decode(ids) == text + "\ufffd\ufffd"
 
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_streamed_text_of_byte_level_tokens_that_each_end_inside_a_character(chunk):
+  """GPT-2's byte-level tokens can start and end inside characters (its 'ãĥ¼ãĥ' is bytes e3 83 bc e3 83), so no token
+  boundary ends a whole character for several tokens. Was: at most 3 tokens were held, then written up to a boundary
+  inside a character: '日本語のテキスト' streamed one token at a time printed as nine U+FFFD and 'テキスト'."""
+  from bigmodel_jax.data import bpe
+  chars, data = bpe.byte_chars(), "日本語のテキスト".encode()
+  cuts = [0, 2, 4, 8, 11, 14, 17, 20, len(data)]  # every token but the last ends inside a character
+  pieces = ["".join(chars[b] for b in data[a:b]) for a, b in zip(cuts, cuts[1:])]
+  tokenizer = bpe.GPT2BPETokenizer({c: i for i, c in enumerate(chars)} | {bpe.EOS: 256} |
+                                   {p: 257 + i for i, p in enumerate(pieces)}, [])
+  ids, written = np.arange(257, 257 + len(pieces)), []
+  stream = sampling.TextStream(tokenizer, written.append)
+  for start in range(0, len(ids) - 1, chunk):
+    stream(ids[None, start:min(start + chunk, len(ids) - 1)])
+  assert "".join(written) == "日本語のテキ"  # every whole character so far (and no U+FFFD); the last token ends ス
+  stream(ids[None, -1:])
+  stream.close()
+  assert "".join(written) == tokenizer.decode(ids) == "日本語のテキスト"
+
 @needs_tiny
 def test_eval_mode_on_the_lm_reproduces_final_metrics(cli, gpt_run):
   final = json.loads((gpt_run / "final_metrics.json").read_text())
