@@ -9,7 +9,7 @@ from flax import nnx
 
 from bigmodel_jax.models import MODELS, require_positive
 from bigmodel_jax.models.transformer import _check_text, axes
-from bigmodel_jax.models.layers import Dropout
+from bigmodel_jax.models.layers import Dropout, own_dtype
 
 
 @MODELS.register("lstm_lm")
@@ -21,7 +21,7 @@ class LSTMLM(nnx.Module):
     _check_text("lstm_lm", vocab_size, input_shape, max_len=input_shape[0])
     self.max_len = None  # no position limit: the carry summarises any prefix
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.02),
-                           embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+                           embedding_metadata=axes("vocab", "embed"), promote_dtype=own_dtype, rngs=rngs)
     sizes = [embed_dim] + [hidden_size] * num_layers
     self.layers = nnx.List([
         nnx.RNN(nnx.OptimizedLSTMCell(a, b, kernel_metadata=axes("embed", "mlp"),
@@ -45,7 +45,10 @@ class LSTMLM(nnx.Module):
     logits, _ = self._run(tokens_BxT, self.init_cache(tokens_BxT.shape[0]), train, rngs)
     return logits  # B x T x V
 
-  def init_cache(self, batch_size: int, dtype=jnp.float32) -> list:
+  def init_cache(self, batch_size: int, dtype=None) -> list:
+    """Zeroed carries (c, h) per layer. dtype: the embedding table's unless given (bfloat16 when the parameters are
+    cast to it for config.train.dtype: the cells then compute in it, as a GPT's blocks do)."""
+    dtype = dtype or self.embed.embedding[...].dtype
     return [tuple(jnp.zeros((batch_size, layer.cell.hidden_features), dtype) for _ in range(2))
             for layer in self.layers]
 

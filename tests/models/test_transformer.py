@@ -244,6 +244,27 @@ def test_lstm_greedy_generate_equals_naive_greedy(models):
   np.testing.assert_array_equal(out[0], expected)
 
 
+
+def test_a_bfloat16_lstm_computes_in_bfloat16(models):
+  """train.dtype bfloat16 casts the parameters: the lookup and the carries are then bfloat16, so the cells and the
+  head compute in it (before, nnx.Embed's float32 setting and float32 zero carries made it all float32)."""
+  from bigmodel_jax.state import cast_floats
+  graphdef, params = nnx.split(models["lstm"])
+  bf16, x = nnx.merge(graphdef, cast_floats(params, jnp.bfloat16)), tokens((2, MAX_LEN))
+  logits = bf16(x, train=False)
+  assert logits.dtype == jnp.bfloat16 and all(c.dtype == jnp.bfloat16 for pair in bf16.init_cache(2) for c in pair)
+  full = models["lstm"](x, train=False)
+  assert full.dtype == jnp.float32  # float32 unchanged
+  # bfloat16's roundings where float32 had its own, as a random walk over the recurrence's depth (~1% seen here; the
+  # linear worst case, tolerance(), would be several times the logits themselves)
+  bound = float(np.finfo(jnp.bfloat16).eps) * np.sqrt(lstm_depth()) * float(np.abs(full).max())
+  np.testing.assert_allclose(np.asarray(logits, np.float32), full, rtol=0, atol=bound)
+  first, cache = bf16.extend(x[:, :5], bf16.init_cache(2), 0)  # decoding: the same dtype, the full pass's values
+  rest, _ = bf16.extend(x[:, 5:], cache, 5)
+  assert rest.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.concatenate([first, rest], 1).astype(np.float32), np.asarray(logits, np.float32),
+                             rtol=0, atol=bound)
+
 def test_banned_ids_are_never_sampled(models):
   model = models["learned"]
   prompt = tokens((3,), seed=5)
