@@ -192,6 +192,7 @@ class Inference:
 
   def context(self) -> int | None:
     """How many tokens a language model attends to: its trained sequence length (capped by its max_len); None: no
-    limit (an LSTM's carry reads any length, as sample.attended says)."""
-    max_len = getattr(self.steps.model(self.steps.abstract_state), "max_len", None)
-    return min(self.card["input_shape"][0], max_len) if max_len else None
+    limit (an LSTM's carry reads any length). sample.attended's rule, which sampling and serving apply."""
+    from bigmodel_jax import sample
+    lm = self.steps.model(self.steps.abstract_state)
+    return sample.attended(lm, self.card["input_shape"][0]) if hasattr(lm, "max_len") else None
