@@ -111,6 +111,11 @@ def with_defaults(saved: dict) -> dict:
     base["model"] = json.loads(config_lib.model_config(saved["model"]["name"]).to_json_best_effort())
   except (KeyError, TypeError, UserError):
     base.pop("model")
+  named = saved.get("optimizers")
+  if isinstance(named, dict) and named:  # each named optimizer's fields added since (optimizers.<name>.frozen)
+    from bigmodel_jax.optim import section_config
+    section = json.loads(section_config().to_json_best_effort())
+    base["optimizers"] = {name: section for name, value in named.items() if isinstance(value, dict)}
 
   def merge(defaults: dict, values: dict) -> dict:
     out = dict(values)

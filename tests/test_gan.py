@@ -293,3 +293,22 @@ def test_an_eval_with_another_classifier_leaves_the_recorded_one(tmp_path, monke
   config.train.allow_config_change = True
   train.build_run(config, tmp_path, for_training=False)
   assert (tmp_path / adversarial.SCORED_BY).read_text() == recorded
+
+
+def test_a_run_whose_config_json_predates_frozen_evaluates_and_resumes(cli, tmp_path):
+  """A GAN trained before optimizers.<name>.frozen existed (2026-12-01) has named optimizer sections without it:
+  its config.json is completed like any older run's (nothing frozen), not refused as 'frozen: missing'."""
+  workdir = tmp_path / "gan"
+  proc = cli(SMOKE, "--config.train.num_steps=20", "--config.train.log_every=10", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = json.loads((workdir / "config.json").read_text())
+  for section in saved["optimizers"].values():
+    del section["frozen"]
+  (workdir / "config.json").write_text(json.dumps(saved))  # as that version wrote it
+  proc = cli("--mode=eval", f"--workdir={workdir}")
+  assert proc.returncode == 0, error_lines(proc.stderr)
+  assert json.loads(proc.stdout)["step"] == 20
+  proc = cli(f"--config={workdir / 'config.json'}", f"--workdir={workdir}", "--config.train.num_steps=30",
+             "--config.train.allow_config_change=true")
+  assert proc.returncode == 0, error_lines(proc.stderr)
+  assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 30
