@@ -111,6 +111,10 @@ def metrics_section(runs: list[RunRecords]) -> list[str]:
   keys = list(dict.fromkeys(k for v in values for k in v if k != "params_sha256"))
   if not keys:
     return lines
+  task = [r.config.get("task.name") for r in runs]  # another task's loss (squared error, not cross-entropy) and
+  for r, t in zip(runs[1:], task[1:]):              # metrics are not the same measures: only counts are differenced
+    if t != task[0]:
+      lines.append(f"{r.label}: task {t}, not {runs[0].label}'s {task[0]}: its metrics get no difference")
   header = ["metric"]
   for i, r in enumerate(runs):
     header += [r.label] if i == 0 else [r.label, f"{r.label}-{runs[0].label}"]
@@ -124,6 +128,7 @@ def metrics_section(runs: list[RunRecords]) -> list[str]:
         # best/* of runs that select on different metrics or evaluators are not the same measure
         same = not k.startswith("best/") or all(values[0].get(f"best/{f}") == v.get(f"best/{f}")
                                                 for f in ("metric", "eval", "mode"))
+        same = same and (task[i] == task[0] or k in ("step", "best_step", "num_params"))
         row.append(f"{v[k] - first:+.4g}" if numeric and same else "")
     rows.append(row)
   return ["metrics (final_metrics.json):", *lines, *("  " + line for line in table(header, rows))]

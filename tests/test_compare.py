@@ -115,3 +115,16 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
   assert compare.main([str(a), str(damaged), f"--out={tmp_path / 'c.png'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: RUN: {damaged / 'metrics.jsonl'} cannot be read") and err.count("\n") == 1
+
+
+def test_runs_of_different_tasks_get_no_metric_difference(runs, tmp_path):
+  """A classifier's cross-entropy and a regression's squared error are both 'loss': their difference means nothing."""
+  _, (a, _, _) = runs
+  config = load_config("linear_regression", "smoke")
+  config.data.batch_size = 80  # divides into the 8 CPU devices tests see
+  train.train_and_evaluate(config, tmp_path / "regression")
+  lines = compare.compare([str(a), str(tmp_path / "regression")], str(tmp_path / "x.png"))
+  rows = {line.split()[0]: line.split() for line in lines if line.startswith("  ") and len(line.split()) > 1}
+  assert len(rows["test/loss"]) == 3 and len(rows["validation/loss"]) == 3  # name, A, B: no B-A
+  assert len(rows["step"]) == 4 and len(rows["num_params"]) == 4  # counts are compared
+  assert "B: task regression, not A's classification: its metrics get no difference" in lines
