@@ -245,7 +245,7 @@ def run_to_hf(workdir: Path, dst: Path, step: int | None) -> dict:
   config_lib.fit_mesh(config)
   run = Inference.load(config, workdir)
   try:
-    restored, state = run.restore_step(step)
+    restored, state = run.restore_step(step, flag="--step")
     variables = run.variables(state)
   finally:
     run.close()

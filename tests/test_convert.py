@@ -428,3 +428,21 @@ def test_a_converted_bert_says_what_it_is_for_in_sample_and_predict(hf_dirs, con
     line = assert_one_error(cli(f"--workdir={tmp_path / 'bert'}", f"--mode={mode}"), f"--mode={mode} is for",
                             "a masked language model is scored by --mode=eval", "config.init.workdir")
     assert "use --mode=predict" not in line and "with --mode=sample" not in line, line
+
+
+def test_a_damaged_latest_step_names_run_to_hfs_own_flag(cli, convert, tmp_path):
+  """run-to-hf picks a step with --step: the damaged-checkpoint line names it, not main's --checkpoint_step."""
+  text = tmp_path / "input.txt"
+  text.write_text(corpus(3000, seed=5))
+  run = tmp_path / "run"
+  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={run}", f"--config.data.path={text}",
+             "--config.train.num_steps=2", "--config.train.checkpoint_every=1", "--config.schedule.warmup_steps=1",
+             "--config.train.progress_bar=false", "--config.model.use_bias=true", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  largest = max((p for p in (run / "checkpoints" / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:100])
+  line = one_error(convert("run-to-hf", f"--workdir={run}", f"--dst={tmp_path / 'hf'}"))
+  assert "checkpoint" in line and "pass --step=1" in line and "--checkpoint_step" not in line, line
+  assert not (tmp_path / "hf").exists()
+  proc = convert("run-to-hf", f"--workdir={run}", f"--dst={tmp_path / 'hf'}", "--step=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
