@@ -168,18 +168,19 @@ def loggable(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
-def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint_step", check_config: bool = True,
-                     tries: int = 3):
+def restore_for_eval(run, checkpoint_step: int | None, flag: str | None = "--checkpoint_step",
+                     check_config: bool = True, tries: int = 3):
   """(step, state) of checkpoint `checkpoint_step` (default: the latest); a damaged one is one line naming the
-  intact steps and the flag (`flag`) that picks one. `check_config`: refuse a config that differs from the one the
-  step recorded in a field that decides what it computes (run_config.check_recorded), before anything is read. The
-  latest step deleted while it is read (an eval beside a training's retention): the newest then, up to `tries`."""
+  intact steps and the flag (`flag`) that picks one (None: the caller reads the latest step, no other).
+  `check_config`: refuse a config that differs from the one the step recorded in a field that decides what it
+  computes (run_config.check_recorded), before anything is read. The latest step deleted while it is read (an eval
+  beside a training's retention): the newest then, up to `tries`."""
   for attempt in range(1, tries + 1):
     step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
     if step is None:
       raise UserError(f"no checkpoint in {run.checkpointer.directory}; train first (--mode=train) or fix --workdir")
     if check_config:
-      run_config.check_recorded(run, step, flag)
+      run_config.check_recorded(run, step, flag or "--checkpoint_step")
     try:
       state, _, _ = run.restore(step)
       return step, state
@@ -189,6 +190,8 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str = "--checkpoint
       logging.info("checkpoint step %d was deleted while it was read; reading the newest step", step)
       run.checkpointer.reload()
     except DamagedCheckpointError as e:
+      if flag is None:
+        raise UserError(f"{e}; put back an intact copy of step {step}") from None
       intact = run.checkpointer.intact_steps()
       use = (f"intact steps: {', '.join(map(str, intact))}; pass {flag}={intact[-1]} to use one" if intact
              else "no step is intact")

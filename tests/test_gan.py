@@ -312,3 +312,22 @@ def test_a_run_whose_config_json_predates_frozen_evaluates_and_resumes(cli, tmp_
              "--config.train.allow_config_change=true")
   assert proc.returncode == 0, error_lines(proc.stderr)
   assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 30
+
+
+def test_a_damaged_classifier_checkpoint_names_the_classifier_not_checkpoint_step(cli, tmp_path):
+  """The GAN is scored by its classifier's latest step: a damaged one is one line naming the classifier field and
+  that step (was: 'pass --checkpoint_step=N', a flag training refuses and eval would apply to the GAN)."""
+  classifier = tmp_path / "classifier"
+  proc = cli("--config=configs/digits_mlp.py:smoke", f"--workdir={classifier}", "--config.train.num_steps=20",
+             "--config.train.checkpoint_every=10")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  step = classifier / "checkpoints" / "20"
+  largest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:100])
+  proc = cli(SMOKE, "--config.train.num_steps=10", f"--config.eval.classifier_workdir={classifier}",
+             f"--workdir={tmp_path / 'gan'}")
+  lines = error_lines(proc.stderr)
+  assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: config.eval.classifier_workdir: the GAN's quality classifier: checkpoint")
+  assert "put back an intact copy of step 20" in lines[0] and "--checkpoint_step" not in lines[0], lines[0]
+  assert not (tmp_path / "gan" / "checkpoints").exists()

@@ -250,7 +250,11 @@ class Classifier:
       if not hasattr(model_probe, "features") or not hasattr(model_probe, "head"):
         raise UserError(f"{field}: {workdir} is a {c.model.name!r} model, which has no penultimate features; use a "
                         "cnn, mlp or resnet classifier")
-      _, state = run.restore_step()
+      try:
+        _, state = run.restore_step(flag=None)  # its latest step is the classifier: no other can be picked
+      except UserError as e:
+        again = f"; or delete {workdir} to train it again" if field == "config.eval.classifier_config" else ""
+        raise UserError(f"{field}: the GAN's quality classifier: {e}{again}") from None
       params, model_state = runinfo.to_host((state.params, state.model_state))
       pre = run.card["preprocessing"]  # its input pipeline's constants (model_card.apply) on [0, 1] images
       mean, std = (pre["mean"], pre["std"]) if pre["normalize"] == "standardize" else (np.zeros(1), np.ones(1))
