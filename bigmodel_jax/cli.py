@@ -74,6 +74,13 @@ NO_EFFECT = [
        lambda c: "a GAN samples config.sample.num_samples images from config.sample.seed's noise (no text)")
       for f in ("prompt", "num_tokens", "temperature", "top_k", "top_p")),
 ]
+# Fields that do nothing in one mode (NO_EFFECT's form; NO_EFFECT's note wins for the same field). --mode=serve
+# takes config.sample as its requests' defaults, and a request may set another temperature: sample's only.
+GREEDY = "sample.temperature=0 takes the most likely token at every step (greedy): nothing is drawn"
+MODE_NO_EFFECT = {"sample": [  # a GAN draws its noise from sample.seed whatever the temperature
+    (f"sample.{f}", lambda c: c.sample.temperature == 0 and c.task.name != "adversarial",
+     lambda c, why=why: f"{GREEDY}{why}") for f, why in (("top_k", ""), ("top_p", ""),
+                                                           ("seed", " (the seed only names the file)"))]}
 
 
 def resolve_overrides(config, overridden: list[str]) -> list[str]:
@@ -92,11 +99,12 @@ def resolve_overrides(config, overridden: list[str]) -> list[str]:
   return notes + idle_notes(config, overridden)
 
 
-def idle_notes(config, overridden: list[str]) -> list[str]:
-  """One line per field given that has no effect in `config` (config.optimizer.* beside named config.optimizers:
-  one line with where to set them), to log: training and the modes on a checkpoint say them alike."""
+def idle_notes(config, overridden: list[str], mode: str = "train") -> list[str]:
+  """One line per field given that has no effect in `config` under --mode=`mode` (config.optimizer.* beside named
+  config.optimizers: one line with where to set them), to log: training and the modes on a checkpoint say them
+  alike."""
   named = config.get("optimizers")
-  notes = [f"--config.{field} has no effect: {why}" for field, why in idle_fields(config, overridden).items()
+  notes = [f"--config.{field} has no effect: {why}" for field, why in idle_fields(config, overridden, mode).items()
            if not (named and field.startswith("optimizer."))]
   if named and any(f.startswith("optimizer.") for f in overridden):
     notes.append("--config.optimizer.* has no effect: this config trains with the named config.optimizers "
@@ -104,9 +112,10 @@ def idle_notes(config, overridden: list[str]) -> list[str]:
   return notes
 
 
-def idle_fields(config, overridden: list[str]) -> dict[str, str]:
-  """{field given: why it has no effect in `config`} (NO_EFFECT; config.optimizer.* beside named config.optimizers):
-  idle_notes says them, and a sweep refuses two trials that differ only in them."""
+def idle_fields(config, overridden: list[str], mode: str = "train") -> dict[str, str]:
+  """{field given: why it has no effect in `config` under --mode=`mode`} (NO_EFFECT, MODE_NO_EFFECT;
+  config.optimizer.* beside named config.optimizers): idle_notes says them, and a sweep refuses two trials that
+  differ only in them."""
   def said(idle, why) -> str | None:
     # a config missing the fields it reads (a mode on a hand-made workdir takes its --config file as it is): none
     # said here, validation names what is missing
@@ -114,7 +123,8 @@ def idle_fields(config, overridden: list[str]) -> dict[str, str]:
       return why(config) if idle(config) else None
     except (AttributeError, KeyError):
       return None
-  out = {field: note for field, idle, why in NO_EFFECT if field in overridden and (note := said(idle, why))}
+  out = {field: note for field, idle, why in [*MODE_NO_EFFECT.get(mode, []), *NO_EFFECT]
+         if field in overridden and (note := said(idle, why))}
   if config.get("optimizers"):
     out.update({f: f"this config trains with the named config.optimizers ({', '.join(config.optimizers)})"
                 for f in overridden if f.startswith("optimizer.")})

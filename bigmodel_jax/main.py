@@ -233,7 +233,7 @@ def resolve_config(workdir: Path | None):
   given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
     config = use_run_config(workdir, given, overridden, _MODE.value)
-    for note in cli.idle_notes(config, overridden):  # a field it takes, of no use to this run
+    for note in cli.idle_notes(config, overridden, _MODE.value):  # a field it takes, of no use to this run
       logging.warning("%s", note)
     return config
   if given is None:

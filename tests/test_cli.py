@@ -135,6 +135,24 @@ def test_a_field_that_has_no_effect_is_said():
   assert len(both) == 1 and both[0].startswith("--config.train.num_epochs has no effect: train.num_steps=100 sets")
 
 
+def test_sampling_fields_beside_temperature_zero_are_said_in_sample_mode_only():
+  config = load("shakespeare_char_gpt", "smoke")
+  config.sample.temperature = 0.0
+  given = ["sample.temperature", "sample.top_k", "sample.top_p", "sample.seed", "sample.prompt"]
+  notes = cli_lib.idle_notes(config, given, "sample")
+  assert [n.split(" has no effect")[0] for n in notes] == ["--config.sample.top_k", "--config.sample.top_p",
+                                                          "--config.sample.seed"]
+  assert all("temperature=0" in n and "greedy" in n for n in notes)
+  assert cli_lib.idle_notes(config, given, "serve") == []  # config.sample: a request's defaults, its temperature too
+  assert cli_lib.idle_notes(config, given) == []  # training records them for later modes
+  config.sample.temperature = 0.8
+  assert cli_lib.idle_notes(config, given, "sample") == []
+  gan = load("mnist_dcgan", "smoke")  # a GAN's own note wins
+  gan.sample.temperature = 0.0
+  assert cli_lib.idle_fields(gan, ["sample.top_k", "sample.seed"], "sample") == {  # its noise is the seed's
+      "sample.top_k": "a GAN samples config.sample.num_samples images from config.sample.seed's noise (no text)"}
+
+
 def test_no_effect_on_a_config_missing_sections_leaves_it_to_validation():
   import ml_collections  # a --config of a hand-made workdir, read by a mode on a checkpoint: no traceback here
   config = ml_collections.ConfigDict({"model": {"name": "mlp"}, "data": {"batch_size": 8}})

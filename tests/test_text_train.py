@@ -280,6 +280,16 @@ def test_sample_overrides_apply_to_the_runs_own_config(cli, gpt_run):
 
 
 @needs_tiny
+def test_sampling_settings_beside_temperature_zero_are_said(cli, gpt_run, tmp_path):
+  """Greedy decoding draws nothing: top_k / top_p / seed given with it were ignored without a word."""
+  proc = ok(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.num_tokens=4", f"--output_dir={tmp_path}",
+                "--config.sample.temperature=0", "--config.sample.top_k=5", "--config.sample.top_p=0.5"))
+  notes = [l.split("] ", 1)[1] for l in proc.stderr.splitlines() if "has no effect" in l]
+  assert [n.split(" has no effect")[0] for n in notes] == ["--config.sample.top_k", "--config.sample.top_p"]
+  assert all("sample.temperature=0" in n for n in notes)
+
+
+@needs_tiny
 def test_a_math_field_in_sample_mode_is_one_line(cli, gpt_run):
   before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
   assert_one_error(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.model.num_layers=3"),
