@@ -9,9 +9,13 @@ can be seconds away during an XLA compilation; the byte the interpreter's C hand
 read by a thread at once, so the exit is prompt whatever the main thread is doing.
 
 The training loop installs its own handler (checkpoint first, then exit: train.py); while it is installed this
-module leaves the signal to it. Standard library only: it is installed before anything slow is imported.
+module leaves the signal to it. Code with something to finish (--mode=sample's streamed text) opens `holding()`:
+a first signal is then held for the main thread, which asks `held()` at its next safe point and ends cleanly; a
+second one ends the process at once as before. Standard library only: it is installed before anything slow is
+imported.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -23,7 +27,35 @@ PHASE = "before training started; nothing needed saving (launch the same command
 
 
 def _handler(signum, _frame):  # runs only if the watcher thread has not ended the process first
-  _exit(signum)
+  if _holding is None:  # while holding, the watcher alone counts the signals (each one reaches both)
+    _exit(signum)
+
+
+_holding: list[int] | None = None  # while holding(): the signals held for the main thread (the first only)
+
+
+@contextlib.contextmanager
+def holding():
+  """While open (from the main thread, after install()), a first Ctrl-C / SIGTERM is not the end of the process:
+  held() names it, and the main thread ends cleanly at its next check, with its own one line; a second signal ends
+  the process at once; one the block ended without raising for ends it as it leaves. Without install(): nothing held
+  (Python's KeyboardInterrupt)."""
+  global _holding
+  if not _installed or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _holding = held_now = []
+  try:
+    yield
+  finally:
+    _holding = None
+  if held_now:  # arrived after the block's last check
+    _exit(held_now[0])
+
+
+def held() -> int | None:
+  """The signal held by holding() (None: none arrived)."""
+  return _holding[0] if _holding else None
 
 
 _exiting = threading.Lock()  # the watcher thread and the Python-level handler may both see one signal
@@ -52,6 +84,10 @@ def _watch(read_fd: int) -> None:
       return
     for signum in data:
       if signum in SIGNALS and signal.getsignal(signum) is _handler:  # not handed to the training loop
+        holding = _holding
+        if holding is not None and not holding:
+          holding.append(signum)
+          continue
         _exit(signum)
 
 

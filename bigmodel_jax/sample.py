@@ -8,6 +8,8 @@ cache is refilled from the last context/2 tokens: one prefix pass per context/2 
 of one per token as re-running a sliding window would cost.
 """
 
+import contextlib
+import signal
 import sys
 import time
 from functools import partial
@@ -236,19 +238,47 @@ def check_prompt(run) -> list[int]:
   return prompt_ids
 
 
+class _Stopped(Exception):
+  """A signal interrupts.holding() held arrived while the text streamed; args = (signal number,)."""
+
+
 def sample_text(run, model, step: int) -> dict:
-  """config.sample.num_samples texts from a language model: printed and saved."""
+  """config.sample.num_samples texts from a language model: printed and saved. One text streams as it is drawn; a
+  Ctrl-C / SIGTERM then stops after the chunk being decoded, with the text so far written out whole (a character
+  a byte-level token left unfinished, the last newline) and nothing saved."""
+  from bigmodel_jax import interrupts
   s, dataset = run.config.sample, run.dataset
   prompt_ids = check_prompt(run)
-  stream = None
+  stream, drawn = None, [0]
   if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
     write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
     write(s.prompt)
     stream = TextStream(dataset.tokenizer, write)
+
+  def on_tokens(tokens_1xN: np.ndarray) -> None:
+    stream(tokens_1xN)
+    drawn[0] += tokens_1xN.shape[1]
+    if interrupts.held():
+      raise _Stopped(interrupts.held())
+
   start = time.perf_counter()
-  tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
-                    context=dataset.input_shape[0], on_tokens=stream)  # later positions were never trained
+  try:
+    with interrupts.holding() if stream else contextlib.nullcontext():
+      tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
+                        context=dataset.input_shape[0],  # later positions were never trained
+                        on_tokens=on_tokens if stream else None)
+      if interrupts.held():
+        raise _Stopped(interrupts.held())
+  except (_Stopped, KeyboardInterrupt) as e:
+    if stream is None:
+      raise
+    stream.close()
+    print(flush=True)
+    from bigmodel_jax.train import Preempted
+    signum = e.args[0] if isinstance(e, _Stopped) else signal.SIGINT
+    raise Preempted(signum, f"{signal.Signals(signum).name}: --mode=sample stopped after {drawn[0]:,} of "
+                    f"{s.num_tokens:,} tokens; the text above is what was generated (nothing saved)") from None
   seconds = time.perf_counter() - start
   if stream is not None:
     stream.close()

@@ -6,8 +6,12 @@ import collections
 import csv
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -287,6 +291,32 @@ def test_sampling_settings_beside_temperature_zero_are_said(cli, gpt_run, tmp_pa
   notes = [l.split("] ", 1)[1] for l in proc.stderr.splitlines() if "has no effect" in l]
   assert [n.split(" has no effect")[0] for n in notes] == ["--config.sample.top_k", "--config.sample.top_p"]
   assert all("sample.temperature=0" in n for n in notes)
+
+
+@needs_tiny
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_a_signal_while_sample_streams_ends_the_text_it_printed(cli, cache_dir, gpt_run, tmp_path, signum):
+  """Ctrl-C while the text streamed ended the process mid-text: no last newline, a byte-level token's unfinished
+  character never written. The text so far is written out whole, and it is the generated text's beginning."""
+  out, err = tmp_path / "stdout", tmp_path / "stderr"
+  greedy = [f"--workdir={gpt_run}", "--mode=sample", "--config.sample.prompt=ROMEO:", "--config.sample.temperature=0",
+            f"--output_dir={tmp_path}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+  with out.open("w") as stdout, err.open("w") as stderr:
+    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_jax.main", *greedy, "--config.sample.num_tokens=1000000"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=stdout, stderr=stderr)
+    deadline = time.time() + 60
+    while len(out.read_text()) < 100 + len("ROMEO:"):  # a few chunks streamed
+      assert proc.poll() is None and time.time() < deadline, err.read_text()[-2000:]
+      time.sleep(0.05)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 128 + signum
+  text, lines = out.read_text(), [l for l in err.read_text().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "--mode=sample stopped after" in lines[0] and "nothing saved" in lines[0], lines
+  assert text.endswith("\n") and not (tmp_path / "samples").exists()
+  drawn = int(lines[0].split("stopped after ")[1].split(" of")[0].replace(",", ""))
+  assert drawn >= 100 and len(text) == len("ROMEO:") + drawn + 1
+  assert ok(cli(*greedy, f"--config.sample.num_tokens={drawn}")).stdout == text  # the same tokens, all of them
 
 
 @needs_tiny
