@@ -32,6 +32,28 @@ def overridden_fields(argv: list[str]) -> list[str]:
   return fields
 
 
+# Fields that name a file or directory: a leading '~' is the user's home wherever the value comes from (the shell
+# leaves the '~' of --config.data.path=~/x as it is; a config file or a config.json may hold one).
+PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.classifier_workdir",
+                         "eval.classifier_config", "train.tracking.wandb_dir"})
+
+
+def expand_paths(config):
+  """`config` (a ConfigDict or a config.json's dict) with PATH_FIELDS' '~' expanded, in place; -> config."""
+  for field in PATH_FIELDS:
+    *parents, leaf = field.split(".")
+    section = config
+    try:
+      for part in parents:
+        section = section[part]
+      value = section[leaf]
+    except (KeyError, TypeError, AttributeError):
+      continue  # a config missing the field: validation names it
+    if isinstance(value, str) and value.startswith("~"):
+      section[leaf] = os.path.expanduser(value)
+  return config
+
+
 def rewrite_argv(argv: list[str]) -> list[str]:
   """--config=RUN/config.json, and no --config in eval/predict/sample (or --print_config) on a workdir with a
   config.json: config_flags loads the JSON through run_config.py, so overrides apply to it as to a config file."""

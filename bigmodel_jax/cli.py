@@ -86,8 +86,10 @@ MODE_NO_EFFECT = {"sample": [  # a GAN draws its noise from sample.seed whatever
 def resolve_overrides(config, overridden: list[str]) -> list[str]:
   """A command-line field beats what the config file or its variant set, also where another field would make it
   meaningless: train.num_epochs given (without train.num_steps) clears a num_steps > 0 that would override it. A
-  field given that has no effect (NO_EFFECT; config.optimizer beside named config.optimizers) is said.
-  -> one line per such change, to log."""
+  field given that has no effect (NO_EFFECT; config.optimizer beside named config.optimizers) is said. A path
+  field's '~' is the home directory (argv.PATH_FIELDS). -> one line per such change, to log."""
+  from bigmodel_jax.argv import expand_paths
+  expand_paths(config)
   notes = []
   if not all(section in config for section in ("train", "schedule", "optimizer", "data", "optimizers")):
     return notes  # a config file missing sections: validation says which

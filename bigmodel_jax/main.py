@@ -231,6 +231,8 @@ def resolve_config(workdir: Path | None):
   from bigmodel_jax import argv as argv_lib, cli
   from bigmodel_jax.workdir import use_run_config
   given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
+  if given is not None:
+    argv_lib.expand_paths(given)  # --config.data.path=~/x: the shell leaves the '~'
   if _MODE.value != "train" and workdir is not None:
     config = use_run_config(workdir, given, overridden, _MODE.value)
     for note in cli.idle_notes(config, overridden, _MODE.value):  # a field it takes, of no use to this run

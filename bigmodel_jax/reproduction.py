@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import bigmodel_jax
+from bigmodel_jax import argv
 
 ROOT = Path(bigmodel_jax.__file__).resolve().parents[1]  # a source checkout: experiments/ is not installed
 REGISTRY = ROOT / "experiments" / "reproductions.py"
@@ -73,8 +74,7 @@ def parse_bound(bound: str) -> tuple[str, float, float]:
 
 # Fields naming a file or directory. A reproduction's runs start in the repo root (their configs' paths are the
 # registry's, relative to it): a relative path given in --override is the caller's, made absolute from its cwd.
-PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.classifier_workdir",
-                         "train.tracking.wandb_dir"})
+PATH_FIELDS = argv.PATH_FIELDS - {"eval.classifier_config"}  # a config file: callers_path's own rule
 
 
 def callers_path(key: str, value: str, base: Path | None = None) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from bigmodel_jax import config as config_lib
+from bigmodel_jax.argv import expand_paths
 from bigmodel_jax.errors import UserError
 
 
@@ -40,7 +41,7 @@ def read(file: Path, saved: dict) -> dict:
     if isinstance(value, dict) and key in saved and not isinstance(saved[key], dict):
       raise UserError(f"{file}: {key} is {saved[key]!r}, not a section of fields; restore it (run_info.jsonl has each "
                       "launch's command) or move the workdir away")
-  completed = with_defaults(saved)
+  completed = expand_paths(with_defaults(saved))  # a hand-written '~/data.txt'
   wrong = wrong_kind(completed)
   if wrong:
     key, value, default = wrong

@@ -226,6 +226,31 @@ def test_a_tilde_after_the_equals_sign_is_the_home_directory(cli, digits_run):
   assert not (ROOT / "~").exists()
 
 
+def test_a_tilde_in_a_path_field_is_the_home_directory(cli, digits_run, tmp_path):
+  """--config.FIELD=~/x (the shell leaves the '~'), a config file's or a config.json's '~/x': the runs read
+  train.tracking.wandb_dir and eval.classifier_workdir as they are (W&B wrote into a directory named '~' in the
+  current one); every path field now names the home directory's, and config.json records that."""
+  home = tmp_path / "home"
+  paths = {"train.tracking.wandb_dir": "~/wb", "eval.classifier_workdir": "~/clf", "init.workdir": "~/src",
+           "data.data_dir": "~/data"}
+  proc = ok(cli("--config=configs/digits_mlp.py:smoke", *(f"--config.{k}={v}" for k, v in paths.items()),
+                "--print_config", env={"HOME": str(home)}))
+  printed = {line.split()[1]: line.split(" = ")[1].split("  #")[0] for line in proc.stdout.splitlines()
+             if line[2:].split(" ")[0] in paths}
+  assert printed == {k: repr(str(home / v[2:])) for k, v in paths.items()}
+  saved = json.loads((digits_run / "config.json").read_text())
+  saved["eval"]["classifier_workdir"] = "~/clf"  # a config.json written by hand
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  proc = ok(cli(f"--config={tmp_path / 'config.json'}", "--print_config", env={"HOME": str(home)}))
+  assert f"eval.classifier_workdir            = {str(home / 'clf')!r}" in proc.stdout
+  pytest.importorskip("wandb")
+  workdir = tmp_path / "run"
+  ok(cli("--config=configs/digits_mlp.py:smoke", "--config.train.num_steps=2", "--config.train.trackers=wandb",
+         "--config.train.tracking.wandb_dir=~/wb", f"--workdir={workdir}", env={"HOME": str(home)}))
+  assert (home / "wb" / "wandb").is_dir() and not (ROOT / "~").exists()
+  assert json.loads((workdir / "config.json").read_text())["train"]["tracking"]["wandb_dir"] == str(home / "wb")
+
+
 def test_a_config_json_in_a_path_with_colons_is_read_whole(cli, digits_run, tmp_path):
   """A workdir named by its time (runs/t08:45) forked from its config.json: was 'cannot read config file
   .../t' (the path cut at its first colon, as if the rest were a config file's variant)."""
