@@ -39,8 +39,8 @@ PATH_FIELDS = frozenset({"data.path", "data.data_dir", "init.workdir", "eval.cla
 
 
 def expand_paths(config):
-  """`config` (a ConfigDict or a config.json's dict) with PATH_FIELDS' '~' expanded, in place; -> config."""
-  for field in PATH_FIELDS:
+  """`config` (a ConfigDict or a config.json's dict; None: none) with PATH_FIELDS' '~' expanded, in place; -> it."""
+  for field in PATH_FIELDS if config is not None else ():
     *parents, leaf = field.split(".")
     section = config
     try:

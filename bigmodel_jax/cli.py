@@ -54,7 +54,7 @@ sweeps: python -m bigmodel_jax.sweep FILE --workdir=DIR    reproductions: python
 Hugging Face GPT-2 / BERT weights: python -m bigmodel_jax.convert hf-to-run --model=gpt2 --src=HF_DIR --workdir=RUN
                                    (a run to sample / fine-tune); run-to-hf --workdir=RUN --dst=HF_DIR (and back)
 exit codes: 0 ok, 2 bad input (one line on stderr naming the field or file), 3 non-finite loss,
-            130 Ctrl-C, 143 SIGTERM (a checkpoint is saved first)
+            130 Ctrl-C, 143 SIGTERM (a checkpoint is saved first), 141 stdout closed by its reader (| head)
 """
 
 

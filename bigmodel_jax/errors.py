@@ -1,6 +1,7 @@
 """The one exception type for bad input: main prints its message as one line and exits non-zero. The tools with
 their own absl flags (sweep.py, convert.py) end the same way through `fail` and `parse_flags` here."""
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +59,16 @@ def where(e: BaseException) -> str:
       path = path[path.rindex(root):]
       break
   return f"at {path}:{frame.lineno} in {frame.name} {text}"
+
+
+def closed_stdout(what: str) -> str:
+  """The line for stdout's reader gone (a pipe into head), `what` saying what became of the output; stdout then
+  points at /dev/null, so nothing later fails writing to it (Python's flush at exit would make the status 120)."""
+  try:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except (OSError, ValueError):  # no stdout at all
+    pass
+  return f"SIGPIPE: stdout was closed by its reader (e.g. | head) {what}"
 
 
 def out_of_space(e: BaseException, workdir, outputs=None) -> str | None:

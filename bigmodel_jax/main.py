@@ -230,9 +230,8 @@ def resolve_config(workdir: Path | None):
   config or its variant set); eval/predict/sample take the run's own config.json with their own fields set."""
   from bigmodel_jax import argv as argv_lib, cli
   from bigmodel_jax.workdir import use_run_config
-  given, overridden = load_config(), argv_lib.overridden_fields(sys.argv)
-  if given is not None:
-    argv_lib.expand_paths(given)  # --config.data.path=~/x: the shell leaves the '~'
+  # a path field's '~' (--config.data.path=~/x: the shell leaves it) is the home directory
+  given, overridden = argv_lib.expand_paths(load_config()), argv_lib.overridden_fields(sys.argv)
   if _MODE.value != "train" and workdir is not None:
     config = use_run_config(workdir, given, overridden, _MODE.value)
     for note in cli.idle_notes(config, overridden, _MODE.value):  # a field it takes, of no use to this run
@@ -355,11 +354,13 @@ def main(argv):
   except KeyboardInterrupt:
     fail("interrupted before training started; nothing was saved" if _MODE.value == "train"
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
-  if "texts" in result:  # a language model's samples: the text itself (one sample was printed as it came)
-    if not result.get("streamed"):
+  try:
+    if "texts" not in result:
+      print(json.dumps(_without_matrices(result), indent=2), flush=True)
+    elif not result.get("streamed"):  # a language model's samples: the text itself (one was printed as it came)
       print(sample.SEPARATOR.join(result["texts"]), flush=True)
-    return
-  print(json.dumps(_without_matrices(result), indent=2), flush=True)
+  except BrokenPipeError:
+    fail(errors.closed_stdout("before the result was all written; the files the log names hold all of it"), code=141)
 
 
 def from_run_config(message: str, workdir: Path) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from bigmodel_jax import runinfo
+from bigmodel_jax import errors, runinfo
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.models.layers import seed_key
 
@@ -251,9 +251,7 @@ def sample_text(run, model, step: int) -> dict:
   prompt_ids = check_prompt(run)
   stream, drawn = None, [0]
   if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
-    write = lambda text: (sys.stdout.write(text), sys.stdout.flush())
-    write(s.prompt)
-    stream = TextStream(dataset.tokenizer, write)
+    stream = TextStream(dataset.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
 
   def on_tokens(tokens_1xN: np.ndarray) -> None:
     stream(tokens_1xN)
@@ -264,25 +262,30 @@ def sample_text(run, model, step: int) -> dict:
   start = time.perf_counter()
   try:
     with interrupts.holding() if stream else contextlib.nullcontext():
+      if stream:
+        stream.write(s.prompt)
       tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
                         context=dataset.input_shape[0],  # later positions were never trained
                         on_tokens=on_tokens if stream else None)
       if interrupts.held():
         raise _Stopped(interrupts.held())
-  except (_Stopped, KeyboardInterrupt) as e:
+      seconds = time.perf_counter() - start
+      if stream:
+        stream.close()
+        print(flush=True)
+  except (_Stopped, KeyboardInterrupt, BrokenPipeError) as e:
     if stream is None:
       raise
-    stream.close()
-    print(flush=True)
     from bigmodel_jax.train import Preempted
-    signum = e.args[0] if isinstance(e, _Stopped) else signal.SIGINT
-    raise Preempted(signum, f"{signal.Signals(signum).name}: --mode=sample stopped after {drawn[0]:,} of "
-                    f"{s.num_tokens:,} tokens; the text above is what was generated (nothing saved)") from None
-  seconds = time.perf_counter() - start
-  if stream is not None:
+    so_far = f"after {drawn[0]:,} of {s.num_tokens:,} tokens"
+    if isinstance(e, BrokenPipeError):  # nobody reads the rest
+      raise Preempted(signal.SIGPIPE, errors.closed_stdout(f"{so_far}; nothing saved")) from None
     stream.close()
     print(flush=True)
+    signum = e.args[0] if isinstance(e, _Stopped) else signal.SIGINT
+    raise Preempted(signum, f"{signal.Signals(signum).name}: --mode=sample stopped {so_far}; the text above is what "
+                    "was generated (nothing saved)") from None
   texts = [s.prompt + dataset.tokenizer.decode(row) for row in tokens]
   result = {"step": step, "texts": texts, "tokens_per_s": tokens.size / seconds, "streamed": stream is not None}
   if jax.process_index() == 0:

@@ -33,7 +33,7 @@ from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpo
 
 
 class Preempted(Exception):
-  """SIGTERM or SIGINT arrived; a checkpoint was saved (or a sample's text written). args = (signal number, message)."""
+  """SIGTERM or SIGINT arrived; a checkpoint was saved (sample: its text written). args = (signum, message)."""
 
 
 @dataclasses.dataclass

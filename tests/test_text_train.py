@@ -21,7 +21,7 @@ import pytest
 
 from test_errors import assert_one_error  # exit 2, one 'error:' line naming every needle, no traceback
 from bigmodel_jax import inference, run_config, sample as sampling
-from conftest import TINY_SHAKESPEARE, wait_for_checkpoint
+from conftest import TINY_SHAKESPEARE, error_lines, wait_for_checkpoint
 
 TINY = TINY_SHAKESPEARE
 needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"no local copy of tiny Shakespeare at {TINY}")
@@ -317,6 +317,26 @@ def test_a_signal_while_sample_streams_ends_the_text_it_printed(cli, cache_dir, 
   drawn = int(lines[0].split("stopped after ")[1].split(" of")[0].replace(",", ""))
   assert drawn >= 100 and len(text) == len("ROMEO:") + drawn + 1
   assert ok(cli(*greedy, f"--config.sample.num_tokens={drawn}")).stdout == text  # the same tokens, all of them
+
+
+@needs_tiny
+@pytest.mark.parametrize("mode,saved", [(["--mode=sample"], 0), (["--mode=sample", "--config.sample.num_samples=2"], 1),
+                                        (["--mode=eval"], 1)], ids=["streamed", "samples", "eval"])
+def test_stdout_closed_by_its_reader_is_one_line(cache_dir, gpt_run, tmp_path, mode, saved):
+  """A pipe into head that has read what it wanted: was 'error: WORKDIR: Broken pipe' (exit 2), or a traceback
+  (exit 1) where the result is printed at the end. Now one line naming stdout and what was saved, exit 141."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir)}
+  proc = subprocess.Popen([sys.executable, "-m", "bigmodel_jax.main", f"--workdir={gpt_run}", *mode,
+                           "--config.sample.num_tokens=40", f"--output_dir={tmp_path}"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  proc.stdout.close()  # the reader gone before the first byte
+  _, err = proc.communicate(timeout=120)
+  lines = error_lines(err)
+  assert proc.returncode == 141 and len(lines) == 1, err[-3000:]
+  assert lines[0].startswith("error: SIGPIPE: stdout was closed by its reader")
+  assert ("after 0 of 40 tokens; nothing saved" in lines[0]) == (not saved)
+  assert len([*tmp_path.glob("samples/*.txt"), *tmp_path.glob("eval_step*.json")]) == saved
 
 
 @needs_tiny
