@@ -80,7 +80,10 @@ GREEDY = "sample.temperature=0 takes the most likely token at every step (greedy
 MODE_NO_EFFECT = {"sample": [  # a GAN draws its noise from sample.seed whatever the temperature
     (f"sample.{f}", lambda c: c.sample.temperature == 0 and c.task.name != "adversarial",
      lambda c, why=why: f"{GREEDY}{why}") for f, why in (("top_k", ""), ("top_p", ""),
-                                                           ("seed", " (the seed only names the file)"))]}
+                                                           ("seed", " (the seed only names the file)"))] + [
+    ("sample.num_samples", lambda c: c.sample.temperature == 0 and c.sample.num_samples > 1
+     and c.task.name != "adversarial",
+     lambda c: f"{GREEDY}, so its {c.sample.num_samples} texts are one text repeated")]}
 
 
 def resolve_overrides(config, overridden: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ of one per token as re-running a sliding window would cost.
 """
 
 import contextlib
+import re
 import signal
 import sys
 import time
@@ -129,7 +130,8 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   with each chunk of at most CHUNK new tokens as soon as it is drawn (to stream them).
   """
   graphdef, state = nnx.split(model)
-  max_len = attended(model, context) or len(prompt_ids) + num_tokens  # no position limit (LSTM): one pass
+  limit = attended(model, context)
+  max_len = limit or len(prompt_ids) + num_tokens  # no position limit (LSTM): one pass, never a refill
   refill = max(1, max_len // 2)
   # static (a compilation each): greedy or not, the banned ids; traced: temperature, top_k, top_p
   settings = (("banned_ids", tuple(int(i) for i in banned_ids)), ("greedy", temperature == 0))
@@ -146,13 +148,14 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   chunk = jnp.zeros((num_samples, CHUNK), jnp.int32)
   key = seed_key(seed)
   out = []  # host chunks of drawn tokens
-  tail = np.zeros((num_samples, 0), np.int32)  # the last max_len of them, for a refill
+  tail = np.zeros((num_samples, 0), np.int32)  # the last max_len of them, for a refill (none without a limit)
   done = 0
 
   def emit(tokens_BxN: np.ndarray) -> None:
     nonlocal tail
     out.append(tokens_BxN)
-    tail = np.concatenate([tail, tokens_BxN], 1)[:, -max_len:]
+    if limit is not None:  # an LSTM's would grow to num_tokens, copied whole at every chunk
+      tail = np.concatenate([tail, tokens_BxN], 1)[:, -max_len:]
     if on_tokens is not None:
       on_tokens(tokens_BxN)
 
@@ -229,6 +232,9 @@ def check_prompt(run) -> list[int]:
   s, dataset = run.config.sample, run.dataset
   if not s.prompt:
     raise UserError("config.sample.prompt: empty; give at least one character to start from (e.g. '\\n')")
+  if bad := re.search("[\udc80-\udcff]", s.prompt):  # a byte the command line could not read as UTF-8
+    raise UserError(f"config.sample.prompt: byte 0x{ord(bad.group()) - 0xdc00:02x} at character {bad.start()} is not "
+                    "UTF-8; give the prompt as UTF-8 text")
   try:
     prompt_ids = dataset.tokenizer.encode(s.prompt, strict=True)
   except UserError as e:
@@ -248,7 +254,10 @@ def sample_text(run, model, step: int) -> dict:
   a byte-level token left unfinished, the last newline) and nothing saved."""
   from bigmodel_jax import interrupts
   s, dataset = run.config.sample, run.dataset
-  prompt_ids = check_prompt(run)
+  prompt_ids, limit = check_prompt(run), attended(model, dataset.input_shape[0])  # later positions never trained
+  if limit is not None and len(prompt_ids) > limit:  # said before the prompt is printed, not in the line after it
+    logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), limit)
+    prompt_ids = prompt_ids[-limit:]
   stream, drawn = None, [0]
   if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
     stream = TextStream(dataset.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -266,7 +275,7 @@ def sample_text(run, model, step: int) -> dict:
         stream.write(s.prompt)
       tokens = generate(model, prompt_ids, s.num_tokens, num_samples=s.num_samples, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, seed=s.seed, banned_ids=dataset.tokenizer.special_ids,
-                        context=dataset.input_shape[0],  # later positions were never trained
+                        context=limit,
                         on_tokens=on_tokens if stream else None)
       if interrupts.held():
         raise _Stopped(interrupts.held())

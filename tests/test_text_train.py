@@ -264,8 +264,10 @@ def test_predict_on_the_lm_points_to_sample(cli, gpt_run):
     # float32(1e39) is inf: the banned ids' -inf / inf is NaN, drawn every time, and the sample was empty (exit 0)
     (["--config.sample.temperature=1e39"], ["config.sample.temperature", "at most 1e4", "1e+39"]),
     (["--config.sample.seed=9223372036854775808"], ["config.sample.seed", "below 2**63"]),  # was an OverflowError
+    # a byte the shell passed that is not UTF-8 (Python reads it as U+DCFF): was "'\udcff' is not in the vocabulary"
+    (["--config.sample.prompt=RO\udcffMEO"], ["config.sample.prompt", "byte 0xff at character 2", "not UTF-8"]),
 ], ids=["prompt-outside-vocabulary", "zero-tokens", "temperature-that-overflows-the-logits", "temperature-past-float32",
-        "seed-too-large"])
+        "seed-too-large", "prompt-not-utf8"])
 def test_bad_sample_settings_are_one_line(cli, gpt_run, overrides, needles):
   before = sorted(p.name for p in (gpt_run / "samples").glob("*")) if (gpt_run / "samples").exists() else []
   line = assert_one_error(cli(*GPT, f"--workdir={gpt_run}", "--mode=sample", *overrides), *needles)
@@ -287,10 +289,23 @@ def test_sample_overrides_apply_to_the_runs_own_config(cli, gpt_run):
 def test_sampling_settings_beside_temperature_zero_are_said(cli, gpt_run, tmp_path):
   """Greedy decoding draws nothing: top_k / top_p / seed given with it were ignored without a word."""
   proc = ok(cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.num_tokens=4", f"--output_dir={tmp_path}",
-                "--config.sample.temperature=0", "--config.sample.top_k=5", "--config.sample.top_p=0.5"))
+                "--config.sample.temperature=0", "--config.sample.top_k=5", "--config.sample.top_p=0.5",
+                "--config.sample.num_samples=2"))
   notes = [l.split("] ", 1)[1] for l in proc.stderr.splitlines() if "has no effect" in l]
-  assert [n.split(" has no effect")[0] for n in notes] == ["--config.sample.top_k", "--config.sample.top_p"]
-  assert all("sample.temperature=0" in n for n in notes)
+  assert [n.split(" has no effect")[0] for n in notes] == ["--config.sample.top_k", "--config.sample.top_p",
+                                                           "--config.sample.num_samples"]
+  assert all("sample.temperature=0" in n for n in notes) and "2 texts are one text repeated" in notes[-1]
+
+
+@needs_tiny
+def test_a_prompt_longer_than_the_context_is_said_before_it_is_printed(cli, gpt_run, tmp_path):
+  """The warning came on stderr after the prompt was on stdout: in a terminal, in the middle of the text."""
+  proc = cli(f"--workdir={gpt_run}", "--mode=sample", "--config.sample.prompt=" + "ROMEO: " * 6,
+             "--config.sample.num_tokens=4", "--config.sample.temperature=0", f"--output_dir={tmp_path}", popen=True)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  warned = out.index("the prompt has 42 tokens; the model sees its last 32")
+  assert warned < out.index("ROMEO: " * 6), out
 
 
 @needs_tiny
