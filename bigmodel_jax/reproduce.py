@@ -29,8 +29,9 @@ import urllib.parse
 from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
-from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, Target, callers_path, flag_value,
-                                       load_config, load_registry, missing_field, same_flags, wrong_type)
+from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, callers_path, flag_value,
+                                       invalid_overrides, load_config, load_registry, metric_value, missing_field,
+                                       same_flags, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
@@ -191,28 +192,6 @@ def run_seed(argv: list[str], workdir: Path) -> dict:
   return {**record, "error": f"exit {proc.returncode}: {error_line(log, offset)}"} if proc.returncode else record
 
 
-def metric_value(final: dict, target: Target) -> float:
-  """`target`'s number in final_metrics.json, or ValueError saying what is there instead."""
-  if target.split == "best":
-    best = final.get("best")
-    if not isinstance(best, dict) or best.get("metric") != target.metric:
-      raise ValueError(f"final_metrics.json has no best {target.metric!r} (best: {best!r})")
-    value = best.get("value")
-  else:
-    value = final
-    for part in [*target.split.split("."), *target.metric.split(".")]:
-      if isinstance(value, list) and part.isdigit() and int(part) < len(value):
-        value = value[int(part)]
-      elif isinstance(value, dict) and part in value:
-        value = value[part]
-      else:
-        keys = ", ".join(value) if isinstance(value, dict) else type(value).__name__
-        raise ValueError(f"final_metrics.json has no {target.split}.{target.metric} (no {part!r}; has: {keys})")
-  if not isinstance(value, (int, float)) or isinstance(value, bool):
-    raise ValueError(f"final_metrics.json's {target.label} is {value!r}, not a number")
-  return float(value)
-
-
 def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | None, backend,
               dry_run: bool = False) -> dict:
   """Runs `r`'s seeds (or says why not) and judges its targets -> its report entry."""
@@ -343,6 +322,9 @@ def main(argv: list[str]) -> int:
     wrong = wrong_type(config, overrides)
     if wrong:
       raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")
+    invalid = overrides and invalid_overrides(config, r.overrides, overrides)  # what each seed's launch would refuse
+    if invalid:
+      raise BadInput(f"{invalid} (in {r.config}, reproduction {r.name!r}); fix or drop the override")
   workdir = Path(args.workdir).expanduser().resolve()
   for r in selected:  # before anything runs: a finished seed made with other settings would be an ERROR row
     for seed, seed_dir in seed_dirs(r, workdir, args.seeds):

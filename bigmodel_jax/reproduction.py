@@ -72,6 +72,28 @@ def parse_bound(bound: str) -> tuple[str, float, float]:
   return match[1], float(match[2]), float(match[3] or 0)
 
 
+def metric_value(final: dict, target: Target) -> float:
+  """`target`'s number in final_metrics.json, or ValueError saying what is there instead."""
+  if target.split == "best":
+    best = final.get("best")
+    if not isinstance(best, dict) or best.get("metric") != target.metric:
+      raise ValueError(f"final_metrics.json has no best {target.metric!r} (best: {best!r})")
+    value = best.get("value")
+  else:
+    value = final
+    for part in [*target.split.split("."), *target.metric.split(".")]:
+      if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        value = value[int(part)]
+      elif isinstance(value, dict) and part in value:
+        value = value[part]
+      else:
+        keys = ", ".join(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"final_metrics.json has no {target.split}.{target.metric} (no {part!r}; has: {keys})")
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    raise ValueError(f"final_metrics.json's {target.label} is {value!r}, not a number")
+  return float(value)
+
+
 # Fields naming a file or directory. A reproduction's runs start in the repo root (their configs' paths are the
 # registry's, relative to it): a relative path given in --override is the caller's, made absolute from its cwd.
 PATH_FIELDS = argv.PATH_FIELDS - {"eval.classifier_config"}  # a config file: callers_path's own rule
@@ -205,6 +227,43 @@ def wrong_type(config, overrides: dict) -> str:
         float(text)
     except ValueError:
       return f"{key}={value}: {'an int' if isinstance(old, int) else 'a float'} field"
+  return ""
+
+
+def as_main_reads(old, text: str):
+  """`text` of a --config.FIELD=TEXT flag as main's command line parses it for a field holding `old` (ValueError if
+  it cannot)."""
+  from absl import flags
+  from ml_collections.config_flags import tuple_parser
+  parsers = {bool: flags.BooleanParser, int: flags.IntegerParser, float: flags.FloatParser,
+             tuple: tuple_parser.TupleParser, list: tuple_parser.TupleParser}
+  return parsers.get(type(old), flags.ArgumentParser)().parse(text)
+
+
+def invalid_overrides(config, fixed: dict, overrides: dict) -> str:
+  """What a training launch would refuse in `config` with the registry's `fixed` overrides and the caller's
+  `overrides` (each as main parses its text), checked as main checks its config before anything runs, devices
+  aside (config.validate_fields): one line naming the override where one field is at fault ("" if nothing)."""
+  import copy
+  from bigmodel_jax import cli, config as config_lib
+  from bigmodel_jax.errors import UserError
+  from bigmodel_jax.sweeps.spec import check_override
+  config = copy.deepcopy(config)
+  for key, value in {**fixed, **overrides}.items():
+    try:
+      problem = check_override(config, key, as_main_reads(config_lib.get_field(config, key), flag_value(value)),
+                               [], "the config")
+    except ValueError:
+      problem = "give a value of the field's type"
+    if problem:
+      return f"--override={key}={value}: {problem.removeprefix(f'{key}={value!r}: ')}"
+  cli.resolve_overrides(config, [*fixed, *overrides, "seed"])
+  try:
+    config_lib.validate_fields(config)
+  except UserError as e:
+    field = str(e).partition(":")[0].removeprefix("config.")  # its line starts with the field at fault
+    given = [f"--override={k}={v}" for k, v in overrides.items() if k == field]
+    return f"{' '.join(given or [f'--override={k}={v}' for k, v in overrides.items()])}: {e}"
   return ""
 
 

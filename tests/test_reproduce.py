@@ -84,6 +84,18 @@ def test_an_override_of_the_wrong_type_is_refused_before_anything_runs(reproduce
   assert proc.stderr.startswith(f"error: --override={override}: {says}") and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("override, says", [
+    ("train.dtype=foo", "config.train.dtype: unknown compute dtype 'foo'; valid: bfloat16, float32"),
+    ("data.batch_size=-3", "config.data.batch_size: must be > 0, got -3"),
+    ("train=5", "'train' is a section of the config; override its fields (train.<field>)")])
+def test_an_override_main_would_refuse_is_one_line_before_any_seed_runs(reproduce, tmp_path, override, says):
+  proc = reproduce("linear_regression", f"--workdir={tmp_path / 'w'}", f"--override={override}")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: --override={override}: {says} (in configs/linear_regression.py, "
+                                "reproduction 'linear_regression')")
+  assert "seed" not in proc.stdout and not (tmp_path / "w").exists()
+
+
 def test_an_override_of_no_field_names_the_closest_one(reproduce, tmp_path):
   from bigmodel_jax.reproduction import load_config, missing_field
   config = load_config("configs/linear_regression.py")
