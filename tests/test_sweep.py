@@ -624,6 +624,37 @@ def test_a_search_whose_manifest_was_moved_away_finds_its_trials_again(tmp_path)
       done.name: ("done", done.overrides), failed.name: ("failed", failed.overrides)}
 
 
+def test_a_study_trial_without_this_sweeps_name_and_overrides_is_left_out(tmp_path, caplog):
+  """A study's trial with a name but no overrides (a sweep killed between the two, or another tool's attrs), one
+  with a name that is no directory of the workdir, one another tool completed: re-adopting the study's trials after
+  the manifest was lost raised KeyError. They are left out of the manifest, said in one warning; a running one that
+  was never this sweep's is ended, and none counts toward num_trials."""
+  import optuna
+  from bigmodel_jax.sweeps.search import Search
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + "num_trials = 2\n"
+                          "def search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"))
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  ours = search._ask()
+  search.tell(ours, "failed")
+  cut_short = search.study.ask()  # running, named, no overrides
+  search.study._storage.set_trial_user_attr(cut_short._trial_id, "name", "001,seed=3")
+  escaping = search.study.ask()
+  escaping.set_user_attr("overrides", {"seed": 1})
+  escaping.set_user_attr("name", "../elsewhere")
+  search.study.tell(escaping, state=optuna.trial.TrialState.FAIL)
+  search.study.add_trial(optuna.trial.create_trial(params={"seed": 5}, value=0.5, distributions={
+      "seed": optuna.distributions.IntDistribution(0, 9)}))  # completed by another tool: no attrs
+  manifest = Manifest.open(tmp_path / "out", sweep)  # the manifest moved away
+  search = Search(sweep, tmp_path / "out", manifest)
+  assert {n: e["status"] for n, e in manifest.trials.items()} == {ours.name: "failed"}
+  assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.levelname == "WARNING"] == [
+      "trial(s) 2, 3 of its study hold no name and overrides of this sweep (added by another tool?): left out of "
+      "the manifest and the report"]
+  asked = list(search.trials())
+  assert [t.number for t in asked] == [4]  # one more of its own makes num_trials; the cut-short one is ended
+  assert search.study.trials[1].state == optuna.trial.TrialState.FAIL
+
+
 def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):
   """search(trial) giving a bad override stops the sweep (one line); the fixed file's relaunch asks a trial in its
   place, so the study can still reach num_trials (the refused one counted: '1/2 done' and exit 1 forever)."""

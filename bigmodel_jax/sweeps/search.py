@@ -44,14 +44,22 @@ class Search:
 
   def _adopt(self) -> None:
     """The study's named trials that the manifest lacks (it was moved away or lost): back in it, as the study ended
-    them (the sweep's sync then finds the finished ones done on disk)."""
+    them (the sweep's sync then finds the finished ones done on disk). A trial this sweep did not record (made by
+    another tool, or cut short between its name and its overrides) is left out, said in one warning line."""
     states = self.optuna.trial.TrialState
+    foreign = []
     for frozen in self.study.get_trials(deepcopy=False):
-      name = frozen.user_attrs.get("name")
-      if name is not None and name not in self.manifest.trials:
-        self.manifest.add(Trial(name, {k: plain(v) for k, v in frozen.user_attrs["overrides"].items()}, frozen.number))
-        self.manifest.trials[name]["status"] = {states.FAIL: "failed", states.PRUNED: "pruned"}.get(frozen.state,
-                                                                                                  "interrupted")
+      trial = recorded(frozen)
+      if trial is None:  # an unnamed failed one is this sweep's, refused at ask; trials() ends the running ones
+        foreign += [str(frozen.number)] if frozen.state != states.RUNNING and (
+            frozen.user_attrs or frozen.state != states.FAIL) else []
+      elif trial.name not in self.manifest.trials:
+        self.manifest.add(trial)
+        self.manifest.trials[trial.name]["status"] = {states.FAIL: "failed", states.PRUNED: "pruned"}.get(
+            frozen.state, "interrupted")
+    if foreign:
+      logging.warning("%s: trial(s) %s of its study hold no name and overrides of this sweep (added by another "
+                      "tool?): left out of the manifest and the report", self.workdir / JOURNAL, ", ".join(foreign))
 
   def _sampler(self, asked: int):
     """A sampler whose draws continue the study: one seeded as at the study's start would ask the trials of the
@@ -74,11 +82,10 @@ class Search:
     """Trials left running by an earlier sweep (resumed), then new ones until the study has num_trials."""
     running = self.optuna.trial.TrialState.RUNNING
     for frozen in self.study.get_trials(deepcopy=False, states=(running,)):
-      if "name" not in frozen.user_attrs:  # asked, but the sweep died before naming it
+      trial = recorded(frozen)
+      if trial is None:  # asked, but the sweep died before naming it (or not asked by this sweep)
         self.study.tell(frozen.number, state=self.optuna.trial.TrialState.FAIL)
         continue
-      trial = Trial(frozen.user_attrs["name"], {k: plain(v) for k, v in frozen.user_attrs["overrides"].items()},
-                    frozen.number)
       self.manifest.add(trial)
       if trials_lib.is_done(self.workdir / trial.name):  # it finished just before the sweep stopped
         self.manifest.update(trial.name, status="done")
@@ -87,7 +94,7 @@ class Search:
       yield trial
     # trials that were run count: one whose search(trial) failed or was refused (a bug in the sweep file, fixed
     # before the relaunch) or that was never named is asked again, so the study can still reach num_trials
-    while sum("name" in t.user_attrs for t in self.study.get_trials(deepcopy=False)) < self.sweep.num_trials:
+    while sum(recorded(t) is not None for t in self.study.get_trials(deepcopy=False)) < self.sweep.num_trials:
       yield self._ask()
 
   def _ask(self) -> Trial:
@@ -104,8 +111,8 @@ class Search:
     labels = {k: self.sweep.label(k) for k in overrides}
     self.manifest.data.setdefault("labels", {}).update(labels)
     trial = Trial(trial_name(overrides, labels, NAME_DIGITS, prefix=f"{asked.number:03d},"), overrides, asked.number)
-    asked.set_user_attr("name", trial.name)
     asked.set_user_attr("overrides", {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
+    asked.set_user_attr("name", trial.name)  # last: a named trial has its overrides
     self.manifest.add(trial)
     return trial
 
@@ -122,3 +129,12 @@ class Search:
         self.study.tell(trial.number, state=states.FAIL)
     elif status in ("failed", "pruned"):
       self.study.tell(trial.number, state=states.FAIL if status == "failed" else states.PRUNED)
+
+
+def recorded(frozen) -> Trial | None:
+  """The trial this sweep recorded in a study's trial (its name, a directory in the workdir, and its overrides), or
+  None where it holds no such pair: asked but never named, or added to the study by another tool."""
+  name, overrides = frozen.user_attrs.get("name"), frozen.user_attrs.get("overrides")
+  if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or not isinstance(overrides, dict):
+    return None
+  return Trial(name, {k: plain(v) for k, v in overrides.items()}, frozen.number)
