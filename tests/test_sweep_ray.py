@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_sweep import FIXED, run_sweep, sweep_env, trial_dirs, write  # noqa: F401 (sweep_env is a fixture)
+from test_sweep import FIXED, ROOT, run_sweep, sweep_env, trial_dirs, write  # noqa: F401 (sweep_env is a fixture)
 
 # not imported here: only the Ray head and the sweep's own process load Ray
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
@@ -105,3 +105,19 @@ def test_a_trial_that_finished_before_the_scheduler_stopped_it_is_recorded_done(
   ended = json.loads(proc.stdout.splitlines()[-1])
   assert ended["sweep"] == ["done"]  # its final_metrics.json is there: done, whatever its worker has recorded
   assert ended["launches"] is not None and [(e["status"], e["exit_code"]) for e in ended["launches"]] == [("done", 0)]
+
+
+def test_a_relative_path_is_read_from_the_launch_directory_as_the_local_runner_reads_it(ray_address, sweep_env,
+                                                                                         tmp_path):
+  """A trial ran in its Ray worker's directory (Tune's trial dir under WORKDIR/ray): data.path=in.txt, which the
+  local runner reads from where the sweep was launched, did not exist there and every trial failed."""
+  (tmp_path / "in.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                                           for i in range(300)))
+  path = write(tmp_path / "s.py", f'base = "{ROOT}/configs/shakespeare_char_gpt.py:smoke"\nresources = {{"cpu": 1}}\n'
+               'overrides = {"train.num_steps": 4, "schedule.warmup_steps": 0, "evals.validation.every": 4, '
+               '"data.path": "in.txt"}\ndef sweep():\n  yield {"seed": 0}\n')
+  proc = subprocess.run([sys.executable, "-m", "bigmodel_jax.sweep", str(path), "--workdir=out", "--executor=ray",
+                         f"--ray_address={ray_address}"], cwd=tmp_path, env={**sweep_env, **RAY_ENV},
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert [d.name for d in trial_dirs(tmp_path / "out")] == ["seed=0"]

@@ -5,8 +5,10 @@ Each Tune trial is a TrialTrainable in a Ray worker: it starts bigmodel_jax.main
 every validation record of the trial's metrics.jsonl to Tune as it appears (`step` = the training step), so an
 ASHA scheduler (`asha = {"grace_period": 100, "max_t": 1000}`, in training steps) can stop weak trials early:
 a stopped trial gets SIGTERM, saves a checkpoint and is marked 'pruned'. The sweep workdir must be on a
-filesystem every Ray node sees (the trials write their records there). Stopping the sweep (SIGTERM, Ctrl-C) drops
-a stop file there that every running trial watches: each stops its process (checkpoint first) and ends.
+filesystem every Ray node sees (the trials write their records there), and so must the directory the sweep was
+launched from: each trial runs there, as a local one does, so a relative path (data.path=in.txt) is the same file.
+Stopping the sweep (SIGTERM, Ctrl-C) drops a stop file in the workdir that every running trial watches: each stops
+its process (checkpoint first) and ends.
 """
 
 import collections
@@ -145,7 +147,8 @@ class RayExecutor:
     """Joins the cluster at `address` now, so a wrong one fails before the sweep touches its workdir."""
     self.parallel = parallel
     address = resolve_address(address)
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars = {k: os.pathsep.join(str(Path(p).absolute()) for p in os.environ[k].split(os.pathsep) if p)
+                for k in FORWARDED_ENV if k in os.environ}  # a worker starts elsewhere: PYTHONPATH=. is this cwd
     logging.getLogger("ray").setLevel(logging.ERROR)
     try:
       ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,

@@ -40,7 +40,8 @@ def launch_spec(sweep: Sweep, trial: Trial, workdir: Path) -> dict:
   return {"name": trial.name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                             for k, v in trial.overrides.items()},
           "dir": str(directory), "argv": command(sweep, trial, directory), "env": {EXPERIMENT_ENV: sweep.name},
-          "metric": sweep.metric, "eval": sweep.config.train.best_eval or "validation"}
+          "metric": sweep.metric, "eval": sweep.config.train.best_eval or "validation",
+          "cwd": str(Path.cwd())}  # the launch directory: a relative path (data.path=in.txt) is read from it
 
 
 def read_json(path: Path) -> dict | None:
@@ -192,7 +193,7 @@ class Launch:
       err.flush()
       self.stderr_offset += len(stamp.encode())
       self.proc = subprocess.Popen(wrappers(cpus) + argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                   env={**os.environ, **spec["env"], **(env or {})})
+                                   env={**os.environ, **spec["env"], **(env or {})}, cwd=spec.get("cwd"))
     if cpus and not shutil.which("taskset") and hasattr(os, "sched_setaffinity"):
       os.sched_setaffinity(self.proc.pid, cpus)  # before the interpreter has started any thread; they inherit it
 
