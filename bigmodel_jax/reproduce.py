@@ -29,9 +29,9 @@ import urllib.parse
 from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
-from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, callers_path, flag_value,
-                                       invalid_overrides, load_config, load_registry, metric_value, missing_field,
-                                       same_flags, wrong_type)
+from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, as_launched, callers_path,
+                                       flag_value, invalid_overrides, load_config, load_registry, metric_value,
+                                       missing_field, same_flags, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
@@ -153,6 +153,20 @@ def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
   cli.resolve_overrides(config, given)  # as main resolves the same flags
   diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()), run_config.RESULT_FIELDS)
   return "; ".join(d for d in diffs if d.partition(":")[0] not in given)
+
+
+def other_resume(r: Reproduction, seed: int, workdir: Path, overrides: dict) -> str:
+  """Why main would refuse to resume the unfinished run in `workdir` with the config of this seed's flags: the run
+  holds another config (a relaunch with another --override) ("" if it would resume it, or there is none)."""
+  from bigmodel_jax.workdir import check_workdir
+  if not workdir.is_dir() or finished(workdir):
+    return ""
+  config, _ = as_launched(load_config(r.config), {**r.overrides, **overrides, "seed": seed})
+  try:
+    check_workdir(workdir, config)
+  except UserError as e:
+    return str(e).replace("--config.", "--override=")
+  return ""
 
 
 def run_seed(argv: list[str], workdir: Path) -> dict:
@@ -332,6 +346,9 @@ def main(argv: list[str]) -> int:
       if other:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run made with {other}; use another --workdir "
                        "for other settings")
+      refused = other_resume(r, seed, seed_dir, overrides)  # each launch would fail on it: an ERROR row
+      if refused:
+        raise BadInput(f"--workdir: {refused}")
       changed = other_config(r, seed_dir, overrides)
       if changed:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run of another config than {r.config} gives now "

@@ -240,24 +240,34 @@ def as_main_reads(old, text: str):
   return parsers.get(type(old), flags.ArgumentParser)().parse(text)
 
 
-def invalid_overrides(config, fixed: dict, overrides: dict) -> str:
-  """What a training launch would refuse in `config` with the registry's `fixed` overrides and the caller's
-  `overrides` (each as main parses its text), checked as main checks its config before anything runs, devices
-  aside (config.validate_fields): one line naming the override where one field is at fault ("" if nothing)."""
+def as_launched(config, fields: dict):
+  """A copy of `config` with `fields` set as main's command line sets them (their text parsed for each field's
+  kind) and resolved as main resolves them -> (that config, the first field it cannot take, as one line, or "")."""
   import copy
   from bigmodel_jax import cli, config as config_lib
-  from bigmodel_jax.errors import UserError
   from bigmodel_jax.sweeps.spec import check_override
   config = copy.deepcopy(config)
-  for key, value in {**fixed, **overrides}.items():
+  for key, value in fields.items():
     try:
       problem = check_override(config, key, as_main_reads(config_lib.get_field(config, key), flag_value(value)),
                                [], "the config")
     except ValueError:
       problem = "give a value of the field's type"
     if problem:
-      return f"--override={key}={value}: {problem.removeprefix(f'{key}={value!r}: ')}"
-  cli.resolve_overrides(config, [*fixed, *overrides, "seed"])
+      return config, f"--override={key}={value}: {problem.removeprefix(f'{key}={value!r}: ')}"
+  cli.resolve_overrides(config, list(fields))
+  return config, ""
+
+
+def invalid_overrides(config, fixed: dict, overrides: dict) -> str:
+  """What a training launch would refuse in `config` with the registry's `fixed` overrides and the caller's
+  `overrides` (each as main parses its text), checked as main checks its config before anything runs, devices
+  aside (config.validate_fields): one line naming the override where one field is at fault ("" if nothing)."""
+  from bigmodel_jax import config as config_lib
+  from bigmodel_jax.errors import UserError
+  config, problem = as_launched(config, {**fixed, **overrides, "seed": 0})
+  if problem:
+    return problem
   try:
     config_lib.validate_fields(config)
   except UserError as e:

@@ -75,6 +75,21 @@ def test_other_flags_on_a_finished_run_are_refused_and_its_row_is_kept(card, rep
   assert (workdir / "report.json").read_text() == before  # the PASS row stays
 
 
+def test_an_unfinished_seed_relaunched_with_another_override_is_refused_up_front(card, reproduce, tmp_path):
+  """A seed cut short, relaunched with another --override: each seed's launch was refused by main (the run holds
+  another config), an ERROR row per seed that replaced the reproduction's row; it is one line before anything runs."""
+  workdir = shutil.copytree(card, tmp_path / "card")
+  (workdir / "linear_regression" / "seed_0" / "final_metrics.json").unlink()  # its checkpoints stay
+  before = (workdir / "report.json").read_text()
+  proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}", "--override=optimizer.learning_rate=0.05")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.strip() == (
+      f"error: --workdir: {workdir / 'linear_regression' / 'seed_0'} holds a run with a different config "
+      "(optimizer.learning_rate: 0.1 -> 0.05); use a new --workdir or pass --override=train.allow_config_change=true "
+      "to continue it anyway")
+  assert (workdir / "report.json").read_text() == before and "running" not in proc.stdout
+
+
 @pytest.mark.parametrize("override, says", [("optimizer.learning_rate=abc", "a float field"),
                                             ("train.num_epochs=1e3", "an int field"),
                                             ("train.progress_bar=yes", "a bool field")])
