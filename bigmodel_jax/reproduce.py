@@ -2,7 +2,7 @@
 
     python -m bigmodel_jax.reproduce --list
     python -m bigmodel_jax.reproduce linear_regression digits_mlp --workdir=runs/reproduce
-    python -m bigmodel_jax.reproduce all --workdir=runs/reproduce --override=data.path=/data/input.txt
+    python -m bigmodel_jax.reproduce shakespeare_char_gpt_cpu --workdir=runs/reproduce --override=data.path=/data/in.txt
     python -m bigmodel_jax.reproduce --readme runs/reproduce/report.json     # the README's results table
 
 Each reproduction is declared once, in experiments/reproductions.py: a config (and variant), overrides, the
@@ -338,7 +338,8 @@ def main(argv: list[str]) -> int:
       raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")
     invalid = overrides and invalid_overrides(config, r.overrides, overrides)  # what each seed's launch would refuse
     if invalid:
-      raise BadInput(f"{invalid} (in {r.config}, reproduction {r.name!r}); fix or drop the override")
+      raise BadInput(f"{invalid} (in {r.config}, reproduction {r.name!r}); fix the override, or name only the "
+                     "reproductions it fits (it goes to every one)")
   workdir = Path(args.workdir).expanduser().resolve()
   for r in selected:  # before anything runs: a finished seed made with other settings would be an ERROR row
     for seed, seed_dir in seed_dirs(r, workdir, args.seeds):

@@ -111,6 +111,18 @@ def test_an_override_main_would_refuse_is_one_line_before_any_seed_runs(reproduc
   assert "seed" not in proc.stdout and not (tmp_path / "w").exists()
 
 
+def test_an_override_that_fits_only_some_reproductions_says_to_name_those(reproduce, tmp_path):
+  """'all --override=data.path=...' (the docstring's example) ran every seed of every other reproduction into an
+  ERROR row (their datasets read no file); refused up front, the line says the override goes to every one named."""
+  (tmp_path / "in.txt").write_text("some text\n")
+  proc = reproduce("all", f"--workdir={tmp_path / 'w'}", f"--override=data.path={tmp_path / 'in.txt'}")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.startswith(f"error: --override=data.path={tmp_path / 'in.txt'}: config.data.path: dataset ")
+  assert proc.stderr.strip().endswith("; fix the override, or name only the reproductions it fits (it goes to every "
+                                      "one)")
+  assert not (tmp_path / "w").exists()
+
+
 def test_an_override_of_no_field_names_the_closest_one(reproduce, tmp_path):
   from bigmodel_jax.reproduction import load_config, missing_field
   config = load_config("configs/linear_regression.py")
