@@ -20,25 +20,19 @@ import functools
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, as_launched, callers_path,
                                        flag_value, invalid_overrides, load_config, load_registry, metric_value,
-                                       missing_field, same_flags, wrong_type)
+                                       missing_field, same_flags, skip_reason, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
-ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
-NETWORK_TIMEOUT_S = 3.0
-
-
-# --- what a reproduction needs ------------------------------------------------------------------------------
+# --- what a reproduction needs (skip_reason: reproduction.py) ------------------------------------------------
 
 
 def accelerator() -> str:
@@ -46,35 +40,6 @@ def accelerator() -> str:
   proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                         capture_output=True, text=True, timeout=300, env=run_env())
   return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else "none"
-
-
-def reachable(url: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
-  parts = urllib.parse.urlsplit(url)
-  try:
-    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                             timeout=timeout).close()
-    return True
-  except OSError:
-    return False
-
-
-def skip_reason(r: Reproduction, overrides: dict, backend) -> tuple[str, str]:
-  """Why this machine cannot run `r` ("" if it can), and what would help. backend(): jax's backend, asked once."""
-  if "gpu" in r.needs and backend() not in ACCELERATORS:
-    return f"no GPU (jax's backend here is {backend()})", "run it where jax sees a GPU"
-  if r.download is not None:
-    fields = {**r.overrides, **overrides}
-    if fields.get("data.path"):
-      return "", ""
-    from bigmodel_jax.data import fetch
-    root = fetch.data_dir(str(fields.get("data.data_dir", "")))
-    missing = [f for f in r.download.files if not (root / f).exists()]
-    if missing and not any(reachable(u) for u in r.download.urls):
-      hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname for u in r.download.urls}))
-      return (f"no network ({hosts} unreachable, {missing[0]} not in the data dir)",
-              f"put {', '.join(r.download.files)} in {root} from a machine with network"
-              + (f", or {r.download.hint}" if r.download.hint else ""))
-  return "", ""
 
 
 # --- running ------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import dataclasses
 import importlib.util
 import os
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 
 import bigmodel_jax
@@ -16,6 +18,8 @@ REGISTRY = ROOT / "experiments" / "reproductions.py"
 NEEDS = ("cpu", "gpu", "network")
 BOUND = re.compile(r"^\s*(>=|<=|>|<|~)\s*([-+0-9.eE]+)\s*(?:(?:±|\+-|\+/-)\s*([0-9.eE]+))?\s*$")
 NAME = re.compile(r"^[a-z0-9_]+$")  # a directory name under the workdir
+ACCELERATORS = ("gpu", "tpu")  # jax backends that satisfy needs 'gpu'
+NETWORK_TIMEOUT_S = 3.0
 
 
 class BadInput(Exception):
@@ -92,6 +96,41 @@ def metric_value(final: dict, target: Target) -> float:
   if not isinstance(value, (int, float)) or isinstance(value, bool):
     raise ValueError(f"final_metrics.json's {target.label} is {value!r}, not a number")
   return float(value)
+
+
+# --- what a reproduction needs ------------------------------------------------------------------------------
+
+
+def reachable(url: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+  parts = urllib.parse.urlsplit(url)
+  try:
+    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                             timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def skip_reason(r: Reproduction, overrides: dict, backend) -> tuple[str, str]:
+  """Why this machine cannot run `r` ("" if it can), and what would help. backend(): jax's backend, asked once."""
+  if "gpu" in r.needs and backend() not in ACCELERATORS:
+    return f"no GPU (jax's backend here is {backend()})", "run it where jax sees a GPU"
+  if r.download is not None:
+    fields = {**r.overrides, **overrides}
+    if fields.get("data.path"):
+      return "", ""
+    from bigmodel_jax.data import fetch
+    root = fetch.data_dir(str(fields.get("data.data_dir", "")))
+    missing = [f for f in r.download.files if not (root / f).exists()]
+    if missing and not any(reachable(u) for u in r.download.urls):
+      hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname for u in r.download.urls}))
+      return (f"no network ({hosts} unreachable, {missing[0]} not in the data dir)",
+              f"put {', '.join(r.download.files)} in {root} from a machine with network"
+              + (f", or {r.download.hint}" if r.download.hint else ""))
+  return "", ""
+
+
+# --- overrides and flags ------------------------------------------------------------------------------------
 
 
 # Fields naming a file or directory. A reproduction's runs start in the repo root (their configs' paths are the
