@@ -301,7 +301,7 @@ def main(argv: list[str]) -> int:
     wrong = wrong_type(config, overrides)
     if wrong:
       raise BadInput(f"--override={wrong} in {r.config} (reproduction {r.name!r}); give a value of that type")
-    invalid = overrides and invalid_overrides(config, r.overrides, overrides)  # what each seed's launch would refuse
+    invalid = overrides and invalid_overrides(config, r.overrides, overrides, r.targets)  # launches would refuse it
     if invalid:
       raise BadInput(f"{invalid} (in {r.config}, reproduction {r.name!r}); fix the override, or name only the "
                      "reproductions it fits (it goes to every one)")

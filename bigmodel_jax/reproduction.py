@@ -298,21 +298,29 @@ def as_launched(config, fields: dict):
   return config, ""
 
 
-def invalid_overrides(config, fixed: dict, overrides: dict) -> str:
+def invalid_overrides(config, fixed: dict, overrides: dict, targets: tuple = ()) -> str:
   """What a training launch would refuse in `config` with the registry's `fixed` overrides and the caller's
   `overrides` (each as main parses its text), checked as main checks its config before anything runs, devices
-  aside (config.validate_fields): one line naming the override where one field is at fault ("" if nothing)."""
+  aside (config.validate_fields), or a selection that leaves a 'best' target of `targets` unjudged or judged on
+  another checkpoint: one line naming the override where one field is at fault ("" if nothing)."""
   from bigmodel_jax import config as config_lib
   from bigmodel_jax.errors import UserError
+
+  def named(field: str, problem: str) -> str:
+    given = [f"--override={k}={v}" for k, v in overrides.items() if k == field]
+    return f"{' '.join(given or [f'--override={k}={v}' for k, v in overrides.items()])}: {problem}"
+  registry, _ = as_launched(config, fixed)
   config, problem = as_launched(config, {**fixed, **overrides, "seed": 0})
   if problem:
     return problem
   try:
     config_lib.validate_fields(config)
   except UserError as e:
-    field = str(e).partition(":")[0].removeprefix("config.")  # its line starts with the field at fault
-    given = [f"--override={k}={v}" for k, v in overrides.items() if k == field]
-    return f"{' '.join(given or [f'--override={k}={v}' for k, v in overrides.items()])}: {e}"
+    return named(str(e).partition(":")[0].removeprefix("config."), str(e))  # its line starts with the field
+  for t, field in ((t, f) for t in targets if t.split == "best" for f in ("best_eval", "best_metric", "best_mode")):
+    if config.train[field] != registry.train[field]:  # the target is the best checkpoint's value, as selected there
+      return named(f"train.{field}", f"the target {t.label} {t.bound} is the value of the checkpoint selected with "
+                                     f"train.{field}={registry.train[field]!r}; the runs would select another")
   return ""
 
 

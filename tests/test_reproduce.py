@@ -123,6 +123,23 @@ def test_an_override_that_fits_only_some_reproductions_says_to_name_those(reprod
   assert not (tmp_path / "w").exists()
 
 
+def test_an_override_that_selects_another_best_checkpoint_than_the_target_reads_is_refused(reproduce, tmp_path):
+  """A 'best' target is the value of the checkpoint the registry's selection picks: --override=train.best_metric=loss
+  trained every seed, then each was an ERROR row (no best accuracy); train.best_eval='' selected nothing."""
+  path = registry(tmp_path, """
+      Reproduction("best_run", "configs/digits_mlp.py:smoke", (Target("best", "accuracy", ">= 0.5"),), "a test",
+                   overrides={"train.best_metric": "accuracy", "train.best_mode": "max"}),
+  """)
+  for override, field in (("train.best_metric=loss", "best_metric='accuracy'"),
+                          ("train.best_eval=", "best_eval='validation'")):
+    proc = reproduce("best_run", f"--registry={path}", f"--workdir={tmp_path / 'w'}", f"--override={override}",
+                     "--override=train.best_mode=min" if "loss" in override else "--seeds=1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: --override={override}: the target best validation accuracy >= 0.5 is the "
+                                  f"value of the checkpoint selected with train.{field}; the runs would select another")
+    assert not (tmp_path / "w").exists()
+
+
 def test_an_override_of_no_field_names_the_closest_one(reproduce, tmp_path):
   from bigmodel_jax.reproduction import load_config, missing_field
   config = load_config("configs/linear_regression.py")
