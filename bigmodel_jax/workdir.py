@@ -57,20 +57,26 @@ def check_workdir(workdir: Path, config) -> None:
     raise UserError(f"--workdir: {workdir / 'checkpoints'} is not a directory, but a run keeps its checkpoints "
                     "there; move it away or use another --workdir")
   refuse_other_workdir(workdir, "a training run")
+  diffs = resume_differences(workdir, config)
+  if diffs:
+    raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
+                    "or pass --config.train.allow_config_change=true to continue it anyway")
+
+
+def resume_differences(workdir: Path, config) -> list[str]:
+  """How `config` differs from the config of the checkpointed run in `workdir` where continuing it would mix them
+  ([] if it may continue: no run, no checkpoint, the same config or train.allow_config_change)."""
   saved = saved_config(workdir)
   if saved is None or not has_checkpoints(workdir) or config.train.allow_config_change:
-    return
+    return []
   t = config.train  # with early stopping, the selection evaluator's cadence decides where training stops
   counted = (f"evals.{t.best_eval}.",) if t.best_eval and t.early_stopping.patience > 0 else ()
   from bigmodel_jax.tasks import TASKS
   task = TASKS.get(config.task.name)
   counted += task.scored_by  # a GAN's quality classifier
   current = task.as_compared(json.loads(config.to_json_best_effort()))
-  diffs = [d for d in run_config.config_differences(task.as_compared(saved), current, counted)
-           if not (d.startswith("data.path:") and path_is_guarded(workdir))]
-  if diffs:
-    raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use a new --workdir "
-                    "or pass --config.train.allow_config_change=true to continue it anyway")
+  return [d for d in run_config.config_differences(task.as_compared(saved), current, counted)
+          if not (d.startswith("data.path:") and path_is_guarded(workdir))]
 
 
 def path_is_guarded(workdir: Path) -> bool:

@@ -464,6 +464,23 @@ def test_a_finished_trial_made_with_another_config_is_not_taken_as_done(grid, tm
   assert not (copy / "manifest.json").exists()  # refused before anything is written
 
 
+def test_a_trial_cut_short_with_another_config_is_refused_before_anything_runs(grid, tmp_path):
+  """A trial stopped with a checkpoint, then the base config edited: the relaunch ran the other trials with the new
+  config and launched this one for main to refuse (a failed trial), one sweep of two configs; refused up front."""
+  folder, workdir, _ = grid
+  copy = Path(shutil.copytree(workdir, tmp_path / "out"))
+  sweep = spec.load(folder / "grid.py")
+  trial = copy / "learning_rate=0.003,seed=1"
+  (trial / "final_metrics.json").unlink()  # cut short: its checkpoints stay
+  assert trial.name in [t.name for t in Manifest.open(copy, sweep).sync(sweep)]  # as it ran: resumed
+  config = json.loads((trial / "config.json").read_text())
+  config["model"]["hidden_sizes"] = [4]  # what an edit of the base file between launches makes of it
+  (trial / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match=r"^--workdir: trial learning_rate=0\.003,seed=1 stopped unfinished with another "
+                                      r"config than .* \(model\.hidden_sizes: \[4\] -> \[128, 128\]\).*move .* away"):
+    Manifest.open(copy, sweep).sync(sweep)
+
+
 @pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list", "no-overrides",
                                   "labels-a-number"])
 def test_a_hand_damaged_manifest_is_one_line(grid, tmp_path, edit):

@@ -148,9 +148,14 @@ class Manifest:
     for name, entry in self.trials.items():  # a done trial is skipped: it must be the run this sweep would make
       diffs = other_config(sweep, self.workdir / name, entry.get("overrides") or {}) if (
           entry["status"] == "done" and entry.get("in_sweep")) else []
+      if entry["status"] in RUN_AGAIN and entry.get("in_sweep"):  # one cut short: main refuses to continue it
+        from bigmodel_jax.sweeps.spec import trial_config
+        from bigmodel_jax.workdir import resume_differences
+        diffs = resume_differences(self.workdir / name, trial_config(sweep, entry.get("overrides") or {})[0])
       if diffs:
         more = f"; ... ({len(diffs)} fields)" if len(diffs) > 3 else ""
-        raise UserError(f"--workdir: trial {name} finished with another config than {sweep.path} gives it now "
+        done = "finished" if entry["status"] == "done" else "stopped unfinished"
+        raise UserError(f"--workdir: trial {name} {done} with another config than {sweep.path} gives it now "
                         f"({'; '.join(diffs[:3])}{more}): the base config or the sweep changed since; use another "
                         f"--workdir, or move {self.workdir / name} away to run it again")
     self.save()
