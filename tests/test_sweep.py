@@ -672,6 +672,30 @@ def test_a_study_trial_without_this_sweeps_name_and_overrides_is_left_out(tmp_pa
   assert search.study.trials[1].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_study_journal_cut_short_continues_and_a_damaged_one_is_one_line(tmp_path):
+  """optuna.journal with its last line cut short (the sweep killed, or the disk full, mid-write): optuna read past it
+  but appended the next record to it, a JSONDecodeError traceback at the relaunch and at every one after. The cut
+  line is dropped and the study goes on; a line damaged inside the journal (a hand edit) is one line."""
+  from bigmodel_jax.sweeps.search import JOURNAL, Search
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + "num_trials = 3\n"
+                          "def search(trial):\n  return {'seed': trial.suggest_int('seed', 0, 9)}\n"))
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  first, second = search._ask(), search._ask()
+  search.tell(first, "failed")
+  journal = tmp_path / "out" / JOURNAL
+  journal.write_bytes(journal.read_bytes()[:-10])  # the record of the first's end cut short: it is running again
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  search.tell(search._ask(), "failed")
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))  # it reads again
+  assert [t.state.name for t in search.study.trials] == ["RUNNING", "RUNNING", "FAIL"]
+  assert [t.user_attrs.get("name") for t in search.study.trials[:2]] == [first.name, second.name]
+  lines = journal.read_bytes().splitlines(keepends=True)
+  journal.write_bytes(b"".join([*lines[:2], b"{not json\n", *lines[2:]]))
+  with pytest.raises(UserError, match=rf"^--workdir: {re.escape(str(journal))} is damaged \(JSONDecodeError: .*\); "
+                                      "restore it, or move it away to start the search afresh"):
+    Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+
+
 def test_a_search_trial_refused_at_ask_is_asked_again_after_the_fix(tmp_path):
   """search(trial) giving a bad override stops the sweep (one line); the fixed file's relaunch asks a trial in its
   place, so the study can still reach num_trials (the refused one counted: '1/2 done' and exit 1 forever)."""

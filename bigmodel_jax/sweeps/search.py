@@ -8,6 +8,7 @@ stopped or killed sweep left running are resumed from their own checkpoints firs
 
 import inspect
 import logging
+import os
 import math
 from pathlib import Path
 from typing import Iterator
@@ -26,9 +27,15 @@ class Search:
     optuna.logging.set_verbosity(logging.WARNING)
     self.optuna, self.sweep, self.workdir, self.manifest = optuna, sweep, Path(workdir), manifest
     workdir.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
     direction = "maximize" if sweep.mode == "max" else "minimize"
-    self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True, direction=direction)
+    drop_cut_short_line(workdir / JOURNAL)
+    try:
+      storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(workdir / JOURNAL)))
+      self.study = optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
+                                       direction=direction)
+    except (ValueError, KeyError) as e:  # a line that is no record (a hand edit): optuna's JSONDecodeError, KeyError
+      raise UserError(f"--workdir: {workdir / JOURNAL} is damaged ({type(e).__name__}: {e}); restore it, or move it "
+                      "away to start the search afresh (finished trials stay in their directories)") from None
     # its trials were told values of this metric; a study from before it was recorded: the one its manifest names
     held = self.study.user_attrs.get("metric") or manifest.data.get("metric") or sweep.metric
     if held != sweep.metric:  # first: another metric may have another direction (accuracy -> loss)
@@ -138,3 +145,20 @@ def recorded(frozen) -> Trial | None:
   if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or not isinstance(overrides, dict):
     return None
   return Trial(name, {k: plain(v) for k, v in overrides.items()}, frozen.number)
+
+
+def drop_cut_short_line(journal: Path) -> None:
+  """Drops the journal's last line where it is cut short (the sweep killed, or the disk full, mid-write): optuna
+  reads past it, but appends the next record to it, and the journal no longer reads. (The sweep's lock is held: no
+  other process is writing it.)"""
+  if not journal.is_file() or not journal.stat().st_size:
+    return
+  with open(journal, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    keep = f.read().rfind(b"\n") + 1
+  os.truncate(journal, keep)
+  logging.warning("%s: its last line was cut short (the sweep stopped mid-write); dropped it (an unfinished record)",
+                  journal)
