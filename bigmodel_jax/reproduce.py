@@ -236,6 +236,23 @@ def list_table(entries: list[Reproduction]) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def lock_workdir(workdir: Path):
+  """One reproduce tool per workdir (an flock the OS drops when the process dies): a second one waited on the
+  first's seeds, failed on their locks and merged its ERROR rows into the same report."""
+  import fcntl
+  lock = open(workdir / ".reproduce.lock", "a+")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    lock.seek(0)
+    raise BadInput(f"--workdir: {workdir} is in use by another reproduce (pid {lock.read().strip() or '?'}); wait "
+                   "for it or stop it (the same command then resumes its seeds)") from None
+  lock.truncate(0)
+  lock.write(str(os.getpid()))
+  lock.flush()
+  return lock
+
+
 # --- command line -------------------------------------------------------------------------------------------
 
 
@@ -331,6 +348,7 @@ def main(argv: list[str]) -> int:
       except BadInput as e:
         raise BadInput(f"{e}; restore it, or move it away (a launch naming the reproductions it held rewrites their "
                        "rows, finished runs read back without training)") from None
+    lock = lock_workdir(workdir)  # noqa: F841 (held until the tool exits)
   backend = functools.cache(accelerator)  # asked once, when a reproduction needs it
 
   def on_sigterm(signum, frame):

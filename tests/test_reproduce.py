@@ -375,6 +375,28 @@ def test_a_lock_file_that_is_a_directory_is_the_runs_one_line_error(tmp_path):
   assert record["error"] == "exit 2: error: .train.lock is a directory"
 
 
+def test_a_second_tool_in_the_same_workdir_is_refused(reproduce, tmp_path):
+  """The same command launched twice (two terminals): the second waited on the first's seeds, failed on their
+  locks and merged ERROR rows into the report the first was writing."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys\n"
+                             "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid()))\n"
+                             "f.flush(); print('locked', flush=True); sys.stdin.read()",
+                             str(workdir / ".reproduce.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}")
+  finally:
+    holder.stdin.close()
+    holder.wait()
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      f"error: --workdir: {workdir} is in use by another reproduce (pid {holder.pid}); wait for it or stop it (the "
+      "same command then resumes its seeds)"], proc.stderr[-2000:]
+  assert sorted(p.name for p in workdir.iterdir()) == [".reproduce.lock"]
+
+
 def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
   """--registry=WORKDIR/report.json (the card, not the registry) was a traceback wall ('NoneType' has no 'loader')."""
   from bigmodel_jax.reproduction import BadInput, load_registry
