@@ -123,11 +123,12 @@ def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
 def other_resume(r: Reproduction, seed: int, workdir: Path, overrides: dict) -> str:
   """Why main would refuse to resume the unfinished run in `workdir` with the config of this seed's flags: the run
   holds another config (a relaunch with another --override) ("" if it would resume it, or there is none)."""
-  from bigmodel_jax.workdir import check_workdir
+  from bigmodel_jax.workdir import adopt_legacy_config, check_workdir
   if not workdir.is_dir() or finished(workdir):
     return ""
   config, _ = as_launched(load_config(r.config), {**r.overrides, **overrides, "seed": seed})
   try:
+    adopt_legacy_config(workdir, config)  # as main does before its check
     check_workdir(workdir, config)
   except UserError as e:
     return str(e).replace("--config.", "--override=")

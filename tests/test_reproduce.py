@@ -88,6 +88,13 @@ def test_an_unfinished_seed_relaunched_with_another_override_is_refused_up_front
       "(optimizer.learning_rate: 0.1 -> 0.05); use a new --workdir or pass --override=train.allow_config_change=true "
       "to continue it anyway")
   assert (workdir / "report.json").read_text() == before and "running" not in proc.stdout
+  from bigmodel_jax.reproduce import other_resume
+  from bigmodel_jax.reproduction import REGISTRY, load_registry
+  seed_dir = workdir / "linear_regression" / "seed_0"
+  config = json.loads((seed_dir / "config.json").read_text())
+  del config["evals"]  # a run from before validation splits: main adopts it as it was, then compares
+  (seed_dir / "config.json").write_text(json.dumps(config))
+  assert other_resume(load_registry(REGISTRY)[0], 0, seed_dir, {}) == ""
 
 
 @pytest.mark.parametrize("override, says", [("optimizer.learning_rate=abc", "a float field"),

@@ -479,6 +479,10 @@ def test_a_trial_cut_short_with_another_config_is_refused_before_anything_runs(g
   with pytest.raises(UserError, match=r"^--workdir: trial learning_rate=0\.003,seed=1 stopped unfinished with another "
                                       r"config than .* \(model\.hidden_sizes: \[4\] -> \[128, 128\]\).*move .* away"):
     Manifest.open(copy, sweep).sync(sweep)
+  config["model"]["hidden_sizes"] = [128, 128]
+  del config["evals"]  # a run from before validation splits: main adopts it as it was, then compares
+  (trial / "config.json").write_text(json.dumps(config))
+  assert trial.name in [t.name for t in Manifest.open(copy, sweep).sync(sweep)]
 
 
 @pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list", "no-overrides",

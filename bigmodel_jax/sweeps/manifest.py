@@ -150,8 +150,10 @@ class Manifest:
           entry["status"] == "done" and entry.get("in_sweep")) else []
       if entry["status"] in RUN_AGAIN and entry.get("in_sweep"):  # one cut short: main refuses to continue it
         from bigmodel_jax.sweeps.spec import trial_config
-        from bigmodel_jax.workdir import resume_differences
-        diffs = resume_differences(self.workdir / name, trial_config(sweep, entry.get("overrides") or {})[0])
+        from bigmodel_jax.workdir import adopt_legacy_config, resume_differences
+        config = trial_config(sweep, entry.get("overrides") or {})[0]
+        adopt_legacy_config(self.workdir / name, config)  # as main does before its check
+        diffs = resume_differences(self.workdir / name, config)
       if diffs:
         more = f"; ... ({len(diffs)} fields)" if len(diffs) > 3 else ""
         done = "finished" if entry["status"] == "done" else "stopped unfinished"
