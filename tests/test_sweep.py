@@ -485,6 +485,33 @@ def test_a_trial_cut_short_with_another_config_is_refused_before_anything_runs(g
   assert trial.name in [t.name for t in Manifest.open(copy, sweep).sync(sweep)]
 
 
+def test_a_searchs_failed_trial_with_another_config_does_not_hold_up_the_search(grid, tmp_path):
+  """A search never runs a failed trial again (the study asks new ones): one with a checkpoint whose config differs
+  from the sweep's now (the base config fixed after its trials diverged) refused the relaunch, 'move it away to run
+  it again'. Only the trials the study resumes (left running) are checked."""
+  from bigmodel_jax.sweeps.search import Search
+  folder, workdir, _ = grid
+  sweep = spec.load(write(tmp_path / "s.py", FIXED + "num_trials = 2\ndef search(trial):\n  return {"
+                          "'optimizer.learning_rate': 3e-3, 'seed': trial.suggest_int('seed', 1, 1)}\n"))
+  search = Search(sweep, tmp_path / "out", Manifest.open(tmp_path / "out", sweep))
+  failed, running = search._ask(), search._ask()
+  for trial in (failed, running):  # each stopped with a checkpoint
+    shutil.copytree(workdir / "learning_rate=0.003,seed=1", tmp_path / "out" / trial.name)
+    (tmp_path / "out" / trial.name / "final_metrics.json").unlink()
+    config = json.loads((tmp_path / "out" / trial.name / "config.json").read_text())
+    config["model"]["hidden_sizes"] = [4]  # the base file edited since
+    (tmp_path / "out" / trial.name / "config.json").write_text(json.dumps(config))
+  search.tell(failed, "failed")
+  search.manifest.update(failed.name, status="failed")
+  search.manifest.update(running.name, status="interrupted")
+  search.manifest.save()
+  with pytest.raises(UserError, match=rf"^--workdir: trial {re.escape(running.name)} stopped unfinished"):
+    Manifest.open(tmp_path / "out", sweep).sync(sweep)  # resumed by the study: main would refuse it
+  shutil.rmtree(tmp_path / "out" / running.name)
+  manifest = Manifest.open(tmp_path / "out", sweep)
+  assert manifest.sync(sweep) == [] and manifest.trials[failed.name]["status"] == "failed"
+
+
 @pytest.mark.parametrize("edit", ["no-metric", "no-trials", "trial-a-string", "identity-a-list", "no-overrides",
                                   "labels-a-number"])
 def test_a_hand_damaged_manifest_is_one_line(grid, tmp_path, edit):

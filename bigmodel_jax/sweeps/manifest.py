@@ -19,6 +19,7 @@ MANIFEST, LOCK = "manifest.json", ".sweep.lock"
 # trial statuses: pending (never ended a launch), running, done, failed, interrupted (resumable), pruned (stopped by
 # a scheduler such as ASHA: kept as it is, not resumed)
 RUN_AGAIN = ("pending", "running", "failed", "interrupted")
+RESUMED = ("pending", "running", "interrupted")  # a search's: the study holds them running
 
 
 def _jsonable(value):
@@ -148,7 +149,9 @@ class Manifest:
     for name, entry in self.trials.items():  # a done trial is skipped: it must be the run this sweep would make
       diffs = other_config(sweep, self.workdir / name, entry.get("overrides") or {}) if (
           entry["status"] == "done" and entry.get("in_sweep")) else []
-      if entry["status"] in RUN_AGAIN and entry.get("in_sweep"):  # one cut short: main refuses to continue it
+      # one cut short that is run again (a search's study resumes those left running, never a failed one): main
+      # refuses to continue it
+      if entry["status"] in (RUN_AGAIN if sweep.kind == "grid" else RESUMED) and entry.get("in_sweep"):
         from bigmodel_jax.sweeps.spec import trial_config
         from bigmodel_jax.workdir import adopt_legacy_config, resume_differences
         config = trial_config(sweep, entry.get("overrides") or {})[0]
