@@ -168,6 +168,13 @@ def loggable(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
 
+def without_matrices(record):
+  """A result to print (main): confusion matrices, at any depth, stay in the JSON files."""
+  if isinstance(record, dict):
+    return {k: without_matrices(v) for k, v in record.items() if k != "confusion_matrix"}
+  return record
+
+
 def restore_for_eval(run, checkpoint_step: int | None, flag: str | None = "--checkpoint_step",
                      check_config: bool = True, tries: int = 3):
   """(step, state) of checkpoint `checkpoint_step` (default: the latest); a damaged one is one line naming the

@@ -276,6 +276,8 @@ def main(argv):
       print(cli.list_configs(), flush=True)
     except UserError as e:
       fail(str(e))
+    except BrokenPipeError:
+      fail(errors.closed_stdout("before all of it was printed"), code=141)
     return
   if _WORKDIR.value is not None and not _WORKDIR.value.strip():
     fail("--workdir is empty; give the directory for checkpoints and metrics, e.g. --workdir=runs/mnist_cnn")
@@ -288,6 +290,8 @@ def main(argv):
                                     f"{_WORKDIR.value}/config.json"), Path(_WORKDIR.value) if _WORKDIR.value else None)
     except UserError as e:
       fail(str(e), cause=e.__cause__)
+    except BrokenPipeError:
+      fail(errors.closed_stdout("before all of it was printed"), code=141)
     return
   if _WORKDIR.value is None:
     fail("--workdir is required (where checkpoints and metrics go)")
@@ -356,7 +360,7 @@ def main(argv):
          else f"--mode={_MODE.value} interrupted; its outputs may be incomplete", code=130)
   try:
     if "texts" not in result:
-      print(json.dumps(_without_matrices(result), indent=2), flush=True)
+      print(json.dumps(evaluate.without_matrices(result), indent=2), flush=True)
     elif not result.get("streamed"):  # a language model's samples: the text itself (one was printed as it came)
       print(sample.SEPARATOR.join(result["texts"]), flush=True)
   except BrokenPipeError:
@@ -380,13 +384,6 @@ def from_run_config(message: str, workdir: Path) -> str:
   except (OSError, ValueError, KeyError, TypeError):
     return message
   return f"{file}: {message}"
-
-
-def _without_matrices(record):
-  """The result to print: confusion matrices stay in the JSON files."""
-  if isinstance(record, dict):
-    return {k: _without_matrices(v) for k, v in record.items() if k != "confusion_matrix"}
-  return record
 
 
 def run():
