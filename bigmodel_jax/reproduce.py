@@ -237,17 +237,23 @@ def list_table(entries: list[Reproduction]) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def lock_workdir(workdir: Path):
+def lock_workdir(workdir: Path, take: bool = True):
   """One reproduce tool per workdir (an flock the OS drops when the process dies): a second one waited on the
-  first's seeds, failed on their locks and merged its ERROR rows into the same report."""
+  first's seeds, failed on their locks and merged its ERROR rows into the same report. take=False only refuses a
+  workdir another tool holds: asked before the seeds' checks, whose lines would blame a seed the other is running."""
   import fcntl
-  lock = open(workdir / ".reproduce.lock", "a+")
+  path = workdir / ".reproduce.lock"
+  if not take and not path.is_file():
+    return None
+  lock = open(path, "a+" if take else "r")
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     lock.seek(0)
     raise BadInput(f"--workdir: {workdir} is in use by another reproduce (pid {lock.read().strip() or '?'}); wait "
                    "for it or stop it (the same command then resumes its seeds)") from None
+  if not take:
+    return lock.close()
   lock.truncate(0)
   lock.write(str(os.getpid()))
   lock.flush()
@@ -324,6 +330,7 @@ def main(argv: list[str]) -> int:
       raise BadInput(f"{invalid} (in {r.config}, reproduction {r.name!r}); fix the override, or name only the "
                      "reproductions it fits (it goes to every one)")
   workdir = Path(args.workdir).expanduser().resolve()
+  lock_workdir(workdir, take=False)
   for r in selected:  # before anything runs: a finished seed made with other settings would be an ERROR row
     for seed, seed_dir in seed_dirs(r, workdir, args.seeds):
       other = other_settings(seed_command(r, seed, seed_dir, overrides), seed_dir)

@@ -1,6 +1,7 @@
 """The reproduction tool: real runs of the registry's entries through main, judged against their targets; a report
 card that says PASS, FAIL (a target out of reach), SKIPPED (no GPU, no network, with why) and ERROR (a failed run)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -382,26 +383,48 @@ def test_a_lock_file_that_is_a_directory_is_the_runs_one_line_error(tmp_path):
   assert record["error"] == "exit 2: error: .train.lock is a directory"
 
 
-def test_a_second_tool_in_the_same_workdir_is_refused(reproduce, tmp_path):
-  """The same command launched twice (two terminals): the second waited on the first's seeds, failed on their
-  locks and merged ERROR rows into the report the first was writing."""
-  workdir = tmp_path / "w"
-  workdir.mkdir()
+@contextlib.contextmanager
+def another_tool_holding(workdir: Path):
+  """A process holding WORKDIR/.reproduce.lock as a reproduce tool does (its pid in it) -> that process."""
   holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys\n"
-                             "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid()))\n"
+                             "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                             "f.truncate(0); f.write(str(os.getpid()))\n"
                              "f.flush(); print('locked', flush=True); sys.stdin.read()",
                              str(workdir / ".reproduce.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}")
+    yield holder
   finally:
     holder.stdin.close()
     holder.wait()
-  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-      f"error: --workdir: {workdir} is in use by another reproduce (pid {holder.pid}); wait for it or stop it (the "
-      "same command then resumes its seeds)"], proc.stderr[-2000:]
+
+
+def in_use(workdir: Path, pid: int) -> list[str]:
+  return [f"error: --workdir: {workdir} is in use by another reproduce (pid {pid}); wait for it or stop it (the "
+          "same command then resumes its seeds)"]
+
+
+def test_a_second_tool_in_the_same_workdir_is_refused(reproduce, tmp_path):
+  """The same command launched twice (two terminals): the second waited on the first's seeds, failed on their
+  locks and merged ERROR rows into the report the first was writing."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  with another_tool_holding(workdir) as holder:
+    proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == in_use(workdir, holder.pid), proc.stderr[-2000:]
   assert sorted(p.name for p in workdir.iterdir()) == [".reproduce.lock"]
+
+
+def test_a_second_tool_with_other_overrides_is_told_the_workdir_is_in_use(card, reproduce, tmp_path):
+  """The lock was taken after the seeds' checks: a second tool with other overrides was told the seed the first one
+  is running holds another config, and to pass train.allow_config_change=true."""
+  workdir = shutil.copytree(card, tmp_path / "card")
+  (workdir / "linear_regression" / "seed_0" / "final_metrics.json").unlink()  # the first tool is running it
+  with another_tool_holding(workdir) as holder:
+    proc = reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}",
+                     "--override=optimizer.learning_rate=0.05")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == in_use(workdir, holder.pid), proc.stderr[-2000:]
 
 
 def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
