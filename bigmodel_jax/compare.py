@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from bigmodel_jax import config as config_lib
+from bigmodel_jax import config as config_lib, errors
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.sweeps.trials import read_json
 from bigmodel_jax.trackers import final_values
@@ -243,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print("\n".join(lines))
+  try:
+    print("\n".join(lines), flush=True)
+  except BrokenPipeError:  # | head
+    print(f"error: {errors.closed_stdout('before all of it was printed')}", file=sys.stderr)
+    return 141
   return 0
 
 

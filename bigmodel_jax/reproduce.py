@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from bigmodel_jax import errors
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, as_launched, callers_path,
                                        flag_value, invalid_overrides, load_config, load_registry, metric_value,
@@ -379,10 +380,15 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   try:
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()  # a closed pipe found here, not in Python's flush at exit (a traceback-like line, status 120)
   except BadInput as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except BrokenPipeError:  # | head: what was not printed is in the report's files, or --list / --readme again
+    print(f"error: {errors.closed_stdout('before all of it was printed')}", file=sys.stderr)
+    sys.exit(141)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

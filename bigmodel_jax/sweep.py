@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from bigmodel_jax.errors import UserError, fail, parse_flags, writable_directory
+from bigmodel_jax.errors import UserError, closed_stdout, fail, parse_flags, writable_directory
 from bigmodel_jax.registry import Registry
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per trial, manifest, results.")
@@ -211,8 +211,11 @@ def run(args: list[str]) -> int:
 def main(argv):
   try:
     code = run(argv[1:])
+    sys.stdout.flush()  # a closed pipe found here, not in Python's flush at exit
   except UserError as e:
     fail(str(e))
+  except BrokenPipeError:  # | head: the table is in the sweep's results files
+    fail(closed_stdout("before all of it was printed"), code=141)
   sys.exit(code)
 
 

@@ -47,6 +47,19 @@ TINY_SHAKESPEARE = next((p for p in (ROOT.parent / "shared" / "data" / "tinyshak
                         Path("/work/shared/data/tinyshakespeare/input.txt"))
 
 
+CLOSED_STDOUT = "error: SIGPIPE: stdout was closed by its reader (e.g. | head) before all of it was printed"
+
+
+def with_stdout_closed(*args, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+  """`python -m *args` from the repo root, its stdout's reader gone before the first byte (| head) -> (status,
+  stderr)."""
+  proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+  proc.stdout.close()
+  _, err = proc.communicate(timeout=timeout)
+  return proc.returncode, err
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
   """The session's JAX compilation cache (also for subprocess runs, so repeated runs start fast)."""

@@ -91,15 +91,11 @@ def test_print_config_prints_every_field_and_touches_no_file(cli, tmp_path):
 def test_stdout_closed_by_its_reader_while_printing_the_config_is_one_line(cache_dir, flag):
   """--print_config | head -1 (head gone after the line it wanted) was a BrokenPipeError traceback, exit 1, as the
   modes' results were (f4a995c): one line naming stdout, exit 141."""
-  import os
-  proc = subprocess.Popen([sys.executable, "-m", "bigmodel_jax.main", *DIGITS, flag], cwd=ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "BIGMODEL_JAX_CACHE_DIR": str(cache_dir)},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  proc.stdout.close()  # the reader gone before the first byte
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 141 and "Traceback" not in err, err[-3000:]
-  assert [l for l in err.splitlines() if l.startswith("error:")] == [
-      "error: SIGPIPE: stdout was closed by its reader (e.g. | head) before all of it was printed"], err[-3000:]
+  from conftest import CLOSED_STDOUT, with_stdout_closed
+  status, err = with_stdout_closed("bigmodel_jax.main", *DIGITS, flag, env={"BIGMODEL_JAX_CACHE_DIR": str(cache_dir)},
+                                   timeout=120)
+  assert status == 141 and "Traceback" not in err, err[-3000:]
+  assert [l for l in err.splitlines() if l.startswith("error:")] == [CLOSED_STDOUT], err[-3000:]
 
 
 def test_print_config_counts_the_parameters_and_steps_training_has(cli, digits_run):

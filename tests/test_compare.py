@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel_jax import compare, train
-from conftest import ROOT, load_config
+from conftest import CLOSED_STDOUT, ROOT, load_config, with_stdout_closed
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,11 @@ def test_runs_of_different_tasks_get_no_metric_difference(runs, tmp_path):
   assert len(rows["test/loss"]) == 3 and len(rows["validation/loss"]) == 3  # name, A, B: no B-A
   assert len(rows["step"]) == 4 and len(rows["num_params"]) == 4  # counts are compared
   assert "B: task regression, not A's classification: its metrics get no difference" in lines
+
+
+def test_stdout_closed_by_its_reader_is_one_line(runs, tmp_path):
+  """compare A B | head -1 was a BrokenPipeError traceback, exit 1; the picture is written before the text."""
+  _, (a, b, _) = runs
+  status, err = with_stdout_closed("bigmodel_jax.compare", a, b, f"--out={tmp_path}")
+  assert status == 141 and err.strip().splitlines() == [CLOSED_STDOUT], err[-3000:]
+  assert (tmp_path / "compare.png").stat().st_size > 0

@@ -433,3 +433,11 @@ def test_a_registry_that_is_not_a_python_file_is_one_line(tmp_path):
   (tmp_path / "report.json").write_text("{}")
   with pytest.raises(BadInput, match=r"^--registry=.*report.json: not a Python file; give a module like "):
     load_registry(tmp_path / "report.json")
+
+
+def test_stdout_closed_by_its_reader_is_one_line(card):
+  """reproduce --list | head -1 (or --readme) was a BrokenPipeError traceback, exit 1."""
+  from conftest import CLOSED_STDOUT, with_stdout_closed
+  for args in (["--list"], ["--readme", card / "report.json"]):
+    status, err = with_stdout_closed("bigmodel_jax.reproduce", *args)
+    assert status == 141 and err.strip().splitlines() == [CLOSED_STDOUT], (args, err[-3000:])

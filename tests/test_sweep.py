@@ -810,3 +810,12 @@ def test_a_tilde_after_the_equals_sign_is_the_home_directory(sweep_env, tmp_path
   proc = run_sweep({**sweep_env, "HOME": str(tmp_path)}, sweep, "--workdir=~/sw", "--dry_run")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"--workdir={tmp_path / 'sw'}/" in proc.stdout and not (ROOT / "~").exists(), proc.stdout
+
+
+def test_stdout_closed_by_its_reader_is_one_line(sweep_env, tmp_path):
+  """sweep --dry_run | head -1 was a BrokenPipeError traceback, exit 1."""
+  from conftest import CLOSED_STDOUT, with_stdout_closed
+  sweep = write(tmp_path / "s.py", FIXED + "def sweep():\n  yield {'seed': 0}\n")
+  status, err = with_stdout_closed("bigmodel_jax.sweep", sweep, f"--workdir={tmp_path / 'sw'}",
+                                   "--dry_run", env=sweep_env)
+  assert status == 141 and [l for l in err.splitlines() if l.startswith("error:")] == [CLOSED_STDOUT], err[-3000:]
