@@ -29,8 +29,8 @@ from pathlib import Path
 from bigmodel_jax import errors
 from bigmodel_jax.errors import UserError, refuse_other_workdir, writable_directory
 from bigmodel_jax.reproduction import (REGISTRY, ROOT, BadInput, Reproduction, as_launched, callers_path,
-                                       flag_value, invalid_overrides, load_config, load_registry, metric_value,
-                                       missing_field, same_flags, skip_reason, wrong_type)
+                                       flag_value, invalid_overrides, load_config, load_registry, lock_workdir,
+                                       metric_value, missing_field, same_flags, skip_reason, wrong_type)
 from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 # --- what a reproduction needs (skip_reason: reproduction.py) ------------------------------------------------
@@ -236,29 +236,6 @@ def list_table(entries: list[Reproduction]) -> str:
                  ",".join(r.needs), str(len(r.seeds))))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def lock_workdir(workdir: Path, take: bool = True):
-  """One reproduce tool per workdir (an flock the OS drops when the process dies): a second one waited on the
-  first's seeds, failed on their locks and merged its ERROR rows into the same report. take=False only refuses a
-  workdir another tool holds: asked before the seeds' checks, whose lines would blame a seed the other is running."""
-  import fcntl
-  path = workdir / ".reproduce.lock"
-  if not take and not path.is_file():
-    return None
-  lock = open(path, "a+" if take else "r")
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    lock.seek(0)
-    raise BadInput(f"--workdir: {workdir} is in use by another reproduce (pid {lock.read().strip() or '?'}); wait "
-                   "for it or stop it (the same command then resumes its seeds)") from None
-  if not take:
-    return lock.close()
-  lock.truncate(0)
-  lock.write(str(os.getpid()))
-  lock.flush()
-  return lock
 
 
 # --- command line -------------------------------------------------------------------------------------------
