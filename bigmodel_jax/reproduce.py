@@ -347,6 +347,11 @@ def main(argv: list[str]) -> int:
   except (Interrupted, KeyboardInterrupt) as e:
     code = e.args[0] if isinstance(e, Interrupted) else 130
     print("interrupted: the run saved a checkpoint; the same command resumes it", file=sys.stderr)
+  except BrokenPipeError:  # | head gone between seeds: the runs stop as on Ctrl-C, not only the printing
+    if args.dry_run:
+      raise
+    code, stopped = 141, f"while the reproductions ran: stopped after {len(done)} of {len(selected)} (in the report)"
+    print(f"error: {errors.closed_stdout(stopped + '; the same command resumes the rest')}", file=sys.stderr)
   if args.dry_run:
     return code
   report = write_report(workdir, done, list(by_name))

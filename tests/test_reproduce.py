@@ -441,3 +441,15 @@ def test_stdout_closed_by_its_reader_is_one_line(card):
   for args in (["--list"], ["--readme", card / "report.json"]):
     status, err = with_stdout_closed("bigmodel_jax.reproduce", *args)
     assert status == 141 and err.strip().splitlines() == [CLOSED_STDOUT], (args, err[-3000:])
+
+
+def test_stdout_closed_while_the_seeds_run_says_they_stopped(card, tmp_path):
+  """reproduce all --workdir=W | head: the reader gone between seeds stopped the tool, but its line said only that
+  stdout was closed 'before all of it was printed', as if the reproductions had run; it says they stopped."""
+  from conftest import with_stdout_closed
+  workdir = shutil.copytree(card, tmp_path / "card")
+  status, err = with_stdout_closed("bigmodel_jax.reproduce", "linear_regression", "--seeds=1", f"--workdir={workdir}")
+  assert status == 141 and err.strip().splitlines() == [
+      "error: SIGPIPE: stdout was closed by its reader (e.g. | head) while the reproductions ran: stopped after 0 of "
+      "1 (in the report); the same command resumes the rest"], err[-3000:]
+  assert json.loads((workdir / "report.json").read_text())["reproductions"]["linear_regression"]["status"] == "PASS"
