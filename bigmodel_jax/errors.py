@@ -1,6 +1,7 @@
 """The one exception type for bad input: main prints its message as one line and exits non-zero. The tools with
 their own absl flags (sweep.py, convert.py) end the same way through `fail` and `parse_flags` here."""
 
+import json
 import os
 import sys
 import tempfile
@@ -122,6 +123,33 @@ def directory_name_free(path: Path, mode: str) -> None:
   if path.is_symlink() or (path.exists() and not path.is_dir()):
     raise UserError(f"{path}: exists and is not a plain directory (a file or a link); --mode={mode} writes a "
                     "directory there: move it away")
+
+
+def made_by(path: Path, record: str, workdir: Path, mode: str) -> None:
+  """Refuses (one line) replacing `path`, --mode=`mode`'s output directory in an --output_dir, unless its `record`
+  (JSON with "workdir") says this run wrote it: an --output_dir shared by runs would lose another run's outputs
+  without a word. In the run's own workdir it is the run's (a copied workdir's too): replaced."""
+  directory_name_free(path, mode)
+  if _same_directory(str(path.parent.resolve()), workdir) or not path.is_dir() or not any(path.iterdir()):
+    return
+  try:
+    writer = json.loads((path / record).read_text()).get("workdir")
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    writer = None
+  if not _same_directory(writer, workdir):
+    whose = (f"another run's --mode={mode} outputs ({writer})" if writer else
+             f"files whose {record} does not name this run (another run's, or from before {record} named it)")
+    raise UserError(f"{path}: holds {whose}; pass another --output_dir or move it away (this run's would replace "
+                    "them)")
+
+
+def _same_directory(recorded, workdir: Path) -> bool:
+  """Whether the path a record names is `workdir` (also through a bind mount or a link)."""
+  try:
+    return isinstance(recorded, str) and (recorded == str(Path(workdir).resolve())
+                                          or os.path.samefile(recorded, workdir))
+  except OSError:  # gone, or unreadable
+    return False
 
 
 # Each kind's records, its own first (a folder ends in '/'): a run's checkpoints mark it without its config.json too.

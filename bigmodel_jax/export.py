@@ -8,7 +8,8 @@
                       `index` of the fixed-size KV cache (positions < the context only)
   predict.onnx        classifiers/regressors, where jax2onnx (the `onnx` extra) converts every operation: the same
                       function for onnxruntime, inputs "inputs", outputs in signature.json (else its "onnx" says why)
-  signature.json      names, shapes, dtypes, preprocessing, labels / vocabulary, versions and date
+  signature.json      names, shapes, dtypes, preprocessing, labels / vocabulary, versions, date and the run's
+                      workdir (an --output_dir holding another run's export is refused, never replaced)
 
 A token id outside 0..vocab_size-1 gives its row NaN logits (a text classifier: NaN probabilities, prediction -1).
 
@@ -63,7 +64,7 @@ def export(model, checkpoint_step: int | None) -> dict:
   e = model.config.export
   targets = platforms(e.platforms)
   inference.check_deployable(model.config, "export")
-  errors.directory_name_free(model.outputs / "export", "export")
+  errors.made_by(model.outputs / "export", "signature.json", model.workdir, "export")  # a shared --output_dir
   step, state = model.restore_step(checkpoint_step)
   variables, forward = model.variables(state), None
   if e.quantized:
@@ -131,7 +132,8 @@ def write(model, step: int, variables: dict, forward=None, targets: tuple[str, .
       "outputs": card["outputs"], **extra, "platforms": list(targets), "jax_version": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "compatibility": COMPATIBILITY, "onnx": onnx,
-      "parameters": {k: [list(v.shape), v.dtype.name] for k, v in variables.items()}}
+      "parameters": {k: [list(v.shape), v.dtype.name] for k, v in variables.items()},
+      "workdir": str(model.workdir.resolve())}  # the run: an --output_dir holding another run's export is kept
   runinfo.write_text_atomic(staging / "signature.json", json.dumps(signature, indent=2) + "\n")
   _replace(staging, final)
   files = sorted(str(p) for p in final.iterdir())

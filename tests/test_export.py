@@ -346,3 +346,33 @@ def test_a_step_saved_under_an_earlier_preprocessing_names_the_steps_saved_under
   assert f"checkpoint step {old[-1]} was saved with data.normalize='unit'" in lines[0], lines
   assert lines[0].endswith(f"use a step saved under this config: {', '.join(map(str, new))} (--checkpoint_step=N)")
   assert cli(f"--workdir={copy}", "--mode=export", f"--output_dir={tmp_path / 'o'}").returncode == 0
+
+
+def test_an_output_dir_holding_another_runs_export_keeps_it(cli, digits_run, tmp_path):
+  """Was: --mode=export --output_dir=D of a second run replaced the first run's D/export without a word (and a
+  researcher's own D/export/ folder): refused in one line, the files kept; the same run's export is replaced."""
+  other = tmp_path / "other"
+  shutil.copytree(digits_run, other, ignore=shutil.ignore_patterns("export", "predict_step*", "quantized"))
+  out, mine = tmp_path / "out", tmp_path / "mine"
+  assert cli(f"--workdir={digits_run}", "--mode=export", f"--output_dir={out}").returncode == 0
+  files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+  first = files(out / "export")
+  (mine / "export").mkdir(parents=True)
+  (mine / "export" / "notes.txt").write_text("my notes\n")
+  for directory, whose in [(out, f"another run's --mode=export outputs ({digits_run.resolve()})"),
+                           (mine, "files whose signature.json does not name this run (another run's, or from "
+                                  "before signature.json named it)")]:
+    proc = cli(f"--workdir={other}", "--mode=export", f"--output_dir={directory}")
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        f"error: {directory / 'export'}: holds {whose}; pass another --output_dir or move it away (this run's would "
+        "replace them)"], proc.stderr[-3000:]
+  assert files(out / "export") == first and files(mine / "export") == {"notes.txt": b"my notes\n"}
+  assert json.loads(first["signature.json"])["workdir"] == str(digits_run.resolve())
+  assert sorted(p.name for p in out.iterdir()) == ["export"]  # no staging left behind
+  again = cli(f"--workdir={digits_run}", "--mode=export", f"--output_dir={out}")  # the same run: replaced
+  assert again.returncode == 0, again.stderr[-3000:]
+  # a run's own workdir holds its own export, a copied workdir's too (it names the run it was copied from)
+  shutil.copytree(out / "export", other / "export")
+  own = cli(f"--workdir={other}", "--mode=export")
+  assert own.returncode == 0, own.stderr[-3000:]
+  assert json.loads((other / "export" / "signature.json").read_text())["workdir"] == str(other.resolve())

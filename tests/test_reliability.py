@@ -267,6 +267,8 @@ def test_a_read_only_workdir_serves_its_quantized_model_and_export_says_where_it
   shutil.copytree(workdir / "quantized", out / "quantized")
   ok(cli(f"--workdir={workdir}", "--mode=export", "--config.export.quantized=true", f"--output_dir={out}"))
   assert json.loads((out / "export" / "signature.json").read_text())["quantized"] is True
+  # the copy names the run through the path it was made under: the same run (a bind mount here), so it is replaced
+  ok(cli(f"--workdir={workdir}", "--mode=quantize", "--config.quantize.repeats=1", f"--output_dir={out}"))
   assert checkpoint_files(workdir) == before
 
 
