@@ -2,7 +2,8 @@
 
   params.npz    every array the model needs, by name: each quantized weight NAME as int8 plus NAME.scale (float32,
                 one per output channel, broadcastable to NAME), every other array as the float32 of the checkpoint
-  report.json   the step and the digest of its checkpoint's files (export and serve refuse int8 weights made from
+  report.json   the run's workdir (an --output_dir holding another run's quantized/ is refused, never replaced),
+                the step and the digest of its checkpoint's files (export and serve refuse int8 weights made from
                 another checkpoint of that step); the task's metrics before and after on config.quantize.split;
                 weight bytes before and after; examples/s (tokens/s for language models) of the jitted predict
                 (prefill) function, float and int8, measured alternately in one process on this machine
@@ -190,7 +191,7 @@ def quantize(model, checkpoint_step: int | None) -> dict:
   check_deployable(config, "quantize")
   if not (isinstance(config.quantize.repeats, int) and config.quantize.repeats >= 1):
     raise UserError(f"config.quantize.repeats: must be an integer >= 1, got {config.quantize.repeats!r}")
-  errors.directory_name_free(directory(model), "quantize")
+  errors.made_by(directory(model), "report.json", model.workdir, "quantize")  # a shared --output_dir
   step, state = model.restore_step(checkpoint_step)
   split = config.quantize.split
   run = _with_data(model, split)
@@ -217,7 +218,8 @@ def quantize(model, checkpoint_step: int | None) -> dict:
       "scheme": "symmetric per-channel int8 weights (scale = max|w|/127), float activations",
       "min_size": config.quantize.min_size, "float": before, "int8": after,
       "change": {k: after[k] - before[k] for k in before if isinstance(before[k], (int, float))},
-      "weights": weights, "speed": _speed(model, run, split, floats, int8), "quantized": names}
+      "weights": weights, "speed": _speed(model, run, split, floats, int8), "quantized": names,
+      "workdir": str(model.workdir.resolve())}  # the run: an --output_dir holding another run's is kept
   if jax.process_index() == 0:
     _write(directory(model), int8, report)
   report["directory"] = str(directory(model))

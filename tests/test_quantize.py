@@ -185,3 +185,24 @@ def test_a_model_with_nothing_to_quantize_says_so(cli, tmp_path_factory):
   report = json.loads(proc.stdout)
   assert report["quantized"] == [] and report["weights"]["quantized_ratio"] is None, report["weights"]
   assert "nothing was quantized: no weight of this linear has config.quantize.min_size=1024 values" in proc.stderr
+
+
+def test_an_output_dir_holding_another_runs_quantized_model_keeps_it(cli, trained, report, tmp_path):
+  """Was: --mode=quantize --output_dir=D of a second run replaced the first run's D/quantized without a word (its
+  export then refused as 'made from another checkpoint'): refused in one line, kept; the same run's is replaced."""
+  other, out = tmp_path / "other", tmp_path / "out"
+  shutil.copytree(trained, other, ignore=shutil.ignore_patterns("export", "predict_step*", "quantized"))
+  assert cli(f"--workdir={trained}", "--mode=quantize", f"--output_dir={out}",
+             "--config.quantize.repeats=1").returncode == 0
+  files = lambda: {p.name: p.read_bytes() for p in (out / "quantized").iterdir()}
+  first = files()
+  proc = cli(f"--workdir={other}", "--mode=quantize", f"--output_dir={out}", "--config.quantize.repeats=1")
+  assert proc.returncode == 2 and error_lines(proc.stderr) == [
+      f"error: {out / 'quantized'}: holds another run's --mode=quantize outputs ({trained.resolve()}); pass another "
+      "--output_dir or move it away (this run's would replace them)"], proc.stderr[-3000:]
+  assert files() == first and sorted(p.name for p in out.iterdir()) == ["quantized"]
+  assert json.loads(first["report.json"])["workdir"] == str(trained.resolve())
+  exported = cli(f"--workdir={trained}", "--mode=export", "--config.export.quantized=true", f"--output_dir={out}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  again = cli(f"--workdir={trained}", "--mode=quantize", f"--output_dir={out}", "--config.quantize.repeats=1")
+  assert again.returncode == 0, again.stderr[-3000:]  # the same run's: replaced
