@@ -44,6 +44,12 @@ TRACEBACK_ENV = "BIGMODEL_JAX_TRACEBACK"  # =1: print the full traceback behind 
 TRACEBACK_HINT = f"full traceback: --verbosity=1 or {TRACEBACK_ENV}=1"
 
 
+def brief(e: BaseException) -> str:
+  """'OSError: ...': an error's type and first line (where() gives its last, and the frame)."""
+  lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
+  return f"{type(e).__name__}: {lines[0][:300]}"
+
+
 def where(e: BaseException) -> str:
   """'at models/cnn.py:45 in __call__ (TypeError: ...)': the innermost frame outside jax/flax/optax, and the error."""
   import traceback

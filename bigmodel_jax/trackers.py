@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 
 from absl import logging
 
+from bigmodel_jax import errors
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.registry import Registry
 
@@ -98,11 +99,6 @@ def flat_config(config) -> dict[str, str]:
   return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(plain_config(config)).items()}
 
 
-def brief(e: BaseException) -> str:
-  lines = [line for line in str(e).strip().splitlines() if line.strip()] or [repr(e)]
-  return f"{type(e).__name__}: {lines[0][:300]}"
-
-
 class Tracker(abc.ABC):
   """One destination for a run's metrics. `resumes`: it keeps a run of its own across launches (its state in
   tracking.json); it is started when training starts, not for --mode=eval/predict, and is sent from metrics.jsonl
@@ -136,6 +132,9 @@ class Tracker(abc.ABC):
   def mark_discarded(self, first: int, last: int) -> None:
     """The run holds values a killed launch sent for steps first..last, which a resumed launch redoes."""
 
+  def check_place(self) -> None:
+    """At training's start (before the first step): UserError where it could write nothing all run long."""
+
   @abc.abstractmethod
   def close(self, status: str) -> None:
     """status: finished, failed (an error) or killed (SIGTERM/Ctrl-C: a relaunch continues)."""
@@ -166,6 +165,12 @@ class TensorBoard(Tracker):
       purge = {"purge_step": self.purge_after + 1} if run == "" and self.purge_after is not None else {}  # hidden
       self._writers[run] = self._make(str(self.workdir / "tensorboard" / run), flush_secs=self.FLUSH_SECONDS, **purge)
     return self._writers[run]
+
+  def check_place(self):
+    path = self.workdir / "tensorboard"  # its writers are made on the first record: a file there failed them then
+    if (path.exists() and not path.is_dir()) or (path.is_dir() and not os.access(path, os.W_OK | os.X_OK)):
+      raise UserError(f"config.train.trackers: tensorboard cannot write its event files in {path} (a file, or not "
+                      "writable); move it away or fix its permissions, or leave tensorboard out")
 
   def write(self, records):
     for record in records:
@@ -249,7 +254,7 @@ class MLflow(Tracker):
       for i in range(0, len(params), 100):  # MLflow's limit per batch
         self.client.log_batch(self.run_id, params=params[i:i + 100])
     except (MlflowException, OSError) as e:
-      raise UserError(f"{self.field}: MLflow store {self.uri} failed ({brief(e)}); give a writable store "
+      raise UserError(f"{self.field}: MLflow store {self.uri} failed ({errors.brief(e)}); give a writable store "
                       "(sqlite:///path/to/mlflow.db) or an MLflow server's http(s) URL") from e
     return {"run_id": self.run_id, "tracking_uri": self.uri}, run.info.run_id == state.get("run_id")
 
@@ -322,7 +327,7 @@ class WandB(Tracker):
                             settings=wandb.Settings(console="off", quiet=True))
     except Exception as e:  # wandb raises its own types (UsageError, CommError) and OSError
       where = "config.train.tracking.wandb_dir" if t.wandb_dir else "config.train.trackers"
-      raise UserError(f"{where}: W&B could not start a run in {directory} (WANDB_MODE={mode}; {brief(e)}); "
+      raise UserError(f"{where}: W&B could not start a run in {directory} (WANDB_MODE={mode}; {errors.brief(e)}); "
                       "fix that, or leave wandb out of config.train.trackers") from e
     if mode == "offline":
       logging.info("W&B: offline run %s; upload it with: wandb sync %s", self.run.id, Path(self.run.dir).parent)

@@ -90,6 +90,8 @@ class MetricsWriter:
     the records they lack."""
     if not self.enabled:
       return
+    for tracker in self._active.values():
+      tracker.check_place()
     self._jsonl.close()
     path = Path(self._jsonl.name)
     try:

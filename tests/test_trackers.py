@@ -287,3 +287,20 @@ def test_a_resume_tags_the_mlflow_steps_a_killed_launch_sent(tracked, tmp_path):
   assert len(runs) == 1 and runs[0].data.tags["discarded_steps"] == "11-30; 21-30"
   jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["loss"]) for r in jsonl] == [(10, 0.1), (20, 0.5), (30, 0.5)]
+
+
+def test_a_tensorboard_directory_held_by_a_file_is_a_user_error_at_start(tmp_path):
+  """Was: a file where tensorboard/ goes failed TensorBoard's writer at the first record, one warning, then a whole
+  run with no TensorBoard records (README: a store that cannot be opened is one line before the first step)."""
+  (tmp_path / "tensorboard").write_text("my notes\n")
+  writer = MetricsWriter(tmp_path, True, tracked_config(tmp_path / "store", "tensorboard"))
+  with pytest.raises(UserError) as e:
+    writer.drop_after(0)
+  writer.close()
+  assert str(e.value) == (f"config.train.trackers: tensorboard cannot write its event files in {tmp_path}/tensorboard "
+                          "(a file, or not writable); move it away or fix its permissions, or leave tensorboard out")
+  assert (tmp_path / "tensorboard").read_text() == "my notes\n"
+  writer = MetricsWriter(tmp_path, True, tracked_config(tmp_path / "store", ""))  # without it: trains
+  writer.drop_after(0)
+  writer.write(10, "train", {"loss": 1.0})
+  writer.close()
