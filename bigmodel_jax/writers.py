@@ -141,8 +141,10 @@ class MetricsWriter:
       method(*args)
       return True
     except Exception as e:
+      missed = "a relaunch sends it what it missed" if self._active[name].resumes else "what it misses is in " \
+               "metrics.jsonl only"  # TensorBoard is sent no earlier records
       logging.warning("tracker %s failed %s; it is off for the rest of this launch (metrics.jsonl and the other "
-                      "trackers go on, and a relaunch sends it what it missed)", name, errors.where(e))
+                      "trackers go on; %s)", name, errors.where(e), missed)
       del self._active[name]
       return False
 

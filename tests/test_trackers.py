@@ -304,3 +304,17 @@ def test_a_tensorboard_directory_held_by_a_file_is_a_user_error_at_start(tmp_pat
   writer.drop_after(0)
   writer.write(10, "train", {"loss": 1.0})
   writer.close()
+
+
+def test_tensorboard_failing_mid_run_does_not_promise_a_relaunch_sends_what_it_missed(tmp_path, caplog):
+  """Was: the warning said a relaunch sends it what it missed; TensorBoard is sent no earlier records (only MLflow
+  and W&B are), so those steps stay missing from its event files: it says they are in metrics.jsonl only."""
+  writer = MetricsWriter(tmp_path, True, tracked_config(tmp_path / "store", "tensorboard"))
+  writer.drop_after(0)
+  (tmp_path / "tensorboard").write_text("")  # e.g. a cleanup script, before its writer is made on the first record
+  with caplog.at_level(logging.WARNING):
+    writer.write(10, "train", {"loss": 1.0})
+  writer.close()
+  warnings = [r.getMessage() for r in caplog.records if "tracker tensorboard failed" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].endswith("(metrics.jsonl and the other trackers go on; what it misses is "
+                                                     "in metrics.jsonl only)"), warnings
