@@ -346,20 +346,10 @@ def lock_workdir(workdir: Path, take: bool = True):
   """One reproduce tool per workdir (an flock the OS drops when the process dies): a second one waited on the
   first's seeds, failed on their locks and merged its ERROR rows into the same report. take=False only refuses a
   workdir another tool holds: asked before the seeds' checks, whose lines would blame a seed the other is running."""
-  import fcntl
+  from bigmodel_jax.workdir import hold_lock
   path = workdir / ".reproduce.lock"
   if not take and not path.is_file():
     return None
-  lock = open(path, "a+" if take else "r")
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    lock.seek(0)
-    raise BadInput(f"--workdir: {workdir} is in use by another reproduce (pid {lock.read().strip() or '?'}); wait "
-                   "for it or stop it (the same command then resumes its seeds)") from None
-  if not take:
-    return lock.close()
-  lock.truncate(0)
-  lock.write(str(os.getpid()))
-  lock.flush()
-  return lock
+  return hold_lock(open(path, "a+" if take else "r"), lambda pid: BadInput(
+      f"--workdir: {workdir} is in use by another reproduce (pid {pid}); wait for it or stop it (the same command "
+      "then resumes its seeds)"), take)

@@ -99,13 +99,22 @@ def lock_workdir(workdir: Path):
                       "use a writable --workdir (eval/predict/sample read one with --output_dir)") from None
     raise UserError(f"{path}: cannot be opened as the workdir's lock file ({e.strerror}); remove it if no run "
                     "is using the workdir (it holds the pid of the run that owns it)") from None
+  return hold_lock(lock, lambda owner: UserError(
+      f"--workdir: {workdir} is in use by another training run (pid {owner}); wait for it to finish or stop it, or "
+      "use another --workdir"))
+
+
+def hold_lock(lock, refuse, take: bool = True):
+  """`lock`, an open file, flocked for this process with its pid written in it (the OS drops an flock when the
+  process dies, even by SIGKILL) -> lock. Held by another process: raises refuse(that process's pid). take=False
+  only asks (None: free), and leaves the file as it was: `lock` may be open for reading only; it is closed."""
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     lock.seek(0)
-    owner = lock.read().strip() or "?"
-    raise UserError(f"--workdir: {workdir} is in use by another training run (pid {owner}); wait for it to "
-                    "finish or stop it, or use another --workdir") from None
+    raise refuse(lock.read().strip() or "?") from None
+  if not take:
+    return lock.close()
   lock.truncate(0)
   lock.write(str(os.getpid()))
   lock.flush()

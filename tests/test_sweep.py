@@ -252,6 +252,29 @@ def test_a_missing_base_config_or_sweep_file(tmp_path):
     spec.load(write(tmp_path / "s.py", "base = (\n"))
 
 
+def test_a_workdir_another_sweep_process_holds_is_refused_with_its_pid(tmp_path):
+  """One sweep process per workdir: a second names the first's pid; once it is gone the lock is taken again."""
+  sweep = spec.load(write(tmp_path / "a.py", FIXED + "def sweep():\n  yield {'seed': 0}\n"))
+  manifest = Manifest.open(tmp_path / "out", sweep)
+  holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+                             "from bigmodel_jax.sweeps import spec\nfrom bigmodel_jax.sweeps.manifest import Manifest\n"
+                             "lock = Manifest.open(Path(sys.argv[1]), spec.load(Path(sys.argv[2]))).lock()\n"
+                             "print('locked', flush=True); sys.stdin.read()", str(tmp_path / "out"),
+                             str(tmp_path / "a.py")], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(UserError, match=rf"^--workdir: {tmp_path / 'out'} is in use by another sweep "
+                                        rf"\(pid {holder.pid}\); wait for it or stop it$"):
+      manifest.lock()
+  finally:
+    holder.stdin.close()
+    holder.wait()
+  assert (tmp_path / "out" / ".sweep.lock").read_text() == str(holder.pid)
+  manifest.lock()
+  assert (tmp_path / "out" / ".sweep.lock").read_text() == str(os.getpid())
+
+
 def test_a_workdir_holding_another_sweep_is_refused(tmp_path):
   first = spec.load(write(tmp_path / "a.py", FIXED + "def sweep():\n  yield {'seed': 0}\n"))
   Manifest.open(tmp_path / "out", first).sync(first)

@@ -5,15 +5,14 @@ A workdir belongs to one sweep: one base config with one set of fixed overrides.
 """
 
 import dataclasses
-import fcntl
 import json
-import os
 import time
 from pathlib import Path
 
 from bigmodel_jax.errors import UserError, refuse_other_workdir
 from bigmodel_jax.sweeps import trials as trials_lib
 from bigmodel_jax.sweeps.spec import Sweep, Trial
+from bigmodel_jax.workdir import hold_lock
 
 MANIFEST, LOCK = "manifest.json", ".sweep.lock"
 # trial statuses: pending (never ended a launch), running, done, failed, interrupted (resumable), pruned (stopped by
@@ -117,17 +116,8 @@ class Manifest:
   def lock(self):
     """One sweep process per workdir (an flock the OS drops when the process dies)."""
     self.workdir.mkdir(parents=True, exist_ok=True)
-    lock = open(self.workdir / LOCK, "a+")
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      lock.seek(0)
-      raise UserError(f"--workdir: {self.workdir} is in use by another sweep (pid {lock.read().strip() or '?'}); "
-                      "wait for it or stop it") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
+    return hold_lock(open(self.workdir / LOCK, "a+"), lambda pid: UserError(
+        f"--workdir: {self.workdir} is in use by another sweep (pid {pid}); wait for it or stop it"))
 
   def sync(self, sweep: Sweep) -> list[Trial]:
     """Records the sweep file and which trials are in it, with their status on disk -> the trials to run
