@@ -161,11 +161,14 @@ def load_dataset(data_config, tokenizer_dir: Path | None = None, create_tokenize
   from bigmodel_jax.data import fetch, fingerprint, tfds_source  # tfds_source imports tensorflow_datasets lazily
   name = data_config.name
   root = fetch.data_dir(data_config.get("data_dir", ""))
-  with fingerprint.recording() as files:  # what it read, for the run's data_fingerprint.json
-    if name.startswith("tfds:"):
-      loaded = tfds_source.load(name.removeprefix("tfds:"), root)
-    else:
-      loaded = DATASETS.get(name)(root, data_config)
+  try:
+    with fingerprint.recording() as files:  # what it read, for the run's data_fingerprint.json
+      if name.startswith("tfds:"):
+        loaded = tfds_source.load(name.removeprefix("tfds:"), root)
+      else:
+        loaded = DATASETS.get(name)(root, data_config)
+  except NotADirectoryError as e:  # the data dir is a file (datasets that never read it, e.g. digits, do not care)
+    raise fetch.not_a_directory(root, data_config.get("data_dir", "")) or e from None
   digests = fingerprint.of_loaded(loaded, files)
   loaded = loaded.hold_out_validation(data_config.get("validation_fraction", 0.0))
   held_out = loaded.held_out

@@ -56,6 +56,17 @@ def data_dir(configured: str = "") -> Path:
   return Path(path).expanduser()
 
 
+def not_a_directory(root: Path, configured: str = "") -> UserError | None:
+  """The error for a data dir `root` (data_dir(configured)) that is, or is below, a file: a dataset's read or fetch
+  there failed with 'Not a directory', naming neither the setting nor the fix. None if it is something else."""
+  found = next((p for p in (root, *root.parents) if p.exists()), None)
+  if found is None or found.is_dir():
+    return None
+  where = "config.data.data_dir" if configured else f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "data dir"
+  return UserError(f"{where}: {root} is not a directory ({found} is a file); name a directory for the datasets' "
+                   "files")
+
+
 def sha256_of(path: Path) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

@@ -293,3 +293,17 @@ def test_digits_are_sklearns_load_digits_read_without_importing_it(digits):
   np.testing.assert_array_equal(both[order], theirs[their_order])
   np.testing.assert_array_equal(labels[order], d.target[their_order])
   assert np.abs(d.images - d.images.astype(np.uint8)).max() == 0  # integer values 0..16: the uint8 cast loses nothing
+
+
+@pytest.mark.parametrize("name", ["mnist", "spam_assassin"])
+def test_a_data_dir_that_is_a_file_names_the_field(tmp_path, monkeypatch, name):
+  """config.data.data_dir (or $BIGMODEL_JAX_DATA_DIR) naming a file was 'FILE/mnist: Not a directory', naming
+  neither the setting nor the fix; a dataset that never reads the data dir (digits) still loads."""
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(UserError, match=rf"^config.data.data_dir: {tmp_path / 'f'} is not a directory "
+                                      rf"\({tmp_path / 'f'} is a file\); name a directory"):
+    load_dataset(data_config(name=name, data_dir=str(tmp_path / "f")))
+  monkeypatch.setenv(fetch.DATA_DIR_ENV, str(tmp_path / "f" / "sub"))
+  with pytest.raises(UserError, match=rf"^\${fetch.DATA_DIR_ENV}: {tmp_path / 'f' / 'sub'} is not a directory"):
+    load_dataset(data_config(name=name, data_dir=""))
+  assert load_dataset(data_config(data_dir=str(tmp_path / "f"))).name == "digits"
