@@ -215,16 +215,21 @@ def test_bert_with_only_tokenizer_json_converts(hf_dirs, runs, convert, tmp_path
   assert ours.record() == load_tokenizer(runs["bert"] / "tokenizer").record()  # as from vocab.txt
 
 
-def test_scanned_run_to_hf(cli, convert, tmp_path):
-  """A run with config.model.scan_layers (blocks stacked) is written per layer: transformers' logits are ours."""
-  text = tmp_path / "input.txt"
-  text.write_text(corpus(3000, seed=4))
-  run = tmp_path / "scanned"
+def two_step_gpt(cli, run: Path, seed: int, *overrides: str) -> Path:
+  """A char GPT (biases on, as GPT-2 has them) trained 2 steps on corpus(3000, seed) into `run` -> run."""
+  text = run.parent / f"input{seed}.txt"
+  text.write_text(corpus(3000, seed=seed))
   proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={run}", f"--config.data.path={text}",
              "--config.train.num_steps=2", "--config.schedule.warmup_steps=1", "--config.train.progress_bar=false",
-             "--config.model.use_bias=true", "--config.model.scan_layers=true", "--config.model.positions=learned",
-             timeout=300)
+             "--config.model.use_bias=true", *overrides, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return run
+
+
+def test_scanned_run_to_hf(cli, convert, tmp_path):
+  """A run with config.model.scan_layers (blocks stacked) is written per layer: transformers' logits are ours."""
+  run = two_step_gpt(cli, tmp_path / "scanned", 4, "--config.model.scan_layers=true",
+                     "--config.model.positions=learned")
   proc = convert("run-to-hf", f"--workdir={run}", f"--dst={tmp_path / 'hf'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -432,13 +437,7 @@ def test_a_converted_bert_says_what_it_is_for_in_sample_and_predict(hf_dirs, con
 
 def test_a_damaged_latest_step_names_run_to_hfs_own_flag(cli, convert, tmp_path):
   """run-to-hf picks a step with --step: the damaged-checkpoint line names it, not main's --checkpoint_step."""
-  text = tmp_path / "input.txt"
-  text.write_text(corpus(3000, seed=5))
-  run = tmp_path / "run"
-  proc = cli("--config=configs/shakespeare_char_gpt.py:smoke", f"--workdir={run}", f"--config.data.path={text}",
-             "--config.train.num_steps=2", "--config.train.checkpoint_every=1", "--config.schedule.warmup_steps=1",
-             "--config.train.progress_bar=false", "--config.model.use_bias=true", timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = two_step_gpt(cli, tmp_path / "run", 5, "--config.train.checkpoint_every=1")
   largest = max((p for p in (run / "checkpoints" / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   largest.write_bytes(largest.read_bytes()[:100])
   line = one_error(convert("run-to-hf", f"--workdir={run}", f"--dst={tmp_path / 'hf'}"))
