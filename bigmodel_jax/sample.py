@@ -116,6 +116,14 @@ def attended(model: nnx.Module, context: int | None = None) -> int | None:
   return min(model.max_len, context or model.max_len) if model.max_len else None
 
 
+def cut_to_context(prompt_ids, limit: int | None):
+  """The prompt's last `limit` tokens (attended()), with a warning if that cuts it; None: the whole prompt."""
+  if limit is not None and len(prompt_ids) > limit:
+    logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), limit)
+    return prompt_ids[-limit:]
+  return prompt_ids
+
+
 CHUNK = 64  # tokens decoded per device call: streamed as they come, one compiled shape whatever num_tokens is
 MAX_TOKENS = 1_000_000  # per call (config.sample.num_tokens); generate more by sampling again from the text
 
@@ -136,9 +144,7 @@ def generate(model: nnx.Module, prompt_ids: np.ndarray, num_tokens: int, *, num_
   # static (a compilation each): greedy or not, the banned ids; traced: temperature, top_k, top_p
   settings = (("banned_ids", tuple(int(i) for i in banned_ids)), ("greedy", temperature == 0))
   knobs = sampling_knobs(temperature, top_k, top_p)
-  if len(prompt_ids) > max_len:
-    logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), max_len)
-  history = np.asarray(prompt_ids, np.int32)[-max_len:]
+  history = np.asarray(cut_to_context(prompt_ids, limit), np.int32)
   logits, cache = _prefill(graphdef, state, np.tile(history, (num_samples, 1)))
   vocab, ids = logits.shape[-1], np.asarray(prompt_ids)
   if (bad := ids[(ids < 0) | (ids >= vocab)]).size:  # the embedding would take -1 as its last row, NaN past the end
@@ -254,10 +260,9 @@ def sample_text(run, model, step: int) -> dict:
   a byte-level token left unfinished, the last newline) and nothing saved."""
   from bigmodel_jax import interrupts
   s, dataset = run.config.sample, run.dataset
-  prompt_ids, limit = check_prompt(run), attended(model, dataset.input_shape[0])  # later positions never trained
-  if limit is not None and len(prompt_ids) > limit:  # said before the prompt is printed, not in the line after it
-    logging.warning("the prompt has %d tokens; the model sees its last %d (its context)", len(prompt_ids), limit)
-    prompt_ids = prompt_ids[-limit:]
+  # said before the prompt is printed, not in the line after it; later positions were never trained
+  limit = attended(model, dataset.input_shape[0])
+  prompt_ids = cut_to_context(check_prompt(run), limit)
   stream, drawn = None, [0]
   if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
     stream = TextStream(dataset.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
