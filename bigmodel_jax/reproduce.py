@@ -104,9 +104,10 @@ def other_settings(argv: list[str], workdir: Path) -> str:
   return " ".join(made) if isinstance(made, list) and not same_flags(made, run_flags(argv)) else ""
 
 
-def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
+def other_config(r: Reproduction, seed: int, workdir: Path, overrides: dict) -> str:
   """How the config.json of a finished run in `workdir` differs from the config r.config gives now, in the fields
-  its flags do not set (other_settings compares those): an edited config file ("" if none, or no config.json)."""
+  its flags do not set (other_settings compares those): an edited config file ("" if none, or no config.json). A
+  run without the tool's record (reproduce.json: trained by hand) has no flags on record: every field counts."""
   from bigmodel_jax import cli, run_config
   if not finished(workdir):
     return ""
@@ -116,7 +117,10 @@ def other_config(r: Reproduction, workdir: Path, overrides: dict) -> str:
     return ""
   given = [*r.overrides, *overrides, "seed"]
   config = load_config(r.config)
-  cli.resolve_overrides(config, given)  # as main resolves the same flags
+  if (workdir / "reproduce.json").is_file():
+    cli.resolve_overrides(config, given)  # as main resolves the same flags
+  else:
+    config, given = as_launched(config, {**r.overrides, **overrides, "seed": seed})[0], []
   diffs = run_config.config_differences(saved, json.loads(config.to_json_best_effort()), run_config.RESULT_FIELDS)
   return "; ".join(d for d in diffs if d.partition(":")[0] not in given)
 
@@ -195,7 +199,7 @@ def reproduce(r: Reproduction, workdir: Path, overrides: dict, num_seeds: int | 
     record = run_seed(argv, seed_dir)
     run = {"seed": seed, "workdir": str(seed_dir.relative_to(workdir)), "command": record.get("command"),
            "wall_s": record.get("wall_s"), "launches": record.get("launches"), "values": {}}
-    changed = "error" not in record and other_config(r, seed_dir, overrides)
+    changed = "error" not in record and other_config(r, seed, seed_dir, overrides)
     if changed:  # the config file was edited while the seeds ran: one row holds one config
       record["error"] = f"its config.json is not the config {r.config} gives now ({changed}); move it away"
     if "error" in record:
@@ -318,7 +322,7 @@ def main(argv: list[str]) -> int:
       refused = other_resume(r, seed, seed_dir, overrides)  # each launch would fail on it: an ERROR row
       if refused:
         raise BadInput(f"--workdir: {refused}")
-      changed = other_config(r, seed_dir, overrides)
+      changed = other_config(r, seed, seed_dir, overrides)
       if changed:
         raise BadInput(f"--workdir: {seed_dir} holds a finished run of another config than {r.config} gives now "
                        f"({changed}); use another --workdir, or move {seed_dir} away to run that seed again")
@@ -365,11 +369,9 @@ def run() -> None:
     code = main(sys.argv[1:])
     sys.stdout.flush()  # a closed pipe found here, not in Python's flush at exit (a traceback-like line, status 120)
   except BadInput as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    errors.fail(str(e))
   except BrokenPipeError:  # | head: what was not printed is in the report's files, or --list / --readme again
-    print(f"error: {errors.closed_stdout('before all of it was printed')}", file=sys.stderr)
-    sys.exit(141)
+    errors.fail(errors.closed_stdout('before all of it was printed'), 141)
   sys.exit(code)
 
 

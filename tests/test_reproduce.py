@@ -259,6 +259,21 @@ def test_a_finished_seed_of_an_edited_config_file_is_refused_not_averaged(reprod
   assert not (workdir / "linear" / "seed_1").exists()
 
 
+def test_a_seed_dir_holding_a_run_trained_by_hand_with_another_seed_is_refused(card, reproduce, tmp_path):
+  """A finished run without the tool's record (trained by hand, or copied) had only its unflagged fields compared:
+  seed 0's run put in seed_1/ was judged as seed 1."""
+  workdir = tmp_path / "w"
+  copied = shutil.copytree(card / "linear_regression" / "seed_0", workdir / "linear_regression" / "seed_1")
+  (copied / "reproduce.json").unlink()
+  proc = reproduce("linear_regression", "--seeds=2", f"--workdir={workdir}", "--dry_run")
+  assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stdout[-2000:] + proc.stderr
+  assert f"{copied} holds a finished run of another config" in proc.stderr and "seed: 0 -> 1" in proc.stderr
+  shutil.copytree(card / "linear_regression" / "seed_0", workdir / "linear_regression" / "seed_0")
+  shutil.rmtree(copied)  # the same seed, by hand: judged as the tool's own
+  os.remove(workdir / "linear_regression" / "seed_0" / "reproduce.json")
+  assert reproduce("linear_regression", "--seeds=1", f"--workdir={workdir}", "--dry_run").returncode == 0
+
+
 def test_a_training_runs_workdir_is_refused_before_anything_runs(reproduce, tmp_path):
   """--workdir=runs/mnist_cnn (a run, not a place for reproductions) would mix seeds and a report into the run."""
   (tmp_path / "config.json").write_text("{}")
