@@ -17,6 +17,7 @@ Exit status: 0 when every trial of the sweep is done, 1 when some failed or did 
 line per problem, nothing run or changed), 128+signal after SIGTERM / SIGINT (everything resumable).
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -201,11 +202,17 @@ def run(args: list[str]) -> int:
   in_sweep = [e for e in manifest.trials.values() if e.get("in_sweep", True)]
   failed = sum(e["status"] == "failed" for e in in_sweep)
   done = sum(e["status"] == "done" for e in in_sweep)
-  print(f"{sweep.name}: {done}/{total} trials done, {failed} failed; results: {results}", flush=True)
-  if signum:
-    return 128 + signum
   finished = sum(e["status"] in ("done", "pruned") for e in in_sweep)  # pruned: stopped by ASHA, by design
-  return 1 if failed or finished < total else 0  # a trial stopped from outside (SIGTERM) is not finished
+  # a trial stopped from outside (SIGTERM) is not finished
+  code = 128 + signum if signum else 1 if failed or finished < total else 0
+  try:
+    print(f"{sweep.name}: {done}/{total} trials done, {failed} failed; results: {results}", flush=True)
+  except BrokenPipeError:  # | head: a failed trial's status 1 matters more than the closed pipe's 141
+    if not code:
+      raise
+    sys.stderr.write(f"error: {closed_stdout('before all of it was printed')}\n")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unprinted goes nowhere
+  return code
 
 
 def main(argv):

@@ -842,3 +842,6 @@ def test_stdout_closed_by_its_reader_is_one_line(sweep_env, tmp_path):
   status, err = with_stdout_closed("bigmodel_jax.sweep", sweep, f"--workdir={tmp_path / 'sw'}",
                                    "--dry_run", env=sweep_env)
   assert status == 141 and [l for l in err.splitlines() if l.startswith("error:")] == [CLOSED_STDOUT], err[-3000:]
+  failing = write(tmp_path / "f.py", FIXED + "def sweep():\n  yield {'data.batch_size': 5000}\n")
+  status, err = with_stdout_closed("bigmodel_jax.sweep", failing, f"--workdir={tmp_path / 'f'}", env=sweep_env)
+  assert status == 1 and CLOSED_STDOUT in err and "trial batch_size=5000 failed" in err, err[-3000:]  # was 141
