@@ -136,20 +136,20 @@ def made_by(path: Path, record: str, workdir: Path, mode: str) -> None:
   (JSON with "workdir") says this run wrote it: an --output_dir shared by runs would lose another run's outputs
   without a word. In the run's own workdir it is the run's (a copied workdir's too): replaced."""
   directory_name_free(path, mode)
-  if _same_directory(str(path.parent.resolve()), workdir) or not path.is_dir() or not any(path.iterdir()):
+  if same_directory(str(path.parent.resolve()), workdir) or not path.is_dir() or not any(path.iterdir()):
     return
   try:
     writer = json.loads((path / record).read_text()).get("workdir")
   except (OSError, UnicodeDecodeError, ValueError, AttributeError):
     writer = None
-  if not _same_directory(writer, workdir):
+  if not same_directory(writer, workdir):
     whose = (f"another run's --mode={mode} outputs ({writer})" if writer else
              f"files whose {record} does not name this run (another run's, or from before {record} named it)")
     raise UserError(f"{path}: holds {whose}; pass another --output_dir or move it away (this run's would replace "
                     "them)")
 
 
-def _same_directory(recorded, workdir: Path) -> bool:
+def same_directory(recorded, workdir: Path) -> bool:
   """Whether the path a record names is `workdir` (also through a bind mount or a link)."""
   try:
     return isinstance(recorded, str) and (recorded == str(Path(workdir).resolve())

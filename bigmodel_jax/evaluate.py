@@ -182,6 +182,10 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str | None = "--che
   `check_config`: refuse a config that differs from the one the step recorded in a field that decides what it
   computes (run_config.check_recorded), before anything is read. The latest step deleted while it is read (an eval
   beside a training's retention): the newest then, up to `tries`."""
+  if checkpoint_step is not None and checkpoint_step < 0:  # -1: the latest, as config.init.step=-1 means
+    if checkpoint_step != -1:
+      raise UserError(f"{flag or '--checkpoint_step'}={checkpoint_step}: give a step >= 0, or -1 for the latest")
+    checkpoint_step = None
   for attempt in range(1, tries + 1):
     step = checkpoint_step if checkpoint_step is not None else run.checkpointer.latest_step()
     if step is None:

@@ -38,7 +38,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "sample"
                           "(generative models, see config.sample), export (RUN/export/, see config.export), serve "
                           "(HTTP, see config.serve) or quantize (int8 weights, see config.quantize).")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
-                                        "modes other than train: checkpoint step (default latest).")
+                                        "modes other than train: checkpoint step (default, or -1: the latest).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                    "modes other than train: where their outputs go (default: the workdir; e.g. for a "
                                    "read-only workdir, whose checkpoints are then only read).")
@@ -263,6 +263,9 @@ def output_dir(workdir: Path) -> Path | None:
     errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
                               f"--mode={_MODE.value}'s outputs ",
                               "pass --output_dir=DIR for them (the checkpoints are only read)")
+  if _OUTPUT_DIR.value:  # one run's eval/predict/sample outputs (export/quantize: their own records)
+    from bigmodel_jax.workdir import claim_output_dir
+    claim_output_dir(target, workdir, _MODE.value)
   return target.absolute() if _OUTPUT_DIR.value else None
 
 

@@ -165,3 +165,34 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
         section = section.setdefault(part, {})
       section[leaf] = value
   return ml_collections.ConfigDict(run_config.as_config_values(merged))  # JSON's lists as the config's tuples
+
+
+OUTPUTS_RECORD = "outputs_of.json"  # in an --output_dir: the run whose eval/predict/sample outputs it holds
+
+
+def claim_output_dir(target: Path, workdir: Path, mode: str) -> None:
+  """An --output_dir holds one run's eval/predict/sample outputs: its eval_step<N>.json are replaced by a later eval
+  of the same step and its metrics.jsonl appended to, so a second run's would mix with them without a word. The
+  first use records the run (OUTPUTS_RECORD); another run's directory, or one with outputs and no record, is
+  refused in one line. export/ and quantized/ have their own records (errors.made_by)."""
+  from bigmodel_jax import errors
+  record = target / OUTPUTS_RECORD
+  if mode not in ("eval", "predict", "sample") or errors.same_directory(str(target.resolve()), workdir):  # the run's own workdir, named as --output_dir
+    return
+  try:
+    writer = json.loads(record.read_text()).get("workdir")
+  except FileNotFoundError:
+    writer = None
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    writer = "?"
+  if writer is None and not any((target / name).exists() for name in ("metrics.jsonl", "samples", "tensorboard")) \
+      and not any(target.glob("eval_step*.json")) and not any(target.glob("predict_step*")):
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")  # each process of a multi-process run writes it
+    tmp.write_text(json.dumps({"workdir": str(workdir.resolve())}) + "\n")
+    os.replace(tmp, record)
+    return
+  if not errors.same_directory(writer, workdir):
+    whose = (f"another run's outputs ({writer})" if writer not in (None, "?") else
+             f"outputs whose {OUTPUTS_RECORD} does not name this run (another run's, or from before it was written)")
+    raise UserError(f"--output_dir: {target} holds {whose}; --mode={mode}'s would replace or mix with them: pass "
+                    "another --output_dir")

@@ -36,6 +36,35 @@ def test_eval_an_earlier_checkpoint(cli, trained):
   assert missing.returncode == 2 and "checkpoint step 12345 not found" in missing.stderr
 
 
+def test_checkpoint_step_minus_one_is_the_latest_as_init_step_minus_one_is(cli, trained, tmp_path):
+  """--checkpoint_step=-1 was 'checkpoint step -1 not found'; config.init.step=-1 means the latest."""
+  latest = max(int(p.name) for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+  proc = cli(f"--workdir={trained}", "--mode=eval", "--checkpoint_step=-1", f"--output_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((tmp_path / f"eval_step{latest}.json").read_text())["step"] == latest
+  below = cli(f"--workdir={trained}", "--mode=eval", "--checkpoint_step=-2", f"--output_dir={tmp_path / 'b'}")
+  assert below.returncode == 2 and "--checkpoint_step=-2: give a step >= 0, or -1 for the latest" in below.stderr
+
+
+def test_an_output_dir_holds_one_runs_outputs(cli, trained, tmp_path):
+  """Was: two runs evaluated into one --output_dir shared eval_step<N>.json (the second replaced the first's) and
+  appended to one metrics.jsonl; the directory records its run (workdir.OUTPUTS_RECORD) and another's is refused."""
+  out = tmp_path / "out"
+  assert cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={out}").returncode == 0
+  assert json.loads((out / "outputs_of.json").read_text())["workdir"] == str(trained.resolve())
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  other = shutil.copytree(trained, tmp_path / "other", ignore=shutil.ignore_patterns("eval_step*", "predict_step*"))
+  proc = cli(f"--workdir={other}", "--mode=predict", f"--output_dir={out}")
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir: {out} holds another run's outputs ({trained.resolve()}")
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing of the other run's written
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "metrics.jsonl").write_text("{}\n")  # outputs from before the record, or by hand
+  proc = cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={tmp_path / 'mine'}")
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and "outputs whose outputs_of.json does not name this run" in lines[0], lines
+
+
 def edited_copy(trained, tmp_path, **fields):
   """A copy of the run whose config.json has `fields` ("section__key": value) changed by hand."""
   copy = shutil.copytree(trained, tmp_path / "copy", ignore=shutil.ignore_patterns("eval_step*", "predict_step*"))
@@ -139,7 +168,8 @@ def test_predict_into_an_output_dir_leaves_only_its_predictions(cli, trained, tm
              f"--output_dir={tmp_path / 'out'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   step = json.loads((trained / "final_metrics.json").read_text())["step"]
-  assert [p.name for p in (tmp_path / "out").iterdir()] == [f"predict_step{step}"]  # no empty metrics.jsonl beside
+  # no empty metrics.jsonl beside; the record of whose outputs the directory holds
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["outputs_of.json", f"predict_step{step}"]
 
 
 def test_eval_scalars_go_to_their_own_tensorboard_run(cli, trained):
