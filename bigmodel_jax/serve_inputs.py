@@ -19,6 +19,7 @@ import io
 import json
 import math
 
+import ml_dtypes
 import numpy as np
 
 from bigmodel_jax.errors import UserError
@@ -131,7 +132,7 @@ class InputDecoder:
       if a.min() < info.min or a.max() > info.max:
         bad = a[(a < info.min) | (a > info.max)][0]
         raise BadRequest(f"inputs[{i}]: value {bad:g} out of range {info.min}..{info.max} ({self.dtype.name})")
-    elif np.abs(a).max() > np.finfo(self.dtype).max:
+    elif np.abs(a).max() > ml_dtypes.finfo(self.dtype).max:  # np.finfo takes no bfloat16 before ml_dtypes 0.7
       raise BadRequest(f"inputs[{i}]: value out of {self.dtype.name} range")
     return a.astype(self.dtype)
 

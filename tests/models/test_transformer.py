@@ -98,7 +98,7 @@ def tolerance(reference, depth: int, dtype=np.float32) -> float:
   pass, a scan vs a loop): at most `depth` roundings of the values' scale, the linear worst-case bound. It holds
   whatever order a CPU's vector width or FMA picks (AVX2 and AVX-512 sum differently), unlike a tolerance read
   off one machine's result."""
-  return float(np.finfo(dtype).eps) * depth * float(np.abs(reference).max())
+  return float(jnp.finfo(dtype).eps) * depth * float(np.abs(reference).max())
 
 
 DEPTHS = {"learned": transformer_depth(), "rotary": transformer_depth(), "scanned": transformer_depth(),
@@ -257,7 +257,7 @@ def test_a_bfloat16_lstm_computes_in_bfloat16(models):
   assert full.dtype == jnp.float32  # float32 unchanged
   # bfloat16's roundings where float32 had its own, as a random walk over the recurrence's depth (~1% seen here; the
   # linear worst case, tolerance(), would be several times the logits themselves)
-  bound = float(np.finfo(jnp.bfloat16).eps) * np.sqrt(lstm_depth()) * float(np.abs(full).max())
+  bound = float(jnp.finfo(jnp.bfloat16).eps) * np.sqrt(lstm_depth()) * float(np.abs(full).max())
   np.testing.assert_allclose(np.asarray(logits, np.float32), full, rtol=0, atol=bound)
   first, cache = bf16.extend(x[:, :5], bf16.init_cache(2), 0)  # decoding: the same dtype, the full pass's values
   rest, _ = bf16.extend(x[:, 5:], cache, 5)
