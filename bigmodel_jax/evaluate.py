@@ -15,6 +15,7 @@ from flax import nnx
 from bigmodel_jax import run_config, runinfo
 from bigmodel_jax.data import pipeline
 from bigmodel_jax.errors import CheckpointGoneError, DamagedCheckpointError, UserError
+from bigmodel_jax.workdir import claim_output_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,7 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str | None = "--che
 def eval_only(run, checkpoint_step: int | None) -> dict:
   """Every evaluator of the run on one checkpoint -> {'step', <evaluator name>: metrics} (also eval_step<N>.json)."""
   step, state = restore_for_eval(run, checkpoint_step)
+  claim_output_dir(run.output_dir, run.workdir, "eval")
   result = {"step": step}
   for e in evaluators(run.config, run.dataset):
     result[e.name] = evaluate_split(run, state, e.split)
@@ -232,6 +234,7 @@ def predict(run, checkpoint_step: int | None) -> dict:
     raise UserError(f"--mode=predict is for classifiers and regressors; {use}")
   run.dataset.split("test")  # predictions are for the test split
   step, state = restore_for_eval(run, checkpoint_step)
+  claim_output_dir(run.output_dir, run.workdir, "predict")
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count(),

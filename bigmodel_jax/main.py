@@ -263,9 +263,6 @@ def output_dir(workdir: Path) -> Path | None:
     errors.writable_directory(target, "--output_dir" if _OUTPUT_DIR.value else "--workdir",
                               f"--mode={_MODE.value}'s outputs ",
                               "pass --output_dir=DIR for them (the checkpoints are only read)")
-  if _OUTPUT_DIR.value:  # one run's eval/predict/sample outputs (export/quantize: their own records)
-    from bigmodel_jax.workdir import claim_output_dir
-    claim_output_dir(target, workdir, _MODE.value)
   return target.absolute() if _OUTPUT_DIR.value else None
 
 

@@ -229,7 +229,9 @@ def sample(run, checkpoint_step: int | None) -> dict:
   """--mode=sample: restores the checkpoint and lets the task make its samples (text, images), with the parameters in
   the compute dtype (config.train.dtype) as evaluation, export and serve compute."""
   from bigmodel_jax.evaluate import restore_for_eval
+  from bigmodel_jax.workdir import claim_output_dir
   step, state = restore_for_eval(run, checkpoint_step)
+  claim_output_dir(run.output_dir, run.workdir, "sample")
   return run.task.sample(run, run.steps.model(state, cast=True), step)
 
 

@@ -1,6 +1,7 @@
 """A run's workdir: whether it has checkpoints, the config it was trained with, one training run at a time, and
 workdirs written before validation splits."""
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -104,6 +105,14 @@ def lock_workdir(workdir: Path):
       "use another --workdir"))
 
 
+def drop_new_workdir(workdir: Path, lock) -> None:
+  """A launch refused after it created `workdir` and took its lock: the lock file, then the directory if empty."""
+  lock.close()
+  (workdir / ".train.lock").unlink(missing_ok=True)
+  with contextlib.suppress(OSError):
+    workdir.rmdir()
+
+
 def hold_lock(lock, refuse, take: bool = True):
   """`lock`, an open file, flocked for this process with its pid written in it (the OS drops an flock when the
   process dies, even by SIGKILL) -> lock. Held by another process: raises refuse(that process's pid). take=False
@@ -170,22 +179,25 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
 OUTPUTS_RECORD = "outputs_of.json"  # in an --output_dir: the run whose eval/predict/sample outputs it holds
 
 
-def claim_output_dir(target: Path, workdir: Path, mode: str) -> None:
-  """An --output_dir holds one run's eval/predict/sample outputs: its eval_step<N>.json are replaced by a later eval
-  of the same step and its metrics.jsonl appended to, so a second run's would mix with them without a word. The
-  first use records the run (OUTPUTS_RECORD); another run's directory, or one with outputs and no record, is
-  refused in one line. export/ and quantized/ have their own records (errors.made_by)."""
+def claim_output_dir(target: Path | None, workdir: Path, mode: str) -> None:
+  """An --output_dir (`target`; None: the workdir) holds one run's eval/predict/sample outputs: its
+  eval_step<N>.json are replaced by a later eval of the same step and its metrics.jsonl appended to, so a second
+  run's would mix with them without a word. Called once the checkpoint is read, before the first output: the first
+  use records the run (OUTPUTS_RECORD); another run's directory, or one with outputs and no record, is refused in one
+  line. export/ and quantized/ have their own records (errors.made_by)."""
   from bigmodel_jax import errors
-  record = target / OUTPUTS_RECORD
-  if mode not in ("eval", "predict", "sample") or errors.same_directory(str(target.resolve()), workdir):  # the run's own workdir, named as --output_dir
+  if target is None or errors.same_directory(str(target.resolve()), workdir):  # the run's own outputs
     return
+  record = target / OUTPUTS_RECORD
   try:
     writer = json.loads(record.read_text()).get("workdir")
   except FileNotFoundError:
     writer = None
   except (OSError, UnicodeDecodeError, ValueError, AttributeError):
     writer = "?"
-  if writer is None and not any((target / name).exists() for name in ("metrics.jsonl", "samples", "tensorboard")) \
+  metrics = target / "metrics.jsonl"  # opened as the run is built: empty until the first record
+  if writer is None and not any((target / name).exists() for name in ("samples", "tensorboard")) \
+      and not (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size)) \
       and not any(target.glob("eval_step*.json")) and not any(target.glob("predict_step*")):
     tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")  # each process of a multi-process run writes it
     tmp.write_text(json.dumps({"workdir": str(workdir.resolve())}) + "\n")

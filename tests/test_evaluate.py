@@ -56,7 +56,8 @@ def test_an_output_dir_holds_one_runs_outputs(cli, trained, tmp_path):
   other = shutil.copytree(trained, tmp_path / "other", ignore=shutil.ignore_patterns("eval_step*", "predict_step*"))
   proc = cli(f"--workdir={other}", "--mode=predict", f"--output_dir={out}")
   lines = error_lines(proc.stderr)
-  assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir: {out} holds another run's outputs ({trained.resolve()}")
+  said = f"error: --output_dir: {out} holds another run's outputs ({trained.resolve()})"
+  assert len(lines) == 1 and lines[0].startswith(said), lines
   assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing of the other run's written
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "metrics.jsonl").write_text("{}\n")  # outputs from before the record, or by hand
