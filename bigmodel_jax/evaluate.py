@@ -213,7 +213,7 @@ def restore_for_eval(run, checkpoint_step: int | None, flag: str | None = "--che
 def eval_only(run, checkpoint_step: int | None) -> dict:
   """Every evaluator of the run on one checkpoint -> {'step', <evaluator name>: metrics} (also eval_step<N>.json)."""
   step, state = restore_for_eval(run, checkpoint_step)
-  claim_output_dir(run.output_dir, run.workdir, "eval")
+  claim_output_dir(run, "eval")
   result = {"step": step}
   for e in evaluators(run.config, run.dataset):
     result[e.name] = evaluate_split(run, state, e.split)
@@ -234,7 +234,7 @@ def predict(run, checkpoint_step: int | None) -> dict:
     raise UserError(f"--mode=predict is for classifiers and regressors; {use}")
   run.dataset.split("test")  # predictions are for the test split
   step, state = restore_for_eval(run, checkpoint_step)
-  claim_output_dir(run.output_dir, run.workdir, "predict")
+  claim_output_dir(run, "predict")
   outputs = []
   for local in pipeline.eval_batches(run.dataset, "test", run.config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count(),

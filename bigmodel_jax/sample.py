@@ -229,9 +229,7 @@ def sample(run, checkpoint_step: int | None) -> dict:
   """--mode=sample: restores the checkpoint and lets the task make its samples (text, images), with the parameters in
   the compute dtype (config.train.dtype) as evaluation, export and serve compute."""
   from bigmodel_jax.evaluate import restore_for_eval
-  from bigmodel_jax.workdir import claim_output_dir
   step, state = restore_for_eval(run, checkpoint_step)
-  claim_output_dir(run.output_dir, run.workdir, "sample")
   return run.task.sample(run, run.steps.model(state, cast=True), step)
 
 
@@ -261,10 +259,12 @@ def sample_text(run, model, step: int) -> dict:
   Ctrl-C / SIGTERM then stops after the chunk being decoded, with the text so far written out whole (a character
   a byte-level token left unfinished, the last newline) and nothing saved."""
   from bigmodel_jax import interrupts
+  from bigmodel_jax.workdir import claim_output_dir
   s, dataset = run.config.sample, run.dataset
   # said before the prompt is printed, not in the line after it; later positions were never trained
   limit = attended(model, dataset.input_shape[0])
   prompt_ids = cut_to_context(check_prompt(run), limit)
+  claim_output_dir(run, "sample")  # the text is saved there
   stream, drawn = None, [0]
   if s.num_samples == 1 and jax.process_index() == 0:  # one text: printed as it is generated
     stream = TextStream(dataset.tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))

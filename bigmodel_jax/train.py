@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 import bigmodel_jax
 from bigmodel_jax import (distributed, errors, evaluate, init_from, interrupts, model_card, optim, parallel, run_config,
-                          runinfo, speed)
+                          runinfo, speed, workdir as run_dirs)
 from bigmodel_jax.checkpoint import Checkpointer
 from bigmodel_jax.data import Dataset, feed, fingerprint, load_dataset, pipeline
 from bigmodel_jax.errors import ModelMismatchError, UserError
@@ -29,7 +29,7 @@ from bigmodel_jax.state import Steps
 from bigmodel_jax.tasks import get_task
 from bigmodel_jax.train_metrics import TrainMetrics, check_finite, crosses, summarize
 from bigmodel_jax.writers import MetricsWriter, Progress
-from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, drop_new_workdir, has_checkpoints, lock_workdir
+from bigmodel_jax.workdir import adopt_legacy_config, check_workdir, has_checkpoints, lock_workdir
 
 
 class Preempted(Exception):
@@ -122,7 +122,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
   fresh = for_training and not has_checkpoints(workdir)
   init_source = init_from.prepare(config, steps, workdir, dataset) if fresh else None
   chief = jax.process_index() == 0
-  refused, lock, created = "", None, chief and not workdir.exists()
+  refused, lock, created = "", None, run_dirs.first_missing(workdir) if chief else None
   if chief:
     try:
       workdir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def build_run(config, workdir: str | Path, for_training: bool = True, output_dir
     task.setup(workdir, for_training)
   except UserError:
     if created and lock is not None:  # refused (e.g. its classifier): no new workdir is left holding only its lock
-      drop_new_workdir(workdir, lock)
+      run_dirs.drop_new_workdir(workdir, lock, created)
     raise
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, keep_best=bool(t.best_eval))
   return Run(config, workdir, dataset, task, steps.layout.mesh, steps, checkpointer,

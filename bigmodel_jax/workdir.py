@@ -105,12 +105,24 @@ def lock_workdir(workdir: Path):
       "use another --workdir"))
 
 
-def drop_new_workdir(workdir: Path, lock) -> None:
-  """A launch refused after it created `workdir` and took its lock: the lock file, then the directory if empty."""
-  lock.close()
+def first_missing(path: Path) -> Path | None:
+  """The outermost directory of `path` (itself or a parent) that does not exist yet: what a mkdir would create."""
+  missing = None
+  while not path.exists() and path != path.parent:
+    missing, path = path, path.parent
+  return missing
+
+
+def drop_new_workdir(workdir: Path, lock, created: Path) -> None:
+  """A launch refused after it created `workdir` (and the parents up to `created`, first_missing) and took its lock:
+  the lock file (unlinked while still held: no other launch takes it in between), then the directories if empty."""
   (workdir / ".train.lock").unlink(missing_ok=True)
+  lock.close()
   with contextlib.suppress(OSError):
-    workdir.rmdir()
+    for directory in (workdir, *workdir.parents):
+      directory.rmdir()
+      if directory == created:
+        break
 
 
 def hold_lock(lock, refuse, take: bool = True):
@@ -179,32 +191,38 @@ def use_run_config(workdir: Path, given, overridden: list[str], mode: str):
 OUTPUTS_RECORD = "outputs_of.json"  # in an --output_dir: the run whose eval/predict/sample outputs it holds
 
 
-def claim_output_dir(target: Path | None, workdir: Path, mode: str) -> None:
-  """An --output_dir (`target`; None: the workdir) holds one run's eval/predict/sample outputs: its
-  eval_step<N>.json are replaced by a later eval of the same step and its metrics.jsonl appended to, so a second
-  run's would mix with them without a word. Called once the checkpoint is read, before the first output: the first
-  use records the run (OUTPUTS_RECORD); another run's directory, or one with outputs and no record, is refused in one
-  line. export/ and quantized/ have their own records (errors.made_by)."""
-  from bigmodel_jax import errors
+def claim_output_dir(run, mode: str) -> None:
+  """An --output_dir holds one run's eval/predict/sample outputs: its eval_step<N>.json are replaced by a later eval
+  of the same step and its metrics.jsonl appended to, so a second run's would mix with them without a word. Called
+  by every process just before the mode's first output (its checks passed): process 0 records the run
+  (OUTPUTS_RECORD) on first use and refuses, for all processes, another run's directory or one with outputs and no
+  record, in one line. export/ and quantized/ have their own records (errors.made_by)."""
+  import jax
+  from bigmodel_jax import distributed, errors, runinfo
+  target, workdir = run.output_dir, run.workdir
   if target is None or errors.same_directory(str(target.resolve()), workdir):  # the run's own outputs
     return
-  record = target / OUTPUTS_RECORD
-  try:
-    writer = json.loads(record.read_text()).get("workdir")
-  except FileNotFoundError:
-    writer = None
-  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-    writer = "?"
-  metrics = target / "metrics.jsonl"  # opened as the run is built: empty until the first record
-  if writer is None and not any((target / name).exists() for name in ("samples", "tensorboard")) \
-      and not (metrics.exists() and (not metrics.is_file() or metrics.stat().st_size)) \
-      and not any(target.glob("eval_step*.json")) and not any(target.glob("predict_step*")):
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")  # each process of a multi-process run writes it
-    tmp.write_text(json.dumps({"workdir": str(workdir.resolve())}) + "\n")
-    os.replace(tmp, record)
-    return
-  if not errors.same_directory(writer, workdir):
-    whose = (f"another run's outputs ({writer})" if writer not in (None, "?") else
-             f"outputs whose {OUTPUTS_RECORD} does not name this run (another run's, or from before it was written)")
-    raise UserError(f"--output_dir: {target} holds {whose}; --mode={mode}'s would replace or mix with them: pass "
-                    "another --output_dir")
+  refused = ""
+  if jax.process_index() == 0:
+    record, metrics = target / OUTPUTS_RECORD, target / "metrics.jsonl"  # metrics: opened at build, empty till used
+    try:
+      writer = json.loads(record.read_text()).get("workdir")
+    except FileNotFoundError:
+      writer = None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+      writer = "?"
+    outputs = any((target / name).exists() for name in ("samples", "tensorboard")) or any(
+        target.glob("eval_step*.json")) or any(target.glob("predict_step*")) or (
+        metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
+    if writer is None and not outputs:
+      runinfo.write_text_atomic(record, json.dumps({"workdir": str(workdir.resolve())}) + "\n")
+    elif not errors.same_directory(writer, workdir):
+      whose = (f"another run's outputs ({writer})" if writer not in (None, "?") else
+               "another run's workdir" if (target / "config.json").is_file() or (target / "checkpoints").is_dir() else
+               f"outputs whose {OUTPUTS_RECORD} does not name this run (another run's, or written before such a "
+               f"record was; if they are this run's, write {{\"workdir\": \"{workdir.resolve()}\"}} into {record})")
+      refused = f"--output_dir: {target} holds {whose}; --mode={mode}'s would replace or mix with them: pass another " \
+                "--output_dir"
+  refused = distributed.chief_decides(refused)
+  if refused:
+    raise UserError(refused)

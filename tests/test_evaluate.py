@@ -64,6 +64,8 @@ def test_an_output_dir_holds_one_runs_outputs(cli, trained, tmp_path):
   proc = cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={tmp_path / 'mine'}")
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "outputs whose outputs_of.json does not name this run" in lines[0], lines
+  refused = cli(f"--workdir={trained}", "--mode=sample", f"--output_dir={tmp_path / 'fresh'}")  # not generative
+  assert refused.returncode == 2 and not list((tmp_path / "fresh").iterdir())  # no record of a run that wrote nothing
 
 
 def edited_copy(trained, tmp_path, **fields):

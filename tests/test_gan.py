@@ -148,12 +148,12 @@ def test_classifier_that_is_not_an_image_classifier(cli, tmp_path):
   regression = tmp_path / "regression"
   proc = cli("--config=configs/linear_regression.py", f"--workdir={regression}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  workdir = tmp_path / "gan"
+  workdir = tmp_path / "new" / "gan"
   proc = cli(SMOKE, f"--config.eval.classifier_workdir={regression}", f"--workdir={workdir}")
   assert proc.returncode == 2
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "config.eval.classifier_workdir" in lines[0] and "regression" in lines[0], lines
-  assert not workdir.exists()  # was: left holding only the .train.lock it took
+  assert not (tmp_path / "new").exists()  # was: left holding only the .train.lock it took
 
 
 def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):

@@ -191,7 +191,9 @@ class Adversarial(Task):
   def sample(self, run, model, step: int) -> dict:
     """config.sample.num_samples images from noise seeded by config.sample.seed -> PNG files and one .npy."""
     from bigmodel_jax import plots
+    from bigmodel_jax.workdir import claim_output_dir
     s = run.config.sample
+    claim_output_dir(run, "sample")  # the images are saved there
     keys = jax.random.split(seed_key(s.seed), s.num_samples)
     images = np.asarray(jax.jit(lambda z: to_unit(model.generate(z, train=False)))(model.noise(keys)), np.float32)
     out = {"step": step, "num_images": len(images)}
