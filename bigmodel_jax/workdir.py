@@ -107,7 +107,7 @@ def lock_workdir(workdir: Path):
 
 def first_missing(path: Path) -> Path | None:
   """The outermost directory of `path` (itself or a parent) that does not exist yet: what a mkdir would create."""
-  missing = None
+  missing, path = None, Path(os.path.abspath(path))  # "a/../b" is b: never a directory that existed
   while not path.exists() and path != path.parent:
     missing, path = path, path.parent
   return missing
@@ -118,6 +118,7 @@ def drop_new_workdir(workdir: Path, lock, created: Path) -> None:
   the lock file (unlinked while still held: no other launch takes it in between), then the directories if empty."""
   (workdir / ".train.lock").unlink(missing_ok=True)
   lock.close()
+  workdir = Path(os.path.abspath(workdir))  # as first_missing named `created`
   with contextlib.suppress(OSError):
     for directory in (workdir, *workdir.parents):
       directory.rmdir()
@@ -214,11 +215,16 @@ def claim_output_dir(run, mode: str) -> None:
     outputs = any((target / name).exists() for name in ("samples", "tensorboard")) or any(
         target.glob("eval_step*.json")) or any(target.glob("predict_step*")) or (
         metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
-    if writer is None and not outputs:
-      runinfo.write_text_atomic(record, json.dumps({"workdir": str(workdir.resolve())}) + "\n")
+    if (target / "config.json").is_file() or (target / "checkpoints").is_dir():  # outputs or not, e.g. converted
+      refused = f"--output_dir: {target} is another run's workdir; --mode={mode}'s outputs would mix with its own: " \
+                "pass another --output_dir"
+    elif writer is None and not outputs:
+      try:
+        runinfo.write_text_atomic(record, json.dumps({"workdir": str(workdir.resolve())}) + "\n")
+      except OSError as e:  # said on every process, not only this one's
+        refused = f"--output_dir: cannot write {record} ({e.strerror}); pass a writable --output_dir"
     elif not errors.same_directory(writer, workdir):
       whose = (f"another run's outputs ({writer})" if writer not in (None, "?") else
-               "another run's workdir" if (target / "config.json").is_file() or (target / "checkpoints").is_dir() else
                f"outputs whose {OUTPUTS_RECORD} does not name this run (another run's, or written before such a "
                f"record was; if they are this run's, write {{\"workdir\": \"{workdir.resolve()}\"}} into {record})")
       refused = f"--output_dir: {target} holds {whose}; --mode={mode}'s would replace or mix with them: pass another " \

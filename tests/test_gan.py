@@ -154,6 +154,9 @@ def test_classifier_that_is_not_an_image_classifier(cli, tmp_path):
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "config.eval.classifier_workdir" in lines[0] and "regression" in lines[0], lines
   assert not (tmp_path / "new").exists()  # was: left holding only the .train.lock it took
+  (tmp_path / "kept").mkdir()  # "x/../kept" names a directory that existed: kept
+  proc = cli(SMOKE, f"--config.eval.classifier_workdir={regression}", f"--workdir={tmp_path / 'x' / '..' / 'kept'}")
+  assert proc.returncode == 2 and (tmp_path / "kept").is_dir(), proc.stderr[-2000:]
 
 
 def test_predict_writes_a_sample_grid_and_sample_writes_images(cli, reference):
