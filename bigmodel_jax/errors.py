@@ -138,15 +138,25 @@ def made_by(path: Path, record: str, workdir: Path, mode: str) -> None:
   directory_name_free(path, mode)
   if same_directory(str(path.parent.resolve()), workdir) or not path.is_dir() or not any(path.iterdir()):
     return
-  try:
-    writer = json.loads((path / record).read_text()).get("workdir")
-  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-    writer = None
+  writer = recorded_workdir(path / record)
   if not same_directory(writer, workdir):
     whose = (f"another run's --mode={mode} outputs ({writer})" if writer else
              f"files whose {record} does not name this run (another run's, or from before {record} named it)")
     raise UserError(f"{path}: holds {whose}; pass another --output_dir or move it away (this run's would replace "
                     "them)")
+
+
+def recorded_workdir(record: Path) -> str | None:
+  """The workdir a record of whose outputs these are ({"workdir": ...}: export/, quantized/, an --output_dir) names:
+  None where there is no record, "" where it cannot be read or names none."""
+  try:
+    recorded = json.loads(record.read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError, ValueError):
+    return ""
+  recorded = recorded.get("workdir") if isinstance(recorded, dict) else None
+  return recorded if isinstance(recorded, str) else ""
 
 
 def same_directory(recorded, workdir: Path) -> bool:

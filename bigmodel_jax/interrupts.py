@@ -9,7 +9,7 @@ can be seconds away during an XLA compilation; the byte the interpreter's C hand
 read by a thread at once, so the exit is prompt whatever the main thread is doing.
 
 The training loop installs its own handler (checkpoint first, then exit: train.py); while it is installed this
-module leaves the signal to it. Code with something to finish (--mode=sample's streamed text) opens `holding()`:
+module leaves the signal to it (and restore() gives the signals back). Code with something to finish (--mode=sample's streamed text) opens `holding()`:
 a first signal is then held for the main thread, which asks `held()` at its next safe point and ends cleanly; a
 second one ends the process at once as before. Standard library only: it is installed before anything slow is
 imported.
@@ -76,6 +76,29 @@ def _exit(signum: int) -> None:
     os._exit(128 + signum)
 
 
+_CAUGHT_UP = 0  # not a signal: the byte restore() writes to learn when the watcher has read every earlier one
+_caught_up = threading.Event()
+_write_fd: int | None = None
+
+
+def restore(previous: dict) -> None:
+  """Puts back the handlers {signal: handler} that code which took the signals over (the training loop, a server)
+  replaced. The watcher thread reads a signal's byte when it next gets the interpreter, which may be after the
+  taker's own handler ran and the handlers were put back: it then saw this module's handler, took the signal for
+  one that arrived after, and ended the process (a served SIGTERM, drained in 1 ms, exited 143 instead of 0). So
+  the watcher first reads every byte written so far, while the taker's handlers are still in place."""
+  if _write_fd is not None and threading.current_thread() is threading.main_thread():
+    _caught_up.clear()
+    try:
+      os.write(_write_fd, bytes([_CAUGHT_UP]))
+    except OSError:  # the pipe is full of signals' bytes: the watcher is reading them now
+      pass
+    else:
+      _caught_up.wait(timeout=5)
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
 def _watch(read_fd: int) -> None:
   while True:
     try:
@@ -83,6 +106,9 @@ def _watch(read_fd: int) -> None:
     except OSError:
       return
     for signum in data:
+      if signum == _CAUGHT_UP:
+        _caught_up.set()
+        continue
       if signum in SIGNALS and signal.getsignal(signum) is _handler:  # not handed to the training loop
         holding = _holding
         if holding is not None and not holding:
@@ -97,7 +123,7 @@ _installed = False
 def install() -> None:
   """From the main thread, first thing (bigmodel_jax/__init__.py for python -m bigmodel_jax.main, run() for the
   console script): every later handler (the training loop's) replaces this one."""
-  global _installed, _stderr
+  global _installed, _stderr, _write_fd
   if _installed or threading.current_thread() is not threading.main_thread():
     return
   _installed = True
@@ -110,5 +136,6 @@ def install() -> None:
   for signum in SIGNALS:
     signal.signal(signum, _handler)
   signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  _write_fd = write_fd
   threading.Thread(target=_watch, args=(read_fd,), name="early-signals", daemon=True).start()
 

@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from bigmodel_jax import errors, inference, sample
+from bigmodel_jax import errors, inference, interrupts, sample
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.serve_batch import Batcher, buckets
 from bigmodel_jax.serve_inputs import BadRequest, InputDecoder, completion_request, parse_json
@@ -392,8 +392,7 @@ def serve(model, checkpoint_step: int | None) -> dict:
     server.server_close()  # joins the handler threads: the requests in flight finish
     if service.batcher is not None:
       service.batcher.stop()
-    for sig, handler_before in previous.items():
-      signal.signal(sig, handler_before)
+    interrupts.restore(previous)
   sys.stdout.flush()
   logging.info("served %d requests in %.0f s", service.counts["served"], time.perf_counter() - start)
   return {"step": step, "served": service.counts["served"], "url": f"http://{host}:{port}",

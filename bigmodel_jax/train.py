@@ -384,8 +384,7 @@ def _train(run: Run) -> dict:
                       f"{run.checkpointer.directory}; launch the same command again to resume")
     interrupts.PHASE = "after training; every checkpoint is committed (launch the same command again to evaluate)"
   finally:
-    for sig, handler in previous_handlers.items():
-      signal.signal(sig, handler)
+    interrupts.restore(previous_handlers)
     progress.close()
 
   state = layout.plain(state)

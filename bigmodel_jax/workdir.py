@@ -206,12 +206,7 @@ def claim_output_dir(run, mode: str) -> None:
   refused = ""
   if jax.process_index() == 0:
     record, metrics = target / OUTPUTS_RECORD, target / "metrics.jsonl"  # metrics: opened at build, empty till used
-    try:
-      writer = json.loads(record.read_text()).get("workdir")
-    except FileNotFoundError:
-      writer = None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-      writer = "?"
+    writer = errors.recorded_workdir(record)  # None: no record yet
     outputs = any((target / name).exists() for name in ("samples", "tensorboard")) or any(
         target.glob("eval_step*.json")) or any(target.glob("predict_step*")) or (
         metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
@@ -224,7 +219,7 @@ def claim_output_dir(run, mode: str) -> None:
       except OSError as e:  # said on every process, not only this one's
         refused = f"--output_dir: cannot write {record} ({e.strerror}); pass a writable --output_dir"
     elif not errors.same_directory(writer, workdir):
-      whose = (f"another run's outputs ({writer})" if writer not in (None, "?") else
+      whose = (f"another run's outputs ({writer})" if writer else
                f"outputs whose {OUTPUTS_RECORD} does not name this run (another run's, or written before such a "
                f"record was; if they are this run's, write {{\"workdir\": \"{workdir.resolve()}\"}} into {record})")
       refused = f"--output_dir: {target} holds {whose}; --mode={mode}'s would replace or mix with them: pass another " \

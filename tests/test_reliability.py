@@ -89,6 +89,31 @@ def test_a_signal_while_a_restore_captures_stderr_still_says_why_it_stopped(sign
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {signal.Signals(signum).name}: stopped")
 
 
+def test_a_signal_handled_just_before_the_handlers_are_put_back_is_not_taken_again():
+  """A server drained its SIGTERM in a millisecond and put the early handler back before the watcher thread read
+  the signal's byte: the watcher then took it for a new signal and the clean exit 0 became 143 (seen on CI). A
+  long switch interval keeps the watcher from the interpreter until the main thread blocks, as a busy one did."""
+  script = ("import os, signal, sys, time\n"
+            "from bigmodel_jax import interrupts\n"
+            "interrupts.install()\n"
+            "sys.setswitchinterval(2.0)\n"
+            "seen = []\n"
+            "previous = {s: signal.signal(s, lambda n, _: seen.append(n)) for s in interrupts.SIGNALS}\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "for _ in range(10): pass\n"  # the taker's handler runs here
+            "interrupts.restore(previous)\n"
+            "time.sleep(1)\n"  # the watcher reads the byte now, with the early handler back
+            "print('handled', seen)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0 and proc.stdout.strip() == f"handled [{int(signal.SIGTERM)}]", proc.stderr[-2000:]
+  # and a signal after the handlers are back still ends the process at once
+  script = script.replace("print('handled', seen)\n", "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 128 + signal.SIGINT and "error: SIGINT: stopped" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_two_ctrl_c_during_training_save_first_then_exit(cli, tmp_path):
   workdir = tmp_path / "run"
   proc = cli(*SMOKE, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",

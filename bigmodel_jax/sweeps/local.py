@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from bigmodel_jax import interrupts
 from bigmodel_jax.sweeps import trials as trials_lib
 from bigmodel_jax.sweeps.spec import Sweep, Trial
 
@@ -99,8 +100,7 @@ class LocalExecutor:
             events.finished(trial, launch.finish(exit_code))
         events.tick()
     finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
+      interrupts.restore(previous)
       for launch, trial in running.values():  # left only by an error (e.g. in a search): stop them, as a signal would
         launch.stop()
         events.finished(trial, launch.finish(launch.proc.wait()))

@@ -25,6 +25,7 @@ from typing import Iterator
 import ray
 from ray import tune
 
+from bigmodel_jax import interrupts
 from bigmodel_jax.errors import UserError
 from bigmodel_jax.sweeps import trials as trials_lib
 from bigmodel_jax.sweeps.spec import Sweep, Trial
@@ -183,8 +184,7 @@ class RayExecutor:
           break
         self._fit(sweep, workdir, batch, events, stop_file)
     finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
+      interrupts.restore(previous)
       ray.shutdown()
       stop_file.unlink(missing_ok=True)
     return stop[0] if stop else None
