@@ -38,9 +38,15 @@ from bigmodel_jax.report_card import markdown_table, read_report, write_report
 
 def accelerator() -> str:
   """jax's default backend, asked in a subprocess (so this process holds no device memory the runs need)."""
-  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                        capture_output=True, text=True, timeout=300, env=run_env())
-  return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else "none"
+  try:
+    proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                          capture_output=True, text=True, timeout=300, env=run_env())
+  except subprocess.TimeoutExpired:
+    return "not known: `import jax; jax.default_backend()` did not finish in 300 s"
+  if proc.returncode == 0 and proc.stdout.strip():
+    return proc.stdout.strip().splitlines()[-1]
+  why = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+  return f"not known: `import jax; jax.default_backend()` failed ({why[0][:200]})"
 
 
 # --- running ------------------------------------------------------------------------------------------------

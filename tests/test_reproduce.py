@@ -213,6 +213,16 @@ def test_report_card_fail_skipped_error_merged_with_earlier_results(card, reprod
   assert not (workdir / "needs_gpu").exists() and not (workdir / "needs_network").exists()
 
 
+def test_a_backend_jax_cannot_start_is_named_not_called_none(monkeypatch):
+  """A GPU reproduction's skip line said "jax's backend here is none" whatever stopped jax from starting."""
+  from bigmodel_jax import reproduce as reproduce_lib
+  monkeypatch.setenv("JAX_PLATFORMS", "nosuchplatform")
+  found = reproduce_lib.accelerator()
+  assert found.startswith("not known: `import jax; jax.default_backend()` failed (") and "nosuchplatform" in found
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert reproduce_lib.accelerator() == "cpu"
+
+
 def test_unknown_name_lists_the_valid_ones(reproduce, tmp_path):
   proc = reproduce("mnist_cnnn", f"--workdir={tmp_path}")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
