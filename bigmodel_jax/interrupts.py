@@ -8,11 +8,11 @@ swallowed, the run trained to completion with exit 0). And Python runs its handl
 can be seconds away during an XLA compilation; the byte the interpreter's C handler writes to the wakeup fd is
 read by a thread at once, so the exit is prompt whatever the main thread is doing.
 
-The training loop installs its own handler (checkpoint first, then exit: train.py); while it is installed this
-module leaves the signal to it (and restore() gives the signals back). Code with something to finish (--mode=sample's streamed text) opens `holding()`:
-a first signal is then held for the main thread, which asks `held()` at its next safe point and ends cleanly; a
-second one ends the process at once as before. Standard library only: it is installed before anything slow is
-imported.
+The training loop installs its own handler (checkpoint first, then exit: train.py), as do the server and the sweep
+drivers; while it is installed this module leaves the signal to it, and restore() gives the signals back. Code with
+something to finish (--mode=sample's streamed text) opens `holding()`: a first signal is then held for the main
+thread, which asks `held()` at its next safe point and ends cleanly; a second one ends the process at once as
+before. Standard library only: it is installed before anything slow is imported.
 """
 
 import contextlib
@@ -32,6 +32,7 @@ def _handler(signum, _frame):  # runs only if the watcher thread has not ended t
 
 
 _holding: list[int] | None = None  # while holding(): the signals held for the main thread (the first only)
+_holding_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -48,7 +49,8 @@ def holding():
   try:
     yield
   finally:
-    _holding = None
+    with _holding_lock:  # a signal the watcher is holding right now lands in held_now before it is looked at
+      _holding = None
   if held_now:  # arrived after the block's last check
     _exit(held_now[0])
 
@@ -77,7 +79,8 @@ def _exit(signum: int) -> None:
 
 
 _CAUGHT_UP = 0  # not a signal: the byte restore() writes to learn when the watcher has read every earlier one
-_caught_up = threading.Event()
+_caught_up = threading.Condition()
+_markers = [0, 0]  # written by restore(), read by the watcher: a restore that timed out leaves its byte behind
 _write_fd: int | None = None
 
 
@@ -88,13 +91,14 @@ def restore(previous: dict) -> None:
   one that arrived after, and ended the process (a served SIGTERM, drained in 1 ms, exited 143 instead of 0). So
   the watcher first reads every byte written so far, while the taker's handlers are still in place."""
   if _write_fd is not None and threading.current_thread() is threading.main_thread():
-    _caught_up.clear()
     try:
       os.write(_write_fd, bytes([_CAUGHT_UP]))
     except OSError:  # the pipe is full of signals' bytes: the watcher is reading them now
       pass
     else:
-      _caught_up.wait(timeout=5)
+      _markers[0] += 1
+      with _caught_up:  # a signal meanwhile still goes to the taker's handler (this wait is interruptible)
+        _caught_up.wait_for(lambda: _markers[1] >= _markers[0], timeout=5)
   for signum, handler in previous.items():
     signal.signal(signum, handler)
 
@@ -107,14 +111,18 @@ def _watch(read_fd: int) -> None:
       return
     for signum in data:
       if signum == _CAUGHT_UP:
-        _caught_up.set()
+        with _caught_up:
+          _markers[1] += 1
+          _caught_up.notify_all()
         continue
       if signum in SIGNALS and signal.getsignal(signum) is _handler:  # not handed to the training loop
-        holding = _holding
-        if holding is not None and not holding:
-          holding.append(signum)
-          continue
-        _exit(signum)
+        with _holding_lock:
+          holding = _holding
+          held_it = holding is not None and not holding
+          if held_it:
+            holding.append(signum)
+        if not held_it:
+          _exit(signum)
 
 
 _installed = False

@@ -379,13 +379,13 @@ def _train(run: Run) -> dict:
       if preempted:
         break
     run.checkpointer.wait()  # the last save commits while a signal is still only recorded (a second one too)
-    if preempted:
-      raise Preempted(preempted[0], f"{signal.Signals(preempted[0]).name}: saved a checkpoint at step {step} in "
-                      f"{run.checkpointer.directory}; launch the same command again to resume")
     interrupts.PHASE = "after training; every checkpoint is committed (launch the same command again to evaluate)"
   finally:
-    interrupts.restore(previous_handlers)
+    interrupts.restore(previous_handlers)  # a signal until then is in `preempted`; after it, the early handler's
     progress.close()
+  if preempted:
+    raise Preempted(preempted[0], f"{signal.Signals(preempted[0]).name}: saved a checkpoint at step {step} in "
+                    f"{run.checkpointer.directory}; launch the same command again to resume")
 
   state = layout.plain(state)
   final = evaluate.final_metrics(run, state, evaluated, selection)

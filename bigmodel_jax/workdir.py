@@ -206,14 +206,14 @@ def claim_output_dir(run, mode: str) -> None:
   refused = ""
   if jax.process_index() == 0:
     record, metrics = target / OUTPUTS_RECORD, target / "metrics.jsonl"  # metrics: opened at build, empty till used
-    writer = errors.recorded_workdir(record)  # None: no record yet
+    writer = errors.recorded_workdir(record)
     outputs = any((target / name).exists() for name in ("samples", "tensorboard")) or any(
         target.glob("eval_step*.json")) or any(target.glob("predict_step*")) or (
         metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
     if (target / "config.json").is_file() or (target / "checkpoints").is_dir():  # outputs or not, e.g. converted
       refused = f"--output_dir: {target} is another run's workdir; --mode={mode}'s outputs would mix with its own: " \
                 "pass another --output_dir"
-    elif writer is None and not outputs:
+    elif not writer and not outputs:  # none yet, or a damaged one with nothing beside it
       try:
         runinfo.write_text_atomic(record, json.dumps({"workdir": str(workdir.resolve())}) + "\n")
       except OSError as e:  # said on every process, not only this one's

@@ -64,6 +64,10 @@ def test_an_output_dir_holds_one_runs_outputs(cli, trained, tmp_path):
   proc = cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={tmp_path / 'mine'}")
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "outputs whose outputs_of.json does not name this run" in lines[0], lines
+  (tmp_path / "damaged").mkdir()
+  (tmp_path / "damaged" / "outputs_of.json").write_text("{")  # a record cut short, and no outputs: taken over
+  assert cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={tmp_path / 'damaged'}").returncode == 0
+  assert json.loads((tmp_path / "damaged" / "outputs_of.json").read_text())["workdir"] == str(trained.resolve())
   proc = cli(f"--workdir={trained}", "--mode=eval", f"--output_dir={other}")  # a run's workdir, its outputs or not
   assert proc.returncode == 2 and f"--output_dir: {other} is another run's workdir" in proc.stderr, proc.stderr[-2000:]
   assert not (other / "outputs_of.json").exists()

@@ -114,6 +114,32 @@ def test_a_signal_handled_just_before_the_handlers_are_put_back_is_not_taken_aga
   assert proc.returncode == 128 + signal.SIGINT and "error: SIGINT: stopped" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_signal_held_as_a_holding_block_closes_is_not_lost():
+  """The watcher thread had read `holding()`'s open list and was about to hold a SIGTERM in it when the main thread
+  closed the block and made its last check: the signal was lost and the process went on to exit 0. A trace hook
+  stalls the watcher at that line, as losing the interpreter there would."""
+  script = ("import inspect, os, signal, sys, threading, time\n"
+            "from bigmodel_jax import interrupts\n"
+            "lines, first = inspect.getsourcelines(interrupts._watch)\n"
+            "line = first + next(i for i, text in enumerate(lines) if 'holding.append' in text)\n"
+            "def local(frame, event, arg):\n"
+            "  if event == 'line' and frame.f_lineno == line:\n"
+            "    time.sleep(0.3)\n"
+            "  return local\n"
+            "threading.settrace(lambda frame, event, arg: local if frame.f_code.co_name == '_watch' else None)\n"
+            "interrupts.install()\n"
+            "threading.settrace(None)\n"
+            "with interrupts.holding():\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  time.sleep(0.1)\n"  # the watcher has the open list and waits at the append
+            "time.sleep(1)\n"
+            "print('went on')\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 128 + signal.SIGTERM and "went on" not in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+  assert error_lines(proc.stderr) == [proc.stderr.strip()], proc.stderr[-2000:]
+
+
 def test_two_ctrl_c_during_training_save_first_then_exit(cli, tmp_path):
   workdir = tmp_path / "run"
   proc = cli(*SMOKE, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
