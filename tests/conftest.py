@@ -1,6 +1,7 @@
 """Shared test helpers: CPU only, offline, a shared compilation cache, and a CLI runner."""
 
 import atexit
+import collections
 import os
 import re
 import shutil
@@ -46,6 +47,35 @@ def pytest_xdist_auto_num_workers(config) -> int:
   on a subprocess's start, a signal or a server, and the last files run alone: the whole suite on 2 cores took
   1514 s with 2 workers and 1346 s with 3 (same commit, 2026-12-07, `time pytest -n N --dist loadfile tests`)."""
   return len(os.sched_getaffinity(0)) + 1
+
+
+# Seconds of worker time the slowest test files took (the whole suite on 2 cores, 3 workers, --junitxml; 2026-12-07).
+# --dist loadfile hands the files out in collection order once xdist's own reordering (by number of tests) is off:
+# longest first, so the files left running alone at the end are short ones. By number of tests, files of a few long
+# tests (Ray, multi-process, resume) came last and ran on with the other workers idle. Files not listed: 2 s a test.
+FILE_SECONDS = {
+    "test_text_train.py": 313, "test_errors.py": 301, "test_gan.py": 270, "test_export.py": 253,
+    "test_reliability.py": 199, "models/test_transformer.py": 193, "test_data_integrity.py": 186,
+    "test_sweep.py": 175, "test_reproduce.py": 175, "test_cli.py": 163,
+    "tasks/test_masked_language_modeling.py": 141, "test_evaluate.py": 134, "test_benchmarks.py": 133,
+    "test_parallel.py": 132, "test_convert.py": 129, "models/test_resnet_vit.py": 124, "test_quantize.py": 121,
+    "test_serve.py": 106, "test_sweep_ray.py": 88, "test_resume.py": 87, "test_parallel_cli.py": 86,
+    "data/test_feed.py": 80, "test_multihost.py": 76, "test_integrity.py": 68, "test_deploy_guards.py": 66,
+    "models/test_models_shapes.py": 64}
+
+
+def pytest_configure(config):
+  if getattr(config.option, "loadscopereorder", None):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  """Longest files first (FILE_SECONDS); a file's tests keep their order (the sort is stable)."""
+  counts = collections.Counter(item.path for item in items)
+  def seconds(item):
+    name = item.path.relative_to(ROOT / "tests").as_posix() if item.path.is_relative_to(ROOT / "tests") else ""
+    return FILE_SECONDS.get(name, 2.0 * counts[item.path])
+  items.sort(key=lambda item: -seconds(item))
 
 
 # A local copy of tiny Shakespeare for tests (its GitHub URL is unreachable offline): the project's shared
