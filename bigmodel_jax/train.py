@@ -278,8 +278,6 @@ def _train(run: Run) -> dict:
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       preempted.append(signum)
-  previous_handlers = {sig: signal.signal(sig, on_signal)
-                       for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   progress = Progress(run.total_steps, start_step, enabled=chief and t.progress_bar)
   train_metrics = TrainMetrics()
   train_metrics.resume(meta.get("train_window"))  # a preempted launch's unfinished log window
@@ -330,6 +328,8 @@ def _train(run: Run) -> dict:
   if chief and start_step < end:
     evaluate.set_aside_final(run.workdir)
   step = start_step
+  previous_handlers = {sig: signal.signal(sig, on_signal)  # put back by the finally below, whatever happens
+                       for sig in ((signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT))}
   try:
     sizes, s = set(), step  # the call lengths the loop will use (a function of the step alone): their functions
     while s < min(end, step + 100_000) and len(sizes) < 2:  # compiled before the first step, concurrently
@@ -379,7 +379,8 @@ def _train(run: Run) -> dict:
       if preempted:
         break
     run.checkpointer.wait()  # the last save commits while a signal is still only recorded (a second one too)
-    interrupts.PHASE = "after training; every checkpoint is committed (launch the same command again to evaluate)"
+    after = f"saving a checkpoint at step {step}" if preempted else "training; every checkpoint is committed"
+    interrupts.PHASE = f"after {after} (launch the same command again to {'resume' if preempted else 'evaluate'})"
   finally:
     interrupts.restore(previous_handlers)  # a signal until then is in `preempted`; after it, the early handler's
     progress.close()

@@ -35,8 +35,9 @@ class TrainMetrics:
   def resume(self, held: dict | None) -> None:
     """The held window of the checkpoint a run resumes from, before its new steps (same dtypes: same means)."""
     if held and held["steps"]:  # one call of its steps: a window is split only where a call crosses a log step
-      self.add(held["steps"][-1], {k: np.asarray(v, held["dtypes"][k]) for k, v in held["metrics"].items()},
-               len(held["steps"]))
+      n = len(held["steps"])  # one step: unstacked, as add() takes a one-step call
+      self.add(held["steps"][-1], {k: np.asarray(v if n > 1 else v[0], held["dtypes"][k])
+                                   for k, v in held["metrics"].items()}, n)
       self.carried = (len(held["steps"]), float(held.get("seconds", 0.0)))
 
   def window_closed(self, log_every: int) -> bool:

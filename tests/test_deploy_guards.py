@@ -19,10 +19,10 @@ def test_a_trickled_request_head_gets_a_408_within_the_socket_timeout(inprocess_
                         (b"POST /v1/predict HTTP/1.1\r\n", b"Host: x\r\nContent-Type: application/json\r\n\r\n")]:
     status, reply, seconds = raw_exchange(inprocess_server, sent, trickle, every_s=0.3)
     assert status == "HTTP/1.1 408 Request Timeout" and b"request line and headers" in reply, reply
-    assert seconds < 4, seconds  # the 2 s head deadline, not 30 bytes x 0.3 s
+    assert seconds < 6, seconds  # the 2 s head deadline (and a loaded machine's slack), not 30 bytes x 0.3 s
   start = time.monotonic()  # the server is free for the next client
   status, reply, _ = raw_exchange(inprocess_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-  assert status == "HTTP/1.1 200 OK" and time.monotonic() - start < 1, reply
+  assert status == "HTTP/1.1 200 OK" and time.monotonic() - start < 3, reply
 
 
 def test_a_client_that_resets_its_connection_is_counted_not_an_internal_error(cli, digits_run):

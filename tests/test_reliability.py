@@ -152,8 +152,11 @@ def test_two_ctrl_c_during_training_save_first_then_exit(cli, tmp_path):
   time.sleep(0.05)
   proc.send_signal(signal.SIGINT)  # a second one during the save: honoured once the save has committed
   out, _ = proc.communicate(timeout=60)
-  assert proc.returncode == 130, out[-3000:]
-  assert "saved a checkpoint at step" in error_lines(out)[0]
+  # a test process held off the CPU may send the second one after the save: it then ends the process at once,
+  # with 130 and its own line, or, as the interpreter is ending, by the signal itself (-2: a shell's 130)
+  assert proc.returncode in (130, -signal.SIGINT), out[-3000:]
+  lines = error_lines(out)
+  assert "saved a checkpoint at step" in lines[0] or "after saving a checkpoint at step" in lines[0], lines
   names = [p.name for p in (workdir / "checkpoints").iterdir()]
   assert [n for n in names if n.isdigit()] and not [n for n in names if "tmp" in n], names
 

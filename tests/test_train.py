@@ -116,6 +116,30 @@ def test_log_windows_end_at_log_steps_though_read_calls_late(per_call):
                    [[1, 2], [3, 4, 5, 6], [7, 8], [9, 10, 11, 12]])
 
 
+@pytest.mark.parametrize("held_steps", [1, 2])
+def test_a_held_window_of_one_step_resumes(held_steps):
+  """A SIGTERM one step past a log step (steps_per_call 1, the default) held a window of one step: the resume added
+  it back as a one-step call with its values still stacked, and every relaunch of the run crashed in summarize."""
+  import json
+  from bigmodel_jax.train_metrics import TrainMetrics, summarize
+  metrics = lambda s: {"loss": np.float32(s), "learning_rate": np.float32(0.1)}
+  whole, first, resumed = TrainMetrics(), TrainMetrics(), TrainMetrics()
+  for s in range(1, 45):
+    whole.add(s, metrics(s))
+  for s in range(1, 21):
+    first.add(s, metrics(s))
+  first.read(20)  # logged at step 20; SIGTERM after held_steps more
+  for s in range(21, 21 + held_steps):
+    first.add(s, metrics(s))
+  held = json.loads(json.dumps(first.held(first.fetch(20)[0], 0.5)))  # as the checkpoint keeps it
+  assert len(held["steps"]) == held_steps
+  resumed.resume(held)
+  for s in range(21 + held_steps, 45):
+    resumed.add(s, metrics(s))
+  means = lambda windows: [summarize(w, 1.0, 32)["loss"] for w, _ in windows]
+  assert means(resumed.read(20)) == means(whole.read(20))[1:] == [30.5, 42.5]  # steps 21-40, 41-44
+
+
 def test_a_log_window_held_by_a_preemption_goes_on_after_the_resume():
   """A window cut short by SIGTERM is kept in the checkpoint (JSON) and put back by the resumed run: its record
   averages the same float32 values of the same steps, and the window still ends with the call before a log step."""
