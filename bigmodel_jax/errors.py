@@ -177,6 +177,12 @@ def _holds(path: Path, record: str) -> bool:
   return (path / record).is_dir() if record.endswith("/") else (path / record).is_file()
 
 
+def workdir_record(path: Path, besides: str = "") -> tuple[str, str] | None:
+  """(kind, record) of the first WORKDIR_RECORDS record `path` holds, of a kind other than `besides`; else None."""
+  return next(((kind, record) for kind, records in WORKDIR_RECORDS.items() if kind != besides
+               for record in records if _holds(path, record)), None)
+
+
 def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
   """A training run, a sweep and reproductions each own their workdir (a sweep's trials and a reproduction's seeds
   are runs in its subdirectories): one holding another kind's record is refused rather than mixed into."""
@@ -190,10 +196,8 @@ def refuse_other_workdir(path, kind: str, flag: str = "--workdir") -> None:
                     f"of the training run in {within.parent}, which hold only its checkpoints; use another {flag}")
   if _holds(path, WORKDIR_RECORDS[kind][0]):
     return
-  for other, records in WORKDIR_RECORDS.items():
-    for record in records if other != kind else ():
-      if _holds(path, record):
-        raise UserError(f"{flag}: {path} holds {other} ({record.rstrip('/')}), not {kind}; use another {flag}")
+  if found := workdir_record(path, besides=kind):
+    raise UserError(f"{flag}: {path} holds {found[0]} ({found[1].rstrip('/')}), not {kind}; use another {flag}")
 
 
 def fail(message: str, code: int = 2):

@@ -210,9 +210,9 @@ def claim_output_dir(run, mode: str) -> None:
     outputs = any((target / name).exists() for name in ("samples", "tensorboard")) or any(
         target.glob("eval_step*.json")) or any(target.glob("predict_step*")) or (
         metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0))
-    if (target / "config.json").is_file() or (target / "checkpoints").is_dir():  # outputs or not, e.g. converted
-      refused = f"--output_dir: {target} is another run's workdir; --mode={mode}'s outputs would mix with its own: " \
-                "pass another --output_dir"
+    if found := errors.workdir_record(target):  # a run's (or a sweep's) outputs or not, e.g. a converted run's
+      refused = f"--output_dir: {target} is another run's workdir ({found[1].rstrip('/')} of {found[0]}); " \
+                f"--mode={mode}'s outputs would mix with its own: pass another --output_dir"
     elif not writer and not outputs:  # none yet, or a damaged one with nothing beside it
       try:
         runinfo.write_text_atomic(record, json.dumps({"workdir": str(workdir.resolve())}) + "\n")
